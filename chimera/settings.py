@@ -1,0 +1,41 @@
+"""Settings read from the environment, in one place so every process agrees on them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_SQLITE_FILE = "chimera.db"
+
+
+def default_registry_url() -> str:
+    """SQLite in the working directory: the embedded default, so `make demo` needs no server."""
+    return f"sqlite:///{Path(DEFAULT_SQLITE_FILE).resolve()}"
+
+
+def _absolute_sqlite(url: str) -> str:
+    """Ray replicas run in other working directories, so a relative SQLite path must be pinned."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry_url: str = field(default_factory=default_registry_url)
+    admin_token: str | None = None
+    ray_address: str | None = None
+    ray_num_cpus: int = 2
+    replica_num_cpus: float = 0.25
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            registry_url=_absolute_sqlite(os.environ.get("CHIMERA_REGISTRY_URL") or default_registry_url()),
+            admin_token=os.environ.get("CHIMERA_ADMIN_TOKEN") or None,
+            ray_address=os.environ.get("RAY_ADDRESS") or None,
+            ray_num_cpus=int(os.environ.get("CHIMERA_RAY_NUM_CPUS", "2")),
+            replica_num_cpus=float(os.environ.get("CHIMERA_REPLICA_NUM_CPUS", "0.25")),
+        )

@@ -1,0 +1,21 @@
+"""Domain errors; the gateway maps each to one gRPC status code."""
+
+
+class RegistryError(Exception):
+    """Base class for registry errors."""
+
+
+class NotFoundError(RegistryError):
+    """A model, version or request id does not exist (gRPC NOT_FOUND)."""
+
+
+class ValidationError(RegistryError):
+    """The caller sent something invalid; the message names the field (gRPC INVALID_ARGUMENT)."""
+
+
+class ConflictError(RegistryError):
+    """Optimistic concurrency lost: someone changed the row first (gRPC ABORTED)."""
+
+
+class AlreadyExistsError(RegistryError):
+    """A conflicting value is already stored, e.g. a different outcome (gRPC ALREADY_EXISTS)."""

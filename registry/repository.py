@@ -1,0 +1,404 @@
+"""Repository functions over the registry tables. Callers get plain frozen dataclasses, never ORM
+objects, so nothing outside this module holds a session open or lazily loads rows."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
+from registry.models import Model, ModelVersion, Outcome, Prediction, SplitAudit, TrafficSplit
+
+METRICS = ("success_rate", "mean_outcome", "brier", "log_loss")
+VERSION_STATUSES = ("staged", "canary", "production", "rolled_back", "failed", "archived")
+SPLIT_CHANNEL = "chimera_split"
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    version: int
+    status: str
+    sha256: str
+    feature_names: tuple[str, ...]
+    metrics: Mapping[str, Any]
+    params: Mapping[str, Any]
+    data_hash: str
+    parent_version: int | None
+    created_at: datetime
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Split:
+    model: str
+    revision: int
+    weights: Mapping[int, int]  # version -> percent, only versions with weight > 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    metric: str
+    description: str
+    split: Split
+    versions: tuple[VersionInfo, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    request_id: str
+    model: str
+    version: int
+    score: float
+    latency_ms: float
+    routing_key: str = ""
+    created_at: datetime | None = None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_engine(url: str) -> Engine:
+    """Engine with the settings both backends need: SQLite gets WAL and a busy timeout so the
+    gateway's log writer and the CLI can share the file; PostgreSQL gets pre-ping."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _version_info(model_name: str, row: ModelVersion, size: int | None = None) -> VersionInfo:
+    return VersionInfo(
+        model=model_name,
+        version=row.version,
+        status=row.status,
+        sha256=row.sha256,
+        feature_names=tuple(row.feature_names),
+        metrics=dict(row.metrics or {}),
+        params=dict(row.params or {}),
+        data_hash=row.data_hash,
+        parent_version=row.parent_version,
+        created_at=row.created_at,
+        size_bytes=size or 0,
+    )
+
+
+def validate_weights(weights: Mapping[int, int], known_versions: Iterable[int]) -> dict[int, int]:
+    """Reject a split that is not a distribution over known versions; messages name the field."""
+    known = set(known_versions)
+    if not weights:
+        raise ValidationError("weights: a split needs at least one version")
+    clean: dict[int, int] = {}
+    for version, weight in weights.items():
+        if version in clean:
+            raise ValidationError(f"weights: version {version} appears twice")
+        if version not in known:
+            raise ValidationError(f"weights: version {version} does not exist")
+        if not isinstance(weight, int) or isinstance(weight, bool):
+            raise ValidationError(f"weights: weight of version {version} must be an integer")
+        if weight < 0 or weight > 100:
+            raise ValidationError(f"weights: weight of version {version} must be within 0..100, got {weight}")
+        clean[version] = weight
+    total = sum(clean.values())
+    if total != 100:
+        raise ValidationError(f"weights: weights must sum to 100, got {total}")
+    return {v: w for v, w in clean.items() if w > 0}
+
+
+class Registry:
+    """All registry access goes through here; one instance per process, thread-safe (one session
+    per call)."""
+
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def upgrade(self) -> None:
+        """Apply Alembic migrations up to head (what `chimera db upgrade` runs)."""
+        from registry.migrate import upgrade
+
+        upgrade(self.url, self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------- models and versions
+    def _model(self, s: Session, name: str) -> Model:
+        model = s.scalar(select(Model).where(Model.name == name))
+        if model is None:
+            raise NotFoundError(f"model {name!r} not found")
+        return model
+
+    def create_model(self, name: str, metric: str = "success_rate", description: str = "") -> None:
+        """Idempotent: an existing model keeps its settings unless they are given again."""
+        if not name or len(name) > 128:
+            raise ValidationError("model: name must be 1..128 characters")
+        if metric not in METRICS:
+            raise ValidationError(f"metric: must be one of {', '.join(METRICS)}, got {metric!r}")
+        with self._sessions.begin() as s:
+            model = s.scalar(select(Model).where(Model.name == name))
+            if model is None:
+                s.add(Model(name=name, metric=metric, description=description, split_revision=0))
+            else:
+                model.metric = metric
+                if description:
+                    model.description = description
+
+    def publish_version(
+        self,
+        model: str,
+        onnx_bytes: bytes,
+        feature_names: Sequence[str],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        data_hash: str = "",
+        parent_version: int | None = None,
+        status: str = "staged",
+        metric: str = "success_rate",
+    ) -> VersionInfo:
+        """Store a new version (next number for the model); creates the model on first publish."""
+        if not onnx_bytes:
+            raise ValidationError("onnx: model bytes are empty")
+        if len(onnx_bytes) > MAX_MODEL_BYTES:
+            raise ValidationError(f"onnx: model is {len(onnx_bytes)} bytes, limit {MAX_MODEL_BYTES}")
+        names = list(feature_names)
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise ValidationError("feature_names: must be non-empty, unique, non-empty strings")
+        if status not in VERSION_STATUSES:
+            raise ValidationError(f"status: unknown status {status!r}")
+        clean_metrics = {k: (float(v) if isinstance(v, int | float) and math.isfinite(v) else v)
+                         for k, v in (metrics or {}).items()}
+        with self._sessions.begin() as s:
+            m = s.scalar(select(Model).where(Model.name == model))
+            if m is None:
+                if metric not in METRICS:
+                    raise ValidationError(f"metric: must be one of {', '.join(METRICS)}")
+                m = Model(name=model, metric=metric, description="", split_revision=0)
+                s.add(m)
+                s.flush()
+            # Lock the model row so two publishers cannot take the same number (no-op on SQLite,
+            # whose writers are serialised anyway).
+            s.execute(select(Model.id).where(Model.id == m.id).with_for_update())
+            last = s.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == m.id))
+            row = ModelVersion(
+                model_id=m.id,
+                version=(last or 0) + 1,
+                status=status,
+                onnx=onnx_bytes,
+                sha256=sha256_hex(onnx_bytes),
+                feature_names=names,
+                metrics=clean_metrics,
+                params=dict(params or {}),
+                data_hash=data_hash,
+                parent_version=parent_version,
+            )
+            s.add(row)
+            s.flush()
+            return _version_info(model, row, len(onnx_bytes))
+
+    def get_version(self, model: str, version: int) -> VersionInfo:
+        with self._sessions() as s:
+            m = self._model(s, model)
+            row = s.scalar(select(ModelVersion).where(ModelVersion.model_id == m.id,
+                                                      ModelVersion.version == version))
+            if row is None:
+                raise NotFoundError(f"version {version} of model {model!r} not found")
+            return _version_info(model, row, len(row.onnx))
+
+    def get_onnx(self, model: str, version: int) -> tuple[bytes, str]:
+        """The stored bytes and the sha256 recorded at publish time (verify before trusting)."""
+        with self._sessions() as s:
+            m = self._model(s, model)
+            row = s.execute(select(ModelVersion.onnx, ModelVersion.sha256).where(
+                ModelVersion.model_id == m.id, ModelVersion.version == version)).first()
+            if row is None:
+                raise NotFoundError(f"version {version} of model {model!r} not found")
+            return bytes(row[0]), row[1]
+
+    def list_versions(self, model: str) -> list[VersionInfo]:
+        with self._sessions() as s:
+            m = self._model(s, model)
+            rows = s.scalars(select(ModelVersion).where(ModelVersion.model_id == m.id)
+                             .order_by(ModelVersion.version)).all()
+            return [_version_info(model, r, len(r.onnx)) for r in rows]
+
+    def set_version_status(self, model: str, version: int, status: str) -> None:
+        if status not in VERSION_STATUSES:
+            raise ValidationError(f"status: unknown status {status!r}")
+        with self._sessions.begin() as s:
+            m = self._model(s, model)
+            res = s.execute(update(ModelVersion).where(ModelVersion.model_id == m.id,
+                                                       ModelVersion.version == version)
+                            .values(status=status))
+            if res.rowcount == 0:
+                raise NotFoundError(f"version {version} of model {model!r} not found")
+
+    def model_names(self) -> list[str]:
+        with self._sessions() as s:
+            return list(s.scalars(select(Model.name).order_by(Model.name)))
+
+    def get_model(self, name: str) -> ModelInfo:
+        with self._sessions() as s:
+            m = self._model(s, name)
+            rows = s.scalars(select(ModelVersion).where(ModelVersion.model_id == m.id)
+                             .order_by(ModelVersion.version)).all()
+            return ModelInfo(
+                name=m.name,
+                metric=m.metric,
+                description=m.description,
+                split=self._split(s, m),
+                versions=tuple(_version_info(m.name, r, len(r.onnx)) for r in rows),
+            )
+
+    def list_models(self) -> list[ModelInfo]:
+        return [self.get_model(n) for n in self.model_names()]
+
+    # ---------------------------------------------------------------- traffic splits
+    def _split(self, s: Session, m: Model) -> Split:
+        rows = s.execute(select(TrafficSplit.version, TrafficSplit.weight)
+                         .where(TrafficSplit.model_id == m.id).order_by(TrafficSplit.version)).all()
+        return Split(model=m.name, revision=m.split_revision, weights={v: w for v, w in rows if w > 0})
+
+    def get_split(self, model: str) -> Split:
+        with self._sessions() as s:
+            return self._split(s, self._model(s, model))
+
+    def all_splits(self) -> dict[str, Split]:
+        with self._sessions() as s:
+            return {m.name: self._split(s, m) for m in s.scalars(select(Model))}
+
+    def split_revisions(self) -> dict[str, int]:
+        """Cheap poll target: one small query tells a gateway whether any split changed."""
+        with self._sessions() as s:
+            return dict(s.execute(select(Model.name, Model.split_revision)).tuples().all())
+
+    def set_split(
+        self,
+        model: str,
+        weights: Mapping[int, int],
+        *,
+        expected_revision: int | None,
+        actor: str,
+        reason: str = "",
+        forced: bool = False,
+    ) -> Split:
+        """Replace the split atomically. expected_revision=None skips the optimistic check (only
+        for trusted internal callers); a stale revision raises ConflictError and changes nothing."""
+        with self._sessions.begin() as s:
+            m = self._model(s, model)
+            known = s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == m.id)).all()
+            new = validate_weights(weights, known)
+            old = self._split(s, m)
+            base = old.revision if expected_revision is None else expected_revision
+            res = s.execute(update(Model).where(Model.id == m.id, Model.split_revision == base)
+                            .values(split_revision=base + 1))
+            if res.rowcount != 1:
+                raise ConflictError(
+                    f"expected_revision: split of {model!r} changed since revision {base} "
+                    f"(now {old.revision}); read it again")
+            s.execute(TrafficSplit.__table__.delete().where(TrafficSplit.model_id == m.id))
+            for version, weight in new.items():
+                s.add(TrafficSplit(model_id=m.id, version=version, weight=weight))
+            s.add(SplitAudit(model=model, actor=actor, reason=reason, forced=forced,
+                             old={str(k): v for k, v in old.weights.items()},
+                             new={str(k): v for k, v in new.items()}, revision=base + 1))
+            if self.is_postgres:
+                # Delivered at commit to every gateway LISTENing: split changes spread in milliseconds.
+                s.execute(text("SELECT pg_notify(:ch, :model)"), {"ch": SPLIT_CHANNEL, "model": model})
+            return Split(model=model, revision=base + 1, weights=new)
+
+    def audit_log(self, model: str) -> list[dict[str, Any]]:
+        with self._sessions() as s:
+            rows = s.scalars(select(SplitAudit).where(SplitAudit.model == model).order_by(SplitAudit.id))
+            return [{"actor": r.actor, "reason": r.reason, "old": r.old, "new": r.new,
+                     "revision": r.revision, "forced": r.forced, "at": r.created_at} for r in rows]
+
+    # ---------------------------------------------------------------- predictions and outcomes
+    def insert_predictions(self, rows: Sequence[PredictionRow]) -> int:
+        """Batched insert (one statement, executemany / multi-row VALUES). A request id that is
+        already stored is skipped, so replaying a spill file cannot duplicate rows."""
+        if not rows:
+            return 0
+        dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
+        values = [{"request_id": r.request_id, "model": r.model, "version": r.version,
+                   "routing_key": r.routing_key, "score": r.score, "latency_ms": r.latency_ms,
+                   **({"created_at": r.created_at} if r.created_at else {})} for r in rows]
+        stmt = dialect_insert(Prediction).on_conflict_do_nothing(index_elements=["request_id"])
+        with self._sessions.begin() as s:
+            s.execute(stmt, values)
+        return len(values)
+
+    def prediction_exists(self, request_id: str) -> bool:
+        with self._sessions() as s:
+            return s.scalar(select(Prediction.id).where(Prediction.request_id == request_id)) is not None
+
+    def get_prediction(self, request_id: str) -> PredictionRow:
+        with self._sessions() as s:
+            r = s.scalar(select(Prediction).where(Prediction.request_id == request_id))
+            if r is None:
+                raise NotFoundError(f"request_id: no prediction with id {request_id!r}")
+            return PredictionRow(request_id=r.request_id, model=r.model, version=r.version, score=r.score,
+                                 latency_ms=r.latency_ms, routing_key=r.routing_key, created_at=r.created_at)
+
+    def record_outcome(self, request_id: str, value: float) -> bool:
+        """Store an outcome. True when stored now, False when the same value was already stored;
+        a different value raises AlreadyExistsError, an unknown request id NotFoundError."""
+        if not request_id:
+            raise ValidationError("request_id: required")
+        if not math.isfinite(value):
+            raise ValidationError(f"value: must be finite, got {value}")
+        dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
+        with self._sessions.begin() as s:
+            if s.scalar(select(Prediction.id).where(Prediction.request_id == request_id)) is None:
+                raise NotFoundError(f"request_id: no prediction with id {request_id!r}")
+            res = s.execute(dialect_insert(Outcome).values(request_id=request_id, value=value)
+                            .on_conflict_do_nothing(index_elements=["request_id"]))
+            if res.rowcount == 1:
+                return True
+            stored = s.scalar(select(Outcome.value).where(Outcome.request_id == request_id))
+        if stored is not None and stored == value:
+            return False
+        raise AlreadyExistsError(
+            f"value: outcome for request_id {request_id!r} already stored as {stored}, got {value}")
+
+    def count_predictions(self, model: str | None = None) -> dict[int, int]:
+        """Prediction rows per version (for one model, or all)."""
+        with self._sessions() as s:
+            q = select(Prediction.version, func.count()).group_by(Prediction.version)
+            if model is not None:
+                q = q.where(Prediction.model == model)
+            return dict(s.execute(q).tuples().all())
+
+    def outcome_means(self, model: str) -> dict[int, tuple[int, float]]:
+        """Per version: (number of outcomes, mean outcome), joined on request id."""
+        with self._sessions() as s:
+            q = (select(Prediction.version, func.count(), func.avg(Outcome.value))
+                 .join(Outcome, Outcome.request_id == Prediction.request_id)
+                 .where(Prediction.model == model).group_by(Prediction.version))
+            return {v: (int(n), float(mean)) for v, n, mean in s.execute(q).tuples().all()}

@@ -1,0 +1,131 @@
+"""Registry behaviour on SQLite and on a real PostgreSQL server (every test runs on both)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import text
+
+from registry import AlreadyExistsError, ConflictError, NotFoundError, Registry, ValidationError
+from registry.migrate import current_revision
+from registry.repository import PredictionRow, sha256_hex
+
+
+def _publish(reg: Registry, model: str = "m", payload: bytes = b"onnx-bytes-1") -> int:
+    return reg.publish_version(model, payload, ["a", "b", "c"], metrics={"auc": 0.71},
+                               params={"max_depth": 4}, data_hash="d" * 64).version
+
+
+def test_upgrade_is_idempotent_and_reaches_head(registry: Registry) -> None:
+    registry.upgrade()
+    assert current_revision(registry.engine) == "0001"
+
+
+def test_published_bytes_hash_to_stored_sha256(registry: Registry) -> None:
+    payload = bytes(range(256)) * 1000
+    info = registry.publish_version("m", payload, ["x", "y"])
+    data, sha = registry.get_onnx("m", info.version)
+    assert data == payload
+    assert sha == sha256_hex(data) == info.sha256
+    # The check is against what the database really holds, not what we passed in.
+    with registry.engine.connect() as conn:
+        raw = conn.execute(text("SELECT onnx, sha256 FROM model_versions WHERE version = :v"),
+                           {"v": info.version}).one()
+    assert sha256_hex(bytes(raw[0])) == raw[1]
+
+
+def test_versions_number_up_and_keep_lineage(registry: Registry) -> None:
+    assert _publish(registry) == 1
+    assert _publish(registry, payload=b"other") == 2
+    v2 = registry.get_version("m", 2)
+    assert v2.feature_names == ("a", "b", "c")
+    assert v2.metrics["auc"] == pytest.approx(0.71)
+    assert v2.params == {"max_depth": 4}
+    assert [v.version for v in registry.list_versions("m")] == [1, 2]
+    with pytest.raises(NotFoundError):
+        registry.get_version("m", 9)
+    with pytest.raises(NotFoundError):
+        registry.get_version("nope", 1)
+
+
+def test_publish_rejects_bad_schema(registry: Registry) -> None:
+    with pytest.raises(ValidationError, match="feature_names"):
+        registry.publish_version("m", b"x", ["a", "a"])
+    with pytest.raises(ValidationError, match="onnx"):
+        registry.publish_version("m", b"", ["a"])
+
+
+def test_split_change_bumps_revision_and_audits(registry: Registry) -> None:
+    _publish(registry)
+    _publish(registry, payload=b"two")
+    assert registry.get_split("m").revision == 0
+    s1 = registry.set_split("m", {1: 100, 2: 0}, expected_revision=0, actor="alice", reason="start")
+    s2 = registry.set_split("m", {1: 90, 2: 10}, expected_revision=s1.revision, actor="bob", reason="canary")
+    assert s2.revision == 2 and dict(s2.weights) == {1: 90, 2: 10}
+    assert dict(registry.get_split("m").weights) == {1: 90, 2: 10}
+    audit = registry.audit_log("m")
+    assert [(a["actor"], a["old"], a["new"]) for a in audit] == [
+        ("alice", {}, {"1": 100}), ("bob", {"1": 100}, {"1": 90, "2": 10})]
+
+
+@pytest.mark.parametrize("weights, field", [
+    ({1: 90, 2: 20}, "sum to 100"),
+    ({1: 90, 3: 10}, "version 3 does not exist"),
+    ({1: 110, 2: -10}, "within 0..100"),
+    ({}, "at least one"),
+])
+def test_invalid_split_changes_nothing(registry: Registry, weights: dict[int, int], field: str) -> None:
+    _publish(registry)
+    _publish(registry, payload=b"two")
+    registry.set_split("m", {1: 100}, expected_revision=0, actor="a")
+    with pytest.raises(ValidationError, match=field):
+        registry.set_split("m", weights, expected_revision=1, actor="a")
+    split = registry.get_split("m")
+    assert split.revision == 1 and dict(split.weights) == {1: 100}
+
+
+def test_stale_revision_is_a_conflict(registry: Registry) -> None:
+    _publish(registry)
+    registry.set_split("m", {1: 100}, expected_revision=0, actor="a")
+    with pytest.raises(ConflictError, match="expected_revision"):
+        registry.set_split("m", {1: 100}, expected_revision=0, actor="b")
+
+
+def test_concurrent_writers_with_same_revision_exactly_one_wins(registry: Registry) -> None:
+    _publish(registry)
+    _publish(registry, payload=b"two")
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def writer(weights: dict[int, int]) -> None:
+        barrier.wait()
+        try:
+            registry.set_split("m", weights, expected_revision=0, actor="w")
+            results.append("ok")
+        except ConflictError:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in ({1: 100}, {1: 50, 2: 50})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["conflict", "ok"]
+    assert registry.get_split("m").revision == 1
+
+
+def test_predictions_and_outcomes(registry: Registry) -> None:
+    _publish(registry)
+    rows = [PredictionRow(f"r{i}", "m", 1, 0.25, 1.5, routing_key=f"k{i}") for i in range(100)]
+    assert registry.insert_predictions(rows) == 100
+    registry.insert_predictions(rows[:10])  # a replay must not duplicate
+    assert registry.count_predictions("m") == {1: 100}
+    assert registry.record_outcome("r1", 1.0) is True
+    assert registry.record_outcome("r1", 1.0) is False  # idempotent
+    with pytest.raises(AlreadyExistsError, match="already stored"):
+        registry.record_outcome("r1", 0.0)
+    with pytest.raises(NotFoundError, match="request_id"):
+        registry.record_outcome("unknown", 1.0)
+    registry.record_outcome("r2", 0.0)
+    assert registry.outcome_means("m") == {1: (2, 0.5)}
