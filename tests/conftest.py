@@ -20,13 +20,21 @@ def postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every registry test runs on both backends: a fresh SQLite file and a fresh Postgres database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def fresh_registry_url(kind: str, request: pytest.FixtureRequest, directory: Path) -> str:
+    """A new empty registry database of the given kind."""
+    if kind == "sqlite":
+        return f"sqlite:///{directory / 'registry.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database()
+
+
+@pytest.fixture(params=BACKENDS)
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every registry test runs on both backends: a fresh SQLite file and a fresh Postgres database."""
+    return fresh_registry_url(request.param, request, tmp_path)
 
 
 @pytest.fixture

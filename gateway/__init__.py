@@ -1,0 +1,1 @@
+"""Gateway: gRPC servers, routing, batching, logging and the rollout controller."""

@@ -1,0 +1,65 @@
+"""The gateway's in-memory view of the registry: per model its router (current split) and the
+feature schema of each version. Requests read it without any database round trip; the split
+watcher swaps a model's entry whole when its revision changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.features import Schema
+from gateway.router import Router
+from registry import NotFoundError, Registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    metric: str
+    revision: int
+    router: Router
+    schemas: dict[int, Schema] = field(default_factory=dict)
+
+
+class Catalog:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._models: dict[str, ModelEntry] = {}
+
+    def get(self, model: str) -> ModelEntry:
+        entry = self._models.get(model)
+        if entry is None:
+            raise NotFoundError(f"model: {model!r} is not a registered model" if model
+                                else "model: required")
+        return entry
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def revisions(self) -> dict[str, int]:
+        return {n: e.revision for n, e in self._models.items()}
+
+    def load(self, model: str) -> ModelEntry:
+        """Read one model from the registry (blocking; call from a thread). Does not install it."""
+        info = self.registry.get_model(model)
+        schemas = {v.version: Schema(v.feature_names) for v in info.versions}
+        return ModelEntry(name=info.name, metric=info.metric, revision=info.split.revision,
+                          router=Router(dict(info.split.weights)), schemas=schemas)
+
+    def install(self, entry: ModelEntry) -> None:
+        self._models[entry.name] = entry
+
+    def remove(self, model: str) -> None:
+        self._models.pop(model, None)
+
+    def schema(self, model: str, version: int) -> Schema:
+        entry = self.get(model)
+        schema = entry.schemas.get(version)
+        if schema is None:
+            raise NotFoundError(f"version: model {model!r} has no version {version}")
+        return schema
+
+    def all_model_names(self) -> list[str]:
+        try:
+            return self.registry.model_names()
+        except NotFoundError:
+            return []

@@ -1,0 +1,65 @@
+"""Prometheus metrics. Names start with chimera_, latency in seconds with buckets fine below 10 ms,
+labels bounded: model names come from the registry (unknown names collapse to "_unknown")."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.batcher import BatchObserver
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                   0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """One instance per gateway; its own CollectorRegistry so tests can run several gateways."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "chimera_request_latency_seconds", "gRPC request latency at the gateway",
+            ["model", "version", "method", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("chimera_requests", "gRPC requests handled",
+                                ["model", "version", "method", "code"], registry=r)
+        self.rows = Counter("chimera_rows_scored", "rows scored", ["model", "version"], registry=r)
+        self.inflight = Gauge("chimera_inflight_requests", "requests being handled", ["method"], registry=r)
+        self.batch_size = Histogram("chimera_batch_size_rows", "rows per Ray Serve call",
+                                    ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("chimera_batch_queue_wait_seconds",
+                                    "time the oldest row waited in the batcher",
+                                    ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ray_call = Histogram("chimera_ray_call_latency_seconds", "Ray Serve call latency per batch",
+                                  ["model", "version", "ok"], buckets=LATENCY_BUCKETS, registry=r)
+        self.split_weight = Gauge("chimera_split_weight_percent", "traffic split weight per version",
+                                  ["model", "version"], registry=r)
+        self.split_revision = Gauge("chimera_split_revision", "current split revision", ["model"], registry=r)
+        self.log_queue_depth = Gauge("chimera_prediction_log_queue_depth", "rows waiting for insert",
+                                     registry=r)
+        self.log_inserted = Gauge("chimera_prediction_log_inserted_rows", "rows inserted since start",
+                                  registry=r)
+        self.log_spilled = Gauge("chimera_prediction_log_spilled_rows",
+                                 "rows written to the spill file since start (queue full or database down)",
+                                 registry=r)
+        self.log_replayed = Gauge("chimera_prediction_log_replayed_rows", "spilled rows replayed since start",
+                                  registry=r)
+
+    def observer(self, model: str, version: int) -> BatchObserver:
+        return _BatchMetrics(self, model, str(version))
+
+
+class _BatchMetrics(BatchObserver):
+    def __init__(self, m: Metrics, model: str, version: str) -> None:
+        self.size = m.batch_size.labels(model, version)
+        self.wait = m.queue_wait.labels(model, version)
+        self.ok = m.ray_call.labels(model, version, "true")
+        self.failed = m.ray_call.labels(model, version, "false")
+        self.rows = m.rows.labels(model, version)
+
+    def on_batch(self, size: int, queue_wait_s: float, call_s: float, ok: bool) -> None:
+        self.size.observe(size)
+        self.wait.observe(queue_wait_s)
+        (self.ok if ok else self.failed).observe(call_s)
+        if ok:
+            self.rows.inc(size)

@@ -1,0 +1,157 @@
+"""Gateway process: grpc.aio server with health and reflection, the split watcher, the prediction
+log writer and the metrics endpoint, started and stopped in the right order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from gateway.auth import AdminAuth
+from gateway.catalog import Catalog
+from gateway.logwriter import PredictionLog
+from gateway.metrics import Metrics
+from gateway.predictor import Predictor
+from gateway.replica_pool import BatchConfig, ReplicaPool
+from gateway.servicer import PredictionServicer, RolloutServicer
+from gateway.split_watch import SplitWatcher
+from registry import Registry
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVICE_NAMES = (
+    prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+    rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+)
+
+
+@dataclass
+class GatewayConfig:
+    registry_url: str
+    port: int = 50051
+    host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    admin_token: str | None = None
+    replica_cpus: float = 0.25
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    spill_dir: Path = Path(".chimera")
+    poll_interval_s: float = 0.25
+    grace_period_s: float = 10.0
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.registry = Registry(config.registry_url)
+        self.catalog = Catalog(self.registry)
+        self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,
+                                observer_factory=self.metrics.observer)
+        self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill")
+        self.watcher = SplitWatcher(self.catalog, self.pool, self.metrics,
+                                    poll_interval_s=config.poll_interval_s)
+        self.predictor = Predictor(self.catalog, self.pool, self.log)
+        self.auth = AdminAuth(config.admin_token)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int = config.port
+        self._metrics_server: object | None = None
+
+    async def start(self) -> int:
+        """Deploy replicas for every weighted version, then open the port. Returns the bound port."""
+        self.log.start()
+        await self.watcher.sync_all()
+        self.watcher.start()
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        prediction_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.predictor, self.auth, self.metrics), server)
+        rollout_pb2_grpc.add_RolloutServiceServicer_to_server(
+            RolloutServicer(self.registry, self.auth), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self.server = server
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            self._start_metrics()
+        log.info("gateway listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        m = self.metrics
+        log_ = self.log
+        m.log_queue_depth.set_function(lambda: log_.depth)
+        m.log_inserted.set_function(lambda: log_.stats.inserted)
+        m.log_spilled.set_function(lambda: log_.stats.spilled)
+        m.log_replayed.set_function(lambda: log_.stats.replayed)
+        self._metrics_server = start_http_server(self.config.metrics_port or 0, addr=self.config.host,
+                                                 registry=m.registry)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (load balancers drain us), then let in-flight calls finish within the
+        grace period, then flush the prediction log."""
+        grace = self.config.grace_period_s if grace is None else grace
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.watcher.stop()
+        await self.pool.close()
+        await asyncio.to_thread(self.log.stop)
+        if self._metrics_server is not None:
+            server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else None
+            if server is not None:
+                server.shutdown()
+        self.registry.dispose()
+
+
+def ensure_ray(address: str | None, num_cpus: int) -> None:
+    """Join RAY_ADDRESS when given; otherwise start a local Ray with explicit CPUs."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+async def serve_forever(config: GatewayConfig) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"chimera gateway listening on {config.host}:{gateway.port}"
+          + (f", metrics on :{config.metrics_port}" if config.metrics_port else ""), flush=True)
+    await stop.wait()
+    print("shutting down: draining in-flight calls and flushing the prediction log", flush=True)
+    await gateway.stop()

@@ -1,0 +1,125 @@
+"""Keeps the catalog in step with the registry: a split change reaches this gateway within a
+second without restart. PostgreSQL pushes changes with LISTEN/NOTIFY (a safety poll still runs);
+SQLite is polled, which is one tiny query per interval."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import threading
+
+from gateway.catalog import Catalog, ModelEntry
+from gateway.metrics import Metrics
+from gateway.replica_pool import ReplicaPool
+from registry.repository import SPLIT_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class SplitWatcher:
+    def __init__(self, catalog: Catalog, pool: ReplicaPool, metrics: Metrics | None = None, *,
+                 poll_interval_s: float = 0.25, listen_poll_interval_s: float = 2.0) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.listen_poll_interval_s = listen_poll_interval_s
+        self._changed = asyncio.Event()
+        self._stop = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    async def sync_model(self, model: str) -> ModelEntry:
+        """Deploy replicas for every weighted version first, then swap the routing table, so a
+        version never gets traffic before it can answer."""
+        entry = await asyncio.to_thread(self.catalog.load, model)
+        for version in entry.router.versions:
+            await self.pool.ensure(model, version)
+        self.catalog.install(entry)
+        if self.metrics is not None:
+            self.metrics.split_revision.labels(model).set(entry.revision)
+            weights = entry.router.weights
+            for version in entry.schemas:
+                self.metrics.split_weight.labels(model, str(version)).set(weights.get(version, 0))
+        log.info("model %s: split revision %d %s", model, entry.revision, dict(entry.router.weights))
+        return entry
+
+    async def sync_all(self) -> None:
+        for model in await asyncio.to_thread(self.catalog.all_model_names):
+            await self.sync_model(model)
+
+    async def check(self) -> None:
+        revisions = await asyncio.to_thread(self.catalog.registry.split_revisions)
+        known = self.catalog.revisions()
+        for model, revision in revisions.items():
+            if known.get(model) != revision:
+                try:
+                    await self.sync_model(model)
+                    self.last_error = None
+                except Exception as exc:  # keep serving the old split; try again next time
+                    self.last_error = f"{model}: {type(exc).__name__}: {exc}"
+                    log.exception("could not apply split change of %s", model)
+        for model in set(known) - set(revisions):
+            self.catalog.remove(model)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.catalog.registry.is_postgres:
+            self._listener = threading.Thread(target=self._listen, args=(loop,), name="chimera-split-listen",
+                                              daemon=True)
+            self._listener.start()
+        self._task = loop.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _run(self) -> None:
+        interval = self.listen_poll_interval_s if self._listener else self.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._changed.wait(), interval)
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            try:
+                await self.check()
+            except Exception as exc:  # database unreachable: serve from the cached split
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("split check failed: %s", self.last_error)
+
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Blocking LISTEN loop in its own thread and connection; reconnects after outages."""
+        while not self._stop.is_set():
+            conn = None
+            try:
+                engine = self.catalog.registry.engine
+                cargs, cparams = engine.dialect.create_connect_args(engine.url)
+                conn = engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(f"LISTEN {SPLIT_CHANNEL}")
+                loop.call_soon_threadsafe(self._changed.set)  # catch up on anything missed
+                while not self._stop.is_set():
+                    if select.select([conn], [], [], 0.5) == ([], [], []):
+                        continue
+                    conn.poll()
+                    if conn.notifies:
+                        conn.notifies.clear()
+                        loop.call_soon_threadsafe(self._changed.set)
+            except Exception as exc:
+                log.warning("split LISTEN connection lost (%s); retrying", type(exc).__name__)
+                self._stop.wait(1.0)
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
