@@ -21,6 +21,10 @@ class PermissionError_(RuntimeError):
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
+    from gateway.auth import AuthError
+
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, FeatureError | ValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NotFoundError):

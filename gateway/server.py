@@ -20,7 +20,8 @@ from gateway.logwriter import PredictionLog
 from gateway.metrics import Metrics
 from gateway.predictor import Predictor
 from gateway.replica_pool import BatchConfig, ReplicaPool
-from gateway.servicer import PredictionServicer, RolloutServicer
+from gateway.rollout_servicer import RolloutServicer
+from gateway.servicer import PredictionServicer
 from gateway.split_watch import SplitWatcher
 from registry import Registry
 

@@ -3,7 +3,6 @@ else lives here."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,20 +11,18 @@ import grpc
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
-from chimera.v1 import rollout_pb2 as rpb
-from chimera.v1 import rollout_pb2_grpc as rpb_grpc
-from gateway.auth import AdminAuth, AuthError
+from gateway.auth import AdminAuth
 from gateway.errors import status_for
 from gateway.metrics import Metrics
 from gateway.predictor import Predictor, RowInput
-from registry import Registry, ValidationError
+from registry import ValidationError
 
 log = logging.getLogger(__name__)
 MAX_BATCH_ROWS = 10_000
 
 
 def _status(exc: BaseException) -> grpc.StatusCode:
-    return grpc.StatusCode.UNAUTHENTICATED if isinstance(exc, AuthError) else status_for(exc)
+    return status_for(exc)
 
 
 def _row(r: pb.PredictRequest) -> RowInput:
@@ -143,62 +140,3 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 statuses.append(pb.RowError(code=code.value[0], message=str(exc)))
         self._observe("RecordOutcomes", "", "", grpc.StatusCode.OK, t0)
         return pb.RecordOutcomesResponse(statuses=statuses)
-
-
-class RolloutServicer(rpb_grpc.RolloutServiceServicer):
-    def __init__(self, registry: Registry, auth: AdminAuth) -> None:
-        self.registry = registry
-        self.auth = auth
-
-    async def _call(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):  # noqa: ANN001, ANN202
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except Exception as exc:
-            await context.abort(_status(exc), str(exc))
-
-    async def _actor(self, context: grpc.aio.ServicerContext) -> str:
-        try:
-            return self.auth.actor(context)
-        except Exception as exc:
-            await context.abort(_status(exc), str(exc))
-            raise
-
-    @staticmethod
-    def _split(split) -> rpb.TrafficSplit:  # noqa: ANN001
-        return rpb.TrafficSplit(model=split.model, revision=split.revision, weights=[
-            rpb.VersionWeight(version=v, weight=w) for v, w in sorted(split.weights.items())])
-
-    async def GetTrafficSplit(self, request: rpb.GetTrafficSplitRequest,
-                              context: grpc.aio.ServicerContext) -> rpb.TrafficSplit:
-        await self._actor(context)
-        return self._split(await self._call(context, self.registry.get_split, request.model))
-
-    async def SetTrafficSplit(self, request: rpb.SetTrafficSplitRequest,
-                              context: grpc.aio.ServicerContext) -> rpb.TrafficSplit:
-        actor = await self._actor(context)
-        weights: dict[int, int] = {}
-        for w in request.weights:
-            if w.version in weights:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"weights: version {w.version} appears twice")
-            weights[w.version] = w.weight
-        # force skips the optimistic check (operator override); the audit row records it.
-        expected = None if request.force else request.expected_revision
-        split = await self._call(context, self.registry.set_split, request.model, weights,
-                                 expected_revision=expected, actor=actor, reason=request.reason,
-                                 forced=request.force)
-        return self._split(split)
-
-    async def ListModels(self, request: rpb.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> rpb.ListModelsResponse:
-        await self._actor(context)
-        models = await self._call(context, self.registry.list_models)
-        return rpb.ListModelsResponse(models=[
-            rpb.ModelInfo(name=m.name, metric=m.metric, revision=m.split.revision, versions=[
-                rpb.ModelVersionInfo(version=v.version, status=v.status, sha256=v.sha256,
-                                     feature_names=list(v.feature_names),
-                                     metrics={k: float(x) for k, x in v.metrics.items()
-                                              if isinstance(x, int | float)},
-                                     weight=m.split.weights.get(v.version, 0))
-                for v in m.versions])
-            for m in models])

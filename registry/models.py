@@ -40,6 +40,8 @@ class Model(Base):
     description: Mapped[str] = mapped_column(Text, nullable=False, default="")
     # Bumped on every split change; SetTrafficSplit compares it (optimistic concurrency).
     split_revision: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    # Rollout policy overrides (steps, alpha, min samples, tau, guardrails) as JSON.
+    rollout_config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
@@ -85,6 +87,8 @@ class Prediction(Base):
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow,
                                                  index=True)
+    # The scored feature row (or a sample of rows), for retraining from feedback and drift checks.
+    features: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
 
 
 class Outcome(Base):
@@ -106,4 +110,48 @@ class SplitAudit(Base):
     new: Mapped[dict[str, int]] = mapped_column(JSON, nullable=False)
     revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
     forced: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class Decision(Base):
+    """One rollout-controller decision with everything needed to recompute it from logged rows."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    baseline_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    canary_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    # rollback | step_up | promote | hold (and manual_promote / manual_rollback from operators)
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    metric: Mapped[str] = mapped_column(String(32), nullable=False)
+    test: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    statistic: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_baseline: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    n_canary: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    mean_baseline: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mean_canary: Mapped[float | None] = mapped_column(Float, nullable=True)
+    weight_before: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    weight_after: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # Full decision record (thresholds, tau, alpha, naive p-value, guardrails, sequential state) and
+    # the id range of the rows it saw, so `chimera analyze` can recompute it.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class LoadTestRun(Base):
+    """A load test against one version; promotion requires a recent passing one."""
+
+    __tablename__ = "load_tests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    target: Mapped[str] = mapped_column(String(256), nullable=False, default="")
+    passed: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    failures: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    slo: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

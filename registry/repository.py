@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
-from registry.models import Model, ModelVersion, Outcome, Prediction, SplitAudit, TrafficSplit
+from registry.models import Model, ModelVersion, Outcome, Prediction, SplitAudit, TrafficSplit, utcnow
 
 METRICS = ("success_rate", "mean_outcome", "brier", "log_loss")
 VERSION_STATUSES = ("staged", "canary", "production", "rolled_back", "failed", "archived")
@@ -63,6 +63,7 @@ class PredictionRow:
     latency_ms: float
     routing_key: str = ""
     created_at: datetime | None = None
+    features: list[float] | None = None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -348,7 +349,7 @@ class Registry:
         dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
         values = [{"request_id": r.request_id, "model": r.model, "version": r.version,
                    "routing_key": r.routing_key, "score": r.score, "latency_ms": r.latency_ms,
-                   **({"created_at": r.created_at} if r.created_at else {})} for r in rows]
+                   "features": r.features, "created_at": r.created_at or utcnow()} for r in rows]
         stmt = dialect_insert(Prediction).on_conflict_do_nothing(index_elements=["request_id"])
         with self._sessions.begin() as s:
             s.execute(stmt, values)
