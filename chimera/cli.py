@@ -23,6 +23,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="Registry database.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered models and versions.", no_args_is_help=True)
 canary_app = typer.Typer(help="Canary traffic.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Rollout state and decisions.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(canary_app, name="canary")
@@ -232,6 +234,208 @@ def canary_weights(current: dict[int, int], version: int, percent: int) -> dict[
     if main_weight < 0:
         raise typer.BadParameter(f"other versions already hold {rest}%; lower them first")
     return {**{v: w for v, w in others.items()}, main: main_weight, version: percent}
+
+
+def _rpc(fn, request, timeout: float = 30):  # noqa: ANN001, ANN202
+    from chimera.client import admin_metadata
+
+    try:
+        return fn(request, metadata=admin_metadata(), timeout=timeout)
+    except grpc.RpcError as exc:
+        _fail(f"{exc.code().name}: {exc.details()}")
+
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    model: str,
+    target: TargetOpt = "127.0.0.1:50051",
+    decisions: Annotated[int, typer.Option(help="recent decisions to show")] = 5,
+) -> None:
+    """Versions, weights, counts and metric per arm, p-value and the last decisions."""
+    from chimera.client import rollout_stub
+    from chimera.v1 import rollout_pb2 as rpb
+
+    st = _rpc(
+        rollout_stub(target).GetRolloutStatus, rpb.GetRolloutStatusRequest(model=model, decisions=decisions)
+    )
+    last = st.decisions[0] if st.decisions else None
+    table = Table(
+        title=f"{st.model} — metric {st.metric}, split revision {st.revision}"
+        + (f", canary since {st.started_at}" if st.started_at else "")
+    )
+    for col in ("version", "status", "role", "weight %", "requests", "outcomes", st.metric):
+        table.add_column(col, justify="right" if col not in ("status", "role") else "left")
+    for a in st.arms:
+        table.add_row(
+            str(a.version),
+            a.status,
+            a.role,
+            str(a.weight),
+            str(a.requests) if a.role else "-",
+            str(a.outcomes) if a.role else "-",
+            _fmt(a.metric_value) if a.role else "-",
+        )
+    console.print(table)
+    if last is not None:
+        console.print(
+            f"last decision: [bold]{last.action}[/bold] v{last.canary_version} vs v{last.baseline_version} "
+            f"p={_fmt(last.p_value)} ({last.test or 'manual'}) at {last.created_at}: {last.reason}"
+        )
+    if st.decisions:
+        hist = Table(
+            "id",
+            "at",
+            "action",
+            "canary",
+            "p-value",
+            "n base",
+            "n canary",
+            "mean base",
+            "mean canary",
+            "weight",
+            title="recent decisions",
+        )
+        for d in st.decisions:
+            hist.add_row(
+                str(d.id),
+                d.created_at[:19],
+                d.action,
+                f"v{d.canary_version}",
+                _fmt(d.p_value),
+                str(d.n_baseline),
+                str(d.n_canary),
+                _fmt(d.mean_baseline),
+                _fmt(d.mean_canary),
+                f"{d.weight_before}→{d.weight_after}",
+            )
+        console.print(hist)
+
+
+@app.command()
+def promote(
+    model: str,
+    version: Annotated[int, typer.Option(help="version to give 100 %")],
+    target: TargetOpt = "127.0.0.1:50051",
+    reason: Annotated[str, typer.Option()] = "",
+    force: Annotated[bool, typer.Option(help="skip the load-test gate (audited)")] = False,
+) -> None:
+    """Promote VERSION to production (needs a recent passing load test unless --force)."""
+    from chimera.client import rollout_stub
+    from chimera.v1 import rollout_pb2 as rpb
+
+    split = _rpc(
+        rollout_stub(target).Promote,
+        rpb.PromoteRequest(model=model, version=version, reason=reason, force=force),
+    )
+    console.print(f"{model}: v{version} promoted (split revision {split.revision})")
+
+
+@app.command()
+def rollback(
+    model: str,
+    version: Annotated[int, typer.Option(help="version to roll back (default: the canary)")] = 0,
+    target: TargetOpt = "127.0.0.1:50051",
+    reason: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Roll the canary back (or, with no canary, return to the standby version)."""
+    from chimera.client import rollout_stub
+    from chimera.v1 import rollout_pb2 as rpb
+
+    split = _rpc(
+        rollout_stub(target).Rollback, rpb.RollbackRequest(model=model, version=version, reason=reason)
+    )
+    console.print(
+        f"{model}: split revision {split.revision}: "
+        + ", ".join(f"v{w.version}={w.weight}%" for w in split.weights)
+    )
+
+
+@app.command()
+def analyze(
+    model: str,
+    decision: Annotated[int | None, typer.Option(help="decision id (default: the latest)")] = None,
+) -> None:
+    """Recompute a stored decision from the logged rows in CHIMERA_REGISTRY_URL and compare.
+
+    Reads the registry directly rather than asking a gateway: an auditor should not have to trust the
+    process that made the decision."""
+    from gateway.analysis import recompute
+    from registry.rollouts import decisions
+
+    reg = _registry()
+    if decision is None:
+        rows = [r for r in decisions(reg, model, limit=50) if r["test"]]
+        if not rows:
+            _fail(f"no statistical decisions stored for {model!r}")
+        decision = rows[0]["id"]
+    result = recompute(reg, decision)
+    stored, d = result.stored, result.decision
+    table = Table(
+        "quantity",
+        "stored",
+        "recomputed",
+        "|diff|",
+        title=f"decision {decision}: {stored['action']} v{stored['canary_version']} "
+        f"vs v{stored['baseline_version']} ({stored['metric']}, {stored['details'].get('test')})",
+    )
+    diffs = result.differences()
+    for key, value in diffs.items():
+        s_val = stored["details"].get(key, stored.get(key))
+        table.add_row(key, _fmt(s_val, ".10g"), _fmt(getattr(d, key), ".10g"), _fmt(value, ".2e"))
+    console.print(table)
+    console.print(
+        f"window {stored['details']['window']['since']} … {stored['details']['window']['until']}; "
+        f"recomputed action: {d.action}"
+    )
+    if max(diffs.values()) > 1e-9:
+        _fail("recomputation differs from the stored decision by more than 1e-9")
+
+
+@app.command()
+def loadtest(
+    model: Annotated[str, typer.Option(help="model name")],
+    rps: Annotated[float, typer.Option(help="target arrival rate, requests/s")],
+    duration: Annotated[float, typer.Option(help="measured seconds (after warmup)")],
+    target: TargetOpt = "127.0.0.1:50051",
+    version: Annotated[int, typer.Option(help="pin this version (needs CHIMERA_ADMIN_TOKEN); 0: routed")] = 0,
+    warmup: Annotated[float, typer.Option(help="seconds of load before measuring")] = 0.0,
+    arrival: Annotated[str, typer.Option(help="constant | poisson")] = "constant",
+    concurrency_limit: Annotated[int, typer.Option(help="max calls in flight (0: none); over it, "
+                                                        "arrivals queue and their wait counts")] = 0,
+    workers: Annotated[int, typer.Option(help="worker processes (0: auto)")] = 0,
+    timeout: Annotated[float, typer.Option(help="per-request deadline, seconds from intended send")] = 10.0,
+    slo_p50_ms: Annotated[float | None, typer.Option(help="p50 latency SLO, ms")] = None,
+    slo_p90_ms: Annotated[float | None, typer.Option(help="p90 latency SLO, ms")] = None,
+    slo_p99_ms: Annotated[float | None, typer.Option(help="p99 latency SLO, ms")] = None,
+    slo_p999_ms: Annotated[float | None, typer.Option(help="p99.9 latency SLO, ms")] = None,
+    max_error_rate: Annotated[float, typer.Option(help="max fraction of failed requests")] = 0.01,
+    min_achieved_ratio: Annotated[float, typer.Option(help="min achieved/target rate")] = 0.9,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG latency plot here")] = None,
+    data: Annotated[Path | None, typer.Option(help="CSV/Parquet rows to send (default: generated "
+                                                   "from the version's feature schema)")] = None,
+    registry_url: Annotated[str | None, typer.Option(help="registry for the schema and the stored run "
+                                                          "(default CHIMERA_REGISTRY_URL)")] = None,
+    store: Annotated[bool, typer.Option(help="store the run in the registry")] = True,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Open-loop load test with an SLO gate: exit 0 when every SLO holds, 3 when one fails."""
+    from loadtest.command import LoadTestOptions
+    from loadtest.command import main as loadtest_main
+    from loadtest.slo import SLO
+
+    opts = LoadTestOptions(
+        target=target, model=model, rps=rps, duration_s=duration, version=version, warmup_s=warmup,
+        arrival=arrival,  # type: ignore[arg-type]  # validated by the runner
+        concurrency_limit=concurrency_limit, workers=workers, timeout_s=timeout,
+        slo=SLO(p50_ms=slo_p50_ms, p90_ms=slo_p90_ms, p99_ms=slo_p99_ms, p99_9_ms=slo_p999_ms,
+                max_error_rate=max_error_rate, min_achieved_ratio=min_achieved_ratio),
+        report_path=report, plot_path=plot, data_path=data, registry_url=registry_url, store=store, seed=seed)
+    raise typer.Exit(loadtest_main(opts, console))
 
 
 @app.command()

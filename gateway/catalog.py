@@ -41,7 +41,8 @@ class Catalog:
     def load(self, model: str) -> ModelEntry:
         """Read one model from the registry (blocking; call from a thread). Does not install it."""
         info = self.registry.get_model(model)
-        schemas = {v.version: Schema(v.feature_names) for v in info.versions}
+        known = {name for v in info.versions for name in v.feature_names}
+        schemas = {v.version: Schema(v.feature_names, known) for v in info.versions}
         return ModelEntry(name=info.name, metric=info.metric, revision=info.split.revision,
                           router=Router(dict(info.split.weights)), schemas=schemas)
 

@@ -18,12 +18,15 @@ class FeatureError(ValueError):
 class Schema:
     """Ordered feature names of one version with a precomputed name -> column map."""
 
-    __slots__ = ("names", "index", "width")
+    __slots__ = ("names", "index", "width", "known")
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], known: Iterable[str] = ()) -> None:
         self.names = tuple(names)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.width = len(self.names)
+        # Every feature name some version of the model uses: a request may carry the union, so a
+        # canary with a different feature set works; a name no version knows is a client mistake.
+        self.known = frozenset(known) | frozenset(self.names)
 
     def project(self, named: Mapping[str, float], dense: Sequence[float], prefix: str = "",
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -45,17 +48,21 @@ class Schema:
         if not named:
             raise FeatureError(f"{prefix}features: no features given; expected {', '.join(self.names)}")
         index = self.index
-        if len(named) != self.width or not all(k in index for k in named):
-            unknown = sorted(k for k in named if k not in index)
+        if len(named) == self.width and all(k in index for k in named):
+            for name, value in named.items():
+                row[index[name]] = value
+        else:
+            unknown = sorted(k for k in named if k not in self.known)
             if unknown:
                 raise FeatureError(f"{prefix}features[{unknown[0]!r}]: unknown feature; expected "
                                    f"{', '.join(self.names)}")
             missing = [n for n in self.names if n not in named]
-            raise FeatureError(f"{prefix}features[{missing[0]!r}]: missing feature")
-        for name, value in named.items():
-            row[index[name]] = value
+            if missing:
+                raise FeatureError(f"{prefix}features[{missing[0]!r}]: missing feature")
+            for i, name in enumerate(self.names):
+                row[i] = named[name]
         if not np.isfinite(row).all():
-            name = self.names[int(np.argmin(np.isfinite(row)))]
+            name = self.names[int(np.argmin(np.isfinite(row)))]  # only the version's own columns count
             raise FeatureError(f"{prefix}features[{name!r}]: value must be a finite float32, "
                                f"got {named[name]}")
         return row

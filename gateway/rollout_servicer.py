@@ -9,15 +9,18 @@ import grpc
 
 from chimera.v1 import rollout_pb2 as rpb
 from chimera.v1 import rollout_pb2_grpc as rpb_grpc
+from gateway import rollout_ops
 from gateway.auth import AdminAuth
+from gateway.controller import PromotionGate
 from gateway.errors import status_for as _status
 from registry import Registry
 
 
 class RolloutServicer(rpb_grpc.RolloutServiceServicer):
-    def __init__(self, registry: Registry, auth: AdminAuth) -> None:
+    def __init__(self, registry: Registry, auth: AdminAuth, gate: PromotionGate | None = None) -> None:
         self.registry = registry
         self.auth = auth
+        self.gate = gate
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         try:
@@ -34,40 +37,148 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
 
     @staticmethod
     def _split(split) -> rpb.TrafficSplit:  # noqa: ANN001
-        return rpb.TrafficSplit(model=split.model, revision=split.revision, weights=[
-            rpb.VersionWeight(version=v, weight=w) for v, w in sorted(split.weights.items())])
+        return rpb.TrafficSplit(
+            model=split.model,
+            revision=split.revision,
+            weights=[rpb.VersionWeight(version=v, weight=w) for v, w in sorted(split.weights.items())],
+        )
 
-    async def GetTrafficSplit(self, request: rpb.GetTrafficSplitRequest,
-                              context: grpc.aio.ServicerContext) -> rpb.TrafficSplit:
+    async def GetTrafficSplit(
+        self, request: rpb.GetTrafficSplitRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.TrafficSplit:
         await self._actor(context)
         return self._split(await self._call(context, self.registry.get_split, request.model))
 
-    async def SetTrafficSplit(self, request: rpb.SetTrafficSplitRequest,
-                              context: grpc.aio.ServicerContext) -> rpb.TrafficSplit:
+    async def SetTrafficSplit(
+        self, request: rpb.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.TrafficSplit:
         actor = await self._actor(context)
         weights: dict[int, int] = {}
         for w in request.weights:
             if w.version in weights:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"weights: version {w.version} appears twice")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"weights: version {w.version} appears twice"
+                )
             weights[w.version] = w.weight
         # force skips the optimistic check (operator override); the audit row records it.
         expected = None if request.force else request.expected_revision
-        split = await self._call(context, self.registry.set_split, request.model, weights,
-                                 expected_revision=expected, actor=actor, reason=request.reason,
-                                 forced=request.force)
+        split = await self._call(
+            context,
+            self.registry.set_split,
+            request.model,
+            weights,
+            expected_revision=expected,
+            actor=actor,
+            reason=request.reason,
+            forced=request.force,
+        )
         return self._split(split)
 
-    async def ListModels(self, request: rpb.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> rpb.ListModelsResponse:
+    async def ListModels(
+        self, request: rpb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.ListModelsResponse:
         await self._actor(context)
         models = await self._call(context, self.registry.list_models)
-        return rpb.ListModelsResponse(models=[
-            rpb.ModelInfo(name=m.name, metric=m.metric, revision=m.split.revision, versions=[
-                rpb.ModelVersionInfo(version=v.version, status=v.status, sha256=v.sha256,
-                                     feature_names=list(v.feature_names),
-                                     metrics={k: float(x) for k, x in v.metrics.items()
-                                              if isinstance(x, int | float)},
-                                     weight=m.split.weights.get(v.version, 0))
-                for v in m.versions])
-            for m in models])
+        return rpb.ListModelsResponse(
+            models=[
+                rpb.ModelInfo(
+                    name=m.name,
+                    metric=m.metric,
+                    revision=m.split.revision,
+                    versions=[
+                        rpb.ModelVersionInfo(
+                            version=v.version,
+                            status=v.status,
+                            sha256=v.sha256,
+                            feature_names=list(v.feature_names),
+                            metrics={k: float(x) for k, x in v.metrics.items() if isinstance(x, int | float)},
+                            weight=m.split.weights.get(v.version, 0),
+                        )
+                        for v in m.versions
+                    ],
+                )
+                for m in models
+            ]
+        )
+
+    async def Promote(
+        self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.TrafficSplit:
+        actor = await self._actor(context)
+        split = await self._call(
+            context,
+            rollout_ops.promote,
+            self.registry,
+            request.model,
+            request.version,
+            actor=actor,
+            reason=request.reason,
+            force=request.force,
+            gate=self.gate,
+        )
+        return self._split(split)
+
+    async def Rollback(
+        self, request: rpb.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.TrafficSplit:
+        actor = await self._actor(context)
+        split = await self._call(
+            context,
+            rollout_ops.rollback,
+            self.registry,
+            request.model,
+            request.version,
+            actor=actor,
+            reason=request.reason,
+        )
+        return self._split(split)
+
+    async def GetRolloutStatus(
+        self, request: rpb.GetRolloutStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.RolloutStatus:
+        await self._actor(context)
+        s = await self._call(
+            context, rollout_ops.status, self.registry, request.model, request.decisions or 5
+        )
+
+        def num(x: float | None) -> float:
+            return float("nan") if x is None else float(x)
+
+        return rpb.RolloutStatus(
+            model=s.model,
+            metric=s.metric,
+            revision=s.revision,
+            started_at=s.started_at.isoformat() if s.started_at else "",
+            arms=[
+                rpb.ArmStatus(
+                    version=a.version,
+                    status=a.status,
+                    weight=a.weight,
+                    role=a.role,
+                    requests=a.requests,
+                    outcomes=a.outcomes,
+                    metric_value=a.metric_value,
+                )
+                for a in s.arms
+            ],
+            decisions=[
+                rpb.DecisionRecord(
+                    id=d["id"],
+                    action=d["action"],
+                    baseline_version=d["baseline_version"],
+                    canary_version=d["canary_version"],
+                    test=d["test"],
+                    statistic=num(d["statistic"]),
+                    p_value=num(d["p_value"]),
+                    n_baseline=d["n_baseline"],
+                    n_canary=d["n_canary"],
+                    mean_baseline=num(d["mean_baseline"]),
+                    mean_canary=num(d["mean_canary"]),
+                    weight_before=d["weight_before"],
+                    weight_after=d["weight_after"],
+                    reason=d["reason"],
+                    created_at=d["created_at"].isoformat(),
+                )
+                for d in s.decisions
+            ],
+        )

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from gateway.auth import AdminAuth
 from gateway.catalog import Catalog
+from gateway.controller import PromotionGate, RolloutController
 from gateway.logwriter import PredictionLog
 from gateway.metrics import Metrics
 from gateway.predictor import Predictor
@@ -45,6 +47,10 @@ class GatewayConfig:
     spill_dir: Path = Path(".chimera")
     poll_interval_s: float = 0.25
     grace_period_s: float = 10.0
+    # Rollout controller: seconds between looks (0 disables it in this gateway).
+    controller_interval_s: float = 2.0
+    # Promotion needs a passing load test of the version at most this old (None: no such gate).
+    promotion_loadtest_max_age_s: float | None = 24 * 3600.0
 
 
 class Gateway:
@@ -60,6 +66,9 @@ class Gateway:
                                     poll_interval_s=config.poll_interval_s)
         self.predictor = Predictor(self.catalog, self.pool, self.log)
         self.auth = AdminAuth(config.admin_token)
+        self.controller = RolloutController(self.registry, error_counts=self._failed_batches,
+                                            promotion_gate=self._promotion_gate())
+        self._controller_task: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int = config.port
@@ -78,7 +87,7 @@ class Gateway:
         prediction_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.predictor, self.auth, self.metrics), server)
         rollout_pb2_grpc.add_RolloutServiceServicer_to_server(
-            RolloutServicer(self.registry, self.auth), server)
+            RolloutServicer(self.registry, self.auth, self.controller.promotion_gate), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -91,8 +100,50 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port is not None:
             self._start_metrics()
+        if self.config.controller_interval_s > 0:
+            await self.start_controller()
         log.info("gateway listening on %s:%d", self.config.host, self.port)
         return self.port
+
+    def _promotion_gate(self) -> PromotionGate | None:
+        max_age = self.config.promotion_loadtest_max_age_s
+        if max_age is None:
+            return None
+
+        def gate(registry: Registry, model: str, version: int) -> None:
+            from registry.loadtests import require_passing_loadtest
+
+            require_passing_loadtest(registry, model, version, timedelta(seconds=max_age))
+
+        return gate
+
+    def _failed_batches(self, model: str, version: int) -> int:
+        """Scoring failures seen by this gateway (guardrail input; not in the database)."""
+        try:
+            return self.pool.get(model, version).stats.errors
+        except Exception:
+            return 0
+
+    async def start_controller(self, interval_s: float | None = None) -> None:
+        """Start (or restart) the rollout controller loop in this gateway."""
+        if interval_s is not None:
+            self.config.controller_interval_s = interval_s
+        if self._controller_task is not None:
+            self._controller_task.cancel()
+        self._controller_task = asyncio.get_running_loop().create_task(self._control_loop())
+
+    async def _control_loop(self) -> None:
+        """Look at every model with a canary after each interval; the advisory lock inside
+        run_once lets only one gateway act."""
+        while True:
+            await asyncio.sleep(self.config.controller_interval_s)
+            for model in self.catalog.names():
+                if len(self.catalog.get(model).router.weights) < 2:
+                    continue
+                try:
+                    await asyncio.to_thread(self.controller.run_once, model)
+                except Exception:
+                    log.exception("rollout controller failed for %s", model)
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -117,6 +168,8 @@ class Gateway:
         grace period, then flush the prediction log."""
         grace = self.config.grace_period_s if grace is None else grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._controller_task is not None:
+            self._controller_task.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         await self.watcher.stop()

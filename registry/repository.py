@@ -15,10 +15,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
+from registry.models import Decision as DecisionRow
 from registry.models import Model, ModelVersion, Outcome, Prediction, SplitAudit, TrafficSplit, utcnow
 
 METRICS = ("success_rate", "mean_outcome", "brier", "log_loss")
-VERSION_STATUSES = ("staged", "canary", "production", "rolled_back", "failed", "archived")
+VERSION_STATUSES = ("staged", "canary", "production", "standby", "rolled_back", "failed", "archived")
 SPLIT_CHANNEL = "chimera_split"
 MAX_MODEL_BYTES = 256 * 1024 * 1024
 
@@ -164,7 +165,8 @@ class Registry:
         with self._sessions.begin() as s:
             model = s.scalar(select(Model).where(Model.name == name))
             if model is None:
-                s.add(Model(name=name, metric=metric, description=description, split_revision=0))
+                s.add(Model(name=name, metric=metric, description=description, split_revision=0,
+                            rollout_config={}))
             else:
                 model.metric = metric
                 if description:
@@ -200,7 +202,7 @@ class Registry:
             if m is None:
                 if metric not in METRICS:
                     raise ValidationError(f"metric: must be one of {', '.join(METRICS)}")
-                m = Model(name=model, metric=metric, description="", split_revision=0)
+                m = Model(name=model, metric=metric, description="", split_revision=0, rollout_config={})
                 s.add(m)
                 s.flush()
             # Lock the model row so two publishers cannot take the same number (no-op on SQLite,
@@ -260,6 +262,15 @@ class Registry:
             if res.rowcount == 0:
                 raise NotFoundError(f"version {version} of model {model!r} not found")
 
+    def rollout_config(self, model: str) -> dict[str, Any]:
+        with self._sessions() as s:
+            return dict(self._model(s, model).rollout_config or {})
+
+    def set_rollout_config(self, model: str, config: Mapping[str, Any]) -> None:
+        """Per-model rollout policy overrides (steps, alpha, min_samples_per_arm, tau, guardrails)."""
+        with self._sessions.begin() as s:
+            self._model(s, model).rollout_config = dict(config)
+
     def model_names(self) -> list[str]:
         with self._sessions() as s:
             return list(s.scalars(select(Model.name).order_by(Model.name)))
@@ -308,9 +319,13 @@ class Registry:
         actor: str,
         reason: str = "",
         forced: bool = False,
+        status_changes: Mapping[int, str] | None = None,
+        decision: Mapping[str, Any] | None = None,
     ) -> Split:
         """Replace the split atomically. expected_revision=None skips the optimistic check (only
-        for trusted internal callers); a stale revision raises ConflictError and changes nothing."""
+        for trusted internal callers); a stale revision raises ConflictError and changes nothing.
+        Version status changes and the decision row that caused the change commit in the same
+        transaction, so a crash leaves either the old state or the new one, never half of it."""
         with self._sessions.begin() as s:
             m = self._model(s, model)
             known = s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == m.id)).all()
@@ -329,6 +344,13 @@ class Registry:
             s.add(SplitAudit(model=model, actor=actor, reason=reason, forced=forced,
                              old={str(k): v for k, v in old.weights.items()},
                              new={str(k): v for k, v in new.items()}, revision=base + 1))
+            for version, status in (status_changes or {}).items():
+                if status not in VERSION_STATUSES:
+                    raise ValidationError(f"status: unknown status {status!r}")
+                s.execute(update(ModelVersion).where(ModelVersion.model_id == m.id,
+                                                     ModelVersion.version == version).values(status=status))
+            if decision is not None:
+                s.add(DecisionRow(**decision))
             if self.is_postgres:
                 # Delivered at commit to every gateway LISTENing: split changes spread in milliseconds.
                 s.execute(text("SELECT pg_notify(:ch, :model)"), {"ch": SPLIT_CHANNEL, "model": model})
@@ -387,6 +409,40 @@ class Registry:
             return False
         raise AlreadyExistsError(
             f"value: outcome for request_id {request_id!r} already stored as {stored}, got {value}")
+
+    def record_outcomes(self, items: Sequence[tuple[str, float]]) -> list[BaseException | None]:
+        """Bulk form of record_outcome in one transaction: per item None (stored or already stored
+        with the same value) or the error it would have raised."""
+        results: list[BaseException | None] = [None] * len(items)
+        ids = list({rid for rid, _ in items if rid})
+        dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
+        with self._sessions.begin() as s:
+            known: set[str] = set()
+            stored: dict[str, float] = {}
+            for i in range(0, len(ids), 5000):
+                chunk = ids[i:i + 5000]
+                known.update(s.scalars(select(Prediction.request_id).where(Prediction.request_id.in_(chunk))))
+                stored.update(s.execute(select(Outcome.request_id, Outcome.value)
+                                        .where(Outcome.request_id.in_(chunk))).tuples().all())
+            new: dict[str, float] = {}
+            for i, (rid, value) in enumerate(items):
+                if not rid:
+                    results[i] = ValidationError(f"outcomes[{i}].request_id: required")
+                elif not math.isfinite(value):
+                    results[i] = ValidationError(f"outcomes[{i}].value: must be finite, got {value}")
+                elif rid not in known:
+                    results[i] = NotFoundError(f"outcomes[{i}].request_id: no prediction with id {rid!r}")
+                else:
+                    prior = stored.get(rid, new.get(rid))
+                    if prior is None:
+                        new[rid] = value
+                    elif prior != value:
+                        results[i] = AlreadyExistsError(
+                            f"outcomes[{i}].value: outcome for {rid!r} already stored as {prior}, got {value}")
+            if new:
+                s.execute(dialect_insert(Outcome).on_conflict_do_nothing(index_elements=["request_id"]),
+                          [{"request_id": k, "value": v, "created_at": utcnow()} for k, v in new.items()])
+        return results
 
     def count_predictions(self, model: str | None = None) -> dict[int, int]:
         """Prediction rows per version (for one model, or all)."""

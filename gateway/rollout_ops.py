@@ -1,0 +1,192 @@
+"""Operator actions on rollouts (promote, rollback, status) as domain calls shared by the admin
+gRPC service and the CLI. Manual actions are stored as decisions too, so the history is complete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from gateway.controller import PromotionGate, arms
+from gateway.stats import per_request_values
+from registry import Registry, Split, ValidationError
+from registry.rollouts import arm_rows, decisions, rollout_start
+
+
+def _manual_decision(
+    model: str,
+    baseline: int,
+    canary: int,
+    action: str,
+    before: int,
+    after: int,
+    reason: str,
+    actor: str,
+    forced: bool = False,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "baseline_version": baseline,
+        "canary_version": canary,
+        "action": action,
+        "metric": "",
+        "test": "",
+        "n_baseline": 0,
+        "n_canary": 0,
+        "weight_before": before,
+        "weight_after": after,
+        "reason": reason,
+        "details": {"actor": actor, "forced": forced},
+    }
+
+
+def promote(
+    registry: Registry,
+    model: str,
+    version: int,
+    *,
+    actor: str,
+    reason: str = "",
+    force: bool = False,
+    gate: PromotionGate | None = None,
+) -> Split:
+    info = registry.get_model(model)
+    if version not in {v.version for v in info.versions}:
+        raise ValidationError(f"version: model {model!r} has no version {version}")
+    if gate is not None and not force:
+        gate(registry, model, version)
+    weights = dict(info.split.weights)
+    status = {v.version: v.status for v in info.versions}
+    changes = {v: "standby" for v, s in status.items() if s == "production" and v != version}
+    changes[version] = "production"
+    previous = next(iter(changes.keys() - {version}), 0)
+    return registry.set_split(
+        model,
+        {v: 0 for v in weights} | {version: 100},
+        expected_revision=None,
+        actor=actor,
+        reason=reason or f"promote v{version}" + (" (forced)" if force else ""),
+        forced=force,
+        status_changes=changes,
+        decision=_manual_decision(
+            model,
+            previous,
+            version,
+            "manual_promote",
+            weights.get(version, 0),
+            100,
+            reason or "operator promote",
+            actor,
+            force,
+        ),
+    )
+
+
+def rollback(registry: Registry, model: str, version: int = 0, *, actor: str, reason: str = "") -> Split:
+    """Canary present: its weight goes to the baseline. Otherwise: back to the standby version."""
+    info = registry.get_model(model)
+    weights = dict(info.split.weights)
+    status = {v.version: v.status for v in info.versions}
+    pair = arms(info)
+    if pair is not None and version in (0, pair[1]):
+        baseline, canary = pair
+        new = {**weights, baseline: weights[baseline] + weights[canary], canary: 0}
+        changes = {canary: "rolled_back"}
+    else:
+        current = version or next(
+            (v for v in weights if status.get(v) == "production"),
+            max(weights, key=lambda v: weights[v]) if weights else 0,
+        )
+        standby = [v for v, s in status.items() if s == "standby" and v != current]
+        if not standby:
+            raise ValidationError(f"version: nothing to roll back to for {model!r} (no canary, no standby)")
+        baseline, canary = max(standby), current
+        new = {v: 0 for v in weights} | {baseline: 100}
+        changes = {current: "rolled_back", baseline: "production"}
+    return registry.set_split(
+        model,
+        new,
+        expected_revision=None,
+        actor=actor,
+        reason=reason or f"rollback v{canary}",
+        status_changes=changes,
+        decision=_manual_decision(
+            model,
+            baseline,
+            canary,
+            "manual_rollback",
+            weights.get(canary, 0),
+            0,
+            reason or "operator rollback",
+            actor,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    version: int
+    status: str
+    weight: int
+    role: str
+    requests: int = 0
+    outcomes: int = 0
+    metric_value: float = float("nan")
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    model: str
+    metric: str
+    revision: int
+    started_at: datetime | None
+    arms: list[ArmSummary] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def status(registry: Registry, model: str, n_decisions: int = 5) -> RolloutSummary:
+    info = registry.get_model(model)
+    pair = arms(info)
+    weights = dict(info.split.weights)
+    started = rollout_start(registry, model, pair[1]) if pair else None
+    until = datetime.now(UTC)
+    out = []
+    for v in info.versions:
+        role = (
+            ""
+            if pair is None
+            else ("baseline" if v.version == pair[0] else "canary" if v.version == pair[1] else "")
+        )
+        if started is not None and role:
+            rows = arm_rows(registry, model, v.version, started, until)
+            try:
+                values = (
+                    per_request_values(info.metric, rows.outcomes, rows.scores)
+                    if rows.outcomes.size
+                    else None
+                )
+            except ValueError:  # outcomes that do not fit the declared metric: show counts only
+                values = None
+            out.append(
+                ArmSummary(
+                    v.version,
+                    v.status,
+                    weights.get(v.version, 0),
+                    role,
+                    rows.requests,
+                    int(rows.outcomes.size),
+                    float(np.mean(values)) if values is not None else float("nan"),
+                )
+            )
+        else:
+            out.append(ArmSummary(v.version, v.status, weights.get(v.version, 0), role))
+    return RolloutSummary(
+        info.name,
+        info.metric,
+        info.split.revision,
+        started,
+        out,
+        decisions(registry, model, limit=n_decisions),
+    )
