@@ -88,7 +88,7 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow,
                                                  index=True)
     # The scored feature row (or a sample of rows), for retraining from feedback and drift checks.
-    features: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    features: Mapped[list[float] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Outcome(Base):

@@ -19,7 +19,7 @@ def _publish(reg: Registry, model: str = "m", payload: bytes = b"onnx-bytes-1") 
 
 def test_upgrade_is_idempotent_and_reaches_head(registry: Registry) -> None:
     registry.upgrade()
-    assert current_revision(registry.engine) == "0002"
+    assert current_revision(registry.engine) == "0003"
 
 
 def test_published_bytes_hash_to_stored_sha256(registry: Registry) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from registry import Registry, VersionInfo
+from training.artifacts import save_native
 from training.export import parity_check, to_onnx
 from training.models import Algo
 from training.pipeline import TrainResult, train
@@ -44,7 +45,7 @@ def publish_result(
         onnx_bytes = to_onnx(result.model, len(result.feature_names), list(result.feature_names))
     worst = parity_check(result.model, onnx_bytes, result.X_test, tol=tol)
     metrics = {**result.metrics, "onnx_max_abs_diff": worst}
-    return registry.publish_version(
+    info = registry.publish_version(
         model_name,
         onnx_bytes,
         list(result.feature_names),
@@ -55,6 +56,9 @@ def publish_result(
         status=status,
         metric=metric,
     )
+    # The native booster too, so `chimera retrain --mode incremental` can continue from it.
+    save_native(registry, model_name, info.version, result.model)
+    return info
 
 
 def train_and_publish(
