@@ -23,12 +23,26 @@ $(STUBS): $(PROTOS) $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
-# Debian packages the test suite drives for real (PostgreSQL server). Installed only when missing
-# and only as root; otherwise the Postgres tests say exactly what is missing.
+# Debian packages the test suite drives for real: PostgreSQL server, Prometheus (+ promtool) and the Go
+# toolchain with grpc-go/protobuf sources and protoc plugins (the Go client is built offline in GOPATH mode).
+# Installed only when missing and only as root (one `apt-get update` first); otherwise the tests that need
+# them say exactly what is missing.
+SYSDEPS_PKGS := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev protobuf-compiler protoc-gen-go protoc-gen-go-grpc prometheus
+
 sysdeps:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
-	  else echo "postgresql server binaries missing; install Debian's postgresql package"; fi; \
+	@missing=""; \
+	if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  missing="postgresql"; \
+	fi; \
+	for p in $(SYSDEPS_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "sysdeps: installing$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else echo "sysdeps: missing Debian packages:$$missing (run make test as root or apt-get install them)"; fi; \
 	fi
 
 demo: install

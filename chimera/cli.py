@@ -157,10 +157,13 @@ def models_show(model: str, version: Annotated[int | None, typer.Option()] = Non
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(help="gRPC port")] = 50051,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = 9090,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: off)")] = 9090,
     host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
     replica_cpus: Annotated[float | None, typer.Option(help="CPUs per replica")] = None,
     grace: Annotated[float, typer.Option(help="seconds in-flight calls get on shutdown")] = 10.0,
+    controller_interval: Annotated[
+        float, typer.Option(help="seconds between rollout-controller looks (0: no controller here)")
+    ] = 2.0,
 ) -> None:
     """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM."""
     import asyncio
@@ -175,10 +178,11 @@ def serve(
         registry_url=settings.registry_url,
         port=port,
         host=host,
-        metrics_port=metrics_port,
+        metrics_port=metrics_port or None,
         admin_token=settings.admin_token,
         replica_cpus=replica_cpus or settings.replica_num_cpus,
         grace_period_s=grace,
+        controller_interval_s=controller_interval,
     )
     asyncio.run(serve_forever(config))
 
@@ -402,7 +406,7 @@ def loadtest(
     duration: Annotated[float, typer.Option(help="measured seconds (after warmup)")],
     target: TargetOpt = "127.0.0.1:50051",
     version: Annotated[int, typer.Option(help="pin this version (needs CHIMERA_ADMIN_TOKEN); 0: routed")] = 0,
-    warmup: Annotated[float, typer.Option(help="seconds of load before measuring")] = 0.0,
+    warmup: Annotated[float, typer.Option(help="seconds of load before measuring")] = 1.0,
     arrival: Annotated[str, typer.Option(help="constant | poisson")] = "constant",
     concurrency_limit: Annotated[int, typer.Option(help="max calls in flight (0: none); over it, "
                                                         "arrivals queue and their wait counts")] = 0,
@@ -464,3 +468,180 @@ def simulate(
     argv = ["--scenario", scenario, "--runs", str(runs), "--seed", str(seed)]
     del as_json
     sys.exit(simulate_main(argv))
+
+
+# ------------------------------------------------------------------------------ continuous training
+def _parse_when(text: str):  # noqa: ANN202
+    from datetime import UTC, datetime
+
+    dt = datetime.fromisoformat(text.strip())
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+
+
+def retrain_table(out) -> Table:  # noqa: ANN001 - training.retrain.RetrainOutcome, imported lazily
+    """Production vs candidate on the retrain holdout (also used by the demo)."""
+    rows = int(out.candidate["n"])
+    table = Table(title=f"{out.run.model}: holdout of run {out.run.id} ({rows} newest rows)")
+    for col in ("metric", f"production v{out.production_version}", "candidate", "delta", "verdict"):
+        table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
+    for c in out.comparison:
+        verdict = "[red]worse[/red]" if c.worse else "[green]ok[/green]"
+        table.add_row(c.metric, _fmt(c.production), _fmt(c.candidate), _fmt(c.delta, "+.4f"), verdict)
+    return table
+
+
+def drift_table(report, recent: str = "recent") -> Table:  # noqa: ANN001 - training.drift.DriftReport
+    """Feature, PSI, KS statistic, p-value, flag per feature plus the score row (also used by the demo)."""
+    r0, r1 = report.reference_window
+    title = f"{report.model} v{report.version}: {recent} vs {report.reference_kind.replace('_', ' ')}"
+    if r0 and r1:
+        title += f" ({r0:%Y-%m-%d %H:%M} .. {r1:%Y-%m-%d %H:%M})"
+    table = Table("feature", "PSI", "KS statistic", "p-value", "n ref", "n recent", "flag", title=title)
+    for f in [*report.features, *([report.score] if report.score else [])]:
+        flag = f"[red]DRIFT[/red] {f.reason}" if f.flagged else "[green]ok[/green]"
+        name = "[italic]score[/italic]" if f is report.score else f.feature
+        table.add_row(name, _fmt(f.psi, ".3f"), _fmt(f.ks_statistic, ".3f"), _fmt(f.ks_pvalue, ".2g"),
+                      str(f.n_reference), str(f.n_current), flag)
+    return table
+
+
+@app.command()
+def retrain(
+    model: Annotated[str, typer.Option(help="model name in the registry")],
+    window: Annotated[str, typer.Option(help="rolling window of logged feedback: 90d, 12h, 2w")] = "90d",
+    mode: Annotated[str, typer.Option(help="full | incremental (continue production's booster)")] = "full",
+    tolerance: Annotated[
+        float, typer.Option(help="how much worse than production a gate metric may be (metric units)")
+    ] = 0.0,
+    canary_percent: Annotated[
+        int | None, typer.Option(help="canary weight (default: first step of the model's rollout policy)")
+    ] = None,
+    canary: Annotated[bool, typer.Option("--canary/--no-canary", help="canary when published")] = True,
+    gate: Annotated[str, typer.Option(help="metrics not to get worse")] = "auc,brier,ece,outcome_metric",
+    threshold: Annotated[float, typer.Option(help="label = outcome > threshold (continuous outcomes)")] = 0.0,
+    min_rows: Annotated[int, typer.Option(help="least feedback rows to train on")] = 500,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+) -> None:
+    """Retrain from logged outcomes; publish only if not worse than production; start a canary."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from registry import NotFoundError
+    from training.feedback import parse_window
+    from training.retrain import RetrainBusy, RetrainConfig, RetrainError
+    from training.retrain import retrain as run_retrain
+
+    try:
+        config = RetrainConfig(window=parse_window(window), mode=mode, tolerance=tolerance, canary=canary,
+                               canary_percent=canary_percent, gate=tuple(g.strip() for g in gate.split(",")),
+                               threshold=threshold, min_rows=min_rows, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    reg = _registry()
+    reg.upgrade()
+    try:
+        with Progress(TextColumn("[bold]{task.fields[model]}[/bold]"), BarColumn(), TaskProgressColumn(),
+                      TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                      disable=as_json, transient=False) as bar:
+            task = bar.add_task("starting", total=1.0, model=model)
+            out = run_retrain(reg, model, config, trigger="cli",
+                              progress=lambda f, stage: bar.update(task, completed=f, description=stage))
+    except RetrainBusy as exc:
+        console.print(f"[yellow]skipped:[/yellow] {exc}")
+        return
+    except (RetrainError, NotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps({"run": out.run.id, "published_version": out.run.published_version,
+                          "production_version": out.production_version, "reason": out.reason,
+                          "canary": dict(out.canary.weights) if out.canary else None,
+                          "metrics": out.run.metrics}, default=str))
+        return
+    console.print(retrain_table(out))
+    color = "green" if out.published else "yellow"
+    console.print(f"[{color}]{out.reason}[/{color}]  (run {out.run.id}, {out.run.duration_s or 0:.1f}s, "
+                  f"data {out.run.data_hash[:12]}, code {out.run.code_revision[:12] or '-'})")
+
+
+@app.command()
+def drift(
+    model: str,
+    window: Annotated[str, typer.Option(help="recent served requests to check: 1d, 6h")] = "1d",
+    reference: Annotated[str | None, typer.Option(
+        help="reference window START..END (ISO times); default: the production version's training window, "
+             "else the window just before the recent one")] = None,
+    version: Annotated[int | None, typer.Option(help="version whose schema and scores to use")] = None,
+    psi_threshold: Annotated[float, typer.Option(help="flag a feature above this PSI")] = 0.2,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    fail_on_drift: Annotated[bool, typer.Option(help="exit with status 3 when anything drifted")] = False,
+) -> None:
+    """Per-feature PSI and KS of recent served requests against the training window, and score drift."""
+    from registry import NotFoundError
+    from training.drift import DriftThresholds, drift_report
+    from training.feedback import parse_window
+
+    ref = None
+    if reference:
+        start, sep, end = reference.partition("..")
+        if not sep:
+            _fail("reference: expected START..END", 2)
+        ref = (_parse_when(start), _parse_when(end))
+    try:
+        report = drift_report(_registry(), model, window=parse_window(window), reference=ref, version=version,
+                              thresholds=DriftThresholds(psi=psi_threshold))
+    except (ValueError, NotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        console.print(drift_table(report, f"last {window}"))
+        score_note = f"; score drift ({report.score.reason})" if report.score and report.score.flagged else ""
+        console.print(f"flagged: {', '.join(report.flagged) or 'none'}{score_note}")
+    if fail_on_drift and report.drifted:
+        raise typer.Exit(3)
+
+
+@app.command()
+def scheduler(
+    once: Annotated[bool, typer.Option(help="run every configured job once, now, and exit")] = False,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: off)")] = 9109,
+) -> None:
+    """Run retrain and drift jobs on CHIMERA_RETRAIN_SCHEDULE / CHIMERA_DRIFT_SCHEDULE (cron, UTC);
+    the holder of a PostgreSQL advisory lock is the one scheduler that acts."""
+    import signal
+    import threading
+
+    from training.scheduler import JobResult, Scheduler, SchedulerSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = SchedulerSettings.from_env()
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    reg = _registry()
+    reg.upgrade()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+
+    def show(results: list[JobResult]) -> None:
+        for r in results:
+            console.print(f"{r.job} {r.model}: [bold]{r.status}[/bold] {r.detail}")
+
+    sched = Scheduler(reg, settings)
+    jobs = ", ".join(f"{name} '{spec.text}'" for name, spec in sched.jobs.items()) or "none"
+    models = ", ".join(settings.models) or "all with a production version"
+    console.print(f"scheduler: {jobs}; models: {models}")
+    if once:
+        try:
+            show(sched.run_now())
+        finally:
+            sched.lock.release()
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        sched.run_forever(stop, on_results=show)
+    except KeyboardInterrupt:
+        stop.set()

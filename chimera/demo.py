@@ -127,6 +127,85 @@ def _print_decision(console: Console, d: dict) -> None:
     console.print(f"  reason: {d['reason']}")
 
 
+def _judge_canary(console: Console, target: str, reg: Registry, live: pd.DataFrame, features: list[str],
+                  canary: int, rng: np.random.Generator, rounds: int = 40) -> tuple[dict | None, Tally]:
+    """Send traffic in rounds of 1,000 requests until the controller promotes or rolls back."""
+    mark = _last_decision_id(reg)
+    tally = Tally()
+    for _ in range(rounds):
+        asyncio.run(_traffic(target, live, features, 1000, tally, rng))
+        d = _wait_for_decision(reg, canary, {"step_up", "promote", "rollback"}, mark, timeout=2.5)
+        if d is not None:
+            mark = d["id"]
+            _print_decision(console, d)
+            if d["action"] in ("promote", "rollback"):
+                return d, tally
+    return None, tally
+
+
+def _load_test(console: Console, target: str, version: int, workdir: Path, url: str) -> int:
+    """Release gate: a short open-loop load test pinned to the candidate before it can be promoted;
+    the run is stored against the version, and the controller's promotion checks for it."""
+    from loadtest.command import LoadTestOptions
+    from loadtest.command import main as loadtest_main
+    from loadtest.slo import SLO
+
+    os.environ["CHIMERA_ADMIN_TOKEN"] = ADMIN_TOKEN  # pinning a version is an admin call
+    report, plot = workdir / f"loadtest-v{version}.json", workdir / f"loadtest-v{version}.png"
+    code = loadtest_main(LoadTestOptions(
+        target=target, model=MODEL, version=version, rps=150, duration_s=4, warmup_s=1,
+        slo=SLO(p99_ms=300, max_error_rate=0.01), report_path=report, plot_path=plot, registry_url=url),
+        console)
+    verdict = "passed" if code == 0 else "FAILED"
+    console.print(f"load test of v{version}: {verdict}; report {report}, plot {plot}")
+    return code
+
+
+def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator, workdir: Path,
+          url: str) -> int:
+    """The world shifts; drift is detected on the served requests; a retrain on the new window is
+    published only because it is not worse, canaried, and promoted by the controller."""
+    from datetime import UTC, datetime, timedelta
+
+    from chimera.cli import drift_table, retrain_table
+    from training.datasets import feature_columns, synthetic_signals
+    from training.drift import drift_report
+    from training.retrain import RetrainConfig, retrain
+
+    console.rule("[bold]Act 3 — the market shifts: drift → retrain → canary → promote")
+    started = datetime.now(UTC)
+    reference = synthetic_signals(30_000, seed=11).iloc[:20_000]
+    shifted = synthetic_signals(12_000, seed=23, shift_at=0.0, quality=3.0)
+    features = feature_columns(shifted)
+    tally = Tally()
+    asyncio.run(_traffic(target, shifted, features, 6000, tally, rng))
+    _print_tally(console, tally, "Act 3: 6,000 requests from the shifted market (all on v3)")
+    window = datetime.now(UTC) - started + timedelta(seconds=1)
+    report = drift_report(reg, MODEL, window=window, reference=reference)
+    console.print(drift_table(report, recent="requests served since the shift"))
+    if not report.flagged:
+        console.print("[red]no drift detected on the shifted features[/red]")
+        return 1
+    window = datetime.now(UTC) - started + timedelta(seconds=1)
+    out = retrain(reg, MODEL, RetrainConfig(window=window, min_rows=500, decision_threshold=ACT_THRESHOLD),
+                  trigger="demo")
+    console.print(retrain_table(out))
+    if out.published is None:
+        console.print(f"[red]retrain not published: {out.reason}[/red]")
+        return 1
+    console.print(f"published v{out.published.version} from the feedback of the shifted market; canary "
+                  f"{dict(out.canary.weights) if out.canary else '-'}")
+    if _load_test(console, target, out.published.version, workdir, str(reg.url)) != 0:
+        return 1
+    final, tally = _judge_canary(console, target, reg, shifted, features, out.published.version, rng)
+    _print_tally(console, tally, f"Act 3: traffic while v{out.published.version} was canaried")
+    if final is None or final["action"] != "promote":
+        console.print(f"[red]the retrained v{out.published.version} was not promoted[/red]")
+        return 1
+    console.print(f"split now {dict(reg.get_split(MODEL).weights)}")
+    return 0
+
+
 def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = None) -> int:
     from gateway.background import BackgroundGateway
     from gateway.server import GatewayConfig, ensure_ray
@@ -167,7 +246,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
     ensure_ray(os.environ.get("RAY_ADDRESS"), int(os.environ.get("CHIMERA_RAY_NUM_CPUS", "2")))
     # Act 1 shows routing before the controller acts: the controller starts in act 2.
     config = GatewayConfig(registry_url=url, port=0, admin_token=ADMIN_TOKEN, spill_dir=workdir / "spill",
-                           controller_interval_s=0, promotion_loadtest_max_age_s=None)
+                           controller_interval_s=0, promotion_loadtest_max_age_s=3600)
     gw = BackgroundGateway(config).start()
     console.print(f"gateway on {gw.target} with replicas for v1 and v2")
     try:
@@ -197,25 +276,14 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
 
         v3 = train(history, algo="xgboost", seed=3)
         info3 = publish_result(reg, MODEL, v3, parent_version=info1.version)
-        console.print(f"published v{info3.version} (xgboost) test AUC {v3.metrics['auc']:.3f}; canary at 10%")
+        console.print(f"published v{info3.version} (xgboost) test AUC {v3.metrics['auc']:.3f}")
+        if _load_test(console, gw.target, info3.version, workdir, url) != 0:
+            return 1
+        console.print(f"v{info3.version} canary at 10%")
         split = reg.get_split(MODEL)
         reg.set_split(MODEL, {info1.version: 90, info3.version: 10}, expected_revision=split.revision,
                       actor="demo", reason="start canary v3 at 10%")
-        mark = _last_decision_id(reg)
-        tally3 = Tally()
-        steps_seen: set[int] = set()
-        final = None
-        for _ in range(40):
-            asyncio.run(_traffic(gw.target, live, all_features, 1000, tally3, rng))
-            d = _wait_for_decision(reg, info3.version, {"step_up", "promote", "rollback"}, mark, timeout=2.5)
-            if d is not None:
-                mark = d["id"]
-                if d["id"] not in steps_seen:
-                    steps_seen.add(d["id"])
-                    _print_decision(console, d)
-                if d["action"] in ("promote", "rollback"):
-                    final = d
-                    break
+        final, tally3 = _judge_canary(console, gw.target, reg, live, all_features, info3.version, rng)
         _print_tally(console, tally3, "Act 2: traffic while v3 was canaried")
         if final is None or final["action"] != "promote":
             console.print("[red]the better canary v3 was not promoted[/red]")
@@ -223,6 +291,9 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
         console.print(f"split now {dict(reg.get_split(MODEL).weights)}; v3 status "
                       f"{reg.get_version(MODEL, info3.version).status}; v1 kept as "
                       f"{reg.get_version(MODEL, info1.version).status} for instant rollback")
+
+        if _act3(console, gw.target, reg, rng, workdir, url) != 0:
+            return 1
     finally:
         gw.stop()
         import ray

@@ -24,6 +24,8 @@ ACTOR = "rollout-controller"
 
 ErrorCounts = Callable[[str, int], int]
 PromotionGate = Callable[[Registry, str, int], None]
+# (model, canary version, decision): for metrics; must not raise.
+DecisionHook = Callable[[str, int, Decision], None]
 
 
 def policy_for(info: ModelInfo, config: dict[str, Any] | None = None) -> RolloutPolicy:
@@ -71,7 +73,9 @@ class RolloutController:
         promotion_gate: PromotionGate | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         actor: str = ACTOR,
+        on_decision: DecisionHook | None = None,
     ) -> None:
+        self.on_decision = on_decision
         self.registry = registry
         self.error_counts = error_counts
         self.promotion_gate = promotion_gate
@@ -122,7 +126,13 @@ class RolloutController:
             "p99_latency_ms": {"baseline": _finite(b.p99_latency_ms), "canary": _finite(c.p99_latency_ms)},
             "policy": _policy_dict(policy),
         }
-        return self._apply(info, baseline, canary, decision, details)
+        applied = self._apply(info, baseline, canary, decision, details)
+        if self.on_decision is not None:
+            try:
+                self.on_decision(model, canary, applied)
+            except Exception:  # metrics must never break a rollout
+                log.exception("decision hook failed")
+        return applied
 
     def _apply(self, info: ModelInfo, baseline: int, canary: int, d: Decision,
                details: dict[str, Any]) -> Decision:

@@ -6,6 +6,7 @@ import grpc
 
 from gateway.features import FeatureError
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
+from registry.loadtests import PreconditionFailed
 
 
 class UnavailableError(RuntimeError):
@@ -33,7 +34,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ABORTED
-    if isinstance(exc, PreconditionError):
+    if isinstance(exc, PreconditionError | PreconditionFailed):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, PermissionError_):
         return grpc.StatusCode.PERMISSION_DENIED

@@ -10,6 +10,7 @@ from gateway.batcher import BatchObserver
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                    0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ROLLOUT_ACTIONS = ("rollback", "step_up", "promote", "hold")  # bounded label values (gateway.decision.Action)
 
 
 class Metrics:
@@ -42,8 +43,32 @@ class Metrics:
         self.log_spilled = Gauge("chimera_prediction_log_spilled_rows",
                                  "rows written to the spill file since start (queue full or database down)",
                                  registry=r)
+        self.log_backpressure = Gauge(
+            "chimera_prediction_log_backpressure_rows",
+            "rows diverted to the spill file because the log queue was over its bound (inserts slower "
+            "than traffic) since start", registry=r)
         self.log_replayed = Gauge("chimera_prediction_log_replayed_rows", "spilled rows replayed since start",
                                   registry=r)
+        # Rollout controller: the always-valid p-value of the latest look at each canary, and its verdicts.
+        self.canary_p_value = Gauge("chimera_canary_p_value",
+                                    "p-value of the latest rollout decision for a canary version",
+                                    ["model", "version"], registry=r)
+        self.rollout_decisions = Counter("chimera_rollout_decisions",
+                                         "rollout controller decisions by action",
+                                         ["model", "action"], registry=r)
+
+    def observe_decision(self, model: str, version: int, action: str, p_value: float | None) -> None:
+        """One rollout decision about canary `version` of `model` (action: rollback | step_up | promote |
+        hold; anything else is counted as "other", so a metrics hook never breaks the controller and
+        labels stay bounded). Exposed as chimera_rollout_decisions_total{model,action} and
+        chimera_canary_p_value{model,version}."""
+        if action not in ROLLOUT_ACTIONS:
+            action = "other"
+        for a in ROLLOUT_ACTIONS:  # every action's series exists (at 0) once a model has a decision
+            self.rollout_decisions.labels(model, a)
+        self.rollout_decisions.labels(model, action).inc()
+        if p_value is not None:
+            self.canary_p_value.labels(model, str(version)).set(p_value)
 
     def observer(self, model: str, version: int) -> BatchObserver:
         return _BatchMetrics(self, model, str(version))

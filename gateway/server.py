@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,6 +48,7 @@ class GatewayConfig:
     spill_dir: Path = Path(".chimera")
     poll_interval_s: float = 0.25
     grace_period_s: float = 10.0
+    log_features_sample: float = 1.0  # fraction of predictions logged with their scored feature row
     # Rollout controller: seconds between looks (0 disables it in this gateway).
     controller_interval_s: float = 2.0
     # Promotion needs a passing load test of the version at most this old (None: no such gate).
@@ -64,10 +66,13 @@ class Gateway:
         self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill")
         self.watcher = SplitWatcher(self.catalog, self.pool, self.metrics,
                                     poll_interval_s=config.poll_interval_s)
-        self.predictor = Predictor(self.catalog, self.pool, self.log)
+        self.predictor = Predictor(self.catalog, self.pool, self.log,
+                                   log_features_sample=config.log_features_sample)
         self.auth = AdminAuth(config.admin_token)
-        self.controller = RolloutController(self.registry, error_counts=self._failed_batches,
-                                            promotion_gate=self._promotion_gate())
+        self.controller = RolloutController(
+            self.registry, error_counts=self._failed_batches, promotion_gate=self._promotion_gate(),
+            on_decision=lambda model, canary, d: self.metrics.observe_decision(
+                model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None))
         self._controller_task: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None

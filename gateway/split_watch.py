@@ -107,11 +107,13 @@ class SplitWatcher:
                 with conn.cursor() as cur:
                     cur.execute(f"LISTEN {SPLIT_CHANNEL}")
                 loop.call_soon_threadsafe(self._changed.set)  # catch up on anything missed
+                log.info("listening for split changes on PostgreSQL channel %s", SPLIT_CHANNEL)
                 while not self._stop.is_set():
                     if select.select([conn], [], [], 0.5) == ([], [], []):
                         continue
                     conn.poll()
                     if conn.notifies:
+                        log.debug("split change notified: %s", [n.payload for n in conn.notifies])
                         conn.notifies.clear()
                         loop.call_soon_threadsafe(self._changed.set)
             except Exception as exc:

@@ -26,7 +26,6 @@ from registry.training_runs import (
     served_rows,
     update_run,
 )
-from training.artifacts import save_native
 from training.datasets import DOMAIN_FEATURES, LABEL, TIMESTAMP, synthetic_signals
 from training.export import onnx_scores
 from training.feedback import feature_names, feedback_frame, parse_window, served_frame
@@ -47,11 +46,9 @@ def publish_production(registry: Registry, model: str, df: pd.DataFrame, *, metr
                        native: bool = True) -> tuple[VersionInfo, TrainResult]:
     """Train on `df`, publish as the production version at 100 % (and store its booster)."""
     result = train(df, params=FAST_XGB, features=FEATURES, baseline=False)
-    info = publish_result(registry, model, result, status="production", metric=metric)
+    info = publish_result(registry, model, result, status="production", metric=metric, save_booster=native)
     split = registry.get_split(model)
     registry.set_split(model, {info.version: 100}, expected_revision=split.revision, actor="test")
-    if native:
-        save_native(registry, model, info.version, result.model)
     return info, result
 
 

@@ -36,6 +36,7 @@ def publish_result(
     status: str = "staged",
     metric: str = "success_rate",
     tol: float = PARITY_TOL,
+    save_booster: bool = True,
 ) -> VersionInfo:
     """Publish a trained result. `onnx_bytes` defaults to a fresh export of `result.model`; passing
     bytes explicitly is for callers that exported elsewhere, and they are checked all the same.
@@ -57,7 +58,8 @@ def publish_result(
         metric=metric,
     )
     # The native booster too, so `chimera retrain --mode incremental` can continue from it.
-    save_native(registry, model_name, info.version, result.model)
+    if save_booster:
+        save_native(registry, model_name, info.version, result.model)
     return info
 
 

@@ -1,0 +1,114 @@
+"""Two gateway processes on one PostgreSQL registry and one Ray cluster: a split change made
+through one is routed by the other within a second; concurrent writers with one revision: one wins."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chimera.v1 import prediction_pb2 as pb
+from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from chimera.v1 import rollout_pb2 as rpb
+from registry import Registry
+from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def two_gateways(postgres, tmp_path: Path):
+    import ray
+
+    url = postgres.create_database()
+    reg = Registry(url)
+    reg.upgrade()
+    model = "mg" + uuid.uuid4().hex[:6]
+    b1, names = small_onnx(seed=1)
+    b2, _ = small_onnx(seed=2, flip=True)
+    reg.publish_version(model, b1, names)
+    reg.publish_version(model, b2, names)
+    reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="test")
+    first = GatewayThread(url, tmp_path / "a", controller_interval_s=0).start()
+    port = _free_port()
+    env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "CHIMERA_ADMIN_TOKEN": ADMIN_TOKEN,
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "CHIMERA_REPLICA_NUM_CPUS": "0.1"}
+    log = open(tmp_path / "second.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "chimera", "serve", "--port", str(port),
+                             "--metrics-port", "0", "--host", "127.0.0.1", "--controller-interval", "0"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=180)
+        yield reg, model, first, channel
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+        first.stop()
+        reg.dispose()
+
+
+def test_split_change_through_one_gateway_is_routed_by_the_other_within_1s(two_gateways) -> None:
+    reg, model, first, second_channel = two_gateways
+    second = pb_grpc.PredictionServiceStub(second_channel)
+    req = [pb.PredictRequest(model=model, routing_key=f"k{i}", dense=[0.1, 0.2, 0.3, 0.4]) for i in range(100)]
+    first_seen = {second.Predict(r, timeout=10).version for r in req}
+    assert first_seen == {1, 2}, (first_seen, reg.audit_log(model), reg.get_split(model))
+    split = first.rollout.GetTrafficSplit(rpb.GetTrafficSplitRequest(model=model), metadata=ADMIN_MD, timeout=10)
+    changed = time.monotonic()
+    first.rollout.SetTrafficSplit(rpb.SetTrafficSplitRequest(
+        model=model, expected_revision=split.revision, reason="move all to v2",
+        weights=[rpb.VersionWeight(version=2, weight=100)]), metadata=ADMIN_MD, timeout=10)
+    while True:
+        seen = {second.Predict(r, timeout=10).version for r in req}
+        elapsed = time.monotonic() - changed
+        if seen == {2} or elapsed > 5:
+            break
+    assert seen == {2}
+    assert elapsed <= 1.0, f"second gateway took {elapsed:.2f} s"
+
+
+def test_concurrent_set_split_with_same_revision_exactly_one_wins(two_gateways) -> None:
+    from chimera.v1 import rollout_pb2_grpc
+
+    reg, model, first, second_channel = two_gateways
+    stubs = [first.rollout, rollout_pb2_grpc.RolloutServiceStub(second_channel)]
+    revision = reg.get_split(model).revision
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def call(stub, weights: dict[int, int]) -> None:
+        barrier.wait()
+        try:
+            stub.SetTrafficSplit(rpb.SetTrafficSplitRequest(
+                model=model, expected_revision=revision,
+                weights=[rpb.VersionWeight(version=v, weight=w) for v, w in weights.items()]),
+                metadata=ADMIN_MD, timeout=10)
+            results.append("OK")
+        except grpc.RpcError as exc:
+            results.append(exc.code().name)
+
+    threads = [threading.Thread(target=call, args=(stubs[0], {1: 50, 2: 50})),
+               threading.Thread(target=call, args=(stubs[1], {1: 100}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["ABORTED", "OK"]
+    assert reg.get_split(model).revision == revision + 1
