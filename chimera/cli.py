@@ -183,6 +183,9 @@ def serve(
         replica_cpus=replica_cpus or settings.replica_num_cpus,
         grace_period_s=grace,
         controller_interval_s=controller_interval,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
     )
     asyncio.run(serve_forever(config))
 

@@ -23,12 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from chimera.client import aio_channel
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from registry import Registry
@@ -52,7 +52,7 @@ class Tally:
 async def _traffic(target: str, rows: pd.DataFrame, features: list[str], n: int, tally: Tally,
                    rng: np.random.Generator, concurrency: int = 32) -> None:
     """n keyed Predict calls with named features; outcomes reported for the trades taken."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with aio_channel(target) as channel:
         stub = pb_grpc.PredictionServiceStub(channel)
         picks = rng.integers(0, len(rows), size=n)
         values = rows[features].to_numpy(dtype=float)

@@ -29,6 +29,9 @@ class Settings:
     ray_address: str | None = None
     ray_num_cpus: int = 2
     replica_num_cpus: float = 0.25
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,4 +41,11 @@ class Settings:
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             ray_num_cpus=int(os.environ.get("CHIMERA_RAY_NUM_CPUS", "2")),
             replica_num_cpus=float(os.environ.get("CHIMERA_REPLICA_NUM_CPUS", "0.25")),
+            tls_cert=_path(os.environ.get("CHIMERA_TLS_CERT")),
+            tls_key=_path(os.environ.get("CHIMERA_TLS_KEY")),
+            tls_client_ca=_path(os.environ.get("CHIMERA_TLS_CLIENT_CA")),
         )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

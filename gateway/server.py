@@ -53,6 +53,11 @@ class GatewayConfig:
     controller_interval_s: float = 2.0
     # Promotion needs a passing load test of the version at most this old (None: no such gate).
     promotion_loadtest_max_age_s: float | None = 24 * 3600.0
+    # TLS: server certificate and key (PEM files); a client CA on top requires client certificates
+    # signed by it (mutual TLS). All None: plaintext (for loopback and service meshes).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 class Gateway:
@@ -97,7 +102,10 @@ class Gateway:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = self._server_credentials()
+        self.port = (server.add_secure_port(address, credentials) if credentials is not None
+                     else server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -109,6 +117,19 @@ class Gateway:
             await self.start_controller()
         log.info("gateway listening on %s:%d", self.config.host, self.port)
         return self.port
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        c = self.config
+        if c.tls_cert is None and c.tls_key is None:
+            if c.tls_client_ca is not None:
+                raise ValueError("tls_client_ca: mutual TLS needs a server certificate and key too")
+            return None
+        if c.tls_cert is None or c.tls_key is None:
+            raise ValueError("tls_cert/tls_key: give both the certificate and its key")
+        return grpc.ssl_server_credentials(
+            [(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())],
+            root_certificates=Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None,
+            require_client_auth=c.tls_client_ca is not None)
 
     def _promotion_gate(self) -> PromotionGate | None:
         max_age = self.config.promotion_loadtest_max_age_s

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from hdrh.histogram import HdrHistogram
 
+from chimera.client import channel as channel_for
 from loadtest.histogram import SERIES_SIG_FIGS, merge, summary_ms
 from loadtest.schedule import ARRIVALS, Arrival, expected_arrivals
 from loadtest.worker import WorkerResult, WorkerSpec, bucket_width, read_message, write_message
@@ -153,7 +154,7 @@ def prime(config: LoadTestConfig, row: dict[str, float]) -> int:
     from chimera.v1 import prediction_pb2_grpc as pb_grpc
 
     request = pb.PredictRequest(model=config.model, version=config.version, features=row)
-    with grpc.insecure_channel(config.target) as channel:
+    with channel_for(config.target) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=config.connect_timeout_s)
         except grpc.FutureTimeoutError:

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import grpc
 
+from chimera.client import channel as channel_for
+
 
 class SchemaError(LookupError):
     """The model/version is unknown or the schema cannot be decided; the message says why."""
@@ -55,7 +57,7 @@ def schema_from_gateway(target: str, model: str, version: int | None,
     from chimera.v1 import rollout_pb2 as rpb
     from chimera.v1 import rollout_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with channel_for(target) as channel:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)
         try:
             resp = stub.ListModels(rpb.ListModelsRequest(), metadata=tuple(metadata), timeout=timeout_s)

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from chimera.client import aio_channel
 from loadtest.histogram import SERIES_SIG_FIGS, encode, new_histogram, record_seconds
 from loadtest.schedule import Arrival, worker_schedule
 
@@ -173,7 +174,7 @@ async def run_worker(spec: WorkerSpec, start_epoch: float | None = None,
     sem = asyncio.Semaphore(spec.concurrency_limit) if spec.concurrency_limit > 0 else None
     options = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
                ("grpc.enable_retries", 0)]
-    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
+    async with aio_channel(spec.target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), spec.connect_timeout_s)
         predict = channel.unary_unary(PREDICT_METHOD, request_serializer=None,
                                       response_deserializer=pb.PredictResponse.FromString)
