@@ -5,6 +5,7 @@ SQLite is polled, which is one tiny query per interval."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import select
 import threading
@@ -12,6 +13,7 @@ import threading
 from gateway.catalog import Catalog, ModelEntry
 from gateway.metrics import Metrics
 from gateway.replica_pool import ReplicaPool
+from gateway.router import Router
 from registry.repository import SPLIT_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,14 @@ class SplitWatcher:
         """Deploy replicas for every weighted version first, then swap the routing table, so a
         version never gets traffic before it can answer."""
         entry = await asyncio.to_thread(self.catalog.load, model)
+        failed: dict[int, str] = {}
         for version in entry.router.versions:
-            await self.pool.ensure(model, version)
+            try:
+                await self.pool.ensure(model, version)
+            except Exception as exc:  # e.g. tampered artifact: the replica refuses to load it
+                failed[version] = f"{type(exc).__name__}: {exc}"[:500]
+        if failed:
+            entry = await self._drop_failed(entry, failed)
         self.catalog.install(entry)
         if self.metrics is not None:
             self.metrics.split_revision.labels(model).set(entry.revision)
@@ -45,6 +53,34 @@ class SplitWatcher:
                 self.metrics.split_weight.labels(model, str(version)).set(weights.get(version, 0))
         log.info("model %s: split revision %d %s", model, entry.revision, dict(entry.router.weights))
         return entry
+
+    async def _drop_failed(self, entry: ModelEntry, failed: dict[int, str]) -> ModelEntry:
+        """Versions whose replicas cannot start are marked failed and their weight goes to the
+        heaviest healthy version, in the registry (so every gateway agrees and the audit log says
+        why) and in this gateway's routing table."""
+        model = entry.name
+        weights = dict(entry.router.weights)
+        healthy = {v: w for v, w in weights.items() if v not in failed}
+        if not healthy:
+            raise RuntimeError(f"no version of {model!r} can start: {failed}")
+        heir = max(healthy, key=lambda v: (healthy[v], -v))
+        new = {**{v: 0 for v in weights}, **healthy, heir: healthy[heir] + sum(weights[v] for v in failed)}
+        reason = "; ".join(f"v{v} failed to start: {why}" for v, why in failed.items())
+        log.error("model %s: %s; its traffic goes to v%d", model, reason, heir)
+        from registry import ConflictError
+        from replicas.deployment import undeploy_version
+
+        for version in failed:
+            await asyncio.to_thread(undeploy_version, model, version, blocking=False)
+        try:
+            split = await asyncio.to_thread(
+                self.catalog.registry.set_split, model, new, expected_revision=entry.revision,
+                actor="gateway", reason=reason, status_changes={v: "failed" for v in failed})
+            revision = split.revision
+        except ConflictError:  # another gateway got there first; route safely meanwhile
+            revision = entry.revision
+        live = {v: w for v, w in new.items() if w > 0}
+        return dataclasses.replace(entry, revision=revision, router=Router(live))
 
     async def sync_all(self) -> None:
         for model in await asyncio.to_thread(self.catalog.all_model_names):
@@ -105,7 +141,7 @@ class SplitWatcher:
                 conn = engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
                 conn.autocommit = True
                 with conn.cursor() as cur:
-                    cur.execute(f"LISTEN {SPLIT_CHANNEL}")
+                    cur.execute("LISTEN chimera_split")  # == SPLIT_CHANNEL; no SQL built from strings
                 loop.call_soon_threadsafe(self._changed.set)  # catch up on anything missed
                 log.info("listening for split changes on PostgreSQL channel %s", SPLIT_CHANNEL)
                 while not self._stop.is_set():
