@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +21,7 @@ from registry import Registry
 from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+DB_PASSWORD = "s3cret-db-pw"
 
 
 def _free_port() -> int:
@@ -30,11 +30,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def two_gateways(postgres, tmp_path: Path):
+@pytest.fixture(scope="module")
+def two_gateways(postgres, tmp_path_factory: pytest.TempPathFactory):
+    """Started once for the module (each gateway deploys replicas): tests run in file order."""
     import ray
 
-    url = postgres.create_database()
+    tmp_path = tmp_path_factory.mktemp("two-gateways")
+    # A password in the URL (ignored by the test server's trust auth) lets the logs be checked for it.
+    url = postgres.create_database().replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
     reg = Registry(url)
     reg.upgrade()
     model = "mg" + uuid.uuid4().hex[:6]
@@ -45,16 +48,38 @@ def two_gateways(postgres, tmp_path: Path):
     reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="test")
     first = GatewayThread(url, tmp_path / "a", controller_interval_s=0).start()
     port = _free_port()
-    env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "CHIMERA_ADMIN_TOKEN": ADMIN_TOKEN,
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "CHIMERA_REPLICA_NUM_CPUS": "0.1"}
+    env = {
+        **os.environ,
+        "CHIMERA_REGISTRY_URL": url,
+        "CHIMERA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "CHIMERA_REPLICA_NUM_CPUS": "0.1",
+    }
     log = open(tmp_path / "second.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "chimera", "serve", "--port", str(port),
-                             "--metrics-port", "0", "--host", "127.0.0.1", "--controller-interval", "0"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chimera",
+            "serve",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--controller-interval",
+            "0",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=180)
-        yield reg, model, first, channel
+        yield reg, model, first, channel, tmp_path / "second.log"
     finally:
         channel.close()
         proc.terminate()
@@ -65,16 +90,27 @@ def two_gateways(postgres, tmp_path: Path):
 
 
 def test_split_change_through_one_gateway_is_routed_by_the_other_within_1s(two_gateways) -> None:
-    reg, model, first, second_channel = two_gateways
+    reg, model, first, second_channel, _ = two_gateways
     second = pb_grpc.PredictionServiceStub(second_channel)
-    req = [pb.PredictRequest(model=model, routing_key=f"k{i}", dense=[0.1, 0.2, 0.3, 0.4]) for i in range(100)]
+    req = [
+        pb.PredictRequest(model=model, routing_key=f"k{i}", dense=[0.1, 0.2, 0.3, 0.4]) for i in range(100)
+    ]
     first_seen = {second.Predict(r, timeout=10).version for r in req}
     assert first_seen == {1, 2}, (first_seen, reg.audit_log(model), reg.get_split(model))
-    split = first.rollout.GetTrafficSplit(rpb.GetTrafficSplitRequest(model=model), metadata=ADMIN_MD, timeout=10)
+    split = first.rollout.GetTrafficSplit(
+        rpb.GetTrafficSplitRequest(model=model), metadata=ADMIN_MD, timeout=10
+    )
     changed = time.monotonic()
-    first.rollout.SetTrafficSplit(rpb.SetTrafficSplitRequest(
-        model=model, expected_revision=split.revision, reason="move all to v2",
-        weights=[rpb.VersionWeight(version=2, weight=100)]), metadata=ADMIN_MD, timeout=10)
+    first.rollout.SetTrafficSplit(
+        rpb.SetTrafficSplitRequest(
+            model=model,
+            expected_revision=split.revision,
+            reason="move all to v2",
+            weights=[rpb.VersionWeight(version=2, weight=100)],
+        ),
+        metadata=ADMIN_MD,
+        timeout=10,
+    )
     while True:
         seen = {second.Predict(r, timeout=10).version for r in req}
         elapsed = time.monotonic() - changed
@@ -87,7 +123,7 @@ def test_split_change_through_one_gateway_is_routed_by_the_other_within_1s(two_g
 def test_concurrent_set_split_with_same_revision_exactly_one_wins(two_gateways) -> None:
     from chimera.v1 import rollout_pb2_grpc
 
-    reg, model, first, second_channel = two_gateways
+    reg, model, first, second_channel, _ = two_gateways
     stubs = [first.rollout, rollout_pb2_grpc.RolloutServiceStub(second_channel)]
     revision = reg.get_split(model).revision
     barrier = threading.Barrier(2)
@@ -96,19 +132,53 @@ def test_concurrent_set_split_with_same_revision_exactly_one_wins(two_gateways) 
     def call(stub, weights: dict[int, int]) -> None:
         barrier.wait()
         try:
-            stub.SetTrafficSplit(rpb.SetTrafficSplitRequest(
-                model=model, expected_revision=revision,
-                weights=[rpb.VersionWeight(version=v, weight=w) for v, w in weights.items()]),
-                metadata=ADMIN_MD, timeout=10)
+            stub.SetTrafficSplit(
+                rpb.SetTrafficSplitRequest(
+                    model=model,
+                    expected_revision=revision,
+                    weights=[rpb.VersionWeight(version=v, weight=w) for v, w in weights.items()],
+                ),
+                metadata=ADMIN_MD,
+                timeout=10,
+            )
             results.append("OK")
         except grpc.RpcError as exc:
             results.append(exc.code().name)
 
-    threads = [threading.Thread(target=call, args=(stubs[0], {1: 50, 2: 50})),
-               threading.Thread(target=call, args=(stubs[1], {1: 100}))]
+    threads = [
+        threading.Thread(target=call, args=(stubs[0], {1: 50, 2: 50})),
+        threading.Thread(target=call, args=(stubs[1], {1: 100})),
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(results) == ["ABORTED", "OK"]
     assert reg.get_split(model).revision == revision + 1
+
+
+def test_secrets_never_reach_the_logs(two_gateways) -> None:
+    from chimera.v1 import rollout_pb2_grpc
+
+    reg, model, _first, second_channel, log_path = two_gateways
+    stub = rollout_pb2_grpc.RolloutServiceStub(second_channel)
+    stub.GetTrafficSplit(rpb.GetTrafficSplitRequest(model=model), metadata=ADMIN_MD, timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.GetTrafficSplit(
+            rpb.GetTrafficSplitRequest(model=model),
+            timeout=10,
+            metadata=(("authorization", f"Bearer {ADMIN_TOKEN}x"),),
+        )
+    split = reg.get_split(model)
+    stub.SetTrafficSplit(
+        rpb.SetTrafficSplitRequest(
+            model=model, expected_revision=split.revision, weights=[rpb.VersionWeight(version=1, weight=100)]
+        ),
+        metadata=ADMIN_MD,
+        timeout=10,
+    )
+    time.sleep(1.0)
+    text = log_path.read_text()
+    assert "gateway listening" in text  # the log is really the gateway's
+    assert ADMIN_TOKEN not in text
+    assert DB_PASSWORD not in text
