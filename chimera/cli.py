@@ -226,6 +226,26 @@ def canary_set(
     )
 
 
+@canary_app.command("shadow")
+def canary_shadow(
+    model: str,
+    version: Annotated[int, typer.Option(help="version to mirror on live traffic (0: stop)")],
+    target: TargetOpt = "127.0.0.1:50051",
+    reason: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Mirror VERSION on live traffic: scored and logged, never returned to callers."""
+    from chimera.client import rollout_stub
+    from chimera.v1 import rollout_pb2 as rpb
+
+    split = _rpc(
+        rollout_stub(target).SetShadow, rpb.SetShadowRequest(model=model, version=version, reason=reason)
+    )
+    console.print(
+        f"{model}: shadow {'v' + str(split.shadow_version) if split.shadow_version else 'off'} "
+        f"(split revision {split.revision})"
+    )
+
+
 def canary_weights(current: dict[int, int], version: int, percent: int) -> dict[int, int]:
     """The new split: `version` at `percent`, the heaviest other version absorbs the difference."""
     if not 0 <= percent <= 100:
@@ -411,8 +431,9 @@ def loadtest(
     version: Annotated[int, typer.Option(help="pin this version (needs CHIMERA_ADMIN_TOKEN); 0: routed")] = 0,
     warmup: Annotated[float, typer.Option(help="seconds of load before measuring")] = 1.0,
     arrival: Annotated[str, typer.Option(help="constant | poisson")] = "constant",
-    concurrency_limit: Annotated[int, typer.Option(help="max calls in flight (0: none); over it, "
-                                                        "arrivals queue and their wait counts")] = 0,
+    concurrency_limit: Annotated[
+        int, typer.Option(help="max calls in flight (0: none); over it, arrivals queue and their wait counts")
+    ] = 0,
     workers: Annotated[int, typer.Option(help="worker processes (0: auto)")] = 0,
     timeout: Annotated[float, typer.Option(help="per-request deadline, seconds from intended send")] = 10.0,
     slo_p50_ms: Annotated[float | None, typer.Option(help="p50 latency SLO, ms")] = None,
@@ -423,10 +444,14 @@ def loadtest(
     min_achieved_ratio: Annotated[float, typer.Option(help="min achieved/target rate")] = 0.9,
     report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG latency plot here")] = None,
-    data: Annotated[Path | None, typer.Option(help="CSV/Parquet rows to send (default: generated "
-                                                   "from the version's feature schema)")] = None,
-    registry_url: Annotated[str | None, typer.Option(help="registry for the schema and the stored run "
-                                                          "(default CHIMERA_REGISTRY_URL)")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="CSV/Parquet rows to send (default: generated from the version's feature schema)"),
+    ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(help="registry for the schema and the stored run (default CHIMERA_REGISTRY_URL)"),
+    ] = None,
     store: Annotated[bool, typer.Option(help="store the run in the registry")] = True,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -436,12 +461,31 @@ def loadtest(
     from loadtest.slo import SLO
 
     opts = LoadTestOptions(
-        target=target, model=model, rps=rps, duration_s=duration, version=version, warmup_s=warmup,
+        target=target,
+        model=model,
+        rps=rps,
+        duration_s=duration,
+        version=version,
+        warmup_s=warmup,
         arrival=arrival,  # type: ignore[arg-type]  # validated by the runner
-        concurrency_limit=concurrency_limit, workers=workers, timeout_s=timeout,
-        slo=SLO(p50_ms=slo_p50_ms, p90_ms=slo_p90_ms, p99_ms=slo_p99_ms, p99_9_ms=slo_p999_ms,
-                max_error_rate=max_error_rate, min_achieved_ratio=min_achieved_ratio),
-        report_path=report, plot_path=plot, data_path=data, registry_url=registry_url, store=store, seed=seed)
+        concurrency_limit=concurrency_limit,
+        workers=workers,
+        timeout_s=timeout,
+        slo=SLO(
+            p50_ms=slo_p50_ms,
+            p90_ms=slo_p90_ms,
+            p99_ms=slo_p99_ms,
+            p99_9_ms=slo_p999_ms,
+            max_error_rate=max_error_rate,
+            min_achieved_ratio=min_achieved_ratio,
+        ),
+        report_path=report,
+        plot_path=plot,
+        data_path=data,
+        registry_url=registry_url,
+        store=store,
+        seed=seed,
+    )
     raise typer.Exit(loadtest_main(opts, console))
 
 
@@ -503,8 +547,15 @@ def drift_table(report, recent: str = "recent") -> Table:  # noqa: ANN001 - trai
     for f in [*report.features, *([report.score] if report.score else [])]:
         flag = f"[red]DRIFT[/red] {f.reason}" if f.flagged else "[green]ok[/green]"
         name = "[italic]score[/italic]" if f is report.score else f.feature
-        table.add_row(name, _fmt(f.psi, ".3f"), _fmt(f.ks_statistic, ".3f"), _fmt(f.ks_pvalue, ".2g"),
-                      str(f.n_reference), str(f.n_current), flag)
+        table.add_row(
+            name,
+            _fmt(f.psi, ".3f"),
+            _fmt(f.ks_statistic, ".3f"),
+            _fmt(f.ks_pvalue, ".2g"),
+            str(f.n_reference),
+            str(f.n_current),
+            flag,
+        )
     return table
 
 
@@ -535,44 +586,79 @@ def retrain(
     from training.retrain import retrain as run_retrain
 
     try:
-        config = RetrainConfig(window=parse_window(window), mode=mode, tolerance=tolerance, canary=canary,
-                               canary_percent=canary_percent, gate=tuple(g.strip() for g in gate.split(",")),
-                               threshold=threshold, min_rows=min_rows, seed=seed)
+        config = RetrainConfig(
+            window=parse_window(window),
+            mode=mode,
+            tolerance=tolerance,
+            canary=canary,
+            canary_percent=canary_percent,
+            gate=tuple(g.strip() for g in gate.split(",")),
+            threshold=threshold,
+            min_rows=min_rows,
+            seed=seed,
+        )
     except ValueError as exc:
         _fail(str(exc), 2)
     reg = _registry()
     reg.upgrade()
     try:
-        with Progress(TextColumn("[bold]{task.fields[model]}[/bold]"), BarColumn(), TaskProgressColumn(),
-                      TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                      disable=as_json, transient=False) as bar:
+        with Progress(
+            TextColumn("[bold]{task.fields[model]}[/bold]"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json,
+            transient=False,
+        ) as bar:
             task = bar.add_task("starting", total=1.0, model=model)
-            out = run_retrain(reg, model, config, trigger="cli",
-                              progress=lambda f, stage: bar.update(task, completed=f, description=stage))
+            out = run_retrain(
+                reg,
+                model,
+                config,
+                trigger="cli",
+                progress=lambda f, stage: bar.update(task, completed=f, description=stage),
+            )
     except RetrainBusy as exc:
         console.print(f"[yellow]skipped:[/yellow] {exc}")
         return
     except (RetrainError, NotFoundError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
-        print(json.dumps({"run": out.run.id, "published_version": out.run.published_version,
-                          "production_version": out.production_version, "reason": out.reason,
-                          "canary": dict(out.canary.weights) if out.canary else None,
-                          "metrics": out.run.metrics}, default=str))
+        print(
+            json.dumps(
+                {
+                    "run": out.run.id,
+                    "published_version": out.run.published_version,
+                    "production_version": out.production_version,
+                    "reason": out.reason,
+                    "canary": dict(out.canary.weights) if out.canary else None,
+                    "metrics": out.run.metrics,
+                },
+                default=str,
+            )
+        )
         return
     console.print(retrain_table(out))
     color = "green" if out.published else "yellow"
-    console.print(f"[{color}]{out.reason}[/{color}]  (run {out.run.id}, {out.run.duration_s or 0:.1f}s, "
-                  f"data {out.run.data_hash[:12]}, code {out.run.code_revision[:12] or '-'})")
+    console.print(
+        f"[{color}]{out.reason}[/{color}]  (run {out.run.id}, {out.run.duration_s or 0:.1f}s, "
+        f"data {out.run.data_hash[:12]}, code {out.run.code_revision[:12] or '-'})"
+    )
 
 
 @app.command()
 def drift(
     model: str,
     window: Annotated[str, typer.Option(help="recent served requests to check: 1d, 6h")] = "1d",
-    reference: Annotated[str | None, typer.Option(
-        help="reference window START..END (ISO times); default: the production version's training window, "
-             "else the window just before the recent one")] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="reference window START..END (ISO times); default: the production version's "
+            "training window, else the window just before the recent one"
+        ),
+    ] = None,
     version: Annotated[int | None, typer.Option(help="version whose schema and scores to use")] = None,
     psi_threshold: Annotated[float, typer.Option(help="flag a feature above this PSI")] = 0.2,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
@@ -590,8 +676,14 @@ def drift(
             _fail("reference: expected START..END", 2)
         ref = (_parse_when(start), _parse_when(end))
     try:
-        report = drift_report(_registry(), model, window=parse_window(window), reference=ref, version=version,
-                              thresholds=DriftThresholds(psi=psi_threshold))
+        report = drift_report(
+            _registry(),
+            model,
+            window=parse_window(window),
+            reference=ref,
+            version=version,
+            thresholds=DriftThresholds(psi=psi_threshold),
+        )
     except (ValueError, NotFoundError) as exc:
         _fail(str(exc))
     if as_json:

@@ -18,6 +18,7 @@ class ModelEntry:
     revision: int
     router: Router
     schemas: dict[int, Schema] = field(default_factory=dict)
+    shadow: int | None = None  # mirror version, scored off the request path
 
 
 class Catalog:
@@ -44,7 +45,8 @@ class Catalog:
         known = {name for v in info.versions for name in v.feature_names}
         schemas = {v.version: Schema(v.feature_names, known) for v in info.versions}
         return ModelEntry(name=info.name, metric=info.metric, revision=info.split.revision,
-                          router=Router(dict(info.split.weights)), schemas=schemas)
+                          router=Router(dict(info.split.weights)), schemas=schemas,
+                          shadow=info.split.shadow)
 
     def install(self, entry: ModelEntry) -> None:
         self._models[entry.name] = entry

@@ -38,6 +38,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     @staticmethod
     def _split(split) -> rpb.TrafficSplit:  # noqa: ANN001
         return rpb.TrafficSplit(
+            shadow_version=split.shadow or 0,
             model=split.model,
             revision=split.revision,
             weights=[rpb.VersionWeight(version=v, weight=w) for v, w in sorted(split.weights.items())],
@@ -128,6 +129,20 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             self.registry,
             request.model,
             request.version,
+            actor=actor,
+            reason=request.reason,
+        )
+        return self._split(split)
+
+    async def SetShadow(
+        self, request: rpb.SetShadowRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.TrafficSplit:
+        actor = await self._actor(context)
+        split = await self._call(
+            context,
+            self.registry.set_shadow,
+            request.model,
+            request.version or None,
             actor=actor,
             reason=request.reason,
         )

@@ -45,6 +45,12 @@ class SplitWatcher:
                 failed[version] = f"{type(exc).__name__}: {exc}"[:500]
         if failed:
             entry = await self._drop_failed(entry, failed)
+        if entry.shadow is not None:
+            try:
+                await self.pool.ensure(model, entry.shadow)
+            except Exception:  # a broken mirror must never affect served traffic
+                log.exception("model %s: shadow v%d cannot start; not mirroring", model, entry.shadow)
+                entry = dataclasses.replace(entry, shadow=None)
         self.catalog.install(entry)
         if self.metrics is not None:
             self.metrics.split_revision.labels(model).set(entry.revision)

@@ -40,6 +40,8 @@ class Model(Base):
     description: Mapped[str] = mapped_column(Text, nullable=False, default="")
     # Bumped on every split change; SetTrafficSplit compares it (optimistic concurrency).
     split_revision: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    # Scored on live traffic and logged to shadow_predictions, never returned (None: no shadow).
+    shadow_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Rollout policy overrides (steps, alpha, min samples, tau, guardrails) as JSON.
     rollout_config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
@@ -154,4 +156,19 @@ class LoadTestRun(Base):
     failures: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     slo: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     report: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class ShadowPrediction(Base):
+    """A mirror version's score for a live request (same request id as the served prediction)."""
+
+    __tablename__ = "shadow_predictions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    score: Mapped[float] = mapped_column(Float, nullable=False)
+    latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

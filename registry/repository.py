@@ -16,7 +16,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
 from registry.models import Decision as DecisionRow
-from registry.models import Model, ModelVersion, Outcome, Prediction, SplitAudit, TrafficSplit, utcnow
+from registry.models import (
+    Model,
+    ModelVersion,
+    Outcome,
+    Prediction,
+    ShadowPrediction,
+    SplitAudit,
+    TrafficSplit,
+    utcnow,
+)
 
 METRICS = ("success_rate", "mean_outcome", "brier", "log_loss")
 VERSION_STATUSES = ("staged", "canary", "production", "standby", "rolled_back", "failed", "archived")
@@ -44,6 +53,7 @@ class Split:
     model: str
     revision: int
     weights: Mapping[int, int]  # version -> percent, only versions with weight > 0
+    shadow: int | None = None  # mirror version: scored and logged, never returned
 
 
 @dataclass(frozen=True)
@@ -295,7 +305,8 @@ class Registry:
     def _split(self, s: Session, m: Model) -> Split:
         rows = s.execute(select(TrafficSplit.version, TrafficSplit.weight)
                          .where(TrafficSplit.model_id == m.id).order_by(TrafficSplit.version)).all()
-        return Split(model=m.name, revision=m.split_revision, weights={v: w for v, w in rows if w > 0})
+        return Split(model=m.name, revision=m.split_revision, weights={v: w for v, w in rows if w > 0},
+                     shadow=m.shadow_version)
 
     def get_split(self, model: str) -> Split:
         with self._sessions() as s:
@@ -354,7 +365,45 @@ class Registry:
             if self.is_postgres:
                 # Delivered at commit to every gateway LISTENing: split changes spread in milliseconds.
                 s.execute(text("SELECT pg_notify(:ch, :model)"), {"ch": SPLIT_CHANNEL, "model": model})
-            return Split(model=model, revision=base + 1, weights=new)
+            return Split(model=model, revision=base + 1, weights=new, shadow=m.shadow_version)
+
+    def set_shadow(self, model: str, version: int | None, *, actor: str, reason: str = "") -> Split:
+        """Mirror `version` on the model's live traffic (None: stop). Bumps the split revision so
+        every gateway picks it up like a split change, and is audited like one."""
+        with self._sessions.begin() as s:
+            m = self._model(s, model)
+            if version is not None:
+                known = set(s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == m.id)))
+                if version not in known:
+                    raise ValidationError(f"version: model {model!r} has no version {version}")
+            old = self._split(s, m)
+            m.shadow_version = version
+            m.split_revision = old.revision + 1
+            weights = {str(k): v for k, v in old.weights.items()}
+            s.add(SplitAudit(model=model, actor=actor, reason=reason or f"shadow -> {version}", forced=False,
+                             old={**weights, "shadow": old.shadow or 0},
+                             new={**weights, "shadow": version or 0}, revision=old.revision + 1))
+            if self.is_postgres:
+                s.execute(text("SELECT pg_notify(:ch, :model)"), {"ch": SPLIT_CHANNEL, "model": model})
+            return Split(model=model, revision=old.revision + 1, weights=old.weights, shadow=version)
+
+    def insert_shadow_predictions(self, rows: Sequence[PredictionRow]) -> int:
+        """Like insert_predictions, for mirror scores (never joined to outcomes by the controller)."""
+        if not rows:
+            return 0
+        dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
+        values = [{"request_id": r.request_id, "model": r.model, "version": r.version, "score": r.score,
+                   "latency_ms": r.latency_ms, "created_at": r.created_at or utcnow()} for r in rows]
+        with self._sessions.begin() as s:
+            s.execute(dialect_insert(ShadowPrediction).on_conflict_do_nothing(index_elements=["request_id"]),
+                      values)
+        return len(values)
+
+    def count_shadow_predictions(self, model: str) -> dict[int, int]:
+        with self._sessions() as s:
+            q = (select(ShadowPrediction.version, func.count()).where(ShadowPrediction.model == model)
+                 .group_by(ShadowPrediction.version))
+            return dict(s.execute(q).tuples().all())
 
     def audit_log(self, model: str) -> list[dict[str, Any]]:
         with self._sessions() as s:
@@ -438,7 +487,8 @@ class Registry:
                         new[rid] = value
                     elif prior != value:
                         results[i] = AlreadyExistsError(
-                            f"outcomes[{i}].value: outcome for {rid!r} already stored as {prior}, got {value}")
+                            f"outcomes[{i}].value: outcome for {rid!r} already stored as {prior}, "
+                            f"got {value}")
             if new:
                 s.execute(dialect_insert(Outcome).on_conflict_do_nothing(index_elements=["request_id"]),
                           [{"request_id": k, "value": v, "created_at": utcnow()} for k, v in new.items()])

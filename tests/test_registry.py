@@ -19,7 +19,7 @@ def _publish(reg: Registry, model: str = "m", payload: bytes = b"onnx-bytes-1") 
 
 def test_upgrade_is_idempotent_and_reaches_head(registry: Registry) -> None:
     registry.upgrade()
-    assert current_revision(registry.engine) == "0003"
+    assert current_revision(registry.engine) == "0004"
 
 
 def test_published_bytes_hash_to_stored_sha256(registry: Registry) -> None:
@@ -129,3 +129,20 @@ def test_predictions_and_outcomes(registry: Registry) -> None:
         registry.record_outcome("unknown", 1.0)
     registry.record_outcome("r2", 0.0)
     assert registry.outcome_means("m") == {1: (2, 0.5)}
+
+
+def test_shadow_version_is_validated_bumps_revision_and_is_audited(registry: Registry) -> None:
+    _publish(registry)
+    _publish(registry, payload=b"two")
+    registry.set_split("m", {1: 100}, expected_revision=0, actor="op")
+    with pytest.raises(ValidationError, match="version"):
+        registry.set_shadow("m", 9, actor="op")
+    split = registry.set_shadow("m", 2, actor="op", reason="mirror v2")
+    assert split.shadow == 2 and split.revision == 2 and dict(split.weights) == {1: 100}
+    assert registry.get_split("m").shadow == 2
+    assert registry.audit_log("m")[-1]["new"] == {"1": 100, "shadow": 2}
+    rows = [PredictionRow(f"s{i}", "m", 2, 0.5, 1.0) for i in range(5)]
+    assert registry.insert_shadow_predictions(rows) == 5
+    registry.insert_shadow_predictions(rows)  # replay-safe
+    assert registry.count_shadow_predictions("m") == {2: 5}
+    assert registry.set_shadow("m", None, actor="op").shadow is None
