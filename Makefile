@@ -55,8 +55,9 @@ test: install sysdeps
 lint: install
 	$(BIN)/ruff check .
 
+# BENCH_ARGS, e.g. BENCH_ARGS="--json bench.json --soak 600"
 bench: install
-	$(BIN)/chimera bench
+	$(BIN)/chimera bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) chimera/v1/*_pb2*.py chimera/v1/*_pb2*.pyi

@@ -160,12 +160,18 @@ def serve(
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: off)")] = 9090,
     host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
     replica_cpus: Annotated[float | None, typer.Option(help="CPUs per replica")] = None,
-    grace: Annotated[float, typer.Option(help="seconds in-flight calls get on shutdown")] = 10.0,
+    grace: Annotated[
+        float, typer.Option(help="seconds from SIGTERM to exit: drain, let in-flight calls finish")
+    ] = 10.0,
+    drain_delay: Annotated[
+        float, typer.Option(help="seconds new calls are still taken after health turns NOT_SERVING")
+    ] = 1.0,
     controller_interval: Annotated[
         float, typer.Option(help="seconds between rollout-controller looks (0: no controller here)")
     ] = 2.0,
 ) -> None:
-    """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM."""
+    """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM.
+    CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call."""
     import asyncio
 
     from gateway.server import GatewayConfig, ensure_ray, serve_forever
@@ -182,6 +188,8 @@ def serve(
         admin_token=settings.admin_token,
         replica_cpus=replica_cpus or settings.replica_num_cpus,
         grace_period_s=grace,
+        drain_delay_s=drain_delay,
+        predict_token=settings.predict_token,
         controller_interval_s=controller_interval,
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
@@ -515,6 +523,27 @@ def simulate(
     argv = ["--scenario", scenario, "--runs", str(runs), "--seed", str(seed)]
     del as_json
     sys.exit(simulate_main(argv))
+
+
+@app.command()
+def bench(
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the JSON report here")] = None,
+    duration: Annotated[float, typer.Option(help="measured seconds per case")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="unmeasured seconds before each case")] = 2.0,
+    soak: Annotated[float, typer.Option(help="soak seconds at 70% of max throughput (0: none)")] = 0.0,
+    quick: Annotated[bool, typer.Option(help="tiny durations: checks the machinery, not speed")] = False,
+    profile: Annotated[float, typer.Option(help="py-spy the gateway this many seconds at c=64")] = 0.0,
+    profile_out: Annotated[Path | None, typer.Option(help="profile file (.svg, .json, .txt)")] = None,
+) -> None:
+    """Raw onnxruntime vs Ray Serve's gRPC proxy vs the Chimera gateway, same model, one run."""
+    from loadtest.bench import main as bench_main
+
+    argv = ["--duration", str(duration), "--warmup", str(warmup), "--soak", str(soak),
+            "--profile", str(profile)]
+    argv += ["--json", str(json_path)] if json_path else []
+    argv += ["--profile-out", str(profile_out)] if profile_out else []
+    argv += ["--quick"] if quick else []
+    sys.exit(bench_main(argv))
 
 
 # ------------------------------------------------------------------------------ continuous training

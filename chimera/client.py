@@ -76,6 +76,13 @@ def admin_metadata(token: str | None = None, actor: str | None = None) -> tuple[
     return tuple(md)
 
 
+def predict_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """What a PredictionService call sends when the gateway requires a Predict token
+    (CHIMERA_PREDICT_TOKEN); nothing when none is set."""
+    token = token or os.environ.get("CHIMERA_PREDICT_TOKEN")
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def rollout_stub(target: str) -> rollout_pb2_grpc.RolloutServiceStub:
     return rollout_pb2_grpc.RolloutServiceStub(channel(target))
 

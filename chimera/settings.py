@@ -26,6 +26,7 @@ def _absolute_sqlite(url: str) -> str:
 class Settings:
     registry_url: str = field(default_factory=default_registry_url)
     admin_token: str | None = None
+    predict_token: str | None = None
     ray_address: str | None = None
     ray_num_cpus: int = 2
     replica_num_cpus: float = 0.25
@@ -38,6 +39,7 @@ class Settings:
         return cls(
             registry_url=_absolute_sqlite(os.environ.get("CHIMERA_REGISTRY_URL") or default_registry_url()),
             admin_token=os.environ.get("CHIMERA_ADMIN_TOKEN") or None,
+            predict_token=os.environ.get("CHIMERA_PREDICT_TOKEN") or None,
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             ray_num_cpus=int(os.environ.get("CHIMERA_RAY_NUM_CPUS", "2")),
             replica_num_cpus=float(os.environ.get("CHIMERA_REPLICA_NUM_CPUS", "0.25")),

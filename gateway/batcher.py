@@ -1,28 +1,53 @@
 """Micro-batcher: many concurrent requests for one version become one Ray Serve call.
 
-A Ray Serve handle call costs milliseconds here, whatever its size, so throughput comes from rows
-per call. The policy adapts to load without a timer on the idle path: when nothing is in flight a
-request is sent at once; while calls are in flight, arriving rows wait for a free slot (or at most
-`max_wait_us` when a slot is free but the batch is small) and leave together."""
+A Ray Serve call costs milliseconds of latency and about a millisecond of this process's CPU
+whatever its size, so throughput comes from rows per call. The policy adapts to load and has no
+timer on the idle path:
+
+- idle (no call in flight): the rows that arrived in the same event-loop turn leave together, at
+  once. A lone request never waits.
+- busy (calls in flight): arriving rows queue. When a call returns, everything queued leaves in the
+  next call (up to `max_batch` rows), so a batch holds what arrived during one round trip and the
+  call rate stays near one per round trip however high the load.
+- a full batch (`max_batch` rows) leaves at once on a free slot; so does a partial batch whose oldest
+  row has waited longer than twice the recent call latency (capped by `max_wait_us`): a slow call
+  does not hold the rows behind it hostage. Up to `max_inflight` calls are in flight per version.
+
+Everything runs as event-loop callbacks (no background task, no `asyncio.wait_for` per wakeup, at
+most one timer per batcher). A caller's deadline is checked when its batch is formed, not with a
+timer per request: gRPC cancels a caller whose deadline passes, and a cancelled caller's rows are
+dropped.
+
+Failure semantics: an exception from the scoring call reaches every caller of that batch and no other;
+a cancelled or expired caller is dropped from the queue (or, if already in flight, its score is thrown
+away) and never affects the others."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 ScoreFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
-@dataclass(slots=True)
 class _Item:
-    rows: np.ndarray  # [k, n_features] float32
-    future: asyncio.Future[np.ndarray]
-    enqueued: float = field(default_factory=time.perf_counter)
+    """One caller's rows. `one`: a single-row caller gets a float, not an array slice."""
+
+    __slots__ = ("rows", "future", "enqueued", "one", "deadline", "timer")
+
+    def __init__(self, rows: np.ndarray, future: asyncio.Future[Any], enqueued: float, one: bool,
+                 deadline: float | None) -> None:
+        self.rows = rows
+        self.future = future
+        self.enqueued = enqueued
+        self.one = one
+        self.deadline = deadline
+        self.timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -32,6 +57,7 @@ class BatchStats:
     batches: int = 0
     rows: int = 0
     errors: int = 0
+    expired: int = 0
     last_batch_size: int = 0
 
 
@@ -42,13 +68,17 @@ class BatchObserver:
         """Default: nothing."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """The caller's deadline passed before its rows were scored (gRPC DEADLINE_EXCEEDED)."""
+
+
 class MicroBatcher:
     def __init__(
         self,
         score: ScoreFn,
         *,
         max_batch: int = 256,
-        max_wait_us: int = 500,
+        max_wait_us: int = 20_000,
         max_inflight: int = 4,
         observer: BatchObserver | None = None,
     ) -> None:
@@ -58,13 +88,15 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_us / 1e6
         self.max_inflight = max_inflight
+        self.call_latency_s = self.max_wait_s / 2  # moving average of the scoring call's latency
         self._pending: deque[_Item] = deque()
         self._pending_rows = 0
         self._inflight = 0
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._scheduled = False  # a call_soon(_pump) is pending
+        self._timer: asyncio.TimerHandle | None = None  # the partial-batch wait timer
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = BatchStats()
         self.observer = observer or BatchObserver()
 
@@ -76,111 +108,164 @@ class MicroBatcher:
     def inflight(self) -> int:
         return self._inflight
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
-        """Scores for `rows` ([k, n] or [n]), in order. Cancelling the caller only drops its rows."""
+    # ------------------------------------------------------------------ callers
+    def enqueue(self, rows: np.ndarray, *, one: bool = False, expires_in: float | None = None,
+                timeout: float | None = None) -> asyncio.Future[Any]:
+        """Queue `rows` ([k, n]) and return a future for their scores: an array of k floats, or one
+        float when `one` (k must then be 1). Synchronous, so a stream can enqueue without a task per
+        row. `expires_in` (seconds): rows still queued by then are dropped and the future fails with
+        DeadlineExceeded, checked when batches are formed (free: meant for gRPC callers, whom gRPC
+        cancels at their deadline anyway). `timeout` (seconds): the same failure at that time even
+        while the call is in flight (one timer per caller)."""
         if self._closed:
             raise RuntimeError("batcher is closed")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        now = loop.time()
+        deadline = None if expires_in is None else now + expires_in
+        if timeout is not None:
+            deadline = now + timeout if deadline is None else min(deadline, now + timeout)
+        item = _Item(rows, fut, now, one, deadline)
+        if timeout is not None:
+            item.timer = loop.call_at(deadline, self._expire, fut)  # type: ignore[arg-type]
+        self._pending.append(item)
+        self._pending_rows += len(rows)
+        if not self._scheduled:
+            # Let every request that arrives in this loop turn join the batch, then decide.
+            self._scheduled = True
+            loop.call_soon(self._pump)
+        return fut
+
+    async def submit(self, rows: np.ndarray, *, timeout: float | None = None) -> np.ndarray:
+        """Scores for `rows` ([k, n] or [n]), in order. Cancelling the caller only drops its rows."""
         if rows.ndim == 1:
             rows = rows.reshape(1, -1)
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(rows, fut))
-        self._pending_rows += len(rows)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        self._wakeup.set()
-        return await fut
+        return await self.enqueue(rows, timeout=timeout)  # type: ignore[no-any-return]
 
-    async def _run(self) -> None:
-        while not self._closed:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self._inflight >= self.max_inflight:
-                self._wakeup.clear()
-                await self._wakeup.wait()  # a finishing call sets it
-                continue
-            if self._inflight > 0 and self._pending_rows < self.max_batch and self.max_wait_s > 0:
-                # Busy but a slot is free: give concurrent callers until the oldest row has waited
-                # max_wait to join this batch, or until it is full.
-                deadline = self._pending[0].enqueued + self.max_wait_s
-                while self._pending_rows < self.max_batch and not self._closed:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    except TimeoutError:
-                        break
-            else:
-                # Idle: let requests that arrived in the same loop turn join, then go now.
-                await asyncio.sleep(0)
-            batch = self._take()
-            if batch:
-                self._inflight += 1
-                task = asyncio.get_running_loop().create_task(self._dispatch(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+    async def submit_one(self, row: np.ndarray, *, timeout: float | None = None) -> float:
+        """The score of one row ([1, n])."""
+        return await self.enqueue(row, one=True, timeout=timeout)  # type: ignore[no-any-return]
 
-    def _take(self) -> list[_Item]:
+    def _expire(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.done():
+            self.stats.expired += 1
+            fut.set_exception(DeadlineExceeded("deadline exceeded while waiting for a score"))
+
+    # ------------------------------------------------------------------ policy
+    def _pump(self, patient: bool = True) -> None:
+        """Dispatch as many batches as the policy allows now; otherwise arm the wait timer.
+        `patient=False` (the timer fired, or a call just returned) sends partial batches too."""
+        self._scheduled = False
+        loop = self._loop
+        assert loop is not None
+        while self._pending and self._inflight < self.max_inflight and not self._closed:
+            if patient and self._inflight > 0 and self._pending_rows < self.max_batch:
+                # Busy and the batch is not full: it leaves when a call returns, or when its oldest
+                # row has waited twice the usual call latency (a slow call must not hold it).
+                due = self._pending[0].enqueued + min(self.max_wait_s, 2 * self.call_latency_s)
+                if loop.time() < due:
+                    if self._timer is None:
+                        self._timer = loop.call_at(due, self._on_timer)
+                    return
+            batch, n = self._take(loop.time())
+            if not batch:
+                continue
+            self._inflight += 1
+            task = loop.create_task(self._dispatch(batch, n))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._timer is not None and (not self._pending or self._inflight >= self.max_inflight):
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump(patient=False)
+
+    def _take(self, now: float) -> tuple[list[_Item], int]:
         batch: list[_Item] = []
         n = 0
-        while self._pending:
-            item = self._pending[0]
-            if item.future.done():  # caller cancelled or timed out before dispatch
-                self._pending.popleft()
-                self._pending_rows -= len(item.rows)
+        pending = self._pending
+        while pending:
+            item = pending[0]
+            k = len(item.rows)
+            fut = item.future
+            if fut.done() or (item.deadline is not None and item.deadline <= now):
+                pending.popleft()  # cancelled, timed out, or past its deadline: never sent
+                self._pending_rows -= k
+                if not fut.done():
+                    self.stats.expired += 1
+                    fut.set_exception(DeadlineExceeded("deadline exceeded before the row was sent"))
+                if item.timer is not None:
+                    item.timer.cancel()
                 continue
-            if batch and n + len(item.rows) > self.max_batch:
+            if batch and n + k > self.max_batch:
                 break
-            self._pending.popleft()
-            self._pending_rows -= len(item.rows)
+            pending.popleft()
+            self._pending_rows -= k
             batch.append(item)
-            n += len(item.rows)
-        return batch
+            n += k
+        return batch, n
 
-    async def _dispatch(self, batch: list[_Item]) -> None:
-        started = time.perf_counter()
-        wait = started - min(i.enqueued for i in batch)
-        size = sum(len(i.rows) for i in batch)
+    # ------------------------------------------------------------------ one call
+    async def _dispatch(self, batch: list[_Item], size: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        started = loop.time()
+        wait = started - batch[0].enqueued
         ok = True
         try:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
             scores = await self._score(rows)
             if len(scores) != size:
                 raise RuntimeError(f"replica returned {len(scores)} scores for {size} rows")
+            values = scores.tolist() if any(i.one for i in batch) else None
             offset = 0
             for item in batch:
                 k = len(item.rows)
-                if not item.future.done():
-                    item.future.set_result(scores[offset:offset + k])
+                fut = item.future
+                if not fut.done():
+                    fut.set_result(values[offset] if item.one else scores[offset:offset + k])  # type: ignore[index]
+                if item.timer is not None:
+                    item.timer.cancel()
                 offset += k
         except BaseException as exc:  # every caller in the batch must hear about the failure
             ok = False
             self.stats.errors += 1
+            err = exc if isinstance(exc, Exception) else RuntimeError(f"scoring call interrupted: {exc!r}")
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                    item.future.set_exception(err)
+                if item.timer is not None:
+                    item.timer.cancel()
             if not isinstance(exc, Exception):
                 raise
         finally:
+            elapsed = loop.time() - started
+            self.call_latency_s += 0.2 * (elapsed - self.call_latency_s)
             self._inflight -= 1
             self.stats.batches += 1
             self.stats.rows += size
             self.stats.last_batch_size = size
-            self.observer.on_batch(size, wait, time.perf_counter() - started, ok)
-            self._wakeup.set()
+            self.observer.on_batch(size, wait, elapsed, ok)
+            if self._pending and not self._closed:
+                # A slot just freed: what queued during the call leaves now.
+                self._pump(patient=False)
 
     async def close(self) -> None:
         """Stop taking work; calls already in flight finish and answer their callers."""
         self._closed = True
-        self._wakeup.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._task is not None:
-            self._task.cancel()
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         while self._pending:
             item = self._pending.popleft()
             if not item.future.done():
                 item.future.set_exception(RuntimeError("batcher closed"))
+            if item.timer is not None:
+                item.timer.cancel()
+        self._pending_rows = 0

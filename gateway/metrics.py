@@ -49,6 +49,23 @@ class Metrics:
             "than traffic) since start", registry=r)
         self.log_replayed = Gauge("chimera_prediction_log_replayed_rows", "spilled rows replayed since start",
                                   registry=r)
+        self.outcomes_spilled = Gauge(
+            "chimera_outcomes_spilled_rows",
+            "outcomes accepted into the local spill file (database down, or their prediction still "
+            "spilled) since start", registry=r)
+        self.outcomes_replayed = Gauge("chimera_outcomes_replayed_rows",
+                                       "spilled outcomes stored in the database since start", registry=r)
+        self.outcomes_dead_letter = Gauge(
+            "chimera_outcomes_dead_letter_rows",
+            "spilled outcomes moved to the dead-letter file since start, by reason "
+            "(unknown_request_id, conflict, invalid)", ["reason"], registry=r)
+        # Replica faults: rows a version failed to score (whether or not another version then scored
+        # them), and rows retried on another version (the failed one's label).
+        self.version_failures = Counter(
+            "chimera_version_failures", "rows a version failed to score (replica down, timed out or "
+            "erroring), including rows then retried on another version", ["model", "version"], registry=r)
+        self.failovers = Counter("chimera_failovers", "rows retried on another version because theirs "
+                                 "could not score them", ["model", "from_version"], registry=r)
         # Rollout controller: the always-valid p-value of the latest look at each canary, and its verdicts.
         self.canary_p_value = Gauge("chimera_canary_p_value",
                                     "p-value of the latest rollout decision for a canary version",

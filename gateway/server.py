@@ -16,17 +16,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
-from gateway.auth import AdminAuth
+from gateway.auth import AdminAuth, TokenAuth
 from gateway.catalog import Catalog
 from gateway.controller import PromotionGate, RolloutController
+from gateway.failover import VersionHealth
 from gateway.logwriter import PredictionLog
 from gateway.metrics import Metrics
+from gateway.outcomelog import OutcomeLog
 from gateway.predictor import Predictor
 from gateway.replica_pool import BatchConfig, ReplicaPool
 from gateway.rollout_servicer import RolloutServicer
 from gateway.servicer import PredictionServicer
 from gateway.split_watch import SplitWatcher
+from gateway.wire import register
 from registry import Registry
+from registry.repository import make_engine
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -47,7 +51,17 @@ class GatewayConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     spill_dir: Path = Path(".chimera")
     poll_interval_s: float = 0.25
+    # Shutdown: health turns NOT_SERVING at once; new calls are still taken for `drain_delay_s` (so load
+    # balancers see NOT_SERVING and move away, capped at a quarter of the grace period), then in-flight
+    # calls get the rest of `grace_period_s`, then the prediction log is flushed.
     grace_period_s: float = 10.0
+    drain_delay_s: float = 1.0
+    # Every PredictionService call must carry 'authorization: Bearer <token>' with this token or the
+    # admin token (None: Predict is open, as on a private network or behind a mesh).
+    predict_token: str | None = None
+    # An outcome accepted while the database was down whose request id is still unknown this long
+    # after it was accepted goes to the dead-letter file (see gateway.outcomelog).
+    outcome_unknown_grace_s: float = 300.0
     log_features_sample: float = 1.0  # fraction of predictions logged with their scored feature row
     # Rollout controller: seconds between looks (0 disables it in this gateway).
     controller_interval_s: float = 2.0
@@ -64,16 +78,31 @@ class Gateway:
     def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.registry = Registry(config.registry_url)
+        # A statement that runs longer than 30 s fails instead of holding a worker thread (PostgreSQL).
+        self.registry = Registry(config.registry_url,
+                                 engine=make_engine(config.registry_url, statement_timeout_ms=30_000))
         self.catalog = Catalog(self.registry)
+        self.version_health = VersionHealth(metrics=self.metrics)
         self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,
-                                observer_factory=self.metrics.observer)
+                                observer_factory=self.metrics.observer, health=self.version_health)
         self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill")
+        self.outcomes = OutcomeLog(self.registry, Path(config.spill_dir) / f"outcomes-{config.port}.spill",
+                                   predictions_pending=lambda: self.log.has_spill,
+                                   flush_predictions=self.log.flush,
+                                   unknown_grace_s=config.outcome_unknown_grace_s)
         self.watcher = SplitWatcher(self.catalog, self.pool, self.metrics,
                                     poll_interval_s=config.poll_interval_s)
         self.predictor = Predictor(self.catalog, self.pool, self.log,
-                                   log_features_sample=config.log_features_sample)
+                                   log_features_sample=config.log_features_sample, outcomes=self.outcomes)
+        outcomes = self.outcomes.stats
+        self.metrics.outcomes_spilled.set_function(lambda: outcomes.spilled)
+        self.metrics.outcomes_replayed.set_function(lambda: outcomes.replayed)
+        for reason in outcomes.dead_letter:
+            self.metrics.outcomes_dead_letter.labels(reason).set_function(
+                lambda reason=reason: outcomes.dead_letter.get(reason, 0))
         self.auth = AdminAuth(config.admin_token)
+        self.predict_auth = (TokenAuth(config.predict_token, config.admin_token)
+                             if config.predict_token else None)
         self.controller = RolloutController(
             self.registry, error_counts=self._failed_batches, promotion_gate=self._promotion_gate(),
             on_decision=lambda model, canary, d: self.metrics.observe_decision(
@@ -87,6 +116,7 @@ class Gateway:
     async def start(self) -> int:
         """Deploy replicas for every weighted version, then open the port. Returns the bound port."""
         self.log.start()
+        self.outcomes.start()
         await self.watcher.sync_all()
         self.watcher.start()
         server = grpc.aio.server(options=[
@@ -94,10 +124,14 @@ class Gateway:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        prediction_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.predictor, self.auth, self.metrics), server)
-        rollout_pb2_grpc.add_RolloutServiceServicer_to_server(
-            RolloutServicer(self.registry, self.auth, self.controller.promotion_gate), server)
+        # Registered through gateway.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
+        # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
+        register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
+                 PredictionServicer(self.predictor, self.auth, self.metrics), server,
+                 prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth)
+        register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
+                 RolloutServicer(self.registry, self.auth, self.controller.promotion_gate), server,
+                 rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -144,11 +178,9 @@ class Gateway:
         return gate
 
     def _failed_batches(self, model: str, version: int) -> int:
-        """Scoring failures seen by this gateway (guardrail input; not in the database)."""
-        try:
-            return self.pool.get(model, version).stats.errors
-        except Exception:
-            return 0
+        """Requests (rows) the version failed to score in this gateway, including those then scored by
+        its fallback (the rollout controller's error guardrail input; not in the database)."""
+        return self.version_health.failure_count(model, version)
 
     async def start_controller(self, interval_s: float | None = None) -> None:
         """Start (or restart) the rollout controller loop in this gateway."""
@@ -190,17 +222,24 @@ class Gateway:
                 await result
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first (load balancers drain us), then let in-flight calls finish within the
-        grace period, then flush the prediction log."""
+        """NOT_SERVING first (load balancers drain us) while calls are still taken for the drain delay,
+        then in-flight calls finish within the rest of the grace period, then the prediction log is
+        flushed (inserted, or spilled to disk when the database is down; both bounded in time)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         grace = self.config.grace_period_s if grace is None else grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._controller_task is not None:
             self._controller_task.cancel()
+        drain = max(0.0, min(self.config.drain_delay_s, grace / 4))
+        if self.server is not None and drain > 0:
+            await asyncio.sleep(drain)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(max(0.0, grace - (loop.time() - started)))
         await self.watcher.stop()
         await self.pool.close()
         await asyncio.to_thread(self.log.stop)
+        await asyncio.to_thread(self.outcomes.stop)
         if self._metrics_server is not None:
             server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else None
             if server is not None:

@@ -144,7 +144,9 @@ class SplitWatcher:
             try:
                 engine = self.catalog.registry.engine
                 cargs, cparams = engine.dialect.create_connect_args(engine.url)
-                conn = engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
+                from registry.repository import POSTGRES_CONNECT_ARGS
+
+                conn = engine.dialect.loaded_dbapi.connect(*cargs, **{**POSTGRES_CONNECT_ARGS, **cparams})
                 conn.autocommit = True
                 with conn.cursor() as cur:
                     cur.execute("LISTEN chimera_split")  # == SPLIT_CHANNEL; no SQL built from strings

@@ -62,6 +62,13 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def predict_metadata() -> tuple[tuple[str, str], ...]:
+    """Unpinned runs send the gateway's Predict token when one is set (CHIMERA_PREDICT_TOKEN)."""
+    from chimera.client import predict_metadata as from_env
+
+    return from_env()
+
+
 def admin_metadata() -> tuple[tuple[str, str], ...]:
     token = os.environ.get("CHIMERA_ADMIN_TOKEN")
     if not token:
@@ -137,8 +144,8 @@ def main(opts: LoadTestOptions, console: Console | None = None) -> int:
     config = LoadTestConfig(target=opts.target, model=opts.model, rps=opts.rps, duration_s=opts.duration_s,
                             version=opts.version, warmup_s=opts.warmup_s, arrival=opts.arrival,
                             concurrency_limit=opts.concurrency_limit, workers=opts.workers,
-                            timeout_s=opts.timeout_s, metadata=metadata if opts.version else (),
-                            seed=opts.seed)
+                            timeout_s=opts.timeout_s,
+                            metadata=metadata if opts.version else predict_metadata(), seed=opts.seed)
     try:
         config.validate()
         opts.slo.validate()

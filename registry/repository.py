@@ -81,9 +81,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, statement_timeout_ms: int | None = None) -> Engine:
     """Engine with the settings both backends need: SQLite gets WAL and a busy timeout so the
-    gateway's log writer and the CLI can share the file; PostgreSQL gets pre-ping."""
+    gateway's log writer and the CLI can share the file; PostgreSQL gets pre-ping, a connect timeout
+    and TCP keepalives (POSTGRES_CONNECT_ARGS), and optionally a statement timeout (the gateway sets
+    one; batch jobs such as training do not)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -96,7 +98,24 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
+                         connect_args=_postgres_args(url, statement_timeout_ms))
+
+
+def _postgres_args(url: str, statement_timeout_ms: int | None) -> dict[str, Any]:
+    if not url.startswith("postgres"):
+        return {}
+    args: dict[str, Any] = dict(POSTGRES_CONNECT_ARGS)
+    if statement_timeout_ms:
+        args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
+    return args
+
+
+# Never wait forever on a PostgreSQL server that is gone: connecting gives up after 5 s, and TCP
+# keepalives notice a dead peer on an open connection within ~20 s (a stopped server that closes its
+# sockets is noticed at once). The pool waits at most 10 s for a free connection.
+POSTGRES_CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
+                         "keepalives_interval": 5, "keepalives_count": 2}
 
 
 def _version_info(model_name: str, row: ModelVersion, size: int | None = None) -> VersionInfo:

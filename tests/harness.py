@@ -37,6 +37,7 @@ def small_onnx(n_features: int = 4, seed: int = 0, flip: bool = False) -> tuple[
 
 class GatewayThread:
     def __init__(self, registry_url: str, tmp: Path, **overrides: Any) -> None:
+        overrides.setdefault("drain_delay_s", 0.0)  # no load balancer to tell in tests
         self.config = GatewayConfig(registry_url=registry_url, port=0, admin_token=ADMIN_TOKEN,
                                     replica_cpus=0.1, spill_dir=tmp / "spill",
                                     batch=overrides.pop("batch", BatchConfig()), **overrides)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
-import pytest
 
 from gateway.analysis import recompute
 from gateway.controller import RolloutController

@@ -1,0 +1,145 @@
+"""What happens to a call before the servicer sees it: request decoding and the optional Predict token.
+
+grpc answers a request body it cannot decode with UNKNOWN ("Unexpected DecodeError", measured on grpcio
+1.85), which tells a client nothing and looks like a server fault. A client mistake must never be
+UNKNOWN or INTERNAL, so every method is registered with a tolerant deserializer: bytes that do not
+parse become a `Malformed` marker, and the method answers INVALID_ARGUMENT naming the message type.
+Streams do the same on the first undecodable message (the stream ends with INVALID_ARGUMENT).
+
+The wrapping happens once, at registration (see `register`), so the per-call cost is one isinstance
+check and, with a Predict token configured, one metadata lookup and a constant-time compare.
+
+Decoding rules worth knowing (protobuf, not ours): a map with the same key twice keeps the LAST value;
+a field sent with the wrong wire type (e.g. a varint where `dense` is expected) is kept as an unknown
+field and the known field stays empty; a `string` field holding invalid UTF-8 does not decode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from gateway.auth import AuthError, TokenAuth
+
+log = logging.getLogger(__name__)
+
+
+class Malformed:
+    """Stands in for a request whose bytes did not decode."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class MalformedRequestError(ValueError):
+    """A streamed message did not decode (ends the stream with INVALID_ARGUMENT)."""
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data) if deserializer is not None else data
+        except Exception as exc:
+            return Malformed(f"request: not a valid {type_name} message ({exc.__class__.__name__}: "
+                             f"{str(exc).rpartition(': ')[2] or 'cannot decode'})")
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for r in requests:
+        if isinstance(r, Malformed):
+            raise MalformedRequestError(r.message)
+        yield r
+
+
+def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None) -> grpc.RpcMethodHandler:
+    deserialize = tolerant(handler.request_deserializer, type_name)
+    serialize = handler.response_serializer
+
+    async def check(context: grpc.aio.ServicerContext) -> None:
+        if auth is not None:
+            try:
+                auth.check(context)
+            except AuthError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            if auth is not None:
+                await check(context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            await check(context)
+            async for response in inner_us(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            await check(context)
+            try:
+                return await inner_su(_checked(requests), context)
+            except MalformedRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+    inner_ss = handler.stream_stream
+    assert inner_ss is not None
+
+    async def stream_stream(requests: AsyncIterator[Any],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await check(context)
+        try:
+            async for response in inner_ss(_checked(requests), context):
+                yield response
+        except MalformedRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+
+
+class _Registrar:
+    """Looks like a grpc server to generated `add_*Servicer_to_server` functions and hands the real
+    server wrapped method handlers."""
+
+    def __init__(self, server: grpc.aio.Server, auth: TokenAuth | None, types: dict[str, str]) -> None:
+        self.server = server
+        self.auth = auth
+        self.types = types
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the generated code registers the same methods through the call below."""
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: _wrap(h, self.types.get(name, name), self.auth) for name, h in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        add = getattr(self.server, "add_registered_method_handlers", None)
+        if add is not None:
+            add(service, wrapped)
+
+
+def register(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server,
+             service_descriptor: Any, auth: TokenAuth | None = None) -> None:
+    """`add_to_server(servicer, server)` (a generated function) with tolerant decoding on every method
+    and, when `auth` is given, its token required on every method."""
+    types = {m.name: m.input_type.full_name for m in service_descriptor.methods}
+    add_to_server(servicer, _Registrar(server, auth, types))

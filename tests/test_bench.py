@@ -1,0 +1,42 @@
+"""Smoke test of `chimera bench --quick`: the machinery runs end to end (raw onnxruntime, Ray
+Serve's gRPC proxy, the gateway as its own process) and the JSON has every case, ratio and target.
+Speed is never asserted: this machine is shared and noisy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CASES = ["onnx_batch1", "onnx_batch256", "ray_c1", "ray_c8", "ray_c64", "chimera_c1", "chimera_c8",
+         "chimera_c64", "chimera_batch256", "chimera_stream_c64"]
+RATIOS = ["chimera_rps_c64_over_ray_rps_c64", "chimera_p99_c64_over_ray_p99_c64",
+          "chimera_p50_c1_over_ray_p50_c1", "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
+          "soak_rss_growth"]
+
+
+def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    exe = Path(sys.executable).with_name("chimera")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)  # the bench starts (and stops) its own Ray
+    proc = subprocess.run([str(exe), "bench", "--quick", "--soak", "2", "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(CASES) <= set(report["cases"])
+    for name in CASES:
+        case = report["cases"][name]
+        assert case["rps"] > 0 and case["p50_ms"] > 0 and case["p99_ms"] >= case["p50_ms"], (name, case)
+        assert case.get("errors", 0) == 0, (name, case)
+    batch = report["cases"]["chimera_batch256"]
+    assert batch["rows_per_s"] == 256 * batch["rps"]
+    assert report["cases"]["chimera_c64"]["rows_per_ray_call"] >= 1
+    assert set(RATIOS) == set(report["ratios"]) == set(report["targets"])
+    for key in RATIOS:
+        assert isinstance(report["ratios"][key], float), key
+        assert report["targets"][key]["pass"] in (True, False)
+    assert report["soak"]["rss_mb_end"] > 0 and report["gateway"]["predictions_logged"] > 0
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the table was printed

@@ -1,0 +1,193 @@
+"""Replica processes killed under load (SIGKILL to the Ray Serve replica's pid). A dead canary: its
+requests are retried on the baseline and counted against it, clients see no error their deadline
+allowed to avoid, Ray Serve replaces the replica and the canary serves again. The only baseline
+replica dead: UNAVAILABLE with a clear message at once (no hang, never INTERNAL/UNKNOWN), and the
+gateway serves again when Ray Serve has replaced it, without a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from chimera.v1 import prediction_pb2 as pb
+from registry import Registry
+from registry.models import Prediction
+from replicas.deployment import app_name
+from tests.harness import GatewayThread, small_onnx
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+ROW = [0.3, -0.2, 0.1, 0.9]
+
+
+def replica_pids(model: str, version: int) -> set[int]:
+    """Pids of the version's live Ray Serve replica actors (GCS actor table; no dashboard needed)."""
+    from ray._private import state
+
+    prefix = f"ServeReplica:{app_name(model, version)}:"
+    return {a["Pid"] for a in state.actors().values()
+            if a["ActorClassName"].startswith(prefix) and a["State"] == "ALIVE" and a["Pid"]}
+
+
+def kill_replica(model: str, version: int) -> int:
+    (pid,) = replica_pids(model, version)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+class Load:
+    def __init__(self, gw: GatewayThread, model: str, prefix: str, timeout: float = 5.0) -> None:
+        self.gw, self.model, self.prefix, self.timeout = gw, model, prefix, timeout
+        self.ok: list[tuple[float, str, int]] = []  # (time, request id, version)
+        self.errors: list[tuple[float, str, str]] = []
+        self.error_latency: list[float] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._unary, args=(w,)) for w in range(3)]
+        self._threads.append(threading.Thread(target=self._batch))
+        self._threads.append(threading.Thread(target=self._stream))
+
+    def _unary(self, worker: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            rid = f"{self.prefix}u{worker}-{i}"
+            i += 1
+            t0 = time.monotonic()
+            try:
+                req = pb.PredictRequest(model=self.model, request_id=rid, routing_key=rid, dense=ROW)
+                r = self.gw.predict.Predict(req, timeout=self.timeout)
+                self.ok.append((time.monotonic(), r.request_id, r.version))
+            except grpc.RpcError as exc:
+                self.errors.append((time.monotonic(), exc.code().name, exc.details() or ""))
+                self.error_latency.append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+    def _batch(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            ids = [f"{self.prefix}b{i}-{j}" for j in range(20)]
+            rows = [pb.PredictRequest(request_id=rid, routing_key=rid, dense=ROW) for rid in ids]
+            i += 1
+            try:
+                resp = self.gw.predict.PredictBatch(pb.PredictBatchRequest(model=self.model, rows=rows),
+                                                    timeout=self.timeout)
+                now = time.monotonic()
+                self.ok.extend((now, r.request_id, r.version) for r in resp.results)
+            except grpc.RpcError as exc:
+                self.errors.append((time.monotonic(), exc.code().name, exc.details() or ""))
+                time.sleep(0.05)
+            time.sleep(0.01)
+
+    def _stream(self) -> None:
+        def rows():
+            i = 0
+            while not self._stop.is_set():
+                rid = f"{self.prefix}s{i}"
+                i += 1
+                yield pb.PredictRequest(model=self.model, request_id=rid, routing_key=rid, dense=ROW)
+                time.sleep(0.005)
+
+        while not self._stop.is_set():
+            try:
+                for resp in self.gw.predict.PredictStream(rows(), timeout=120):
+                    if resp.WhichOneof("result") == "prediction":
+                        self.ok.append((time.monotonic(), resp.request_id, resp.prediction.version))
+                    else:
+                        code = next(c for c in grpc.StatusCode if c.value[0] == resp.error.code)
+                        self.errors.append((time.monotonic(), code.name, resp.error.message))
+            except grpc.RpcError as exc:
+                self.errors.append((time.monotonic(), exc.code().name, exc.details() or ""))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+def failovers_of(g, model: str) -> int:
+    return g.version_health.failovers.get((model, 2), 0)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_replica_kills_canary_fails_over_and_baseline_recovers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "rf" + uuid.uuid4().hex[:6]
+    b1, names = small_onnx(seed=1)
+    b2, _ = small_onnx(seed=2, flip=True)
+    reg.publish_version(model, b1, names, status="production")
+    reg.publish_version(model, b2, names, status="canary")
+    reg.set_split(model, {1: 50, 2: 50}, expected_revision=0, actor="test")
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+    g = gw.gateway
+    assert g is not None
+    try:
+        # ---------------------------------------------------------------- the canary's replica dies
+        with Load(gw, model, "a") as load:
+            time.sleep(1.5)
+            killed = kill_replica(model, 2)
+            killed_at = time.monotonic()
+            wait_for(lambda: replica_pids(model, 2) - {killed}, 60, "a new canary replica")
+            wait_for(lambda: not g.version_health.is_down(model, 2), 30, "the canary to answer again")
+            recovered_at = time.monotonic()
+            time.sleep(1.0)
+        assert not load.errors, load.errors[:5]  # a 5 s deadline always leaves time to fail over
+        print(f"canary down {recovered_at - killed_at:.1f} s, {failovers_of(g, model)} rows failed over")
+        assert {v for t, _, v in load.ok if t < killed_at} == {1, 2}
+        assert any(v == 2 for t, _, v in load.ok if t > recovered_at + 0.5), "canary serves again"
+        failovers = g.version_health.failovers.get((model, 2), 0)
+        assert failovers > 0 and g.version_health.failovers.get((model, 1), 0) == 0
+        # Counted against the canary, where the rollout controller's error guardrail reads it.
+        assert g._failed_batches(model, 2) >= failovers and g._failed_batches(model, 1) == 0
+        assert g.metrics.registry.get_sample_value(
+            "chimera_failovers_total", {"model": model, "from_version": "2"}) == failovers
+        # Rows were logged with the version that actually scored them, one per answered request.
+        g.log.flush()
+        with reg.engine.connect() as c:
+            rows = dict(c.execute(select(Prediction.request_id, Prediction.version)
+                                  .where(Prediction.model == model)).tuples().all())
+        assert rows == {rid: v for _, rid, v in load.ok}
+
+        # ---------------------------------------------------------------- the only baseline replica dies
+        reg.set_split(model, {1: 100}, expected_revision=1, actor="test")
+        wait_for(lambda: g.catalog.get(model).router.weights == {1: 100}, 10, "the split change")
+        with Load(gw, model, "b") as load:
+            time.sleep(1.0)
+            killed = kill_replica(model, 1)
+            killed_at = time.monotonic()
+            wait_for(lambda: any(t > killed_at and code == "UNAVAILABLE" for t, code, _ in load.errors), 30,
+                     "UNAVAILABLE")
+            wait_for(lambda: replica_pids(model, 1) - {killed}, 60, "a new baseline replica")
+            wait_for(lambda: any(t > killed_at and v == 1 and t > load.errors[-1][0] for t, _, v in load.ok),
+                     30, "the baseline to serve again")
+        codes = {code for _, code, _ in load.errors}
+        assert codes == {"UNAVAILABLE"}, load.errors[:5]
+        message = load.errors[0][2]
+        assert f"version 1 of {model!r} is unavailable" in message and "retry" in message, message
+        # Refused at once while the replica is down (the calls in flight when it died wait out the
+        # stall timeout), never held until the caller's 5 s deadline.
+        latencies = sorted(load.error_latency)
+        assert latencies and latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 4.0, latencies
+    finally:
+        gw.stop()
+        reg.dispose()
