@@ -36,8 +36,9 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self._models)
 
-    def revisions(self) -> dict[str, int]:
-        return {n: e.revision for n, e in self._models.items()}
+    def revisions(self) -> dict[str, tuple[int, int]]:
+        """Comparable with Registry.split_revisions(): (split revision, newest version)."""
+        return {n: (e.revision, max(e.schemas, default=0)) for n, e in self._models.items()}
 
     def load(self, model: str) -> ModelEntry:
         """Read one model from the registry (blocking; call from a thread). Does not install it."""

@@ -252,6 +252,8 @@ class Registry:
             )
             s.add(row)
             s.flush()
+            if self.is_postgres:  # gateways load the new version's schema without waiting for a poll
+                s.execute(text("SELECT pg_notify(:ch, :model)"), {"ch": SPLIT_CHANNEL, "model": model})
             return _version_info(model, row, len(onnx_bytes))
 
     def get_version(self, model: str, version: int) -> VersionInfo:
@@ -335,10 +337,14 @@ class Registry:
         with self._sessions() as s:
             return {m.name: self._split(s, m) for m in s.scalars(select(Model))}
 
-    def split_revisions(self) -> dict[str, int]:
-        """Cheap poll target: one small query tells a gateway whether any split changed."""
+    def split_revisions(self) -> dict[str, tuple[int, int]]:
+        """Cheap poll target: per model (split revision, newest version number), so a gateway sees a
+        split change and a newly published version (whose schema it needs for pinned calls)."""
         with self._sessions() as s:
-            return dict(s.execute(select(Model.name, Model.split_revision)).tuples().all())
+            q = (select(Model.name, Model.split_revision, func.max(ModelVersion.version))
+                 .join(ModelVersion, ModelVersion.model_id == Model.id, isouter=True)
+                 .group_by(Model.name, Model.split_revision))
+            return {name: (int(rev), int(last or 0)) for name, rev, last in s.execute(q).tuples().all()}
 
     def set_split(
         self,

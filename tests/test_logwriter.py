@@ -120,7 +120,9 @@ def test_backpressure_spills_instead_of_blocking(registry: Registry, tmp_path: P
         log.log_many([f"bp-{j}" for j in range(i, i + 100)], "bp", 1, [""] * 100, [0.1] * 100, 1.0)
         time.sleep(0.002)  # give the (stuck) writer a chance to run
     per_call = (time.perf_counter() - t0 - 0.002 * (n // 100)) / (n // 100)
-    assert per_call < 0.005, f"the request path blocked ({per_call * 1e3:.1f} ms per log call)"
+    # A blocked call would wait for the stuck writer (seconds); the bound is loose on purpose:
+    # this machine is shared, and speed is measured in `make bench`, not here.
+    assert per_call < 0.25, f"the request path blocked ({per_call * 1e3:.1f} ms per log call)"
     wait_for(lambda: log.stats.backpressure > 0)
     gate.set()
     log.insert_rows = real
