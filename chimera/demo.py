@@ -187,8 +187,10 @@ def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator
         console.print("[red]no drift detected on the shifted features[/red]")
         return 1
     window = datetime.now(UTC) - started + timedelta(seconds=1)
-    out = retrain(reg, MODEL, RetrainConfig(window=window, min_rows=500, decision_threshold=ACT_THRESHOLD),
-                  trigger="demo")
+    # Calibration error on a ~500-row holdout is too noisy to veto a release here: it is reported,
+    # and the gate is AUC, Brier and the model's outcome metric.
+    out = retrain(reg, MODEL, RetrainConfig(window=window, min_rows=500, decision_threshold=ACT_THRESHOLD,
+                                            gate=("auc", "brier", "outcome_metric")), trigger="demo")
     console.print(retrain_table(out))
     if out.published is None:
         console.print(f"[red]retrain not published: {out.reason}[/red]")
