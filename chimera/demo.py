@@ -143,9 +143,15 @@ def _judge_canary(console: Console, target: str, reg: Registry, live: pd.DataFra
     return None, tally
 
 
-def _load_test(console: Console, target: str, version: int, workdir: Path, url: str) -> int:
+def _load_test(console: Console, target: str, version: int, workdir: Path, url: str,
+               gw: object | None = None) -> int:
     """Release gate: a short open-loop load test pinned to the candidate before it can be promoted;
     the run is stored against the version, and the controller's promotion checks for it."""
+    if gw is not None:  # a just-published version reaches the gateway's catalog on its next poll
+        catalog = gw.gateway.catalog  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and version not in catalog.get(MODEL).schemas:
+            time.sleep(0.1)
     from loadtest.command import LoadTestOptions
     from loadtest.command import main as loadtest_main
     from loadtest.slo import SLO
@@ -162,7 +168,7 @@ def _load_test(console: Console, target: str, version: int, workdir: Path, url: 
 
 
 def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator, workdir: Path,
-          url: str) -> int:
+          url: str, gw: object) -> int:
     """The world shifts; drift is detected on the served requests; a retrain on the new window is
     published only because it is not worse, canaried, and promoted by the controller."""
     from datetime import UTC, datetime, timedelta
@@ -197,7 +203,7 @@ def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator
         return 1
     console.print(f"published v{out.published.version} from the feedback of the shifted market; canary "
                   f"{dict(out.canary.weights) if out.canary else '-'}")
-    if _load_test(console, target, out.published.version, workdir, str(reg.url)) != 0:
+    if _load_test(console, target, out.published.version, workdir, str(reg.url), gw) != 0:
         return 1
     final, tally = _judge_canary(console, target, reg, shifted, features, out.published.version, rng)
     _print_tally(console, tally, f"Act 3: traffic while v{out.published.version} was canaried")
@@ -279,7 +285,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
         v3 = train(history, algo="xgboost", seed=3)
         info3 = publish_result(reg, MODEL, v3, parent_version=info1.version)
         console.print(f"published v{info3.version} (xgboost) test AUC {v3.metrics['auc']:.3f}")
-        if _load_test(console, gw.target, info3.version, workdir, url) != 0:
+        if _load_test(console, gw.target, info3.version, workdir, url, gw) != 0:
             return 1
         console.print(f"v{info3.version} canary at 10%")
         split = reg.get_split(MODEL)
@@ -294,7 +300,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
                       f"{reg.get_version(MODEL, info3.version).status}; v1 kept as "
                       f"{reg.get_version(MODEL, info1.version).status} for instant rollback")
 
-        if _act3(console, gw.target, reg, rng, workdir, url) != 0:
+        if _act3(console, gw.target, reg, rng, workdir, url, gw) != 0:
             return 1
     finally:
         gw.stop()
