@@ -44,7 +44,7 @@ class BatchConfig:
     max_wait_us: int = 20_000
     max_inflight: int = 4
     call_timeout_s: float = 30.0
-    stall_timeout_s: float = 1.0
+    stall_timeout_s: float = 3.0
     direct_transport: bool = True
     router_on_gateway_loop: bool = True
 
