@@ -3,9 +3,6 @@ loop, and talk to it over loopback gRPC like a customer."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +10,9 @@ import grpc
 import numpy as np
 
 from chimera.v1 import prediction_pb2_grpc, rollout_pb2_grpc
+from gateway.background import BackgroundGateway
 from gateway.replica_pool import BatchConfig
-from gateway.server import Gateway, GatewayConfig
+from gateway.server import GatewayConfig
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -35,41 +33,26 @@ def small_onnx(n_features: int = 4, seed: int = 0, flip: bool = False) -> tuple[
     return onx, [f"f{i}" for i in range(n_features)]
 
 
-class GatewayThread:
+class GatewayThread(BackgroundGateway):
+    """The product's BackgroundGateway with test defaults (admin token, small replicas, a spill
+    directory under the test's tmp) and ready-made stubs on a loopback channel."""
+
     def __init__(self, registry_url: str, tmp: Path, **overrides: Any) -> None:
         overrides.setdefault("drain_delay_s", 0.0)  # no load balancer to tell in tests
-        self.config = GatewayConfig(registry_url=registry_url, port=0, admin_token=ADMIN_TOKEN,
-                                    replica_cpus=0.1, spill_dir=tmp / "spill",
-                                    batch=overrides.pop("batch", BatchConfig()), **overrides)
-        self.loop = asyncio.new_event_loop()
-        self.gateway: Gateway | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        super().__init__(GatewayConfig(registry_url=registry_url, port=0, admin_token=ADMIN_TOKEN,
+                                       replica_cpus=0.1, spill_dir=tmp / "spill",
+                                       batch=overrides.pop("batch", BatchConfig()), **overrides))
 
-    def start(self) -> GatewayThread:
-        self._thread.start()
-        self.gateway = Gateway(self.config)
-        self.port = self.run(self.gateway.start(), timeout=180)
+    def start(self, timeout: float = 180) -> GatewayThread:
+        super().start(timeout)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.predict = prediction_pb2_grpc.PredictionServiceStub(self.channel)
         self.rollout = rollout_pb2_grpc.RolloutServiceStub(self.channel)
         return self
 
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, undeploy: bool = True) -> None:
-        if self.gateway is not None:
-            apps = self.gateway.pool.ready_versions()
-            self.channel.close()
-            self.run(self.gateway.stop(grace=2), timeout=60)
-            if undeploy:
-                from replicas.deployment import undeploy_version
-
-                for model, version in apps:
-                    undeploy_version(model, version)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+    def stop(self, grace: float = 2.0, undeploy: bool = True) -> None:
+        self.channel.close()
+        super().stop(grace=grace, undeploy=undeploy)
 
 
 ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
