@@ -479,15 +479,18 @@ def _soak(pid: int, spec: LoadSpec, max_rps: float, opts: BenchOptions,
     started = time.monotonic()
     t.start()
     rss_first: float | None = None
+    # Sample often enough that even a seconds-long --quick soak gets its first reading in time.
+    every = min(5.0, max(0.2, opts.soak_s / 20))
+    startup = 2.0 if opts.soak_s >= 120 else 0.0  # the load client's own start-up
     while t.is_alive():
-        t.join(5.0)
+        t.join(every)
         elapsed = time.monotonic() - started
         try:
             rss = rss_mb(pid)
         except (OSError, RuntimeError):
             break
         samples.append((round(elapsed, 1), round(rss, 1)))
-        if rss_first is None and elapsed >= first_at + 2:  # + client start-up
+        if rss_first is None and elapsed >= first_at + startup:
             rss_first = rss
     rss_end = rss_mb(pid)
     load_res: LoadResult = result["load"]

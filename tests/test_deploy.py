@@ -108,8 +108,9 @@ def test_make_proto_with_the_image_python(tmp_path: Path) -> None:
     venv = tmp_path / "usr-local"
     (venv / "bin").mkdir(parents=True)
     (venv / ".installed").touch()
-    out = subprocess.run(["make", "-n", "proto", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip().splitlines()
+    # --no-print-directory: under `make test` this is a sub-make, which would print "Entering directory".
+    out = subprocess.run(["make", "--no-print-directory", "-n", "proto", f"VENV={venv}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"{venv}/bin/python -m grpc_tools.protoc"), out
     assert "--grpc_python_out=." in out[0] and "pip" not in out[0]
 
