@@ -66,6 +66,10 @@ class Metrics:
             "erroring), including rows then retried on another version", ["model", "version"], registry=r)
         self.failovers = Counter("chimera_failovers", "rows retried on another version because theirs "
                                  "could not score them", ["model", "from_version"], registry=r)
+        # Shadow (mirror) versions: rows mirrored, by what became of them (gateway.shadow.RESULTS).
+        self.shadow_rows = Counter("chimera_shadow_rows", "rows mirrored to a shadow version by result "
+                                   "(scored, dropped, failed, skipped, unwritten)",
+                                   ["model", "version", "result"], registry=r)
         # Rollout controller: the always-valid p-value of the latest look at each canary, and its verdicts.
         self.canary_p_value = Gauge("chimera_canary_p_value",
                                     "p-value of the latest rollout decision for a canary version",

@@ -36,6 +36,7 @@ from gateway.logwriter import PredictionLog
 from gateway.outcomelog import OutcomeLog, database_unavailable
 from gateway.replica_pool import ReplicaPool
 from gateway.router import Router
+from gateway.shadow import ShadowMirror
 from registry import NotFoundError
 
 MAX_ROUTING_KEY = 256
@@ -131,7 +132,8 @@ def _check_ids(routing_key: str, request_id: str, prefix: str = "") -> None:
 
 class Predictor:
     def __init__(self, catalog: Catalog, pool: ReplicaPool, log: PredictionLog, *,
-                 log_features_sample: float = 1.0, outcomes: OutcomeLog | None = None) -> None:
+                 log_features_sample: float = 1.0, outcomes: OutcomeLog | None = None,
+                 shadow: ShadowMirror | None = None) -> None:
         if not 0.0 <= log_features_sample <= 1.0:
             raise ValueError("log_features_sample must be within [0, 1]")
         self.catalog = catalog
@@ -139,6 +141,7 @@ class Predictor:
         self.log = log
         self.log_features_sample = log_features_sample
         self.outcomes = outcomes
+        self.shadow = shadow
         self.health = pool.health
         self.new_id = RequestIds()
         self._routes: dict[str, _Routes] = {}
@@ -253,7 +256,10 @@ class Predictor:
             fut: Awaitable[Any] = self._deploy_then_score(model, version, x, timeout)
         else:
             fut = batcher.enqueue(x, one=True, expires_in=timeout)
-        return fut, version, x, request_id or self.new_id()
+        request_id = request_id or self.new_id()
+        if entry.shadow is not None and self.shadow is not None and not pinned:
+            self.shadow.mirror_one(entry, version, x, named, dense, request_id)
+        return fut, version, x, request_id
 
     async def _deploy_then_score(self, model: str, version: int, x: np.ndarray,
                                  timeout: float | None) -> float:
@@ -307,6 +313,8 @@ class Predictor:
             versions = self._avoid_down(entry, versions, pinned_version)
         groups = self._groups(versions)
         matrices = self._project_groups(entry, rows, groups)
+        if entry.shadow is not None and self.shadow is not None and not pinned_version:
+            self.shadow.mirror_many(entry, rows, ids, groups, matrices)
         results, moved = await self._score_groups(entry, rows, groups, matrices, pinned_version, timeout,
                                                   started)
         scored_by = dict.fromkeys(groups, 0)

@@ -27,6 +27,7 @@ from gateway.predictor import Predictor
 from gateway.replica_pool import BatchConfig, ReplicaPool
 from gateway.rollout_servicer import RolloutServicer
 from gateway.servicer import PredictionServicer
+from gateway.shadow import ShadowMirror
 from gateway.split_watch import SplitWatcher
 from gateway.wire import register
 from registry import Registry
@@ -92,8 +93,10 @@ class Gateway:
                                    unknown_grace_s=config.outcome_unknown_grace_s)
         self.watcher = SplitWatcher(self.catalog, self.pool, self.metrics,
                                     poll_interval_s=config.poll_interval_s)
+        self.shadow = ShadowMirror(self.pool, self.registry, counter=self.metrics.shadow_rows)
         self.predictor = Predictor(self.catalog, self.pool, self.log,
-                                   log_features_sample=config.log_features_sample, outcomes=self.outcomes)
+                                   log_features_sample=config.log_features_sample, outcomes=self.outcomes,
+                                   shadow=self.shadow)
         outcomes = self.outcomes.stats
         self.metrics.outcomes_spilled.set_function(lambda: outcomes.spilled)
         self.metrics.outcomes_replayed.set_function(lambda: outcomes.replayed)
@@ -117,6 +120,7 @@ class Gateway:
         """Deploy replicas for every weighted version, then open the port. Returns the bound port."""
         self.log.start()
         self.outcomes.start()
+        self.shadow.start()
         await self.watcher.sync_all()
         self.watcher.start()
         server = grpc.aio.server(options=[
@@ -238,6 +242,7 @@ class Gateway:
             await self.server.stop(max(0.0, grace - (loop.time() - started)))
         await self.watcher.stop()
         await self.pool.close()
+        await self.shadow.close()
         await asyncio.to_thread(self.log.stop)
         await asyncio.to_thread(self.outcomes.stop)
         if self._metrics_server is not None:

@@ -55,4 +55,15 @@ class GatewayThread(BackgroundGateway):
         super().stop(grace=grace, undeploy=undeploy)
 
 
+def replica_pids(model: str, version: int) -> set[int]:
+    """Pids of the version's live Ray Serve replica actors (GCS actor table; no dashboard needed)."""
+    from ray._private import state
+
+    from replicas.deployment import app_name
+
+    prefix = f"ServeReplica:{app_name(model, version)}:"
+    return {a["Pid"] for a in state.actors().values()
+            if a["ActorClassName"].startswith(prefix) and a["State"] == "ALIVE" and a["Pid"]}
+
+
 ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)

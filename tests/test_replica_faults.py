@@ -20,20 +20,10 @@ from sqlalchemy import select
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.models import Prediction
-from replicas.deployment import app_name
-from tests.harness import GatewayThread, small_onnx
+from tests.harness import GatewayThread, replica_pids, small_onnx
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 ROW = [0.3, -0.2, 0.1, 0.9]
-
-
-def replica_pids(model: str, version: int) -> set[int]:
-    """Pids of the version's live Ray Serve replica actors (GCS actor table; no dashboard needed)."""
-    from ray._private import state
-
-    prefix = f"ServeReplica:{app_name(model, version)}:"
-    return {a["Pid"] for a in state.actors().values()
-            if a["ActorClassName"].startswith(prefix) and a["State"] == "ALIVE" and a["Pid"]}
 
 
 def kill_replica(model: str, version: int) -> int:

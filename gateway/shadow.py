@@ -1,0 +1,176 @@
+"""Shadow (mirror) scoring: a model's shadow version scores a copy of live traffic so its scores can be
+compared offline with what was served (same request ids, table shadow_predictions), before it takes
+any traffic.
+
+The caller must never notice it, so:
+- on the request path mirroring is one enqueue into the shadow version's micro-batcher (its own Ray
+  Serve application and replicas) plus a done-callback; nothing is awaited, nothing raises.
+- it is bounded: at most `max_pending_rows` mirrored rows are being scored at any time; beyond that
+  rows are not mirrored (counted as dropped), so a slow or dead shadow cannot pile up work or memory.
+  A shadow version that is down (gateway.failover) is skipped until its probe sees it answer again.
+- rows that do not fit the shadow version's features are skipped, never an error for the caller.
+- scores are written by a background task in bulk. Shadow rows are diagnostic data, not something a
+  client handed us: if the database refuses them they are counted (`unwritten`) and dropped, never
+  spilled or retried in front of the prediction log.
+
+Exposed as chimera_shadow_rows_total{model, version, result} with result in scored | dropped |
+failed | skipped | unwritten."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from gateway.catalog import ModelEntry
+from gateway.features import FeatureError, RowLike
+from gateway.replica_pool import ReplicaPool
+from registry import Registry
+from registry.repository import PredictionRow
+
+log = logging.getLogger(__name__)
+
+RESULTS = ("scored", "dropped", "failed", "skipped", "unwritten")
+
+
+class ShadowMirror:
+    def __init__(self, pool: ReplicaPool, registry: Registry, *, max_pending_rows: int = 8192,
+                 timeout_s: float = 5.0, flush_interval_s: float = 0.5, max_buffer_rows: int = 100_000,
+                 counter: Any = None) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.max_pending_rows = max_pending_rows
+        self.timeout_s = timeout_s
+        self.flush_interval_s = flush_interval_s
+        self.max_buffer_rows = max_buffer_rows
+        self.counts: dict[tuple[str, int, str], int] = {}
+        self._counter = counter  # prometheus Counter with labels (model, version, result), or None
+        self.pending_rows = 0
+        self._buffer: deque[PredictionRow] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ request path
+    def mirror_one(self, entry: ModelEntry, served: int, x: np.ndarray, named: Mapping[str, float],
+                   dense: Sequence[float], request_id: str) -> None:
+        """Mirror one accepted row (x: its projection for the version that serves it)."""
+        shadow = entry.shadow
+        if shadow is None or shadow == served:
+            return
+        schema = entry.schemas.get(shadow)
+        if schema is None:
+            return
+        if schema.names != entry.schemas[served].names:
+            try:
+                x = schema.project_one(named, dense)
+            except FeatureError:
+                self._count(entry.name, shadow, "skipped", 1)
+                return
+        self._send(entry.name, shadow, x, [request_id])
+
+    def mirror_many(self, entry: ModelEntry, rows: Sequence[RowLike], ids: list[str],
+                    groups: Mapping[int, np.ndarray], matrices: Mapping[int, np.ndarray]) -> None:
+        """Mirror a batch: the rows of every version group but the shadow's own, as one call."""
+        shadow = entry.shadow
+        if shadow is None:
+            return
+        schema = entry.schemas.get(shadow)
+        if schema is None:
+            return
+        parts: list[np.ndarray] = []
+        part_ids: list[str] = []
+        for version, idx in groups.items():
+            if version == shadow:
+                continue
+            pos = idx.tolist()
+            if schema.names == entry.schemas[version].names:
+                parts.append(matrices[version])
+            else:
+                try:
+                    parts.append(schema.project_rows([rows[i] for i in pos]))
+                except FeatureError:
+                    self._count(entry.name, shadow, "skipped", len(pos))
+                    continue
+            part_ids.extend(ids[i] for i in pos)
+        if part_ids:
+            self._send(entry.name, shadow, parts[0] if len(parts) == 1 else np.concatenate(parts), part_ids)
+
+    def _send(self, model: str, version: int, x: np.ndarray, ids: list[str]) -> None:
+        n = len(ids)
+        batcher = self.pool.batcher_or_none(model, version)
+        if batcher is None or self.pool.health.is_down(model, version):
+            self._count(model, version, "failed", n)
+            return
+        if self.pending_rows + n > self.max_pending_rows:
+            self._count(model, version, "dropped", n)
+            return
+        try:
+            fut = batcher.enqueue(x, timeout=self.timeout_s)
+        except RuntimeError:  # the batcher is closing (gateway shutdown)
+            self._count(model, version, "dropped", n)
+            return
+        self.pending_rows += n
+        started = time.perf_counter()
+        fut.add_done_callback(lambda f: self._done(f, model, version, ids, started))
+
+    def _done(self, fut: asyncio.Future[Any], model: str, version: int, ids: list[str],
+              started: float) -> None:
+        n = len(ids)
+        self.pending_rows -= n
+        if fut.cancelled() or fut.exception() is not None:
+            self._count(model, version, "failed", n)
+            return
+        latency_ms = (time.perf_counter() - started) * 1e3
+        if len(self._buffer) + n > self.max_buffer_rows:  # the writer is far behind: keep memory bounded
+            self._count(model, version, "unwritten", n)
+            return
+        now = datetime.now(UTC)
+        self._buffer.extend(PredictionRow(request_id=rid, model=model, version=version, score=float(s),
+                                          latency_ms=latency_ms, created_at=now)
+                            for rid, s in zip(ids, fut.result().tolist(), strict=True))
+        self._count(model, version, "scored", n)
+
+    def _count(self, model: str, version: int, result: str, n: int) -> None:
+        key = (model, version, result)
+        self.counts[key] = self.counts.get(key, 0) + n
+        if self._counter is not None:
+            self._counter.labels(model, str(version), result).inc(n)
+
+    # ------------------------------------------------------------------ writer
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="shadow-writer")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write what has been scored so far; returns the rows written."""
+        if not self._buffer:
+            return 0
+        rows = list(self._buffer)
+        self._buffer.clear()
+        try:
+            await asyncio.to_thread(self.registry.insert_shadow_predictions, rows)
+        except Exception:
+            log.warning("could not write %d shadow predictions; dropped", len(rows), exc_info=True)
+            lost: dict[tuple[str, int], int] = {}
+            for row in rows:
+                lost[row.model, row.version] = lost.get((row.model, row.version), 0) + 1
+            for (model, version), n in lost.items():
+                self._count(model, version, "unwritten", n)
+            return 0
+        return len(rows)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.flush()
