@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol, overload
 
 import numpy as np
 
@@ -31,6 +31,40 @@ class RowLike(Protocol):
 
     @property
     def dense(self) -> Sequence[float]: ...
+
+
+class DenseRow(NamedTuple):
+    """One row of a PackedRows, as the slow paths (failover, shadow re-projection) read rows."""
+
+    routing_key: str
+    request_id: str
+    features: Mapping[str, float]
+    dense: Sequence[float]
+
+
+class PackedRows(Sequence[DenseRow]):
+    """The rows of a packed PredictBatch (chimera.v1.DenseMatrix): an [n, cols] float32 matrix read
+    straight from the request's bytes, plus its routing keys and request ids (one per row, "" where
+    none was given). No object per row exists unless a slow path asks for one."""
+
+    __slots__ = ("matrix", "routing_keys", "request_ids")
+
+    def __init__(self, matrix: np.ndarray, routing_keys: list[str], request_ids: list[str]) -> None:
+        self.matrix = matrix
+        self.routing_keys = routing_keys
+        self.request_ids = request_ids
+
+    def __len__(self) -> int:
+        return len(self.matrix)
+
+    @overload
+    def __getitem__(self, i: int) -> DenseRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[DenseRow]: ...
+    def __getitem__(self, i: int | slice) -> DenseRow | Sequence[DenseRow]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return DenseRow(self.routing_keys[i], self.request_ids[i], {}, self.matrix[i])
 
 
 class Schema:
@@ -115,6 +149,8 @@ class Schema:
     def project_rows(self, rows: Sequence[RowLike], positions: Sequence[int] | None = None) -> np.ndarray:
         """A [len(rows), width] float32 matrix. `positions` are the rows' indexes in the caller's
         request, for error messages (default 0..n-1). An all-dense batch is one numpy call."""
+        if isinstance(rows, PackedRows):
+            return self._check_packed(rows.matrix)
         n, w = len(rows), self.width
         pos = positions if positions is not None else range(n)
         dense = [r.dense for r in rows]
@@ -131,6 +167,17 @@ class Schema:
         if not finite.all():
             j = int(np.argmin(finite))
             self.project(rows[j].features, rows[j].dense, prefix=f"rows[{pos[j]}].")  # raises
+        return m
+
+    def _check_packed(self, m: np.ndarray) -> np.ndarray:
+        if m.shape[1] != self.width:
+            raise FeatureError(f"matrix.cols: expected {self.width} values per row in schema order "
+                               f"({', '.join(self.names)}), got {m.shape[1]}")
+        finite = np.isfinite(m)
+        if not finite.all():
+            j, i = map(int, np.argwhere(~finite)[0])
+            raise FeatureError(f"matrix.f32: row {j}, column {i} ({self.names[i]}): value must be a finite "
+                               f"float32, got {m[j, i]}")
         return m
 
     def project_many(self, rows: Iterable[tuple[Mapping[str, float], Sequence[float]]], n: int) -> np.ndarray:

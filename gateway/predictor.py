@@ -31,7 +31,7 @@ import numpy as np
 from gateway.batcher import MicroBatcher
 from gateway.catalog import Catalog, ModelEntry
 from gateway.errors import PreconditionError, UnavailableError
-from gateway.features import FeatureError, RowLike, Schema
+from gateway.features import FeatureError, PackedRows, RowLike, Schema
 from gateway.logwriter import PredictionLog
 from gateway.outcomelog import OutcomeLog, database_unavailable
 from gateway.replica_pool import ReplicaPool
@@ -294,12 +294,16 @@ class Predictor:
     async def predict_many(self, model: str, rows: Sequence[RequestLike], pinned_version: int = 0,
                            timeout: float | None = None) -> ScoredBatch:
         """Rows are routed one by one (on their own routing keys), grouped per version, and each
-        group is one batcher item. `rows` may be RowInputs or chimera.v1.PredictRequest messages as
-        they came. Projection, validation, scoring and logging work on whole matrices."""
+        group is one batcher item. `rows` may be RowInputs, chimera.v1.PredictRequest messages as
+        they came, or a PackedRows matrix. Projection, validation, scoring and logging work on whole
+        matrices."""
         started = time.perf_counter()
         entry = self.catalog.get(model)
-        keys = list(map(_routing_key, rows))
-        ids = list(map(_request_id, rows))
+        if isinstance(rows, PackedRows):
+            keys, ids = rows.routing_keys, rows.request_ids
+        else:
+            keys = list(map(_routing_key, rows))
+            ids = list(map(_request_id, rows))
         if max(map(len, keys), default=0) > MAX_ROUTING_KEY or max(map(len, ids), default=0) > MAX_REQUEST_ID:
             for i, r in enumerate(rows):
                 _check_ids(r.routing_key, r.request_id, f"rows[{i}].")

@@ -24,11 +24,13 @@ from functools import partial
 from typing import Any
 
 import grpc
+import numpy as np
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.auth import AdminAuth
 from gateway.errors import UnavailableError, status_for
+from gateway.features import PackedRows
 from gateway.metrics import Metrics
 from gateway.predictor import Predictor
 from registry import ValidationError
@@ -41,6 +43,43 @@ _READER_DONE = object()
 
 def _status(exc: BaseException) -> grpc.StatusCode:
     return status_for(exc)
+
+
+def _batch_pin(rows: Any, model: str) -> int:
+    """Check a PredictBatch's rows agree on model and pinned version; returns the pinned version."""
+    if not rows:
+        raise ValidationError("rows: empty batch")
+    if len(rows) > MAX_BATCH_ROWS:
+        raise ValidationError(f"rows: {len(rows)} rows, limit {MAX_BATCH_ROWS}")
+    pinned = 0
+    for i, r in enumerate(rows):
+        if r.model and r.model != model:
+            raise ValidationError(f"rows[{i}].model: {r.model!r} differs from batch model {model!r}")
+        if r.version:
+            pinned = pinned or r.version
+            if r.version != pinned:
+                raise ValidationError(f"rows[{i}].version: one pinned version per batch")
+    return pinned
+
+
+def unpack_matrix(m: pb.DenseMatrix) -> PackedRows:
+    """A DenseMatrix's rows without copying its values (the matrix is a read-only view of the bytes)."""
+    if m.cols <= 0:
+        raise ValidationError(f"matrix.cols: must be positive, got {m.cols}")
+    size = len(m.f32)
+    if size == 0 or size % (4 * m.cols):
+        raise ValidationError(f"matrix.f32: {size} bytes is not a whole number of rows of {m.cols} float32 "
+                              f"values ({4 * m.cols} bytes each)")
+    n = size // (4 * m.cols)
+    if n > MAX_BATCH_ROWS:
+        raise ValidationError(f"matrix: {n} rows, limit {MAX_BATCH_ROWS}")
+    keys, ids = list(m.routing_keys), list(m.request_ids)
+    for name, values in (("routing_keys", keys), ("request_ids", ids)):
+        if values and len(values) != n:
+            raise ValidationError(f"matrix.{name}: {len(values)} given for {n} rows "
+                                  "(give one per row, or none)")
+    x = np.frombuffer(m.f32, dtype="<f4").reshape(n, m.cols)
+    return PackedRows(x, keys or [""] * n, ids or [""] * n)
 
 
 _frozen = False
@@ -137,30 +176,31 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                            context: grpc.aio.ServicerContext) -> pb.PredictBatchResponse:
         t0 = time.perf_counter()
         rows = request.rows
+        packed = request.HasField("matrix")
         model = request.model or (rows[0].model if rows else "")
         try:
-            if not rows:
-                raise ValidationError("rows: empty batch")
-            if len(rows) > MAX_BATCH_ROWS:
-                raise ValidationError(f"rows: {len(rows)} rows, limit {MAX_BATCH_ROWS}")
-            pinned = 0
-            for i, r in enumerate(rows):
-                if r.model and r.model != model:
-                    raise ValidationError(f"rows[{i}].model: {r.model!r} differs from batch model {model!r}")
-                if r.version:
-                    pinned = pinned or r.version
-                    if r.version != pinned:
-                        raise ValidationError(f"rows[{i}].version: one pinned version per batch")
+            if packed:
+                if rows:
+                    raise ValidationError("rows: set either rows or matrix, not both")
+                batch: Any = unpack_matrix(request.matrix)
+                pinned = request.matrix.version
+            else:
+                batch, pinned = rows, _batch_pin(rows, model)
             if pinned:
                 self.auth.actor(context)
-            result = await self.predictor.predict_many(model, rows, pinned, _remaining(context))
+            result = await self.predictor.predict_many(model, batch, pinned, _remaining(context))
         except Exception as exc:
             await self._fail(context, "PredictBatch", model, exc, t0)
             raise
         response = pb.PredictBatchResponse()
-        add = response.results.add
-        for rid, version, score in zip(result.request_ids, result.versions, result.scores, strict=True):
-            add(request_id=rid, model=model, version=version, score=score)
+        if packed:
+            response.request_ids.extend(result.request_ids)
+            response.versions.extend(result.versions)
+            response.scores.extend(result.scores)
+        else:
+            add = response.results.add
+            for rid, version, score in zip(result.request_ids, result.versions, result.scores, strict=True):
+                add(request_id=rid, model=model, version=version, score=score)
         self._observe("PredictBatch", model, "", grpc.StatusCode.OK, t0)
         return response
 

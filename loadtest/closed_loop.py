@@ -25,9 +25,10 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import grpc
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
-Kind = Literal["predict", "batch", "stream"]
+Kind = Literal["predict", "batch", "packed", "stream"]  # packed: PredictBatch with a DenseMatrix
 PREDICT = "/chimera.v1.PredictionService/Predict"
 PREDICT_BATCH = "/chimera.v1.PredictionService/PredictBatch"
 PREDICT_STREAM = "/chimera.v1.PredictionService/PredictStream"
@@ -94,7 +95,13 @@ def _requests(spec: LoadSpec, worker: int, n: int) -> list[bytes]:
 
     out: list[bytes] = []
     for j in range(n):
-        if spec.kind == "batch":
+        if spec.kind == "packed":
+            idx = [j * spec.batch_rows + k for k in range(spec.batch_rows)]
+            x = np.array([spec.rows[i % len(spec.rows)] for i in idx], dtype="<f4")
+            keys = [f"user-{(i * 7919 + worker * 104729 + spec.seed) % spec.n_keys}" for i in idx]
+            out.append(pb.PredictBatchRequest(model=spec.model, matrix=pb.DenseMatrix(
+                f32=x.tobytes(), cols=x.shape[1], routing_keys=keys)).SerializeToString())
+        elif spec.kind == "batch":
             base = j * spec.batch_rows
             out.append(pb.PredictBatchRequest(
                 model=spec.model, rows=[one(base + k) for k in range(spec.batch_rows)]).SerializeToString())
@@ -106,7 +113,11 @@ def _requests(spec: LoadSpec, worker: int, n: int) -> list[bytes]:
 def _check(kind: str, data: bytes, batch_rows: int) -> None:
     from chimera.v1 import prediction_pb2 as pb
 
-    if kind == "batch":
+    if kind == "packed":
+        resp = pb.PredictBatchResponse.FromString(data)
+        if len(resp.scores) != batch_rows or not all(0.0 <= s <= 1.0 for s in resp.scores):
+            raise ValueError(f"bad packed PredictBatch response: {len(resp.scores)} scores")
+    elif kind == "batch":
         resp = pb.PredictBatchResponse.FromString(data)
         if len(resp.results) != batch_rows or not all(0.0 <= r.score <= 1.0 for r in resp.results):
             raise ValueError(f"bad PredictBatch response: {len(resp.results)} results")
@@ -131,14 +142,14 @@ def _worker_main(spec: LoadSpec, index: int, callers: int, conn: Connection) -> 
 
 
 async def _worker(spec: LoadSpec, index: int, callers: int, conn: Connection) -> dict[str, Any]:
-    n_payloads = 64 if spec.kind == "batch" else 2048
+    n_payloads = 64 if spec.kind in ("batch", "packed") else 2048
     payloads = _requests(spec, index, n_payloads)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                ("grpc.max_send_message_length", MAX_MESSAGE)]
     hist = HdrHistogram(1, HIST_MAX_US, 3)
     codes: Counter[str] = Counter()
     done = 0
-    rows_per_call = spec.batch_rows if spec.kind == "batch" else 1
+    rows_per_call = spec.batch_rows if spec.kind in ("batch", "packed") else 1
     md = spec.metadata or None
     async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -152,7 +163,7 @@ async def _worker(spec: LoadSpec, index: int, callers: int, conn: Connection) ->
         if spec.kind == "stream":
             call = channel.stream_stream(PREDICT_STREAM)
         else:
-            call = channel.unary_unary(PREDICT_BATCH if spec.kind == "batch" else PREDICT)
+            call = channel.unary_unary(PREDICT_BATCH if spec.kind in ("batch", "packed") else PREDICT)
 
         # Pacing (soak): caller c sends its k-th call at start_at + (k + c / callers) / per_caller_rate.
         per_caller = spec.rate / spec.concurrency if spec.rate > 0 else 0.0

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 CASES = ["onnx_batch1", "onnx_batch256", "ray_c1", "ray_c8", "ray_c64", "chimera_c1", "chimera_c8",
-         "chimera_c64", "chimera_batch256", "chimera_stream_c64"]
+         "chimera_c64", "chimera_batch256", "chimera_packed256", "chimera_stream_c64"]
 RATIOS = ["chimera_rps_c64_over_ray_rps_c64", "chimera_p99_c64_over_ray_p99_c64",
           "chimera_p50_c1_over_ray_p50_c1", "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
           "soak_rss_growth"]
@@ -33,6 +33,8 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
         assert case.get("errors", 0) == 0, (name, case)
     batch = report["cases"]["chimera_batch256"]
     assert batch["rows_per_s"] == 256 * batch["rps"]
+    packed = report["cases"]["chimera_packed256"]
+    assert packed["rows_per_s"] == 256 * packed["rps"]
     assert report["cases"]["chimera_c64"]["rows_per_ray_call"] >= 1
     assert set(RATIOS) == set(report["ratios"]) == set(report["targets"])
     for key in RATIOS:

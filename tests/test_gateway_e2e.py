@@ -88,6 +88,70 @@ def test_split_and_stickiness_over_5000_keyed_requests(served, registry: Registr
         assert again.version == versions[i]
 
 
+def packed(x: np.ndarray, **kwargs: object) -> pb.DenseMatrix:
+    return pb.DenseMatrix(f32=x.astype("<f4").tobytes(), cols=x.shape[1], **kwargs)
+
+
+def test_packed_batch_scores_routes_and_logs_like_rows(served, registry: Registry) -> None:
+    gw, model, names = served
+    x = np.random.default_rng(11).normal(size=(300, len(names))).astype(np.float32)
+    keys = [f"pk-{i}" for i in range(len(x))]
+    ids = [f"packed-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(x))]
+    resp = gw.predict.PredictBatch(pb.PredictBatchRequest(
+        model=model, matrix=packed(x, routing_keys=keys, request_ids=ids)), timeout=30)
+    assert list(resp.request_ids) == ids and len(resp.versions) == len(resp.scores) == len(x)
+    assert not resp.results
+    versions = np.array(resp.versions)
+    assert set(versions.tolist()) == {1, 2}
+    for v in (1, 2):
+        data, _ = registry.get_onnx(model, v)
+        sess = ort.InferenceSession(data)
+        expected = sess.run(None, {sess.get_inputs()[0].name: x[versions == v]})[1][:, 1]
+        np.testing.assert_allclose(np.array(resp.scores)[versions == v], expected, atol=1e-6)
+    # The same keys as message rows land on the same versions with the same scores.
+    rows = [pb.PredictRequest(routing_key=k, dense=x[i].tolist()) for i, k in enumerate(keys)]
+    again = gw.predict.PredictBatch(pb.PredictBatchRequest(model=model, rows=rows), timeout=30)
+    assert [r.version for r in again.results] == versions.tolist()
+    np.testing.assert_allclose([r.score for r in again.results], resp.scores, atol=1e-9)
+    # Generated ids when none are given; every row is logged under its id and version.
+    anon = gw.predict.PredictBatch(pb.PredictBatchRequest(model=model, matrix=packed(x[:5])), timeout=30)
+    assert len(set(anon.request_ids)) == 5 and all(len(r) >= 16 for r in anon.request_ids)
+    gw.gateway.log.flush()
+    assert registry.get_prediction(ids[7]).version == versions[7]
+    assert registry.get_prediction(anon.request_ids[3]).score == pytest.approx(anon.scores[3])
+
+
+@pytest.mark.parametrize("matrix, field", [
+    (pb.DenseMatrix(f32=b"\0" * 12, cols=4), "matrix.f32"),
+    (pb.DenseMatrix(f32=b"", cols=4), "matrix.f32"),
+    (pb.DenseMatrix(f32=b"\0" * 16, cols=0), "matrix.cols"),
+    (pb.DenseMatrix(f32=b"\0" * 24, cols=3), "matrix.cols: expected 4"),
+    (packed(np.array([[1, 2, 3, 4], [1, np.nan, 3, 4]])), "row 1, column 1 (f1)"),
+    (packed(np.ones((2, 4)), routing_keys=["a"]), "matrix.routing_keys"),
+    (packed(np.ones((2, 4)), request_ids=["a", "b", "c"]), "matrix.request_ids"),
+])
+def test_bad_packed_batch_gets_invalid_argument(served, matrix: pb.DenseMatrix, field: str) -> None:
+    gw, model, _ = served
+    with pytest.raises(grpc.RpcError) as err:
+        gw.predict.PredictBatch(pb.PredictBatchRequest(model=model, matrix=matrix), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details(), \
+        err.value.details()
+
+
+def test_packed_batch_rejects_rows_and_matrix_together_and_pins_only_for_admins(served) -> None:
+    gw, model, _ = served
+    both = pb.PredictBatchRequest(model=model, rows=[pb.PredictRequest(dense=[1, 2, 3, 4])],
+                                  matrix=packed(np.ones((1, 4))))
+    with pytest.raises(grpc.RpcError) as err:
+        gw.predict.PredictBatch(both, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rows" in err.value.details()
+    pinned = pb.PredictBatchRequest(model=model, matrix=packed(np.ones((3, 4)), version=2))
+    with pytest.raises(grpc.RpcError) as err:
+        gw.predict.PredictBatch(pinned, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert list(gw.predict.PredictBatch(pinned, metadata=ADMIN_MD, timeout=30).versions) == [2, 2, 2]
+
+
 def test_predictions_are_logged_and_outcomes_recorded(served, registry: Registry) -> None:
     gw, model, names = served
     resp = gw.predict.Predict(pb.PredictRequest(model=model, routing_key="a", dense=[1, 2, 3, 4]), timeout=30)
