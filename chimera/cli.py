@@ -542,14 +542,15 @@ def bench(
     warmup: Annotated[float, typer.Option(help="unmeasured seconds before each case")] = 2.0,
     soak: Annotated[float, typer.Option(help="soak seconds at 70% of max throughput (0: none)")] = 0.0,
     quick: Annotated[bool, typer.Option(help="tiny durations: checks the machinery, not speed")] = False,
-    profile: Annotated[float, typer.Option(help="py-spy the gateway this many seconds at c=64")] = 0.0,
+    profile: Annotated[float, typer.Option(help="py-spy the gateway this many seconds in one case")] = 0.0,
     profile_out: Annotated[Path | None, typer.Option(help="profile file (.svg, .json, .txt)")] = None,
+    profile_case: Annotated[str, typer.Option(help="the case to profile")] = "chimera_c64",
 ) -> None:
     """Raw onnxruntime vs Ray Serve's gRPC proxy vs the Chimera gateway, same model, one run."""
     from loadtest.bench import main as bench_main
 
     argv = ["--duration", str(duration), "--warmup", str(warmup), "--soak", str(soak),
-            "--profile", str(profile)]
+            "--profile", str(profile), "--profile-case", profile_case]
     argv += ["--json", str(json_path)] if json_path else []
     argv += ["--profile-out", str(profile_out)] if profile_out else []
     argv += ["--quick"] if quick else []

@@ -62,6 +62,7 @@ class BenchOptions:
     keep_workdir: bool = False
     profile_s: float = 0.0  # > 0: py-spy the gateway for this long during the c=64 case
     profile_path: Path | None = None
+    profile_case: str = "chimera_c64"  # which gateway case py-spy watches
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -393,21 +394,21 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         def measure(name: str, title: str, spec: LoadSpec) -> LoadResult:
             before = scrape.sample()
+            prof = None
+            if name == opts.profile_case and opts.profile_s > 0:
+                out = opts.profile_path or workdir / "gateway-profile.svg"
+                prof = _profile(gateway.pid, min(opts.profile_s, opts.duration_s), out, log)
+                report["profile"] = str(out)
             res = run(spec)
+            if prof is not None:
+                prof.wait(60)
             cases[name] = _case(title, res)
             cases[name].update(MetricsScrape.delta(before, scrape.sample()))
             log(_line(name, cases[name]))
             return res
 
         for c in UNARY_CONCURRENCY:
-            prof = None
-            if c == 64 and opts.profile_s > 0:
-                out = opts.profile_path or workdir / "gateway-profile.svg"
-                prof = _profile(gateway.pid, min(opts.profile_s, opts.duration_s), out, log)
-                report["profile"] = str(out)
             measure(f"chimera_c{c}", f"Chimera gateway, Predict, c={c}", replace(chimera, concurrency=c))
-            if prof is not None:
-                prof.wait(60)
         measure(f"chimera_batch{BATCH_ROWS}",
                 f"Chimera gateway, PredictBatch {BATCH_ROWS} rows, c={opts.batch_concurrency}",
                 replace(chimera, kind="batch", concurrency=opts.batch_concurrency))
@@ -594,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny durations: checks the machinery only")
     p.add_argument("--named", action="store_true", help="send features by name instead of dense vectors")
     p.add_argument("--registry-url", default=None, help="registry for the gateway (default: temp SQLite)")
-    p.add_argument("--profile", type=float, default=0.0, help="py-spy the gateway for S seconds at c=64")
+    p.add_argument("--profile", type=float, default=0.0, help="py-spy the gateway for S seconds in one case")
+    p.add_argument("--profile-case", default="chimera_c64", help="the case to profile (default chimera_c64)")
     p.add_argument("--profile-out", type=Path, default=None, help="profile output (.svg, .json, .txt)")
     p.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -603,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     opts = BenchOptions(json_path=a.json, duration_s=a.duration, warmup_s=a.warmup, soak_s=a.soak,
                         quick=a.quick, named_features=a.named, registry_url=a.registry_url,
-                        profile_s=a.profile, profile_path=a.profile_out)
+                        profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case)
     report = run_bench(opts)
     print(format_table(report), flush=True)
     if opts.json_path is not None:
