@@ -194,6 +194,7 @@ def serve(
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
         tls_client_ca=settings.tls_client_ca,
+        traces_exporter=settings.traces_exporter,
     )
     asyncio.run(serve_forever(config))
 
