@@ -171,7 +171,8 @@ def serve(
     ] = 2.0,
 ) -> None:
     """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM.
-    CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call."""
+    CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call;
+    CHIMERA_TRACES_EXPORTER (console, otlp) turns on OpenTelemetry spans."""
     import asyncio
 
     from gateway.server import GatewayConfig, ensure_ray, serve_forever

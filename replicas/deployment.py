@@ -51,6 +51,9 @@ class VersionReplica:
         from gateway.tracing import Tracing
         from registry import Registry
 
+        # First: a bad exporter setting (otlp without its package) fails the replica with its message.
+        self.tracing = Tracing(traces_exporter, service_name="chimera-replica")
+        self._tracer = self.tracing.tracer
         reg = Registry(registry_url)
         try:
             data, sha = reg.get_onnx(model, version)
@@ -59,8 +62,6 @@ class VersionReplica:
         self.model = model
         self.version = version
         self.scorer = OnnxScorer(data, sha)
-        self.tracing = Tracing(traces_exporter, service_name="chimera-replica")
-        self._tracer = self.tracing.tracer
 
     async def score(self, rows: np.ndarray, trace_carrier: Mapping[str, str] | None = None) -> np.ndarray:
         """One batch from a gateway's micro-batcher. Each gateway keeps at most a few calls in flight
