@@ -174,7 +174,8 @@ def serve(
     ] = "uvloop",
 ) -> None:
     """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM.
-    CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call."""
+    CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call;
+    CHIMERA_TRACES_EXPORTER (console, otlp) turns on OpenTelemetry spans."""
     if event_loop not in ("uvloop", "asyncio"):
         raise typer.BadParameter("--loop must be uvloop or asyncio")
     import asyncio
@@ -199,6 +200,7 @@ def serve(
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
         tls_client_ca=settings.tls_client_ca,
+        traces_exporter=settings.traces_exporter,
     )
     if event_loop == "uvloop":
         import uvloop

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SQLITE_FILE = "chimera.db"
+TRACES_EXPORTERS = ("none", "console", "otlp", "memory")  # see gateway.tracing
 
 
 def default_registry_url() -> str:
@@ -33,6 +34,7 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    traces_exporter: str = "none"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -46,7 +48,24 @@ class Settings:
             tls_cert=_path(os.environ.get("CHIMERA_TLS_CERT")),
             tls_key=_path(os.environ.get("CHIMERA_TLS_KEY")),
             tls_client_ca=_path(os.environ.get("CHIMERA_TLS_CLIENT_CA")),
+            traces_exporter=traces_exporter_from_env(),
         )
+
+
+def traces_exporter_from_env() -> str:
+    """CHIMERA_TRACES_EXPORTER (none | console | otlp | memory; default none). An unknown value fails
+    at start-up rather than silently turning tracing off."""
+    value = (os.environ.get("CHIMERA_TRACES_EXPORTER") or "none").strip().lower()
+    if value not in TRACES_EXPORTERS:
+        raise ValueError(f"CHIMERA_TRACES_EXPORTER: {value!r} is not one of {', '.join(TRACES_EXPORTERS)}")
+    return value
+
+
+def registry_url_from_env() -> str | None:
+    """CHIMERA_REGISTRY_URL as given (a relative SQLite path pinned), or None when it is unset. For
+    processes where falling back to a local SQLite file would be wrong, such as Ray pods."""
+    url = os.environ.get("CHIMERA_REGISTRY_URL")
+    return _absolute_sqlite(url) if url else None
 
 
 def _path(value: str | None) -> Path | None:

@@ -33,7 +33,7 @@ class BackgroundGateway:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self, grace: float = 2.0, undeploy: bool = True) -> None:
-        apps = self.gateway.pool.ready_versions()
+        apps = self.gateway.pool.owned_versions()  # applications declared by a Serve config stay
         try:
             self.run(self.gateway.stop(grace=grace), timeout=grace + 60)
         finally:

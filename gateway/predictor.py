@@ -12,7 +12,10 @@ failed version; a version with no fallback, or pinned by the caller, answers UNA
 The check costs one truth test of an (almost always empty) dict per request.
 
 Outcomes the database cannot take now (it is down, or their prediction is still in the prediction
-spill file) are accepted into the outcome spill (gateway.outcomelog) instead of failing."""
+spill file) are accepted into the outcome spill (gateway.outcomelog) instead of failing.
+
+Tracing: with a tracer (tracing on), routing runs inside a `chimera.route` span; without one (None,
+tracing off) the only cost is that None check."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 import numpy as np
+from opentelemetry.trace import Tracer
 
 from gateway.batcher import MicroBatcher
 from gateway.catalog import Catalog, ModelEntry
@@ -133,7 +137,7 @@ def _check_ids(routing_key: str, request_id: str, prefix: str = "") -> None:
 class Predictor:
     def __init__(self, catalog: Catalog, pool: ReplicaPool, log: PredictionLog, *,
                  log_features_sample: float = 1.0, outcomes: OutcomeLog | None = None,
-                 shadow: ShadowMirror | None = None) -> None:
+                 shadow: ShadowMirror | None = None, tracer: Tracer | None = None) -> None:
         if not 0.0 <= log_features_sample <= 1.0:
             raise ValueError("log_features_sample must be within [0, 1]")
         self.catalog = catalog
@@ -145,6 +149,7 @@ class Predictor:
         self.health = pool.health
         self.new_id = RequestIds()
         self._routes: dict[str, _Routes] = {}
+        self.tracer = tracer  # None: tracing is off
 
     # ------------------------------------------------------------------ routing
     def _route(self, entry: ModelEntry, routing_key: str) -> int:
@@ -179,6 +184,14 @@ class Predictor:
                 raise NotFoundError(f"version: model {entry.name!r} has no version {pinned}")
             return pinned
         return self._route(entry, routing_key)
+
+    def _traced_version_for(self, entry: ModelEntry, routing_key: str, pinned: int) -> int:
+        assert self.tracer is not None
+        attributes = {"chimera.model": entry.name}
+        with self.tracer.start_as_current_span("chimera.route", attributes=attributes) as span:
+            version = self._version_for(entry, routing_key, pinned)
+            span.set_attributes({"chimera.version": version, "chimera.pinned": bool(pinned)})
+            return version
 
     def _batcher_now(self, model: str, version: int, pinned: int) -> MicroBatcher | None:
         """The version's batcher if its replicas are up. A routed version is deployed before it gets
@@ -237,7 +250,10 @@ class Predictor:
         score, version, row, request id). Raising here means the request is bad (no work queued)."""
         _check_ids(routing_key, request_id)
         entry = self.catalog.get(model)
-        version = self._version_for(entry, routing_key, pinned)
+        if self.tracer is None:
+            version = self._version_for(entry, routing_key, pinned)
+        else:
+            version = self._traced_version_for(entry, routing_key, pinned)
         health = self.health
         if health.down and health.is_down(model, version):
             failed, version = version, self._fallback(entry, version, pinned, 1)
@@ -312,7 +328,10 @@ class Predictor:
         elif not all(ids):
             new_id = self.new_id
             ids = [rid or new_id() for rid in ids]
-        versions = self._route_many(entry, keys, pinned_version)
+        if self.tracer is None:
+            versions = self._route_many(entry, keys, pinned_version)
+        else:
+            versions = self._traced_route_many(entry, keys, pinned_version)
         if self.health.down:
             versions = self._avoid_down(entry, versions, pinned_version)
         groups = self._groups(versions)
@@ -361,6 +380,18 @@ class Predictor:
                 return versions  # type: ignore[return-value]
         route = self._route
         return [route(entry, k) for k in keys]
+
+    def _traced_route_many(self, entry: ModelEntry, keys: list[str], pinned: int) -> list[int]:
+        assert self.tracer is not None
+        with self.tracer.start_as_current_span(
+                "chimera.route", attributes={"chimera.model": entry.name, "chimera.rows": len(keys)}) as span:
+            versions = self._route_many(entry, keys, pinned)
+            distinct = sorted(set(versions))
+            span.set_attribute("chimera.versions", distinct)
+            if len(distinct) == 1:
+                span.set_attribute("chimera.version", distinct[0])
+            span.set_attribute("chimera.pinned", bool(pinned))
+            return versions
 
     @staticmethod
     def _groups(versions: list[int]) -> dict[int, np.ndarray]:

@@ -1,6 +1,14 @@
 """Ray Serve applications per version, seen from the gateway: deploy before traffic, one
 micro-batcher per version in front of its handle.
 
+An application the cluster declared (deploy/ray/serve-config.yaml under KubeRay, or `serve deploy`) is
+used as it is: the gateway waits for it to be RUNNING and never redeploys or deletes it, since
+`serve.run` over it would replace the declared replica count and resources. Versions nobody declared
+are deployed by the gateway, as before.
+
+Tracing: with a tracer, each Ray call runs in a `chimera.ray_call` span (CLIENT) and carries the W3C
+context to the replica as an extra argument; without one the call is exactly as before.
+
 Handles are fetched inside the gateway's event loop: a handle obtained in one loop and awaited from
 another hangs (measured on Ray Serve 2.60)."""
 
@@ -13,10 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.batcher import BatchObserver, MicroBatcher
 from gateway.errors import UnavailableError
 from gateway.failover import VersionHealth
+from gateway.tracing import current_carrier
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +62,8 @@ class BatchConfig:
 class ReplicaPool:
     def __init__(self, registry_url: str, *, replica_cpus: float = 0.25, batch: BatchConfig | None = None,
                  observer_factory: Callable[[str, int], BatchObserver] | None = None,
-                 health: VersionHealth | None = None) -> None:
+                 health: VersionHealth | None = None, tracer: Tracer | None = None,
+                 traces_exporter: str = "none") -> None:
         self.registry_url = registry_url
         self.health = health or VersionHealth()
         self.replica_cpus = replica_cpus
@@ -61,6 +72,34 @@ class ReplicaPool:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._handles: list[Any] = []
         self._observer_factory = observer_factory
+        self.tracer = tracer  # None: tracing off
+        self.traces_exporter = traces_exporter  # what the replicas this pool deploys trace with
+        self._declared: set[tuple[str, int]] = set()
+
+    def is_declared(self, model: str, version: int) -> bool:
+        """The version's application was declared by the cluster's Serve config: not ours to delete."""
+        return (model, version) in self._declared
+
+    def owned_versions(self) -> list[tuple[str, int]]:
+        """Versions whose applications this pool deployed itself (the ones to undeploy)."""
+        return [k for k in self.ready_versions() if k not in self._declared]
+
+    def _deploy_or_adopt(self, model: str, version: int) -> None:
+        """Runs in a worker thread: use the declared application, or deploy one and wait for it."""
+        from replicas.deployment import DeclaredAppError, declared_app, deploy_version
+
+        try:
+            declared = declared_app(model, version)
+        except DeclaredAppError:
+            self._declared.add((model, version))  # broken, but still the cluster's to fix, not ours to delete
+            raise
+        if declared:
+            self._declared.add((model, version))
+            log.info("using the declared application for %s v%d as it is", model, version)
+            return
+        log.info("deploying replicas for %s v%d", model, version)
+        deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus,
+                       traces_exporter=self.traces_exporter)
 
     def is_ready(self, model: str, version: int) -> bool:
         return (model, version) in self._batchers
@@ -69,7 +108,8 @@ class ReplicaPool:
         return sorted(self._batchers)
 
     async def ensure(self, model: str, version: int) -> MicroBatcher:
-        """Deploy the version's replicas if needed and wait until they answer."""
+        """Deploy the version's replicas if needed (or wait for the declared application) and wait until
+        they answer."""
         key = (model, version)
         batcher = self._batchers.get(key)
         if batcher is not None:
@@ -82,11 +122,9 @@ class ReplicaPool:
             from ray import serve
             from ray.serve.handle import DeploymentHandle
 
-            from replicas.deployment import app_name, deploy_version
+            from replicas.deployment import app_name
 
-            log.info("deploying replicas for %s v%d", model, version)
-            await asyncio.to_thread(deploy_version, self.registry_url, model, version,
-                                    num_cpus=self.replica_cpus)
+            await asyncio.to_thread(self._deploy_or_adopt, model, version)
             cached = serve.get_app_handle(app_name(model, version))
             # A handle of this pool's own: Serve caches one per process, and its router belongs to the
             # event loop that first used it (a second gateway in the process must not share it).
@@ -100,6 +138,8 @@ class ReplicaPool:
             call_timeout = min(self.batch.call_timeout_s, self.batch.stall_timeout_s)
             health = self.health
             width = [0]
+            tracer = self.tracer
+            attributes = {"chimera.model": model, "chimera.version": version}
 
             async def probe() -> None:
                 """One zero row; succeeds once a live replica answers (used while the version is down)."""
@@ -109,7 +149,11 @@ class ReplicaPool:
             async def score(rows: np.ndarray) -> np.ndarray:
                 width[0] = rows.shape[1]
                 try:
-                    return await asyncio.wait_for(method.remote(rows), call_timeout)
+                    if tracer is None:
+                        return await asyncio.wait_for(method.remote(rows), call_timeout)
+                    with tracer.start_as_current_span("chimera.ray_call", kind=SpanKind.CLIENT,
+                                                      attributes={**attributes, "chimera.rows": len(rows)}):
+                        return await asyncio.wait_for(method.remote(rows, current_carrier()), call_timeout)
                 except Exception as exc:
                     why = (f"no answer within {call_timeout:g} s: replica dead or hung"
                            if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"[:300])
@@ -118,7 +162,8 @@ class ReplicaPool:
 
             observer = self._observer_factory(model, version) if self._observer_factory else None
             batcher = MicroBatcher(score, max_batch=self.batch.max_batch, max_wait_us=self.batch.max_wait_us,
-                                   max_inflight=self.batch.max_inflight, observer=observer)
+                                   max_inflight=self.batch.max_inflight, observer=observer, tracer=tracer,
+                                   span_attributes=attributes)
             self._batchers[key] = batcher
             return batcher
 

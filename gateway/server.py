@@ -29,6 +29,7 @@ from gateway.rollout_servicer import RolloutServicer
 from gateway.servicer import PredictionServicer
 from gateway.shadow import ShadowMirror
 from gateway.split_watch import SplitWatcher
+from gateway.tracing import Tracing
 from gateway.wire import register
 from registry import Registry
 from registry.repository import make_engine
@@ -73,19 +74,25 @@ class GatewayConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # OpenTelemetry spans (gateway.tracing): none | console | otlp | memory. The replicas this gateway
+    # deploys get the same exporter as an init argument.
+    traces_exporter: str = "none"
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        # First: a bad exporter setting (e.g. otlp without its package) fails before anything starts.
+        self.tracing = Tracing(config.traces_exporter, service_name="chimera-gateway")
         # A statement that runs longer than 30 s fails instead of holding a worker thread (PostgreSQL).
         self.registry = Registry(config.registry_url,
                                  engine=make_engine(config.registry_url, statement_timeout_ms=30_000))
         self.catalog = Catalog(self.registry)
         self.version_health = VersionHealth(metrics=self.metrics)
         self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,
-                                observer_factory=self.metrics.observer, health=self.version_health)
+                                observer_factory=self.metrics.observer, health=self.version_health,
+                                tracer=self.tracing.tracer, traces_exporter=self.tracing.exporter)
         self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill")
         self.outcomes = OutcomeLog(self.registry, Path(config.spill_dir) / f"outcomes-{config.port}.spill",
                                    predictions_pending=lambda: self.log.has_spill,
@@ -96,7 +103,7 @@ class Gateway:
         self.shadow = ShadowMirror(self.pool, self.registry, counter=self.metrics.shadow_rows)
         self.predictor = Predictor(self.catalog, self.pool, self.log,
                                    log_features_sample=config.log_features_sample, outcomes=self.outcomes,
-                                   shadow=self.shadow)
+                                   shadow=self.shadow, tracer=self.tracing.tracer)
         outcomes = self.outcomes.stats
         self.metrics.outcomes_spilled.set_function(lambda: outcomes.spilled)
         self.metrics.outcomes_replayed.set_function(lambda: outcomes.replayed)
@@ -131,7 +138,7 @@ class Gateway:
         # Registered through gateway.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
         # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
         register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
-                 PredictionServicer(self.predictor, self.auth, self.metrics), server,
+                 PredictionServicer(self.predictor, self.auth, self.metrics, self.tracing), server,
                  prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth)
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
                  RolloutServicer(self.registry, self.auth, self.controller.promotion_gate), server,
@@ -245,6 +252,7 @@ class Gateway:
         await self.shadow.close()
         await asyncio.to_thread(self.log.stop)
         await asyncio.to_thread(self.outcomes.stop)
+        await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still batched
         if self._metrics_server is not None:
             server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else None
             if server is not None:

@@ -77,7 +77,8 @@ class SplitWatcher:
         from replicas.deployment import undeploy_version
 
         for version in failed:
-            await asyncio.to_thread(undeploy_version, model, version, blocking=False)
+            if not self.pool.is_declared(model, version):  # a declared application is the cluster's
+                await asyncio.to_thread(undeploy_version, model, version, blocking=False)
         try:
             split = await asyncio.to_thread(
                 self.catalog.registry.set_split, model, new, expected_revision=entry.revision,

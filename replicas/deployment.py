@@ -4,15 +4,31 @@ take the stable version down.
 Scoring a batch takes onnxruntime tens to hundreds of microseconds, less than Ray Serve's own hops,
 so the replica runs it directly on its event loop (`async def score`) and Ray Serve runs user code
 on the replica's main loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) instead of handing every
-call to a second loop and a thread pool: measured here, that removes about 1 ms per call."""
+call to a second loop and a thread pool: measured here, that removes about 1 ms per call.
+
+Two ways in: the gateway deploys what it needs (`deploy_version`, through `serve.run`), or the cluster
+declares the applications (deploy/ray/serve-config.yaml under KubeRay or `serve deploy`, through
+`build_app`), and the gateway then uses them as they are (`declared_app`).
+
+Tracing: a replica builds its own TracerProvider from the exporter it is given (an init argument, so
+it does not depend on the environment reaching the Ray worker) and continues the trace whose W3C
+context arrives with the rows."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from ray import serve
+from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from replicas.scorer import OnnxScorer
+
+log = logging.getLogger(__name__)
 
 
 def app_name(model: str, version: int) -> str:
@@ -31,9 +47,13 @@ class VersionReplica:
     """Loads its version's bytes from the registry itself (not through the driver) and verifies the
     sha256 before building the session, so what scores is exactly what was published."""
 
-    def __init__(self, registry_url: str, model: str, version: int) -> None:
+    def __init__(self, registry_url: str, model: str, version: int, traces_exporter: str = "none") -> None:
+        from gateway.tracing import Tracing
         from registry import Registry
 
+        # First: a bad exporter setting (otlp without its package) fails the replica with its message.
+        self.tracing = Tracing(traces_exporter, service_name="chimera-replica")
+        self._tracer = self.tracing.tracer
         reg = Registry(registry_url)
         try:
             data, sha = reg.get_onnx(model, version)
@@ -43,25 +63,128 @@ class VersionReplica:
         self.version = version
         self.scorer = OnnxScorer(data, sha)
 
-    async def score(self, rows: np.ndarray) -> np.ndarray:
+    async def score(self, rows: np.ndarray, trace_carrier: Mapping[str, str] | None = None) -> np.ndarray:
         """One batch from a gateway's micro-batcher. Each gateway keeps at most a few calls in flight
         per version, so max_ongoing_requests (64) is never the limit for a handful of gateways: at
-        Ray's default (5), a full replica makes the caller's router back off for up to 0.5 s."""
-        return self.scorer.score(rows)
+        Ray's default (5), a full replica makes the caller's router back off for up to 0.5 s.
+        `trace_carrier`: the caller's W3C trace context (a `chimera.replica.score` span continues it
+        when this replica traces); None, as from callers that do not trace, changes nothing."""
+        if trace_carrier is None or self._tracer is None:
+            return self.scorer.score(rows)
+        return self._traced_score(rows, trace_carrier)
+
+    def _traced_score(self, rows: np.ndarray, carrier: Mapping[str, str]) -> np.ndarray:
+        from opentelemetry.trace import SpanKind
+
+        from gateway.tracing import context_from_carrier
+
+        assert self._tracer is not None
+        attributes = {"chimera.model": self.model, "chimera.version": self.version, "chimera.rows": len(rows)}
+        parent = context_from_carrier(carrier)
+        with self._tracer.start_as_current_span("chimera.replica.score", context=parent, kind=SpanKind.SERVER,
+                                                attributes=attributes) as span:
+            t0 = time.perf_counter()
+            scores = self.scorer.score(rows)
+            span.set_attribute("chimera.inference_ms", (time.perf_counter() - t0) * 1e3)
+            return scores
+
+    def finished_spans(self) -> list[dict[str, Any]]:
+        """The spans this replica finished, as plain dicts (the `memory` exporter only; else [])."""
+        return self.tracing.finished_spans()
+
+    def __del__(self) -> None:
+        """Ray Serve calls this when it stops the replica: export the spans still batched."""
+        tracing = getattr(self, "tracing", None)
+        if tracing is not None:
+            tracing.shutdown()
 
     def check_health(self) -> None:
         """Ray Serve restarts the replica when this raises."""
         self.scorer.score(np.zeros((1, self.scorer.n_features), dtype=np.float32))
 
 
-def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
-                   num_replicas: int = 1) -> DeploymentHandle:
-    """Deploy (or keep) the application for one version and wait until it is ready."""
-    app = VersionReplica.options(
+def version_app(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
+                num_replicas: int = 1, traces_exporter: str = "none") -> Application:
+    """The Ray Serve application of one version (not deployed)."""
+    return VersionReplica.options(
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         num_replicas=num_replicas,
-    ).bind(registry_url, model, version)
+    ).bind(registry_url, model, version, traces_exporter)
+
+
+def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
+                   num_replicas: int = 1, traces_exporter: str = "none") -> DeploymentHandle:
+    """Deploy (or keep) the application for one version and wait until it is ready."""
+    app = version_app(registry_url, model, version, num_cpus=num_cpus, num_replicas=num_replicas,
+                      traces_exporter=traces_exporter)
     return serve.run(app, name=app_name(model, version), route_prefix=None, blocking=False)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder for `serve deploy` / KubeRay (`import_path:
+    replicas.deployment:build_app` in deploy/ray/serve-config.yaml). `args`: `model`, `version`, and
+    optionally `registry_url` (default: CHIMERA_REGISTRY_URL of the Ray pod; an error when neither is
+    set, since a replica must never fall back to a local SQLite file), `num_cpus` (default
+    CHIMERA_REPLICA_NUM_CPUS), `traces_exporter` (default CHIMERA_TRACES_EXPORTER). The config's
+    `deployments:` section overrides replica count and actor options as usual."""
+    from chimera.settings import Settings, registry_url_from_env
+    from gateway.tracing import check_exporter
+
+    missing = [k for k in ("model", "version") if args.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"build_app: args {', '.join(missing)} required (got {sorted(args)})")
+    model = str(args["model"])
+    try:
+        version = int(args["version"])
+    except (TypeError, ValueError):
+        raise ValueError(f"build_app: args.version must be an integer, got {args['version']!r}") from None
+    registry_url = args.get("registry_url") or registry_url_from_env()
+    if not registry_url:
+        raise ValueError(f"build_app({model} v{version}): no registry URL: set CHIMERA_REGISTRY_URL in the "
+                         "Ray pods' environment (deploy/k8s: the chimera-registry Secret) or pass "
+                         "args.registry_url")
+    settings = Settings.from_env()
+    num_cpus = float(args["num_cpus"]) if args.get("num_cpus") is not None else settings.replica_num_cpus
+    exporter = check_exporter(args.get("traces_exporter") or settings.traces_exporter)
+    return version_app(str(registry_url), model, version, num_cpus=num_cpus, traces_exporter=exporter)
+
+
+def _plain(value: Any) -> str:
+    """An enum member's value (Serve's details hold APIType / ApplicationStatus members) as a str."""
+    return str(getattr(value, "value", value) or "")
+
+
+class DeclaredAppError(RuntimeError):
+    """An application the cluster's Serve config declared failed to deploy or did not come up."""
+
+
+def declared_app(model: str, version: int, *, timeout_s: float = 300.0, poll_s: float = 0.25) -> bool:
+    """Whether the version's application was declared to Ray Serve by a config (serve-config.yaml via
+    KubeRay or `serve deploy`). If so, wait until it is RUNNING and leave it exactly as declared: a
+    `serve.run` over it would replace its config (replica count, resources) with the gateway's. False
+    when there is no such application (the gateway deploys one itself, as before). Raises when the
+    declared application failed to deploy or is not RUNNING within `timeout_s`."""
+    from ray.serve.context import _get_global_client
+
+    name = app_name(model, version)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:  # Serve is not even running: nothing was declared
+            return False
+        details = client.get_serve_details().get("applications", {}).get(name)
+        if details is None or _plain(details.get("source")).lower() != "declarative":
+            return False
+        status = _plain(details.get("status")).upper()
+        if status == "RUNNING":
+            return True
+        if status in ("DEPLOY_FAILED", "DELETING"):
+            raise DeclaredAppError(f"application {name} declared by the Serve config is {status}: "
+                               f"{details.get('message') or 'no message'}")
+        if time.monotonic() > deadline:
+            raise DeclaredAppError(f"application {name} declared by the Serve config is still {status} after "
+                               f"{timeout_s:g} s: {details.get('message') or 'no message'}")
+        time.sleep(poll_s)
 
 
 def undeploy_version(model: str, version: int, *, blocking: bool = True) -> None:

@@ -92,7 +92,8 @@ def test_dockerfile_builds_the_gateway_image() -> None:
 
 
 def test_dockerfile_dependency_layer_reads_pyproject(tmp_path: Path) -> None:
-    """The Dockerfile's dependency layer installs exactly pyproject's [project] dependencies."""
+    """The Dockerfile's dependency layer installs exactly pyproject's [project] dependencies and the `otlp`
+    extra (the image can export traces to a collector)."""
     import tomllib
 
     line = next(a for i, a in dockerfile() if i == "RUN" and "tomllib" in a)
@@ -100,7 +101,8 @@ def test_dockerfile_dependency_layer_reads_pyproject(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
     out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert out == project["dependencies"] + project["optional-dependencies"]["otlp"]
 
 
 def test_make_proto_with_the_image_python(tmp_path: Path) -> None:
@@ -298,6 +300,18 @@ def test_serve_config_is_valid_for_ray_serve() -> None:
         assert [d.name for d in app.deployments] == [VersionReplica.name]
 
 
+def test_serve_config_keeps_the_replica_environment() -> None:
+    """A config's ray_actor_options replace the code's whole (Ray Serve does not merge them), so the
+    replica's environment (run user code on the replica's own loop) must be restated there."""
+    from replicas.deployment import REPLICA_ENV
+
+    for app in serve_config()["applications"]:
+        for d in app["deployments"]:
+            if "ray_actor_options" in d:
+                env = d["ray_actor_options"].get("runtime_env", {}).get("env_vars", {})
+                assert env.items() >= REPLICA_ENV.items(), (app["name"], env)
+
+
 def test_serve_config_import_path_builds_an_application(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
@@ -306,11 +320,38 @@ def test_serve_config_import_path_builds_an_application(monkeypatch: pytest.Monk
     monkeypatch.setenv("CHIMERA_REGISTRY_URL", "postgresql+psycopg2://u:p@db:5432/x")
     for app in serve_config()["applications"]:
         module, _, attr = app["import_path"].partition(":")
-        builder = getattr(importlib.import_module(module), attr, None)
-        if builder is None:
-            pytest.xfail(f"{app['import_path']} does not exist yet: deploy/ray/serve-config.yaml needs a "
-                         "Serve app builder in replicas/deployment.py (requested from the lead)")
-        assert isinstance(builder(app["args"]), Application)
+        builder = getattr(importlib.import_module(module), attr)
+        built = builder(app["args"])
+        assert isinstance(built, Application)
+        # The replica gets the pod's registry URL and the version the config names.
+        args = built._bound_deployment.init_args
+        assert args[:3] == ("postgresql+psycopg2://u:p@db:5432/x", app["args"]["model"],
+                            int(app["args"]["version"]))
+
+
+def test_build_app_args_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from replicas.deployment import build_app
+
+    monkeypatch.delenv("CHIMERA_REGISTRY_URL", raising=False)
+    monkeypatch.delenv("CHIMERA_TRACES_EXPORTER", raising=False)
+    with pytest.raises(ValueError, match="no registry URL: set CHIMERA_REGISTRY_URL"):
+        build_app({"model": "m", "version": 1})  # never a silent local SQLite file on a Ray pod
+    with pytest.raises(ValueError, match="version required"):
+        build_app({"model": "m", "registry_url": "sqlite:////x.db"})
+    with pytest.raises(ValueError, match="must be an integer"):
+        build_app({"model": "m", "version": "one", "registry_url": "sqlite:////x.db"})
+    with pytest.raises(ValueError, match="jaeger"):
+        build_app({"model": "m", "version": 1, "registry_url": "sqlite:////x.db",
+                   "traces_exporter": "jaeger"})
+    app = build_app({"model": "m", "version": "2", "registry_url": "sqlite:////x.db", "num_cpus": 0.5,
+                     "traces_exporter": "memory"})
+    deployment = app._bound_deployment
+    assert deployment.init_args == ("sqlite:////x.db", "m", 2, "memory")
+    assert deployment.ray_actor_options["num_cpus"] == 0.5
+    monkeypatch.setenv("CHIMERA_REGISTRY_URL", "postgresql+psycopg2://u:p@db:5432/x")
+    monkeypatch.setenv("CHIMERA_TRACES_EXPORTER", "console")
+    assert build_app({"model": "m", "version": 1})._bound_deployment.init_args == (
+        "postgresql+psycopg2://u:p@db:5432/x", "m", 1, "console")
 
 
 # ---------------------------------------------------------------- Kubernetes
