@@ -120,6 +120,7 @@ class Gateway:
         self._controller_task: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.wire)
         self.port: int = config.port
         self._metrics_server: object | None = None
 
@@ -139,10 +140,14 @@ class Gateway:
         # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
         register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
                  PredictionServicer(self.predictor, self.auth, self.metrics, self.tracing), server,
-                 prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth)
+                 prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth,
+                 inflight=self.inflight)
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
                  RolloutServicer(self.registry, self.auth, self.controller.promotion_gate), server,
-                 rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"])
+                 rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight)
+        inflight = self.inflight
+        for method in inflight:  # read at scrape time: the request path only bumps an int
+            self.metrics.inflight.labels(method).set_function(lambda m=method: inflight[m])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

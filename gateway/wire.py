@@ -57,9 +57,12 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield r
 
 
-def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None, name: str = "",
+          inflight: dict[str, int] | None = None) -> grpc.RpcMethodHandler:
     deserialize = tolerant(handler.request_deserializer, type_name)
     serialize = handler.response_serializer
+    calls = inflight if inflight is not None else {}
+    calls.setdefault(name, 0)
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         if auth is not None:
@@ -72,33 +75,44 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            if auth is not None:
-                await check(context)
-            return await inner_uu(request, context)
+            calls[name] += 1
+            try:
+                if isinstance(request, Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                if auth is not None:
+                    await check(context)
+                return await inner_uu(request, context)
+            finally:
+                calls[name] -= 1
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            await check(context)
-            async for response in inner_us(request, context):
-                yield response
+            calls[name] += 1
+            try:
+                if isinstance(request, Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                await check(context)
+                async for response in inner_us(request, context):
+                    yield response
+            finally:
+                calls[name] -= 1
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
     if handler.stream_unary is not None:
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            await check(context)
+            calls[name] += 1
             try:
+                await check(context)
                 return await inner_su(_checked(requests), context)
             except MalformedRequestError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            finally:
+                calls[name] -= 1
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
     inner_ss = handler.stream_stream
@@ -106,12 +120,15 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
 
     async def stream_stream(requests: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await check(context)
+        calls[name] += 1
         try:
+            await check(context)
             async for response in inner_ss(_checked(requests), context):
                 yield response
         except MalformedRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            calls[name] -= 1
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 
@@ -120,17 +137,20 @@ class _Registrar:
     """Looks like a grpc server to generated `add_*Servicer_to_server` functions and hands the real
     server wrapped method handlers."""
 
-    def __init__(self, server: grpc.aio.Server, auth: TokenAuth | None, types: dict[str, str]) -> None:
+    def __init__(self, server: grpc.aio.Server, auth: TokenAuth | None, types: dict[str, str],
+                 inflight: dict[str, int] | None) -> None:
         self.server = server
         self.auth = auth
         self.types = types
+        self.inflight = inflight
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: the generated code registers the same methods through the call below."""
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        wrapped = {name: _wrap(h, self.types.get(name, name), self.auth) for name, h in handlers.items()}
+        wrapped = {name: _wrap(h, self.types.get(name, name), self.auth, name, self.inflight)
+                   for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         add = getattr(self.server, "add_registered_method_handlers", None)
         if add is not None:
@@ -138,8 +158,10 @@ class _Registrar:
 
 
 def register(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server,
-             service_descriptor: Any, auth: TokenAuth | None = None) -> None:
+             service_descriptor: Any, auth: TokenAuth | None = None,
+             inflight: dict[str, int] | None = None) -> None:
     """`add_to_server(servicer, server)` (a generated function) with tolerant decoding on every method
-    and, when `auth` is given, its token required on every method."""
+    and, when `auth` is given, its token required on every method. `inflight` (method -> calls being
+    handled) is kept up to date: two integer updates per call, read by the metrics at scrape time."""
     types = {m.name: m.input_type.full_name for m in service_descriptor.methods}
-    add_to_server(servicer, _Registrar(server, auth, types))
+    add_to_server(servicer, _Registrar(server, auth, types, inflight))
