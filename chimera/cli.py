@@ -170,20 +170,47 @@ def serve(
         float, typer.Option(help="seconds between rollout-controller looks (0: no controller here)")
     ] = 2.0,
     event_loop: Annotated[
-        str, typer.Option("--loop", help="event loop: uvloop (faster: ~10 % more req/s here) or asyncio")
-    ] = "uvloop",
+        str, typer.Option("--loop", help="event loop: asyncio, or uvloop (~10 % more req/s here, but a "
+                          "call arriving as shutdown starts can be CANCELLED instead of drained)")
+    ] = "asyncio",
+    promotion_loadtest_max_age: Annotated[
+        float | None,
+        typer.Option(help="seconds a passing load test stays good for promotion "
+                     "(default CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S, else 86400)"),
+    ] = None,
+    log_features_sample: Annotated[
+        float | None,
+        typer.Option(help="fraction 0..1 of predictions logged with their feature row "
+                     "(default CHIMERA_LOG_FEATURES_SAMPLE, else 1)"),
+    ] = None,
 ) -> None:
     """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM.
     CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call;
     CHIMERA_TRACES_EXPORTER (console, otlp) turns on OpenTelemetry spans."""
+    from chimera.settings import parse_log_features_sample, parse_promotion_loadtest_max_age
+
     if event_loop not in ("uvloop", "asyncio"):
         raise typer.BadParameter("--loop must be uvloop or asyncio")
+    try:  # an option overrides its environment variable; a bad value of either fails here
+        if promotion_loadtest_max_age is not None:
+            parse_promotion_loadtest_max_age(promotion_loadtest_max_age, "--promotion-loadtest-max-age")
+        if log_features_sample is not None:
+            parse_log_features_sample(log_features_sample, "--log-features-sample")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if promotion_loadtest_max_age is None:
+        promotion_loadtest_max_age = settings.promotion_loadtest_max_age_s
+    if log_features_sample is None:
+        log_features_sample = settings.log_features_sample
     import asyncio
 
     from gateway.server import GatewayConfig, ensure_ray, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
     _registry().upgrade()
     ensure_ray(settings.ray_address, settings.ray_num_cpus)
     config = GatewayConfig(
@@ -201,6 +228,8 @@ def serve(
         tls_key=settings.tls_key,
         tls_client_ca=settings.tls_client_ca,
         traces_exporter=settings.traces_exporter,
+        promotion_loadtest_max_age_s=promotion_loadtest_max_age,
+        log_features_sample=log_features_sample,
     )
     if event_loop == "uvloop":
         import uvloop
@@ -371,14 +400,18 @@ def promote(
     force: Annotated[bool, typer.Option(help="skip the load-test gate (audited)")] = False,
 ) -> None:
     """Promote VERSION to production (needs a recent passing load test unless --force)."""
-    from chimera.client import rollout_stub
+    from chimera.client import admin_metadata, rollout_stub
     from chimera.v1 import rollout_pb2 as rpb
 
-    split = _rpc(
-        rollout_stub(target).Promote,
-        rpb.PromoteRequest(model=model, version=version, reason=reason, force=force),
-    )
-    console.print(f"{model}: v{version} promoted (split revision {split.revision})")
+    request = rpb.PromoteRequest(model=model, version=version, reason=reason, force=force)
+    try:
+        split = rollout_stub(target).Promote(request, metadata=admin_metadata(), timeout=30)
+    except grpc.RpcError as exc:
+        refused = exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not force
+        hint = "; or skip the gate with --force (recorded as forced in the audit log)" if refused else ""
+        _fail(f"{exc.code().name}: {exc.details()}{hint}")
+    forced = " without the load-test gate (forced, audited)" if force else ""
+    console.print(f"{model}: v{version} promoted{forced} (split revision {split.revision})")
 
 
 @app.command()
