@@ -199,10 +199,10 @@ def host_path(spec: str) -> tuple[Path, str]:
 
 def test_compose_services_and_images() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "ray-head", "gateway", "prometheus", "grafana"}
+    assert set(services) == {"postgres", "ray-head", "gateway", "scheduler", "prometheus", "grafana"}
     for name, svc in services.items():
         assert svc.get("image"), f"{name} has no image"
-    for name in ("gateway", "ray-head"):  # one image: Ray, Python and replica code must match
+    for name in ("gateway", "ray-head", "scheduler"):  # one image: Ray, Python and replica code must match
         svc = services[name]
         assert svc["image"] == "chimera:latest"
         dockerfile_path = DEPLOY / svc["build"]["context"] / svc["build"]["dockerfile"]
@@ -257,6 +257,33 @@ def test_compose_prometheus_scrapes_the_gateway_metrics_port() -> None:
     assert str(gw_metrics) in [str(p) for p in services["gateway"]["expose"]]
     ray_targets = [t for sc in jobs["ray"]["static_configs"] for t in sc["targets"]]
     assert ray_targets == ["ray-head:8080"] and "8080" in services["ray-head"]["expose"]
+
+
+def test_compose_scheduler_exports_drift_and_is_scraped() -> None:
+    """`chimera scheduler` computes the drift gauges the dashboard's Drift row and the drift alerts read: it
+    runs long (not --once) with the gateway's registry and token, drift on, and Prometheus scrapes its metrics
+    port (the CLI's default) as job chimera-scheduler."""
+    from chimera.cli import scheduler
+
+    default_port = inspect.signature(scheduler).parameters["metrics_port"].default
+    services = compose()["services"]
+    sched, gw = services["scheduler"], services["gateway"]
+    assert sched["command"][0] == "scheduler" and "--once" not in sched["command"]
+    port = int(option_value(sched["command"], "--metrics-port"))
+    assert port == default_port and port != 0
+    assert str(port) in [str(p) for p in sched["expose"]]
+    assert f"127.0.0.1:{port}/metrics" in " ".join(sched["healthcheck"]["test"])
+    env = sched["environment"]
+    for name in ("CHIMERA_REGISTRY_URL", "CHIMERA_ADMIN_TOKEN"):
+        assert env[name] == gw["environment"][name], name
+    assert env.get("CHIMERA_DRIFT_SCHEDULE", "") != "off"
+    # After the gateway is healthy: the gateway runs the registry's migrations first.
+    assert sched["depends_on"]["gateway"]["condition"] == "service_healthy"
+    assert "scheduler" in services["prometheus"]["depends_on"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    targets = [t for sc in jobs["chimera-scheduler"]["static_configs"] for t in sc["targets"]]
+    assert targets == [f"scheduler:{port}"]
 
 
 def test_compose_grafana_mounts_the_dashboard_and_provisioning() -> None:

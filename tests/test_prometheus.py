@@ -6,7 +6,13 @@ dashboard panel is evaluated through Prometheus' HTTP API and must return data.
 The canary p-value and rollout-decision panels only have data once the rollout controller has decided
 something. This test does not run the controller: it calls the gateway's own Metrics object
 (`gw.gateway.metrics.observe_decision`, the hook the controller calls) so those series exist, and says so
-here. Every other panel's data comes from real traffic through the gateway and its Ray Serve replicas.
+here. The drift panels read the gauges `chimera scheduler` exports: this test computes them the same way,
+with training.drift's `drift_report` on the requests this gateway logged (with their features) against a
+reference frame in which one feature sits higher, and `export_drift_metrics` into a registry of its own
+served by prometheus_client's HTTP server (what `chimera scheduler --metrics-port` runs), scraped as the
+shipped config's chimera-scheduler job. The drift alert rules then go pending on exactly the series whose PSI
+is above 0.2 (they fire only after an hour). Every other panel's data comes from real traffic through the
+gateway and its Ray Serve replicas.
 
 `make test` installs `prometheus` (`make sysdeps`) when run as root. Missing as root is a failure; missing as
 another user is a skip that says why."""
@@ -24,22 +30,29 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, start_http_server
 
 from chimera.v1 import prediction_pb2 as pb
 from gateway.server import GatewayConfig
 from registry import Registry
-from tests.harness import GatewayThread, small_onnx
+from tests.harness import GatewayThread
+from training.drift import PSI_THRESHOLD, DriftReport, drift_report, export_drift_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chimera.json"
 GATEWAY_JOB = "chimera-gateway"
+SCHEDULER_JOB = "chimera-scheduler"  # `chimera scheduler`: the drift gauges
+DRIFT_ALERTS = ("ChimeraFeatureDrift", "ChimeraScoreDrift")
 # Grafana's template variables, replaced as Grafana would with "All" selected (allValue ".+").
 GRAFANA_VARS = {"$__rate_interval": "30s", "$__range": "5m", "$model": ".+"}
 
@@ -106,9 +119,12 @@ def test_alert_rules_unit_tests() -> None:
 
 def test_required_alerts_exist() -> None:
     rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
-    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
     assert {"ChimeraGatewayDown", "ChimeraCanaryLatencyRegression", "ChimeraErrorRateSpike",
-            "ChimeraPredictionLogSpilling"} <= alerts
+            "ChimeraPredictionLogSpilling", *DRIFT_ALERTS} <= set(alerts)
+    # The drift alerts use training/drift.py's threshold ("significant" PSI) on its gauges.
+    assert alerts["ChimeraFeatureDrift"]["expr"].strip().endswith(f"(chimera_feature_psi) > {PSI_THRESHOLD}")
+    assert alerts["ChimeraScoreDrift"]["expr"].strip().endswith(f"(chimera_score_psi) > {PSI_THRESHOLD}")
 
 
 def test_dashboard_panels_cover_the_issue() -> None:
@@ -117,12 +133,19 @@ def test_dashboard_panels_cover_the_issue() -> None:
     exprs = " ".join(e for _, e in dashboard_queries())
     for metric in ("chimera_request_latency_seconds_bucket", "chimera_requests_total",
                    "chimera_split_weight_percent", "chimera_canary_p_value", "chimera_batch_size_rows",
-                   "chimera_prediction_log_queue_depth"):
+                   "chimera_prediction_log_queue_depth", "chimera_feature_psi", "chimera_score_psi",
+                   "chimera_drift_flagged_features"):
         assert metric in exprs, metric
     for q in ("histogram_quantile(0.5,", "histogram_quantile(0.95,", "histogram_quantile(0.99,"):
         assert q in exprs
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    # The PSI panel draws the alert threshold.
+    (psi_panel,) = [p for p in dash["panels"] if any("chimera_feature_psi" in t["expr"]
+                                                     for t in p.get("targets", []))]
+    defaults = psi_panel["fieldConfig"]["defaults"]
+    assert PSI_THRESHOLD in [step["value"] for step in defaults["thresholds"]["steps"]]
+    assert defaults["custom"]["thresholdsStyle"]["mode"] != "off"
 
 
 # ---------------------------------------------------------------- a real Prometheus scraping a live gateway
@@ -199,8 +222,10 @@ class Traffic(threading.Thread):
                 if i % 2 == 0:
                     outcome = pb.RecordOutcomeRequest(request_id=r.request_id, value=float(i % 3 == 0))
                     stub.RecordOutcome(outcome, timeout=30)
-                if i % 5 == 0:
-                    rows = [pb.PredictRequest(routing_key=f"b{i}-{j}", features=features) for j in range(8)]
+                if i % 5 == 0:  # rows of their own: the drift report reads every logged row's features
+                    rows = [pb.PredictRequest(routing_key=f"b{i}-{j}", features=dict(
+                        zip(self.names, rng.normal(size=len(self.names)).tolist(), strict=True)))
+                        for j in range(8)]
                     stub.PredictBatch(pb.PredictBatchRequest(model=self.model, rows=rows), timeout=30)
             except grpc.RpcError as exc:
                 self.unexpected.append(f"{exc.code().name}: {exc.details()}")
@@ -215,6 +240,51 @@ class Traffic(threading.Thread):
             time.sleep(0.02)  # a shared 2-core machine: steady traffic, not a load test
 
 
+def exported_onnx(seed: int, flip: bool = False) -> tuple[bytes, list[str]]:
+    """small_onnx's model, exported by training.export.to_onnx (input `input`, output `probabilities`): the
+    interface of the versions `chimera train` and `chimera retrain` publish, and the one training.drift's
+    score drift runs (training.export.onnx_scores; skl2onnx's default input name `X` fails there)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from training.export import to_onnx
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(400, 4)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    names = [f"f{i}" for i in range(x.shape[1])]
+    return to_onnx(LogisticRegression().fit(x, 1 - y if flip else y), len(names), names), names
+
+
+def served_drift(registry: Registry, model: str, names: list[str], min_rows: int = 300,
+                 timeout: float = 90) -> DriftReport:
+    """training.drift's report on the requests the live gateway logged in the last hour (their features are
+    N(0, 1), see Traffic) against a reference frame in which the first feature sits 1.5 standard deviations
+    higher: that feature drifts, and so do the production version's scores (v1 leans on it). Waits until
+    the prediction log has inserted `min_rows` rows with features."""
+    rng = np.random.default_rng(7)
+    reference = pd.DataFrame(rng.normal(size=(2000, len(names))), columns=names)
+    reference[names[0]] += 1.5
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return drift_report(registry, model, window=timedelta(hours=1), reference=reference,
+                                min_rows=min_rows)
+        except ValueError as exc:
+            if "logged rows" not in str(exc) or time.monotonic() > deadline:  # not only "not enough yet"
+                raise
+            time.sleep(1)
+
+
+class Live(NamedTuple):
+    prom: Prometheus
+    gw: GatewayThread
+    model: str
+    traffic: Traffic
+    metrics_port: int
+    drift_port: int
+    drift: DriftReport
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     require_prometheus()
@@ -223,8 +293,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     registry = Registry(url)
     registry.upgrade()
     model = "pm" + uuid.uuid4().hex[:8]
-    b1, names = small_onnx(seed=1)
-    b2, _ = small_onnx(seed=2, flip=True)
+    b1, names = exported_onnx(seed=1)
+    b2, _ = exported_onnx(seed=2, flip=True)
     registry.publish_version(model, b1, names)
     registry.publish_version(model, b2, names)
     registry.set_split(model, {1: 80, 2: 20}, expected_revision=0, actor="test")
@@ -233,14 +303,21 @@ def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     no_controller = ({"controller_interval_s": 0.0}
                      if "controller_interval_s" in GatewayConfig.__dataclass_fields__ else {})
     gw = GatewayThread(url, tmp, metrics_port=metrics_port, **no_controller).start()
+    # The drift gauges' /metrics, as `chimera scheduler` serves them (filled in once enough rows are logged).
+    drift_registry = CollectorRegistry()
+    drift_port = free_port()
+    drift_server, _ = start_http_server(drift_port, addr="127.0.0.1", registry=drift_registry)
 
-    # The shipped config, with the gateway job pointed at this gateway and 1 s scrape/evaluation intervals.
+    # The shipped config, with the gateway job pointed at this gateway, the scheduler job at the drift
+    # gauges, and 1 s scrape/evaluation intervals.
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    assert GATEWAY_JOB in jobs, f"deploy/prometheus/prometheus.yml has no job {GATEWAY_JOB}"
-    job = jobs[GATEWAY_JOB]
+    for name in (GATEWAY_JOB, SCHEDULER_JOB):
+        assert name in jobs, f"deploy/prometheus/prometheus.yml has no job {name}"
+    job, scheduler_job = jobs[GATEWAY_JOB], jobs[SCHEDULER_JOB]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
-    config["scrape_configs"] = [job]
+    scheduler_job["static_configs"] = [{"targets": [f"127.0.0.1:{drift_port}"]}]
+    config["scrape_configs"] = [job, scheduler_job]
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROM_DIR / r) for r in config["rule_files"]]
     cfg = tmp / "prometheus.yml"
@@ -253,10 +330,15 @@ def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
         # The rollout controller's hook (see the module docstring): a first look, then a second one.
         gw.gateway.metrics.observe_decision(model, 2, "hold", 0.61)
         prom.wait_ready()
-        yield prom, gw, model, traffic, metrics_port
+        # What the scheduler's drift job does (training/scheduler.py), on this gateway's logged requests.
+        drift = served_drift(registry, model, names)
+        export_drift_metrics(drift, drift_registry)
+        yield Live(prom, gw, model, traffic, metrics_port, drift_port, drift)
     finally:
         traffic.stop_event.set()
         prom.stop()
+        drift_server.shutdown()
+        drift_server.server_close()
         traffic.join(60)
         gw.stop()
         registry.dispose()
@@ -266,14 +348,17 @@ def _has_finite_value(result: list[dict]) -> bool:
     return any(math.isfinite(float(r["value"][1])) for r in result)
 
 
-def test_every_dashboard_panel_returns_data_from_a_live_gateway(live) -> None:
-    prom, gw, model, traffic, metrics_port = live
+def test_every_dashboard_panel_returns_data_from_a_live_gateway(live: Live) -> None:
+    prom, gw, model, traffic, metrics_port, drift_port, drift = live
     deadline = time.monotonic() + 60
-    while not prom.query(f'up{{job="{GATEWAY_JOB}"}} == 1'):
-        assert time.monotonic() < deadline, f"gateway target never up: {prom.get('/api/v1/targets')}"
-        time.sleep(0.5)
+    for job in (GATEWAY_JOB, SCHEDULER_JOB):
+        while not prom.query(f'up{{job="{job}"}} == 1'):
+            assert time.monotonic() < deadline, f"{job} target never up: {prom.get('/api/v1/targets')}"
+            time.sleep(0.5)
     targets = prom.get("/api/v1/targets")["data"]["activeTargets"]
-    assert [t["scrapeUrl"] for t in targets] == [f"http://127.0.0.1:{metrics_port}/metrics"]
+    assert sorted((t["labels"]["job"], t["scrapeUrl"]) for t in targets) == [
+        (GATEWAY_JOB, f"http://127.0.0.1:{metrics_port}/metrics"),
+        (SCHEDULER_JOB, f"http://127.0.0.1:{drift_port}/metrics")]
 
     queries = [(title, expr, grafana_expand(expr)) for title, expr in dashboard_queries()]
     second_decision = False
@@ -308,22 +393,47 @@ def test_every_dashboard_panel_returns_data_from_a_live_gateway(live) -> None:
     errors = prom.query(f'sum by (code) (chimera_requests_total{{code!="OK", job="{GATEWAY_JOB}"}})')
     assert {r["metric"]["code"] for r in errors} == {"INVALID_ARGUMENT", "NOT_FOUND"}
 
+    # Drift: the shifted feature (and v1's scores) drifted in the real computation, the others did not, and
+    # the PSI panel's own query shows every feature's PSI as computed, per model and feature.
+    shifted = drift.features[0].feature
+    assert shifted in drift.flagged and drift.feature(shifted).psi > PSI_THRESHOLD, drift.to_dict()
+    assert all(f.psi < PSI_THRESHOLD for f in drift.features[1:]), drift.to_dict()
+    assert drift.score is not None and drift.score.psi > PSI_THRESHOLD, drift.to_dict()
+    ((_, psi_expr),) = [(t, e) for t, e in dashboard_queries() if "chimera_feature_psi" in e]
+    panel = {(r["metric"]["model"], r["metric"]["feature"]): float(r["value"][1])
+             for r in prom.query(grafana_expand(psi_expr))}
+    assert panel == pytest.approx({(model, f.feature): f.psi for f in drift.features})
+    score = prom.query(f'chimera_score_psi{{model="{model}", job="{SCHEDULER_JOB}"}}')
+    assert float(score[0]["value"][1]) == pytest.approx(drift.score.psi)
+    flagged = prom.query(f'chimera_drift_flagged_features{{model="{model}"}}')
+    assert float(flagged[0]["value"][1]) == len(drift.flagged)
 
-def test_alert_rules_evaluate_on_live_data(live) -> None:
-    """Prometheus loads alerts.yml and evaluates every rule against the live series without error."""
-    prom = live[0]
+
+def test_alert_rules_evaluate_on_live_data(live: Live) -> None:
+    """Prometheus loads alerts.yml and evaluates every rule against the live series without error. The drift
+    alerts go pending on exactly the drifted series of the real drift computation (the shifted feature and
+    the scores; they would fire after an hour) and on nothing else."""
+    prom, model, drift = live.prom, live.model, live.drift
     expected = sum(len(g["rules"]) for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"])
+    want_pending = {("ChimeraFeatureDrift", f.feature) for f in drift.features if f.psi > PSI_THRESHOLD}
+    if drift.score is not None and drift.score.psi > PSI_THRESHOLD:
+        want_pending.add(("ChimeraScoreDrift", ""))
     deadline = time.monotonic() + 60
     while True:
         groups = prom.get("/api/v1/rules")["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
         bad = [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"]
         recorded = prom.query("chimera:requests:rate5m")
-        if (not bad and recorded) or time.monotonic() > deadline:
+        alerts = prom.get("/api/v1/alerts")["data"]["alerts"]
+        pending = {(a["labels"]["alertname"], a["labels"].get("feature", "")) for a in alerts
+                   if a["state"] == "pending" and a["labels"]["alertname"] in DRIFT_ALERTS
+                   and a["labels"]["model"] == model}
+        if (not bad and recorded and pending == want_pending) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert len(rules) == expected and not bad, bad
     assert recorded, "recording rule chimera:requests:rate5m has no data"
-    firing = [a["labels"]["alertname"] for a in prom.get("/api/v1/alerts")["data"]["alerts"]
-              if a["state"] == "firing"]
+    assert {n for n, _ in want_pending} == set(DRIFT_ALERTS)  # the shifted feature and the scores
+    assert pending == want_pending, (pending, drift.to_dict())
+    firing = [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"]
     assert firing == [], firing

@@ -2,7 +2,9 @@
 requests are retried on the baseline and counted against it, clients see no error their deadline
 allowed to avoid, Ray Serve replaces the replica and the canary serves again. The only baseline
 replica hung (SIGSTOP): UNAVAILABLE with a clear message at once (no hang, never INTERNAL/UNKNOWN),
-and the gateway serves again when it answers, without a restart."""
+and the gateway serves again when it answers, without a restart. The only baseline replica killed
+(SIGKILL): every error a client sees is that UNAVAILABLE, Ray Serve starts a new replica (new pid) and the
+gateway serves from it, without a restart."""
 
 from __future__ import annotations
 
@@ -188,6 +190,72 @@ def test_replica_kills_canary_fails_over_and_baseline_recovers(tmp_path: Path) -
         latencies = sorted(load.error_latency)
         assert latencies and latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 4.0, latencies
         assert replica_pids(model, 1) == {hung}, "the same replica serves again: no restart was needed"
+    finally:
+        gw.stop()
+        reg.dispose()
+
+
+def test_only_baseline_replica_killed_fails_fast_then_serves_from_its_replacement(tmp_path: Path) -> None:
+    """SIGKILL of the only replica of the only version. How many requests fail depends on the machine:
+    Ray Serve queues calls to the dead replica until its replacement has started (1-5 s here). If that
+    takes longer than the stall timeout (3 s), the version is marked down and clients get UNAVAILABLE at
+    once until the probe finds the replacement answering; if the replacement arrives first, the queued
+    calls are simply answered late and no client sees an error at all. Both are correct. What must hold
+    either way: no other error than that UNAVAILABLE (never DEADLINE_EXCEEDED/INTERNAL/UNKNOWN, never a
+    hang), a new replica process, and answers from it afterwards with the same gateway."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "rk" + uuid.uuid4().hex[:6]
+    onnx, names = small_onnx(seed=1)
+    reg.publish_version(model, onnx, names, status="production")
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+    g = gw.gateway
+    assert g is not None
+    try:
+        batcher = g.pool.batcher_or_none(model, 1)
+        assert batcher is not None
+        with Load(gw, model, "k") as load:
+            time.sleep(1.0)
+            killed = kill_replica(model, 1)
+            killed_at = time.monotonic()
+            wait_for(lambda: not Path(f"/proc/{killed}").exists(), 30, "the killed replica to be gone")
+            wait_for(lambda: replica_pids(model, 1) - {killed}, 60, "a new baseline replica")
+            replaced_at = time.monotonic()
+            (new_pid,) = replica_pids(model, 1)
+            # The calls queued at the dead replica may still stall out after the replacement started:
+            # recovered means up again once the stall timeout since the kill has passed.
+            stall = g.config.batch.stall_timeout_s
+            wait_for(lambda: time.monotonic() > killed_at + stall + 0.5
+                     and not g.version_health.is_down(model, 1), 60, "the baseline to answer again")
+            recovered_at = time.monotonic()
+            # Not vacuous: answers scored well after the old process was gone, so by the new replica
+            # (the only live replica of version 1, the only version).
+            wait_for(lambda: sum(t > recovered_at + 0.5 and v == 1 for t, _, v in load.ok) >= 20, 30,
+                     "answers from the new replica")
+        print(f"replica replaced after {replaced_at - killed_at:.1f} s, serving again after "
+              f"{recovered_at - killed_at:.1f} s; {len(load.errors)} client errors, {len(load.ok)} answers")
+        if load.errors:
+            print(f"first error: {load.errors[0][1]}: {load.errors[0][2]}; slowest error "
+                  f"{max(load.error_latency, default=0):.2f} s")
+        assert new_pid != killed and replica_pids(model, 1) == {new_pid}
+        assert any(t < killed_at for t, _, _ in load.ok), "load was running when the replica died"
+        assert {v for _, _, v in load.ok} == {1}
+        assert sum(t > recovered_at + 0.5 for t, _, _ in load.ok) >= 20
+        # Every error (possibly none: replacement before the stall timeout) is the fast, clear refusal.
+        assert not [e for e in load.errors if e[0] < killed_at], load.errors[:5]
+        bad = [e for e in load.errors
+               if e[1] != "UNAVAILABLE" or f"version 1 of {model!r} is unavailable" not in e[2]
+               or "retry" not in e[2]]
+        assert not bad, bad[:5]
+        # Never a hang: the calls in flight at the kill wait out the stall timeout (3 s), the rest are
+        # refused at once; nothing is held until the caller's 5 s deadline.
+        assert all(lat < 4.0 for lat in load.error_latency), sorted(load.error_latency)[-5:]
+        # Nothing in the gateway was restarted: same scoring path, no failover target was invented.
+        assert gw.gateway is g and g.pool.batcher_or_none(model, 1) is batcher
+        assert g.version_health.failovers.get((model, 1), 0) == 0
+        assert g._failed_batches(model, 1) >= len(load.errors)
     finally:
         gw.stop()
         reg.dispose()

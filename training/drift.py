@@ -35,8 +35,8 @@ from scipy import stats as sps
 
 from registry import Registry, VersionInfo
 from registry.training_runs import list_runs
+from replicas.scorer import OnnxScorer
 from training.datasets import TIMESTAMP
-from training.export import onnx_scores
 from training.feedback import production_version, served_frame
 
 PSI_THRESHOLD = 0.2
@@ -203,8 +203,10 @@ def _scores(registry: Registry, model: str, version: VersionInfo, frame: pd.Data
     rows = frame[names].dropna()
     if rows.empty:
         return np.empty(0)
-    onnx_bytes, _ = registry.get_onnx(model, version.version)
-    return onnx_scores(onnx_bytes, rows.to_numpy(dtype=np.float32))
+    onnx_bytes, sha = registry.get_onnx(model, version.version)
+    # Scored the way the replicas score (any input name, the probabilities output), not through the
+    # training exporter's fixed names: a version published from another ONNX file must drift-check too.
+    return OnnxScorer(onnx_bytes, sha).score(rows.to_numpy(dtype=np.float32))
 
 
 def drift_report(
