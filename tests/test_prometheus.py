@@ -4,18 +4,18 @@ gateway under traffic (OK and failing calls) is scraped while every PromQL expre
 dashboard panel is evaluated through Prometheus' HTTP API and must return data.
 
 The canary p-value and rollout-decision panels only have data once the rollout controller has decided
-something. This test does not run the controller: it calls the gateway's own Metrics object
-(`gw.gateway.metrics.observe_decision`, the hook the controller calls) so those series exist, and says so
-here. The drift panels read the gauges `chimera scheduler` exports: this test computes them the same way,
-with training.drift's `drift_report` on the requests this gateway logged (with their features) against a
-reference frame in which one feature sits higher, and `export_drift_metrics` into a registry of its own
-served by prometheus_client's HTTP server (what `chimera scheduler --metrics-port` runs), scraped as the
-shipped config's chimera-scheduler job. The drift alert rules then go pending on exactly the series whose PSI
-is above 0.2 (they fire only after an hour). Every other panel's data comes from real traffic through the
-gateway and its Ray Serve replicas.
-
-`make test` installs `prometheus` (`make sysdeps`) when run as root. Missing as root is a failure; missing as
-another user is a skip that says why."""
+something: the gateway's own controller runs every second on an A/A canary (tiny alpha, few outcomes
+needed, so every verdict is "hold") and Prometheus must show the stored decisions' latest p-value and
+their count. The drift panels read the gauges `chimera scheduler` exports: this test computes them the
+same way, with training.drift's `drift_report` on the requests this gateway logged (with their features)
+against a reference frame in which one feature sits higher, and `export_drift_metrics` into a registry of
+its own served by prometheus_client's HTTP server (what `chimera scheduler --metrics-port` runs), scraped
+as the shipped config's chimera-scheduler job. The drift alert rules then go pending on exactly the
+series whose PSI is above 0.2 (they fire only after an hour). Every other panel's data comes from real
+traffic through the gateway and its Ray Serve replicas. `make test` installs `prometheus` (`make
+sysdeps`) when run as root. Missing as root is a failure; missing as another user is a skip that says
+why.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from chimera.v1 import prediction_pb2 as pb
-from gateway.server import GatewayConfig
 from registry import Registry
+from registry.rollouts import decisions
 from tests.harness import GatewayThread
 from training.drift import PSI_THRESHOLD, DriftReport, drift_report, export_drift_metrics
 
@@ -299,10 +299,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     registry.publish_version(model, b2, names)
     registry.set_split(model, {1: 80, 2: 20}, expected_revision=0, actor="test")
     metrics_port = free_port()
-    # This gateway's own rollout controller stays off: the only decisions are the two this test makes.
-    no_controller = ({"controller_interval_s": 0.0}
-                     if "controller_interval_s" in GatewayConfig.__dataclass_fields__ else {})
-    gw = GatewayThread(url, tmp, metrics_port=metrics_port, **no_controller).start()
+    # The gateway's own rollout controller looks every second and feeds the p-value and decision panels.
+    # Both arms see the same outcome stream (an A/A test) and alpha is tiny, so every verdict is "hold"
+    # and the 80/20 split the test checks stays put; a handful of outcomes per arm lets it decide early.
+    registry.set_rollout_config(model, {"min_samples_per_arm": 5, "alpha": 1e-12})
+    gw = GatewayThread(url, tmp, metrics_port=metrics_port, controller_interval_s=1.0).start()
     # The drift gauges' /metrics, as `chimera scheduler` serves them (filled in once enough rows are logged).
     drift_registry = CollectorRegistry()
     drift_port = free_port()
@@ -327,8 +328,6 @@ def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     prom = Prometheus(cfg, tmp / "tsdb", tmp / "prometheus.log")
     try:
         traffic.start()
-        # The rollout controller's hook (see the module docstring): a first look, then a second one.
-        gw.gateway.metrics.observe_decision(model, 2, "hold", 0.61)
         prom.wait_ready()
         # What the scheduler's drift job does (training/scheduler.py), on this gateway's logged requests.
         drift = served_drift(registry, model, names)
@@ -361,13 +360,9 @@ def test_every_dashboard_panel_returns_data_from_a_live_gateway(live: Live) -> N
         (SCHEDULER_JOB, f"http://127.0.0.1:{drift_port}/metrics")]
 
     queries = [(title, expr, grafana_expand(expr)) for title, expr in dashboard_queries()]
-    second_decision = False
     deadline = time.monotonic() + 90
     while True:
         time.sleep(2)
-        if not second_decision:
-            gw.gateway.metrics.observe_decision(model, 2, "hold", 0.47)
-            second_decision = True
         missing = [(title, expr) for title, expr, q in queries if not _has_finite_value(prom.query(q))]
         if not missing or time.monotonic() > deadline:
             break
@@ -380,16 +375,21 @@ def test_every_dashboard_panel_returns_data_from_a_live_gateway(live: Live) -> N
     split = {r["metric"]["version"]: float(r["value"][1])
              for r in prom.query(f'chimera_split_weight_percent{{model="{model}"}}')}
     assert split == {"1": 80.0, "2": 20.0}
-    # The second decision's p-value replaces the first one's within a few scrapes.
+    # The controller's decisions, as stored, are what Prometheus shows: the latest p-value and the count
+    # of "hold" verdicts (compared once both sides have caught up with the same look).
     deadline = time.monotonic() + 30
     while True:
+        stored = decisions(gw.gateway.registry, model)
         p_value = prom.query(f'chimera_canary_p_value{{model="{model}", version="2"}}')
-        if float(p_value[0]["value"][1]) == pytest.approx(0.47) or time.monotonic() > deadline:
+        hold = prom.query(f'chimera_rollout_decisions_total{{model="{model}", action="hold"}}')
+        seen = (float(p_value[0]["value"][1]) if p_value else None, float(hold[0]["value"][1]) if hold else 0)
+        latest = (stored[0]["p_value"], float(len(stored))) if stored else (None, 0.0)
+        if (stored and seen[0] is not None and seen[0] == pytest.approx(latest[0]) and seen[1] == latest[1]) \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert float(p_value[0]["value"][1]) == pytest.approx(0.47)
-    hold = prom.query(f'chimera_rollout_decisions_total{{model="{model}", action="hold"}}')
-    assert float(hold[0]["value"][1]) == 2.0
+    assert stored and {d["action"] for d in stored} == {"hold"}, stored[:3]
+    assert seen[0] == pytest.approx(latest[0]) and seen[1] == latest[1], (seen, latest)
     errors = prom.query(f'sum by (code) (chimera_requests_total{{code!="OK", job="{GATEWAY_JOB}"}})')
     assert {r["metric"]["code"] for r in errors} == {"INVALID_ARGUMENT", "NOT_FOUND"}
 
