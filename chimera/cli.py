@@ -558,15 +558,17 @@ def demo(
 @app.command()
 def simulate(
     scenario: Annotated[str, typer.Option(help="aa | ab-worse | ab-better | all")] = "all",
-    runs: Annotated[int, typer.Option()] = 200,
+    runs: Annotated[
+        int | None, typer.Option(help="runs per scenario (default 500 for aa, 200 for the others)")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON only")] = True,
 ) -> None:
-    """Run the real rollout decision code on simulated outcome streams (always-valid vs naive)."""
+    """Run the real rollout decision code on simulated outcome streams (always-valid vs naive); prints
+    JSON. With --scenario all, exits 1 when an acceptance check fails."""
     from gateway.simulate import main as simulate_main
 
-    argv = ["--scenario", scenario, "--runs", str(runs), "--seed", str(seed)]
-    del as_json
+    argv = ["--scenario", scenario, "--seed", str(seed)]
+    argv += ["--runs", str(runs)] if runs is not None else []
     sys.exit(simulate_main(argv))
 
 
@@ -651,16 +653,39 @@ def retrain(
     min_rows: Annotated[int, typer.Option(help="least feedback rows to train on")] = 500,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    loadtest_target: Annotated[
+        str | None,
+        typer.Option(help="gateway host:port: load-test the candidate (pinned; CHIMERA_ADMIN_TOKEN) "
+                     "before its canary, no canary if it fails (default CHIMERA_GATEWAY_TARGET; "
+                     "none: no load test)"),
+    ] = None,
+    loadtest_rps: Annotated[float | None, typer.Option(help="load-test rate, req/s (default 50)")] = None,
+    loadtest_duration: Annotated[
+        float | None, typer.Option(help="measured load-test seconds (default 10)")
+    ] = None,
+    loadtest_slo_p99_ms: Annotated[
+        float | None, typer.Option(help="load-test p99 SLO, ms (default 250)")
+    ] = None,
+    loadtest_max_error_rate: Annotated[
+        float | None, typer.Option(help="load-test max failed fraction (default 0.01)")
+    ] = None,
 ) -> None:
-    """Retrain from logged outcomes; publish only if not worse than production; start a canary."""
+    """Retrain from logged outcomes; publish only if not worse than production; start a canary.
+
+    Exit status: 0 published (canaried unless --no-canary or another canary has traffic); 3 held back
+    (not published: worse than production; or published but not canaried: its load test failed or could
+    not run); 1 the retrain could not run; 2 bad options; 75 another process is retraining this model."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     from registry import NotFoundError
     from training.feedback import parse_window
-    from training.retrain import RetrainBusy, RetrainConfig, RetrainError
+    from training.retrain import LoadTestGate, RetrainBusy, RetrainConfig, RetrainError
     from training.retrain import retrain as run_retrain
 
     try:
+        gate_lt = LoadTestGate.from_env(None, target=loadtest_target, rps=loadtest_rps,
+                                        duration_s=loadtest_duration, slo_p99_ms=loadtest_slo_p99_ms,
+                                        max_error_rate=loadtest_max_error_rate)
         config = RetrainConfig(
             window=parse_window(window),
             mode=mode,
@@ -671,6 +696,7 @@ def retrain(
             threshold=threshold,
             min_rows=min_rows,
             seed=seed,
+            loadtest=gate_lt,
         )
     except ValueError as exc:
         _fail(str(exc), 2)
@@ -697,9 +723,11 @@ def retrain(
             )
     except RetrainBusy as exc:
         console.print(f"[yellow]skipped:[/yellow] {exc}")
-        return
+        raise typer.Exit(75) from None
     except (RetrainError, NotFoundError, ValueError) as exc:
         _fail(str(exc))
+    held = out.published is None or (config.loadtest is not None
+                                     and (out.loadtest is None or not out.loadtest.passed))
     if as_json:
         print(
             json.dumps(
@@ -709,18 +737,21 @@ def retrain(
                     "production_version": out.production_version,
                     "reason": out.reason,
                     "canary": dict(out.canary.weights) if out.canary else None,
+                    "loadtest": out.run.metrics.get("loadtest"),
                     "metrics": out.run.metrics,
                 },
                 default=str,
             )
         )
-        return
-    console.print(retrain_table(out))
-    color = "green" if out.published else "yellow"
-    console.print(
-        f"[{color}]{out.reason}[/{color}]  (run {out.run.id}, {out.run.duration_s or 0:.1f}s, "
-        f"data {out.run.data_hash[:12]}, code {out.run.code_revision[:12] or '-'})"
-    )
+    else:
+        console.print(retrain_table(out))
+        color = "yellow" if held else "green"
+        console.print(
+            f"[{color}]{out.reason}[/{color}]  (run {out.run.id}, {out.run.duration_s or 0:.1f}s, "
+            f"data {out.run.data_hash[:12]}, code {out.run.code_revision[:12] or '-'})"
+        )
+    if held:
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -19,6 +19,12 @@ One retrain, recorded as a `training_runs` row from start to end:
    unless disabled, a canary: split {production: 100 - p, candidate: p} with p the first step of the
    model's rollout policy, candidate status "canary". The rollout controller judges it from there.
    When another canary already has traffic, none is started (the run says so).
+7. Load test (when a gateway target is given: `LoadTestGate`, CHIMERA_GATEWAY_TARGET or
+   `chimera retrain --loadtest-target`): before the canary starts, the product's open-loop load test
+   runs pinned to the candidate (like `chimera loadtest --version N`) and is stored against it in
+   `load_tests`, which is what promotion (manual and the controller's) requires. A candidate that fails
+   its SLO, or whose load test cannot run, is not canaried (the run says why). Without a target nothing
+   changes, and the run notes that promotion will wait for a passing load test of the candidate.
 
 The model's declared outcome metric on a holdout:
 - brier / log_loss: the loss of the scores against the labels;
@@ -33,6 +39,7 @@ import logging
 import math
 import os
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -72,6 +79,13 @@ LOWER_IS_BETTER = frozenset({"brier", "log_loss", "ece"})
 DEFAULT_CANARY_PERCENT = 5  # RolloutPolicy's first step when the model has no rollout_config
 ACTOR = "retrain"
 
+# Load test of a candidate before its canary (LoadTestGate defaults; CHIMERA_RETRAIN_LOADTEST_* override).
+LOADTEST_RPS = 50.0
+LOADTEST_DURATION_S = 10.0
+LOADTEST_WARMUP_S = 2.0
+LOADTEST_SLO_P99_MS = 250.0
+LOADTEST_MAX_ERROR_RATE = 0.01
+
 
 class RetrainError(Exception):
     """The retrain cannot run as asked (no production version, too little feedback, ...)."""
@@ -79,6 +93,75 @@ class RetrainError(Exception):
 
 class RetrainBusy(RetrainError):
     """Another process is retraining this model right now (advisory lock held)."""
+
+
+@dataclass(frozen=True)
+class LoadTestGate:
+    """Load-test a published candidate through a gateway before starting its canary.
+
+    `target` is the gateway (host:port); the run is pinned to the candidate, which needs the gateway's
+    admin token (`admin_token`, default CHIMERA_ADMIN_TOKEN). The SLO is the product's gate
+    (loadtest.slo.SLO): p99 at most `slo_p99_ms` (None: not checked), error rate at most
+    `max_error_rate`, achieved rate at least `min_achieved_ratio` of `rps`. `visible_timeout_s` bounds
+    the wait for the gateway to learn of the just-published version (its catalog polls the registry)."""
+
+    target: str
+    rps: float = LOADTEST_RPS
+    duration_s: float = LOADTEST_DURATION_S
+    warmup_s: float = LOADTEST_WARMUP_S
+    slo_p99_ms: float | None = LOADTEST_SLO_P99_MS
+    max_error_rate: float = LOADTEST_MAX_ERROR_RATE
+    min_achieved_ratio: float = 0.9
+    admin_token: str | None = field(default=None, repr=False)
+    visible_timeout_s: float = 60.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ValueError("loadtest target: required (host:port)")
+        for name in ("rps", "duration_s", "visible_timeout_s"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"loadtest {name}: must be > 0, got {v}")
+        if not (self.warmup_s >= 0 and math.isfinite(self.warmup_s)):
+            raise ValueError(f"loadtest warmup_s: must be >= 0, got {self.warmup_s}")
+        self.slo().validate()
+
+    def slo(self) -> Any:
+        from loadtest.slo import SLO
+
+        return SLO(p99_ms=self.slo_p99_ms, max_error_rate=self.max_error_rate,
+                   min_achieved_ratio=self.min_achieved_ratio)
+
+    def token(self) -> str | None:
+        return self.admin_token or os.environ.get("CHIMERA_ADMIN_TOKEN") or None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stored with the run's parameters: never the token."""
+        out = dataclasses.asdict(self)
+        out.pop("admin_token")
+        return out
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> LoadTestGate | None:
+        """CHIMERA_GATEWAY_TARGET (none: no load test), CHIMERA_RETRAIN_LOADTEST_RPS,
+        CHIMERA_RETRAIN_LOADTEST_DURATION_S, CHIMERA_RETRAIN_LOADTEST_WARMUP_S,
+        CHIMERA_RETRAIN_LOADTEST_SLO_P99_MS ("off": not checked), CHIMERA_RETRAIN_LOADTEST_MAX_ERROR_RATE;
+        keyword overrides that are not None win (the CLI's options)."""
+        e = os.environ if env is None else env
+        values: dict[str, Any] = {"target": e.get("CHIMERA_GATEWAY_TARGET", "").strip()}
+        for key, name in (("rps", "RPS"), ("duration_s", "DURATION_S"), ("warmup_s", "WARMUP_S"),
+                          ("max_error_rate", "MAX_ERROR_RATE")):
+            raw = e.get(f"CHIMERA_RETRAIN_LOADTEST_{name}", "").strip()
+            if raw:
+                values[key] = float(raw)
+        p99 = e.get("CHIMERA_RETRAIN_LOADTEST_SLO_P99_MS", "").strip()
+        if p99:
+            values["slo_p99_ms"] = None if p99.lower() in ("off", "none") else float(p99)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if not values["target"]:
+            return None
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -102,6 +185,7 @@ class RetrainConfig:
     min_rows: int = 500
     gate: tuple[str, ...] = GATE_METRICS
     incremental_rounds: int = 100
+    loadtest: LoadTestGate | None = None  # None: no load test; promotion waits for one
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,6 +209,7 @@ class RetrainConfig:
         out["params"] = dict(self.params or {})
         out["fractions"] = list(self.fractions)
         out["gate"] = list(self.gate)
+        out["loadtest"] = self.loadtest.to_dict() if self.loadtest is not None else None
         return out
 
 
@@ -153,6 +238,7 @@ class RetrainOutcome:
     canary: Split | None
     reason: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    loadtest: Any = None  # registry.loadtests.LoadTestRecord of the candidate's load test, if one ran
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -259,6 +345,60 @@ def start_canary(registry: Registry, model: str, production: int, candidate: int
         registry.set_version_status(model, candidate, "canary")
         return new, ""
     return None, "canary not started: the split kept changing under us"
+
+
+class LoadTestFailed(RetrainError):
+    """The candidate's load test could not run (gateway unreachable, version never visible, no token)."""
+
+
+def _wait_until_visible(config: Any, row: Mapping[str, float], timeout_s: float) -> None:
+    """Prime the pinned version until the gateway knows it: a version published a moment ago reaches
+    the gateway's catalog on its next registry poll (NOT_FOUND until then)."""
+    from loadtest.runner import LoadTestError, prime
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            prime(config, dict(row))
+            return
+        except LoadTestError as exc:
+            if "NOT_FOUND" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.25)
+
+
+def loadtest_candidate(registry: Registry, model: str, version: VersionInfo, gate: LoadTestGate) -> Any:
+    """Run the product's open-loop load test pinned to `version` through `gate.target` (what
+    `chimera loadtest --version N` does), store it in the registry against the version and return
+    the stored LoadTestRecord (passed or not, with the failed SLOs). LoadTestFailed when it cannot run."""
+    from loadtest.payload import from_schema
+    from loadtest.report import build_report, git_revision
+    from loadtest.runner import LoadTestConfig, LoadTestError, run_load_test
+    from loadtest.slo import evaluate_slo
+    from registry.loadtests import record_load_test
+
+    token = gate.token()
+    if not token:
+        raise LoadTestFailed("pinning the candidate needs the gateway's admin token: set CHIMERA_ADMIN_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"), ("x-chimera-actor", f"loadtest:{ACTOR}"))
+    payload = from_schema(version.feature_names, seed=gate.seed)
+    config = LoadTestConfig(target=gate.target, model=model, rps=gate.rps, duration_s=gate.duration_s,
+                            version=version.version, warmup_s=gate.warmup_s, metadata=metadata,
+                            seed=gate.seed)
+    slo = gate.slo()
+    try:
+        config.validate()
+        _wait_until_visible(config, payload.rows[0], gate.visible_timeout_s)
+        result = run_load_test(config, payload.rows)
+    except (LoadTestError, ValueError) as exc:
+        raise LoadTestFailed(f"load test of v{version.version} at {gate.target} could not run: "
+                             f"{exc}") from None
+    failures = evaluate_slo(slo, latency_ms=result.latency_ms(), error_rate=result.error_rate,
+                            achieved_ratio=result.achieved_ratio, target_rps=gate.rps)
+    report = build_report(result, slo, failures, payload_source=payload.source, git=git_revision(),
+                          extra={"trigger": ACTOR})
+    return record_load_test(registry, model, version.version, target=gate.target, passed=not failures,
+                            failures=failures, slo=slo.stated(), report=report)
 
 
 class _Tracker:
@@ -468,7 +608,29 @@ def _retrain(registry: Registry, model: str, metric: str, config: RetrainConfig,
     update_run(registry, run_id, published_version=published.version)
 
     split = None
-    if config.canary:
+    lt = None
+    canary_ok = config.canary
+    if config.loadtest is not None:
+        gate = config.loadtest
+        tracker(0.85, f"load test of v{published.version} at {gate.target}")
+        try:
+            lt = loadtest_candidate(registry, model, published, gate)
+        except LoadTestFailed as exc:
+            record["loadtest"] = {"passed": False, "error": str(exc), "target": gate.target}
+            notes.append(f"not canaried: {exc}")
+            canary_ok = False
+        else:
+            p99 = (lt.report.get("latency_ms") or {}).get("p99")
+            record["loadtest"] = {"id": lt.id, "passed": lt.passed, "failures": list(lt.failures),
+                                  "target": gate.target, "slo": dict(lt.slo), "p99_ms": p99}
+            if lt.passed:
+                notes.append(f"load test #{lt.id} passed ({gate.rps:g} req/s, p99 "
+                             f"{_fmt_ms(p99)})")
+            else:
+                notes.append(f"not canaried: load test #{lt.id} of v{published.version} failed its SLO: "
+                             + "; ".join(lt.failures))
+                canary_ok = False
+    if canary_ok:
         tracker(0.95, "starting the canary")
         percent = config.canary_percent or first_step(registry, model)
         split, why = start_canary(registry, model, prod.version, published.version, percent,
@@ -476,6 +638,10 @@ def _retrain(registry: Registry, model: str, metric: str, config: RetrainConfig,
                                          f"against v{prod.version}")
         if why:
             notes.append(why)
+    if config.loadtest is None:
+        notes.append(f"promotion will wait for a passing load test of v{published.version} (no load-test "
+                     f"target: set CHIMERA_GATEWAY_TARGET or --loadtest-target, or run `chimera loadtest "
+                     f"--model {model} --version {published.version}`)")
     reason = (f"published v{published.version}: not worse than production v{prod.version} on the holdout "
               f"({len(holdout)} rows)")
     if split is not None:
@@ -487,7 +653,11 @@ def _retrain(registry: Registry, model: str, metric: str, config: RetrainConfig,
     log.info("retrain %s: %s", model, reason)
     return RetrainOutcome(get_run(registry, run_id), prod.version,
                           registry.get_version(model, published.version), cand, prod_m, tuple(comparison),
-                          split, reason, tuple(notes))
+                          split, reason, tuple(notes), lt)
+
+
+def _fmt_ms(value: Any) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
 
 
 def _finite(x: float) -> float | None:

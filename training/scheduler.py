@@ -10,6 +10,12 @@ ranges, steps, month/day names, @hourly/@daily/@weekly/@monthly/@yearly), read f
     CHIMERA_RETRAIN_TOLERANCE        default 0.0     CHIMERA_RETRAIN_CANARY_PERCENT  default: first
                                                      rollout step; 0 publishes without a canary
     CHIMERA_DRIFT_WINDOW             default 1d      CHIMERA_SCHEDULER_POLL_SECONDS  default 15
+    CHIMERA_GATEWAY_TARGET           host:port of a gateway: a published candidate is load-tested there
+                                     (pinned, needs CHIMERA_ADMIN_TOKEN) before its canary starts, and
+                                     not canaried when it fails the SLO; unset: no load test, and the
+                                     controller holds the canary until someone runs one
+    CHIMERA_RETRAIN_LOADTEST_RPS / _DURATION_S / _WARMUP_S / _SLO_P99_MS / _MAX_ERROR_RATE
+                                     default 50 req/s, 10 s, 2 s, p99 <= 250 ms, errors <= 1 %
 
 Several schedulers may run (e.g. one per gateway host): the one holding the PostgreSQL advisory lock
 "chimera-scheduler" is the leader and runs the jobs; the others keep trying to take the lock and take
@@ -175,6 +181,7 @@ class SchedulerSettings:
     canary_percent: int | None = None  # None: first rollout step; 0: publish without a canary
     drift_window: str = "1d"
     poll_seconds: float = 15.0
+    loadtest: Any = None  # training.retrain.LoadTestGate: load-test candidates before their canary
 
     def __post_init__(self) -> None:
         for spec in (self.retrain_schedule, self.drift_schedule):
@@ -191,6 +198,12 @@ class SchedulerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerSettings:
         e = os.environ if env is None else env
         canary = e.get("CHIMERA_RETRAIN_CANARY_PERCENT", "").strip()
+        from training.retrain import LoadTestGate
+
+        try:
+            loadtest = LoadTestGate.from_env(e)
+        except ValueError as exc:
+            raise ValueError(f"CHIMERA_RETRAIN_LOADTEST_*: {exc}") from None
         return cls(
             retrain_schedule=_schedule(e, "CHIMERA_RETRAIN_SCHEDULE", cls.retrain_schedule or ""),
             drift_schedule=_schedule(e, "CHIMERA_DRIFT_SCHEDULE", cls.drift_schedule or ""),
@@ -201,6 +214,7 @@ class SchedulerSettings:
             canary_percent=int(canary) if canary else None,
             drift_window=e.get("CHIMERA_DRIFT_WINDOW", cls.drift_window),
             poll_seconds=float(e.get("CHIMERA_SCHEDULER_POLL_SECONDS", cls.poll_seconds)),
+            loadtest=loadtest,
         )
 
     def retrain_config(self) -> Any:
@@ -208,7 +222,7 @@ class SchedulerSettings:
 
         return RetrainConfig(window=parse_window(self.retrain_window), mode=self.retrain_mode,
                              tolerance=self.retrain_tolerance, canary=self.canary_percent != 0,
-                             canary_percent=self.canary_percent or None)
+                             canary_percent=self.canary_percent or None, loadtest=self.loadtest)
 
 
 # ------------------------------------------------------------------------------------ scheduler
