@@ -1,5 +1,5 @@
 """`python -m chimera` runs the CLI."""
 
-from chimera.cli import app
+from chimera.cli import main
 
-app()
+main()

@@ -39,6 +39,21 @@ def _registry():  # noqa: ANN202
     return Registry(Settings.from_env().registry_url)
 
 
+def main() -> None:
+    """The `chimera` command: registry errors (database unreachable, schema missing) end with one line
+    naming the problem instead of a traceback; the URL's password is never printed."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        app()
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        console.print(f"[red]error:[/red] registry: {first} (check CHIMERA_REGISTRY_URL; a new database "
+                      "needs `chimera db upgrade`)")
+        sys.exit(1)
+
+
 def _fail(message: str, code: int = 1) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
@@ -82,8 +97,11 @@ def train(
 
     if data is None and synthetic <= 0:
         _fail("give --synthetic N or --data PATH")
-    df = load_dataset(data) if data is not None else synthetic_signals(synthetic, seed=seed)
-    result = run_train(df, algo=algo, seed=seed, degrade=degrade)  # type: ignore[arg-type]
+    try:
+        df = load_dataset(data) if data is not None else synthetic_signals(synthetic, seed=seed)
+        result = run_train(df, algo=algo, seed=seed, degrade=degrade)  # type: ignore[arg-type]
+    except (OSError, ValueError, KeyError) as exc:  # a bad file or too little data: say so, no traceback
+        _fail(f"{'--data' if data is not None else '--synthetic'}: {exc}")
     table = Table(title=f"{model} ({algo}) on the test window")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -131,6 +149,8 @@ def models_show(model: str, version: Annotated[int | None, typer.Option()] = Non
     except NotFoundError as exc:
         _fail(str(exc))
     versions = [v for v in info.versions if version is None or v.version == version]
+    if version is not None and not versions:
+        _fail(f"version: model {model!r} has no version {version}")
     out = {
         "model": info.name,
         "metric": info.metric,

@@ -1,6 +1,6 @@
-"""SIGTERM to a `chimera serve` process under load: health turns NOT_SERVING first (while calls are
-still answered), in-flight calls finish, the prediction log is flushed (rows == successful responses),
-and the process exits within its grace period."""
+"""SIGTERM (or Ctrl-C's SIGINT) to a `chimera serve` process under load: health turns NOT_SERVING first
+(while calls are still answered), in-flight calls finish, the prediction log is flushed (rows ==
+successful responses), and the process exits within its grace period."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: Path, sig: int) -> None:
     import ray
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
@@ -114,7 +115,7 @@ def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: 
         time.sleep(2.0)
         assert ok_ids and not errors, errors[:5]
         sigterm_at.append(time.monotonic())
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=GRACE_S + 30)
         exited = time.monotonic() - sigterm_at[0]
         time.sleep(0.3)
