@@ -50,6 +50,12 @@ class Catalog:
                           shadow=info.split.shadow)
 
     def install(self, entry: ModelEntry) -> None:
+        """Swap in a model's routing table, unless a newer split revision is already installed: two
+        syncs of one model can overlap (the watcher's, and the one an admin call on this gateway
+        runs), and the one that read the registry first must not undo the other."""
+        current = self._models.get(entry.name)
+        if current is not None and entry.revision < current.revision:
+            return
         self._models[entry.name] = entry
 
     def remove(self, model: str) -> None:

@@ -4,6 +4,8 @@ call checks the admin token, then hands a domain call to a worker thread."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -15,12 +17,33 @@ from gateway.controller import PromotionGate
 from gateway.errors import status_for as _status
 from registry import Registry
 
+log = logging.getLogger(__name__)
+
+APPLY_WAIT_S = 5.0  # longest an admin call waits for this gateway to route by the change it made
+
 
 class RolloutServicer(rpb_grpc.RolloutServiceServicer):
-    def __init__(self, registry: Registry, auth: AdminAuth, gate: PromotionGate | None = None) -> None:
+    def __init__(self, registry: Registry, auth: AdminAuth, gate: PromotionGate | None = None,
+                 on_change: Callable[[str], Awaitable[object]] | None = None) -> None:
         self.registry = registry
         self.auth = auth
         self.gate = gate
+        self.on_change = on_change
+
+    async def _applied(self, model: str) -> None:
+        """Route by a split change on this gateway before answering the call that made it (other
+        gateways follow within a second through the watcher). A newly weighted version's replicas may
+        take longer to deploy than the caller wants to wait: after APPLY_WAIT_S the sync goes on in the
+        background and the call returns; the version gets traffic once it can answer."""
+        if self.on_change is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.on_change(model)), APPLY_WAIT_S)
+        except TimeoutError:
+            pass
+        except Exception:  # the watcher retries on its own; the change itself is committed
+            log.warning("model %s: applying the split change here failed; the watcher will", model,
+                        exc_info=True)
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         try:
@@ -73,6 +96,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             reason=request.reason,
             forced=request.force,
         )
+        await self._applied(request.model)
         return self._split(split)
 
     async def ListModels(
@@ -117,6 +141,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             force=request.force,
             gate=self.gate,
         )
+        await self._applied(request.model)
         return self._split(split)
 
     async def Rollback(
@@ -132,6 +157,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             actor=actor,
             reason=request.reason,
         )
+        await self._applied(request.model)
         return self._split(split)
 
     async def SetShadow(
@@ -146,6 +172,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             actor=actor,
             reason=request.reason,
         )
+        await self._applied(request.model)
         return self._split(split)
 
     async def GetRolloutStatus(

@@ -143,7 +143,8 @@ class Gateway:
                  prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth,
                  inflight=self.inflight)
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
-                 RolloutServicer(self.registry, self.auth, self.controller.promotion_gate), server,
+                 RolloutServicer(self.registry, self.auth, self.controller.promotion_gate,
+                                 on_change=self.watcher.sync_model), server,
                  rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight)
         inflight = self.inflight
         for method in inflight:  # read at scrape time: the request path only bumps an int
