@@ -582,9 +582,13 @@ def simulate(
         int | None, typer.Option(help="runs per scenario (default 500 for aa, 200 for the others)")
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output (the only format)")] = True,
 ) -> None:
     """Run the real rollout decision code on simulated outcome streams (always-valid vs naive); prints
     JSON. With --scenario all, exits 1 when an acceptance check fails."""
+    del as_json  # the report is JSON whether or not --json is given
+    if runs is not None and runs < 1:
+        _fail(f"--runs: must be at least 1, got {runs}", 2)
     from gateway.simulate import main as simulate_main
 
     argv = ["--scenario", scenario, "--seed", str(seed)]
