@@ -117,6 +117,18 @@ def test_analyze_recomputes_stored_decisions_exactly(registry: Registry) -> None
     for row in rows:
         diffs = recompute(registry, row["id"]).differences()
         assert max(diffs.values()) <= 1e-9, (row["id"], diffs)
+    # `chimera analyze` as an auditor runs it against the same registry: the latest decision by default.
+    from typer.testing import CliRunner
+
+    from chimera.cli import app
+
+    env = {"CHIMERA_REGISTRY_URL": registry.url, "COLUMNS": "200"}
+    out = CliRunner().invoke(app, ["analyze", model], env=env)
+    assert out.exit_code == 0, out.output
+    assert f"decision {rows[0]['id']}: {rows[0]['action']} v2 vs v1" in out.output
+    assert "p_value" in out.output and "recomputed action" in out.output
+    missing = CliRunner().invoke(app, ["analyze", "no-such-model"], env=env)
+    assert missing.exit_code != 0 and "no statistical decisions" in missing.output
 
 
 def test_advisory_lock_lets_one_controller_act(registry: Registry) -> None:
