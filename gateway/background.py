@@ -37,10 +37,9 @@ class BackgroundGateway:
         try:
             self.run(self.gateway.stop(grace=grace), timeout=grace + 60)
         finally:
-            if undeploy:
-                from replicas.deployment import undeploy_version
+            if undeploy and apps:
+                from replicas.deployment import undeploy_versions
 
-                for model, version in apps:
-                    undeploy_version(model, version)
+                undeploy_versions(list(apps))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)

@@ -191,6 +191,19 @@ def undeploy_version(model: str, version: int, *, blocking: bool = True) -> None
     serve.delete(app_name(model, version), _blocking=blocking)
 
 
+def undeploy_versions(versions: list[tuple[str, int]], *, timeout_s: float = 60.0) -> None:
+    """Delete several versions' applications at once and wait until all are gone: Serve tears them
+    down in parallel, where deleting one by one waits for each replica to stop in turn."""
+    import time
+
+    names = {app_name(m, v) for m, v in versions}
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while names & set(serve.status().applications) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def deployed_apps() -> set[str]:
     status = serve.status()
     return {name for name in status.applications if name.startswith("chimera-")}
