@@ -214,9 +214,12 @@ def test_deadline_expired_on_arrival_at_the_server(served) -> None:
     the server (the grpc client library would not even send it)."""
     gw, model, _ = served
     body = pb.PredictRequest(model=model, dense=GOOD).SerializeToString()
-    for _ in range(5):
-        out = raw_h2_call(gw.port, PREDICT, body, [(b"grpc-timeout", b"1n")])
-        assert out.get(b"grpc-status") == b"4", out  # DEADLINE_EXCEEDED
+    # gRPC core keeps deadlines on a millisecond clock, rounded up: a call read within that millisecond
+    # still has time and may be answered (seen once in ~50 suite runs). Never any other status.
+    statuses = [raw_h2_call(gw.port, PREDICT, body, [(b"grpc-timeout", b"1n")]).get(b"grpc-status")
+                for _ in range(10)]
+    assert set(statuses) <= {b"4", b"0"}, statuses  # DEADLINE_EXCEEDED (or answered in time)
+    assert statuses.count(b"4") >= 5, statuses
     still_serving(gw, model)
 
 
