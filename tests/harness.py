@@ -55,6 +55,24 @@ class GatewayThread(BackgroundGateway):
         super().stop(grace=grace, undeploy=undeploy)
 
 
+class BackgroundLoad:
+    """Client threads that run while the `with` block does (subclasses fill `_threads` and watch
+    `_stop`): started on entry, told to stop and joined on exit."""
+
+    _threads: list[Any]
+    _stop: Any
+
+    def __enter__(self) -> Any:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
 def replica_pids(model: str, version: int) -> set[int]:
     """Pids of the version's live Ray Serve replica actors (GCS actor table; no dashboard needed)."""
     from ray._private import state

@@ -17,13 +17,13 @@ from sqlalchemy import func, select
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.models import Outcome, Prediction
-from tests.harness import GatewayThread, small_onnx
+from tests.harness import BackgroundLoad, GatewayThread, small_onnx
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 OUTAGE_S = 30.0
 
 
-class Load:
+class Load(BackgroundLoad):
     """Client threads: Predict with unique ids, then an outcome for every other answered request."""
 
     def __init__(self, gw: GatewayThread, model: str, prefix: str, threads: int = 3) -> None:
@@ -61,16 +61,6 @@ class Load:
                     self.errors.append(("RecordOutcome", exc.code().name, exc.details() or ""))
                 self.outcome_latency.append(time.monotonic() - t0)
             time.sleep(0.002)
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
 
 
 def stored(reg: Registry, model: str) -> tuple[set[str], dict[str, float], int, int]:

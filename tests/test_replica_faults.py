@@ -22,7 +22,7 @@ from sqlalchemy import select
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.models import Prediction
-from tests.harness import GatewayThread, replica_pids, small_onnx
+from tests.harness import BackgroundLoad, GatewayThread, replica_pids, small_onnx
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 ROW = [0.3, -0.2, 0.1, 0.9]
@@ -34,7 +34,7 @@ def kill_replica(model: str, version: int) -> int:
     return pid
 
 
-class Load:
+class Load(BackgroundLoad):
     def __init__(self, gw: GatewayThread, model: str, prefix: str, timeout: float = 5.0) -> None:
         self.gw, self.model, self.prefix, self.timeout = gw, model, prefix, timeout
         self.ok: list[tuple[float, str, int]] = []  # (time, request id, version)
@@ -95,16 +95,6 @@ class Load:
                         self.errors.append((time.monotonic(), code.name, resp.error.message))
             except grpc.RpcError as exc:
                 self.errors.append((time.monotonic(), exc.code().name, exc.details() or ""))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
 
 
 def failovers_of(g, model: str) -> int:
