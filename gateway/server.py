@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import signal
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout
 from gateway.auth import AdminAuth, TokenAuth
 from gateway.catalog import Catalog
 from gateway.controller import PromotionGate, RolloutController
+from gateway.drain import Admission, close_and_stop
 from gateway.failover import VersionHealth
 from gateway.logwriter import PredictionLog
 from gateway.metrics import Metrics
@@ -121,6 +123,7 @@ class Gateway:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.wire)
+        self.admission = Admission()  # closed by stop(): new calls refused with UNAVAILABLE
         self.port: int = config.port
         self._metrics_server: object | None = None
 
@@ -141,11 +144,12 @@ class Gateway:
         register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
                  PredictionServicer(self.predictor, self.auth, self.metrics, self.tracing), server,
                  prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth,
-                 inflight=self.inflight)
+                 inflight=self.inflight, admission=self.admission)
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
                  RolloutServicer(self.registry, self.auth, self.controller.promotion_gate,
                                  on_change=self.watcher.sync_model), server,
-                 rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight)
+                 rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight,
+                 admission=self.admission)
         inflight = self.inflight
         for method in inflight:  # read at scrape time: the request path only bumps an int
             self.metrics.inflight.labels(method).set_function(lambda m=method: inflight[m])
@@ -240,11 +244,11 @@ class Gateway:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (load balancers drain us) while calls are still taken for the drain delay,
-        then in-flight calls finish within the rest of the grace period, then the prediction log is
-        flushed (inserted, or spilled to disk when the database is down; both bounded in time)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        then new calls are refused with UNAVAILABLE and in-flight calls finish within the rest of the
+        grace period (gateway.drain), then the prediction log is flushed (inserted, or spilled to disk
+        when the database is down; both bounded in time)."""
         grace = self.config.grace_period_s if grace is None else grace
+        deadline = time.monotonic() + grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._controller_task is not None:
             self._controller_task.cancel()
@@ -252,7 +256,7 @@ class Gateway:
         if self.server is not None and drain > 0:
             await asyncio.sleep(drain)
         if self.server is not None:
-            await self.server.stop(max(0.0, grace - (loop.time() - started)))
+            await close_and_stop(self.server, self.admission, self.inflight, deadline)
         await self.watcher.stop()
         await self.pool.close()
         await self.shadow.close()

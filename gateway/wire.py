@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from gateway.auth import AuthError, TokenAuth
+from gateway.drain import Admission
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,13 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None, name: str = "",
-          inflight: dict[str, int] | None = None) -> grpc.RpcMethodHandler:
+          inflight: dict[str, int] | None = None,
+          admission: Admission | None = None) -> grpc.RpcMethodHandler:
     deserialize = tolerant(handler.request_deserializer, type_name)
     serialize = handler.response_serializer
     calls = inflight if inflight is not None else {}
     calls.setdefault(name, 0)
+    gate = admission if admission is not None else Admission()
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         if auth is not None:
@@ -75,6 +78,8 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if gate.closed:
+                await gate.refuse(context)
             calls[name] += 1
             try:
                 if isinstance(request, Malformed):
@@ -90,6 +95,8 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if gate.closed:
+                await gate.refuse(context)
             calls[name] += 1
             try:
                 if isinstance(request, Malformed):
@@ -105,6 +112,8 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            if gate.closed:
+                await gate.refuse(context)
             calls[name] += 1
             try:
                 await check(context)
@@ -120,6 +129,8 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
 
     async def stream_stream(requests: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if gate.closed:
+            await gate.refuse(context)
         calls[name] += 1
         try:
             await check(context)
@@ -138,18 +149,19 @@ class _Registrar:
     server wrapped method handlers."""
 
     def __init__(self, server: grpc.aio.Server, auth: TokenAuth | None, types: dict[str, str],
-                 inflight: dict[str, int] | None) -> None:
+                 inflight: dict[str, int] | None, admission: Admission | None) -> None:
         self.server = server
         self.auth = auth
         self.types = types
         self.inflight = inflight
+        self.admission = admission
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: the generated code registers the same methods through the call below."""
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        wrapped = {name: _wrap(h, self.types.get(name, name), self.auth, name, self.inflight)
+        wrapped = {name: _wrap(h, self.types.get(name, name), self.auth, name, self.inflight, self.admission)
                    for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         add = getattr(self.server, "add_registered_method_handlers", None)
@@ -159,9 +171,10 @@ class _Registrar:
 
 def register(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server,
              service_descriptor: Any, auth: TokenAuth | None = None,
-             inflight: dict[str, int] | None = None) -> None:
+             inflight: dict[str, int] | None = None, admission: Admission | None = None) -> None:
     """`add_to_server(servicer, server)` (a generated function) with tolerant decoding on every method
     and, when `auth` is given, its token required on every method. `inflight` (method -> calls being
-    handled) is kept up to date: two integer updates per call, read by the metrics at scrape time."""
+    handled) is kept up to date: two integer updates per call, read by the metrics at scrape time.
+    Once `admission` is closed, new calls are refused with UNAVAILABLE (see gateway.drain)."""
     types = {m.name: m.input_type.full_name for m in service_descriptor.methods}
-    add_to_server(servicer, _Registrar(server, auth, types, inflight))
+    add_to_server(servicer, _Registrar(server, auth, types, inflight, admission))
