@@ -43,8 +43,10 @@ async def _serve(admission: Admission, inflight: dict[str, int]) -> tuple[grpc.a
     return server, port
 
 
-def _hammer(port: int, stop: threading.Event, codes: Counter[str]) -> None:
-    """A client that retries a refused call at once: the harshest client a stopping gateway meets."""
+def _hammer(port: int, stop: threading.Event, codes: Counter[str], pause_s: float) -> None:
+    """A client that retries a refused call after `pause_s`: at once is the harshest client a stopping
+    gateway meets; a short pause (a client's backoff) means it is asleep, not held, when the gate
+    closes, and comes back at any moment of the stop."""
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     predict = channel.unary_unary("/chimera.v1.PredictionService/Predict",
                                   request_serializer=pb.PredictRequest.SerializeToString,
@@ -56,12 +58,14 @@ def _hammer(port: int, stop: threading.Event, codes: Counter[str]) -> None:
                 codes["OK"] += 1
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
+                time.sleep(pause_s)
     finally:
         channel.close()
 
 
 @pytest.mark.slow
-def test_stop_under_load_refuses_with_unavailable_and_finishes_calls_in_flight() -> None:
+@pytest.mark.parametrize("pause_s", [0.0, 0.02], ids=["retry at once", "retry after 20 ms"])
+def test_stop_under_load_refuses_with_unavailable_and_finishes_calls_in_flight(pause_s: float) -> None:
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=loop.run_forever, daemon=True)
     runner.start()
@@ -72,7 +76,8 @@ def test_stop_under_load_refuses_with_unavailable_and_finishes_calls_in_flight()
             inflight: dict[str, int] = {}
             server, port = asyncio.run_coroutine_threadsafe(_serve(admission, inflight), loop).result(10)
             stop = threading.Event()
-            clients = [threading.Thread(target=_hammer, args=(port, stop, codes)) for _ in range(CLIENTS)]
+            clients = [threading.Thread(target=_hammer, args=(port, stop, codes, pause_s))
+                       for _ in range(CLIENTS)]
             for c in clients:
                 c.start()
             time.sleep(0.3)
