@@ -18,10 +18,11 @@ nothing in flight and no call arriving; QUIET_S is longer than a client's usual 
 held calls are answered SETTLE_S after the shutdown began, when the GOAWAY has reached their clients:
 their retries go to a new connection, which the closed port refuses (UNAVAILABLE on the client side).
 
-Measured with tests/test_drain.py (12 clients, 12 stops): plain `server.stop` gave 56-84 CANCELLED calls
-with clients retrying at once; a 3 ms gap without the settle time still gave 1-2 per run with clients
-pausing 20 ms between retries. The wait for the gap is bounded, so a client whose pause is longer than
-QUIET_S, or a flood that never pauses, can still meet the final instant."""
+Measured with tests/test_drain.py (12 clients, 8-12 stops a run): plain `server.stop` gave 56-84
+CANCELLED calls with clients retrying at once; a 3 ms gap without the settle time still gave 1-2 per
+run with clients pausing 20 ms between retries; this drain, none in 8 runs. The wait for the gap is
+bounded, so a client whose pause is longer than QUIET_S, or a flood that never pauses, can still meet
+the final instant."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.drain import Admission, close_and_stop
 from gateway.wire import register
 
-ROUNDS = 12
+ROUNDS = 8  # per client kind: 16 stops in all
 CLIENTS = 12
 
 
