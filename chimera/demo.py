@@ -36,6 +36,10 @@ from registry import Registry
 MODEL = "signal-confidence"
 ACT_THRESHOLD = 0.4
 ADMIN_TOKEN = "demo-admin-token"
+# After each round of traffic, how long to look for the controller's decision before the next round.
+# Short: the controller looks every second and keeps looking while the next round runs, so a decision
+# it makes meanwhile is found after that round; waiting longer only left the gateway idle.
+DECISION_WAIT_S = 0.3
 
 
 @dataclass
@@ -134,7 +138,8 @@ def _judge_canary(console: Console, target: str, reg: Registry, live: pd.DataFra
     tally = Tally()
     for _ in range(rounds):
         asyncio.run(_traffic(target, live, features, 1000, tally, rng))
-        d = _wait_for_decision(reg, canary, {"step_up", "promote", "rollback"}, mark, timeout=2.5)
+        d = _wait_for_decision(reg, canary, {"step_up", "promote", "rollback"}, mark,
+                               timeout=DECISION_WAIT_S)
         if d is not None:
             mark = d["id"]
             _print_decision(console, d)
@@ -272,7 +277,8 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
         decision = None
         for _ in range(30):
             asyncio.run(_traffic(gw.target, live, all_features, 1000, tally2, rng))
-            decision = _wait_for_decision(reg, info2.version, {"rollback", "promote"}, mark, timeout=2.5)
+            decision = _wait_for_decision(reg, info2.version, {"rollback", "promote"}, mark,
+                                          timeout=DECISION_WAIT_S)
             if decision is not None:
                 break
         if decision is None or decision["action"] != "rollback":
