@@ -105,7 +105,7 @@ def test_retrain_loadtests_canaries_and_the_controller_promotes(registry_url: st
             routed = rng.choice(versions, size=len(chunk), p=[weights[v] / 100 for v in versions])
             for v in versions:
                 log_served(reg, model, int(v), chunk[routed == v], use_timestamps=False)
-            if _wait_for(lambda: dict(reg.get_split(model).weights) == {v2: 100}, 3.0):
+            if _wait_for(lambda: dict(reg.get_split(model).weights) == {v2: 100}, 1.0):  # two looks
                 promoted = True
                 break
         print(f"controller promoted after {start + 1000} rows in {time.monotonic() - t0:.1f}s")
