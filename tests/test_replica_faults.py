@@ -15,6 +15,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -99,6 +101,27 @@ class Load(BackgroundLoad):
                 self.errors.append((time.monotonic(), exc.code().name, exc.details() or ""))
 
 
+@contextmanager
+def frozen(pid: int) -> Iterator[float]:
+    """The process is stopped (SIGSTOP) for the block, and resumed even when the block fails; yields
+    when it stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield time.monotonic()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def wait_up_after_kill(g, model: str, version: int, killed_at: float, what: str) -> float:  # noqa: ANN001
+    """Wait until the version is up again and return when. The calls queued at the dead replica may
+    still stall out after its replacement started, so up counts only once the stall timeout since the
+    kill has passed."""
+    stall = g.config.batch.stall_timeout_s
+    wait_for(lambda: time.monotonic() > killed_at + stall + 0.5
+             and not g.version_health.is_down(model, version), 60, what)
+    return time.monotonic()
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,13 +151,9 @@ def test_canary_hung_or_killed_fails_over_and_baseline_recovers(tmp_path: Path) 
         (canary_pid,) = replica_pids(model, 2)
         with Load(gw, model, "h", timeout=10.0) as load:
             time.sleep(1.5)
-            os.kill(canary_pid, signal.SIGSTOP)
-            hung_at = time.monotonic()
-            try:
+            with frozen(canary_pid) as hung_at:
                 wait_for(lambda: g.version_health.is_down(model, 2), 30, "the canary to be marked down")
                 time.sleep(1.5)  # its share is scored by the baseline meanwhile
-            finally:
-                os.kill(canary_pid, signal.SIGCONT)
             wait_for(lambda: not g.version_health.is_down(model, 2), 30, "the canary to answer again")
             recovered_at = time.monotonic()
             wait_for(lambda: any(t > recovered_at + 0.5 and v == 2 for t, _, v in load.ok), 30,
@@ -161,10 +180,7 @@ def test_canary_hung_or_killed_fails_over_and_baseline_recovers(tmp_path: Path) 
             killed = kill_replica(model, 2)
             killed_at = time.monotonic()
             wait_for(lambda: replica_pids(model, 2) - {killed}, 60, "a new canary replica")
-            stall = g.config.batch.stall_timeout_s
-            wait_for(lambda: time.monotonic() > killed_at + stall + 0.5
-                     and not g.version_health.is_down(model, 2), 60, "the canary to answer again")
-            recovered_at = time.monotonic()
+            recovered_at = wait_up_after_kill(g, model, 2, killed_at, "the canary to answer again")
             wait_for(lambda: any(t > recovered_at + 0.5 and v == 2 for t, _, v in load.ok), 30,
                      "the new canary replica to serve")
         answered += load.ok
@@ -193,13 +209,9 @@ def test_canary_hung_or_killed_fails_over_and_baseline_recovers(tmp_path: Path) 
         (hung,) = replica_pids(model, 1)
         with Load(gw, model, "b") as load:
             time.sleep(1.0)
-            os.kill(hung, signal.SIGSTOP)
-            hung_at = time.monotonic()
-            try:
+            with frozen(hung) as hung_at:
                 wait_for(lambda: any(t > hung_at for t, _, _ in load.errors), 30, "an error")
                 time.sleep(1.5)  # refusals while it is down
-            finally:
-                os.kill(hung, signal.SIGCONT)
             resumed_at = time.monotonic()
             wait_for(lambda: any(t > resumed_at and v == 1 for t, _, v in load.ok), 30,
                      "the baseline to serve again")
@@ -248,12 +260,7 @@ def test_only_baseline_replica_killed_fails_fast_then_serves_from_its_replacemen
             wait_for(lambda: replica_pids(model, 1) - {killed}, 60, "a new baseline replica")
             replaced_at = time.monotonic()
             (new_pid,) = replica_pids(model, 1)
-            # The calls queued at the dead replica may still stall out after the replacement started:
-            # recovered means up again once the stall timeout since the kill has passed.
-            stall = g.config.batch.stall_timeout_s
-            wait_for(lambda: time.monotonic() > killed_at + stall + 0.5
-                     and not g.version_health.is_down(model, 1), 60, "the baseline to answer again")
-            recovered_at = time.monotonic()
+            recovered_at = wait_up_after_kill(g, model, 1, killed_at, "the baseline to answer again")
             # Not vacuous: answers scored well after the old process was gone, so by the new replica
             # (the only live replica of version 1, the only version).
             wait_for(lambda: sum(t > recovered_at + 0.5 and v == 1 for t, _, v in load.ok) >= 20, 30,
