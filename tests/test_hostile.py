@@ -232,7 +232,7 @@ def test_split_unchanged_by_rejected_changes(served) -> None:
 
 def test_duplicated_feature_name_keeps_the_last_value(served) -> None:
     """A protobuf map cannot carry a name twice, but its wire form can: protobuf keeps the last entry,
-    and so the gateway scores the row with the last value (documented in docs/failure-modes.md)."""
+    and so the gateway scores the row with the last value (documented in README.md, "Failure modes")."""
     gw, model, _ = served
     body = model_field(model) + b"".join(map_entry(4, f"f{i}".encode(), v) for i, v in enumerate(GOOD))
     duplicated = body + map_entry(4, b"f0", 99.0) + map_entry(4, b"f0", GOOD[0])
