@@ -317,19 +317,12 @@ def canary_shadow(
 
 def canary_weights(current: dict[int, int], version: int, percent: int) -> dict[int, int]:
     """The new split: `version` at `percent`, the heaviest other version absorbs the difference."""
-    if not 0 <= percent <= 100:
-        raise typer.BadParameter("percent must be within 0..100")
-    others = {v: w for v, w in current.items() if v != version and w > 0}
-    if not others:
-        if percent != 100:
-            raise typer.BadParameter(f"no other version has traffic to take the remaining {100 - percent}%")
-        return {version: 100}
-    main = max(others, key=lambda v: (others[v], -v))
-    rest = sum(w for v, w in others.items() if v != main)
-    main_weight = 100 - percent - rest
-    if main_weight < 0:
-        raise typer.BadParameter(f"other versions already hold {rest}%; lower them first")
-    return {**{v: w for v, w in others.items()}, main: main_weight, version: percent}
+    from rollout import splits
+
+    try:
+        return splits.set_weight(current, version, percent)
+    except splits.SplitError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _rpc(fn, request, timeout: float = 30):  # noqa: ANN001, ANN202
@@ -463,8 +456,8 @@ def analyze(
 
     Reads the registry directly rather than asking a gateway: an auditor should not have to trust the
     process that made the decision."""
-    from gateway.analysis import recompute
     from registry.rollouts import decisions
+    from rollout.analysis import recompute
 
     reg = _registry()
     if decision is None:
@@ -589,7 +582,7 @@ def simulate(
     del as_json  # the report is JSON whether or not --json is given
     if runs is not None and runs < 1:
         _fail(f"--runs: must be at least 1, got {runs}", 2)
-    from gateway.simulate import main as simulate_main
+    from rollout.simulate import main as simulate_main
 
     argv = ["--scenario", scenario, "--seed", str(seed)]
     argv += ["--runs", str(runs)] if runs is not None else []

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SQLITE_FILE = "chimera.db"
-TRACES_EXPORTERS = ("none", "console", "otlp", "memory")  # see gateway.tracing
+TRACES_EXPORTERS = ("none", "console", "otlp", "memory")  # see chimera.tracing
 DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S = 24 * 3600.0
 DEFAULT_LOG_FEATURES_SAMPLE = 1.0
 

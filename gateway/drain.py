@@ -44,7 +44,7 @@ REFUSAL = "gateway is shutting down; retry on another instance"
 
 
 class Admission:
-    """Whether the gateway takes new calls. Checked once per call by gateway.wire (one attribute
+    """Whether the gateway takes new calls. Checked once per call by gateway.api.wire (one attribute
     read); the refusal time is only written once the gateway is closing."""
 
     __slots__ = ("_release", "closed", "last_refused", "refused")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.batcher import BatchObserver
-
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                    0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-ROLLOUT_ACTIONS = ("rollback", "step_up", "promote", "hold")  # bounded label values (gateway.decision.Action)
+ROLLOUT_ACTIONS = ("rollback", "step_up", "promote", "hold")  # bounded label values (rollout.decision.Action)
 
 
 class Metrics:
@@ -66,7 +64,7 @@ class Metrics:
             "erroring), including rows then retried on another version", ["model", "version"], registry=r)
         self.failovers = Counter("chimera_failovers", "rows retried on another version because theirs "
                                  "could not score them", ["model", "from_version"], registry=r)
-        # Shadow (mirror) versions: rows mirrored, by what became of them (gateway.shadow.RESULTS).
+        # Shadow (mirror) versions: rows mirrored, by what became of them (gateway.serving.shadow.RESULTS).
         self.shadow_rows = Counter("chimera_shadow_rows", "rows mirrored to a shadow version by result "
                                    "(scored, dropped, failed, skipped, unwritten)",
                                    ["model", "version", "result"], registry=r)
@@ -91,11 +89,13 @@ class Metrics:
         if p_value is not None:
             self.canary_p_value.labels(model, str(version)).set(p_value)
 
-    def observer(self, model: str, version: int) -> BatchObserver:
+    def observer(self, model: str, version: int) -> _BatchMetrics:
         return _BatchMetrics(self, model, str(version))
 
 
-class _BatchMetrics(BatchObserver):
+class _BatchMetrics:
+    """A gateway.serving.batcher.BatchObserver (duck-typed: metrics sit below serving)."""
+
     def __init__(self, m: Metrics, model: str, version: str) -> None:
         self.size = m.batch_size.labels(model, version)
         self.wait = m.queue_wait.labels(model, version)

@@ -16,25 +16,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chimera.tracing import Tracing
 from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
-from gateway.auth import AdminAuth, TokenAuth
-from gateway.catalog import Catalog
-from gateway.controller import PromotionGate, RolloutController
+from gateway.api.auth import AdminAuth, TokenAuth
+from gateway.api.prediction import PredictionServicer
+from gateway.api.rollout import RolloutServicer
+from gateway.api.wire import register
 from gateway.drain import Admission, close_and_stop
-from gateway.failover import VersionHealth
-from gateway.logwriter import PredictionLog
 from gateway.metrics import Metrics
-from gateway.outcomelog import OutcomeLog
-from gateway.predictor import Predictor
-from gateway.replica_pool import BatchConfig, ReplicaPool
-from gateway.rollout_servicer import RolloutServicer
-from gateway.servicer import PredictionServicer
-from gateway.shadow import ShadowMirror
-from gateway.split_watch import SplitWatcher
-from gateway.tracing import Tracing
-from gateway.wire import register
+from gateway.records.outcome_log import OutcomeLog
+from gateway.records.prediction_log import PredictionLog
+from gateway.serving.catalog import Catalog
+from gateway.serving.failover import VersionHealth
+from gateway.serving.predictor import Predictor
+from gateway.serving.replica_pool import BatchConfig, ReplicaPool
+from gateway.serving.shadow import ShadowMirror
+from gateway.serving.split_watch import SplitWatcher
 from registry import Registry
 from registry.repository import make_engine
+from rollout.controller import PromotionGate, RolloutController
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -64,7 +64,7 @@ class GatewayConfig:
     # admin token (None: Predict is open, as on a private network or behind a mesh).
     predict_token: str | None = None
     # An outcome accepted while the database was down whose request id is still unknown this long
-    # after it was accepted goes to the dead-letter file (see gateway.outcomelog).
+    # after it was accepted goes to the dead-letter file (see gateway.records.outcome_log).
     outcome_unknown_grace_s: float = 300.0
     log_features_sample: float = 1.0  # fraction of predictions logged with their scored feature row
     # Rollout controller: seconds between looks (0 disables it in this gateway).
@@ -76,7 +76,7 @@ class GatewayConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    # OpenTelemetry spans (gateway.tracing): none | console | otlp | memory. The replicas this gateway
+    # OpenTelemetry spans (chimera.tracing): none | console | otlp | memory. The replicas this gateway
     # deploys get the same exporter as an init argument.
     traces_exporter: str = "none"
 
@@ -122,7 +122,7 @@ class Gateway:
         self._controller_task: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.wire)
+        self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)
         self.admission = Admission()  # closed by stop(): new calls refused with UNAVAILABLE
         self.port: int = config.port
         self._metrics_server: object | None = None
@@ -139,7 +139,7 @@ class Gateway:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        # Registered through gateway.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
+        # Registered through gateway.api.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
         # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
         register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
                  PredictionServicer(self.predictor, self.auth, self.metrics, self.tracing), server,

@@ -19,3 +19,7 @@ class ConflictError(RegistryError):
 
 class AlreadyExistsError(RegistryError):
     """A conflicting value is already stored, e.g. a different outcome (gRPC ALREADY_EXISTS)."""
+
+class PreconditionFailed(RegistryError):
+    """The action needs a state the registry does not have yet, e.g. promotion without a recent
+    passing load test (gRPC FAILED_PRECONDITION). The message says what to do."""

@@ -21,16 +21,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.errors import RegistryError, ValidationError
+from registry.errors import PreconditionFailed, ValidationError
 from registry.models import LoadTestRun, utcnow
 from registry.repository import Registry
 
 ROUTED = 0  # `version` of a run whose traffic was routed across several versions (PredictRequest.version 0)
 
-
-class PreconditionFailed(RegistryError):
-    """The action needs a state the registry does not have yet, e.g. promotion without a recent
-    passing load test (gRPC FAILED_PRECONDITION). The message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 # Health checks every 2 s (Ray's default is 10 s): a replica whose process died is replaced within
-# seconds, which is how long its version's traffic runs on the fallback version (gateway.failover).
+# seconds, which is how long its version's traffic runs on the fallback version (gateway.serving.failover).
 @serve.deployment(name="scorer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25},
                   logging_config={"enable_access_log": False}, health_check_period_s=2,
                   health_check_timeout_s=10)
@@ -48,7 +48,7 @@ class VersionReplica:
     sha256 before building the session, so what scores is exactly what was published."""
 
     def __init__(self, registry_url: str, model: str, version: int, traces_exporter: str = "none") -> None:
-        from gateway.tracing import Tracing
+        from chimera.tracing import Tracing
         from registry import Registry
 
         # First: a bad exporter setting (otlp without its package) fails the replica with its message.
@@ -76,7 +76,7 @@ class VersionReplica:
     def _traced_score(self, rows: np.ndarray, carrier: Mapping[str, str]) -> np.ndarray:
         from opentelemetry.trace import SpanKind
 
-        from gateway.tracing import context_from_carrier
+        from chimera.tracing import context_from_carrier
 
         assert self._tracer is not None
         attributes = {"chimera.model": self.model, "chimera.version": self.version, "chimera.rows": len(rows)}
@@ -128,7 +128,7 @@ def build_app(args: dict[str, Any]) -> Application:
     CHIMERA_REPLICA_NUM_CPUS), `traces_exporter` (default CHIMERA_TRACES_EXPORTER). The config's
     `deployments:` section overrides replica count and actor options as usual."""
     from chimera.settings import Settings, registry_url_from_env
-    from gateway.tracing import check_exporter
+    from chimera.tracing import check_exporter
 
     missing = [k for k in ("model", "version") if args.get(k) in (None, "")]
     if missing:

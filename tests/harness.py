@@ -11,8 +11,8 @@ import numpy as np
 
 from chimera.v1 import prediction_pb2_grpc, rollout_pb2_grpc
 from gateway.background import BackgroundGateway
-from gateway.replica_pool import BatchConfig
 from gateway.server import GatewayConfig
+from gateway.serving.replica_pool import BatchConfig
 
 ADMIN_TOKEN = "test-admin-token"
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.batcher import DeadlineExceeded, MicroBatcher
+from gateway.serving.batcher import DeadlineExceeded, MicroBatcher
 
 W = 4
 WEIGHTS = np.array([1.0, 10.0, 100.0, 1000.0], dtype=np.float32)
@@ -279,7 +279,7 @@ def test_close_fails_queued_callers_and_refuses_new_ones() -> None:
 def test_deadline_errors_map_to_deadline_exceeded() -> None:
     import grpc
 
-    from gateway.errors import status_for
+    from gateway.api.errors import status_for
 
     assert status_for(DeadlineExceeded("late")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert status_for(TimeoutError()) == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -7,12 +7,12 @@ import uuid
 
 import numpy as np
 
-from gateway.analysis import recompute
-from gateway.controller import RolloutController
 from registry import Registry
 from registry.locks import advisory_lock
 from registry.repository import PredictionRow
 from registry.rollouts import decisions
+from rollout.analysis import recompute
+from rollout.controller import RolloutController
 
 
 def _setup(registry: Registry, steps: list[int], canary_weight: int) -> str:

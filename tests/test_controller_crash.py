@@ -29,12 +29,12 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from gateway.catalog import Catalog, ModelEntry
-from gateway.controller import RolloutController
-from gateway.split_watch import SplitWatcher
+from gateway.serving.catalog import Catalog, ModelEntry
+from gateway.serving.split_watch import SplitWatcher
 from registry import Registry
 from registry.repository import PredictionRow
 from registry.rollouts import decisions
+from rollout.controller import RolloutController
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_WEIGHTS = {1: 90, 2: 10}
@@ -46,7 +46,7 @@ CHILD = r"""
 import json, os, sys, time
 from sqlalchemy import event
 from sqlalchemy.orm import Session
-from gateway.controller import RolloutController
+from rollout.controller import RolloutController
 from registry import Registry
 
 url, model, mode, signal_path = sys.argv[1:5]

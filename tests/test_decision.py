@@ -1,4 +1,4 @@
-"""Unit tests for the pure rollout decision policy (gateway.decision)."""
+"""Unit tests for the pure rollout decision policy (rollout.decision)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from gateway.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
-from gateway.stats import msprt_test, per_request_values
+from rollout.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
+from rollout.stats import msprt_test, per_request_values
 
 POLICY = RolloutPolicy(metric="success_rate")
 

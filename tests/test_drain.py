@@ -18,8 +18,8 @@ import pytest
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from gateway.api.wire import register
 from gateway.drain import Admission, close_and_stop
-from gateway.wire import register
 
 ROUNDS = 8  # per client kind: 16 stops in all
 CLIENTS = 12

@@ -1,4 +1,4 @@
-"""Unit checks of gateway.failover (which version takes a down version's rows, counting, probing)."""
+"""Unit checks of gateway.serving.failover (which version takes a down version's rows, counting, probing)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway.errors import UnavailableError
-from gateway.failover import VersionHealth
 from gateway.metrics import Metrics
+from gateway.serving.errors import UnavailableError
+from gateway.serving.failover import VersionHealth
 
 
 def test_fallback_is_the_heaviest_healthy_other_version() -> None:
@@ -59,7 +59,7 @@ def test_probe_marks_the_version_up_when_it_answers() -> None:
 
 def test_tolerant_deserializer_marks_undecodable_bytes() -> None:
     from chimera.v1 import prediction_pb2 as pb
-    from gateway.wire import Malformed, tolerant
+    from gateway.api.wire import Malformed, tolerant
 
     parse = tolerant(pb.PredictRequest.FromString, "chimera.v1.PredictRequest")
     assert parse(pb.PredictRequest(model="m").SerializeToString()).model == "m"
@@ -70,7 +70,7 @@ def test_tolerant_deserializer_marks_undecodable_bytes() -> None:
 @pytest.mark.parametrize("header, ok", [("Bearer p", True), ("Bearer a", True), ("bearer p", True),
                                         ("Bearer x", False), ("p", False), ("", False)])
 def test_token_auth_accepts_either_token(header: str, ok: bool) -> None:
-    from gateway.auth import AuthError, TokenAuth
+    from gateway.api.auth import AuthError, TokenAuth
 
     class Ctx:
         def invocation_metadata(self):

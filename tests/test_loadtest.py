@@ -39,9 +39,8 @@ from loadtest.runner import LoadTestConfig, run_load_test
 from loadtest.schedule import worker_schedule
 from loadtest.slo import EXIT_SLO_FAILED, SLO, evaluate_slo
 from registry import Registry, ValidationError
-from registry.errors import RegistryError
+from registry.errors import PreconditionFailed, RegistryError
 from registry.loadtests import (
-    PreconditionFailed,
     latest_passing_load_test,
     list_load_tests,
     record_load_test,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from gateway.logwriter import PredictionLog, features_json, matrix_json
+from gateway.records.prediction_log import PredictionLog, features_json, matrix_json
 from registry import Registry
 from registry.models import Prediction
 from registry.repository import PredictionRow

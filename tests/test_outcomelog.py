@@ -1,5 +1,5 @@
-"""Outcome spill and replay (gateway.outcomelog) on a real SQLite registry: every accepted outcome ends
-stored or dead-lettered with a reason, never lost and never stored twice."""
+"""Outcome spill and replay (gateway.records.outcome_log) on a real SQLite registry: every accepted
+outcome ends stored or dead-lettered with a reason, never lost and never stored twice."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 
-from gateway.outcomelog import OutcomeLog, database_unavailable
+from gateway.records.outcome_log import OutcomeLog, database_unavailable
 from registry import Registry
 from registry.models import Outcome
 from registry.repository import PredictionRow

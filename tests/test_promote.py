@@ -30,7 +30,8 @@ from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import rollout_pb2 as rpb
 from loadtest.command import store_run
 from registry import Registry
-from registry.loadtests import PreconditionFailed, list_load_tests, record_load_test
+from registry.errors import PreconditionFailed
+from registry.loadtests import list_load_tests, record_load_test
 from registry.models import utcnow
 from registry.rollouts import decisions
 from tests.conftest import BACKENDS, fresh_registry_url

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.controller import RolloutController
 from registry import Registry
 from registry.locks import advisory_lock
 from registry.training_runs import SessionLock, list_runs, load_artifact
+from rollout.controller import RolloutController
 from tests.test_feedback import (
     FAST_XGB,
     log_served,

@@ -15,7 +15,8 @@ import pytest
 
 from gateway.server import GatewayConfig
 from registry import Registry
-from registry.loadtests import PreconditionFailed, list_load_tests, require_passing_loadtest
+from registry.errors import PreconditionFailed
+from registry.loadtests import list_load_tests, require_passing_loadtest
 from tests.harness import ADMIN_TOKEN, GatewayThread
 from tests.test_feedback import FAST_XGB, log_served, new_model_name, publish_production, shifted_stream
 from training.datasets import TIMESTAMP, synthetic_signals

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scipy.stats import binom
 
-from gateway.router import Router
+from gateway.serving.router import Router
 
 KEYS = [f"account-{i}" for i in range(10_000)]
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gateway.decision import RolloutPolicy
-from gateway.simulate import main, simulate
+from rollout.decision import RolloutPolicy
+from rollout.simulate import main, simulate
 
 
 @pytest.fixture(scope="module")

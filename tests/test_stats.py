@@ -1,4 +1,4 @@
-"""Unit tests for gateway.stats: classical tests, the mSPRT and guardrails."""
+"""Unit tests for rollout.stats: classical tests, the mSPRT and guardrails."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import integrate
 from scipy import stats as sps
 
-from gateway import stats as S
+from rollout import stats as S
 
 # --------------------------------------------------------------------------------------------------
 # metrics

@@ -21,16 +21,16 @@ import pytest
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
-from gateway.auth import AdminAuth
-from gateway.batcher import MicroBatcher
-from gateway.catalog import Catalog, ModelEntry
-from gateway.features import Schema
-from gateway.logwriter import PredictionLog
+from gateway.api.auth import AdminAuth
+from gateway.api.prediction import PredictionServicer
 from gateway.metrics import Metrics
-from gateway.predictor import Predictor
-from gateway.replica_pool import ReplicaPool
-from gateway.router import Router
-from gateway.servicer import PredictionServicer
+from gateway.records.prediction_log import PredictionLog
+from gateway.serving.batcher import MicroBatcher
+from gateway.serving.catalog import Catalog, ModelEntry
+from gateway.serving.features import Schema
+from gateway.serving.predictor import Predictor
+from gateway.serving.replica_pool import ReplicaPool
+from gateway.serving.router import Router
 from registry import Registry
 
 NAMES = ["a", "b", "c", "d"]

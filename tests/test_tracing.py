@@ -18,9 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from chimera.v1 import prediction_pb2 as pb
-from gateway.batcher import MicroBatcher
-from gateway.tracing import (
+from chimera.tracing import (
     EXPORTERS,
     OTLP_PACKAGE,
     Tracing,
@@ -29,6 +27,8 @@ from gateway.tracing import (
     context_from_metadata,
     span_dicts,
 )
+from chimera.v1 import prediction_pb2 as pb
+from gateway.serving.batcher import MicroBatcher
 from registry import Registry
 from replicas.scorer import OnnxScorer
 from tests.harness import GatewayThread, small_onnx

@@ -53,6 +53,7 @@ import xgboost as xgb
 from registry import ConflictError, Registry, Split, VersionInfo
 from registry.locks import advisory_lock
 from registry.training_runs import TrainingRunInfo, create_run, get_run, update_run
+from rollout import splits
 from training.artifacts import load_booster, save_native
 from training.datasets import LABEL, TIMESTAMP, data_hash
 from training.export import onnx_scores
@@ -337,7 +338,7 @@ def start_canary(registry: Registry, model: str, production: int, candidate: int
             busy = ", ".join(f"v{v}={w}%" for v, w in sorted(others.items()))
             return None, f"canary not started: another version already has traffic ({busy})"
         try:
-            new = registry.set_split(model, {production: 100 - percent, candidate: percent},
+            new = registry.set_split(model, splits.canary_start(production, candidate, percent),
                                      expected_revision=split.revision, actor=actor,
                                      reason=reason or f"retrain: canary v{candidate} at {percent}%")
         except ConflictError:

@@ -8,12 +8,12 @@ answered DEADLINE_EXCEEDED (and its row dropped if not yet sent) instead of wait
 
 Replica faults: a row whose version failed to score it (UNAVAILABLE from the batcher) is scored again
 on the version's fallback through `Predictor.failover` while the caller's deadline allows; see
-gateway.failover.
+gateway.serving.failover.
 
 Metrics: label children are looked up once per (model, version, method) and cached; the hot path
 pays one histogram observe and one counter increment.
 
-Tracing (gateway.tracing): when it is on, Predict, PredictBatch and PredictStream are replaced at
+Tracing (chimera.tracing): when it is on, Predict, PredictBatch and PredictStream are replaced at
 construction by wrappers that open a SERVER span whose parent is the caller's `traceparent` metadata
 and keep it current while the call runs (the batcher picks it up from there). When it is off the
 class's methods run as they are: no per-call check at all."""
@@ -33,14 +33,14 @@ import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
 
+from chimera.tracing import Tracing, context_from_metadata
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
-from gateway.auth import AdminAuth
-from gateway.errors import UnavailableError, status_for
-from gateway.features import PackedRows
+from gateway.api.auth import AdminAuth
+from gateway.api.errors import UnavailableError, status_for
 from gateway.metrics import Metrics
-from gateway.predictor import Predictor
-from gateway.tracing import Tracing, context_from_metadata
+from gateway.serving.features import PackedRows
+from gateway.serving.predictor import Predictor
 from registry import ValidationError
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self.metrics = metrics
         self._children: dict[tuple[str, int | str, str, str], tuple[Any, Any]] = {}
         tracer = tracing.tracer if tracing is not None else None
-        if tracer is not None:  # instance attributes: what gateway.wire registers
+        if tracer is not None:  # instance attributes: what gateway.api.wire registers
             self.Predict = _traced_unary(tracer, "Predict", self.Predict, _predict_attributes)  # type: ignore[method-assign]
             self.PredictBatch = _traced_unary(tracer, "PredictBatch", self.PredictBatch,  # type: ignore[method-assign]
                                               _batch_attributes)

@@ -22,7 +22,7 @@ Failure semantics: an exception from the scoring call reaches every caller of th
 a cancelled or expired caller is dropped from the queue (or, if already in flight, its score is thrown
 away) and never affects the others.
 
-Tracing (gateway.tracing): with a tracer, each caller's current span context is kept with its rows
+Tracing (chimera.tracing): with a tracer, each caller's current span context is kept with its rows
 and every call runs inside a `chimera.batch` span: a child of the first caller's span, linked to the
 other callers' spans (a batch serves many traces; OpenTelemetry expresses that with links). The score
 function runs with that span current, so its own spans are the batch's children. Without a tracer
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from opentelemetry.trace import SpanContext, Tracer
 
-from gateway.tracing import batch_parent, current_span_context
+from chimera.tracing import batch_parent, current_span_context
 
 ScoreFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
 

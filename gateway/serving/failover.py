@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from gateway.errors import UnavailableError
+from gateway.serving.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from gateway.controller import PromotionGate, arms
-from gateway.stats import per_request_values
 from registry import Registry, Split, ValidationError
 from registry.rollouts import arm_rows, decisions, rollout_start
+from rollout import splits
+from rollout.controller import PromotionGate, arms
+from rollout.stats import per_request_values
 
 
 def _manual_decision(
@@ -64,7 +65,7 @@ def promote(
     previous = next(iter(changes.keys() - {version}), 0)
     return registry.set_split(
         model,
-        {v: 0 for v in weights} | {version: 100},
+        splits.only(weights, version),
         expected_revision=None,
         actor=actor,
         reason=reason or f"promote v{version}" + (" (forced)" if force else ""),
@@ -92,7 +93,7 @@ def rollback(registry: Registry, model: str, version: int = 0, *, actor: str, re
     pair = arms(info)
     if pair is not None and version in (0, pair[1]):
         baseline, canary = pair
-        new = {**weights, baseline: weights[baseline] + weights[canary], canary: 0}
+        new = splits.rollback(weights, baseline, canary)
         changes = {canary: "rolled_back"}
     else:
         current = version or next(
@@ -103,7 +104,7 @@ def rollback(registry: Registry, model: str, version: int = 0, *, actor: str, re
         if not standby:
             raise ValidationError(f"version: nothing to roll back to for {model!r} (no canary, no standby)")
         baseline, canary = max(standby), current
-        new = {v: 0 for v in weights} | {baseline: 100}
+        new = splits.only(weights, baseline)
         changes = {current: "rolled_back", baseline: "production"}
     return registry.set_split(
         model,

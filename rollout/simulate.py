@@ -1,4 +1,4 @@
-"""Monte-Carlo check of the rollout policy: the real ``gateway.decision.decide`` on simulated outcomes.
+"""Monte-Carlo check of the rollout policy: the real ``rollout.decision.decide`` on simulated outcomes.
 
 Each run draws a binary outcome stream per arm and a routing stream, then feeds the controller exactly as
 production does: after every batch of ``batch_size`` outcomes, ``decide`` sees all outcomes so far of
@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gateway.decision import ArmData, RolloutPolicy, decide
+from rollout.decision import ArmData, RolloutPolicy, decide
 
 Scenario = Literal["aa", "ab-worse", "ab-better"]
 SCENARIOS: tuple[str, ...] = ("aa", "ab-worse", "ab-better")
@@ -148,7 +148,7 @@ def acceptance(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry (``python -m gateway.simulate``) so the CLI can delegate to it unchanged."""
+    """Command-line entry (``python -m rollout.simulate``) so the CLI can delegate to it unchanged."""
     ap = argparse.ArgumentParser(prog="chimera simulate", description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     ap.add_argument("--runs", type=int, default=None, help="runs per scenario (default 500 aa, 200 others)")

@@ -8,13 +8,15 @@ import hmac
 
 import grpc
 
-from gateway.errors import PermissionError_
-
 ACTOR_HEADER = "x-chimera-actor"
 
 
 class AuthError(RuntimeError):
     """Missing or wrong credentials (gRPC UNAUTHENTICATED)."""
+
+
+class PermissionError_(RuntimeError):
+    """Authenticated, but not allowed to do this (gRPC PERMISSION_DENIED)."""
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -23,17 +23,17 @@ from typing import Any
 import numpy as np
 from opentelemetry.trace import SpanKind, Tracer
 
-from gateway.batcher import BatchObserver, MicroBatcher
-from gateway.errors import UnavailableError
-from gateway.failover import VersionHealth
-from gateway.tracing import current_carrier
+from chimera.tracing import current_carrier
+from gateway.serving.batcher import BatchObserver, MicroBatcher
+from gateway.serving.errors import UnavailableError
+from gateway.serving.failover import VersionHealth
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Micro-batching per version (policy in gateway.batcher). A Ray Serve call costs ~1 ms of this
+    """Micro-batching per version (policy in gateway.serving.batcher). A Ray Serve call costs ~1 ms of this
     process's CPU and a few ms of latency whatever its size, so few large calls beat many small ones.
     `max_batch`: 2048 rows of 32 float32 features are 256 KiB, well under the 4 MiB message limit of
     Ray Serve's replica gRPC transport; PredictBatch callers' rows merge into calls this size.
@@ -42,7 +42,7 @@ class BatchConfig:
     `stall_timeout_s`: a call that has not answered after this long (normally milliseconds) fails and
     marks its version down: a killed replica's calls wait in Ray Serve's queue until a replacement
     has started, seconds later, so the gateway retries the rows on another version instead
-    (gateway.failover). The effective per-call limit is the smaller of the two.
+    (gateway.serving.failover). The effective per-call limit is the smaller of the two.
 
     How the gateway talks to Ray Serve (measured on the 2-core machine, see docs/performance.md):
     `direct_transport` uses Ray Serve's gRPC transport to the replica instead of actor calls (about

@@ -30,7 +30,7 @@ enough samples without a significant regression, treat it as not worse": the sam
 happens is derived from the data instead of fixed in advance.
 
 Recomputing a stored decision. Take the logged rows of both arms as of that decision, compute the
-per-request values (``gateway.stats.per_request_values``) and ``msprt_test(..., tau=decision.tau)``: that
+per-request values (``rollout.stats.per_request_values``) and ``msprt_test(..., tau=decision.tau)``: that
 reproduces ``statistic`` (log Λ) and ``p_value_look`` exactly. ``p_value_worse`` / ``p_value_better`` are
 the running minima of ``p_value_look`` over the stored decisions of this canary (those at or above the
 minimum sample size) whose ``direction`` was worse / better.
@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gateway.stats import (
+from rollout.stats import (
     METRICS,
     ArmMoments,
     ContinuousTest,

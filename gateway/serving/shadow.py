@@ -7,7 +7,7 @@ The caller must never notice it, so:
   Serve application and replicas) plus a done-callback; nothing is awaited, nothing raises.
 - it is bounded: at most `max_pending_rows` mirrored rows are being scored at any time; beyond that
   rows are not mirrored (counted as dropped), so a slow or dead shadow cannot pile up work or memory.
-  A shadow version that is down (gateway.failover) is skipped until its probe sees it answer again.
+  A shadow version that is down (gateway.serving.failover) is skipped until its probe sees it answer again.
 - rows that do not fit the shadow version's features are skipped, never an error for the caller.
 - scores are written by a background task in bulk. Shadow rows are diagnostic data, not something a
   client handed us: if the database refuses them they are counted (`unwritten`) and dropped, never
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.catalog import ModelEntry
-from gateway.features import FeatureError, RowLike
-from gateway.replica_pool import ReplicaPool
+from gateway.serving.catalog import ModelEntry
+from gateway.serving.features import FeatureError, RowLike
+from gateway.serving.replica_pool import ReplicaPool
 from registry import Registry
 from registry.repository import PredictionRow
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.features import Schema
-from gateway.router import Router
+from gateway.serving.features import Schema
+from gateway.serving.router import Router
 from registry import NotFoundError, Registry
 
 

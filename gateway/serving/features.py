@@ -24,7 +24,7 @@ class FeatureError(ValueError):
 
 
 class RowLike(Protocol):
-    """What projection reads from a row: chimera.v1.PredictRequest and gateway.predictor.RowInput."""
+    """What projection reads from a row: chimera.v1.PredictRequest and gateway.serving.predictor.RowInput."""
 
     @property
     def features(self) -> Mapping[str, float]: ...

@@ -5,15 +5,15 @@ rows of that window and running `decide` again must give the stored statistic an
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gateway.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
 from registry import NotFoundError, Registry
 from registry.rollouts import arm_rows, decisions, get_decision
+from rollout import splits
+from rollout.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,7 @@ class Recomputed:
 
 
 def _policy(data: dict[str, Any]) -> RolloutPolicy:
-    fields = {f.name for f in dataclasses.fields(RolloutPolicy)}
-    kwargs = {k: v for k, v in data.items() if k in fields and v is not None}
-    if "steps" in kwargs:
-        kwargs["steps"] = tuple(kwargs["steps"])
-    return RolloutPolicy(**kwargs)
+    return splits.policy_from_dict(data)
 
 
 def recompute(registry: Registry, decision_id: int) -> Recomputed:

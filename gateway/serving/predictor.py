@@ -6,13 +6,13 @@ small on purpose (it bounds the gateway's throughput on a small machine): routin
 cached per split revision, generated request ids are a per-process random prefix plus a counter
 (not uuid4), and PredictBatch projects, validates and logs whole matrices at once.
 
-Replica faults (gateway.failover): rows routed to a version that is down, or whose scoring call
+Replica faults (gateway.serving.failover): rows routed to a version that is down, or whose scoring call
 failed, are scored by the version's fallback (the baseline, for a canary) and counted against the
 failed version; a version with no fallback, or pinned by the caller, answers UNAVAILABLE at once.
 The check costs one truth test of an (almost always empty) dict per request.
 
 Outcomes the database cannot take now (it is down, or their prediction is still in the prediction
-spill file) are accepted into the outcome spill (gateway.outcomelog) instead of failing.
+spill file) are accepted into the outcome spill (gateway.records.outcome_log) instead of failing.
 
 Tracing: with a tracer (tracing on), routing runs inside a `chimera.route` span; without one (None,
 tracing off) the only cost is that None check."""
@@ -32,15 +32,15 @@ from typing import Any, Protocol
 import numpy as np
 from opentelemetry.trace import Tracer
 
-from gateway.batcher import MicroBatcher
-from gateway.catalog import Catalog, ModelEntry
-from gateway.errors import PreconditionError, UnavailableError
-from gateway.features import FeatureError, PackedRows, RowLike, Schema
-from gateway.logwriter import PredictionLog
-from gateway.outcomelog import OutcomeLog, database_unavailable
-from gateway.replica_pool import ReplicaPool
-from gateway.router import Router
-from gateway.shadow import ShadowMirror
+from gateway.records.outcome_log import OutcomeLog, database_unavailable
+from gateway.records.prediction_log import PredictionLog
+from gateway.serving.batcher import MicroBatcher
+from gateway.serving.catalog import Catalog, ModelEntry
+from gateway.serving.errors import PreconditionError, UnavailableError
+from gateway.serving.features import FeatureError, PackedRows, RowLike, Schema
+from gateway.serving.replica_pool import ReplicaPool
+from gateway.serving.router import Router
+from gateway.serving.shadow import ShadowMirror
 from registry import NotFoundError
 
 MAX_ROUTING_KEY = 256

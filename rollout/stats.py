@@ -1,7 +1,7 @@
 """Statistics for canary analysis: per-request metrics, classical tests, mSPRT and guardrails.
 
 Everything here is a pure function of per-arm samples so that a stored decision can be recomputed
-exactly from the logged prediction/outcome rows. The rollout policy lives in ``gateway.decision``.
+exactly from the logged prediction/outcome rows. The rollout policy lives in ``rollout.decision``.
 
 Two families of tests are provided on purpose:
 

@@ -10,10 +10,10 @@ import logging
 import select
 import threading
 
-from gateway.catalog import Catalog, ModelEntry
 from gateway.metrics import Metrics
-from gateway.replica_pool import ReplicaPool
-from gateway.router import Router
+from gateway.serving.catalog import Catalog, ModelEntry
+from gateway.serving.replica_pool import ReplicaPool
+from gateway.serving.router import Router
 from registry.repository import SPLIT_CHANNEL
 
 log = logging.getLogger(__name__)

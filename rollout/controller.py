@@ -1,5 +1,5 @@
 """Rollout controller: after every batch of new outcomes, judge each model's canary with the pure
-decision policy (gateway.decision) and apply the verdict to the split.
+decision policy (rollout.decision) and apply the verdict to the split.
 
 It runs inside every gateway; a PostgreSQL advisory lock makes sure one acts at a time. A decision
 and the split change it causes commit in one transaction. Every look with new data is stored with
@@ -14,10 +14,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
 from registry import ConflictError, ModelInfo, Registry
 from registry.locks import advisory_lock
 from registry.rollouts import arm_rows, decisions, record_decision, rollout_start
+from rollout import splits
+from rollout.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
 
 log = logging.getLogger(__name__)
 ACTOR = "rollout-controller"
@@ -30,24 +31,12 @@ DecisionHook = Callable[[str, int, Decision], None]
 
 def policy_for(info: ModelInfo, config: dict[str, Any] | None = None) -> RolloutPolicy:
     """The model's declared metric plus its rollout_config overrides (unknown keys are ignored)."""
-    fields = {f.name for f in dataclasses.fields(RolloutPolicy)}
-    overrides = {k: v for k, v in (config or {}).items() if k in fields}
-    if "steps" in overrides:
-        overrides["steps"] = tuple(int(s) for s in overrides["steps"])
-    return RolloutPolicy(metric=info.metric, **overrides)
+    return splits.policy_from_dict(config, metric=info.metric)
 
 
 def arms(info: ModelInfo) -> tuple[int, int] | None:
-    """(baseline, canary) among the weighted versions: the production version (else the heaviest)
-    is the baseline; the newest other weighted version is the canary."""
-    weights = dict(info.split.weights)
-    if len(weights) < 2:
-        return None
-    status = {v.version: v.status for v in info.versions}
-    production = [v for v in weights if status.get(v) == "production"]
-    baseline = production[0] if production else max(weights, key=lambda v: (weights[v], -v))
-    canary = max(v for v in weights if v != baseline)
-    return baseline, canary
+    """(baseline, canary) of the model's current split (see rollout.splits.arms)."""
+    return splits.arms(info.split.weights, {v.version: v.status for v in info.versions})
 
 
 def _row(model: str, baseline: int, canary: int, d: Decision, weight_after: int,
@@ -149,14 +138,13 @@ class RolloutController:
             return d
         status: dict[int, str]
         if d.action == "rollback":
-            new = {**weights, baseline: weights[baseline] + weights[canary], canary: 0}
+            new = splits.rollback(weights, baseline, canary)
             status = {canary: "rolled_back"}
         elif d.action == "step_up":
-            grow = d.next_weight - weights[canary]
-            new = {**weights, canary: d.next_weight, baseline: max(0, weights[baseline] - grow)}
+            new = splits.step_up(weights, baseline, canary, d.next_weight)
             status = {canary: "canary"}
         else:  # promote
-            new = {v: 0 for v in weights} | {canary: 100}
+            new = splits.only(weights, canary)
             status = {canary: "production", baseline: "standby"}
         try:
             self.registry.set_split(model, new, expected_revision=info.split.revision, actor=self.actor,

@@ -11,11 +11,11 @@ import grpc
 
 from chimera.v1 import rollout_pb2 as rpb
 from chimera.v1 import rollout_pb2_grpc as rpb_grpc
-from gateway import rollout_ops
-from gateway.auth import AdminAuth
-from gateway.controller import PromotionGate
-from gateway.errors import status_for as _status
+from gateway.api.auth import AdminAuth
+from gateway.api.errors import status_for as _status
 from registry import Registry
+from rollout import operations as rollout_ops
+from rollout.controller import PromotionGate
 
 log = logging.getLogger(__name__)
 

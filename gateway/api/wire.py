@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from gateway.auth import AuthError, TokenAuth
+from gateway.api.auth import AuthError, TokenAuth
 from gateway.drain import Admission
 
 log = logging.getLogger(__name__)

@@ -1,29 +1,24 @@
-"""Errors the prediction path raises, each mapped to one gRPC status code by the servicers."""
+"""The one map from domain errors to gRPC status codes, used by every servicer."""
 
 from __future__ import annotations
 
 import grpc
 
-from gateway.features import FeatureError
-from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
-from registry.loadtests import PreconditionFailed
+from gateway.api.auth import AuthError, PermissionError_
+from gateway.serving.errors import PreconditionError, UnavailableError
+from gateway.serving.features import FeatureError
+from registry.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailed,
+    ValidationError,
+)
 
-
-class UnavailableError(RuntimeError):
-    """No replica could score the request (gRPC UNAVAILABLE): retrying later may work."""
-
-
-class PreconditionError(RuntimeError):
-    """The model exists but cannot serve yet, e.g. no traffic split (gRPC FAILED_PRECONDITION)."""
-
-
-class PermissionError_(RuntimeError):
-    """Authenticated, but not allowed to do this (gRPC PERMISSION_DENIED)."""
+__all__ = ["PreconditionError", "UnavailableError", "status_for"]
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    from gateway.auth import AuthError
-
     if isinstance(exc, AuthError):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, FeatureError | ValidationError):

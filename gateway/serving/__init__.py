@@ -1,0 +1,2 @@
+"""Serving: one owner per prediction (Predictor) and the parts it drives: route by the cached split,
+project features, micro-batch, call Ray Serve replicas, fail over, mirror to a shadow."""
