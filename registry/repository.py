@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -164,6 +165,15 @@ class Registry:
         self.url = url
         self.engine = engine or make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        """A read session (`with registry.session() as s:`); nothing it does is committed."""
+        return self._sessions()
+
+    def transaction(self) -> AbstractContextManager[Session]:
+        """A session inside one transaction (`with registry.transaction() as s:`): committed when
+        the block ends, rolled back if it raises. The one way to write outside this class."""
+        return self._sessions.begin()
 
     @property
     def is_postgres(self) -> bool:

@@ -32,7 +32,7 @@ class ArmRows:
 
 
 def arm_rows(registry: Registry, model: str, version: int, since: datetime, until: datetime) -> ArmRows:
-    with registry._sessions() as s:  # noqa: SLF001 - the registry package's own session factory
+    with registry.session() as s:
         window = (Prediction.model == model, Prediction.version == version,
                   Prediction.created_at >= since, Prediction.created_at <= until)
         requests = int(s.scalar(select(func.count()).select_from(Prediction).where(*window)) or 0)
@@ -50,7 +50,7 @@ def arm_rows(registry: Registry, model: str, version: int, since: datetime, unti
 
 def rollout_start(registry: Registry, model: str, canary: int) -> datetime | None:
     """When the current canary last went from no traffic to some: the start of its experiment."""
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         rows = s.execute(select(SplitAudit.old, SplitAudit.new, SplitAudit.created_at)
                          .where(SplitAudit.model == model).order_by(SplitAudit.id.desc())).all()
     key = str(canary)
@@ -73,7 +73,7 @@ def _decision_dict(row: Decision) -> dict[str, Any]:
 
 def record_decision(registry: Registry, decision: dict[str, Any]) -> None:
     """Store a decision that changes no split (hold); split-changing ones go through set_split."""
-    with registry._sessions.begin() as s:  # noqa: SLF001
+    with registry.transaction() as s:
         s.add(Decision(**decision))
 
 
@@ -88,11 +88,11 @@ def decisions(registry: Registry, model: str, *, canary: int | None = None, sinc
     q = q.order_by(Decision.id.desc())
     if limit is not None:
         q = q.limit(limit)
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         return [_decision_dict(r) for r in s.scalars(q)]
 
 
 def get_decision(registry: Registry, decision_id: int) -> dict[str, Any] | None:
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         row = s.get(Decision, decision_id)
         return _decision_dict(row) if row is not None else None

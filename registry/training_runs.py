@@ -144,7 +144,7 @@ def create_run(
     """A new run in status `queued`."""
     if mode not in RUN_MODES:
         raise ValidationError(f"mode: must be one of {', '.join(RUN_MODES)}, got {mode!r}")
-    with registry._sessions.begin() as s:  # noqa: SLF001 - the registry package's own session factory
+    with registry.transaction() as s:
         row = TrainingRun(model=model, status="queued", mode=mode, trigger=trigger[:64], progress=0.0,
                           stage="queued", n_rows=0, data_hash="", params=dict(params or {}),
                           code_revision=code_revision[:64], metrics={}, reason="")
@@ -170,7 +170,7 @@ def update_run(registry: Registry, run_id: int, **fields: Any) -> None:
         values["progress"] = min(1.0, max(0.0, float(values["progress"])))
     if "stage" in values:
         values["stage"] = str(values["stage"])[:128]
-    with registry._sessions.begin() as s:  # noqa: SLF001
+    with registry.transaction() as s:
         row = s.get(TrainingRun, run_id)
         if row is None:
             raise NotFoundError(f"training run {run_id} not found")
@@ -188,7 +188,7 @@ def update_run(registry: Registry, run_id: int, **fields: Any) -> None:
 
 
 def get_run(registry: Registry, run_id: int) -> TrainingRunInfo:
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         row = s.get(TrainingRun, run_id)
         if row is None:
             raise NotFoundError(f"training run {run_id} not found")
@@ -204,7 +204,7 @@ def list_runs(registry: Registry, model: str | None = None, *, limit: int = 20,
     if published_version is not None:
         q = q.where(TrainingRun.published_version == published_version)
     q = q.order_by(TrainingRun.id.desc()).limit(limit)
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         return [_run_info(r) for r in s.scalars(q)]
 
 
@@ -232,7 +232,7 @@ def save_artifact(registry: Registry, model: str, version: int, data: bytes, *, 
     """Store (or replace) the native model bytes of a version."""
     if not data:
         raise ValidationError("artifact: bytes are empty")
-    with registry._sessions.begin() as s:  # noqa: SLF001
+    with registry.transaction() as s:
         v = _version_row(s, model, version)
         row = s.get(ModelArtifact, v.id)
         digest = hashlib.sha256(data).hexdigest()
@@ -245,7 +245,7 @@ def save_artifact(registry: Registry, model: str, version: int, data: bytes, *, 
 
 def load_artifact(registry: Registry, model: str, version: int) -> Artifact | None:
     """The native bytes of a version, None when none were stored. A sha256 mismatch is an error."""
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         v = _version_row(s, model, version)
         row = s.get(ModelArtifact, v.id)
         if row is None:
@@ -294,7 +294,7 @@ def served_rows(
         q = q.outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
     if versions is not None:
         q = q.where(Prediction.version.in_(list(versions)))
-    with registry._sessions() as s:  # noqa: SLF001
+    with registry.session() as s:
         rows = s.execute(q).all()
     out = []
     for rid, version, score, created, features, value in rows:

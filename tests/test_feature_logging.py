@@ -133,7 +133,7 @@ class Sent:
 def logged(reg: Registry, ids: Sequence[str]) -> dict[str, tuple[int, float, Any]]:
     """request id -> (version, score, features as stored) straight from the predictions table."""
     out: dict[str, tuple[int, float, Any]] = {}
-    with reg._sessions() as s:  # noqa: SLF001 - reading the table the gateway wrote
+    with reg.session() as s:
         for start in range(0, len(ids), 500):
             q = (select(Prediction.request_id, Prediction.version, Prediction.score, Prediction.features)
                  .where(Prediction.request_id.in_(ids[start:start + 500])))

@@ -21,7 +21,7 @@ from registry.repository import PredictionRow
 
 
 def stored(registry: Registry, model: str) -> dict[str, Prediction]:
-    with registry._sessions() as s:  # test-only peek at the rows as SQLAlchemy reads them
+    with registry.session() as s:
         return {r.request_id: r for r in s.scalars(select(Prediction).where(Prediction.model == model))}
 
 
@@ -66,7 +66,7 @@ def test_rows_features_and_timestamps_round_trip(registry: Registry, tmp_path: P
         assert before <= created <= after
     # Time-window queries (what feedback and the controller run) see the rows.
     since = before if registry.is_postgres else before.replace(tzinfo=None)
-    with registry._sessions() as s:
+    with registry.session() as s:
         n = s.scalar(select(Prediction.id).where(Prediction.created_at >= since).limit(1))
     assert n is not None
     # The same request id again is skipped, not duplicated (what a spill replay relies on).
