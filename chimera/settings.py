@@ -1,18 +1,84 @@
-"""Settings read from the environment, in one place so every process agrees on them."""
+"""Settings read from the environment: the ONE module that reads CHIMERA_* and RAY_ADDRESS, so every
+process (gateway, CLI, replicas, scheduler, load tester, demo) agrees on names, defaults and parsing.
+
+`Settings.from_env()` reads every section; each section also has its own `from_env(env)` for a
+process (or a test) that needs only that part. `env` is any mapping (default: os.environ), so a test
+can pass a dict instead of patching the process environment. A malformed number fails at start-up
+with the variable's name; meaning checks that need other floors (cron specs, windows, retrain modes)
+stay with their owners (training.scheduler, training.retrain).
+
+Sections and who reads them:
+    registry    CHIMERA_REGISTRY_URL                                  every command, replicas, loadtest
+    auth        CHIMERA_ADMIN_TOKEN, CHIMERA_PREDICT_TOKEN, CHIMERA_ACTOR (else USER)
+                                                                      gateway (checks), clients (send)
+    ray         RAY_ADDRESS, CHIMERA_RAY_NUM_CPUS, CHIMERA_REPLICA_NUM_CPUS
+    tls         CHIMERA_TLS_CERT, CHIMERA_TLS_KEY, CHIMERA_TLS_CLIENT_CA           the gateway's side
+    client_tls  CHIMERA_TLS_CA, CHIMERA_TLS_CLIENT_CERT, CHIMERA_TLS_CLIENT_KEY,
+                CHIMERA_TLS_SERVER_NAME                               how the CLI and loadtest dial
+    tracing     CHIMERA_TRACES_EXPORTER                               gateway and replicas
+    gateway     CHIMERA_LOG_FEATURES_SAMPLE
+    rollout     CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S                  gateway's promotion gate
+    retrain     CHIMERA_CODE_REVISION, CHIMERA_GATEWAY_TARGET, CHIMERA_RETRAIN_LOADTEST_*
+    scheduler   CHIMERA_RETRAIN_SCHEDULE, CHIMERA_DRIFT_SCHEDULE, CHIMERA_SCHEDULER_MODELS,
+                CHIMERA_RETRAIN_WINDOW/_MODE/_TOLERANCE/_CANARY_PERCENT, CHIMERA_DRIFT_WINDOW,
+                CHIMERA_SCHEDULER_POLL_SECONDS
+The load tester needs no section of its own: it uses registry.configured_url, auth and client_tls.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+Env = Mapping[str, str]
+T = TypeVar("T")
 
 DEFAULT_SQLITE_FILE = "chimera.db"
 TRACES_EXPORTERS = ("none", "console", "otlp", "memory")  # see chimera.tracing
+DEFAULT_RAY_NUM_CPUS = 2
+DEFAULT_REPLICA_NUM_CPUS = 0.25
+DEFAULT_TRACES_EXPORTER = "none"
 DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S = 24 * 3600.0
 DEFAULT_LOG_FEATURES_SAMPLE = 1.0
+# The retrain load-test gate (training.retrain.LoadTestGate): 50 req/s for 10 s after 2 s of warm-up,
+# p99 at most 250 ms, at most 1 % errors.
+DEFAULT_RETRAIN_LOADTEST_RPS = 50.0
+DEFAULT_RETRAIN_LOADTEST_DURATION_S = 10.0
+DEFAULT_RETRAIN_LOADTEST_WARMUP_S = 2.0
+DEFAULT_RETRAIN_LOADTEST_SLO_P99_MS: float | None = 250.0
+DEFAULT_RETRAIN_LOADTEST_MAX_ERROR_RATE = 0.01
+_OFF = ("", "off", "none", "disabled")
 
 
+def _env(env: Env | None) -> Env:
+    return os.environ if env is None else env
+
+
+def _get(env: Env, name: str) -> str | None:
+    """The variable's value, None when unset or empty (an empty value means "use the default")."""
+    value = env.get(name)
+    return value if value else None
+
+
+def _parsed(env: Env, name: str, parse: Callable[[str], T], default: T, what: str) -> T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ValueError(f"{name}: {raw!r} is not {what}") from None
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+# ------------------------------------------------------------------------------------ registry
 def default_registry_url() -> str:
     """SQLite in the working directory: the embedded default, so `make demo` needs no server."""
     return f"sqlite:///{Path(DEFAULT_SQLITE_FILE).resolve()}"
@@ -27,61 +93,148 @@ def _absolute_sqlite(url: str) -> str:
 
 
 @dataclass(frozen=True)
-class Settings:
-    registry_url: str = field(default_factory=default_registry_url)
-    admin_token: str | None = None
-    predict_token: str | None = None
-    ray_address: str | None = None
-    ray_num_cpus: int = 2
-    replica_num_cpus: float = 0.25
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    traces_exporter: str = "none"
-    # Promotion (manual and by the rollout controller) needs a passing load test at most this old.
-    promotion_loadtest_max_age_s: float = DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S
-    # Fraction of predictions logged with their scored feature row (retraining, drift checks).
-    log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
+class RegistrySettings:
+    """`url` is what to use (CHIMERA_REGISTRY_URL, else ./chimera.db); `configured_url` is the variable
+    as given (None when unset), for processes where falling back to a local file would be wrong (Ray
+    pods) or that must not create one (the load tester, the demo's own registry)."""
+
+    url: str = field(default_factory=default_registry_url)
+    configured_url: str | None = None
 
     @classmethod
-    def from_env(cls) -> Settings:
+    def from_env(cls, env: Env | None = None) -> RegistrySettings:
+        given = _get(_env(env), "CHIMERA_REGISTRY_URL")
+        configured = _absolute_sqlite(given) if given else None
+        return cls(url=configured or default_registry_url(), configured_url=configured)
+
+
+# ------------------------------------------------------------------------------------ identity
+@dataclass(frozen=True)
+class AuthSettings:
+    """Tokens: the gateway checks them, clients send them. `actor` names the person or job behind an
+    admin call in the audit log (CHIMERA_ACTOR, else the login name; None: the caller's default)."""
+
+    admin_token: str | None = field(default=None, repr=False)
+    predict_token: str | None = field(default=None, repr=False)
+    actor: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> AuthSettings:
+        e = _env(env)
+        return cls(admin_token=_get(e, "CHIMERA_ADMIN_TOKEN"), predict_token=_get(e, "CHIMERA_PREDICT_TOKEN"),
+                   actor=_get(e, "CHIMERA_ACTOR") or _get(e, "USER"))
+
+
+# ------------------------------------------------------------------------------------ Ray
+@dataclass(frozen=True)
+class RaySettings:
+    """RAY_ADDRESS (None: start a local Ray with `num_cpus`); CPUs reserved per model replica."""
+
+    address: str | None = None
+    num_cpus: int = DEFAULT_RAY_NUM_CPUS
+    replica_num_cpus: float = DEFAULT_REPLICA_NUM_CPUS
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> RaySettings:
+        e = _env(env)
         return cls(
-            registry_url=_absolute_sqlite(os.environ.get("CHIMERA_REGISTRY_URL") or default_registry_url()),
-            admin_token=os.environ.get("CHIMERA_ADMIN_TOKEN") or None,
-            predict_token=os.environ.get("CHIMERA_PREDICT_TOKEN") or None,
-            ray_address=os.environ.get("RAY_ADDRESS") or None,
-            ray_num_cpus=int(os.environ.get("CHIMERA_RAY_NUM_CPUS", "2")),
-            replica_num_cpus=float(os.environ.get("CHIMERA_REPLICA_NUM_CPUS", "0.25")),
-            tls_cert=_path(os.environ.get("CHIMERA_TLS_CERT")),
-            tls_key=_path(os.environ.get("CHIMERA_TLS_KEY")),
-            tls_client_ca=_path(os.environ.get("CHIMERA_TLS_CLIENT_CA")),
-            traces_exporter=traces_exporter_from_env(),
-            promotion_loadtest_max_age_s=promotion_loadtest_max_age_from_env(),
-            log_features_sample=log_features_sample_from_env(),
+            address=_get(e, "RAY_ADDRESS"),
+            num_cpus=_parsed(e, "CHIMERA_RAY_NUM_CPUS", int, DEFAULT_RAY_NUM_CPUS, "a whole number of CPUs"),
+            replica_num_cpus=_parsed(e, "CHIMERA_REPLICA_NUM_CPUS", float, DEFAULT_REPLICA_NUM_CPUS,
+                                     "a number of CPUs"),
         )
 
 
+# ------------------------------------------------------------------------------------ TLS
+@dataclass(frozen=True)
+class TlsSettings:
+    """The gateway's side: server certificate and key (PEM); a client CA on top requires client
+    certificates signed by it (mutual TLS). All None: plaintext (loopback, service meshes)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> TlsSettings:
+        e = _env(env)
+        return cls(_path(_get(e, "CHIMERA_TLS_CERT")), _path(_get(e, "CHIMERA_TLS_KEY")),
+                   _path(_get(e, "CHIMERA_TLS_CLIENT_CA")))
+
+
+@dataclass(frozen=True)
+class ClientTlsSettings:
+    """How a client dials: `ca` turns TLS on; a client certificate and key on top make it mutual TLS;
+    `server_name` overrides the name checked against the certificate. Held as given: the pairing of
+    certificate and key is checked where a channel is made (chimera.client.ClientTLS), so a half-set
+    pair fails the commands that dial, not every process."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> ClientTlsSettings:
+        e = _env(env)
+        return cls(_path(_get(e, "CHIMERA_TLS_CA")), _path(_get(e, "CHIMERA_TLS_CLIENT_CERT")),
+                   _path(_get(e, "CHIMERA_TLS_CLIENT_KEY")), _get(e, "CHIMERA_TLS_SERVER_NAME"))
+
+
+# ------------------------------------------------------------------------------------ tracing
+def parse_traces_exporter(value: str | None, source: str = "CHIMERA_TRACES_EXPORTER") -> str:
+    """none | console | otlp | memory (unset: none). An unknown value fails at start-up rather than
+    silently turning tracing off."""
+    text = (value or DEFAULT_TRACES_EXPORTER).strip().lower()
+    if text not in TRACES_EXPORTERS:
+        raise ValueError(f"{source}: {text!r} is not one of {', '.join(TRACES_EXPORTERS)}")
+    return text
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    exporter: str = DEFAULT_TRACES_EXPORTER
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> TracingSettings:
+        return cls(parse_traces_exporter(_env(env).get("CHIMERA_TRACES_EXPORTER")))
+
+
 def traces_exporter_from_env() -> str:
-    """CHIMERA_TRACES_EXPORTER (none | console | otlp | memory; default none). An unknown value fails
-    at start-up rather than silently turning tracing off."""
-    value = (os.environ.get("CHIMERA_TRACES_EXPORTER") or "none").strip().lower()
-    if value not in TRACES_EXPORTERS:
-        raise ValueError(f"CHIMERA_TRACES_EXPORTER: {value!r} is not one of {', '.join(TRACES_EXPORTERS)}")
-    return value
+    """CHIMERA_TRACES_EXPORTER (none | console | otlp | memory; default none)."""
+    return TracingSettings.from_env().exporter
 
 
-def promotion_loadtest_max_age_from_env() -> float:
-    """CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S (seconds; default 86400). A bad value fails at start-up."""
-    name = "CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S"
-    return parse_promotion_loadtest_max_age(os.environ.get(name), name)
+# ------------------------------------------------------------------------------------ gateway
+def parse_log_features_sample(value: str | float | None, source: str) -> float:
+    """Fraction of predictions logged with their feature row: a number within [0, 1] (unset or empty: 1,
+    every row; 0: none, the predictions themselves are still logged)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return DEFAULT_LOG_FEATURES_SAMPLE
+    fraction = _number(value)
+    if fraction is None or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{source}: {value!r} is not a fraction within [0, 1]")
+    return fraction
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Fraction of predictions logged with their scored feature row (retraining, drift checks)."""
+
+    log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> GatewaySettings:
+        name = "CHIMERA_LOG_FEATURES_SAMPLE"
+        return cls(parse_log_features_sample(_env(env).get(name), name))
 
 
 def log_features_sample_from_env() -> float:
     """CHIMERA_LOG_FEATURES_SAMPLE (fraction 0..1; default 1). A bad value fails at start-up."""
-    name = "CHIMERA_LOG_FEATURES_SAMPLE"
-    return parse_log_features_sample(os.environ.get(name), name)
+    return GatewaySettings.from_env().log_features_sample
 
 
+# ------------------------------------------------------------------------------------ rollout
 def parse_promotion_loadtest_max_age(value: str | float | None, source: str) -> float:
     """Seconds a passing load test stays good for promotion: a positive, finite number (unset or empty:
     24 h). There is deliberately no value that turns the gate off: an operator who must ship without a
@@ -96,15 +249,186 @@ def parse_promotion_loadtest_max_age(value: str | float | None, source: str) -> 
     return seconds
 
 
-def parse_log_features_sample(value: str | float | None, source: str) -> float:
-    """Fraction of predictions logged with their feature row: a number within [0, 1] (unset or empty: 1,
-    every row; 0: none, the predictions themselves are still logged)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return DEFAULT_LOG_FEATURES_SAMPLE
-    fraction = _number(value)
-    if fraction is None or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"{source}: {value!r} is not a fraction within [0, 1]")
-    return fraction
+@dataclass(frozen=True)
+class RolloutSettings:
+    """Promotion (manual and by the rollout controller) needs a passing load test at most this old."""
+
+    promotion_loadtest_max_age_s: float = DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> RolloutSettings:
+        name = "CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S"
+        return cls(parse_promotion_loadtest_max_age(_env(env).get(name), name))
+
+
+def promotion_loadtest_max_age_from_env() -> float:
+    """CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S (seconds; default 86400). A bad value fails at start-up."""
+    return RolloutSettings.from_env().promotion_loadtest_max_age_s
+
+
+# ------------------------------------------------------------------------------------ training
+def _p99(raw: str) -> float | None:
+    return None if raw.lower() in ("off", "none") else float(raw)
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """`code_revision`: CHIMERA_CODE_REVISION (set in container images; None: training.retrain asks
+    git). The load-test gate a retrained candidate must pass before its canary: `gateway_target`
+    (CHIMERA_GATEWAY_TARGET, host:port; None: no load test) and CHIMERA_RETRAIN_LOADTEST_RPS,
+    _DURATION_S, _WARMUP_S, _SLO_P99_MS ("off": p99 not checked, None here), _MAX_ERROR_RATE. Ranges
+    are checked by training.retrain.LoadTestGate."""
+
+    code_revision: str | None = None
+    gateway_target: str | None = None
+    loadtest_rps: float = DEFAULT_RETRAIN_LOADTEST_RPS
+    loadtest_duration_s: float = DEFAULT_RETRAIN_LOADTEST_DURATION_S
+    loadtest_warmup_s: float = DEFAULT_RETRAIN_LOADTEST_WARMUP_S
+    loadtest_slo_p99_ms: float | None = DEFAULT_RETRAIN_LOADTEST_SLO_P99_MS
+    loadtest_max_error_rate: float = DEFAULT_RETRAIN_LOADTEST_MAX_ERROR_RATE
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> RetrainSettings:
+        e = _env(env)
+        prefix = "CHIMERA_RETRAIN_LOADTEST_"
+        return cls(
+            code_revision=_get(e, "CHIMERA_CODE_REVISION"),
+            gateway_target=(e.get("CHIMERA_GATEWAY_TARGET") or "").strip() or None,
+            loadtest_rps=_parsed(e, prefix + "RPS", float, cls.loadtest_rps, "a number"),
+            loadtest_duration_s=_parsed(e, prefix + "DURATION_S", float, cls.loadtest_duration_s, "a number"),
+            loadtest_warmup_s=_parsed(e, prefix + "WARMUP_S", float, cls.loadtest_warmup_s, "a number"),
+            loadtest_slo_p99_ms=_parsed(e, prefix + "SLO_P99_MS", _p99, cls.loadtest_slo_p99_ms,
+                                        "a number of milliseconds or off"),
+            loadtest_max_error_rate=_parsed(e, prefix + "MAX_ERROR_RATE", float, cls.loadtest_max_error_rate,
+                                            "a number"),
+        )
+
+
+def _schedule(env: Env, name: str, default: str) -> str | None:
+    value = env.get(name, default).strip()
+    return None if value.lower() in _OFF else value
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """What `chimera scheduler` runs and how (see training.scheduler, which checks the cron specs,
+    windows and mode). A schedule of "off" (or "none", "disabled", empty) is None: that job is off.
+    `canary_percent` None: the first step of the model's rollout policy; 0: publish without a canary."""
+
+    retrain_schedule: str | None = "0 3 * * *"
+    drift_schedule: str | None = "*/30 * * * *"
+    models: tuple[str, ...] = ()
+    retrain_window: str = "90d"
+    retrain_mode: str = "full"
+    retrain_tolerance: float = 0.0
+    canary_percent: int | None = None
+    drift_window: str = "1d"
+    poll_seconds: float = 15.0
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> SchedulerSettings:
+        e = _env(env)
+        return cls(
+            retrain_schedule=_schedule(e, "CHIMERA_RETRAIN_SCHEDULE", cls.retrain_schedule or ""),
+            drift_schedule=_schedule(e, "CHIMERA_DRIFT_SCHEDULE", cls.drift_schedule or ""),
+            models=tuple(m.strip() for m in e.get("CHIMERA_SCHEDULER_MODELS", "").split(",") if m.strip()),
+            retrain_window=e.get("CHIMERA_RETRAIN_WINDOW", "").strip() or cls.retrain_window,
+            retrain_mode=e.get("CHIMERA_RETRAIN_MODE", "").strip() or cls.retrain_mode,
+            retrain_tolerance=_parsed(e, "CHIMERA_RETRAIN_TOLERANCE", float, cls.retrain_tolerance,
+                                      "a number"),
+            canary_percent=_parsed(e, "CHIMERA_RETRAIN_CANARY_PERCENT", int, None, "a whole percent"),
+            drift_window=e.get("CHIMERA_DRIFT_WINDOW", "").strip() or cls.drift_window,
+            poll_seconds=_parsed(e, "CHIMERA_SCHEDULER_POLL_SECONDS", float, cls.poll_seconds, "a number"),
+        )
+
+
+# ------------------------------------------------------------------------------------ all of it
+@dataclass(frozen=True)
+class Settings:
+    """Every section, read at once. The flat read-only properties (registry_url, admin_token, ...) are
+    the names the code used before the sections existed; new code reads the sections."""
+
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    client_tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> Settings:
+        e = _env(env)
+        return cls(
+            registry=RegistrySettings.from_env(e),
+            auth=AuthSettings.from_env(e),
+            ray=RaySettings.from_env(e),
+            tls=TlsSettings.from_env(e),
+            client_tls=ClientTlsSettings.from_env(e),
+            tracing=TracingSettings.from_env(e),
+            gateway=GatewaySettings.from_env(e),
+            rollout=RolloutSettings.from_env(e),
+            retrain=RetrainSettings.from_env(e),
+            scheduler=SchedulerSettings.from_env(e),
+        )
+
+    # The names from before the sections (tests, replicas.deployment and deploy checks use them).
+    @property
+    def registry_url(self) -> str:
+        return self.registry.url
+
+    @property
+    def admin_token(self) -> str | None:
+        return self.auth.admin_token
+
+    @property
+    def predict_token(self) -> str | None:
+        return self.auth.predict_token
+
+    @property
+    def ray_address(self) -> str | None:
+        return self.ray.address
+
+    @property
+    def ray_num_cpus(self) -> int:
+        return self.ray.num_cpus
+
+    @property
+    def replica_num_cpus(self) -> float:
+        return self.ray.replica_num_cpus
+
+    @property
+    def tls_cert(self) -> Path | None:
+        return self.tls.cert
+
+    @property
+    def tls_key(self) -> Path | None:
+        return self.tls.key
+
+    @property
+    def tls_client_ca(self) -> Path | None:
+        return self.tls.client_ca
+
+    @property
+    def traces_exporter(self) -> str:
+        return self.tracing.exporter
+
+    @property
+    def promotion_loadtest_max_age_s(self) -> float:
+        return self.rollout.promotion_loadtest_max_age_s
+
+    @property
+    def log_features_sample(self) -> float:
+        return self.gateway.log_features_sample
+
+
+def registry_url_from_env() -> str | None:
+    """CHIMERA_REGISTRY_URL as given (a relative SQLite path pinned), or None when it is unset. For
+    processes where falling back to a local SQLite file would be wrong, such as Ray pods."""
+    return RegistrySettings.from_env().configured_url
 
 
 def _number(value: str | float) -> float | None:
@@ -112,14 +436,3 @@ def _number(value: str | float) -> float | None:
         return float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         return None
-
-
-def registry_url_from_env() -> str | None:
-    """CHIMERA_REGISTRY_URL as given (a relative SQLite path pinned), or None when it is unset. For
-    processes where falling back to a local SQLite file would be wrong, such as Ray pods."""
-    url = os.environ.get("CHIMERA_REGISTRY_URL")
-    return _absolute_sqlite(url) if url else None
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
