@@ -11,11 +11,21 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chimera.settings import (
+    DEFAULT_LOG_FEATURES_SAMPLE,
+    DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S,
+    DEFAULT_REPLICA_NUM_CPUS,
+    DEFAULT_TRACES_EXPORTER,
+    AuthSettings,
+    Settings,
+    TlsSettings,
+)
 from chimera.tracing import Tracing
 from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from gateway.api.auth import AdminAuth, TokenAuth
@@ -46,12 +56,17 @@ SERVICE_NAMES = (
 
 @dataclass
 class GatewayConfig:
+    """What one gateway process runs with. The defaults of the settings-backed fields (tokens, replica
+    CPUs, TLS, tracing, feature sampling, promotion gate) are chimera.settings' defaults, and
+    `from_settings` fills them from a Settings read from the environment; constructing a config never
+    reads the environment itself (tests and the demo build one by hand)."""
+
     registry_url: str
     port: int = 50051
     host: str = "127.0.0.1"
     metrics_port: int | None = None
-    admin_token: str | None = None
-    replica_cpus: float = 0.25
+    admin_token: str | None = field(default=AuthSettings.admin_token, repr=False)
+    replica_cpus: float = DEFAULT_REPLICA_NUM_CPUS
     batch: BatchConfig = field(default_factory=BatchConfig)
     spill_dir: Path = Path(".chimera")
     poll_interval_s: float = 0.25
@@ -62,23 +77,41 @@ class GatewayConfig:
     drain_delay_s: float = 1.0
     # Every PredictionService call must carry 'authorization: Bearer <token>' with this token or the
     # admin token (None: Predict is open, as on a private network or behind a mesh).
-    predict_token: str | None = None
+    predict_token: str | None = field(default=AuthSettings.predict_token, repr=False)
     # An outcome accepted while the database was down whose request id is still unknown this long
     # after it was accepted goes to the dead-letter file (see gateway.records.outcome_log).
     outcome_unknown_grace_s: float = 300.0
-    log_features_sample: float = 1.0  # fraction of predictions logged with their scored feature row
+    log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE  # fraction logged with their feature row
     # Rollout controller: seconds between looks (0 disables it in this gateway).
     controller_interval_s: float = 2.0
     # Promotion needs a passing load test of the version at most this old (None: no such gate).
-    promotion_loadtest_max_age_s: float | None = 24 * 3600.0
+    promotion_loadtest_max_age_s: float | None = DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S
     # TLS: server certificate and key (PEM files); a client CA on top requires client certificates
     # signed by it (mutual TLS). All None: plaintext (for loopback and service meshes).
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
+    tls_cert: Path | None = TlsSettings.cert
+    tls_key: Path | None = TlsSettings.key
+    tls_client_ca: Path | None = TlsSettings.client_ca
     # OpenTelemetry spans (chimera.tracing): none | console | otlp | memory. The replicas this gateway
     # deploys get the same exporter as an init argument.
-    traces_exporter: str = "none"
+    traces_exporter: str = DEFAULT_TRACES_EXPORTER
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> GatewayConfig:
+        """The config `chimera serve` runs: every settings-backed field from `settings`; `overrides`
+        (the command's options, and fields settings do not hold, such as the port) win."""
+        values: dict[str, Any] = {
+            "registry_url": settings.registry.url,
+            "admin_token": settings.auth.admin_token,
+            "predict_token": settings.auth.predict_token,
+            "replica_cpus": settings.ray.replica_num_cpus,
+            "log_features_sample": settings.gateway.log_features_sample,
+            "promotion_loadtest_max_age_s": settings.rollout.promotion_loadtest_max_age_s,
+            "tls_cert": settings.tls.cert,
+            "tls_key": settings.tls.key,
+            "tls_client_ca": settings.tls.client_ca,
+            "traces_exporter": settings.tracing.exporter,
+        }
+        return cls(**{**values, **overrides})
 
 
 class Gateway:
