@@ -3,6 +3,9 @@ loop, and talk to it over loopback gRPC like a customer."""
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,32 @@ from gateway.server import GatewayConfig
 from gateway.serving.replica_pool import BatchConfig
 
 ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (the OS picks it; a server started right after
+    binds it, with the small race every such helper has)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def poll_until(predicate: Callable[[], object], timeout: float, every: float = 0.05) -> bool:
+    """Look at `predicate` every `every` seconds until it is truthy or `timeout` seconds have passed;
+    True when it became truthy (a last look is taken at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return bool(predicate())
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "the condition",
+             every: float = 0.05) -> None:
+    """`poll_until`, failing the test with what was awaited when the time runs out."""
+    if not poll_until(predicate, timeout, every):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def small_onnx(n_features: int = 4, seed: int = 0, flip: bool = False) -> tuple[bytes, list[str]]:

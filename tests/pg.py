@@ -8,7 +8,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,12 +20,6 @@ def _pg_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     def __init__(self) -> None:
         bindir = _pg_bin()
@@ -36,7 +29,11 @@ class PostgresServer:
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="chimera-pg-"))
         self.datadir = self.root / "data"
-        self.port = _free_port()
+        # Imported here, not at the top: conftest imports this module, and the harness pulls in the
+        # gateway (~2 s), which sessions that never start PostgreSQL should not pay for.
+        from tests.harness import free_port
+
+        self.port = free_port()
         self.as_root = os.geteuid() == 0
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")

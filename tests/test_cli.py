@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -376,9 +375,3 @@ def test_simulate_rejects_bad_options_without_traceback(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- serve
 GRACE_S = 6.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

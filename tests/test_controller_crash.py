@@ -35,6 +35,7 @@ from registry import Registry
 from registry.repository import PredictionRow
 from registry.rollouts import decisions
 from rollout.controller import RolloutController
+from tests.harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_WEIGHTS = {1: 90, 2: 10}
@@ -83,15 +84,6 @@ else:
 
 print("decided:", RolloutController(reg).run_once(model), flush=True)
 """
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _setup(reg: Registry) -> str:

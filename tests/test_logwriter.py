@@ -18,19 +18,12 @@ from gateway.records.prediction_log import PredictionLog, features_json, matrix_
 from registry import Registry
 from registry.models import Prediction
 from registry.repository import PredictionRow
+from tests.harness import wait_for
 
 
 def stored(registry: Registry, model: str) -> dict[str, Prediction]:
     with registry.session() as s:
         return {r.request_id: r for r in s.scalars(select(Prediction).where(Prediction.model == model))}
-
-
-def wait_for(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def test_rows_features_and_timestamps_round_trip(registry: Registry, tmp_path: Path) -> None:

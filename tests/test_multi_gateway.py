@@ -4,7 +4,6 @@ through one is routed by the other within a second; concurrent writers with one 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +18,10 @@ from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from chimera.v1 import rollout_pb2 as rpb
 from registry import Registry
 from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx
+from tests.harness import free_port as _free_port
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DB_PASSWORD = "s3cret-db-pw"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -44,7 +43,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.rollouts import decisions
-from tests.harness import GatewayThread
+from tests.harness import GatewayThread, free_port
 from training.drift import PSI_THRESHOLD, DriftReport, drift_report, export_drift_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,12 +70,6 @@ def require_prometheus() -> None:
 def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     require_prometheus()
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

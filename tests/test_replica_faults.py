@@ -26,7 +26,7 @@ from sqlalchemy import select
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.models import Prediction
-from tests.harness import BackgroundLoad, GatewayThread, replica_pids, small_onnx
+from tests.harness import BackgroundLoad, GatewayThread, replica_pids, small_onnx, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 ROW = [0.3, -0.2, 0.1, 0.9]
@@ -120,15 +120,6 @@ def wait_up_after_kill(g, model: str, version: int, killed_at: float, what: str)
     wait_for(lambda: time.monotonic() > killed_at + stall + 0.5
              and not g.version_health.is_down(model, version), 60, what)
     return time.monotonic()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_canary_hung_or_killed_fails_over_and_baseline_recovers(tmp_path: Path) -> None:

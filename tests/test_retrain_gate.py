@@ -18,6 +18,7 @@ from registry import Registry
 from registry.errors import PreconditionFailed
 from registry.loadtests import list_load_tests, require_passing_loadtest
 from tests.harness import ADMIN_TOKEN, GatewayThread
+from tests.harness import poll_until as _wait_for
 from tests.test_feedback import FAST_XGB, log_served, new_model_name, publish_production, shifted_stream
 from training.datasets import TIMESTAMP, synthetic_signals
 from training.retrain import LoadTestGate, RetrainConfig, retrain
@@ -25,15 +26,6 @@ from training.retrain import LoadTestGate, RetrainConfig, retrain
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 TRAIN_ROWS = 2000
-
-
-def _wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 def test_retrain_loadtests_canaries_and_the_controller_promotes(registry_url: str, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -33,7 +33,7 @@ from registry import Registry
 from registry.models import Outcome, ShadowPrediction
 from registry.rollouts import decisions
 from tests.conftest import BACKENDS, fresh_registry_url
-from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, replica_pids, small_onnx
+from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, replica_pids, small_onnx, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 runner = CliRunner()
@@ -43,14 +43,6 @@ ROW = [0.5, 0.1, 0.2, 0.3]
 def flat(text: str) -> str:
     """CLI output with rich's line wrapping undone."""
     return re.sub(r"\s+", " ", text)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.models import Prediction, ShadowPrediction
-from tests.harness import GatewayThread, replica_pids, small_onnx
+from tests.harness import GatewayThread, replica_pids, small_onnx, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -26,15 +26,6 @@ pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 def onnx_scores(data: bytes, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return sess.run(["probabilities"], {sess.get_inputs()[0].name: x.astype(np.float32)})[0][:, 1]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 ROW = [0.5, 0.1, 0.2, 0.3]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typer.testing import CliRunner
 from chimera import cli
 from registry import Registry
 from registry.training_runs import list_runs
+from tests.harness import free_port as _free_port
 from tests.test_feedback import log_served, new_model_name, publish_production, shifted_stream
 from training.datasets import TIMESTAMP
 from training.drift import psi
@@ -189,12 +189,6 @@ def test_drift_retrain_and_scheduler_commands(registry: Registry, run_cli, monke
     assert got["psi"] == pytest.approx(psi(ref["realized_vol"].to_numpy(), cur["realized_vol"].to_numpy()))
     code, out = run_cli("drift", model, "--window", "1d")
     assert code == 0 and "training window (" in out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sample(text: str, name: str, **labels: str) -> float | None:
