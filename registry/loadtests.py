@@ -15,18 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from registry.errors import PreconditionFailed, ValidationError
-from registry.models import LoadTestRun, utcnow
+from registry.models import LoadTestRun, as_utc, utcnow
 from registry.repository import Registry
 
 ROUTED = 0  # `version` of a run whose traffic was routed across several versions (PredictRequest.version 0)
-
 
 
 @dataclass(frozen=True)
@@ -47,16 +45,11 @@ class LoadTestRecord:
         return float(v) if isinstance(v, int | float) else None
 
 
-def _aware(ts: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-
-
 def _record(row: LoadTestRun) -> LoadTestRecord:
     return LoadTestRecord(id=row.id, model=row.model, version=row.version, target=row.target,
                           passed=bool(row.passed), failures=tuple(row.failures or ()),
                           slo=dict(row.slo or {}), report=dict(row.report or {}),
-                          created_at=_aware(row.created_at))
+                          created_at=as_utc(row.created_at))
 
 
 def record_load_test(registry: Registry, model: str, version: int, *, target: str, passed: bool,
@@ -76,9 +69,10 @@ def record_load_test(registry: Registry, model: str, version: int, *, target: st
     row = LoadTestRun(model=model, version=version, target=target[:256], passed=passed,
                       failures=list(failures), slo=dict(slo or {}), report=dict(report or {}),
                       created_at=created_at or utcnow())
-    with Session(registry.engine, expire_on_commit=False) as s, s.begin():
+    with registry.transaction() as s:
         s.add(row)
-    return _record(row)
+        s.flush()
+        return _record(row)
 
 
 def list_load_tests(registry: Registry, model: str, version: int | None = None, *,
@@ -88,7 +82,7 @@ def list_load_tests(registry: Registry, model: str, version: int | None = None, 
     if version is not None:
         q = q.where(LoadTestRun.version == version)
     q = q.order_by(LoadTestRun.created_at.desc(), LoadTestRun.id.desc()).limit(limit)
-    with Session(registry.engine) as s:
+    with registry.session() as s:
         return [_record(r) for r in s.scalars(q)]
 
 
@@ -97,13 +91,13 @@ def latest_passing_load_test(registry: Registry, model: str, version: int,
                              min_rps: float | None = None) -> LoadTestRecord | None:
     """The newest passing run of (model, version) no older than max_age (None: any age) whose target
     rate was at least min_rps (None: any rate)."""
-    now = _aware(now or utcnow())
+    now = as_utc(now or utcnow())
     q = select(LoadTestRun).where(LoadTestRun.model == model, LoadTestRun.version == version,
                                   LoadTestRun.passed.is_(True))
     if max_age is not None:
         q = q.where(LoadTestRun.created_at >= now - max_age)
     q = q.order_by(LoadTestRun.created_at.desc(), LoadTestRun.id.desc())
-    with Session(registry.engine) as s:
+    with registry.session() as s:
         for row in s.scalars(q):
             rec = _record(row)
             if max_age is not None and now - rec.created_at > max_age:  # belt and braces across backends
@@ -133,7 +127,7 @@ def require_passing_loadtest(registry: Registry, model: str, version: int, max_a
         raise ValidationError(f"version: must be >= 1, got {version}")
     if max_age <= timedelta(0):
         raise ValidationError(f"max_age: must be positive, got {max_age}")
-    now = _aware(now or utcnow())
+    now = as_utc(now or utcnow())
     found = latest_passing_load_test(registry, model, version, max_age, now=now, min_rps=min_rps)
     if found is not None:
         return found

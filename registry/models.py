@@ -1,29 +1,66 @@
-"""SQLAlchemy 2 table definitions. Alembic migrations in registry/migrations are the source of truth
-for the schema in databases; these classes must match them (a test compares them)."""
+"""SQLAlchemy 2 table definitions: every table of the registry, in this one module. Alembic migrations in
+registry/migrations are the source of truth for the schema in databases; these classes must match them
+(tests/test_registry.py compares them with Alembic's autogenerate diff).
+
+Also the two value rules every table shares: times are stored as UTC (`utcnow` for defaults, `as_utc`
+for the naive datetimes SQLite hands back) and JSON columns never hold NaN/inf (`FiniteJSON`).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from chimera.jsonsafe import nan_to_none
+
 
 def utcnow() -> datetime:
+    """Now, timezone-aware in UTC: the default of every created_at and the clock of registry code."""
     return datetime.now(UTC)
+
+
+@overload
+def as_utc(dt: datetime) -> datetime: ...
+@overload
+def as_utc(dt: None) -> None: ...
+def as_utc(dt: datetime | None) -> datetime | None:
+    """`dt` as an aware UTC datetime. SQLite hands back naive datetimes (everything stored is UTC), and
+    comparing a naive with an aware datetime raises; None passes through for nullable columns."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+class FiniteJSON(TypeDecorator[Any]):
+    """JSON that stores NaN and ±inf as null, at any depth (`chimera.jsonsafe.nan_to_none`).
+
+    PostgreSQL's json type refuses NaN/Infinity and SQLite would store tokens no JSON reader accepts,
+    so the rule lives in the column: callers may hand statistics over as they are. Same database type
+    as JSON (Alembic sees no schema change); options such as `none_as_null` pass through to JSON."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return nan_to_none(value)
 
 
 class Base(DeclarativeBase):
@@ -43,7 +80,7 @@ class Model(Base):
     # Scored on live traffic and logged to shadow_predictions, never returned (None: no shadow).
     shadow_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Rollout policy overrides (steps, alpha, min samples, tau, guardrails) as JSON.
-    rollout_config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    rollout_config: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
@@ -58,9 +95,9 @@ class ModelVersion(Base):
     status: Mapped[str] = mapped_column(String(32), nullable=False, default="staged")
     onnx: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    feature_names: Mapped[list[str]] = mapped_column(JSON, nullable=False)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    feature_names: Mapped[list[str]] = mapped_column(FiniteJSON, nullable=False)
+    metrics: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
     data_hash: Mapped[str] = mapped_column(String(64), nullable=False, default="")
     parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
@@ -78,6 +115,8 @@ class TrafficSplit(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
+    # (model, version) serves the controller's per-arm reads (migration 0002).
+    __table_args__ = (Index("ix_predictions_model_version", "model", "version"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -90,7 +129,7 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow,
                                                  index=True)
     # The scored feature row (or a sample of rows), for retraining from feedback and drift checks.
-    features: Mapped[list[float] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    features: Mapped[list[float] | None] = mapped_column(FiniteJSON(none_as_null=True), nullable=True)
 
 
 class Outcome(Base):
@@ -108,8 +147,8 @@ class SplitAudit(Base):
     model: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
     actor: Mapped[str] = mapped_column(String(128), nullable=False)
     reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
-    old: Mapped[dict[str, int]] = mapped_column(JSON, nullable=False)
-    new: Mapped[dict[str, int]] = mapped_column(JSON, nullable=False)
+    old: Mapped[dict[str, int]] = mapped_column(FiniteJSON, nullable=False)
+    new: Mapped[dict[str, int]] = mapped_column(FiniteJSON, nullable=False)
     revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
     forced: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
@@ -139,7 +178,7 @@ class Decision(Base):
     reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
     # Full decision record (thresholds, tau, alpha, naive p-value, guardrails, sequential state) and
     # the id range of the rows it saw, so `chimera analyze` can recompute it.
-    details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    details: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
@@ -153,9 +192,9 @@ class LoadTestRun(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     target: Mapped[str] = mapped_column(String(256), nullable=False, default="")
     passed: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    failures: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
-    slo: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
-    report: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    failures: Mapped[list[str]] = mapped_column(FiniteJSON, nullable=False, default=list)
+    slo: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
@@ -163,6 +202,7 @@ class ShadowPrediction(Base):
     """A mirror version's score for a live request (same request id as the served prediction)."""
 
     __tablename__ = "shadow_predictions"
+    __table_args__ = (Index("ix_shadow_predictions_model_version", "model", "version"),)  # migration 0004
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -171,4 +211,48 @@ class ShadowPrediction(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     score: Mapped[float] = mapped_column(Float, nullable=False)
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class TrainingRun(Base):
+    """One retrain (migration 0003): status, progress, data window, metrics of candidate and production,
+    and the version it published (NULL when it published nothing, with the reason)."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    mode: Mapped[str] = mapped_column(String(16), nullable=False, default="full")
+    trigger: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    stage: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    window_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    n_rows: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    data_hash: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    params: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
+    code_revision: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    # {"candidate": {...}, "production": {...}, "comparison": [...], ...}
+    metrics: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
+    published_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ModelArtifact(Base):
+    """The native model of a version next to its ONNX bytes (e.g. an XGBoost booster as UBJSON): ONNX
+    cannot be trained further, incremental training continues from these bytes."""
+
+    __tablename__ = "model_artifacts"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    format: Mapped[str] = mapped_column(String(32), nullable=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    meta: Mapped[dict[str, Any]] = mapped_column(FiniteJSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -1,5 +1,14 @@
-"""Repository functions over the registry tables. Callers get plain frozen dataclasses, never ORM
-objects, so nothing outside this module holds a session open or lazily loads rows."""
+"""The `Registry` class: models and versions, traffic splits and shadows with their audit, and the
+prediction/outcome log writes. Callers get plain frozen dataclasses, never ORM objects, so nothing
+outside this module holds a session open or lazily loads rows.
+
+Over 400 lines because `Registry` is one class whose three sections share its session factory, its
+dialect switches (pg_notify, ON CONFLICT) and the private `_model`/`_split` lookups, and `set_split`
+writes splits, version statuses, the audit row and the decision row in one transaction; split into
+mixins across files, those invariants would be read in three places. The read-side helpers that need
+no such sharing already live beside it as functions over a Registry: `registry.rollouts` (arm rows,
+decisions), `registry.training_runs`, `registry.loadtests`; locks are in `registry.locks`.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from chimera.jsonsafe import nan_to_none
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
 from registry.models import Decision as DecisionRow
 from registry.models import (
@@ -195,22 +205,6 @@ class Registry:
             raise NotFoundError(f"model {name!r} not found")
         return model
 
-    def create_model(self, name: str, metric: str = "success_rate", description: str = "") -> None:
-        """Idempotent: an existing model keeps its settings unless they are given again."""
-        if not name or len(name) > 128:
-            raise ValidationError("model: name must be 1..128 characters")
-        if metric not in METRICS:
-            raise ValidationError(f"metric: must be one of {', '.join(METRICS)}, got {metric!r}")
-        with self._sessions.begin() as s:
-            model = s.scalar(select(Model).where(Model.name == name))
-            if model is None:
-                s.add(Model(name=name, metric=metric, description=description, split_revision=0,
-                            rollout_config={}))
-            else:
-                model.metric = metric
-                if description:
-                    model.description = description
-
     def publish_version(
         self,
         model: str,
@@ -234,8 +228,10 @@ class Registry:
             raise ValidationError("feature_names: must be non-empty, unique, non-empty strings")
         if status not in VERSION_STATUSES:
             raise ValidationError(f"status: unknown status {status!r}")
-        clean_metrics = {k: (float(v) if isinstance(v, int | float) and math.isfinite(v) else v)
-                         for k, v in (metrics or {}).items()}
+        # Numbers as floats, NaN/inf as None: what the column stores (FiniteJSON), so the VersionInfo
+        # returned here says the same as a later get_version.
+        clean_metrics = nan_to_none({k: (float(v) if isinstance(v, int | float) else v)
+                                     for k, v in (metrics or {}).items()})
         with self._sessions.begin() as s:
             m = s.scalar(select(Model).where(Model.name == model))
             if m is None:
@@ -342,10 +338,6 @@ class Registry:
     def get_split(self, model: str) -> Split:
         with self._sessions() as s:
             return self._split(s, self._model(s, model))
-
-    def all_splits(self) -> dict[str, Split]:
-        with self._sessions() as s:
-            return {m.name: self._split(s, m) for m in s.scalars(select(Model))}
 
     def split_revisions(self) -> dict[str, tuple[int, int]]:
         """Cheap poll target: per model (split revision, newest version number), so a gateway sees a
@@ -460,10 +452,6 @@ class Registry:
         with self._sessions.begin() as s:
             s.execute(stmt, values)
         return len(values)
-
-    def prediction_exists(self, request_id: str) -> bool:
-        with self._sessions() as s:
-            return s.scalar(select(Prediction.id).where(Prediction.request_id == request_id)) is not None
 
     def get_prediction(self, request_id: str) -> PredictionRow:
         with self._sessions() as s:

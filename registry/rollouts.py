@@ -7,19 +7,14 @@ A decision snapshot is (since, until]: predictions logged in the window and the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
 
-from registry.models import Decision, Outcome, Prediction, SplitAudit
+from registry.models import Decision, Outcome, Prediction, SplitAudit, as_utc
 from registry.repository import Registry
-
-
-def as_utc(dt: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""Continuous training in the registry: training runs, native model artifacts, the feedback read
-(logged predictions with their features, joined with outcomes) and a long-lived advisory lock.
+"""Continuous training in the registry: training runs, native model artifacts and the feedback read
+(logged predictions with their features, joined with outcomes).
 
-Tables (migration 0003):
+Tables (`registry.models.TrainingRun` and `ModelArtifact`, migration 0003):
 
 - `training_runs`  one row per retrain: status (queued, running, succeeded, failed), progress 0..1,
   stage, data window, row count, data hash, parent version, parameters, code revision, metrics of the
@@ -10,7 +10,8 @@ Tables (migration 0003):
 - `model_artifacts` the native model of a version next to its ONNX bytes (e.g. the XGBoost booster
   as UBJSON). ONNX cannot be trained further; incremental training continues from these bytes.
 
-Like `registry.repository`, callers get frozen dataclasses, never ORM objects.
+The scheduler's leadership lock is `registry.locks.SessionLock`. Like `registry.repository`, callers
+get frozen dataclasses, never ORM objects.
 """
 
 from __future__ import annotations
@@ -18,77 +19,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Connection,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    cast,
-    select,
-    text,
-)
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Text, cast, select
 
 from registry.errors import NotFoundError, ValidationError
-from registry.locks import lock_key
-from registry.models import Base, Model, ModelVersion, Outcome, Prediction, utcnow
+from registry.models import (
+    Model,
+    ModelArtifact,
+    ModelVersion,
+    Outcome,
+    Prediction,
+    TrainingRun,
+    as_utc,
+    utcnow,
+)
 from registry.repository import Registry
 
 RUN_STATUSES = ("queued", "running", "succeeded", "failed")
 RUN_MODES = ("full", "incremental")
-
-
-class TrainingRun(Base):
-    __tablename__ = "training_runs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    model: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
-    mode: Mapped[str] = mapped_column(String(16), nullable=False, default="full")
-    trigger: Mapped[str] = mapped_column(String(64), nullable=False, default="")
-    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
-    stage: Mapped[str] = mapped_column(String(128), nullable=False, default="")
-    window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    window_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    n_rows: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    data_hash: Mapped[str] = mapped_column(String(64), nullable=False, default="")
-    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
-    code_revision: Mapped[str] = mapped_column(String(64), nullable=False, default="")
-    # {"candidate": {...}, "production": {...}, "comparison": [...], ...}
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
-    published_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class ModelArtifact(Base):
-    __tablename__ = "model_artifacts"
-
-    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
-    format: Mapped[str] = mapped_column(String(32), nullable=False)
-    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
-    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    meta: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
-
-
-def as_utc(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    if dt is None:
-        return None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 # ------------------------------------------------------------------------------------ training runs
@@ -128,7 +78,7 @@ def _run_info(r: TrainingRun) -> TrainingRunInfo:
         n_rows=r.n_rows, data_hash=r.data_hash, parent_version=r.parent_version,
         params=dict(r.params or {}), code_revision=r.code_revision, metrics=dict(r.metrics or {}),
         published_version=r.published_version, reason=r.reason,
-        created_at=as_utc(r.created_at) or r.created_at,
+        created_at=as_utc(r.created_at),
         started_at=as_utc(r.started_at), finished_at=as_utc(r.finished_at), duration_s=r.duration_s)
 
 
@@ -300,75 +250,6 @@ def served_rows(
     for rid, version, score, created, features, value in rows:
         if not isinstance(features, list):  # JSON null stored by an old writer
             continue
-        out.append(ServedRow(rid, int(version), float(score), as_utc(created) or created, features,
+        out.append(ServedRow(rid, int(version), float(score), as_utc(created), features,
                              None if value is None else float(value)))
     return out
-
-
-# ------------------------------------------------------------------------------------ leadership lock
-class SessionLock:
-    """A PostgreSQL session advisory lock held for as long as the caller wants (e.g. the lifetime of
-    a scheduler), on its own connection; a no-op that always succeeds on SQLite.
-
-    `registry.locks.advisory_lock` is the scoped form (one job); this one is for leadership: `acquire`
-    never blocks, `held` checks that the connection, and so the lock, is still alive (a session lock is
-    released by the server when its connection dies, so a live connection means the lock is ours)."""
-
-    def __init__(self, registry: Registry, name: str) -> None:
-        self.registry = registry
-        self.name = name
-        self.key = lock_key(name)
-        self._conn: Connection | None = None
-        self._sqlite_held = False
-
-    def acquire(self) -> bool:
-        if not self.registry.is_postgres:
-            self._sqlite_held = True
-            return True
-        if self.held():
-            return True
-        conn = self.registry.engine.connect()
-        try:
-            got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}))
-            conn.commit()
-        except Exception:
-            conn.close()
-            raise
-        if not got:
-            conn.close()
-            return False
-        self._conn = conn
-        return True
-
-    def held(self) -> bool:
-        if not self.registry.is_postgres:
-            return self._sqlite_held
-        if self._conn is None:
-            return False
-        try:
-            self._conn.execute(text("SELECT 1"))
-            self._conn.commit()
-            return True
-        except Exception:
-            self._drop()
-            return False
-
-    def release(self) -> None:
-        self._sqlite_held = False
-        if self._conn is None:
-            return
-        try:
-            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-            self._conn.commit()
-        except Exception:  # the connection is gone, and with it the lock
-            pass
-        self._drop()
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
-

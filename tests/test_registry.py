@@ -146,3 +146,53 @@ def test_shadow_version_is_validated_bumps_revision_and_is_audited(registry: Reg
     registry.insert_shadow_predictions(rows)  # replay-safe
     assert registry.count_shadow_predictions("m") == {2: 5}
     assert registry.set_shadow("m", None, actor="op").shadow is None
+
+
+def test_models_match_the_migrations(registry: Registry) -> None:
+    """Every table is declared once in registry.models and says exactly what the migrations built:
+    Alembic's autogenerate diff between the migrated database and the ORM metadata is empty."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from registry.models import Base
+
+    with registry.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+    assert {"training_runs", "model_artifacts", "load_tests"} <= set(Base.metadata.tables)
+
+
+def test_json_columns_store_nan_and_inf_as_null(registry: Registry) -> None:
+    """Statistics may be NaN ("no data yet"); PostgreSQL's json refuses NaN, so every JSON column turns
+    non-finite floats into null at any depth instead of failing the write."""
+    from registry.rollouts import decisions, record_decision
+
+    info = registry.publish_version("m", b"x", ["a"], metrics={"auc": float("nan"), "n": 3})
+    assert info.metrics == {"auc": None, "n": 3.0}
+    assert registry.get_version("m", 1).metrics == {"auc": None, "n": 3.0}
+    record_decision(registry, {
+        "model": "m", "baseline_version": 1, "canary_version": 1, "action": "hold", "metric": "success_rate",
+        "details": {"p99": {"baseline": float("inf"), "canary": 0.5}, "seq": [float("-inf"), 1.0]}})
+    assert decisions(registry, "m")[0]["details"] == {"p99": {"baseline": None, "canary": 0.5},
+                                                      "seq": [None, 1.0]}
+
+
+def test_prediction_without_features_is_sql_null(registry: Registry) -> None:
+    """`features=None` stays SQL NULL (the column is none_as_null), which the feedback read relies on."""
+    _publish(registry)
+    registry.insert_predictions([PredictionRow("r1", "m", 1, 0.5, 1.0),
+                                 PredictionRow("r2", "m", 1, 0.5, 1.0, features=[1.0, 2.0])])
+    with registry.engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT request_id, features FROM predictions")).tuples().all())
+    assert rows["r1"] is None and rows["r2"] is not None
+
+
+def test_nan_to_none_is_recursive_and_leaves_the_rest_alone() -> None:
+    import numpy as np
+
+    from chimera.jsonsafe import nan_to_none
+
+    value = {"a": float("nan"), "b": [1, (2.5, float("inf"))], "c": np.float32(0.5), "d": np.int64(7),
+             "e": "nan", 3: None}
+    assert nan_to_none(value) == {"a": None, "b": [1, [2.5, None]], "c": 0.5, "d": 7, "e": "nan", 3: None}
+    assert nan_to_none(float("-inf")) is None and nan_to_none(1.5) == 1.5

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from registry import Registry
-from registry.locks import advisory_lock
-from registry.training_runs import SessionLock, list_runs, load_artifact
+from registry.locks import SessionLock, advisory_lock
+from registry.training_runs import list_runs, load_artifact
 from rollout.controller import RolloutController
 from tests.test_feedback import (
     FAST_XGB,

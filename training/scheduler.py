@@ -43,7 +43,8 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from registry import Registry
-from registry.training_runs import SessionLock
+from registry.locks import SessionLock
+from registry.models import as_utc
 from training.feedback import parse_window, production_version
 
 log = logging.getLogger(__name__)
@@ -134,14 +135,14 @@ class CronSpec:
 
     def matches(self, dt: datetime) -> bool:
         """Whether the minute containing `dt` (taken in UTC) is a scheduled minute."""
-        t = _utc(dt)
+        t = as_utc(dt)
         return (t.minute in self.minutes and t.hour in self.hours and t.month in self.months
                 and self._day_matches(t))
 
     def next_after(self, dt: datetime) -> datetime:
         """The first scheduled minute strictly after `dt` (UTC). ValueError when there is none
         within five years (e.g. 30 February)."""
-        t = _utc(dt).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        t = as_utc(dt).replace(second=0, microsecond=0) + timedelta(minutes=1)
         limit = t + timedelta(days=366 * 5)
         while t <= limit:
             if t.month not in self.months:
@@ -158,10 +159,6 @@ class CronSpec:
                 continue
             return t
         raise ValueError(f"cron: {self.text!r} never matches")
-
-
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -293,7 +290,7 @@ class Scheduler:
 
     def due(self, now: datetime) -> list[str]:
         """Jobs with a scheduled minute in (previous tick, now]; the first tick looks at now's minute."""
-        now = _utc(now)
+        now = as_utc(now)
         out = []
         for job, spec in self.jobs.items():
             last = self._last.get(job, now.replace(second=0, microsecond=0) - timedelta(seconds=1))
