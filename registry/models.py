@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 from chimera.jsonsafe import nan_to_none
 
@@ -130,6 +131,32 @@ class Prediction(Base):
                                                  index=True)
     # The scored feature row (or a sample of rows), for retraining from feedback and drift checks.
     features: Mapped[list[float] | None] = mapped_column(FiniteJSON(none_as_null=True), nullable=True)
+    # Rollout statistics (migration 0005): the split revision the row was routed under (None: before
+    # 0005), pinned/load-test traffic (excluded from every rollout test), and the version whose failure
+    # made this row fail over to `version` (None: served by the routed version).
+    split_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    pinned: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    failed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class RequestError(Base):
+    """A routed request that failed entirely (no version could answer): counts against `version`, the
+    version it was routed to, in the rollout's error guardrail (migration 0005)."""
+
+    __tablename__ = "request_errors"
+    __table_args__ = (Index("ix_request_errors_model_created", "model", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    split_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    routing_key: Mapped[str] = mapped_column(String(256), nullable=False, default="")
+    pinned: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
 class Outcome(Base):
