@@ -107,6 +107,8 @@ def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
 
 @cache
 def product_modules() -> dict[str, Module]:
+    """Every scanned module by dotted name. Where a package `a/b/` and a module `a/b.py` both exist,
+    the package wins, as it does for Python's import system (test_no_module_is_shadowed says so)."""
     modules: dict[str, Module] = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -115,6 +117,8 @@ def product_modules() -> dict[str, Module]:
                 continue
             source = path.read_text()
             name, is_package = _module_name(path)
+            if name in modules and not is_package:
+                continue
             modules[name] = Module(name, path, ast.parse(source, rel), source.count("\n"), is_package)
     for mod in modules.values():
         own_package = mod.name if mod.is_package else mod.name.rpartition(".")[0]
@@ -237,6 +241,15 @@ def _node(package: str, module: str) -> str | None:
     return child
 
 
+def test_no_module_is_shadowed_by_a_package() -> None:
+    """`a/b.py` next to a package `a/b/` is dead code that reads as live (Python imports the package)."""
+    shadowed = sorted(
+        f"{rel(path)} (shadowed by {rel(path.with_suffix(''))}/)"
+        for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+        if (path.with_suffix("") / "__init__.py").exists())
+    assert not shadowed, "modules shadowed by a package of the same name: " + ", ".join(shadowed)
+
+
 def test_every_module_has_a_floor() -> None:
     unplaced = sorted(m for m in product_modules() if floor_of(m) is None)
     assert not unplaced, "modules outside every floor (add them to FLOORS): " + ", ".join(unplaced)
@@ -295,9 +308,13 @@ def test_forbidden_imports() -> None:
 
 
 def test_every_package_opens_with_a_docstring() -> None:
-    bare = sorted(modules_path(m.name) for m in product_modules().values()
-                  if m.is_package and ast.get_docstring(m.tree) is None)
-    assert not bare, "package __init__.py files without an opening docstring: " + ", ".join(bare)
+    """A folder of modules without `__init__.py` counts as a package without a docstring (it would be
+    a namespace package, which nothing here means to be)."""
+    modules = product_modules().values()
+    bare = {modules_path(m.name) for m in modules if m.is_package and ast.get_docstring(m.tree) is None}
+    bare |= {rel(m.path.parent / "__init__.py") + " (missing)" for m in modules
+             if not (m.path.parent / "__init__.py").exists()}
+    assert not bare, "package __init__.py files without an opening docstring: " + ", ".join(sorted(bare))
 
 
 def test_long_modules_say_why() -> None:
@@ -309,8 +326,12 @@ def test_long_modules_say_why() -> None:
                       "sentence (split them, or say why they stay whole):\n  " + "\n  ".join(long))
 
 
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
 def modules_path(name: str) -> str:
-    return product_modules()[name].path.relative_to(ROOT).as_posix()
+    return rel(product_modules()[name].path)
 
 
 # The checker checks itself on small made-up graphs, so a green run cannot mean a blind test.
