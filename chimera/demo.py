@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chimera.client import aio_channel
+from chimera.settings import Settings
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from registry import Registry
@@ -161,7 +162,9 @@ def _load_test(console: Console, target: str, version: int, workdir: Path, url: 
     from loadtest.command import main as loadtest_main
     from loadtest.slo import SLO
 
-    os.environ["CHIMERA_ADMIN_TOKEN"] = ADMIN_TOKEN  # pinning a version is an admin call
+    # Pinning a version is an admin call, and loadtest.command takes the admin token from the process
+    # environment (through chimera.settings): hand it the demo gateway's token there. A write, not a read.
+    os.environ["CHIMERA_ADMIN_TOKEN"] = ADMIN_TOKEN
     report, plot = workdir / f"loadtest-v{version}.json", workdir / f"loadtest-v{version}.png"
     code = loadtest_main(LoadTestOptions(
         target=target, model=MODEL, version=version, rps=150, duration_s=4, warmup_s=1,
@@ -178,7 +181,7 @@ def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator
     published only because it is not worse, canaried, and promoted by the controller."""
     from datetime import UTC, datetime, timedelta
 
-    from chimera.cli import drift_table, retrain_table
+    from chimera.tables import drift_table, retrain_table
     from training.datasets import feature_columns, synthetic_signals
     from training.drift import drift_report
     from training.retrain import RetrainConfig, retrain
@@ -219,7 +222,11 @@ def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator
     return 0
 
 
-def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = None) -> int:
+def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = None,
+             settings: Settings | None = None) -> int:
+    """Run every act; 0 when each went as the story says. `settings` None: the process's settings. The
+    demo's registry is CHIMERA_REGISTRY_URL when set, else a SQLite file in `workdir`; Ray is RAY_ADDRESS
+    when set, else a local Ray that the demo shuts down at the end."""
     from gateway.background import BackgroundGateway
     from gateway.server import GatewayConfig, ensure_ray
     from training.datasets import feature_columns, synthetic_signals
@@ -227,11 +234,12 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
     from training.publish import publish_result
 
     console = console or Console()
+    settings = settings or Settings.from_env()
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    url = os.environ.get("CHIMERA_REGISTRY_URL") or f"sqlite:///{(workdir / 'registry.db').resolve()}"
+    url = settings.registry.configured_url or f"sqlite:///{(workdir / 'registry.db').resolve()}"
     reg = Registry(url)
     reg.upgrade()
     rng = np.random.default_rng(7)
@@ -256,7 +264,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
     reg.set_split(MODEL, {info1.version: 90, info2.version: 10}, expected_revision=0, actor="demo",
                   reason="start canary v2 at 10%")
 
-    ensure_ray(os.environ.get("RAY_ADDRESS"), int(os.environ.get("CHIMERA_RAY_NUM_CPUS", "2")))
+    ensure_ray(settings.ray.address, settings.ray.num_cpus)
     # Act 1 shows routing before the controller acts: the controller starts in act 2.
     config = GatewayConfig(registry_url=url, port=0, admin_token=ADMIN_TOKEN, spill_dir=workdir / "spill",
                            controller_interval_s=0, promotion_loadtest_max_age_s=3600)
@@ -312,7 +320,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
         gw.stop()
         import ray
 
-        if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        if ray.is_initialized() and not settings.ray.address:
             from ray import serve
 
             serve.shutdown()

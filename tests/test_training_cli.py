@@ -23,6 +23,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from chimera import cli
+from chimera.cli import views
 from registry import Registry
 from registry.training_runs import list_runs
 from tests.harness import free_port as _free_port
@@ -63,7 +64,7 @@ def run_cli(registry_url: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     monkeypatch.setenv("CHIMERA_REGISTRY_URL", registry_url)
     for name in ("CHIMERA_GATEWAY_TARGET", "CHIMERA_ADMIN_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cli, "console", Console(width=400, no_color=True))
+    monkeypatch.setattr(views, "console", Console(width=400, no_color=True))  # every command prints here
     runner = CliRunner()
 
     def run(*args: str) -> tuple[int, str]:
