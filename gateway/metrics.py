@@ -3,6 +3,10 @@ labels bounded: model names come from the registry (unknown names collapse to "_
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
@@ -91,6 +95,32 @@ class Metrics:
 
     def observer(self, model: str, version: int) -> _BatchMetrics:
         return _BatchMetrics(self, model, str(version))
+
+
+class RequestMetrics:
+    """chimera_request_latency_seconds and chimera_requests_total for each call. Label children are
+    looked up once per (model, version, method, code) and cached, so the hot path pays one histogram
+    observe and one counter increment. Only models `known` accepts become labels; other names collapse
+    to "_unknown" and are not cached (a caller sending random model names cannot grow the cache)."""
+
+    def __init__(self, metrics: Metrics, known: Callable[[str], bool]) -> None:
+        self.metrics = metrics
+        self.known = known
+        self._children: dict[tuple[str, int | str, str, str], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, model: str, version: int | str, code: str, t0: float) -> None:
+        """One call of `method` answered with status `code` (a grpc.StatusCode name), begun at `t0`
+        (time.perf_counter)."""
+        key = (model, version, method, code)
+        children = self._children.get(key)
+        if children is None:
+            label = model if self.known(model) else "_unknown"
+            labels = (label, str(version or ""), method, code)
+            children = (self.metrics.request_latency.labels(*labels), self.metrics.requests.labels(*labels))
+            if label != "_unknown" or model == "_unknown":
+                self._children[key] = children
+        children[0].observe(time.perf_counter() - t0)
+        children[1].inc()
 
 
 class _BatchMetrics:

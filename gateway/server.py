@@ -1,13 +1,17 @@
 """Gateway process: grpc.aio server with health and reflection, the split watcher, the prediction
-log writer and the metrics endpoint, started and stopped in the right order."""
+log writer, the rollout controller's loop (rollout.loop) and the metrics endpoint, started and stopped
+in the right order. Process-wide concerns live here too: freezing the start-up heap for the garbage
+collector, and installing the tracing wrappers on the servicer when tracing is on."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,9 +35,11 @@ from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout
 from gateway.api.auth import AdminAuth, TokenAuth
 from gateway.api.prediction import PredictionServicer
 from gateway.api.rollout import RolloutServicer
+from gateway.api.tracing_wrappers import instrument
 from gateway.api.wire import register
 from gateway.drain import Admission, close_and_stop
 from gateway.metrics import Metrics
+from gateway.records.outcome_intake import OutcomeIntake
 from gateway.records.outcome_log import OutcomeLog
 from gateway.records.prediction_log import PredictionLog
 from gateway.serving.catalog import Catalog
@@ -45,6 +51,7 @@ from gateway.serving.split_watch import SplitWatcher
 from registry import Registry
 from registry.repository import make_engine
 from rollout.controller import PromotionGate, RolloutController
+from rollout.loop import ControllerLoop
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -137,8 +144,11 @@ class Gateway:
                                     poll_interval_s=config.poll_interval_s)
         self.shadow = ShadowMirror(self.pool, self.registry, counter=self.metrics.shadow_rows)
         self.predictor = Predictor(self.catalog, self.pool, self.log,
-                                   log_features_sample=config.log_features_sample, outcomes=self.outcomes,
-                                   shadow=self.shadow, tracer=self.tracing.tracer)
+                                   log_features_sample=config.log_features_sample, shadow=self.shadow,
+                                   tracer=self.tracing.tracer)
+        self.outcome_intake = OutcomeIntake(self.registry, self.log, self.outcomes)
+        log_stats = self.log.stats
+        self.metrics.log_backpressure.set_function(lambda: log_stats.backpressure)
         outcomes = self.outcomes.stats
         self.metrics.outcomes_spilled.set_function(lambda: outcomes.spilled)
         self.metrics.outcomes_replayed.set_function(lambda: outcomes.replayed)
@@ -152,7 +162,8 @@ class Gateway:
             self.registry, error_counts=self._failed_batches, promotion_gate=self._promotion_gate(),
             on_decision=lambda model, canary, d: self.metrics.observe_decision(
                 model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None))
-        self._controller_task: asyncio.Task[None] | None = None
+        self.controller_loop = ControllerLoop(self.controller.run_once, self._canaried,
+                                              config.controller_interval_s)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)
@@ -174,8 +185,11 @@ class Gateway:
         ])
         # Registered through gateway.api.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
         # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
-        register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
-                 PredictionServicer(self.predictor, self.auth, self.metrics, self.tracing), server,
+        freeze_startup_heap()
+        servicer = PredictionServicer(self.predictor, self.outcome_intake, self.auth, self.metrics)
+        if self.tracing.tracer is not None:
+            instrument(servicer, self.tracing.tracer)
+        register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server, servicer, server,
                  prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth,
                  inflight=self.inflight, admission=self.admission)
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
@@ -240,22 +254,13 @@ class Gateway:
         """Start (or restart) the rollout controller loop in this gateway."""
         if interval_s is not None:
             self.config.controller_interval_s = interval_s
-        if self._controller_task is not None:
-            self._controller_task.cancel()
-        self._controller_task = asyncio.get_running_loop().create_task(self._control_loop())
+        self.controller_loop.start(self.config.controller_interval_s)
 
-    async def _control_loop(self) -> None:
-        """Look at every model with a canary after each interval; the advisory lock inside
-        run_once lets only one gateway act."""
-        while True:
-            await asyncio.sleep(self.config.controller_interval_s)
-            for model in self.catalog.names():
-                if len(self.catalog.get(model).router.weights) < 2:
-                    continue
-                try:
-                    await asyncio.to_thread(self.controller.run_once, model)
-                except Exception:
-                    log.exception("rollout controller failed for %s", model)
+    def _canaried(self) -> Iterator[str]:
+        """Models with a canary (two or more weighted versions), read as the controller loop walks them."""
+        for model in self.catalog.names():
+            if len(self.catalog.get(model).router.weights) >= 2:
+                yield model
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -283,8 +288,7 @@ class Gateway:
         grace = self.config.grace_period_s if grace is None else grace
         deadline = time.monotonic() + grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._controller_task is not None:
-            self._controller_task.cancel()
+        self.controller_loop.cancel()
         drain = max(0.0, min(self.config.drain_delay_s, grace / 4))
         if self.server is not None and drain > 0:
             await asyncio.sleep(drain)
@@ -301,6 +305,22 @@ class Gateway:
             if server is not None:
                 server.shutdown()
         self.registry.dispose()
+
+
+_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Move everything allocated so far into the garbage collector's permanent generation, once per
+    process. Called once the replicas are up, so that is Ray, gRPC, SQLAlchemy, numpy and the catalog:
+    ~250k long-lived objects that every full collection would otherwise walk (measured under load: a
+    100-180 ms pause every ~10 s, which set the p99; after: under 3 ms). Requests' garbage is still
+    collected. Ray Serve does the same in its proxy and replicas."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 def ensure_ray(address: str | None, num_cpus: int) -> None:

@@ -24,6 +24,7 @@ from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.api.auth import AdminAuth
 from gateway.api.prediction import PredictionServicer
 from gateway.metrics import Metrics
+from gateway.records.outcome_intake import OutcomeIntake
 from gateway.records.prediction_log import PredictionLog
 from gateway.serving.batcher import MicroBatcher
 from gateway.serving.catalog import Catalog, ModelEntry
@@ -74,8 +75,9 @@ class LocalGateway:
         self.log.start()
         predictor = Predictor(catalog, self.pool, self.log)
         self.server = grpc.aio.server()
+        outcomes = OutcomeIntake(self.registry, self.log)
         pb_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(predictor, AdminAuth("token"), Metrics()), self.server)
+            PredictionServicer(predictor, outcomes, AdminAuth("token"), Metrics()), self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         return port

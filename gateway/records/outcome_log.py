@@ -32,7 +32,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,15 +119,21 @@ class OutcomeLog:
     def accept(self, request_id: str, value: float) -> None:
         """Append one outcome, fsynced (blocking: call it from a worker thread). Checks what can be
         checked without the database; the rest is checked at replay."""
-        if not request_id:
-            raise ValueError("request_id: required")
-        if not math.isfinite(value):
-            raise ValueError(f"value: must be finite, got {value}")
-        line = json.dumps({"id": request_id, "v": value, "t": time.time()}) + "\n"
+        self.accept_many([(request_id, value)])
+
+    def accept_many(self, items: Sequence[tuple[str, float]]) -> None:
+        """Append outcomes with one write and one fsync (blocking: call it from a worker thread)."""
+        for request_id, value in items:
+            if not request_id:
+                raise ValueError("request_id: required")
+            if not math.isfinite(value):
+                raise ValueError(f"value: must be finite, got {value}")
+        now = time.time()
+        lines = [json.dumps({"id": request_id, "v": value, "t": now}) + "\n" for request_id, value in items]
         with self._lock:
             self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            self._append(self.spill_path, [line])
-        self.stats.spilled += 1
+            self._append(self.spill_path, lines)
+        self.stats.spilled += len(lines)
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:

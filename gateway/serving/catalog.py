@@ -33,6 +33,9 @@ class Catalog:
                                 else "model: required")
         return entry
 
+    def knows(self, model: str) -> bool:
+        return model in self._models
+
     def names(self) -> list[str]:
         return sorted(self._models)
 

@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol, overload
 import numpy as np
 
 F32_MAX = float(np.finfo(np.float32).max)
+MAX_BATCH_ROWS = 10_000  # rows of one PredictBatch, as rows or as a packed matrix
 
 
 class FeatureError(ValueError):
@@ -24,7 +25,7 @@ class FeatureError(ValueError):
 
 
 class RowLike(Protocol):
-    """What projection reads from a row: chimera.v1.PredictRequest and gateway.serving.predictor.RowInput."""
+    """What projection reads from a row: chimera.v1.PredictRequest, or a PackedRows row (DenseRow)."""
 
     @property
     def features(self) -> Mapping[str, float]: ...
@@ -53,6 +54,26 @@ class PackedRows(Sequence[DenseRow]):
         self.matrix = matrix
         self.routing_keys = routing_keys
         self.request_ids = request_ids
+
+    @classmethod
+    def from_f32(cls, data: bytes, cols: int, routing_keys: list[str], request_ids: list[str]) -> PackedRows:
+        """The rows of little-endian float32 `data`, `cols` values each, without copying the values (the
+        matrix is a read-only view of the bytes). Keys and ids: one per row, or none."""
+        if cols <= 0:
+            raise FeatureError(f"matrix.cols: must be positive, got {cols}")
+        size = len(data)
+        if size == 0 or size % (4 * cols):
+            raise FeatureError(f"matrix.f32: {size} bytes is not a whole number of rows of {cols} float32 "
+                               f"values ({4 * cols} bytes each)")
+        n = size // (4 * cols)
+        if n > MAX_BATCH_ROWS:
+            raise FeatureError(f"matrix: {n} rows, limit {MAX_BATCH_ROWS}")
+        for name, values in (("routing_keys", routing_keys), ("request_ids", request_ids)):
+            if values and len(values) != n:
+                raise FeatureError(f"matrix.{name}: {len(values)} given for {n} rows "
+                                   "(give one per row, or none)")
+        x = np.frombuffer(data, dtype="<f4").reshape(n, cols)
+        return cls(x, routing_keys or [""] * n, request_ids or [""] * n)
 
     def __len__(self) -> int:
         return len(self.matrix)
@@ -179,9 +200,3 @@ class Schema:
             raise FeatureError(f"matrix.f32: row {j}, column {i} ({self.names[i]}): value must be a finite "
                                f"float32, got {m[j, i]}")
         return m
-
-    def project_many(self, rows: Iterable[tuple[Mapping[str, float], Sequence[float]]], n: int) -> np.ndarray:
-        out = np.empty((n, self.width), dtype=np.float32)
-        for i, (named, dense) in enumerate(rows):
-            self.project(named, dense, prefix=f"rows[{i}].", out=out[i])
-        return out

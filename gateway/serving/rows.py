@@ -1,0 +1,144 @@
+"""Row bookkeeping of the prediction path, with no I/O: results, request ids, id checks, and how a
+batch's rows are grouped and projected per version. Split from gateway.serving.predictor so that
+module holds only the flow (route, project, enqueue, fail over, log)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from gateway.serving.catalog import ModelEntry
+from gateway.serving.features import MAX_BATCH_ROWS, FeatureError, RowLike, Schema
+from registry import NotFoundError
+
+MAX_ROUTING_KEY = 256
+MAX_REQUEST_ID = 128
+
+
+class RequestLike(RowLike, Protocol):
+    """A row plus its ids: chimera.v1.PredictRequest, or a row of a PackedRows."""
+
+    @property
+    def routing_key(self) -> str: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    request_id: str
+    model: str
+    version: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredBatch:
+    """Results of a batch as columns, in request order."""
+
+    model: str
+    request_ids: list[str]
+    versions: list[int]
+    scores: list[float]
+
+    def __iter__(self) -> Iterator[Scored]:
+        for rid, v, s in zip(self.request_ids, self.versions, self.scores, strict=True):
+            yield Scored(rid, self.model, v, s)
+
+
+class RequestIds:
+    """Unique ids for requests that came without one: 16 random hex digits per process, then a
+    counter (28 characters). As unique as uuid4 across gateways for all practical purposes, and ~20x
+    cheaper to make, which matters at thousands of requests per second. Used from the event loop
+    thread only."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self._n = 0
+
+    def __call__(self) -> str:
+        self._n += 1
+        return f"{self.prefix}{self._n:012x}"
+
+    def many(self, n: int) -> list[str]:
+        """n fresh ids in one go."""
+        start = self._n + 1
+        self._n += n
+        prefix = self.prefix
+        return [f"{prefix}{i:012x}" for i in range(start, start + n)]
+
+
+def check_ids(routing_key: str, request_id: str, prefix: str = "") -> None:
+    if len(routing_key) > MAX_ROUTING_KEY:
+        raise FeatureError(f"{prefix}routing_key: longer than {MAX_ROUTING_KEY} characters")
+    if len(request_id) > MAX_REQUEST_ID:
+        raise FeatureError(f"{prefix}request_id: longer than {MAX_REQUEST_ID} characters")
+
+
+def check_many_ids(rows: Sequence[RequestLike], keys: list[str], ids: list[str]) -> None:
+    """The per-row check, run only when some key or id is too long (to name the first such row)."""
+    if max(map(len, keys), default=0) > MAX_ROUTING_KEY or max(map(len, ids), default=0) > MAX_REQUEST_ID:
+        for i, r in enumerate(rows):
+            check_ids(r.routing_key, r.request_id, f"rows[{i}].")
+
+
+def batch_pin(rows: Sequence[Any], model: str) -> int:
+    """Check a batch's rows (with `model` and `version` fields, as chimera.v1.PredictRequest) agree on
+    the model and the pinned version; returns the pinned version (0: none)."""
+    if not rows:
+        raise FeatureError("rows: empty batch")
+    if len(rows) > MAX_BATCH_ROWS:
+        raise FeatureError(f"rows: {len(rows)} rows, limit {MAX_BATCH_ROWS}")
+    pinned = 0
+    for i, r in enumerate(rows):
+        if r.model and r.model != model:
+            raise FeatureError(f"rows[{i}].model: {r.model!r} differs from batch model {model!r}")
+        if r.version:
+            pinned = pinned or r.version
+            if r.version != pinned:
+                raise FeatureError(f"rows[{i}].version: one pinned version per batch")
+    return pinned
+
+
+def groups(versions: list[int]) -> dict[int, np.ndarray]:
+    """Row positions per version (numpy index arrays, in request order)."""
+    first = versions[0]
+    if versions.count(first) == len(versions):
+        return {first: np.arange(len(versions))}
+    v = np.asarray(versions)
+    return {int(u): np.flatnonzero(v == u) for u in np.unique(v)}
+
+
+def project_groups(entry: ModelEntry, rows: Sequence[RequestLike],
+                   by_version: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """One matrix per version. Versions that share a feature schema (the usual canary) share one
+    projection of all rows, split by index."""
+    schemas: dict[int, Schema] = {}
+    for version in by_version:
+        schema = entry.schemas.get(version)
+        if schema is None:
+            raise NotFoundError(f"version: model {entry.name!r} has no version {version}")
+        schemas[version] = schema
+    first = next(iter(schemas.values()))
+    if len(by_version) == 1:
+        ((version, _),) = by_version.items()
+        return {version: first.project_rows(rows)}
+    if all(s.names == first.names for s in schemas.values()):
+        m = first.project_rows(rows)
+        return {version: m[idx] for version, idx in by_version.items()}
+    return {version: schemas[version].project_rows([rows[i] for i in idx.tolist()], idx.tolist())
+            for version, idx in by_version.items()}
+
+
+def sample_mask(fraction: float, n: int) -> np.ndarray | bool:
+    """Which of `n` rows are logged with their features (True: all, False: none)."""
+    if fraction >= 1.0:
+        return True
+    if fraction <= 0.0:
+        return False
+    return np.random.random(n) < fraction
