@@ -8,7 +8,6 @@ for today can still be recomputed from a stored run.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from chimera.jsonsafe import nan_to_none
 from loadtest.histogram import encode, percentile_curve_ms, summary_ms
 from loadtest.runner import LoadTestResult
 from loadtest.slo import SLO
@@ -36,17 +36,6 @@ def git_revision(cwd: str | Path | None = None) -> dict[str, Any] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": rev, "dirty": bool(dirty)} if rev else None
-
-
-def _finite(value: Any) -> Any:
-    """JSON without NaN/Infinity: PostgreSQL's json type rejects them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _explained(messages: Mapping[str, str]) -> dict[str, str]:
@@ -125,7 +114,7 @@ def build_report(result: LoadTestResult, slo: SLO, failures: Sequence[str], *, p
     }
     if extra:
         report.update(extra)
-    return _finite(report)
+    return nan_to_none(report)  # the report is written as JSON files too, not only to the registry
 
 
 def write_json(report: Mapping[str, Any], path: str | Path) -> Path:

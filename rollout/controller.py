@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from chimera.jsonsafe import nan_to_none
 from registry import ConflictError, ModelInfo, Registry
 from registry.locks import advisory_lock
 from registry.rollouts import arm_rows, decisions, record_decision, rollout_start
@@ -41,14 +41,12 @@ def arms(info: ModelInfo) -> tuple[int, int] | None:
 
 def _row(model: str, baseline: int, canary: int, d: Decision, weight_after: int,
          details: dict[str, Any]) -> dict[str, Any]:
-    def finite(x: float) -> float | None:
-        return x if math.isfinite(x) else None
-
     return {
         "model": model, "baseline_version": baseline, "canary_version": canary, "action": d.action,
-        "metric": d.metric, "test": d.test, "statistic": finite(d.statistic), "p_value": finite(d.p_value),
-        "n_baseline": d.n_baseline, "n_canary": d.n_canary, "mean_baseline": finite(d.mean_baseline),
-        "mean_canary": finite(d.mean_canary), "weight_before": d.current_weight, "weight_after": weight_after,
+        "metric": d.metric, "test": d.test, "statistic": nan_to_none(d.statistic),
+        "p_value": nan_to_none(d.p_value), "n_baseline": d.n_baseline, "n_canary": d.n_canary,
+        "mean_baseline": nan_to_none(d.mean_baseline), "mean_canary": nan_to_none(d.mean_canary),
+        "weight_before": d.current_weight, "weight_after": weight_after,
         "reason": d.reason, "details": {**d.to_dict(), **details},
     }
 
@@ -112,7 +110,8 @@ class RolloutController:
             "window": {"since": since.isoformat(), "until": until.isoformat()},
             "seen": {"b": [len(b.outcomes), b.requests, errors[baseline]],
                      "c": [len(c.outcomes), c.requests, errors[canary]]},
-            "p99_latency_ms": {"baseline": _finite(b.p99_latency_ms), "canary": _finite(c.p99_latency_ms)},
+            "p99_latency_ms": {"baseline": nan_to_none(b.p99_latency_ms),
+                               "canary": nan_to_none(c.p99_latency_ms)},
             "policy": _policy_dict(policy),
         }
         applied = self._apply(info, baseline, canary, decision, details)
@@ -157,10 +156,5 @@ class RolloutController:
         return d
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def _policy_dict(policy: RolloutPolicy) -> dict[str, Any]:
-    out = dataclasses.asdict(policy)
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in out.items()}
+    return nan_to_none(dataclasses.asdict(policy))

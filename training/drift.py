@@ -33,6 +33,7 @@ import pandas as pd
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from scipy import stats as sps
 
+from chimera.jsonsafe import nan_to_none
 from registry import Registry, VersionInfo
 from registry.training_runs import list_runs
 from replicas.scorer import OnnxScorer
@@ -153,9 +154,6 @@ class DriftReport:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        def finite(v: Any) -> Any:
-            return v if not isinstance(v, float) or math.isfinite(v) else None
-
         def iso(d: datetime | None) -> str | None:
             return d.isoformat() if d is not None else None
 
@@ -167,8 +165,8 @@ class DriftReport:
             "current_window": [iso(d) for d in self.current_window],
             "drifted": self.drifted,
             "flagged": self.flagged,
-            "features": [{k: finite(v) for k, v in asdict(f).items()} for f in self.features],
-            "score": {k: finite(v) for k, v in asdict(self.score).items()} if self.score else None,
+            "features": [nan_to_none(asdict(f)) for f in self.features],
+            "score": nan_to_none(asdict(self.score)) if self.score else None,
             "thresholds": asdict(self.thresholds),
         }
 

@@ -6,7 +6,6 @@ always scores like the model that earned its metrics; on ParityError nothing is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,11 +18,6 @@ from training.models import Algo
 from training.pipeline import TrainResult, train
 
 PARITY_TOL = 1e-5
-
-
-def _json_safe(metrics: Mapping[str, float]) -> dict[str, float | None]:
-    """NaN/inf become None: they are not valid JSON and Postgres JSON columns reject them."""
-    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 def publish_result(
@@ -50,7 +44,7 @@ def publish_result(
         model_name,
         onnx_bytes,
         list(result.feature_names),
-        metrics=_json_safe(metrics),
+        metrics=metrics,  # NaN/inf are stored as null by the registry (registry.models.FiniteJSON)
         params=result.params,
         data_hash=result.data_hash,
         parent_version=parent_version,
