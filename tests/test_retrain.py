@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from registry import Registry
+from chimera.settings import SchedulerSettings
+from registry import Registry, VersionInfo
+from registry.loadtests import LoadTestRecord, record_load_test
 from registry.locks import SessionLock, advisory_lock
 from registry.training_runs import list_runs, load_artifact
 from rollout.controller import RolloutController
@@ -22,17 +24,14 @@ from tests.test_feedback import (
     publish_production,
     shifted_stream,
 )
+from training.cron import CronSpec
 from training.datasets import TIMESTAMP, synthetic_signals
 from training.drift import drift_report
-from training.retrain import (
-    RetrainBusy,
-    RetrainConfig,
-    RetrainError,
-    compare_metrics,
-    outcome_metric,
-    retrain,
-)
-from training.scheduler import CronSpec, JobResult, Scheduler, SchedulerSettings
+from training.retrain import retrain
+from training.retrain_compare import compare_metrics, outcome_metric
+from training.retrain_config import RetrainConfig
+from training.retrain_errors import LoadTestFailed, RetrainBusy, RetrainError
+from training.scheduler import JobResult, Scheduler, check_settings, retrain_config
 
 SHIFTED = {"realized_vol", "funding_rate", "spread_bp", "regime"}
 TRAIN_ROWS = 2000
@@ -179,6 +178,56 @@ def test_incremental_without_a_stored_booster_fails_with_reason(registry: Regist
     assert run.status == "failed" and "full retrain" in run.reason and run.mode == "incremental"
 
 
+class FakeGate:
+    """A CandidateLoadTest (training.retrain_gate) that stores a load test without any gateway: the
+    gate is injected, so retraining's canary decision can be checked without Ray."""
+
+    target, rps = "fake:1", 10.0
+
+    def __init__(self, passed: bool | None) -> None:  # None: the load test cannot run
+        self.passed = passed
+        self.calls: list[int] = []
+
+    def to_dict(self) -> dict[str, object]:
+        return {"target": self.target, "rps": self.rps}
+
+    def run(self, registry: Registry, model: str, version: VersionInfo) -> LoadTestRecord:
+        self.calls.append(version.version)
+        if self.passed is None:
+            raise LoadTestFailed(f"load test of v{version.version} at {self.target} could not run: down")
+        return record_load_test(registry, model, version.version, target=self.target, passed=self.passed,
+                                failures=() if self.passed else ("p99 9 ms exceeds the SLO 1 ms",),
+                                slo={"p99_ms": 1.0}, report={"latency_ms": {"p99": 9.0}})
+
+
+def test_injected_load_test_gate_decides_the_canary(registry: Registry) -> None:
+    model, end = _stable_scenario(registry)
+    window = timedelta(days=365)
+    down = retrain(registry, model, RetrainConfig(window=window, params=FAST_XGB, tolerance=1.0,
+                                                  loadtest=FakeGate(None)), now=end)
+    assert down.published is not None and down.canary is None and down.loadtest is None
+    assert "not canaried: load test of v2 at fake:1 could not run: down" in down.reason
+    stored = down.run.metrics["loadtest"]
+    assert stored["passed"] is False and stored["target"] == "fake:1" and stored["error"].endswith("down")
+    assert down.run.params["loadtest"] == {"target": "fake:1", "rps": 10.0}
+
+    failing = FakeGate(False)
+    bad = retrain(registry, model, RetrainConfig(window=window, params=FAST_XGB, tolerance=1.0,
+                                                 loadtest=failing), now=end)
+    vb = bad.published.version if bad.published else -1
+    assert failing.calls == [vb] and bad.canary is None and bad.loadtest is not None
+    assert f"not canaried: load test #{bad.loadtest.id} of v{vb} failed its SLO: p99 9 ms" in bad.reason
+    assert dict(registry.get_split(model).weights) == {1: 100}
+
+    good = retrain(registry, model, RetrainConfig(window=window, params=FAST_XGB, tolerance=1.0,
+                                                  loadtest=FakeGate(True)), now=end)
+    assert good.published is not None and good.canary is not None, good.reason
+    assert good.loadtest is not None and good.loadtest.passed
+    assert f"load test #{good.loadtest.id} passed (10 req/s, p99 9.0 ms)" in good.reason
+    assert good.run.metrics["loadtest"]["p99_ms"] == 9.0 and "promotion will wait" not in good.reason
+    assert dict(good.canary.weights) == {1: 95, good.published.version: 5}
+
+
 def test_outcome_metric_and_gate() -> None:
     y = np.array([1, 0, 1, 0])
     p = np.array([0.9, 0.6, 0.4, 0.1])
@@ -235,11 +284,14 @@ def test_only_the_leader_scheduler_runs_jobs(registry: Registry) -> None:
 
     def fake_retrain(reg: Registry, model: str, config: RetrainConfig, **kw: object) -> FakeOutcome:
         calls.append(model)
+        assert config.loadtest is (gate if reg is registry else None)  # the injected gate, passed on
         return FakeOutcome()
 
     settings = SchedulerSettings(retrain_schedule="*/30 * * * *", drift_schedule=None)
+    gate = FakeGate(True)
     try:
-        a = Scheduler(registry, settings, retrain_fn=fake_retrain, metrics_registry=CollectorRegistry())
+        a = Scheduler(registry, settings, retrain_fn=fake_retrain, metrics_registry=CollectorRegistry(),
+                      loadtest_gate=gate)
         b = Scheduler(other, settings, retrain_fn=fake_retrain, metrics_registry=CollectorRegistry())
         at = datetime(2025, 1, 1, 10, 30, 5, tzinfo=UTC)
         assert a.tick(at) == [JobResult("retrain", "m", "not_published", "not published: test")]
@@ -322,8 +374,13 @@ def test_scheduler_settings_from_env() -> None:
         "CHIMERA_SCHEDULER_MODELS": "a, b", "CHIMERA_RETRAIN_WINDOW": "30d",
         "CHIMERA_RETRAIN_MODE": "incremental", "CHIMERA_RETRAIN_CANARY_PERCENT": "0"})
     assert s.retrain_schedule == "0 */6 * * *" and s.drift_schedule is None and s.models == ("a", "b")
-    config = s.retrain_config()
+    config = retrain_config(check_settings(s))
     assert config.window == timedelta(days=30) and config.mode == "incremental" and not config.canary
+    assert config.loadtest is None
     assert SchedulerSettings.from_env({}).drift_schedule == "*/30 * * * *"
     with pytest.raises(ValueError, match="cron"):
-        SchedulerSettings.from_env({"CHIMERA_RETRAIN_SCHEDULE": "every day"})
+        check_settings(SchedulerSettings.from_env({"CHIMERA_RETRAIN_SCHEDULE": "every day"}))
+    with pytest.raises(ValueError, match="cron"):  # the scheduler refuses what check_settings refuses
+        Scheduler(Registry("sqlite://"), SchedulerSettings(drift_schedule="61 * * * *"))
+    with pytest.raises(ValueError, match="CHIMERA_RETRAIN_MODE"):
+        check_settings(SchedulerSettings(retrain_mode="partial"))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gateway.server import GatewayConfig
+from loadtest.candidate_gate import LoadTestGate
 from registry import Registry
 from registry.errors import PreconditionFailed
 from registry.loadtests import list_load_tests, require_passing_loadtest
@@ -21,7 +22,8 @@ from tests.harness import ADMIN_TOKEN, GatewayThread
 from tests.harness import poll_until as _wait_for
 from tests.test_feedback import FAST_XGB, log_served, new_model_name, publish_production, shifted_stream
 from training.datasets import TIMESTAMP, synthetic_signals
-from training.retrain import LoadTestGate, RetrainConfig, retrain
+from training.retrain import retrain
+from training.retrain_config import RetrainConfig
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -1,7 +1,7 @@
 """`chimera scheduler`: run retrain and drift jobs on cron-like schedules, one scheduler at a time.
 
-Schedules are five-field cron specs in UTC ("minute hour day-of-month month day-of-week"; `*`, lists,
-ranges, steps, month/day names, @hourly/@daily/@weekly/@monthly/@yearly), read from the environment:
+Schedules are five-field cron specs in UTC (training.cron); chimera.settings.SchedulerSettings reads
+them from the environment and `check_settings` checks what they mean:
 
     CHIMERA_RETRAIN_SCHEDULE         default "0 3 * * *" (daily 03:00 UTC); "off" disables
     CHIMERA_DRIFT_SCHEDULE           default "*/30 * * * *"; "off" disables
@@ -10,12 +10,11 @@ ranges, steps, month/day names, @hourly/@daily/@weekly/@monthly/@yearly), read f
     CHIMERA_RETRAIN_TOLERANCE        default 0.0     CHIMERA_RETRAIN_CANARY_PERCENT  default: first
                                                      rollout step; 0 publishes without a canary
     CHIMERA_DRIFT_WINDOW             default 1d      CHIMERA_SCHEDULER_POLL_SECONDS  default 15
-    CHIMERA_GATEWAY_TARGET           host:port of a gateway: a published candidate is load-tested there
-                                     (pinned, needs CHIMERA_ADMIN_TOKEN) before its canary starts, and
-                                     not canaried when it fails the SLO; unset: no load test, and the
-                                     controller holds the canary until someone runs one
-    CHIMERA_RETRAIN_LOADTEST_RPS / _DURATION_S / _WARMUP_S / _SLO_P99_MS / _MAX_ERROR_RATE
-                                     default 50 req/s, 10 s, 2 s, p99 <= 250 ms, errors <= 1 %
+
+The load test of a published candidate before its canary is injected: `Scheduler(loadtest_gate=...)`
+(training.retrain_gate.CandidateLoadTest). `chimera scheduler` builds it from CHIMERA_GATEWAY_TARGET
+and CHIMERA_RETRAIN_LOADTEST_* (loadtest.candidate_gate.LoadTestGate); without one, candidates are not
+load-tested and the controller holds their canary until someone runs a load test.
 
 Several schedulers may run (e.g. one per gateway host): the one holding the PostgreSQL advisory lock
 "chimera-scheduler" is the leader and runs the jobs; the others keep trying to take the lock and take
@@ -30,196 +29,52 @@ progress (more than one version with traffic): the rollout controller finishes j
 
 from __future__ import annotations
 
-import calendar
 import logging
 import math
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
+from chimera.settings import SchedulerSettings
 from registry import Registry
 from registry.locks import SessionLock
 from registry.models import as_utc
+from training.cron import CronSpec
 from training.feedback import parse_window, production_version
+from training.retrain_config import MODES, RetrainConfig
+from training.retrain_errors import RetrainBusy, RetrainError
+from training.retrain_gate import CandidateLoadTest
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "chimera-scheduler"
 
-_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
-_FIELDS = ("minute", "hour", "day of month", "month", "day of week")
-_MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name}
-_DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-           "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
-
-
-# ------------------------------------------------------------------------------------ cron
-def _value(token: str, index: int) -> int:
-    names = _MONTHS if index == 3 else _DAYS if index == 4 else {}
-    t = token.lower()
-    if t in names:
-        return names[t]
-    if not t.isdigit():
-        raise ValueError(f"cron: bad {_FIELDS[index]} value {token!r}")
-    lo, hi = _RANGES[index]
-    v = int(t)
-    if not lo <= v <= hi:
-        raise ValueError(f"cron: {_FIELDS[index]} {v} is outside {lo}..{hi}")
-    return v
-
-
-def _field(text: str, index: int) -> tuple[frozenset[int], bool]:
-    """The set of values a field allows, and whether it is restricted (not a bare '*')."""
-    lo, hi = _RANGES[index]
-    values: set[int] = set()
-    for part in text.split(","):
-        if not part:
-            raise ValueError(f"cron: empty list item in {_FIELDS[index]} {text!r}")
-        body, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) < 1:
-                raise ValueError(f"cron: bad step {step_text!r} in {_FIELDS[index]}")
-            step = int(step_text)
-        if body == "*":
-            start, end = lo, hi
-        elif "-" in body:
-            a, b = body.split("-", 1)
-            start, end = _value(a, index), _value(b, index)
-            if end < start:
-                raise ValueError(f"cron: range {body!r} in {_FIELDS[index]} runs backwards")
-        else:
-            start = _value(body, index)
-            end = hi if step_text else start
-        values.update(range(start, end + 1, step))
-    if index == 4 and 7 in values:  # both 0 and 7 mean Sunday
-        values.discard(7)
-        values.add(0)
-    return frozenset(values), text != "*"
-
-
-@dataclass(frozen=True)
-class CronSpec:
-    """A parsed five-field cron expression, evaluated in UTC."""
-
-    text: str
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday
-    days_restricted: bool
-    weekdays_restricted: bool
-
-    @classmethod
-    def parse(cls, text: str) -> CronSpec:
-        expanded = _MACROS.get(text.strip().lower(), text)
-        parts = expanded.split()
-        if len(parts) != 5:
-            raise ValueError(f"cron: expected 5 fields (minute hour day month weekday), got {text!r}")
-        (mi, _), (ho, _), (dom, dom_r), (mo, _), (dow, dow_r) = (_field(p, i) for i, p in enumerate(parts))
-        return cls(text.strip(), mi, ho, dom, mo, dow, dom_r, dow_r)
-
-    def _day_matches(self, dt: datetime) -> bool:
-        dom = dt.day in self.days
-        dow = (dt.weekday() + 1) % 7 in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return dom or dow  # classic cron: either restriction may match
-        return dom and dow
-
-    def matches(self, dt: datetime) -> bool:
-        """Whether the minute containing `dt` (taken in UTC) is a scheduled minute."""
-        t = as_utc(dt)
-        return (t.minute in self.minutes and t.hour in self.hours and t.month in self.months
-                and self._day_matches(t))
-
-    def next_after(self, dt: datetime) -> datetime:
-        """The first scheduled minute strictly after `dt` (UTC). ValueError when there is none
-        within five years (e.g. 30 February)."""
-        t = as_utc(dt).replace(second=0, microsecond=0) + timedelta(minutes=1)
-        limit = t + timedelta(days=366 * 5)
-        while t <= limit:
-            if t.month not in self.months:
-                t = (t.replace(day=1, hour=0, minute=0) + timedelta(days=32)).replace(day=1)
-                continue
-            if not self._day_matches(t):
-                t = t.replace(hour=0, minute=0) + timedelta(days=1)
-                continue
-            if t.hour not in self.hours:
-                t = t.replace(minute=0) + timedelta(hours=1)
-                continue
-            if t.minute not in self.minutes:
-                t += timedelta(minutes=1)
-                continue
-            return t
-        raise ValueError(f"cron: {self.text!r} never matches")
-
 
 # ------------------------------------------------------------------------------------ settings
-def _schedule(env: Mapping[str, str], name: str, default: str) -> str | None:
-    value = env.get(name, default).strip()
-    return None if value.lower() in ("", "off", "none", "disabled") else value
+def check_settings(settings: SchedulerSettings) -> SchedulerSettings:
+    """ValueError unless the cron specs, windows, mode and poll interval make sense (chimera.settings
+    parses the environment; the meaning of these values is checked here, where they are used)."""
+    for spec in (settings.retrain_schedule, settings.drift_schedule):
+        if spec is not None:
+            CronSpec.parse(spec)
+    parse_window(settings.retrain_window)
+    parse_window(settings.drift_window)
+    if settings.retrain_mode not in MODES:
+        raise ValueError(f"CHIMERA_RETRAIN_MODE: full or incremental, got {settings.retrain_mode!r}")
+    if not (settings.poll_seconds > 0 and math.isfinite(settings.poll_seconds)):
+        raise ValueError("CHIMERA_SCHEDULER_POLL_SECONDS: must be positive")
+    return settings
 
 
-@dataclass(frozen=True)
-class SchedulerSettings:
-    retrain_schedule: str | None = "0 3 * * *"
-    drift_schedule: str | None = "*/30 * * * *"
-    models: tuple[str, ...] = ()
-    retrain_window: str = "90d"
-    retrain_mode: str = "full"
-    retrain_tolerance: float = 0.0
-    canary_percent: int | None = None  # None: first rollout step; 0: publish without a canary
-    drift_window: str = "1d"
-    poll_seconds: float = 15.0
-    loadtest: Any = None  # training.retrain.LoadTestGate: load-test candidates before their canary
-
-    def __post_init__(self) -> None:
-        for spec in (self.retrain_schedule, self.drift_schedule):
-            if spec is not None:
-                CronSpec.parse(spec)
-        parse_window(self.retrain_window)
-        parse_window(self.drift_window)
-        if self.retrain_mode not in ("full", "incremental"):
-            raise ValueError(f"CHIMERA_RETRAIN_MODE: full or incremental, got {self.retrain_mode!r}")
-        if not (self.poll_seconds > 0 and math.isfinite(self.poll_seconds)):
-            raise ValueError("CHIMERA_SCHEDULER_POLL_SECONDS: must be positive")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerSettings:
-        e = os.environ if env is None else env
-        canary = e.get("CHIMERA_RETRAIN_CANARY_PERCENT", "").strip()
-        from training.retrain import LoadTestGate
-
-        try:
-            loadtest = LoadTestGate.from_env(e)
-        except ValueError as exc:
-            raise ValueError(f"CHIMERA_RETRAIN_LOADTEST_*: {exc}") from None
-        return cls(
-            retrain_schedule=_schedule(e, "CHIMERA_RETRAIN_SCHEDULE", cls.retrain_schedule or ""),
-            drift_schedule=_schedule(e, "CHIMERA_DRIFT_SCHEDULE", cls.drift_schedule or ""),
-            models=tuple(m.strip() for m in e.get("CHIMERA_SCHEDULER_MODELS", "").split(",") if m.strip()),
-            retrain_window=e.get("CHIMERA_RETRAIN_WINDOW", cls.retrain_window),
-            retrain_mode=e.get("CHIMERA_RETRAIN_MODE", cls.retrain_mode),
-            retrain_tolerance=float(e.get("CHIMERA_RETRAIN_TOLERANCE", cls.retrain_tolerance)),
-            canary_percent=int(canary) if canary else None,
-            drift_window=e.get("CHIMERA_DRIFT_WINDOW", cls.drift_window),
-            poll_seconds=float(e.get("CHIMERA_SCHEDULER_POLL_SECONDS", cls.poll_seconds)),
-            loadtest=loadtest,
-        )
-
-    def retrain_config(self) -> Any:
-        from training.retrain import RetrainConfig
-
-        return RetrainConfig(window=parse_window(self.retrain_window), mode=self.retrain_mode,
-                             tolerance=self.retrain_tolerance, canary=self.canary_percent != 0,
-                             canary_percent=self.canary_percent or None, loadtest=self.loadtest)
+def retrain_config(settings: SchedulerSettings, loadtest: CandidateLoadTest | None = None) -> RetrainConfig:
+    """A scheduled retrain's configuration, with the injected pre-canary load test (if any)."""
+    return RetrainConfig(window=parse_window(settings.retrain_window), mode=settings.retrain_mode,
+                         tolerance=settings.retrain_tolerance, canary=settings.canary_percent != 0,
+                         canary_percent=settings.canary_percent or None, loadtest=loadtest)
 
 
 # ------------------------------------------------------------------------------------ scheduler
@@ -255,7 +110,10 @@ DriftFn = Callable[..., Any]
 
 
 class Scheduler:
-    """Runs due jobs on every `tick`; `run_forever` ticks every poll_seconds until stopped."""
+    """Runs due jobs on every `tick`; `run_forever` ticks every poll_seconds until stopped.
+
+    `loadtest_gate` load-tests each published candidate before its canary (injected by the caller:
+    training never imports loadtest); None: no load test, promotion waits for one."""
 
     def __init__(
         self,
@@ -264,12 +122,13 @@ class Scheduler:
         *,
         retrain_fn: RetrainFn | None = None,
         drift_fn: DriftFn | None = None,
+        loadtest_gate: CandidateLoadTest | None = None,
         metrics_registry: CollectorRegistry = REGISTRY,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         lock_name: str = LOCK_NAME,
     ) -> None:
         self.registry = registry
-        self.settings = settings
+        self.settings = check_settings(settings)
         self.clock = clock
         self.metrics_registry = metrics_registry
         self.metrics = scheduler_metrics(metrics_registry)
@@ -281,6 +140,7 @@ class Scheduler:
             self.jobs["drift"] = CronSpec.parse(settings.drift_schedule)
         self._retrain_fn = retrain_fn
         self._drift_fn = drift_fn
+        self.loadtest_gate = loadtest_gate
         self._last: dict[str, datetime] = {}
 
     def models(self) -> list[str]:
@@ -333,8 +193,6 @@ class Scheduler:
         return results
 
     def _run(self, job: str, model: str) -> JobResult:
-        from training.retrain import RetrainBusy, RetrainError
-
         try:
             if job == "retrain":
                 weights = dict(self.registry.get_split(model).weights)
@@ -344,7 +202,8 @@ class Scheduler:
                 fn = self._retrain_fn
                 if fn is None:
                     from training.retrain import retrain as fn
-                outcome = fn(self.registry, model, self.settings.retrain_config(), trigger="scheduler")
+                outcome = fn(self.registry, model, retrain_config(self.settings, self.loadtest_gate),
+                             trigger="scheduler")
                 status = "published" if outcome.published is not None else "not_published"
                 return JobResult(job, model, status, outcome.reason)
             from training.drift import export_drift_metrics
