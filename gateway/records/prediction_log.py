@@ -17,7 +17,8 @@ Costs, because this runs for every prediction:
   request path spill itself (counted the same way).
 - feature rows (when sampled by the predictor) are written as JSON arrays of float32-exact numbers:
   with orjson, a whole block's matrix is encoded in one call (~0.6 us a row); without it, with 9
-  significant digits through %-formatting (~5 us a row; json.dumps of the doubles costs ~40 us)."""
+  significant digits through %-formatting (~5 us a row; json.dumps of the doubles costs ~40 us).
+The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations
 
@@ -29,24 +30,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gateway.records.inserter import COLUMNS, Inserter, Row, features_json, legacy_row, matrix_json
 from registry import Registry
-from registry.models import Prediction
 from registry.repository import PredictionRow
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features")
-# A row on its way to the database: the COLUMNS in order, created_at as the text the database stores or
-# parses (SQLite: SQLAlchemy's own format; others: ISO 8601 with offset), features as JSON text. Rows
-# are spilled as they are, so a spill file replays without conversion.
-Row = tuple[str, str, int, str, float, float, str, str | None]
+__all__ = ["COLUMNS", "LogStats", "PredictionLog", "Row", "features_json", "matrix_json"]
 
 
 @dataclass
@@ -86,114 +81,6 @@ class _Block:
 
 
 _STOP = object()
-_FORMATS: dict[int, str] = {}
-
-try:  # optional speed-up: orjson encodes a float32 matrix in C with the shortest exact digits
-    import orjson
-
-    _ORJSON_NUMPY: int | None = orjson.OPT_SERIALIZE_NUMPY
-except ImportError:  # pragma: no cover - depends on the environment
-    orjson = None  # type: ignore[assignment]
-    _ORJSON_NUMPY = None
-
-
-def features_json(values: Sequence[float]) -> str:
-    """A JSON array of float32-exact numbers (9 significant digits)."""
-    n = len(values)
-    fmt = _FORMATS.get(n)
-    if fmt is None:
-        fmt = _FORMATS[n] = "[" + ",".join(["%.9g"] * n) + "]"
-    return fmt % tuple(values)
-
-
-def matrix_json(m: np.ndarray) -> list[str]:
-    """One JSON array per row of a float32 matrix [n, w] (float32-exact numbers)."""
-    n = len(m)
-    if n == 0:
-        return []
-    if _ORJSON_NUMPY is not None and m.shape[1] > 0:
-        text = orjson.dumps(np.ascontiguousarray(m, dtype=np.float32), option=_ORJSON_NUMPY).decode()
-        return text[1:-1].replace("],[", "]\n[").split("\n")  # "[[a,b],[c,d]]" -> ["[a,b]", "[c,d]"]
-    return [features_json(row) for row in m.tolist()]
-
-
-class _Inserter:
-    """Batched INSERT ... ON CONFLICT (request_id) DO NOTHING through the raw DB-API connection."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        engine = registry.engine
-        table = Prediction.__table__
-        self.dialect = engine.dialect.name
-        self.driver = engine.dialect.driver
-        col_type = table.c.created_at.type
-        self._ts = col_type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
-        self._fast_ts = self._ts is not None and _same_format(self._ts)
-        self._second: tuple[int, str] = (-1, "")
-        cols = ", ".join(COLUMNS)
-        if self.dialect == "sqlite":
-            marks = ", ".join("?" * len(COLUMNS))
-            self.sql = (f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) "
-                        "ON CONFLICT (request_id) DO NOTHING")
-        elif self.dialect == "postgresql" and self.driver == "psycopg2":
-            self.sql = f"INSERT INTO {table.name} ({cols}) VALUES %s ON CONFLICT (request_id) DO NOTHING"
-        else:
-            self.sql = ""
-        self._last: tuple[float, str] = (-1.0, "")
-
-    def timestamp(self, epoch: float) -> str:
-        """created_at for epoch seconds as database-ready text: on SQLite exactly what SQLAlchemy
-        writes, built from a per-second prefix (formatting a datetime per row costs ~2 us);
-        elsewhere ISO 8601 with offset, which PostgreSQL parses into timestamptz. The caches are
-        tuples swapped whole, so the writer thread and a spilling request thread can share them."""
-        last_epoch, last_text = self._last
-        if epoch == last_epoch:
-            return last_text
-        if self._fast_ts:
-            second = int(epoch)
-            sec, prefix = self._second
-            if second != sec:
-                prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
-                self._second = (second, prefix)
-            us = min(int((epoch - second) * 1e6 + 0.5), 999_999)
-            text = f"{prefix}.{us:06d}"
-        else:
-            dt = datetime.fromtimestamp(epoch, UTC)
-            text = self._ts(dt) if self._ts is not None and self.dialect == "sqlite" else dt.isoformat()
-        self._last = (epoch, text)
-        return text
-
-    def insert(self, rows: Sequence[Row]) -> None:
-        if not rows:
-            return
-        if not self.sql:
-            self.registry.insert_predictions([
-                PredictionRow(request_id=r[0], model=r[1], version=r[2], routing_key=r[3], score=r[4],
-                              latency_ms=r[5], created_at=datetime.fromisoformat(r[6]),
-                              features=json.loads(r[7]) if r[7] is not None else None) for r in rows])
-            return
-        params = rows
-        raw = self.registry.engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                if self.dialect == "sqlite":
-                    cur.executemany(self.sql, params)
-                else:
-                    from psycopg2.extras import execute_values
-
-                    execute_values(cur, self.sql, params, page_size=1000)
-            finally:
-                cur.close()
-            raw.commit()
-        except BaseException:
-            try:
-                raw.rollback()
-            except Exception:
-                pass
-            raise
-        finally:
-            raw.close()
 
 
 class PredictionLog:
@@ -219,7 +106,7 @@ class PredictionLog:
         self._wake = threading.Event()
         self._spill_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._inserter = _Inserter(registry)
+        self._inserter = Inserter(registry)
         self.stats = LogStats()
         self._last_replay_try = 0.0
         self.insert_rows: Callable[[Sequence[Row]], None] = self._inserter.insert  # tests swap it
@@ -430,7 +317,7 @@ class PredictionLog:
                     if line.startswith("["):
                         rows.extend(tuple(r) for r in json.loads(line))  # type: ignore[misc]
                     elif line.startswith("{"):  # one PredictionRow per line (older spill files)
-                        rows.append(_legacy_row(json.loads(line), self._inserter.timestamp))
+                        rows.append(legacy_row(json.loads(line), self._inserter.timestamp))
             for i in range(0, len(rows), self.batch_size):
                 self.insert_rows(rows[i:i + self.batch_size])
             self.stats.replayed += len(rows)
@@ -438,19 +325,3 @@ class PredictionLog:
             log.info("replayed %d spilled prediction rows", len(rows))
         except Exception as exc:
             log.warning("spill replay failed (%s); will retry", type(exc).__name__)
-
-
-def _same_format(processor: Callable[[Any], Any]) -> bool:
-    """True when the dialect stores datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' (SQLAlchemy's SQLite
-    default), so the fast formatter writes exactly what SQLAlchemy would."""
-    sample = datetime(2001, 2, 3, 4, 5, 6, 7008, tzinfo=UTC)
-    return bool(processor(sample) == "2001-02-03 04:05:06.007008")
-
-
-def _legacy_row(d: dict[str, Any], timestamp: Callable[[float], str]) -> Row:
-    created = d.get("created_at")
-    epoch = datetime.fromisoformat(created).timestamp() if isinstance(created, str) else time.time()
-    feats = d.get("features")
-    return (d["request_id"], d["model"], int(d["version"]), d.get("routing_key") or "", float(d["score"]),
-            float(d["latency_ms"]), timestamp(epoch), features_json(feats) if feats is not None else None)
-

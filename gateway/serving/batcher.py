@@ -68,7 +68,6 @@ class BatchStats:
     rows: int = 0
     errors: int = 0
     expired: int = 0
-    last_batch_size: int = 0
 
 
 class BatchObserver:
@@ -267,7 +266,6 @@ class MicroBatcher:
             self._inflight -= 1
             self.stats.batches += 1
             self.stats.rows += size
-            self.stats.last_batch_size = size
             self.observer.on_batch(size, wait, elapsed, ok)
             if self._pending and not self._closed:
                 # A slot just freed: what queued during the call leaves now.

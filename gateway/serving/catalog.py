@@ -64,13 +64,6 @@ class Catalog:
     def remove(self, model: str) -> None:
         self._models.pop(model, None)
 
-    def schema(self, model: str, version: int) -> Schema:
-        entry = self.get(model)
-        schema = entry.schemas.get(version)
-        if schema is None:
-            raise NotFoundError(f"version: model {model!r} has no version {version}")
-        return schema
-
     def all_model_names(self) -> list[str]:
         try:
             return self.registry.model_names()
