@@ -9,7 +9,7 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,6 +17,10 @@ from rich.table import Table
 from chimera.cli import views
 from chimera.cli.shared import load_settings, open_registry
 from chimera.cli.views import drift_table, retrain_table
+from chimera.settings import Settings
+
+if TYPE_CHECKING:
+    from loadtest.candidate_gate import LoadTestGate
 
 
 def train(
@@ -107,8 +111,9 @@ def retrain(
 
     settings = load_settings()
     try:
-        gate_lt = _loadtest_gate(target=loadtest_target, rps=loadtest_rps, duration_s=loadtest_duration,
-                                 slo_p99_ms=loadtest_slo_p99_ms, max_error_rate=loadtest_max_error_rate)
+        gate_lt = _loadtest_gate(settings, target=loadtest_target, rps=loadtest_rps,
+                                 duration_s=loadtest_duration, slo_p99_ms=loadtest_slo_p99_ms,
+                                 max_error_rate=loadtest_max_error_rate)
         config = RetrainConfig(
             window=parse_window(window),
             mode=mode,
@@ -177,12 +182,13 @@ def retrain(
         raise typer.Exit(3)
 
 
-def _loadtest_gate(**overrides: Any) -> Any:
+def _loadtest_gate(settings: Settings, **overrides: Any) -> LoadTestGate | None:
     """The pre-canary load test from CHIMERA_GATEWAY_TARGET / CHIMERA_RETRAIN_LOADTEST_* with the
-    command's options on top (None: not given); None when no target is set."""
+    command's options on top (None: not given); None when no target is set. ValueError when a value
+    is out of range."""
     from loadtest.candidate_gate import LoadTestGate
 
-    return LoadTestGate.from_env(None, **overrides)
+    return LoadTestGate.from_settings(settings.retrain, **overrides)
 
 
 def _parse_when(text: str) -> datetime:
@@ -257,7 +263,7 @@ def scheduler(
     except ValueError as exc:
         views.fail(str(exc), 2)
     try:
-        gate_lt = _loadtest_gate()
+        gate_lt = _loadtest_gate(settings)
     except ValueError as exc:
         views.fail(f"CHIMERA_RETRAIN_LOADTEST_*: {exc}", 2)
     reg = open_registry(settings)
