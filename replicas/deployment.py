@@ -10,6 +10,10 @@ Two ways in: the gateway deploys what it needs (`deploy_version`, through `serve
 declares the applications (deploy/ray/serve-config.yaml under KubeRay or `serve deploy`, through
 `build_app`), and the gateway then uses them as they are (`declared_app`).
 
+Secrets: the registry URL reaches a replica without its password (Ray shows actor arguments on its
+dashboard and state API); the replica takes the full URL from CHIMERA_REGISTRY_URL in its Ray node's
+environment (`actor_registry_url`, `replica_registry_url`).
+
 Tracing: a replica builds its own TracerProvider from the exporter it is given (an init argument, so
 it does not depend on the environment reaching the Ray worker) and continues the trace whose W3C
 context arrives with the rows."""
@@ -36,6 +40,41 @@ def app_name(model: str, version: int) -> str:
 
 
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+REDACTED = "***"  # SQLAlchemy's own mask (URL.render_as_string(hide_password=True))
+
+
+def actor_registry_url(url: str) -> str:
+    """The registry URL as it may appear in a replica's init arguments: without its password. Ray
+    shows actor arguments to anyone who reaches its dashboard or state API, so a password there is a
+    password published; the replica takes it from CHIMERA_REGISTRY_URL in its own environment (the
+    Ray nodes' Secret) instead (`replica_registry_url`). URLs without a password pass unchanged."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
+def replica_registry_url(given: str, environ: Mapping[str, str] | None = None) -> str:
+    """The URL a replica connects with: `given` itself, or, when its password was withheld
+    (`actor_registry_url`), CHIMERA_REGISTRY_URL of this Ray node when that names the same database
+    (driver, user, host, port, database). Anything else is an error that says what to set."""
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(given)
+    if parsed.password != REDACTED:
+        return given
+    env_url = (os.environ if environ is None else environ).get("CHIMERA_REGISTRY_URL")
+    def target(u: Any) -> tuple:
+        return (u.drivername, u.username, u.host, u.port, u.database, dict(u.query))
+
+    if env_url and target(make_url(env_url)) == target(parsed):
+        return env_url
+    raise RuntimeError(f"registry {given}: its password is kept out of Ray's actor arguments, and this Ray "
+                       "node's CHIMERA_REGISTRY_URL " + ("names another database" if env_url else "is unset")
+                       + ": set CHIMERA_REGISTRY_URL (with the password) in every Ray node's environment "
+                       "to the gateway's registry URL (deploy/k8s: the chimera-registry Secret)")
 
 
 # Health checks every 2 s (Ray's default is 10 s): a replica whose process died is replaced within
@@ -54,7 +93,7 @@ class VersionReplica:
         # First: a bad exporter setting (otlp without its package) fails the replica with its message.
         self.tracing = Tracing(traces_exporter, service_name="chimera-replica")
         self._tracer = self.tracing.tracer
-        reg = Registry(registry_url)
+        reg = Registry(replica_registry_url(registry_url))
         try:
             data, sha = reg.get_onnx(model, version)
         finally:
@@ -105,11 +144,12 @@ class VersionReplica:
 
 def version_app(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
                 num_replicas: int = 1, traces_exporter: str = "none") -> Application:
-    """The Ray Serve application of one version (not deployed)."""
+    """The Ray Serve application of one version (not deployed). The registry URL goes in without its
+    password (`actor_registry_url`)."""
     return VersionReplica.options(
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         num_replicas=num_replicas,
-    ).bind(registry_url, model, version, traces_exporter)
+    ).bind(actor_registry_url(registry_url), model, version, traces_exporter)
 
 
 def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,

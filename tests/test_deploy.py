@@ -1,7 +1,12 @@
 """deploy/: no Docker engine or Kubernetes cluster runs here, so the files are parsed and checked against the
 code they deploy: images, ports (the defaults of `chimera serve`), environment names (read back through
 chimera.settings), mounted files, cross-references between services, and the Ray Serve config against
-Ray's own schema. The container entrypoint runs for real with stand-ins for `ray` and `chimera`."""
+Ray's own schema. The container entrypoint runs for real with stand-ins for `ray` and `chimera`.
+
+Nothing let in (issue 15): no default secret anywhere (compose requires each one, kustomize generates them
+from files that are not in git), the Ray dashboard, Ray's client port, Prometheus and Grafana not published
+beyond loopback, Ray token authentication decided in the files, a NetworkPolicy evaluated for who may
+reach what, the spill directory on a persistent volume, and no database password in Ray actor arguments."""
 
 from __future__ import annotations
 
@@ -33,8 +38,27 @@ METRICS_PORT = 9090
 
 
 def test_cli_serve_defaults_are_what_deploy_assumes() -> None:
+    """Ports are the CLI's defaults; the bind address is never left to the default (which may become
+    loopback): every container command passes --host 0.0.0.0 itself."""
     d = serve_defaults()
-    assert (d["port"], d["metrics_port"], d["host"]) == (GRPC_PORT, METRICS_PORT, "0.0.0.0")
+    assert (d["port"], d["metrics_port"]) == (GRPC_PORT, METRICS_PORT) and "host" in d
+    cmd = [json.loads(a) for i, a in dockerfile() if i == "CMD"][-1]
+    gateways = [cmd, compose()["services"]["gateway"]["command"]]
+    gateways += [c["args"] for d in by_kind("StatefulSet") for c in containers(d)]
+    for args in gateways:
+        assert args[0] == "serve" and option_value(args, "--host") == "0.0.0.0", args
+
+
+def test_serve_accepts_the_flags_the_deploy_files_pass() -> None:
+    """Every `--flag` a deploy file gives `chimera serve` is one of its options (compose states
+    --insecure: plaintext gRPC with tokens on the container's address, published on loopback only)."""
+    params = set(serve_defaults())
+    cmd = [json.loads(a) for i, a in dockerfile() if i == "CMD"][-1]
+    gateways = [cmd, compose()["services"]["gateway"]["command"]]
+    gateways += [c["args"] for d in by_kind("StatefulSet") for c in containers(d)]
+    for args in gateways:
+        for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert flag[2:].replace("-", "_") in params, f"chimera serve has no {flag} (deploy passes it)"
 
 
 def test_env_names_are_the_ones_settings_reads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,8 +201,77 @@ def test_entrypoint_ray_head_and_cli_commands(fake_bin) -> None:
     rc, calls, _ = run_entrypoint(fake_bin, "ray-head", "--num-cpus=4")
     assert rc == 0 and calls[0].startswith("ray start --head --block --port=6379 ")
     assert "--metrics-export-port=8080" in calls[0] and calls[0].endswith("--num-cpus=4")
+    # The dashboard runs jobs for whoever reaches it: the container's loopback unless told otherwise.
+    assert "--dashboard-host=127.0.0.1 " in calls[0]
     rc, calls, _ = run_entrypoint(fake_bin, "train", "--model", "m", "--synthetic", "100")
     assert calls[-1] == "chimera train --model m --synthetic 100"
+
+
+@pytest.fixture
+def health_server():
+    """Start a grpc.health.v1 server (plaintext, TLS or mutual TLS) on a free loopback port; stopped after."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servers = []
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    def start(certs=None, *, mutual: bool = False, status: int = serving) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        servicer = health.HealthServicer()
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        servicer.set("chimera.v1.PredictionService", status)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        if certs is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+                root_certificates=certs.ca.read_bytes() if mutual else None, require_client_auth=mutual)
+            port = server.add_secure_port("127.0.0.1:0", creds)
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def probe(target: str, service: str = "chimera.v1.PredictionService", **env: str) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHIMERA_TLS")}
+    base["PATH"] = f"{Path(sys.executable).parent}:{base['PATH']}"  # the probe runs `python`
+    proc = subprocess.run(["sh", str(DEPLOY / "docker-entrypoint.sh"), "probe", service, target],
+                          capture_output=True, text=True, timeout=60, env={**base, **env})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_entrypoint_probe_checks_grpc_health_over_tls(health_server, tmp_path: Path) -> None:
+    """The Kubernetes probes of deploy/k8s/gateway.yaml (kubelet's own gRPC probe has no TLS): SERVING is
+    exit 0; NOT_SERVING, an untrusted certificate or a missing client certificate is exit 1."""
+    from grpc_health.v1 import health_pb2
+
+    from tests.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    plain = health_server()
+    assert probe(plain)[0] == 0 and probe(plain, "")[0] == 0
+    rc, out = probe(health_server(status=health_pb2.HealthCheckResponse.NOT_SERVING))
+    assert rc == 1 and "NOT_SERVING" in out
+    tls = health_server(certs)
+    server_env = {"CHIMERA_TLS_CERT": str(certs.server_cert), "CHIMERA_TLS_SERVER_NAME": "localhost"}
+    rc, out = probe(tls, **server_env, CHIMERA_TLS_CA=str(certs.ca))
+    assert rc == 0 and out.strip().endswith(": SERVING"), out
+    assert probe(tls, **server_env, CHIMERA_TLS_CA=str(certs.other_ca))[0] == 1
+    assert probe(tls)[0] == 1  # plaintext against TLS
+    mutual = health_server(certs, mutual=True)
+    assert probe(mutual, **server_env, CHIMERA_TLS_CA=str(certs.ca))[0] == 1
+    client = {"CHIMERA_TLS_CLIENT_CERT": str(certs.client_cert),
+              "CHIMERA_TLS_CLIENT_KEY": str(certs.client_key)}
+    assert probe(mutual, **server_env, CHIMERA_TLS_CA=str(certs.ca), **client)[0] == 0
 
 
 # ---------------------------------------------------------------- docker-compose
@@ -187,9 +280,35 @@ def compose() -> dict:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 
 
-def interpolate(value: str) -> str:
-    """Compose's ${VAR:-default} with nothing set in the environment."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "CHIMERA_ADMIN_TOKEN", "CHIMERA_PREDICT_TOKEN", "RAY_AUTH_TOKEN",
+                   "GRAFANA_ADMIN_PASSWORD")
+# What an operator puts in deploy/.env (hex: the Postgres password goes into a URL unescaped).
+COMPOSE_ENV = {name: f"{i}f3a9c07d1e2b4a6{i}8c5d0e7f9a1b3c{i}" for i, name in enumerate(COMPOSE_SECRETS)}
+VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:[-?])?([^}]*)\}")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ${VAR:-default} and ${VAR:?message}: the variable's value when set (COMPOSE_ENV by
+    default), else the default; an unset required variable raises, as `docker compose up` refuses."""
+    env = COMPOSE_ENV if env is None else env
+
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.groups()
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg
+
+    return VAR_REF.sub(sub, value)
+
+
+def strings(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in strings(k) + strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
 
 
 def host_path(spec: str) -> tuple[Path, str]:
@@ -220,14 +339,14 @@ def test_compose_gateway_ports_and_env_match_the_code() -> None:
     assert gw["command"][0] == "serve"
     assert int(option_value(gw["command"], "--port")) == GRPC_PORT
     assert int(option_value(gw["command"], "--metrics-port")) == METRICS_PORT
-    assert f"{GRPC_PORT}:{GRPC_PORT}" in gw["ports"]
+    assert gw["ports"] == [f"127.0.0.1:{GRPC_PORT}:{GRPC_PORT}"]  # this host only
     env = gw["environment"]
     assert set(ENV_NAMES) <= set(env)
     url = make_url(interpolate(env["CHIMERA_REGISTRY_URL"]))
     pg = services["postgres"]["environment"]
     assert (url.drivername, url.host, url.database, url.username) == (
         "postgresql+psycopg2", "postgres", pg["POSTGRES_DB"], pg["POSTGRES_USER"])
-    assert url.password == interpolate(pg["POSTGRES_PASSWORD"])
+    assert url.password == interpolate(pg["POSTGRES_PASSWORD"]) == COMPOSE_ENV["POSTGRES_PASSWORD"]
     host, port = env["RAY_ADDRESS"].split(":")
     assert host in services and services[host]["command"][0] == "ray-head" and port == "6379"
     assert services["ray-head"]["environment"]["CHIMERA_REGISTRY_URL"] == env["CHIMERA_REGISTRY_URL"]
@@ -302,10 +421,79 @@ def test_compose_grafana_mounts_the_dashboard_and_provisioning() -> None:
     (ds,) = yaml.safe_load(ds_file.read_text())["datasources"]
     assert ds["type"] == "prometheus"
     url = urlsplit(ds["url"])
-    assert url.hostname == "prometheus" and url.port == 9090 and "9090:9090" in compose()["services"][
-        "prometheus"]["ports"]
+    assert url.hostname == "prometheus" and url.port == 9090
+    assert "127.0.0.1:9090:9090" in compose()["services"]["prometheus"]["ports"]
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "chimera.json").read_text())
     assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in dash["templating"]["list"])
+
+
+def test_compose_has_no_default_secret() -> None:
+    """Every secret is a required variable (${VAR:?...}): with none set, `docker compose up` refuses to
+    start, naming the variable and how to make one; deploy/.env.example lists exactly these, empty, and
+    neither git nor the image build picks up a real deploy/.env."""
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    refs = VAR_REF.findall(text)
+    required = {name for name, op, _ in refs if op == ":?"}
+    assert required == set(COMPOSE_SECRETS)
+    for name, op, default in refs:
+        if re.search(r"PASSWORD|TOKEN|SECRET|KEY", name):
+            assert op == ":?", f"${{{name}}} has a default ({op}{default})"
+    env_refs = [s for s in strings(compose()) if "${" in s]
+    for name in COMPOSE_SECRETS:
+        with pytest.raises(KeyError, match=name):
+            for value in env_refs:
+                interpolate(value, {k: v for k, v in COMPOSE_ENV.items() if k != name})
+    for value in env_refs:
+        interpolate(value)  # everything set: nothing missing
+    example = dict(line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example == {name: "" for name in COMPOSE_SECRETS}
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()
+    assert "**/.env" in (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+
+
+def test_compose_publishes_only_on_loopback() -> None:
+    """gRPC, Prometheus and Grafana on the host's loopback only; nothing of Ray (its dashboard runs jobs
+    for whoever reaches it; the entrypoint keeps it on the container's loopback); Grafana wants a login."""
+    services = compose()["services"]
+    published = {}
+    for name, svc in services.items():
+        for spec in svc.get("ports", []):
+            assert isinstance(spec, str) and spec.startswith("127.0.0.1:"), (name, spec)
+            published[name] = int(spec.split(":")[1])
+    assert published == {"gateway": GRPC_PORT, "prometheus": 9090, "grafana": 3000}
+    assert "ports" not in services["ray-head"] and "ports" not in services["postgres"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def test_compose_ray_auth_is_decided_and_secrets_go_only_where_needed() -> None:
+    """RAY_AUTH_MODE=token with one token on every Ray node and driver (the head and the gateway, which
+    joins as a node): a node whose mode differs cannot join. The Ray head holds no gateway token."""
+    services = compose()["services"]
+    head, gw = services["ray-head"]["environment"], services["gateway"]["environment"]
+    for env in (head, gw):
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert interpolate(env["RAY_AUTH_TOKEN"]) == COMPOSE_ENV["RAY_AUTH_TOKEN"]
+    assert head["RAY_AUTH_TOKEN"] == gw["RAY_AUTH_TOKEN"]
+    assert not {"CHIMERA_ADMIN_TOKEN", "CHIMERA_PREDICT_TOKEN"} & set(head)
+    assert head["CHIMERA_REGISTRY_URL"] == gw["CHIMERA_REGISTRY_URL"]  # the replicas read it there
+    # The gateway states plaintext explicitly (published on loopback only), as chimera serve requires.
+    assert "--insecure" in services["gateway"]["command"]
+
+
+def deploy_text_files() -> list[Path]:
+    return [f for f in DEPLOY.rglob("*") if f.is_file() and f.suffix not in (".png",)]
+
+
+def test_no_placeholder_secret_in_any_deploy_file() -> None:
+    """No change-me, no admin/admin, no Secret object with a value: the values come from the operator."""
+    for f in deploy_text_files():
+        text = f.read_text()
+        for bad in ("change-me", "changeme", "admin/admin"):
+            assert bad not in text.lower().replace("change_me", "changeme"), f"{f}: {bad}"
+    assert not by_kind("Secret"), "secrets are generated from files that are not in git"
 
 
 # ---------------------------------------------------------------- Ray Serve config
@@ -350,10 +538,31 @@ def test_serve_config_import_path_builds_an_application(monkeypatch: pytest.Monk
         builder = getattr(importlib.import_module(module), attr)
         built = builder(app["args"])
         assert isinstance(built, Application)
-        # The replica gets the pod's registry URL and the version the config names.
+        # The replica gets the pod's registry URL, without its password (Ray shows actor arguments on
+        # its dashboard and state API), and the version the config names.
         args = built._bound_deployment.init_args
-        assert args[:3] == ("postgresql+psycopg2://u:p@db:5432/x", app["args"]["model"],
+        assert args[:3] == ("postgresql+psycopg2://u:***@db:5432/x", app["args"]["model"],
                             int(app["args"]["version"]))
+        assert not any(":p@" in str(a) for a in args)
+
+
+def test_replica_reads_the_registry_password_from_its_node_environment() -> None:
+    """The password never travels as a Ray actor argument; a replica takes the full URL from its Ray
+    node's CHIMERA_REGISTRY_URL when that names the same database, and says what to set otherwise."""
+    from replicas.deployment import actor_registry_url, replica_registry_url, version_app
+
+    full = "postgresql+psycopg2://chimera:s3cr%40t@db:5432/chimera"
+    given = actor_registry_url(full)
+    assert given == "postgresql+psycopg2://chimera:***@db:5432/chimera"
+    assert version_app(full, "m", 1)._bound_deployment.init_args[0] == given
+    assert replica_registry_url(given, {"CHIMERA_REGISTRY_URL": full}) == full
+    for env, why in (({}, "is unset"),
+                     ({"CHIMERA_REGISTRY_URL": full.replace("@db:", "@other:")}, "names another database")):
+        with pytest.raises(RuntimeError, match=why) as err:
+            replica_registry_url(given, env)
+        assert "set CHIMERA_REGISTRY_URL" in str(err.value) and "s3cr" not in str(err.value)
+    for url in ("sqlite:////data/chimera.db", "postgresql+psycopg2://chimera@db:5432/chimera"):
+        assert actor_registry_url(url) == url and replica_registry_url(url, {}) == url  # no password
 
 
 def test_build_app_args_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -378,7 +587,7 @@ def test_build_app_args_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHIMERA_REGISTRY_URL", "postgresql+psycopg2://u:p@db:5432/x")
     monkeypatch.setenv("CHIMERA_TRACES_EXPORTER", "console")
     assert build_app({"model": "m", "version": 1})._bound_deployment.init_args == (
-        "postgresql+psycopg2://u:p@db:5432/x", "m", 1, "console")
+        "postgresql+psycopg2://u:***@db:5432/x", "m", 1, "console")
 
 
 # ---------------------------------------------------------------- Kubernetes
@@ -418,7 +627,7 @@ def test_k8s_manifests_have_the_required_kinds() -> None:
     from collections import Counter
 
     kinds = Counter(d["kind"] for d in k8s_docs())
-    required = Counter(["Namespace", "Secret", "Secret", "RayService", "Deployment", "Service", "Service",
+    required = Counter(["Namespace", "RayService", "StatefulSet", "Service", "Service", "NetworkPolicy",
                         "ServiceMonitor", "PodMonitor", "PrometheusRule"])
     assert not required - kinds, f"missing: {required - kinds}"
     for d in k8s_docs():
@@ -451,30 +660,78 @@ def test_k8s_rayservice() -> None:
     assert rs["apiVersion"] == "ray.io/v1"
     assert yaml.safe_load(rs["spec"]["serveConfigV2"]) == serve_config()
     rc = rs["spec"]["rayClusterConfig"]
-    assert Version(rc["rayVersion"]) >= Version("2.40")  # pyproject: ray[serve]>=2.40
+    assert Version(rc["rayVersion"]) >= Version("2.52")  # token authentication
+    # Ray token auth decided here: KubeRay puts RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container from
+    # the Secret the gateways read too, and uses it for its own dashboard calls.
+    assert rc["authOptions"] == {"mode": "token", "secretName": "chimera-ray-auth"}
+    assert "auth_token" in secret_keys()["chimera-ray-auth"]
+    # The operator deploys serveConfigV2 through the dashboard: it listens on the pod network, and the
+    # NetworkPolicy (test_k8s_network_policy) lets only the operator reach it.
     assert rc["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     assert rc["workerGroupSpecs"] and all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
                                           for g in rc["workerGroupSpecs"])
     head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"gcs-server": 6379, "dashboard": 8265}.items() <= {p["name"]: p["containerPort"]
-                                                               for p in head["ports"]}.items()
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert {"gcs-server": 6379, "dashboard": 8265}.items() <= head_ports.items()
+    assert 10001 not in head_ports.values()  # the Ray client port: not on KubeRay's head Service
     for c in containers(rs):
         assert c["image"].split(":")[0] == "chimera"  # the gateway's image (kustomize sets the registry)
-        assert "CHIMERA_REGISTRY_URL" in {e["name"] for e in c["env"]}
+        env = {e["name"]: e for e in c["env"]}
+        # The replicas read the registry URL (with its password) here, never from actor arguments.
+        assert env["CHIMERA_REGISTRY_URL"]["valueFrom"]["secretKeyRef"] == {"name": "chimera-registry",
+                                                                            "key": "url"}
+        assert not {"CHIMERA_ADMIN_TOKEN", "CHIMERA_PREDICT_TOKEN", "RAY_AUTH_MODE"} & set(env)
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
 
 
 def secret_keys() -> dict[str, set[str]]:
-    return {s["metadata"]["name"]: set(s["stringData"]) for s in by_kind("Secret")}
+    """The Secrets kustomize generates and their keys: from each env file's committed .example (the real
+    file is not in git), or from the files' key=path pairs."""
+    out: dict[str, set[str]] = {}
+    for gen in kustomization()["secretGenerator"]:
+        keys = {spec.split("=", 1)[0] for spec in gen.get("files", [])}
+        for env in gen.get("envs", []):
+            example = DEPLOY / "k8s" / f"{env}.example"
+            keys |= {line.split("=", 1)[0] for line in example.read_text().splitlines()
+                     if line and not line.startswith("#")}
+        out[gen["name"]] = keys
+    return out
 
 
-def test_k8s_gateway_deployment() -> None:
+def test_k8s_secrets_are_generated_from_files_outside_git() -> None:
+    """No default secret: kustomize builds each Secret from a file the operator creates (and git ignores);
+    the committed examples hold keys without values; fixed names, since the RayService refers to one by
+    name in a field kustomize does not rewrite."""
+    kust = kustomization()
+    assert kust["generatorOptions"]["disableNameSuffixHash"] is True
+    assert set(secret_keys()) == {"chimera-registry", "chimera-admin", "chimera-predict", "chimera-ray-auth",
+                                  "chimera-gateway-tls"}
+    ignored = (DEPLOY / ".gitignore").read_text().split()
+    for gen in kust["secretGenerator"]:
+        for env in gen.get("envs", []):
+            assert "k8s/secrets/*.env" in ignored and env.startswith("secrets/") and env.endswith(".env")
+            example = (DEPLOY / "k8s" / f"{env}.example").read_text().splitlines()
+            assert example and all(line.endswith("=") for line in example), f"{env}.example holds a value"
+        for spec in gen.get("files", []):
+            path = spec.split("=", 1)[1]
+            assert path.startswith("secrets/") and f"k8s/secrets/*{Path(path).suffix}" in ignored
+    (tls,) = [g for g in kust["secretGenerator"] if g["name"] == "chimera-gateway-tls"]
+    assert tls["type"] == "kubernetes.io/tls"
+
+
+def test_k8s_gateway_statefulset() -> None:
     from chimera.v1 import prediction_pb2
+    from gateway.server import GatewayConfig
 
-    (dep,) = by_kind("Deployment")
+    (sts,) = by_kind("StatefulSet")
     (rs,) = by_kind("RayService")
-    tmpl = dep["spec"]["template"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= tmpl["metadata"]["labels"].items()
-    (c,) = containers(dep)
+    tmpl = sts["spec"]["template"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= tmpl["metadata"]["labels"].items()
+    assert sts["spec"]["serviceName"] == "chimera-gateway-headless"
+    (c,) = containers(sts)
     assert c["image"].split(":")[0] == "chimera"
     assert c["args"][0] == "serve"
     assert int(option_value(c["args"], "--port")) == GRPC_PORT
@@ -484,25 +741,47 @@ def test_k8s_gateway_deployment() -> None:
     env = {e["name"]: e for e in c["env"]}
     assert set(ENV_NAMES) <= set(env)
     keys = secret_keys()
-    for name in ("CHIMERA_REGISTRY_URL", "CHIMERA_ADMIN_TOKEN"):  # the Postgres reference and the token
-        ref = env[name]["valueFrom"]["secretKeyRef"]
+    for name in ("CHIMERA_REGISTRY_URL", "CHIMERA_ADMIN_TOKEN", "CHIMERA_PREDICT_TOKEN", "RAY_AUTH_TOKEN"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]  # from Secrets only, never a value in the manifest
         assert ref["key"] in keys[ref["name"]], ref
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == rs["spec"]["rayClusterConfig"][
+        "authOptions"]["secretName"]
+    assert env["RAY_AUTH_MODE"]["value"] == "token"  # decided, like the RayService's authOptions
     host, port = env["RAY_ADDRESS"]["value"].split(":")
     assert host == f"{rs['metadata']['name']}-head-svc" and int(port) == 6379  # KubeRay's head Service
+    # TLS from the chimera-gateway-tls Secret, so no --insecure: chimera serve refuses plaintext + tokens.
+    assert "--insecure" not in c["args"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+    tls_dir = mounts["tls"]["mountPath"]
+    assert vols["tls"]["secret"]["secretName"] == "chimera-gateway-tls" and mounts["tls"]["readOnly"]
+    for var, key in (("CHIMERA_TLS_CERT", "tls.crt"), ("CHIMERA_TLS_KEY", "tls.key"),
+                     ("CHIMERA_TLS_CA", "ca.crt")):
+        assert env[var]["value"] == f"{tls_dir}/{key}" and key in keys["chimera-gateway-tls"]
+    # Probes: the entrypoint's TLS health check (kubelet's gRPC probe has no TLS).
     service_name = prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
-    for probe in ("startupProbe", "readinessProbe"):
-        assert c[probe]["grpc"] == {"port": GRPC_PORT, "service": service_name}
-    assert c["livenessProbe"]["grpc"]["port"] == GRPC_PORT
+    for probe_name in ("startupProbe", "readinessProbe"):
+        assert c[probe_name]["exec"]["command"] == ["chimera-entrypoint", "probe", service_name,
+                                                    f"127.0.0.1:{GRPC_PORT}"]
+    assert c["livenessProbe"]["exec"]["command"][:2] == ["chimera-entrypoint", "probe"]
     grace = float(option_value(c["args"], "--grace"))
     assert tmpl["spec"]["terminationGracePeriodSeconds"] > grace + 5  # drain + log flush fit in
     ann = tmpl["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == METRICS_PORT
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert "/app/.chimera" in mounts
+    # The spill directory on a PersistentVolumeClaim per pod: spilled rows survive losing the pod.
+    spill_dir = f"/app/{GatewayConfig.__dataclass_fields__['spill_dir'].default}"
+    (spill,) = [m for m in c["volumeMounts"] if m["mountPath"] == spill_dir]
+    assert spill["name"] not in vols, "the spill directory must not be an emptyDir or any pod volume"
+    (claim,) = [t for t in sts["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == spill["name"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    assert tmpl["spec"]["securityContext"]["fsGroup"] == tmpl["spec"]["securityContext"]["runAsUser"] == 1000
+    assert not any("emptyDir" in v for n, v in vols.items() if n != "shm")
 
 
 def test_k8s_services_and_monitoring() -> None:
-    (dep,) = by_kind("Deployment")
+    (dep,) = by_kind("StatefulSet")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     (c,) = containers(dep)
     container_ports = {p["name"] for p in c["ports"]}
@@ -535,3 +814,117 @@ def test_k8s_services_and_monitoring() -> None:
     (expr,) = pm["spec"]["selector"]["matchExpressions"]
     assert set(expr["values"]) == components
     assert rc["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+# ---------------------------------------------------------------- NetworkPolicy, evaluated
+
+def _selects(selector: dict | None, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In/NotIn/Exists) against labels."""
+    if selector is None:
+        return False
+    if not set(selector) <= {"matchLabels", "matchExpressions"}:
+        raise AssertionError(f"selector this test cannot evaluate: {selector}")
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        op, key, values = e["operator"], e["key"], set(e.get("values", []))
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def pod_labels() -> dict[str, tuple[dict[str, str], list[dict]]]:
+    """Each chimera pod kind: (its labels, its container ports) as the manifests create them."""
+    (sts,) = by_kind("StatefulSet")
+    (rs,) = by_kind("RayService")
+    (cron,) = by_kind("CronJob")
+    rc = rs["spec"]["rayClusterConfig"]
+    head, worker = rc["headGroupSpec"]["template"], rc["workerGroupSpecs"][0]["template"]
+    job = cron["spec"]["jobTemplate"]["spec"]["template"]
+
+    def ports(t: dict) -> list[dict]:
+        return [p for c in t["spec"]["containers"] for p in c.get("ports", [])]
+
+    return {"gateway": (sts["spec"]["template"]["metadata"]["labels"], ports(sts["spec"]["template"])),
+            "ray-head": (head["metadata"]["labels"], ports(head)),
+            "ray-worker": (worker["metadata"]["labels"], ports(worker)),
+            "retrain": (job["metadata"]["labels"], ports(job)),
+            "registry-db": ({"app.kubernetes.io/component": "registry-db"},
+                            [{"name": "postgres", "containerPort": 5432}])}
+
+
+NS = "chimera"
+
+
+def allowed(src: dict[str, str], src_ns: dict[str, str], dst: str, port: int) -> bool:
+    """Whether the NetworkPolicies of deploy/k8s let a pod with labels `src` in a namespace with labels
+    `src_ns` open a TCP connection to pod kind `dst` on `port` (ingress rules; no policy: allowed)."""
+    labels, container_ports = pod_labels()[dst]
+    named = {p["name"]: p["containerPort"] for p in container_ports}
+    policies = [p for p in by_kind("NetworkPolicy") if _selects(p["spec"]["podSelector"], labels)
+                or p["spec"]["podSelector"] == {}]
+    policies = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]]
+    if not policies:
+        return True
+    same_ns = src_ns.get("kubernetes.io/metadata.name") == NS
+    for pol in policies:
+        for rule in pol["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(named.get(p["port"], p["port"]) == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+                ns_ok = (ns_sel == {} or _selects(ns_sel, src_ns)) if ns_sel is not None else same_ns
+                pod_ok = pod_sel is None or pod_sel == {} or _selects(pod_sel, src)
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def test_k8s_network_policy() -> None:
+    """Who may reach what, evaluated: the gateway's gRPC port from anywhere; metrics from the monitoring
+    namespace; Ray (the client port and the dashboard among it) from Ray nodes, the gateways, and the
+    dashboard from the KubeRay operator; the database from what reads it; nothing else."""
+    pods = {kind: labels for kind, (labels, _) in pod_labels().items()}
+    chimera_ns = {"kubernetes.io/metadata.name": NS}
+    elsewhere = {"kubernetes.io/metadata.name": "apps"}
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    stranger = {"app": "something-else"}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+
+    # The gateway: gRPC from anyone; metrics only from monitoring; Ray ports only from Ray nodes.
+    assert allowed(stranger, elsewhere, "gateway", GRPC_PORT)
+    assert allowed(prometheus, monitoring, "gateway", METRICS_PORT)
+    assert not allowed(stranger, elsewhere, "gateway", METRICS_PORT)
+    assert not allowed(stranger, chimera_ns, "gateway", METRICS_PORT)
+    for port in (6379, 10001, 8265, 52365, 8000):
+        assert not allowed(stranger, elsewhere, "gateway", port)
+        assert allowed(pods["ray-worker"], chimera_ns, "gateway", port)
+    # Ray: every port from Ray nodes and the gateways; the dashboard also from the operator; metrics from
+    # monitoring; nothing from anyone else (the retrain job runs no Ray).
+    for dst in ("ray-head", "ray-worker"):
+        for port in (6379, 8265, 10001, 8000, 8080, 52365):
+            for src in ("gateway", "ray-head", "ray-worker"):
+                assert allowed(pods[src], chimera_ns, dst, port), (src, dst, port)
+            assert not allowed(stranger, elsewhere, dst, port)
+            assert not allowed(stranger, chimera_ns, dst, port)
+            assert not allowed(pods["retrain"], chimera_ns, dst, port)
+        assert allowed(prometheus, monitoring, dst, 8080) and not allowed(prometheus, monitoring, dst, 8265)
+    assert allowed(operator, {"kubernetes.io/metadata.name": "ray-system"}, "ray-head", 8265)
+    assert not allowed(operator, {"kubernetes.io/metadata.name": "ray-system"}, "ray-head", 10001)
+    assert not allowed(operator, {"kubernetes.io/metadata.name": "ray-system"}, "ray-head", 6379)
+    # The registry database (when it runs in the namespace): 5432 from its readers only.
+    for src in ("gateway", "ray-head", "ray-worker", "retrain"):
+        assert allowed(pods[src], chimera_ns, "registry-db", 5432)
+    assert not allowed(stranger, chimera_ns, "registry-db", 5432)
+    assert not allowed(stranger, elsewhere, "registry-db", 5432)
+    assert not allowed(prometheus, monitoring, "registry-db", 5432)
+    # Default deny: a pod of the namespace no other policy selects takes nothing.
+    (deny,) = [p for p in by_kind("NetworkPolicy") if p["spec"]["podSelector"] == {}]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
