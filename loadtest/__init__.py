@@ -5,5 +5,7 @@ It talks to a gateway only over gRPC, like a customer does. Latency is measured 
 (no coordinated omission).
 
 Entry points: `loadtest.runner.run_load_test` (programmatic), `loadtest.command.main` (what
-`chimera loadtest` calls). This module imports nothing, so worker processes start light.
+`chimera loadtest` calls), `loadtest.candidate_gate.LoadTestGate` (the load test retraining runs before
+a canary, injected into training by the CLI), `loadtest.bench.main` (`chimera bench`; its parts in
+the bench_* modules). This module imports nothing, so worker processes start light.
 """

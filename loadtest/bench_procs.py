@@ -1,0 +1,137 @@
+"""`chimera bench`'s child processes: the bare grpc.aio echo server (the ceiling for Python gRPC on this
+machine) and the Chimera gateway (`chimera serve`, joined to the bench's Ray cluster). Only processes
+started here are ever stopped, by their own handle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# --------------------------------------------------------------------------- grpc.aio echo (ceiling)
+def echo_server_main(port: int) -> None:
+    """A bare grpc.aio server answering Predict with a constant: the most any Python gRPC server can
+    do on this machine with this client (no routing, no Ray, no logging)."""
+    import asyncio
+
+    import grpc
+
+    from chimera.v1 import prediction_pb2 as pb
+    from chimera.v1 import prediction_pb2_grpc as pb_grpc
+
+    class Echo(pb_grpc.PredictionServiceServicer):
+        async def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method name
+            return pb.PredictResponse(request_id=request.request_id or "echo", model=request.model, version=1,
+                                      score=0.5)
+
+    async def serve_echo() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_PredictionServiceServicer_to_server(Echo(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve_echo())
+
+
+class EchoProcess:
+    """`python -m loadtest.bench --echo-server PORT` (echo_server_main) in its own process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "loadtest.bench", "--echo-server", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        import grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # our own child, by handle
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# --------------------------------------------------------------------------- Chimera gateway
+class GatewayProcess:
+    """`chimera serve` in its own process, joined to this process's Ray cluster."""
+
+    def __init__(self, registry_url: str, ray_address: str, workdir: Path, admin_token: str) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = workdir / "gateway.log"
+        exe = Path(sys.executable).with_name("chimera")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "chimera"]
+        cmd += ["serve", "--port", str(self.port), "--host", "127.0.0.1", "--metrics-port",
+                str(self.metrics_port), "--controller-interval", "0", "--grace", "5"]
+        env = dict(os.environ, CHIMERA_REGISTRY_URL=registry_url, RAY_ADDRESS=ray_address,
+                   CHIMERA_ADMIN_TOKEN=admin_token, RAY_USAGE_STATS_ENABLED="0")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait_serving(self, timeout: float = 240.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {self.proc.returncode}; see {self.log_path}:\n"
+                                       + self.tail())
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(service="chimera.v1.PredictionService"),
+                                   timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        raise RuntimeError(f"gateway not serving after {timeout:.0f} s; see {self.log_path}:\n" + self.tail())
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM (graceful: drains calls, flushes the log), then SIGKILL after 60 s. Only our pid."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()

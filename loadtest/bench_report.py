@@ -1,0 +1,108 @@
+"""`chimera bench`'s report: each case as a dict and a log line, the ratios the issue sets targets for
+with pass/fail, the machine it ran on, and the final table."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from loadtest.closed_loop import LoadResult
+
+BATCH_ROWS = 256
+
+TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    # (ratio key, what it is, comparison, bound)
+    ("chimera_rps_c64_over_ray_rps_c64", "Chimera unary rps at c=64 / Ray native rps at c=64", ">=", 10.0),
+    ("chimera_p99_c64_over_ray_p99_c64", "Chimera p99 at c=64 / Ray native p99 at c=64", "<=", 0.25),
+    ("chimera_p50_c1_over_ray_p50_c1", "Chimera p50 at c=1 / Ray native p50 at c=1", "<=", 1.0),
+    ("predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
+     "PredictBatch(256, packed matrix) rows/s / raw onnxruntime batch-256 rows/s", ">=", 0.5),
+    ("soak_rss_growth", "gateway RSS at the end of the soak / RSS after 1 minute - 1", "<=", 0.10),
+)
+
+
+def case(title: str, res: LoadResult) -> dict[str, Any]:
+    d = res.as_dict()
+    d["title"] = title
+    return d
+
+
+def line(name: str, case: dict[str, Any]) -> str:
+    """One case as the log line printed while the bench runs."""
+    extra = ""
+    if case.get("rows_per_ray_call"):
+        extra = f"  rows/Ray call {case['rows_per_ray_call']:.1f}"
+    if case.get("errors"):
+        extra += f"  errors {case['errors']} {case.get('error_codes')}"
+    return (f"  {name:22s} {case['rps']:>10.0f} req/s {case['rows_per_s']:>10.0f} rows/s "
+            f"p50 {case['p50_ms']:8.2f} ms  p99 {case['p99_ms']:8.2f} ms{extra}")
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b and np.isfinite(a) and np.isfinite(b) else None
+
+
+def targets(cases: dict[str, Any], soak: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ratios, and per target its value, bound and pass (None: not run)."""
+    c64, r64, c1, r1 = cases["chimera_c64"], cases["ray_c64"], cases["chimera_c1"], cases["ray_c1"]
+    ratios: dict[str, float | None] = {
+        "chimera_rps_c64_over_ray_rps_c64": ratio(c64["rps"], r64["rps"]),
+        "chimera_p99_c64_over_ray_p99_c64": ratio(c64["p99_ms"], r64["p99_ms"]),
+        "chimera_p50_c1_over_ray_p50_c1": ratio(c1["p50_ms"], r1["p50_ms"]),
+        "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s":
+            ratio(cases[f"chimera_packed{BATCH_ROWS}"]["rows_per_s"],
+                  cases[f"onnx_batch{BATCH_ROWS}"]["rows_per_s"]),
+        "soak_rss_growth": soak.get("rss_growth") if soak else None,
+    }
+    out: dict[str, Any] = {}
+    for key, what, op, bound in TARGETS:
+        value = ratios[key]
+        passed = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out[key] = {"what": what, "value": None if value is None else round(value, 4),
+                    "target": f"{op} {bound:g}", "pass": passed}
+    return ratios, out
+
+
+def reference(cases: dict[str, Any], stream_concurrency: int) -> dict[str, float | None]:
+    """Ratios against the bare echo server (the Python gRPC ceiling) and stream vs Ray: no targets."""
+    return {
+        "chimera_rps_c64_over_echo_rps_c64": ratio(cases["chimera_c64"]["rps"], cases["echo_c64"]["rps"]),
+        "ray_rps_c64_over_echo_rps_c64": ratio(cases["ray_c64"]["rps"], cases["echo_c64"]["rps"]),
+        "chimera_stream_rps_over_ray_rps_c64": ratio(
+            cases[f"chimera_stream_c{stream_concurrency}"]["rps"], cases["ray_c64"]["rps"]),
+    }
+
+
+def machine() -> dict[str, Any]:
+    import grpc
+    import onnxruntime
+    import ray
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "ray": ray.__version__, "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'case':24s} {'req/s':>10s} {'rows/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s}  notes"]
+    for name, c in report["cases"].items():
+        notes = c.get("title", c.get("kind", ""))
+        if c.get("rows_per_ray_call"):
+            notes += f"; {c['rows_per_ray_call']:.1f} rows/Ray call"
+        if c.get("errors"):
+            notes += f"; {c['errors']} errors"
+        lines.append(f"{name:24s} {c['rps']:>10.0f} {c['rows_per_s']:>10.0f} {c['p50_ms']:>9.2f} "
+                     f"{c['p99_ms']:>9.2f}  {notes}")
+    lines.append("")
+    lines.append(f"{'target':58s} {'value':>8s} {'bound':>8s}  result")
+    for t in report["targets"].values():
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        result = "not run" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+        lines.append(f"{t['what'][:58]:58s} {value:>8s} {t['target']:>8s}  {result}")
+    if report.get("soak"):
+        s = report["soak"]
+        lines.append(f"soak: {s['seconds']:.0f} s at {s['target_rps']:.0f} req/s; "
+                     f"RSS {s['rss_mb_first']} MiB -> {s['rss_mb_end']:.1f} MiB")
+    return "\n".join(lines)

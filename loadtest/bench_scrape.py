@@ -1,0 +1,61 @@
+"""What `chimera bench` reads from the gateway besides latencies: its Prometheus counters (rows per Ray
+call, prediction-log counters) before and after each case, and how many predictions it logged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCRAPED = ("chimera_batch_size_rows_sum", "chimera_batch_size_rows_count",
+           "chimera_prediction_log_inserted_rows", "chimera_prediction_log_spilled_rows",
+           "chimera_prediction_log_backpressure_rows", "chimera_prediction_log_queue_depth")
+
+
+class MetricsScrape:
+    """Reads the gateway's Prometheus endpoint: rows per Ray call and prediction-log counters."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+
+    def sample(self) -> dict[str, float]:
+        if not self.port:
+            return {}
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            name, value = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            if base in SCRAPED:
+                out[base] = out.get(base, 0.0) + float(value)
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        calls = after.get("chimera_batch_size_rows_count", 0) - before.get("chimera_batch_size_rows_count", 0)
+        rows = after.get("chimera_batch_size_rows_sum", 0) - before.get("chimera_batch_size_rows_sum", 0)
+        return {"ray_calls": calls, "rows_per_ray_call": rows / calls if calls else 0.0,
+                "log_inserted_total": after.get("chimera_prediction_log_inserted_rows", 0.0),
+                "log_spilled_total": after.get("chimera_prediction_log_spilled_rows", 0.0),
+                "log_backpressure_total": after.get("chimera_prediction_log_backpressure_rows", 0.0),
+                "log_queue_depth": after.get("chimera_prediction_log_queue_depth", 0.0)}
+
+
+def count_logged(reg: Any, model: str) -> int | None:
+    """Rows of `model` in the predictions table (None when the count cannot be read)."""
+    try:
+        from sqlalchemy import func, select
+
+        from registry.models import Prediction
+
+        with reg.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(Prediction)
+                                    .where(Prediction.model == model)).scalar_one())
+    except Exception:
+        return None
