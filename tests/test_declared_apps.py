@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from chimera.v1 import prediction_pb2 as pb
@@ -78,5 +79,46 @@ def test_gateway_uses_a_declared_application_as_it_is(tmp_path: Path) -> None:
     finally:
         if gw is not None:
             gw.stop()
+        serve.delete(name)
+        reg.dispose()
+
+
+def test_replica_reads_the_registry_password_from_its_environment(postgres) -> None:  # noqa: ANN001
+    """The registry password never rides in a replica's actor arguments (Ray shows those to whoever
+    reaches its dashboard): with the URL only in the Serve config's args, the replica is refused with
+    what to set, although this test PostgreSQL (trust authentication) would accept any password, so
+    a password in the arguments would have let it start. With CHIMERA_REGISTRY_URL in the Ray
+    environment (what deploy/k8s and compose give the Ray nodes) the same application serves."""
+    from ray import serve
+    from sqlalchemy.engine import make_url
+
+    from replicas.deployment import DeclaredAppError, declared_app
+
+    url = make_url(postgres.create_database()).set(password="pw-not-for-ray").render_as_string(
+        hide_password=False)
+    reg = Registry(url)
+    reg.upgrade()
+    model = "secret" + uuid.uuid4().hex[:6]
+    data, names = small_onnx(seed=5)
+    reg.publish_version(model, data, names, status="production")
+    name = app_name(model, 1)
+    scorer = {"name": "scorer", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+    try:
+        declare([{"name": name, "route_prefix": None, "import_path": "replicas.deployment:build_app",
+                  "args": {"model": model, "version": 1, "registry_url": url}, "deployments": [scorer]}])
+        with pytest.raises(DeclaredAppError):
+            declared_app(model, 1, timeout_s=180)
+        message = str(app_details(name)["deployments"]["scorer"]["message"])  # the replica's exception
+        assert "set CHIMERA_REGISTRY_URL" in message and "pw-not-for-ray" not in message, message
+        serve.delete(name)
+        # The Ray environment holds the full URL: the replica takes the password from there.
+        declare([{"name": name, "route_prefix": None, "import_path": "replicas.deployment:build_app",
+                  "runtime_env": {"env_vars": {"CHIMERA_REGISTRY_URL": url}},
+                  "args": {"model": model, "version": 1}, "deployments": [scorer]}])
+        assert declared_app(model, 1, timeout_s=180)
+        scores = serve.get_app_handle(name).score.remote(np.zeros((2, len(names)), dtype=np.float32)).result(
+            timeout_s=60)
+        assert len(scores) == 2
+    finally:
         serve.delete(name)
         reg.dispose()

@@ -52,13 +52,20 @@ def test_cli_serve_defaults_are_what_deploy_assumes() -> None:
 def test_serve_accepts_the_flags_the_deploy_files_pass() -> None:
     """Every `--flag` a deploy file gives `chimera serve` is one of its options (compose states
     --insecure: plaintext gRPC with tokens on the container's address, published on loopback only)."""
-    params = set(serve_defaults())
+    from typing import get_type_hints
+
+    from chimera.cli import serve
+
+    flags = set()
+    for name, hint in get_type_hints(serve, include_extras=True).items():
+        decls = [d for m in getattr(hint, "__metadata__", ()) for d in getattr(m, "param_decls", None) or ()]
+        flags |= {d.split("/")[0] for d in decls if d.startswith("--")} or {"--" + name.replace("_", "-")}
     cmd = [json.loads(a) for i, a in dockerfile() if i == "CMD"][-1]
     gateways = [cmd, compose()["services"]["gateway"]["command"]]
     gateways += [c["args"] for d in by_kind("StatefulSet") for c in containers(d)]
     for args in gateways:
         for flag in (a.split("=")[0] for a in args if a.startswith("--")):
-            assert flag[2:].replace("-", "_") in params, f"chimera serve has no {flag} (deploy passes it)"
+            assert flag in flags, f"chimera serve has no {flag} (a deploy file passes it)"
 
 
 def test_env_names_are_the_ones_settings_reads(monkeypatch: pytest.MonkeyPatch) -> None:
