@@ -192,10 +192,10 @@ def _loadtest_gate(settings: Settings, **overrides: Any) -> LoadTestGate | None:
 
 
 def _parse_when(text: str) -> datetime:
-    from datetime import UTC
+    """An ISO time from the command line; without an offset it means UTC."""
+    from registry.models import as_utc
 
-    dt = datetime.fromisoformat(text.strip())
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+    return as_utc(datetime.fromisoformat(text.strip()))
 
 
 def drift(
