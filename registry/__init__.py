@@ -1,9 +1,19 @@
 """Model registry: versions, traffic splits, prediction/outcome log and audit, on SQLAlchemy 2.
 
 PostgreSQL in production, a SQLite file as the embedded default; the same code runs on both.
+Where things are: every table in `models`, every error in `errors`, every lock in `locks`, the
+`Registry` class in `repository`, and read/write helpers over a Registry by subject (`rollouts`,
+`training_runs`, `loadtests`).
 """
 
-from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, RegistryError, ValidationError
+from registry.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailed,
+    RegistryError,
+    ValidationError,
+)
 from registry.repository import ModelInfo, Registry, Split, VersionInfo
 
 __all__ = [
@@ -11,6 +21,7 @@ __all__ = [
     "ConflictError",
     "ModelInfo",
     "NotFoundError",
+    "PreconditionFailed",
     "Registry",
     "RegistryError",
     "Split",

@@ -1,4 +1,5 @@
-"""Domain errors; the gateway maps each to one gRPC status code."""
+"""Every registry error, in this one module; the gateway maps each to one gRPC status code
+(gateway.api.errors.status_for)."""
 
 
 class RegistryError(Exception):
@@ -19,6 +20,7 @@ class ConflictError(RegistryError):
 
 class AlreadyExistsError(RegistryError):
     """A conflicting value is already stored, e.g. a different outcome (gRPC ALREADY_EXISTS)."""
+
 
 class PreconditionFailed(RegistryError):
     """The action needs a state the registry does not have yet, e.g. promotion without a recent
