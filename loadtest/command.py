@@ -1,5 +1,7 @@
 """`chimera loadtest` as a plain function: resolve the payload, run, gate on the SLOs, store the run
-in the registry, write the report files. The Typer command in chimera/cli.py only parses options.
+in the registry, write the report files. The Typer command in chimera/cli/perf.py only parses options.
+Tokens, actor and registry URL come from chimera.settings (the one environment reader): `main` takes
+its auth and registry sections, and reads them from the environment when the caller passes none.
 
 Exit status: 0 every SLO holds; 3 at least one SLO failed (the reasons are printed and stored);
 1 the test could not run (or a passing run could not be stored); 2 bad options.
@@ -7,13 +9,13 @@ Exit status: 0 every SLO holds; 3 at least one SLO failed (the reasons are print
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from chimera.settings import DEFAULT_SQLITE_FILE, AuthSettings, RegistrySettings
 from loadtest.payload import Payload, PayloadError, from_file, from_schema
 from loadtest.runner import LoadTestConfig, LoadTestError, LoadTestResult, run_load_test
 from loadtest.schedule import Arrival
@@ -42,16 +44,14 @@ class LoadTestOptions:
     seed: int = 0
 
 
-def resolve_registry_url(explicit: str | None) -> str | None:
-    """--registry-url, else CHIMERA_REGISTRY_URL, else the default SQLite file *if it exists* (the
-    registry every other command uses by default); never creates a database."""
+def resolve_registry_url(explicit: str | None, settings: RegistrySettings | None = None) -> str | None:
+    """--registry-url, else CHIMERA_REGISTRY_URL (`settings.configured_url`), else the default SQLite
+    file *if it exists* (the registry every other command uses by default); never creates a database."""
     if explicit:
         return explicit
-    env = os.environ.get("CHIMERA_REGISTRY_URL")
-    if env:
-        return env
-    from chimera.settings import DEFAULT_SQLITE_FILE
-
+    configured = (settings or RegistrySettings.from_env()).configured_url
+    if configured:
+        return configured
     default = Path(DEFAULT_SQLITE_FILE).resolve()
     return f"sqlite:///{default}" if default.exists() else None
 
@@ -62,19 +62,21 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def predict_metadata() -> tuple[tuple[str, str], ...]:
+def predict_metadata(auth: AuthSettings | None = None) -> tuple[tuple[str, str], ...]:
     """Unpinned runs send the gateway's Predict token when one is set (CHIMERA_PREDICT_TOKEN)."""
-    from chimera.client import predict_metadata as from_env
+    from chimera.client import predict_metadata as for_predict
 
-    return from_env()
+    return for_predict(auth=auth)
 
 
-def admin_metadata() -> tuple[tuple[str, str], ...]:
-    token = os.environ.get("CHIMERA_ADMIN_TOKEN")
-    if not token:
+def admin_metadata(auth: AuthSettings | None = None) -> tuple[tuple[str, str], ...]:
+    """The admin token (CHIMERA_ADMIN_TOKEN) and actor (CHIMERA_ACTOR, else the login name) a pinned
+    run sends; nothing without a token."""
+    auth = auth or AuthSettings.from_env()
+    if not auth.admin_token:
         return ()
-    actor = os.environ.get("CHIMERA_ACTOR") or os.environ.get("USER") or "loadtest"
-    return (("authorization", f"Bearer {token}"), ("x-chimera-actor", f"loadtest:{actor}"[:128]))
+    actor = auth.actor or "loadtest"
+    return (("authorization", f"Bearer {auth.admin_token}"), ("x-chimera-actor", f"loadtest:{actor}"[:128]))
 
 
 def build_payload(opts: LoadTestOptions, registry_url: str | None,
@@ -128,16 +130,20 @@ def store_run(registry_url: str, report: dict[str, Any], version: int) -> int:
         reg.dispose()
 
 
-def main(opts: LoadTestOptions, console: Console | None = None) -> int:
+def main(opts: LoadTestOptions, console: Console | None = None, *, auth: AuthSettings | None = None,
+         registry: RegistrySettings | None = None) -> int:
+    """Run `opts` and return the exit status. `auth` / `registry`: chimera.settings sections (None:
+    read from the environment now)."""
     from loadtest.report import build_report, git_revision, render_table, write_json
 
     console = console or Console()
+    auth = auth or AuthSettings.from_env()
 
     def fail(message: str, code: int) -> int:
         console.print(f"[red]error:[/red] {message}")
         return code
 
-    metadata = admin_metadata()
+    metadata = admin_metadata(auth)
     if opts.version and not metadata:
         return fail("--version pins a version, which needs the gateway's admin token: "
                     "set CHIMERA_ADMIN_TOKEN", EXIT_USAGE)
@@ -145,13 +151,13 @@ def main(opts: LoadTestOptions, console: Console | None = None) -> int:
                             version=opts.version, warmup_s=opts.warmup_s, arrival=opts.arrival,
                             concurrency_limit=opts.concurrency_limit, workers=opts.workers,
                             timeout_s=opts.timeout_s,
-                            metadata=metadata if opts.version else predict_metadata(), seed=opts.seed)
+                            metadata=metadata if opts.version else predict_metadata(auth), seed=opts.seed)
     try:
         config.validate()
         opts.slo.validate()
     except ValueError as exc:
         return fail(str(exc), EXIT_USAGE)
-    registry_url = resolve_registry_url(opts.registry_url)
+    registry_url = resolve_registry_url(opts.registry_url, registry)
     try:
         payload = build_payload(opts, registry_url, metadata)
     except (SchemaError, PayloadError) as exc:

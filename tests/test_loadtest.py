@@ -384,6 +384,38 @@ def test_runs_are_stored_against_the_pinned_version(registry: Registry, fake_ser
         require_passing_loadtest(registry, model, 1, timedelta(hours=1))
 
 
+def test_candidate_gate_reads_settings_runs_pinned_and_stores(registry: Registry, fake_server: FakeServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load test retraining injects before a canary (loadtest.candidate_gate.LoadTestGate): built
+    from CHIMERA_GATEWAY_TARGET / CHIMERA_RETRAIN_LOADTEST_* with the CLI's overrides on top, run
+    pinned to the candidate and stored against it; never stores the token; no token: cannot run."""
+    from loadtest.candidate_gate import LoadTestGate
+    from training.retrain_errors import LoadTestFailed
+
+    assert LoadTestGate.from_env({}) is None  # no target: no load test
+    env = {"CHIMERA_GATEWAY_TARGET": fake_server.target, "CHIMERA_RETRAIN_LOADTEST_RPS": "40",
+           "CHIMERA_RETRAIN_LOADTEST_SLO_P99_MS": "off", "CHIMERA_RETRAIN_LOADTEST_DURATION_S": "5"}
+    gate = LoadTestGate.from_env(env, duration_s=1.0, warmup_s=0.2, rps=None, admin_token="t")
+    assert gate is not None and gate.target == fake_server.target and gate.rps == 40
+    assert gate.slo_p99_ms is None and gate.duration_s == 1.0 and gate.max_error_rate == 0.01
+    assert "admin_token" not in gate.to_dict() and "'t'" not in repr(gate)
+    with pytest.raises(ValueError, match="CHIMERA_RETRAIN_LOADTEST_RPS"):
+        LoadTestGate.from_env({**env, "CHIMERA_RETRAIN_LOADTEST_RPS": "fast"})
+    with pytest.raises(ValueError, match="rps"):
+        LoadTestGate.from_env(env, rps=-1.0)
+
+    model = _published(registry)
+    v2 = registry.get_version(model, 2)
+    record = gate.run(registry, model, v2)
+    assert record.passed and record.version == 2 and record.target == fake_server.target
+    assert record.report["responses_by_version"] == {"2": record.report["requests"]["ok"]}
+    assert record.report["trigger"] == "retrain"
+    assert [r.id for r in list_load_tests(registry, model, 2)] == [record.id]
+    monkeypatch.delenv("CHIMERA_ADMIN_TOKEN", raising=False)
+    with pytest.raises(LoadTestFailed, match="admin token"):
+        LoadTestGate(fake_server.target).run(registry, model, v2)
+
+
 def test_require_passing_loadtest(registry: Registry) -> None:
     model = _published(registry, 1)
     day = timedelta(days=1)
