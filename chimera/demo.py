@@ -16,7 +16,7 @@ labels would not reveal); v3 is XGBoost on all features."""
 from __future__ import annotations
 
 import asyncio
-import os
+import dataclasses
 import shutil
 import time
 import uuid
@@ -149,7 +149,7 @@ def _judge_canary(console: Console, target: str, reg: Registry, live: pd.DataFra
     return None, tally
 
 
-def _load_test(console: Console, target: str, version: int, workdir: Path, url: str,
+def _load_test(console: Console, target: str, version: int, workdir: Path, url: str, settings: Settings,
                gw: object | None = None) -> int:
     """Release gate: a short open-loop load test pinned to the candidate before it can be promoted;
     the run is stored against the version, and the controller's promotion checks for it."""
@@ -162,21 +162,18 @@ def _load_test(console: Console, target: str, version: int, workdir: Path, url: 
     from loadtest.command import main as loadtest_main
     from loadtest.slo import SLO
 
-    # Pinning a version is an admin call, and loadtest.command takes the admin token from the process
-    # environment (through chimera.settings): hand it the demo gateway's token there. A write, not a read.
-    os.environ["CHIMERA_ADMIN_TOKEN"] = ADMIN_TOKEN
     report, plot = workdir / f"loadtest-v{version}.json", workdir / f"loadtest-v{version}.png"
     code = loadtest_main(LoadTestOptions(
         target=target, model=MODEL, version=version, rps=150, duration_s=4, warmup_s=1,
         slo=SLO(p99_ms=1000, max_error_rate=0.01), report_path=report, plot_path=plot, registry_url=url),
-        console)
+        console, auth=dataclasses.replace(settings.auth, admin_token=ADMIN_TOKEN))  # pinning is an admin call
     verdict = "passed" if code == 0 else "FAILED"
     console.print(f"load test of v{version}: {verdict}; report {report}, plot {plot}")
     return code
 
 
 def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator, workdir: Path,
-          url: str, gw: object) -> int:
+          url: str, gw: object, settings: Settings) -> int:
     """The world shifts; drift is detected on the served requests; a retrain on the new window is
     published only because it is not worse, canaried, and promoted by the controller."""
     from datetime import UTC, datetime, timedelta
@@ -211,7 +208,7 @@ def _act3(console: Console, target: str, reg: Registry, rng: np.random.Generator
         return 1
     console.print(f"published v{out.published.version} from the feedback of the shifted market; canary "
                   f"{dict(out.canary.weights) if out.canary else '-'}")
-    if _load_test(console, target, out.published.version, workdir, str(reg.url), gw) != 0:
+    if _load_test(console, target, out.published.version, workdir, str(reg.url), settings, gw) != 0:
         return 1
     final, tally = _judge_canary(console, target, reg, shifted, features, out.published.version, rng)
     _print_tally(console, tally, f"Act 3: traffic while v{out.published.version} was canaried")
@@ -299,7 +296,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
         v3 = train(history, algo="xgboost", seed=3)
         info3 = publish_result(reg, MODEL, v3, parent_version=info1.version)
         console.print(f"published v{info3.version} (xgboost) test AUC {v3.metrics['auc']:.3f}")
-        if _load_test(console, gw.target, info3.version, workdir, url, gw) != 0:
+        if _load_test(console, gw.target, info3.version, workdir, url, settings, gw) != 0:
             return 1
         console.print(f"v{info3.version} canary at 10%")
         split = reg.get_split(MODEL)
@@ -314,7 +311,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
                       f"{reg.get_version(MODEL, info3.version).status}; v1 kept as "
                       f"{reg.get_version(MODEL, info1.version).status} for instant rollback")
 
-        if _act3(console, gw.target, reg, rng, workdir, url, gw) != 0:
+        if _act3(console, gw.target, reg, rng, workdir, url, gw, settings) != 0:
             return 1
     finally:
         gw.stop()

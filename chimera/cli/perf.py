@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from chimera.cli import views
-from chimera.cli.shared import DEFAULT_TARGET, TargetOpt
+from chimera.cli.shared import DEFAULT_TARGET, TargetOpt, load_settings
 
 
 def loadtest(
@@ -76,7 +76,8 @@ def loadtest(
         store=store,
         seed=seed,
     )
-    raise typer.Exit(loadtest_main(opts, views.console))
+    settings = load_settings()
+    raise typer.Exit(loadtest_main(opts, views.console, auth=settings.auth, registry=settings.registry))
 
 
 def bench(
