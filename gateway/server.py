@@ -159,7 +159,7 @@ class Gateway:
         self.predict_auth = (TokenAuth(config.predict_token, config.admin_token)
                              if config.predict_token else None)
         self.controller = RolloutController(
-            self.registry, error_counts=self._failed_batches, promotion_gate=self._promotion_gate(),
+            self.registry, promotion_gate=self._promotion_gate(),
             on_decision=lambda model, canary, d: self.metrics.observe_decision(
                 model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None))
         self.controller_loop = ControllerLoop(self.controller.run_once, self._canaried,

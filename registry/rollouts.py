@@ -11,9 +11,9 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, or_, select
 
-from registry.models import Decision, Outcome, Prediction, SplitAudit, as_utc
+from registry.models import Decision, Outcome, Prediction, RequestError, SplitAudit, as_utc
 from registry.repository import Registry
 
 
@@ -41,6 +41,92 @@ def arm_rows(registry: Registry, model: str, version: int, since: datetime, unti
     scores = np.array([r[1] for r in joined], dtype=float)
     p99 = float(np.percentile(latencies, 99)) if latencies.size else float("nan")
     return ArmRows(version, outcomes, scores, requests, p99)
+
+
+@dataclass(frozen=True)
+class LookRows:
+    """Routed, non-pinned requests of two versions in a window, as column arrays in log order.
+
+    ``routed`` is the version the request was routed to (``failed_version`` when the row failed over,
+    ``version`` of a request_errors row); ``failed`` marks rows that count as an error of ``routed``;
+    ``revision`` is the row's split revision (-1 for rows logged before migration 0005); ``value`` and
+    ``outcome_at`` are NaN without an outcome stored by ``until``. Times are epoch seconds.
+    """
+
+    routed: np.ndarray
+    revision: np.ndarray
+    unit: list[str]
+    created: np.ndarray
+    latency_ms: np.ndarray
+    failed: np.ndarray
+    score: np.ndarray
+    value: np.ndarray
+    outcome_at: np.ndarray
+
+
+def _epoch(dt: datetime | None) -> float:
+    return as_utc(dt).timestamp() if dt is not None else float("nan")
+
+
+def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: datetime,
+              until: datetime) -> LookRows:
+    """The rows a rollout look reads (see LookRows); pinned (load-test) traffic is left out here."""
+    with registry.session() as s:
+        preds = s.execute(
+            select(Prediction.id, Prediction.version, Prediction.failed_version, Prediction.split_revision,
+                   Prediction.routing_key, Prediction.request_id, Prediction.created_at,
+                   Prediction.latency_ms, Prediction.score, Outcome.value, Outcome.created_at)
+            .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
+                  isouter=True)
+            .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at <= until,
+                   Prediction.pinned.is_(False),
+                   or_(Prediction.failed_version.in_(versions),
+                       Prediction.failed_version.is_(None) & Prediction.version.in_(versions)))
+            .order_by(Prediction.id)).all()
+        errs = s.execute(
+            select(RequestError.version, RequestError.split_revision, RequestError.routing_key,
+                   RequestError.request_id, RequestError.id, RequestError.created_at, RequestError.latency_ms)
+            .where(RequestError.model == model, RequestError.created_at >= since,
+                   RequestError.created_at <= until, RequestError.pinned.is_(False),
+                   RequestError.version.in_(versions))
+            .order_by(RequestError.id)).all()
+    rows: list[tuple[Any, ...]] = []
+    for (_id, version, failed_version, rev, key, rid, created, lat, score, value, out_at) in preds:
+        routed = failed_version if failed_version is not None else version
+        rows.append((_epoch(created), 0, routed, -1 if rev is None else rev, key or f"r:{rid}", lat,
+                     failed_version is not None, score, float("nan") if value is None else value,
+                     _epoch(out_at)))
+    for version, rev, key, rid, eid, created, lat in errs:
+        rows.append((_epoch(created), 1, version, -1 if rev is None else rev, key or f"e:{rid or eid}",
+                     float("nan") if lat is None else lat, True, float("nan"), float("nan"), float("nan")))
+    rows.sort(key=lambda r: (r[0], r[1]))  # log order; stable for equal times
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 10
+    return LookRows(
+        routed=np.array(cols[2], dtype=np.int64), revision=np.array(cols[3], dtype=np.int64),
+        unit=list(cols[4]), created=np.array(cols[0], dtype=np.float64),
+        latency_ms=np.array(cols[5], dtype=np.float64), failed=np.array(cols[6], dtype=bool),
+        score=np.array(cols[7], dtype=np.float64), value=np.array(cols[8], dtype=np.float64),
+        outcome_at=np.array(cols[9], dtype=np.float64))
+
+
+def split_periods(registry: Registry, model: str, until: datetime) -> list[tuple[int, dict[int, int], float]]:
+    """(revision, weights, epoch seconds) of every split change up to ``until``, oldest first."""
+    with registry.session() as s:
+        rows = s.execute(select(SplitAudit.revision, SplitAudit.new, SplitAudit.created_at)
+                         .where(SplitAudit.model == model, SplitAudit.created_at <= until)
+                         .order_by(SplitAudit.id)).all()
+    return [(int(rev), {int(k): int(v) for k, v in new.items()}, _epoch(at)) for rev, new, at in rows]
+
+
+def insert_rollout_rows(registry: Registry, predictions: list[dict[str, Any]],
+                        errors: list[dict[str, Any]] | None = None) -> None:
+    """Insert prediction and request-error rows as dicts of their columns (tests and tools; the gateway
+    writes the same columns through its prediction log)."""
+    with registry.transaction() as s:
+        if predictions:
+            s.execute(insert(Prediction), predictions)
+        if errors:
+            s.execute(insert(RequestError), errors)
 
 
 def rollout_start(registry: Registry, model: str, canary: int) -> datetime | None:

@@ -1,7 +1,9 @@
-"""Recompute a stored rollout decision from the logged rows, with the same decision code.
+"""Recompute a stored rollout decision from the logged rows, with the controller's own code path.
 
-Anyone can check the controller: the decision row names its data window and policy; re-reading the
-rows of that window and running `decide` again must give the stored statistic and p-values."""
+Anyone can check the controller: the decision row names its data window, policy and the sequential
+state it started from (the previous decision's); re-reading the rows of that window through the same
+builder (``rollout.controller.build_look_data``) and the same ``rollout.decision.look`` must give the
+stored statistics, p-values, guardrails and SRM check."""
 
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ from datetime import datetime
 from typing import Any
 
 from registry import NotFoundError, Registry
-from registry.rollouts import arm_rows, decisions, get_decision
+from registry.rollouts import decisions, get_decision, look_rows, split_periods
 from rollout import splits
-from rollout.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
+from rollout.controller import build_look_data
+from rollout.decision import Decision, SequentialState, look
+
+# The numbers a reader would check; each must recompute to within 1e-9.
+CHECKED = ("statistic", "p_value", "p_value_look", "p_value_worse", "p_value_better", "p_errors", "p_latency",
+           "p_srm", "p_coverage", "effect", "variance", "mean_baseline", "mean_canary")
 
 
 @dataclass(frozen=True)
@@ -23,26 +30,22 @@ class Recomputed:
     decision: Decision
 
     def differences(self) -> dict[str, float]:
-        """|stored − recomputed| for the numbers a reader would check."""
+        """|stored − recomputed| for the numbers a reader would check, and the counts."""
         d = self.stored["details"]
-        out = {}
-        for key in ("statistic", "p_value", "p_value_look", "p_value_worse", "p_value_better",
-                    "naive_p_value", "mean_baseline", "mean_canary"):
-            stored = d.get(key)
-            new = getattr(self.decision, key)
-            if stored is None and not math.isfinite(new):
-                out[key] = 0.0
-            elif stored is None or not math.isfinite(new):
-                out[key] = math.inf
-            else:
-                out[key] = abs(float(stored) - float(new))
+        out: dict[str, float] = {}
+        for key in CHECKED:
+            out[key] = _diff(d.get(key), getattr(self.decision, key))
         out["n_baseline"] = float(abs(d["n_baseline"] - self.decision.n_baseline))
         out["n_canary"] = float(abs(d["n_canary"] - self.decision.n_canary))
         return out
 
 
-def _policy(data: dict[str, Any]) -> RolloutPolicy:
-    return splits.policy_from_dict(data)
+def _diff(stored: Any, new: float) -> float:
+    if stored is None and not math.isfinite(new):
+        return 0.0
+    if stored is None or not math.isfinite(new):
+        return math.inf
+    return abs(float(stored) - float(new))
 
 
 def recompute(registry: Registry, decision_id: int) -> Recomputed:
@@ -50,23 +53,16 @@ def recompute(registry: Registry, decision_id: int) -> Recomputed:
     if row is None:
         raise NotFoundError(f"decision: no decision with id {decision_id}")
     details = row["details"]
+    if "window" not in details or "policy" not in details:
+        raise NotFoundError(f"decision: {decision_id} is not a statistical decision (manual action?)")
     window = details["window"]
     since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
     model, b, c = row["model"], row["baseline_version"], row["canary_version"]
     earlier = [r for r in decisions(registry, model, canary=c, since=since) if r["id"] < decision_id]
     state = SequentialState.from_dict(earlier[0]["details"]["state"]) if earlier else None
-    seen = details.get("seen", {"b": [0, 0, 0], "c": [0, 0, 0]})
-    p99 = details.get("p99_latency_ms", {})
-    rb = arm_rows(registry, model, b, since, until)
-    rc = arm_rows(registry, model, c, since, until)
-    policy = _policy(details["policy"])
-
-    def ms(x: float | None) -> float:
-        return x / 1e3 if x is not None else math.nan
-
-    decision, _ = decide(
-        policy,
-        ArmData(rb.outcomes, rb.scores, rb.requests, seen["b"][2], ms(p99.get("baseline"))),
-        ArmData(rc.outcomes, rc.scores, rc.requests, seen["c"][2], ms(p99.get("canary"))),
-        row["weight_before"], state)
+    policy = splits.policy_from_dict(details["policy"])
+    data = build_look_data(policy, look_rows(registry, model, (b, c), since, until),
+                           split_periods(registry, model, until), b, c, until.timestamp(),
+                           row["weight_before"], state)
+    decision, _ = look(policy, data, state)
     return Recomputed(decision_id, row, decision)

@@ -1,9 +1,14 @@
-"""Rollout controller: after every batch of new outcomes, judge each model's canary with the pure
-decision policy (rollout.decision) and apply the verdict to the split.
+"""Rollout controller: at every look, read the rows of both arms from the database, build the look data
+with the one builder (rollout.lookdata), judge it with the one pure policy (rollout.decision.look) and
+apply the verdict through rollout.splits.
 
-It runs inside every gateway; a PostgreSQL advisory lock makes sure one acts at a time. A decision
-and the split change it causes commit in one transaction. Every look with new data is stored with
-its statistic, p-value, counts and data window so `chimera analyze` can recompute it from the rows."""
+It runs inside every gateway; a PostgreSQL advisory lock makes sure one acts at a time. Everything it
+counts (requests, failures, latencies, outcomes, per split period) comes from the shared database, so
+every gateway would decide the same. It looks whenever anything it counts changed, not only when an
+outcome arrived: a canary that fails every request is rolled back by the error guardrail before any
+outcome exists. A decision and the split change it causes commit in one transaction; every look is
+stored with its statistics, counts per arm and period, guardrails, SRM and data window, so
+`chimera analyze` can recompute it from the rows."""
 
 from __future__ import annotations
 
@@ -13,17 +18,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from chimera.jsonsafe import nan_to_none
 from registry import ConflictError, ModelInfo, Registry
 from registry.locks import advisory_lock
-from registry.rollouts import arm_rows, decisions, record_decision, rollout_start
+from registry.rollouts import LookRows, decisions, look_rows, record_decision, rollout_start, split_periods
 from rollout import splits
-from rollout.decision import ArmData, Decision, RolloutPolicy, SequentialState, decide
+from rollout.decision import Decision, RolloutPolicy, SequentialState, look
+from rollout.lookdata import LookBuilder, LookData
 
 log = logging.getLogger(__name__)
 ACTOR = "rollout-controller"
 
-ErrorCounts = Callable[[str, int], int]
 PromotionGate = Callable[[Registry, str, int], None]
 # (model, canary version, decision): for metrics; must not raise.
 DecisionHook = Callable[[str, int, Decision], None]
@@ -56,7 +63,6 @@ class RolloutController:
         self,
         registry: Registry,
         *,
-        error_counts: ErrorCounts | None = None,
         promotion_gate: PromotionGate | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         actor: str = ACTOR,
@@ -64,7 +70,6 @@ class RolloutController:
     ) -> None:
         self.on_decision = on_decision
         self.registry = registry
-        self.error_counts = error_counts
         self.promotion_gate = promotion_gate
         self.clock = clock
         self.actor = actor
@@ -88,30 +93,19 @@ class RolloutController:
         weights = dict(info.split.weights)
         since = rollout_start(self.registry, model, canary) or info.versions[-1].created_at
         until = self.clock()
-        b = arm_rows(self.registry, model, baseline, since, until)
-        c = arm_rows(self.registry, model, canary, since, until)
-        errors = {v: (self.error_counts(model, v) if self.error_counts else 0) for v in (baseline, canary)}
         previous = decisions(self.registry, model, canary=canary, since=since, limit=1)
-        state = None
-        if previous:
-            prev = previous[0]
-            seen = prev["details"].get("seen", {})
-            if (prev["action"] == "hold" and seen == {"b": [len(b.outcomes), b.requests, errors[baseline]],
-                                                      "c": [len(c.outcomes), c.requests, errors[canary]]}):
-                return None  # nothing new since the last look
-            state = SequentialState.from_dict(prev["details"].get("state", {}))
-        decision, new_state = decide(
-            policy,
-            ArmData(b.outcomes, b.scores, b.requests, errors[baseline], b.p99_latency_ms / 1e3),
-            ArmData(c.outcomes, c.scores, c.requests, errors[canary], c.p99_latency_ms / 1e3),
-            weights[canary], state)
+        state = SequentialState.from_dict(previous[0]["details"].get("state", {})) if previous else None
+        data = build_look_data(policy, look_rows(self.registry, model, (baseline, canary), since, until),
+                               split_periods(self.registry, model, until), baseline, canary,
+                               until.timestamp(), weights[canary], state)
+        seen = [info.split.revision, *data.fingerprint()]
+        if previous and previous[0]["action"] == "hold" and previous[0]["details"].get("seen") == seen:
+            return None  # nothing new since the last look
+        decision, new_state = look(policy, data, state)
         details = {
             "state": new_state.to_dict(),
             "window": {"since": since.isoformat(), "until": until.isoformat()},
-            "seen": {"b": [len(b.outcomes), b.requests, errors[baseline]],
-                     "c": [len(c.outcomes), c.requests, errors[canary]]},
-            "p99_latency_ms": {"baseline": nan_to_none(b.p99_latency_ms),
-                               "canary": nan_to_none(c.p99_latency_ms)},
+            "seen": seen,
             "policy": _policy_dict(policy),
         }
         applied = self._apply(info, baseline, canary, decision, details)
@@ -158,3 +152,45 @@ class RolloutController:
 
 def _policy_dict(policy: RolloutPolicy) -> dict[str, Any]:
     return nan_to_none(dataclasses.asdict(policy))
+
+
+def build_look_data(policy: RolloutPolicy, rows: LookRows, periods: list[tuple[int, dict[int, int], float]],
+                    baseline: int, canary: int, until: float, current_weight: int,
+                    state: SequentialState | None) -> LookData:
+    """Database rows -> look data through the one builder (the controller and `chimera analyze`).
+
+    A row's period is its split revision, or for rows logged before migration 0005 the revision in
+    force when it was logged. Outcomes enter once the prediction is ``outcome_delay_s`` old and count
+    only if they arrived within that window (with no declared delay: whatever has arrived by now), the
+    same cutoff for both arms. Failed rows never carry an outcome into the comparison: a failed-over
+    row's outcome belongs to the version that answered, and its failure is the error guardrail's.
+    """
+    del baseline  # rows of other versions were left out by the query; the canary marks the arm
+    st = state or SequentialState()
+    builder = LookBuilder(policy.metric, winsor=st.winsor, latency_thresholds=st.latency_thresholds,
+                          **policy.builder_options())
+    if rows.routed.size == 0:
+        return builder.data(current_weight)
+    rev = rows.revision.copy()
+    unknown = rev < 0
+    if unknown.any() and periods:
+        times = np.array([t for _, _, t in periods])
+        idx = np.searchsorted(times, rows.created[unknown], side="right") - 1
+        rev[unknown] = np.array([periods[max(i, 0)][0] for i in idx], dtype=np.int64)
+    weight_of = {r: w.get(canary, 0) for r, w, _ in periods}
+    arm = (rows.routed == canary).astype(np.int64)
+    units = builder.codes(rows.unit)
+    delay = policy.outcome_delay_s
+    matured = rows.created <= until - delay
+    arrived = ~np.isnan(rows.value) & (rows.outcome_at <= until)
+    if delay > 0.0:
+        arrived &= rows.outcome_at <= rows.created + delay
+    value = np.where(arrived, rows.value, np.nan)
+    for r in np.unique(rev):
+        sel = rev == r
+        w = weight_of.get(int(r), current_weight)
+        builder.add_requests(int(r), w, arm[sel], units[sel], rows.failed[sel], rows.latency_ms[sel])
+        out = sel & matured & ~rows.failed
+        if out.any():
+            builder.add_outcomes(int(r), w, arm[out], units[out], value[out], rows.score[out])
+    return builder.data(current_weight)

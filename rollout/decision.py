@@ -1,39 +1,33 @@
-"""Canary rollout decision policy: pure, so the controller, the simulator and an auditor run the same code.
+"""Canary rollout decision policy: one pure ``look`` that the controller, the simulator and an auditor run.
 
-The controller calls ``decide`` after every batch of new outcomes with *all* data so far for both arms
-and the ``SequentialState`` returned by the previous call. Rules, in order:
+``look(policy, data, state)`` takes the look data of ``rollout.lookdata.LookBuilder`` (per split period:
+assignment units, requests, errors, latencies, matured outcomes) and the ``SequentialState`` of the
+previous look, and returns the verdict with every statistic and the next state. Rules, in order:
 
-1. A guardrail breach (error rate or p99 latency) rolls back at once, even below the minimum sample
-   size: a crashing or slow canary must not wait for outcome statistics.
-2. Below ``min_samples_per_arm`` outcomes in either arm: hold. The normal approximation behind the
-   mSPRT needs some data, and looks before that point are not counted.
-3. Always-valid p-value in the "worse" direction ≤ alpha: rollback.
-4. Always-valid p-value in the "better" direction ≤ alpha: step up to the next step of ``steps``, or
-   promote when that step is the last (100 %). At most one step per ``min_canary_samples_per_step`` new
-   canary outcomes, so every weight gets its own guardrail evidence before the next one.
-5. Otherwise hold.
+1. Guardrails (sequential tests, own share of the error budget). The error guardrail (failed or
+   failed-over requests, counted against the version they were routed to) or the latency guardrail
+   (share of requests slower than the baseline's p99 of the period) says the canary is worse by more
+   than its margin: rollback at once, at any sample size, with or without outcomes.
+2. Sample-ratio mismatch, or a difference in outcome coverage between arms: hold, never promote. The
+   randomisation is broken, so no comparison of the arms can be trusted; the decision is stored with
+   the SRM statistic and an operator must look.
+3. Below ``min_samples_per_arm`` matured outcomes in either arm (or, for winsorised metrics, before the
+   winsor limits are fixed): hold.
+4. One-sided always-valid p-value "worse" ≤ the primary alpha: rollback.
+5. One-sided always-valid p-value "better" ≤ the primary alpha (or the non-inferiority bound holds):
+   step up to the next step, or promote from the last; at most one step per
+   ``min_canary_samples_per_step`` new canary outcomes.
+6. Otherwise hold.
 
-Why per-direction running minima. A plain always-valid p-value stops the experiment the first time it
-crosses alpha. Here "better" does not stop anything: the canary steps up and is still watched. So the
-state keeps two running minima, one over looks whose estimate pointed "worse" and one over looks that
-pointed "better". Under H0 the chance that either ever reaches alpha is ≤ alpha (Ville's inequality
-on the two-sided mixture); when the canary is truly better, the chance of ever concluding "worse" is
-smaller still (a better canary shifts the estimate away from the worse side). So the later rollback
-check keeps its guarantee after a step-up.
+Error budget. ``alpha`` is the total false-rollback budget of an A/A canary: the primary metric's
+"worse" test gets ``alpha − 2·guardrail_alpha`` and each guardrail ``guardrail_alpha`` (Bonferroni over
+always-valid p-values, so the sum holds at every look). The "better" test has the same primary alpha,
+so false promotions are bounded by it too. SRM and coverage checks only ever hold, so their
+``srm_alpha`` buys no rollback and is not part of the budget.
 
-Ties (no significant difference). Default: hold, and let an operator decide — the policy never ships a
-model without evidence. Optionally set ``non_inferiority_margin``: then the canary also steps up once the
-running always-valid confidence interval shows it is at most ``margin`` worse than baseline. That
-interval covers the true effect at all looks with probability ≥ 1 − alpha, so a canary that is really
-worse than the margin is stepped up with probability ≤ alpha. This is the principled version of "after
-enough samples without a significant regression, treat it as not worse": the sample size at which that
-happens is derived from the data instead of fixed in advance.
-
-Recomputing a stored decision. Take the logged rows of both arms as of that decision, compute the
-per-request values (``rollout.stats.per_request_values``) and ``msprt_test(..., tau=decision.tau)``: that
-reproduces ``statistic`` (log Λ) and ``p_value_look`` exactly. ``p_value_worse`` / ``p_value_better`` are
-the running minima of ``p_value_look`` over the stored decisions of this canary (those at or above the
-minimum sample size) whose ``direction`` was worse / better.
+Every p-value is the running minimum of a mixture-SPRT p-value (Ville's inequality), on a statistic
+that combines the split periods by inverse-variance weights with cluster-robust (per routing key)
+variances: see docs/statistics.md for the assumptions and the simulations that check them.
 """
 
 from __future__ import annotations
@@ -44,36 +38,34 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rollout.lookdata import BASELINE, CANARY, ROBUST_METRICS, LookData
 from rollout.stats import (
     METRICS,
-    ArmMoments,
-    ContinuousTest,
     Direction,
-    GuardrailResult,
-    MsprtResult,
-    TestResult,
-    classical_test,
-    error_rate_guardrail,
+    direction_of,
     higher_is_better,
-    latency_guardrail,
-    msprt_from_moments,
-    per_request_values,
+    msprt_confidence_interval,
+    msprt_log_lr,
+    msprt_one_sided_log_lr,
+    msprt_p_value,
+    msprt_point_mixture_log_lr,
 )
 
 Action = Literal["rollback", "step_up", "promote", "hold"]
-Procedure = Literal["msprt", "naive_fixed_horizon"]
 
 # Default mixing scale τ in the metric's own units: roughly the smallest effect worth catching. The
 # mSPRT has most power for effects of about this size. mean_outcome has no natural scale, so it has no
 # default and the policy refuses to guess.
-DEFAULT_TAU: dict[str, float] = {"success_rate": 0.05, "brier": 0.02, "log_loss": 0.05}
+DEFAULT_TAU: dict[str, float] = {"success_rate": 0.04, "brier": 0.02, "log_loss": 0.05}
 
 
 @dataclass(frozen=True)
 class RolloutPolicy:
-    """How a canary is judged. ``procedure="naive_fixed_horizon"`` exists only to show, in simulation,
-    why production must use the mSPRT: it applies the classical test at every look and so inflates
-    false rollbacks.
+    """How a canary is judged (stored with every decision; unknown keys in a stored dict are ignored).
+
+    Error budget: ``alpha`` (total false rollback of an A/A canary) = primary + 2 · ``guardrail_alpha``.
+    ``outcome_delay_s``: how long after a prediction its outcome may arrive; a look compares only
+    predictions older than that, and only outcomes that arrived within it (0: whatever has arrived).
     """
 
     metric: str = "success_rate"
@@ -81,20 +73,32 @@ class RolloutPolicy:
     min_samples_per_arm: int = 200
     steps: tuple[int, ...] = (5, 10, 25, 50, 100)
     tau: float | None = None
-    max_error_rate_delta: float = 0.01
     guardrail_alpha: float = 0.001
-    max_p99_ratio: float = 1.5
-    min_latency_requests: int = 100
+    point_mass: float = 0.8
+    max_error_rate_delta: float = 0.01
+    error_tau: float = 0.1
+    max_slow_share_delta: float = 0.02
+    latency_tau: float = 0.1
+    latency_quantile: float = 0.99
+    latency_calibration: int = 500
+    srm_alpha: float = 0.001
+    srm_tau: float = 0.02
+    coverage_tau: float = 0.05
+    outcome_delay_s: float = 0.0
+    winsor_quantile: float | None = 0.01
+    winsor_calibration: int = 1000
     min_canary_samples_per_step: int = 200
     non_inferiority_margin: float | None = None
-    continuous_test: ContinuousTest = "welch"
-    procedure: Procedure = "msprt"
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError("alpha must be in (0, 1)")
+        if self.guardrail_alpha < 0.0 or 2.0 * self.guardrail_alpha >= self.alpha:
+            raise ValueError("guardrail_alpha must be >= 0 and leave part of alpha to the primary metric")
+        if not 0.0 < self.srm_alpha < 1.0:
+            raise ValueError("srm_alpha must be in (0, 1)")
         if self.min_samples_per_arm < 2:
             raise ValueError("min_samples_per_arm must be at least 2 (a variance needs two values)")
         steps = tuple(int(s) for s in self.steps)
@@ -105,14 +109,18 @@ class RolloutPolicy:
         object.__setattr__(self, "steps", steps)
         if self.tau is None and self.metric not in DEFAULT_TAU:
             raise ValueError(f"metric {self.metric!r} has no natural scale: set tau (in outcome units)")
-        if self.tau is not None and not (self.tau > 0.0 and math.isfinite(self.tau)):
-            raise ValueError("tau must be positive")
+        for name in ("tau", "error_tau", "latency_tau", "srm_tau", "coverage_tau"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0.0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be positive")
         if self.non_inferiority_margin is not None and self.non_inferiority_margin < 0.0:
             raise ValueError("non_inferiority_margin must be >= 0")
-        if self.procedure not in ("msprt", "naive_fixed_horizon"):
-            raise ValueError(f"unknown procedure {self.procedure!r}")
-        if self.continuous_test not in ("welch", "mann_whitney"):
-            raise ValueError(f"unknown continuous test {self.continuous_test!r}")
+        if not 0.0 <= self.point_mass <= 1.0:
+            raise ValueError("point_mass must be in [0, 1]")
+        if self.outcome_delay_s < 0.0:
+            raise ValueError("outcome_delay_s must be >= 0")
+        if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:
+            raise ValueError("winsor_quantile must be in [0, 0.5)")
 
     @property
     def higher_is_better(self) -> bool:
@@ -124,6 +132,11 @@ class RolloutPolicy:
         """The τ actually used; stored in every decision so recomputation does not depend on defaults."""
         return float(self.tau) if self.tau is not None else DEFAULT_TAU[self.metric]
 
+    @property
+    def primary_alpha(self) -> float:
+        """The primary metric's share of the budget (each direction)."""
+        return self.alpha - 2.0 * self.guardrail_alpha
+
     def next_weight(self, current_weight: int) -> int:
         """Smallest step above the current weight; 100 when the canary is already at or past the last step."""
         for s in self.steps:
@@ -131,36 +144,27 @@ class RolloutPolicy:
                 return s
         return self.steps[-1]
 
-
-@dataclass(frozen=True, eq=False)
-class ArmData:
-    """Everything logged for one arm (baseline or canary) since the canary started.
-
-    ``scores`` is needed for brier/log_loss. ``requests``/``errors`` count all requests routed to the
-    arm (outcomes arrive for only some of them); ``p99_latency_s`` is NaN when unknown.
-    """
-
-    outcomes: np.ndarray
-    scores: np.ndarray | None = None
-    requests: int = 0
-    errors: int = 0
-    p99_latency_s: float = math.nan
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "outcomes", np.asarray(self.outcomes, dtype=np.float64))
-        if self.scores is not None:
-            object.__setattr__(self, "scores", np.asarray(self.scores, dtype=np.float64))
+    def builder_options(self) -> dict[str, Any]:
+        """The LookBuilder settings this policy implies."""
+        return {"winsor_quantile": self.winsor_quantile, "winsor_calibration": self.winsor_calibration,
+                "latency_quantile": self.latency_quantile, "latency_calibration": self.latency_calibration}
 
 
 @dataclass(frozen=True)
 class SequentialState:
-    """What the controller carries between looks; JSON-able, and rebuildable from the last Decision."""
+    """What the controller carries between looks; JSON-able (the previous decision row stores it)."""
 
     looks: int = 0
     p_worse: float = 1.0
     p_better: float = 1.0
+    p_errors: float = 1.0
+    p_latency: float = 1.0
+    p_srm: float = 1.0
+    p_coverage: float = 1.0
     improvement_lower_bound: float = -math.inf
     canary_n_at_last_step: int = 0
+    winsor: tuple[float, float] | None = None
+    latency_thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Store -inf as None so the state survives strict JSON."""
@@ -170,42 +174,49 @@ class SequentialState:
     def from_dict(cls, data: dict[str, Any]) -> SequentialState:
         """Inverse of ``to_dict``, for a controller that restarts mid-rollout."""
         lb = data.get("improvement_lower_bound")
+        w = data.get("winsor")
+
+        def p(key: str) -> float:
+            v = data.get(key)
+            return 1.0 if v is None else float(v)
+
         return cls(
             looks=int(data.get("looks", 0)),
-            p_worse=float(data.get("p_worse", 1.0)),
-            p_better=float(data.get("p_better", 1.0)),
+            p_worse=p("p_worse"), p_better=p("p_better"), p_errors=p("p_errors"),
+            p_latency=p("p_latency"), p_srm=p("p_srm"), p_coverage=p("p_coverage"),
             improvement_lower_bound=-math.inf if lb is None else float(lb),
             canary_n_at_last_step=int(data.get("canary_n_at_last_step", 0)),
+            winsor=(float(w[0]), float(w[1])) if w else None,
+            latency_thresholds={str(k): float(v) for k, v in (data.get("latency_thresholds") or {}).items()},
         )
 
-    @classmethod
-    def from_decision(cls, decision: Decision) -> SequentialState:
-        """Resume from the stored decisions alone, without a separate state table."""
-        return cls(
-            looks=decision.look,
-            p_worse=decision.p_value_worse,
-            p_better=decision.p_value_better,
-            improvement_lower_bound=decision.improvement_lower_bound,
-            canary_n_at_last_step=decision.canary_n_at_last_step,
-        )
+
+@dataclass(frozen=True)
+class GuardrailResult:
+    """One sequential guardrail: canary worse than baseline by more than ``margin``?"""
+
+    name: str
+    breached: bool
+    observed: float
+    margin: float
+    p_value: float
+    p_value_look: float
+    reason: str
 
 
 @dataclass(frozen=True)
 class Decision:
     """One verdict with everything needed to audit and recompute it (see module docstring).
 
-    ``p_value`` is the always-valid p-value behind the verdict under the msprt procedure: the running
-    minimum in the "worse" direction for a statistical rollback, in the "better" direction for a step-up,
-    otherwise the smaller of the two. Under the naive procedure it is just this look's classical p-value.
-    ``improvement_lower_bound`` is the running always-valid lower confidence bound on the improvement
-    (canary − baseline, sign-flipped for losses so positive is always good).
+    ``p_value`` is the always-valid p-value behind the verdict: the guardrail's for a guardrail rollback,
+    ``p_value_worse`` for a statistical rollback, ``p_value_better`` for a step-up, otherwise the
+    smaller of the two. ``periods`` holds the per-period counts and estimates.
     """
 
     action: Action
     current_weight: int
     next_weight: int
     metric: str
-    procedure: str
     higher_is_better: bool
     test: str
     statistic: float
@@ -213,27 +224,34 @@ class Decision:
     p_value_worse: float
     p_value_better: float
     p_value_look: float
-    naive_test: str
-    naive_statistic: float
-    naive_p_value: float
     n_baseline: int
     n_canary: int
     mean_baseline: float
     mean_canary: float
-    var_baseline: float
-    var_canary: float
     effect: float
+    variance: float
     direction: Direction
     ci_low: float
     ci_high: float
     improvement_lower_bound: float
     tau: float
     alpha: float
+    primary_alpha: float
     min_samples_per_arm: int
     look: int
     canary_n_at_last_step: int
     guardrail: str | None
-    guardrails: tuple[GuardrailResult, ...] = field(default_factory=tuple)
+    guardrails: tuple[GuardrailResult, ...]
+    p_errors: float
+    p_latency: float
+    srm: bool
+    p_srm: float
+    srm_statistic: float
+    p_coverage: float
+    coverage: tuple[float, float]
+    periods: tuple[dict[str, Any], ...]
+    winsor: tuple[float, float] | None
+    skipped_outcomes: int
     reason: str = ""
 
     @property
@@ -246,180 +264,192 @@ class Decision:
         return _jsonable(asdict(self))
 
 
-def decide(
-    policy: RolloutPolicy,
-    baseline: ArmData,
-    canary: ArmData,
-    current_canary_weight: int,
-    state: SequentialState | None = None,
+# ------------------------------------------------------------------------------------------ tests
+
+
+def _proportion_guardrail(
+    name: str, counts: list[tuple[int, int, int, int]], margin: float, tau: float, prev: float, alpha: float,
+    what: str,
+) -> tuple[GuardrailResult, float]:
+    """One-sided mSPRT that the canary's rate exceeds the baseline's by more than ``margin``, stratified
+    over periods. counts: per period (events_b, n_b, events_c, n_c). Rates are Agresti–Caffo adjusted
+    ((x+1)/(n+2)), so a variance is never zero (a canary failing its first 5 of 5 requests has one)."""
+    inv = 0.0
+    acc = 0.0
+    eb = nb = ec = nc = 0
+    for xb, b, xc, c in counts:
+        eb, nb, ec, nc = eb + xb, nb + b, ec + xc, nc + c
+        if b == 0 or c == 0:
+            continue
+        pb, pc = (xb + 1.0) / (b + 2.0), (xc + 1.0) / (c + 2.0)
+        v = pb * (1.0 - pb) / b + pc * (1.0 - pc) / c
+        inv += 1.0 / v
+        acc += (pc - pb) / v
+    rate_b = eb / nb if nb else math.nan
+    rate_c = ec / nc if nc else math.nan
+    if inv == 0.0:
+        none = GuardrailResult(name, False, math.nan, margin, prev, 1.0, f"{name}: no canary requests yet")
+        return none, prev
+    effect, var = acc / inv, 1.0 / inv
+    p_look = msprt_p_value(msprt_one_sided_log_lr(effect - margin, var, tau, "greater"))
+    p = min(prev, p_look)
+    breached = p <= alpha
+    reason = (f"{what}: canary {rate_c:.4f} vs baseline {rate_b:.4f} ({nc} / {nb} requests), "
+              f"margin {margin}, always-valid p={p:.3g} {'<=' if breached else '>'} {alpha}")
+    return GuardrailResult(name, breached, rate_c - rate_b, margin, p, p_look, reason), p
+
+
+def _srm(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float, float, float]:
+    """Two-sided mSPRT of observed canary share of assignment units against the configured weight,
+    stratified over periods: Σ(c_s − n_s w_s) has variance Σ n_s w_s (1 − w_s) under correct routing."""
+    dev = info = total = 0.0
+    for p in data.periods:
+        w = p.weight / 100.0
+        n = p.units[BASELINE] + p.units[CANARY]
+        if n == 0 or not 0.0 < w < 1.0:
+            continue
+        dev += p.units[CANARY] - n * w
+        info += n * w * (1.0 - w)
+        total += n
+    if info == 0.0:
+        return prev, 1.0, 0.0
+    llr = msprt_log_lr(dev / total, info / (total * total), policy.srm_tau)
+    p_look = msprt_p_value(llr)
+    return min(prev, p_look), p_look, llr
+
+
+def _coverage(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float, tuple[float, float]]:
+    """Two-sided mSPRT of outcome coverage (outcomes / matured predictions), canary vs baseline, per
+    period with the pooled variance; a difference means the arms' outcomes are not comparable."""
+    inv = acc = 0.0
+    cov = [0, 0, 0, 0]
+    for p in data.periods:
+        ob, mb, oc, mc = p.outcomes[BASELINE], p.matured[BASELINE], p.outcomes[CANARY], p.matured[CANARY]
+        cov = [cov[0] + ob, cov[1] + mb, cov[2] + oc, cov[3] + mc]
+        if mb == 0 or mc == 0:
+            continue
+        pooled = (ob + oc) / (mb + mc)
+        v = pooled * (1.0 - pooled) * (1.0 / mb + 1.0 / mc)
+        if v <= 0.0:
+            continue
+        inv += 1.0 / v
+        acc += (oc / mc - ob / mb) / v
+    coverage = (cov[0] / cov[1] if cov[1] else math.nan, cov[2] / cov[3] if cov[3] else math.nan)
+    if inv == 0.0:
+        return prev, coverage
+    p_look = msprt_p_value(msprt_log_lr(acc / inv, 1.0 / inv, policy.coverage_tau))
+    return min(prev, p_look), coverage
+
+
+# ------------------------------------------------------------------------------------------ look
+
+
+def look(
+    policy: RolloutPolicy, data: LookData, state: SequentialState | None = None
 ) -> tuple[Decision, SequentialState]:
-    """Judge the canary on all data so far; returns the verdict and the state for the next call.
+    """Judge the canary on the look data; returns the verdict and the state for the next look.
 
     Pass ``state=None`` for the first look of a new canary, then always the state returned last time.
     """
     prev = state if state is not None else SequentialState()
     hib = policy.higher_is_better
     tau = policy.resolved_tau
-    vb = per_request_values(policy.metric, baseline.outcomes, baseline.scores)
-    vc = per_request_values(policy.metric, canary.outcomes, canary.scores)
-    binary = policy.metric == "success_rate"
-    mb, mc = ArmMoments.from_values(vb, binary=binary), ArmMoments.from_values(vc, binary=binary)
-    seq = msprt_from_moments(mb, mc, tau=tau, higher_is_better=hib)
-    naive = classical_test(
-        policy.metric, vb, vc, continuous=policy.continuous_test, moments=(mb, mc) if binary else None
-    )
-    ci_low, ci_high = seq.confidence_interval(policy.alpha)
-    look_lower = ci_low if hib else -ci_high
+    a_primary = policy.primary_alpha
+    weight = data.current_weight
 
-    guards = (
-        error_rate_guardrail(
-            baseline.errors,
-            baseline.requests,
-            canary.errors,
-            canary.requests,
-            max_delta=policy.max_error_rate_delta,
-            alpha=policy.guardrail_alpha,
-        ),
-        latency_guardrail(
-            baseline.p99_latency_s,
-            canary.p99_latency_s,
-            max_ratio=policy.max_p99_ratio,
-            requests_c=canary.requests,
-            min_requests=policy.min_latency_requests,
-        ),
-    )
+    err, p_err = _proportion_guardrail(
+        "error_rate", [(p.errors[0], p.requests[0], p.errors[1], p.requests[1]) for p in data.periods],
+        policy.max_error_rate_delta, policy.error_tau, prev.p_errors, policy.guardrail_alpha,
+        "error rate")
+    lat, p_lat = _proportion_guardrail(
+        "latency", [(p.slow[0], p.latency_n[0], p.slow[1], p.latency_n[1]) for p in data.periods],
+        policy.max_slow_share_delta, policy.latency_tau, prev.p_latency, policy.guardrail_alpha,
+        f"share slower than the baseline's p{policy.latency_quantile * 100:g}")
+    p_srm, _, srm_stat = _srm(data, policy, prev.p_srm)
+    p_cov, coverage = _coverage(data, policy, prev.p_coverage)
+    srm = p_srm <= policy.srm_alpha or p_cov <= policy.srm_alpha
 
-    enough = mb.n >= policy.min_samples_per_arm and mc.n >= policy.min_samples_per_arm
-    new = prev
-    if enough:
-        new = _update_state(policy, prev, seq, naive, look_lower)
+    n_b, n_c = data.n
+    effect, var = data.effect, data.variance
+    ready = (n_b >= policy.min_samples_per_arm and n_c >= policy.min_samples_per_arm
+             and math.isfinite(effect) and math.isfinite(var)
+             and (policy.metric not in ROBUST_METRICS or policy.winsor_quantile is None
+                  or data.winsor is not None))
+    worse_side = "less" if hib else "greater"
+    better_side = "greater" if hib else "less"
+    p_worse, p_better, lb, looks = prev.p_worse, prev.p_better, prev.improvement_lower_bound, prev.looks
+    p_look, statistic, ci = 1.0, 0.0, (-math.inf, math.inf)
+    if ready:
+        llr_w = msprt_point_mixture_log_lr(effect, var, tau, worse_side, policy.point_mass)
+        llr_b = msprt_point_mixture_log_lr(effect, var, tau, better_side, policy.point_mass)
+        pw, pb = msprt_p_value(llr_w), msprt_p_value(llr_b)
+        p_worse, p_better = min(p_worse, pw), min(p_better, pb)
+        statistic = max(llr_w, llr_b)
+        p_look = min(pw, pb)
+        ci = msprt_confidence_interval(effect, var, tau, a_primary)
+        lb = max(lb, ci[0] if hib else -ci[1])
+        looks += 1
 
-    action, next_w, reason, guard_name = _rules(policy, guards, enough, new, mb, mc, current_canary_weight)
+    new = SequentialState(looks, p_worse, p_better, p_err, p_lat, p_srm, p_cov, lb,
+                          prev.canary_n_at_last_step, data.winsor, dict(data.latency_thresholds))
+    action, next_w, reason, guard, verdict_p = _rules(policy, err, lat, srm, p_srm, p_cov, ready, new,
+                                                      n_b, n_c, weight)
     if action in ("step_up", "promote"):
-        new = SequentialState(new.looks, new.p_worse, new.p_better, new.improvement_lower_bound, mc.n)
-
-    msprt_mode = policy.procedure == "msprt"
+        new = SequentialState(**{**new.__dict__, "canary_n_at_last_step": n_c})
     decision = Decision(
-        action=action,
-        current_weight=int(current_canary_weight),
-        next_weight=next_w,
-        metric=policy.metric,
-        procedure=policy.procedure,
-        higher_is_better=hib,
-        test="msprt" if msprt_mode else naive.test,
-        statistic=seq.statistic if msprt_mode else naive.statistic,
-        p_value=_verdict_p(policy, new, guard_name) if msprt_mode else naive.p_value,
-        p_value_worse=new.p_worse,
-        p_value_better=new.p_better,
-        p_value_look=seq.p_value,
-        naive_test=naive.test,
-        naive_statistic=naive.statistic,
-        naive_p_value=naive.p_value,
-        n_baseline=mb.n,
-        n_canary=mc.n,
-        mean_baseline=mb.mean,
-        mean_canary=mc.mean,
-        var_baseline=mb.var,
-        var_canary=mc.var,
-        effect=seq.effect,
-        direction=seq.direction,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        improvement_lower_bound=new.improvement_lower_bound,
-        tau=tau,
-        alpha=policy.alpha,
-        min_samples_per_arm=policy.min_samples_per_arm,
-        look=new.looks,
-        canary_n_at_last_step=new.canary_n_at_last_step,
-        guardrail=guard_name,
-        guardrails=guards,
-        reason=reason,
-    )
+        action=action, current_weight=int(weight), next_weight=next_w, metric=policy.metric,
+        higher_is_better=hib, test="msprt_stratified", statistic=statistic, p_value=verdict_p,
+        p_value_worse=p_worse, p_value_better=p_better, p_value_look=p_look, n_baseline=n_b, n_canary=n_c,
+        mean_baseline=data.mean[BASELINE], mean_canary=data.mean[CANARY], effect=effect, variance=var,
+        direction=direction_of(effect, hib), ci_low=ci[0], ci_high=ci[1], improvement_lower_bound=lb,
+        tau=tau, alpha=policy.alpha, primary_alpha=a_primary, min_samples_per_arm=policy.min_samples_per_arm,
+        look=new.looks, canary_n_at_last_step=new.canary_n_at_last_step, guardrail=guard,
+        guardrails=(err, lat), p_errors=p_err, p_latency=p_lat, srm=srm, p_srm=p_srm,
+        srm_statistic=srm_stat, p_coverage=p_cov,
+        coverage=coverage, periods=tuple(p.to_dict() for p in data.periods), winsor=data.winsor,
+        skipped_outcomes=data.skipped_outcomes, reason=reason)
     return decision, new
 
 
-def _verdict_p(policy: RolloutPolicy, st: SequentialState, guard_name: str | None) -> float:
-    # The p-value that justified the verdict: a rollback for "worse" must not quote an older, smaller
-    # p-value from the "better" direction (possible after a step-up).
-    if guard_name is None and st.p_worse <= policy.alpha:
-        return st.p_worse
-    if guard_name is None and st.p_better <= policy.alpha:
-        return st.p_better
-    return min(st.p_worse, st.p_better)
-
-
-def _update_state(
-    policy: RolloutPolicy, prev: SequentialState, seq: MsprtResult, naive: TestResult, look_lower: float
-) -> SequentialState:
-    if policy.procedure == "msprt":
-        p_worse = min(prev.p_worse, seq.p_value) if seq.direction == "worse" else prev.p_worse
-        p_better = min(prev.p_better, seq.p_value) if seq.direction == "better" else prev.p_better
-    else:
-        # The naive procedure has no memory: each look is judged as if it were the planned final one.
-        p_worse = naive.p_value if naive.direction == "worse" else 1.0
-        p_better = naive.p_value if naive.direction == "better" else 1.0
-    return SequentialState(
-        looks=prev.looks + 1,
-        p_worse=p_worse,
-        p_better=p_better,
-        improvement_lower_bound=max(prev.improvement_lower_bound, look_lower),
-        canary_n_at_last_step=prev.canary_n_at_last_step,
-    )
-
-
 def _rules(
-    policy: RolloutPolicy,
-    guards: tuple[GuardrailResult, ...],
-    enough: bool,
-    st: SequentialState,
-    mb: ArmMoments,
-    mc: ArmMoments,
-    weight: int,
-) -> tuple[Action, int, str, str | None]:
-    breached = [g for g in guards if g.breached]
+    policy: RolloutPolicy, err: GuardrailResult, lat: GuardrailResult, srm: bool, p_srm: float,
+    p_cov: float, ready: bool, st: SequentialState, n_b: int, n_c: int, weight: int,
+) -> tuple[Action, int, str, str | None, float]:
+    breached = [g for g in (err, lat) if g.breached]
     if breached:
-        return "rollback", 0, "guardrail breached: " + "; ".join(g.reason for g in breached), breached[0].name
-    if not enough:
-        return (
-            "hold",
-            weight,
-            f"collecting: {mb.n} baseline / {mc.n} canary outcomes, "
-            f"need {policy.min_samples_per_arm} per arm",
-            None,
-        )
-    a = policy.alpha
-    label = "always-valid p" if policy.procedure == "msprt" else "fixed-horizon p"
+        g = breached[0]
+        return ("rollback", 0, "guardrail breached: " + "; ".join(b.reason for b in breached), g.name,
+                g.p_value)
+    best = min(st.p_worse, st.p_better)
+    if srm:
+        return ("hold", weight,
+                f"sample-ratio mismatch: assignment always-valid p={p_srm:.3g}, outcome coverage "
+                f"p={p_cov:.3g} (srm_alpha={policy.srm_alpha}); the arms are not comparable, not deciding",
+                None, min(p_srm, p_cov))
+    if not ready:
+        return ("hold", weight, f"collecting: {n_b} baseline / {n_c} canary matured outcomes, need "
+                f"{policy.min_samples_per_arm} per arm", None, best)
+    a = policy.primary_alpha
     if st.p_worse <= a:
-        return "rollback", 0, f"canary worse: {label}={st.p_worse:.4g} <= alpha={a}", None
+        return ("rollback", 0, f"canary worse: always-valid p={st.p_worse:.4g} <= alpha={a:g}", None,
+                st.p_worse)
     margin = policy.non_inferiority_margin
     better = st.p_better <= a
     non_inferior = margin is not None and st.improvement_lower_bound >= -margin
     if better or non_inferior:
-        why = (
-            f"canary better: {label}={st.p_better:.4g} <= alpha={a}"
-            if better
-            else f"canary non-inferior: always-valid lower bound on improvement "
-            f"{st.improvement_lower_bound:.4g} >= -{margin}"
-        )
-        fresh = mc.n - st.canary_n_at_last_step
+        why = (f"canary better: always-valid p={st.p_better:.4g} <= alpha={a:g}" if better
+               else f"canary non-inferior: always-valid lower bound on improvement "
+                    f"{st.improvement_lower_bound:.4g} >= -{margin}")
+        fresh = n_c - st.canary_n_at_last_step
         if fresh < policy.min_canary_samples_per_step:
-            return (
-                "hold",
-                weight,
-                f"{why}; waiting for {policy.min_canary_samples_per_step} new canary outcomes since the last "
-                f"step (have {fresh})",
-                None,
-            )
+            return ("hold", weight, f"{why}; waiting for {policy.min_canary_samples_per_step} new canary "
+                    f"outcomes since the last step (have {fresh})", None, st.p_better)
         nxt = policy.next_weight(weight)
         if nxt >= policy.steps[-1]:
-            return "promote", policy.steps[-1], f"{why}; promoting", None
-        return "step_up", nxt, f"{why}; stepping {weight}% -> {nxt}%", None
-    return (
-        "hold",
-        weight,
-        f"no significant difference yet: p_worse={st.p_worse:.4g}, p_better={st.p_better:.4g}, alpha={a}",
-        None,
-    )
+            return "promote", policy.steps[-1], f"{why}; promoting", None, st.p_better
+        return "step_up", nxt, f"{why}; stepping {weight}% -> {nxt}%", None, st.p_better
+    return ("hold", weight, f"no significant difference yet: p_worse={st.p_worse:.4g}, "
+            f"p_better={st.p_better:.4g}, alpha={a:g}", None, best)
 
 
 def _jsonable(obj: Any) -> Any:

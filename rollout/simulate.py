@@ -1,263 +1,338 @@
-"""Monte-Carlo check of the rollout policy: the real ``rollout.decision.decide`` on simulated outcomes.
+"""Monte-Carlo check of the rollout controller's decision path: generated rows through the controller's
+own builder (``rollout.lookdata.LookBuilder``), its own ``rollout.decision.look`` and the split arithmetic
+of ``rollout.splits``.
 
-Each run draws a binary outcome stream per arm and a routing stream, then feeds the controller exactly as
-production does: after every batch of ``batch_size`` outcomes, ``decide`` sees all outcomes so far of
-both arms plus the state from its previous call, until a terminal decision (rollback / promote) or the
-horizon ``max_outcomes`` (total outcomes, both arms). The same streams are replayed through the naive
-procedure — the classical fixed-horizon test (z / Fisher) applied at every look at the same alpha — so
-the two procedures differ only in the test (common random numbers make the contrast sharper).
+Each run is a stream of routed requests (``rate`` per second, ``max_requests`` in all) with a look
+every ``look_every`` requests, as the controller looks every second. A request is routed by the split
+of the moment (per request, or per routing key with sticky routing: a key's uniform draw against the
+canary share, which is how rendezvous hashing behaves), logged with its period (split revision),
+failure and latency, and gets an outcome after its delay. The builder receives the requests at once
+and the outcomes once the policy's outcome window has closed, exactly as the controller reads them. A
+step-up moves the split with ``rollout.splits.step_up`` and starts a new period; a rollback or
+promotion ends the run.
 
-Traffic follows the controller: after a step-up the canary receives the new weight's share of the
-following batches (``follow_steps=True``, the realistic default). That only matters once a canary has
-been found better (or, in A/A, after a rare false "better"); rollbacks of a worse canary and false
-rollbacks in A/A happen at the starting split (10 %), which is what the acceptance criteria are about.
-``follow_steps=False`` keeps the routing share fixed while still passing the stepped weight to ``decide``.
-
-Cost: the per-batch work is two array sums over prefix views (no copies) and scalar arithmetic, about
-50 µs per ``decide`` call; 500 A/A + 200 worse runs with both procedures take roughly 10 s on one core.
+Scenarios (``SCENARIOS``) are the issue's table and its extra cases. A/A scenarios report the false
+rollback and false promotion rates with Wilson 95 % intervals; the worse canaries report the rollback
+rate and the median matured outcomes (both arms) at the rolling-back look; the SRM canary the share of
+runs held by the sample-ratio check. ``acceptance`` applies the issue's thresholds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
-from typing import Any, Literal
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from rollout.decision import ArmData, RolloutPolicy, decide
+from rollout import splits
+from rollout.decision import RolloutPolicy, SequentialState, look
+from rollout.lookdata import LookBuilder
 
-Scenario = Literal["aa", "ab-worse", "ab-better"]
-SCENARIOS: tuple[str, ...] = ("aa", "ab-worse", "ab-better")
-# Canary minus baseline success rate per scenario when p_canary is not given: the issue's 5-point effect.
-SCENARIO_DELTA: dict[str, float] = {"aa": 0.0, "ab-worse": -0.05, "ab-better": 0.05}
-# The horizon (total outcomes) used for the acceptance numbers: at a 10 % split that is ≤ 3 000 canary
-# outcomes, enough for ≥ 90 % power against a 5-point drop with tau = 0.05.
-DEFAULT_MAX_OUTCOMES = 30_000
-DEFAULT_BATCH_SIZE = 200
+BASE, CANARY = 1, 2  # version numbers in the simulated split
 
 
-def simulate(
-    scenario: str,
-    runs: int,
-    *,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_outcomes: int = DEFAULT_MAX_OUTCOMES,
-    canary_share: float = 0.10,
-    p_base: float = 0.60,
-    p_canary: float | None = None,
-    policy: RolloutPolicy | None = None,
-    follow_steps: bool = True,
-) -> dict[str, Any]:
-    """Run ``runs`` simulated rollouts of ``scenario`` with the mSPRT policy and the naive contrast.
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated world. ``kind``: aa (no difference), worse, better, srm, fail, slow."""
 
-    Returns a JSON-able dict. Top level: the settings and the sequential (mSPRT) metrics —
-    ``false_rollback_rate`` (aa and ab-better: any rollback is false; None for ab-worse),
-    ``rollback_rate``, ``median_outcomes_to_rollback`` (total outcomes, both arms, at the rolling-back
-    look), ``promotion_rate``, ``undecided_rate`` and Monte-Carlo standard errors. The same metrics for
-    the naive procedure are under ``"naive"`` (and repeated under ``"sequential"`` for symmetry).
-    Deterministic for a given seed.
-    """
-    if scenario not in SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
-    if runs < 1 or batch_size < 1 or max_outcomes < batch_size:
-        raise ValueError("need runs >= 1, batch_size >= 1 and max_outcomes >= batch_size")
-    if not 0.0 < canary_share < 1.0:
-        raise ValueError("canary_share must be in (0, 1)")
-    pc = round(p_base + SCENARIO_DELTA[scenario], 12) if p_canary is None else float(p_canary)
-    if not (0.0 <= p_base <= 1.0 and 0.0 <= pc <= 1.0):
-        raise ValueError("success probabilities must be in [0, 1]")
-    seq_policy = policy if policy is not None else RolloutPolicy(metric="success_rate")
-    if seq_policy.metric != "success_rate":
-        raise ValueError("the simulator draws binary outcomes: use metric='success_rate'")
-    seq_policy = dataclasses.replace(seq_policy, procedure="msprt")
-    naive_policy = dataclasses.replace(seq_policy, procedure="naive_fixed_horizon")
+    name: str
+    kind: str
+    description: str
+    metric: str = "success_rate"
+    p: float = 0.5
+    p_canary: float | None = None
+    canary_weight: int = 10
+    actual_share: float | None = None  # SRM: the share the canary really receives
+    keys: int = 0  # sticky routing over this many keys (0: every request its own unit)
+    icc: float = 0.0  # within-key correlation of outcomes (sticky)
+    heavy_tail: bool = False  # lognormal(0, 1.5) - 1 outcomes
+    error_rate: float = 0.0
+    slow_share: float = 0.0  # share of requests (both arms) that are slow_factor x slower
+    slow_factor: float = 5.0
+    canary_latency_factor: float = 1.0
+    canary_fails: bool = False
+    step_at: float | None = None  # operator step at this fraction of the run ...
+    step_to: int = 50  # ... to this canary weight ...
+    p_after_step: float | None = None  # ... while the base rate moves to this
+    delay_success_s: float = 0.0  # mean exponential outcome delay of successes / failures
+    delay_failure_s: float = 0.0
+    policy: dict[str, Any] = field(default_factory=dict)
 
+
+SCENARIO_LIST: tuple[Scenario, ...] = (
+    Scenario("aa", "aa", "A/A, binary p = 0.5"),
+    Scenario("aa-p10", "aa", "A/A, binary p = 0.1", p=0.1),
+    Scenario("aa-rare", "aa", "A/A, rare binary p = 0.02", p=0.02),
+    Scenario("aa-heavy", "aa", "A/A, heavy tail lognormal(0, 1.5) - 1 (mean_outcome, winsorised)",
+             metric="mean_outcome", heavy_tail=True, policy={"tau": 0.5}),
+    Scenario("aa-sticky", "aa", "A/A, sticky routing over 5,000 keys, within-key correlation 0.05",
+             keys=5000, icc=0.05),
+    Scenario("aa-errors", "aa", "A/A, 2 % errors in both arms", error_rate=0.02),
+    Scenario("aa-latency", "aa", "A/A, 1.5 % of requests 5x slower in both arms", slow_share=0.015),
+    Scenario("aa-step", "aa", "A/A, split 10 -> 50 % while the base rate moves 0.60 -> 0.50",
+             p=0.6, step_at=0.5, step_to=50, p_after_step=0.5),
+    Scenario("aa-delayed", "aa", "A/A, outcomes delayed (mean 60 s successes, 20 s failures; window 120 s)",
+             delay_success_s=60.0, delay_failure_s=20.0, policy={"outcome_delay_s": 120.0}),
+    Scenario("ab-worse", "worse", "canary 0.45 vs baseline 0.50 at 10 %", p=0.5, p_canary=0.45),
+    Scenario("ab-better", "better", "canary 0.55 vs baseline 0.50 at 10 %", p=0.5, p_canary=0.55),
+    Scenario("fail", "fail", "canary fails every request (no outcome ever)", canary_fails=True),
+    Scenario("slow", "slow", "canary 2x slower (every request)", canary_latency_factor=2.0),
+    Scenario("srm", "srm", "10 % canary that actually receives 7 % (A/A outcomes)", actual_share=0.07),
+)
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}
+DEFAULT_MAX_REQUESTS = 20_000
+DEFAULT_LOOK_EVERY = 50
+DEFAULT_RATE = 50.0  # requests per second: a look every 50 requests is the controller's 1 s interval
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: str  # rollback | promote | none
+    outcomes: int  # matured outcomes, both arms, at the end
+    canary_outcomes: int
+    seconds: float
+    guardrail: str | None
+    srm: bool
+    step_ups: int
+
+
+def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFAULT_MAX_REQUESTS,
+             look_every: int = DEFAULT_LOOK_EVERY, rate: float = DEFAULT_RATE) -> RunResult:
+    """One simulated rollout through the controller's builder, look and split arithmetic."""
+    policy = RolloutPolicy(metric=sc.metric, **sc.policy)
+    n = max_requests
+    t = np.arange(n) / rate
+    u_route = rng.random(n)
+    key = np.arange(n, dtype=np.int64)
+    p_key = None
+    if sc.keys:
+        key = rng.integers(0, sc.keys, n)
+        key_u = rng.random(sc.keys)
+        u_route = key_u[key]
+        if sc.icc > 0.0:  # beta-distributed per-key rate: correlation icc = 1 / (a + b + 1)
+            s = 1.0 / sc.icc - 1.0
+            p_key = rng.beta(sc.p * s, (1.0 - sc.p) * s, sc.keys)[key]
+    u_out = rng.random(n)
+    z = rng.standard_normal(n)
+    lat = np.exp(np.log(5.0) + 0.35 * rng.standard_normal(n))
+    if sc.slow_share:
+        lat = np.where(rng.random(n) < sc.slow_share, lat * sc.slow_factor, lat)
+    err = rng.random(n) < sc.error_rate if sc.error_rate else np.zeros(n, dtype=bool)
+    delay_draw = rng.exponential(1.0, n)
+    window = policy.outcome_delay_s
+
+    builder = LookBuilder(policy.metric, **policy.builder_options())
+    weights = splits.canary_start(BASE, CANARY, sc.canary_weight)
+    revision = 1
+    state: SequentialState | None = None
+    arm = np.zeros(n, dtype=np.int64)
+    period = np.zeros(n, dtype=np.int64)
+    value = np.full(n, np.nan)
+    failed = np.zeros(n, dtype=bool)
+    matured_upto = 0
+    step_ups = 0
+    stepped = False
+    srm = False
+    p_now = sc.p
+    for start in range(0, n, look_every):
+        end = min(start + look_every, n)
+        if sc.step_at is not None and not stepped and start >= sc.step_at * n:
+            weights = splits.set_weight(weights, CANARY, sc.step_to)
+            revision += 1
+            stepped = True
+            p_now = sc.p_after_step if sc.p_after_step is not None else p_now
+        w = weights[CANARY]
+        # SRM: the canary really receives actual_share where the split says canary_weight (scaled
+        # with later steps); otherwise routing follows the split.
+        share = w / 100.0 if sc.actual_share is None else sc.actual_share * w / sc.canary_weight
+        sl = slice(start, end)
+        a = (u_route[sl] < share).astype(np.int64)
+        arm[sl], period[sl] = a, revision
+        f = err[sl] | ((a == 1) & sc.canary_fails)
+        failed[sl] = f
+        la = lat[sl] * np.where(a == 1, sc.canary_latency_factor, 1.0)
+        la = np.where((a == 1) & sc.canary_fails, np.nan, la)
+        pc = sc.p_canary if sc.p_canary is not None else None
+        if sc.heavy_tail:
+            v = np.exp(1.5 * z[sl]) - 1.0
+        else:
+            base_p = p_key[sl] if p_key is not None else np.full(end - start, p_now)
+            if pc is not None:
+                base_p = np.where(a == 1, pc, base_p)
+            v = (u_out[sl] < base_p).astype(np.float64)
+        if window > 0.0:
+            mean_delay = np.where(v == 1.0, sc.delay_success_s, sc.delay_failure_s)
+            v = np.where(delay_draw[sl] * mean_delay <= window, v, np.nan)
+        value[sl] = v
+        builder.add_requests(revision, w, a, key[sl], f, la)
+        now = t[end - 1]
+        upto = end if window <= 0.0 else int(np.searchsorted(t, now - window, side="right"))
+        if upto > matured_upto:
+            ms = slice(matured_upto, upto)
+            ok = ~failed[ms]
+            for rev in np.unique(period[ms]):
+                sel = ok & (period[ms] == rev)
+                builder.add_outcomes(int(rev), _weight_of(builder, int(rev)), arm[ms][sel], key[ms][sel],
+                                     value[ms][sel])
+            matured_upto = upto
+        data = builder.data(w)
+        d, state = look(policy, data, state)
+        srm = d.srm
+        if d.action in ("rollback", "promote"):
+            return RunResult(d.action, d.n_baseline + d.n_canary, d.n_canary, float(now), d.guardrail, srm,
+                             step_ups)
+        if d.action == "step_up":
+            weights = splits.step_up(weights, BASE, CANARY, d.next_weight)
+            revision += 1
+            step_ups += 1
+    return RunResult("none", d.n_baseline + d.n_canary, d.n_canary, float(t[-1]), None, srm, step_ups)
+
+
+def _weight_of(builder: LookBuilder, revision: int) -> int:
+    return builder._periods[revision].weight  # noqa: SLF001 - the period was opened by add_requests
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson 95 % interval for a binomial rate (sound at 0 events, unlike the normal interval)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    d = 1.0 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def _chunk(args: tuple[str, int, int, int, dict[str, Any]]) -> list[RunResult]:
+    name, seed, first, count, kw = args
+    sc = SCENARIOS[name]
+    seqs = np.random.SeedSequence([seed, SCENARIO_LIST.index(sc)]).spawn(first + count)[first:]
+    return [run_once(sc, np.random.default_rng(s), **kw) for s in seqs]
+
+
+def simulate(name: str, runs: int, *, seed: int = 0, workers: int = 1, **kw: Any) -> dict[str, Any]:
+    """``runs`` runs of scenario ``name``; JSON-able summary (rates with Wilson 95 % intervals)."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; expected one of {sorted(SCENARIOS)}")
+    if runs < 1:
+        raise ValueError("runs must be >= 1")
+    sc = SCENARIOS[name]
     started = time.perf_counter()
-    seeds = np.random.SeedSequence(seed).spawn(runs)
-    seq_runs: list[_RunResult] = []
-    naive_runs: list[_RunResult] = []
-    for child in seeds:
-        rng = np.random.default_rng(child)
-        base = (rng.random(max_outcomes) < p_base).astype(np.float64)
-        can = (rng.random(max_outcomes) < pc).astype(np.float64)
-        route = rng.random(max_outcomes)
-        seq_runs.append(_run_one(seq_policy, base, can, route, canary_share, batch_size, follow_steps))
-        naive_runs.append(_run_one(naive_policy, base, can, route, canary_share, batch_size, follow_steps))
-
-    seq = _summarise(scenario, seq_runs)
-    naive = _summarise(scenario, naive_runs)
-    out: dict[str, Any] = {
-        "scenario": scenario,
-        "runs": runs,
-        "seed": seed,
-        "batch_size": batch_size,
-        "max_outcomes": max_outcomes,
-        "canary_share": canary_share,
-        "p_base": p_base,
-        "p_canary": pc,
-        "follow_steps": follow_steps,
-        "policy": {
-            "metric": seq_policy.metric,
-            "alpha": seq_policy.alpha,
-            "tau": seq_policy.resolved_tau,
-            "min_samples_per_arm": seq_policy.min_samples_per_arm,
-            "min_canary_samples_per_step": seq_policy.min_canary_samples_per_step,
-            "steps": list(seq_policy.steps),
-        },
-        **seq,
-        "sequential": seq,
-        "naive": naive,
-        "elapsed_s": round(time.perf_counter() - started, 3),
-    }
-    return out
+    if workers > 1 and runs >= 2 * workers:
+        size = math.ceil(runs / workers)
+        jobs = [(name, seed, i, min(size, runs - i), kw) for i in range(0, runs, size)]
+        with ProcessPoolExecutor(workers) as pool:
+            results = [r for part in pool.map(_chunk, jobs) for r in part]
+    else:
+        results = _chunk((name, seed, 0, runs, kw))
+    return _summarise(sc, results, seed, time.perf_counter() - started, kw)
 
 
-def acceptance(
-    *,
-    runs_aa: int = 500,
-    runs_worse: int = 200,
-    runs_better: int = 200,
-    seed: int = 0,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """The issue's acceptance experiment in one call, with pass/fail per criterion.
+def _summarise(sc: Scenario, res: list[RunResult], seed: int, elapsed: float,
+               kw: dict[str, Any]) -> dict[str, Any]:
+    n = len(res)
+    rb = [r for r in res if r.outcome == "rollback"]
+    pr = [r for r in res if r.outcome == "promote"]
+    held_srm = [r for r in res if r.outcome == "none" and r.srm]
 
-    A/A false rollback ≤ 6 % (5 % plus Monte-Carlo allowance) and ≥ 90 % rollbacks of a 5-point worse
-    canary; the naive rates are reported alongside, not judged.
-    """
-    aa = simulate("aa", runs_aa, seed=seed, **kwargs)
-    worse = simulate("ab-worse", runs_worse, seed=seed + 1, **kwargs)
-    better = simulate("ab-better", runs_better, seed=seed + 2, **kwargs)
-    checks = {
-        "aa_false_rollback_rate_le_0.06": aa["false_rollback_rate"] <= 0.06,
-        "ab_worse_rollback_rate_ge_0.90": worse["rollback_rate"] >= 0.90,
-    }
+    def rate(k: int) -> dict[str, float]:
+        lo, hi = wilson(k, n)
+        return {"rate": k / n, "ci_low": lo, "ci_high": hi}
+
+    def med(xs: list[float]) -> float | None:
+        return float(np.median(xs)) if xs else None
+
+    guard: dict[str, int] = {}
+    for r in rb:
+        guard[r.guardrail or "primary"] = guard.get(r.guardrail or "primary", 0) + 1
     return {
-        "passed": all(checks.values()),
-        "checks": checks,
-        "aa": aa,
-        "ab-worse": worse,
-        "ab-better": better,
+        "scenario": sc.name, "kind": sc.kind, "description": sc.description, "runs": n, "seed": seed,
+        "max_requests": kw.get("max_requests", DEFAULT_MAX_REQUESTS),
+        "look_every": kw.get("look_every", DEFAULT_LOOK_EVERY),
+        "rollback": rate(len(rb)), "promotion": rate(len(pr)), "held_by_srm": rate(len(held_srm)),
+        "srm_flagged": rate(sum(r.srm for r in res)),
+        "rollbacks_by": guard,
+        "median_outcomes_to_rollback": med([r.outcomes for r in rb]),
+        "median_canary_outcomes_to_rollback": med([r.canary_outcomes for r in rb]),
+        "median_seconds_to_rollback": med([r.seconds for r in rb]),
+        "max_seconds_to_rollback": max((r.seconds for r in rb), default=None),
+        "median_outcomes_to_promotion": med([r.outcomes for r in pr]),
+        "step_up_rate": sum(r.step_ups > 0 for r in res) / n,
+        "elapsed_s": round(elapsed, 2),
     }
+
+
+def check(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's acceptance thresholds for one scenario's summary."""
+    kind = result["kind"]
+    rb, pr = result["rollback"], result["promotion"]
+    if kind == "aa":
+        return {"false_rollback_le_5pct": rb["rate"] <= 0.05, "false_rollback_ci_high_le_6.5pct":
+                rb["ci_high"] <= 0.065, "false_promotion_le_5pct": pr["rate"] <= 0.05,
+                "false_promotion_ci_high_le_6.5pct": pr["ci_high"] <= 0.065}
+    if kind == "worse":
+        med = result["median_outcomes_to_rollback"]
+        return {"rollback_ge_95pct": rb["rate"] >= 0.95, "median_outcomes_le_6000": med is not None
+                and med <= 6000}
+    if kind == "better":
+        return {"false_rollback_le_5pct": rb["rate"] <= 0.05, "false_rollback_ci_high_le_6.5pct":
+                rb["ci_high"] <= 0.065}
+    if kind == "srm":
+        return {"held_ge_95pct": result["held_by_srm"]["rate"] >= 0.95, "never_promoted": pr["rate"] == 0.0}
+    if kind == "fail":
+        return {"rolled_back_always": rb["rate"] == 1.0, "within_10s": (result["max_seconds_to_rollback"]
+                                                                        or math.inf) <= 10.0}
+    if kind == "slow":
+        return {"rollback_ge_95pct": rb["rate"] >= 0.95}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry (``python -m rollout.simulate``) so the CLI can delegate to it unchanged."""
+    """Command-line entry (``chimera simulate``); prints JSON, exits 1 when an acceptance check fails."""
     ap = argparse.ArgumentParser(prog="chimera simulate", description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
-    ap.add_argument("--runs", type=int, default=None, help="runs per scenario (default 500 aa, 200 others)")
+    ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    ap.add_argument("--max-outcomes", type=int, default=DEFAULT_MAX_OUTCOMES)
-    ap.add_argument("--canary-share", type=float, default=0.10)
-    ap.add_argument("--p-base", type=float, default=0.60)
-    ap.add_argument("--p-canary", type=float, default=None)
-    ap.add_argument("--tau", type=float, default=None)
-    ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--fixed-share", action="store_true", help="keep routing at canary-share after step-ups")
+    ap.add_argument("--workers", type=int, default=1, help="processes (the runs are independent)")
+    ap.add_argument("--max-requests", type=int, default=DEFAULT_MAX_REQUESTS)
+    ap.add_argument("--look-every", type=int, default=DEFAULT_LOOK_EVERY)
+    ap.add_argument("--json", action="store_true", help="accepted for symmetry: the output is JSON")
     args = ap.parse_args(argv)
-    policy = RolloutPolicy(metric="success_rate", alpha=args.alpha, tau=args.tau)
-    kw: dict[str, Any] = {
-        "batch_size": args.batch_size,
-        "max_outcomes": args.max_outcomes,
-        "canary_share": args.canary_share,
-        "p_base": args.p_base,
-        "policy": policy,
-        "follow_steps": not args.fixed_share,
-    }
-    if args.scenario == "all":
-        if args.p_canary is not None:
-            ap.error("--p-canary needs a single --scenario")
-        n = args.runs
-        res = acceptance(runs_aa=n or 500, runs_worse=n or 200, runs_better=n or 200, seed=args.seed, **kw)
-        json.dump(res, sys.stdout, indent=2)
-        print()
-        return 0 if res["passed"] else 1
-    default_runs = 500 if args.scenario == "aa" else 200
-    res = simulate(args.scenario, args.runs or default_runs, seed=args.seed, p_canary=args.p_canary, **kw)
-    json.dump(res, sys.stdout, indent=2)
-    print()
-    return 0
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    kw = {"max_requests": args.max_requests, "look_every": args.look_every}
+    out = []
+    for name in names:
+        r = simulate(name, args.runs, seed=args.seed, workers=args.workers, **kw)
+        r["checks"] = check(r)
+        out.append(r)
+    passed = all(all(r["checks"].values()) for r in out)
+    report: dict[str, Any] = out[0] if len(out) == 1 else {"passed": passed, "scenarios": out}
+    json.dump(report, sys.stdout, indent=2, allow_nan=False)
+    sys.stdout.write("\n")
+    return 0 if passed else 1
 
 
-# --------------------------------------------------------------------------------------------------
+def table(report: dict[str, Any]) -> str:
+    """Markdown table of a ``--scenario all`` report, as docs/statistics.md shows it."""
+    def pct(r: dict[str, float]) -> str:
+        return f"{100 * r['rate']:.1f} % ({100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f})"
 
-
-@dataclasses.dataclass(frozen=True)
-class _RunResult:
-    outcome: str  # "rollback" | "promote" | "none"
-    outcomes: int  # total outcomes (both arms) at the terminal look, or the horizon
-    canary_outcomes: int
-    step_ups: int
-    final_weight: int
-
-
-def _run_one(
-    policy: RolloutPolicy,
-    base: np.ndarray,
-    can: np.ndarray,
-    route: np.ndarray,
-    canary_share: float,
-    batch_size: int,
-    follow_steps: bool,
-) -> _RunResult:
-    # Each arm consumes its own pre-drawn stream in order; prefix slices are views, so no copying.
-    weight = round(canary_share * 100)
-    share = canary_share
-    n_b = n_c = 0
-    state = None
-    step_ups = 0
-    total = route.size
-    for start in range(0, total, batch_size):
-        end = min(start + batch_size, total)
-        k = int(np.count_nonzero(route[start:end] < share))
-        n_c += k
-        n_b += end - start - k
-        d, state = decide(policy, ArmData(base[:n_b]), ArmData(can[:n_c]), weight, state)
-        if d.action == "rollback":
-            return _RunResult("rollback", end, n_c, step_ups, weight)
-        if d.action == "promote":
-            return _RunResult("promote", end, n_c, step_ups, 100)
-        if d.action == "step_up":
-            step_ups += 1
-            weight = d.next_weight
-            if follow_steps:
-                share = weight / 100.0
-    return _RunResult("none", total, n_c, step_ups, weight)
-
-
-def _summarise(scenario: str, results: list[_RunResult]) -> dict[str, Any]:
-    runs = len(results)
-    rb = [r for r in results if r.outcome == "rollback"]
-    pr = [r for r in results if r.outcome == "promote"]
-    rollback_rate = len(rb) / runs
-    promotion_rate = len(pr) / runs
-
-    def med(xs: list[int]) -> float | None:
-        return float(np.median(xs)) if xs else None
-
-    def se(p: float) -> float:
-        return math.sqrt(p * (1.0 - p) / runs)
-
-    return {
-        "false_rollback_rate": rollback_rate if scenario in ("aa", "ab-better") else None,
-        "rollback_rate": rollback_rate,
-        "rollback_rate_se": se(rollback_rate),
-        "median_outcomes_to_rollback": med([r.outcomes for r in rb]),
-        "median_canary_outcomes_to_rollback": med([r.canary_outcomes for r in rb]),
-        "p90_outcomes_to_rollback": float(np.quantile([r.outcomes for r in rb], 0.9)) if rb else None,
-        "promotion_rate": promotion_rate,
-        "promotion_rate_se": se(promotion_rate),
-        "median_outcomes_to_promotion": med([r.outcomes for r in pr]),
-        "undecided_rate": 1.0 - rollback_rate - promotion_rate,
-        "step_up_rate": sum(1 for r in results if r.step_ups > 0) / runs,
-    }
+    lines = ["| scenario | runs | rollback (95 % CI) | promotion (95 % CI) | held by SRM | median outcomes "
+             "to rollback | median s to rollback | checks |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["scenarios"]:
+        med = r["median_outcomes_to_rollback"]
+        sec = r["median_seconds_to_rollback"]
+        lines.append(f"| {r['scenario']}: {r['description']} | {r['runs']} | {pct(r['rollback'])} | "
+                     f"{pct(r['promotion'])} | {pct(r['held_by_srm'])} | "
+                     f"{'' if med is None else f'{med:,.0f}'} | {'' if sec is None else f'{sec:.0f}'} | "
+                     f"{'pass' if all(r['checks'].values()) else 'FAIL'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
