@@ -36,8 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-
+from chimera.jsonsafe import nan_to_none
 from rollout.lookdata import BASELINE, CANARY, ROBUST_METRICS, LookData
 from rollout.stats import (
     METRICS,
@@ -168,7 +167,7 @@ class SequentialState:
 
     def to_dict(self) -> dict[str, Any]:
         """Store -inf as None so the state survives strict JSON."""
-        return _jsonable(asdict(self))
+        return nan_to_none(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SequentialState:
@@ -261,7 +260,7 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able record for the decisions table; non-finite floats become None."""
-        return _jsonable(asdict(self))
+        return nan_to_none(asdict(self))
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -450,15 +449,3 @@ def _rules(
         return "step_up", nxt, f"{why}; stepping {weight}% -> {nxt}%", None, st.p_better
     return ("hold", weight, f"no significant difference yet: p_worse={st.p_worse:.4g}, "
             f"p_better={st.p_better:.4g}, alpha={a:g}", None, best)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    return obj
