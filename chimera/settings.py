@@ -204,10 +204,6 @@ class TracingSettings:
         return cls(parse_traces_exporter(_env(env).get("CHIMERA_TRACES_EXPORTER")))
 
 
-def traces_exporter_from_env() -> str:
-    """CHIMERA_TRACES_EXPORTER (none | console | otlp | memory; default none)."""
-    return TracingSettings.from_env().exporter
-
 
 # ------------------------------------------------------------------------------------ gateway
 def parse_log_features_sample(value: str | float | None, source: str) -> float:
@@ -232,10 +228,6 @@ class GatewaySettings:
         name = "CHIMERA_LOG_FEATURES_SAMPLE"
         return cls(parse_log_features_sample(_env(env).get(name), name))
 
-
-def log_features_sample_from_env() -> float:
-    """CHIMERA_LOG_FEATURES_SAMPLE (fraction 0..1; default 1). A bad value fails at start-up."""
-    return GatewaySettings.from_env().log_features_sample
 
 
 # ------------------------------------------------------------------------------------ rollout
@@ -264,10 +256,6 @@ class RolloutSettings:
         name = "CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S"
         return cls(parse_promotion_loadtest_max_age(_env(env).get(name), name))
 
-
-def promotion_loadtest_max_age_from_env() -> float:
-    """CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S (seconds; default 86400). A bad value fails at start-up."""
-    return RolloutSettings.from_env().promotion_loadtest_max_age_s
 
 
 # ------------------------------------------------------------------------------------ training
