@@ -24,30 +24,27 @@ class Flight:
     has failed over); `on_done(flight, scored, error)` is called once, with both None if cancelled.
     `tag` is the caller's own (the stream keeps its request there)."""
 
-    __slots__ = ("predictor", "model", "routing_key", "named", "dense", "pinned", "timeout", "started",
-                 "version", "x", "request_id", "future", "on_done", "tag")
+    __slots__ = ("predictor", "model", "routing_key", "retry", "started", "version", "x", "request_id",
+                 "future", "on_done", "tag")
 
-    def __init__(self, predictor: Predictor, model: str, routing_key: str, named: Mapping[str, float],
-                 dense: Sequence[float], pinned: int, timeout: float | None, started: float,
-                 on_done: OnDone, tag: Any) -> None:
+    def __init__(self, predictor: Predictor, model: str, routing_key: str,
+                 retry: tuple[Mapping[str, float], Sequence[float], int, float | None], started: float,
+                 on_done: OnDone, tag: Any, version: int, x: np.ndarray, request_id: str,
+                 future: asyncio.Future[Any]) -> None:
         self.predictor = predictor
         self.model = model
         self.routing_key = routing_key
-        self.named = named
-        self.dense = dense
-        self.pinned = pinned
-        self.timeout = timeout
+        self.retry = retry  # (named, dense, pinned, timeout): read only if the row fails over
         self.started = started
         self.on_done = on_done
         self.tag = tag
-        self.version = 0
-        self.x: np.ndarray | None = None
-        self.request_id = ""
-        self.future: asyncio.Future[Any] | None = None
+        self.version = version
+        self.x = x
+        self.request_id = request_id
+        self.future = future
 
     def cancel(self) -> None:
-        if self.future is not None:
-            self.future.cancel()
+        self.future.cancel()
 
     def _scored(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
@@ -56,13 +53,14 @@ class Flight:
         exc = fut.exception()
         if exc is None:
             p = self.predictor
-            self.on_done(self, p._finish(self.model, self.version, self.x, self.request_id,  # type: ignore[arg-type]
+            self.on_done(self, p._finish(self.model, self.version, self.x, self.request_id,
                                          self.routing_key, fut.result(), self.started), None)
             return
         if isinstance(exc, UnavailableError):  # the version failed the row: its fallback scores it
+            named, dense, pinned, timeout = self.retry
             self.future = asyncio.ensure_future(self.predictor._rescue(
-                self.model, None, self.version, self.pinned, self.timeout, self.started, exc,
-                lambda schema: schema.project_one(self.named, self.dense)))
+                self.model, None, self.version, pinned, timeout, self.started, exc,
+                lambda schema: schema.project_one(named, dense)))
             self.future.add_done_callback(self._rescued)
             return
         self.on_done(self, None, exc)
@@ -76,5 +74,5 @@ class Flight:
             self.on_done(self, None, exc)
             return
         self.version, self.x, score = fut.result()
-        self.on_done(self, self.predictor._finish(self.model, self.version, self.x, self.request_id,  # type: ignore[arg-type]
+        self.on_done(self, self.predictor._finish(self.model, self.version, self.x, self.request_id,
                                                   self.routing_key, score, self.started), None)

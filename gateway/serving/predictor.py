@@ -92,11 +92,11 @@ class Predictor:
                       on_done: OnDone, tag: Any = None) -> Flight:
         """`submit` without awaiting (streams: no task per row). Raising here means the row is bad
         and no work was queued; otherwise `on_done` hears how it ended."""
-        flight = Flight(self, model, routing_key, named, dense, pinned, timeout, started, on_done, tag)
-        fut, flight.version, flight.x, flight.request_id = self._begin(model, routing_key, request_id, named,
-                                                                       dense, pinned, timeout)
+        fut, version, x, request_id = self._begin(model, routing_key, request_id, named, dense, pinned,
+                                                  timeout)
         future = fut if isinstance(fut, asyncio.Future) else asyncio.ensure_future(fut)
-        flight.future = future
+        flight = Flight(self, model, routing_key, (named, dense, pinned, timeout), started, on_done, tag,
+                        version, x, request_id, future)
         future.add_done_callback(flight._scored)
         return flight
 
