@@ -242,8 +242,3 @@ def undeploy_versions(versions: list[tuple[str, int]], *, timeout_s: float = 60.
     deadline = time.monotonic() + timeout_s
     while names & set(serve.status().applications) and time.monotonic() < deadline:
         time.sleep(0.2)
-
-
-def deployed_apps() -> set[str]:
-    status = serve.status()
-    return {name for name in status.applications if name.startswith("chimera-")}
