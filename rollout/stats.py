@@ -1,4 +1,4 @@
-"""Statistics for canary analysis: per-request metrics, classical tests, mSPRT and guardrails.
+"""Statistics for canary analysis: per-request metrics, outcome domains, classical tests and mixture SPRTs.
 
 Everything here is a pure function of per-arm samples so that a stored decision can be recomputed
 exactly from the logged prediction/outcome rows. The rollout policy lives in ``rollout.decision``.
@@ -405,99 +405,6 @@ def always_valid_p_values(look_p_values: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# guardrails
-
-
-@dataclass(frozen=True)
-class GuardrailResult:
-    """One guardrail check; ``observed`` is compared with ``threshold`` (delta or ratio)."""
-
-    name: str
-    breached: bool
-    observed: float
-    threshold: float
-    p_value: float
-    reason: str
-
-
-def error_rate_guardrail(
-    errors_b: int,
-    requests_b: int,
-    errors_c: int,
-    requests_c: int,
-    *,
-    max_delta: float = 0.01,
-    alpha: float = 0.001,
-) -> GuardrailResult:
-    """Breach when the canary's error rate exceeds the baseline's by more than ``max_delta`` AND a
-    one-sided test (z, or Fisher exact for sparse cells) says canary > baseline at level ``alpha``.
-
-    Both conditions: the delta alone would fire on three requests with one unlucky error, the test
-    alone would fire on a statistically real but harmless 0.01 % difference. The small default alpha
-    pays for checking after every batch; a guardrail rollback is cheap compared with a broken canary.
-    """
-    eb, rb, ec, rc = int(errors_b), int(requests_b), int(errors_c), int(requests_c)
-    if rc <= 0:
-        return GuardrailResult("error_rate", False, math.nan, max_delta, 1.0, "no canary requests yet")
-    rate_c = ec / rc
-    rate_b = eb / rb if rb > 0 else 0.0
-    delta = rate_c - rate_b
-    if delta <= max_delta:
-        return GuardrailResult(
-            "error_rate",
-            False,
-            delta,
-            max_delta,
-            1.0,
-            f"canary error rate {rate_c:.4f} vs baseline {rate_b:.4f}: delta within {max_delta}",
-        )
-    p = _one_sided_greater_p(eb, rb, ec, rc)
-    breached = p <= alpha
-    verdict = "breached" if breached else "not significant"
-    return GuardrailResult(
-        "error_rate",
-        breached,
-        delta,
-        max_delta,
-        p,
-        f"canary error rate {rate_c:.4f} vs baseline {rate_b:.4f} (delta {delta:.4f} > {max_delta}, "
-        f"one-sided p={p:.3g}, alpha={alpha}): {verdict}",
-    )
-
-
-def latency_guardrail(
-    p99_b: float, p99_c: float, *, max_ratio: float = 1.5, requests_c: int = 0, min_requests: int = 100
-) -> GuardrailResult:
-    """Breach when canary p99 / baseline p99 > ``max_ratio``, once the canary has ``min_requests``.
-
-    A p99 over a handful of requests is just the maximum, so it is not trusted below min_requests.
-    """
-    if not (math.isfinite(p99_b) and math.isfinite(p99_c)) or p99_b <= 0.0:
-        return GuardrailResult("p99_latency", False, math.nan, max_ratio, math.nan, "no latency data")
-    ratio = p99_c / p99_b
-    if requests_c < min_requests:
-        return GuardrailResult(
-            "p99_latency",
-            False,
-            ratio,
-            max_ratio,
-            math.nan,
-            f"p99 ratio {ratio:.2f} ignored: {requests_c} < {min_requests} canary requests",
-        )
-    breached = ratio > max_ratio
-    return GuardrailResult(
-        "p99_latency",
-        breached,
-        ratio,
-        max_ratio,
-        math.nan,
-        f"canary p99 {p99_c * 1e3:.1f} ms / baseline {p99_b * 1e3:.1f} ms = {ratio:.2f} "
-        f"({'>' if breached else '<='} {max_ratio})",
-    )
-
-
-
-# --------------------------------------------------------------------------------------------------
 # outcome domains
 
 
@@ -585,14 +492,3 @@ def _check_metric(metric: str) -> None:
 
 def _mean(x: np.ndarray) -> float:
     return float(np.sum(x)) / x.size if x.size else math.nan
-
-
-def _one_sided_greater_p(xb: int, nb: int, xc: int, nc: int) -> float:
-    """P-value for H1: canary proportion > baseline proportion."""
-    if nb <= 0:
-        return 1.0
-    if min(xb, nb - xb, xc, nc - xc) < FISHER_MIN_CELL:
-        res = sps.fisher_exact([[xc, nc - xc], [xb, nb - xb]], alternative="greater")
-        return float(res.pvalue)
-    z, _ = two_proportion_z(xb, nb, xc, nc)
-    return float(ndtr(-float(z)))

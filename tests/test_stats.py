@@ -232,29 +232,32 @@ def test_msprt_confidence_interval_boundary_is_where_lambda_hits_one_over_alpha(
 
 
 # --------------------------------------------------------------------------------------------------
-# guardrails
+# one-sided and point-mixture SPRTs (the guardrail tests that were here moved to tests/test_decision.py,
+# where the guardrails now live as sequential tests inside look())
 
 
-def test_error_rate_guardrail_breaches_on_a_crashing_canary_with_few_requests():
-    g = S.error_rate_guardrail(5, 10_000, 8, 10, max_delta=0.01, alpha=0.001)
-    assert g.breached and g.name == "error_rate"
-    assert g.p_value <= 0.001
+@pytest.mark.parametrize("theta_hat", [-0.08, -0.02, 0.0, 0.03])
+def test_one_sided_mixture_matches_numerical_integral(theta_hat):
+    v, tau = 4e-4, 0.05
+    grid = np.linspace(-8 * tau, 0.0, 40_001)
+    prior = 2 * sps.norm.pdf(grid, 0.0, tau)
+    lik = sps.norm.pdf(theta_hat, grid, math.sqrt(v)) / sps.norm.pdf(theta_hat, 0.0, math.sqrt(v))
+    numeric = np.trapezoid(prior * lik, grid)
+    assert S.msprt_one_sided_log_lr(theta_hat, v, tau, "less") == pytest.approx(math.log(numeric), rel=1e-4)
 
 
-def test_error_rate_guardrail_needs_both_practical_and_statistical_excess():
-    # one unlucky error in three requests: big delta, not significant
-    assert not S.error_rate_guardrail(10, 10_000, 1, 3).breached
-    # significant but tiny difference: within max_delta
-    assert not S.error_rate_guardrail(100, 1_000_000, 150, 100_000, max_delta=0.01).breached
-    # equal rates
-    assert not S.error_rate_guardrail(100, 10_000, 10, 1_000).breached
-    # no canary traffic
-    assert not S.error_rate_guardrail(0, 100, 0, 0).breached
+def test_point_mixture_is_wald_sprt_at_full_weight_and_favours_its_side():
+    v, tau = 4e-4, 0.04
+    assert S.msprt_point_mixture_log_lr(-0.05, v, tau, "less", 1.0) == pytest.approx(
+        (-tau * -0.05 - 0.5 * tau * tau) / v)
+    assert S.msprt_point_mixture_log_lr(-0.05, v, tau, "less", 0.8) > 2.5
+    assert S.msprt_point_mixture_log_lr(-0.05, v, tau, "greater", 0.8) < 0.0
+    assert S.msprt_point_mixture_log_lr(0.01, math.nan, tau, "less", 0.8) == 0.0
 
 
-def test_latency_guardrail():
-    assert S.latency_guardrail(0.010, 0.020, max_ratio=1.5, requests_c=500).breached
-    assert not S.latency_guardrail(0.010, 0.014, max_ratio=1.5, requests_c=500).breached
-    # too few canary requests for a p99
-    assert not S.latency_guardrail(0.010, 0.050, max_ratio=1.5, requests_c=20, min_requests=100).breached
-    assert not S.latency_guardrail(math.nan, 0.050, requests_c=500).breached
+def test_outcome_domain():
+    assert S.outcome_in_domain("success_rate", np.array([0.0, 1.0, 0.5, np.nan])).tolist() == [
+        True, True, False, False]
+    assert S.outcome_in_domain("mean_outcome", np.array([-3.0, np.inf])).tolist() == [True, False]
+    with pytest.raises(ValueError, match="value: metric 'brier' takes binary outcomes"):
+        S.check_outcome("brier", 2.0)
