@@ -348,6 +348,33 @@ class Registry:
                  .group_by(Model.name, Model.split_revision))
             return {name: (int(rev), int(last or 0)) for name, rev, last in s.execute(q).tuples().all()}
 
+    def _claim_revision(self, s: Session, m: Model, expected_revision: int | None) -> Split:
+        """Take the next split revision of `m` inside `s`'s transaction, before reading anything else,
+        and return the split as it was just before (the state this change replaces).
+
+        The conditional UPDATE comes first on purpose: it takes the model row's write lock (PostgreSQL
+        row lock; SQLite's database write lock), so every split change of a model is serialised, two
+        states can never share a revision, and the `old` state in the audit row is the state actually
+        replaced rather than one read before a concurrent writer committed. With an expected revision
+        a stale caller changes nothing and gets ConflictError (gRPC ABORTED); `None` is the forced
+        form (the operator's explicit override): still serialised and audited, never a lost revision."""
+        cond = [Model.id == m.id]
+        if expected_revision is not None:
+            cond.append(Model.split_revision == expected_revision)
+        res = s.execute(update(Model).where(*cond).values(split_revision=Model.split_revision + 1)
+                        .execution_options(synchronize_session=False))
+        if res.rowcount != 1:
+            now = s.scalar(select(Model.split_revision).where(Model.id == m.id))
+            raise ConflictError(
+                f"expected_revision: split of {m.name!r} changed since revision {expected_revision} "
+                f"(now {now}); read it again")
+        revision, shadow = s.execute(select(Model.split_revision, Model.shadow_version)
+                                     .where(Model.id == m.id)).one()
+        rows = s.execute(select(TrafficSplit.version, TrafficSplit.weight)
+                         .where(TrafficSplit.model_id == m.id).order_by(TrafficSplit.version)).all()
+        return Split(model=m.name, revision=int(revision) - 1, weights={v: w for v, w in rows if w > 0},
+                     shadow=shadow)
+
     def set_split(
         self,
         model: str,
@@ -360,31 +387,26 @@ class Registry:
         status_changes: Mapping[int, str] | None = None,
         decision: Mapping[str, Any] | None = None,
     ) -> Split:
-        """Replace the split atomically. expected_revision=None skips the optimistic check (only
-        for trusted internal callers); a stale revision raises ConflictError and changes nothing.
-        Version status changes and the decision row that caused the change commit in the same
-        transaction, so a crash leaves either the old state or the new one, never half of it."""
+        """Replace the split atomically. A stale expected_revision raises ConflictError and changes
+        nothing; expected_revision=None is the forced override (SetTrafficSplit with force), still
+        serialised with every other split change (see _claim_revision). Operator and controller paths
+        pass the revision they read. Version status changes and the decision row that caused the
+        change commit in the same transaction, so a crash leaves either the old state or the new one."""
+        for status in (status_changes or {}).values():
+            if status not in VERSION_STATUSES:
+                raise ValidationError(f"status: unknown status {status!r}")
         with self._sessions.begin() as s:
             m = self._model(s, model)
             known = s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == m.id)).all()
             new = validate_weights(weights, known)
-            old = self._split(s, m)
-            base = old.revision if expected_revision is None else expected_revision
-            res = s.execute(update(Model).where(Model.id == m.id, Model.split_revision == base)
-                            .values(split_revision=base + 1))
-            if res.rowcount != 1:
-                raise ConflictError(
-                    f"expected_revision: split of {model!r} changed since revision {base} "
-                    f"(now {old.revision}); read it again")
+            old = self._claim_revision(s, m, expected_revision)
             s.execute(TrafficSplit.__table__.delete().where(TrafficSplit.model_id == m.id))
             for version, weight in new.items():
                 s.add(TrafficSplit(model_id=m.id, version=version, weight=weight))
             s.add(SplitAudit(model=model, actor=actor, reason=reason, forced=forced,
                              old={str(k): v for k, v in old.weights.items()},
-                             new={str(k): v for k, v in new.items()}, revision=base + 1))
+                             new={str(k): v for k, v in new.items()}, revision=old.revision + 1))
             for version, status in (status_changes or {}).items():
-                if status not in VERSION_STATUSES:
-                    raise ValidationError(f"status: unknown status {status!r}")
                 s.execute(update(ModelVersion).where(ModelVersion.model_id == m.id,
                                                      ModelVersion.version == version).values(status=status))
             if decision is not None:
@@ -392,20 +414,26 @@ class Registry:
             if self.is_postgres:
                 # Delivered at commit to every gateway LISTENing: split changes spread in milliseconds.
                 s.execute(text("SELECT pg_notify(:ch, :model)"), {"ch": SPLIT_CHANNEL, "model": model})
-            return Split(model=model, revision=base + 1, weights=new, shadow=m.shadow_version)
+            return Split(model=model, revision=old.revision + 1, weights=new, shadow=old.shadow)
 
-    def set_shadow(self, model: str, version: int | None, *, actor: str, reason: str = "") -> Split:
+    def set_shadow(self, model: str, version: int | None, *, actor: str, reason: str = "",
+                   expected_revision: int | None = None) -> Split:
         """Mirror `version` on the model's live traffic (None: stop). Bumps the split revision so
-        every gateway picks it up like a split change, and is audited like one."""
+        every gateway picks it up like a split change, and is audited like one.
+
+        The shadow is set on whatever weights are current when this commits: the revision is claimed
+        first (_claim_revision), so a concurrent SetTrafficSplit is either wholly before or wholly after
+        this change and neither is lost. Pass expected_revision to refuse a split that moved since it
+        was read (ConflictError)."""
         with self._sessions.begin() as s:
             m = self._model(s, model)
             if version is not None:
                 known = set(s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == m.id)))
                 if version not in known:
                     raise ValidationError(f"version: model {model!r} has no version {version}")
-            old = self._split(s, m)
-            m.shadow_version = version
-            m.split_revision = old.revision + 1
+            old = self._claim_revision(s, m, expected_revision)
+            s.execute(update(Model).where(Model.id == m.id).values(shadow_version=version)
+                      .execution_options(synchronize_session=False))
             weights = {str(k): v for k, v in old.weights.items()}
             s.add(SplitAudit(model=model, actor=actor, reason=reason or f"shadow -> {version}", forced=False,
                              old={**weights, "shadow": old.shadow or 0},

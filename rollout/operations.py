@@ -3,13 +3,14 @@ gRPC service and the CLI. Manual actions are stored as decisions too, so the his
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from registry import Registry, Split, ValidationError
+from registry import ConflictError, Registry, Split, ValidationError
 from registry.rollouts import arm_rows, decisions, rollout_start
 from rollout import splits
 from rollout.controller import PromotionGate, arms
@@ -43,6 +44,19 @@ def _manual_decision(
     }
 
 
+def _with_one_retry(action: Callable[[], Split]) -> Split:
+    """Run an operator action that reads the model, decides and writes with the revision it read.
+
+    A concurrent split change (another operator, the controller, a gateway's failover) makes the write
+    fail with ConflictError; the action is then decided again once on a fresh read, because what an
+    operator asked for ("promote v3", "roll the canary back") still has a meaning on the new state. A
+    second conflict is returned to the caller (gRPC ABORTED): the split is moving under them."""
+    try:
+        return action()
+    except ConflictError:
+        return action()
+
+
 def promote(
     registry: Registry,
     model: str,
@@ -53,6 +67,14 @@ def promote(
     force: bool = False,
     gate: PromotionGate | None = None,
 ) -> Split:
+    """Make `version` the only production version (100 %), the previous production one standby.
+    Written with the revision read here (retried once on a fresh read, see _with_one_retry)."""
+    return _with_one_retry(lambda: _promote(registry, model, version, actor=actor, reason=reason,
+                                            force=force, gate=gate))
+
+
+def _promote(registry: Registry, model: str, version: int, *, actor: str, reason: str, force: bool,
+             gate: PromotionGate | None) -> Split:
     info = registry.get_model(model)
     if version not in {v.version for v in info.versions}:
         raise ValidationError(f"version: model {model!r} has no version {version}")
@@ -66,7 +88,7 @@ def promote(
     return registry.set_split(
         model,
         splits.only(weights, version),
-        expected_revision=None,
+        expected_revision=info.split.revision,
         actor=actor,
         reason=reason or f"promote v{version}" + (" (forced)" if force else ""),
         forced=force,
@@ -86,7 +108,12 @@ def promote(
 
 
 def rollback(registry: Registry, model: str, version: int = 0, *, actor: str, reason: str = "") -> Split:
-    """Canary present: its weight goes to the baseline. Otherwise: back to the standby version."""
+    """Canary present: its weight goes to the baseline. Otherwise: back to the standby version.
+    Written with the revision read here (retried once on a fresh read, see _with_one_retry)."""
+    return _with_one_retry(lambda: _rollback(registry, model, version, actor=actor, reason=reason))
+
+
+def _rollback(registry: Registry, model: str, version: int, *, actor: str, reason: str) -> Split:
     info = registry.get_model(model)
     weights = dict(info.split.weights)
     status = {v.version: v.status for v in info.versions}
@@ -109,7 +136,7 @@ def rollback(registry: Registry, model: str, version: int = 0, *, actor: str, re
     return registry.set_split(
         model,
         new,
-        expected_revision=None,
+        expected_revision=info.split.revision,
         actor=actor,
         reason=reason or f"rollback v{canary}",
         status_changes=changes,
