@@ -20,9 +20,9 @@ previous look, and returns the verdict with every statistic and the next state. 
 6. Otherwise hold.
 
 Error budget. ``alpha`` is the total false-rollback budget of an A/A canary: the primary metric's
-"worse" test gets ``alpha − 2·guardrail_alpha`` and each guardrail ``guardrail_alpha`` (Bonferroni over
-always-valid p-values, so the sum holds at every look). The "better" test has the same primary alpha,
-so false promotions are bounded by it too. SRM and coverage checks only ever hold, so their
+"worse" test gets ``alpha − 2·guardrail_alpha`` and each guardrail ``guardrail_alpha`` (default alpha/50;
+Bonferroni over always-valid p-values, so the sum holds at every look). The "better" test has the same
+primary alpha, so false promotions are bounded by it too. SRM and coverage checks only ever hold, so their
 ``srm_alpha`` buys no rollback and is not part of the budget.
 
 Every p-value is the running minimum of a mixture-SPRT p-value (Ville's inequality), on a statistic
@@ -70,9 +70,11 @@ class RolloutPolicy:
     metric: str = "success_rate"
     alpha: float = 0.05
     min_samples_per_arm: int = 200
+    min_expected_events: float = 20.0
+    promote_alpha: float | None = None
     steps: tuple[int, ...] = (5, 10, 25, 50, 100)
     tau: float | None = None
-    guardrail_alpha: float = 0.001
+    guardrail_alpha: float | None = None
     point_mass: float = 0.8
     max_error_rate_delta: float = 0.01
     error_tau: float = 0.1
@@ -94,8 +96,8 @@ class RolloutPolicy:
             raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError("alpha must be in (0, 1)")
-        if self.guardrail_alpha < 0.0 or 2.0 * self.guardrail_alpha >= self.alpha:
-            raise ValueError("guardrail_alpha must be >= 0 and leave part of alpha to the primary metric")
+        if self.guardrail_alpha is not None and not 0.0 < 2.0 * self.guardrail_alpha < self.alpha:
+            raise ValueError("guardrail_alpha must be > 0 and leave part of alpha to the primary metric")
         if not 0.0 < self.srm_alpha < 1.0:
             raise ValueError("srm_alpha must be in (0, 1)")
         if self.min_samples_per_arm < 2:
@@ -112,6 +114,8 @@ class RolloutPolicy:
             v = getattr(self, name)
             if v is not None and not (v > 0.0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be positive")
+        if self.promote_alpha is not None and not 0.0 < self.promote_alpha <= self.alpha:
+            raise ValueError("promote_alpha must be in (0, alpha]")
         if self.non_inferiority_margin is not None and self.non_inferiority_margin < 0.0:
             raise ValueError("non_inferiority_margin must be >= 0")
         if not 0.0 <= self.point_mass <= 1.0:
@@ -132,9 +136,21 @@ class RolloutPolicy:
         return float(self.tau) if self.tau is not None else DEFAULT_TAU[self.metric]
 
     @property
+    def resolved_guardrail_alpha(self) -> float:
+        """Each guardrail's share of the budget: ``guardrail_alpha``, by default alpha / 50 (0.001 of
+        0.05), small because a crashing or slow canary gives overwhelming evidence anyway."""
+        return float(self.guardrail_alpha) if self.guardrail_alpha is not None else self.alpha / 50.0
+
+    @property
+    def resolved_promote_alpha(self) -> float:
+        """Alpha of the "better" test behind a step-up or promotion: by default half the primary alpha,
+        since shipping on evidence should need more of it than stopping a canary."""
+        return float(self.promote_alpha) if self.promote_alpha is not None else self.primary_alpha / 2.0
+
+    @property
     def primary_alpha(self) -> float:
         """The primary metric's share of the budget (each direction)."""
-        return self.alpha - 2.0 * self.guardrail_alpha
+        return self.alpha - 2.0 * self.resolved_guardrail_alpha
 
     def next_weight(self, current_weight: int) -> int:
         """Smallest step above the current weight; 100 when the canary is already at or past the last step."""
@@ -358,11 +374,11 @@ def look(
 
     err, p_err = _proportion_guardrail(
         "error_rate", [(p.errors[0], p.requests[0], p.errors[1], p.requests[1]) for p in data.periods],
-        policy.max_error_rate_delta, policy.error_tau, prev.p_errors, policy.guardrail_alpha,
+        policy.max_error_rate_delta, policy.error_tau, prev.p_errors, policy.resolved_guardrail_alpha,
         "error rate")
     lat, p_lat = _proportion_guardrail(
         "latency", [(p.slow[0], p.latency_n[0], p.slow[1], p.latency_n[1]) for p in data.periods],
-        policy.max_slow_share_delta, policy.latency_tau, prev.p_latency, policy.guardrail_alpha,
+        policy.max_slow_share_delta, policy.latency_tau, prev.p_latency, policy.resolved_guardrail_alpha,
         f"share slower than the baseline's p{policy.latency_quantile * 100:g}")
     p_srm, _, srm_stat = _srm(data, policy, prev.p_srm)
     p_cov, coverage = _coverage(data, policy, prev.p_coverage)
@@ -370,7 +386,14 @@ def look(
 
     n_b, n_c = data.n
     effect, var = data.effect, data.variance
-    ready = (n_b >= policy.min_samples_per_arm and n_c >= policy.min_samples_per_arm
+    # Binary outcomes: the normal approximation needs events, not only rows. Require, in the smaller
+    # arm, min_expected_events successes and failures at the pooled rate (the rate under "no effect",
+    # so the rule does not look at which arm is ahead): a rare rate waits for more outcomes.
+    pooled = (data.mean[BASELINE] * n_b + data.mean[CANARY] * n_c) / (n_b + n_c) if n_b and n_c else math.nan
+    events_ok = policy.metric != "success_rate" or (
+        math.isfinite(pooled)
+        and min(pooled, 1.0 - pooled) * min(n_b, n_c) >= policy.min_expected_events)
+    ready = (n_b >= policy.min_samples_per_arm and n_c >= policy.min_samples_per_arm and events_ok
              and math.isfinite(effect) and math.isfinite(var)
              and (policy.metric not in ROBUST_METRICS or policy.winsor_quantile is None
                   or data.winsor is not None))
@@ -427,12 +450,14 @@ def _rules(
                 None, min(p_srm, p_cov))
     if not ready:
         return ("hold", weight, f"collecting: {n_b} baseline / {n_c} canary matured outcomes, need "
-                f"{policy.min_samples_per_arm} per arm", None, best)
+                f"{policy.min_samples_per_arm} per arm (and {policy.min_expected_events:g} expected "
+                f"successes and failures per arm for a rate)", None, best)
     a = policy.primary_alpha
     if st.p_worse <= a:
         return ("rollback", 0, f"canary worse: always-valid p={st.p_worse:.4g} <= alpha={a:g}", None,
                 st.p_worse)
     margin = policy.non_inferiority_margin
+    a = policy.resolved_promote_alpha
     better = st.p_better <= a
     non_inferior = margin is not None and st.improvement_lower_bound >= -margin
     if better or non_inferior:

@@ -1,5 +1,10 @@
-"""Acceptance of the rollout policy by simulation: ab-worse at the issue's 200 runs; A/A here at 300
-(its 500-run acceptance runs through the CLI in tests/test_cli.py)."""
+"""Acceptance of the rollout decision path by simulation (rollout.simulate): generated rows through the
+controller's own builder, look() and split arithmetic, for every scenario of issue 14.
+
+Run counts here fit `make test`'s budget (about two minutes on two cores); the 1,000-run table is in
+docs/statistics.md with the command that made it. The cheap scenarios that end early (worse, failing,
+slow canaries) run at or near full count; the A/A scenarios, which run to the 20,000-request horizon,
+at a count where the checks still fail if a rate is grossly off (they are deterministic for a seed)."""
 
 from __future__ import annotations
 
@@ -7,64 +12,59 @@ import json
 
 import pytest
 
-from rollout.decision import RolloutPolicy
-from rollout.simulate import main, simulate
+from rollout.simulate import SCENARIOS, check, main, simulate, wilson
+
+SEED = 2026
 
 
-@pytest.fixture(scope="module")
-def aa() -> dict:
-    return simulate("aa", 300, seed=100)
+@pytest.mark.parametrize("name", ["aa", "aa-p10", "aa-rare", "aa-heavy", "aa-sticky", "aa-errors",
+                                  "aa-latency", "aa-step", "aa-delayed"])
+def test_aa_scenarios_neither_roll_back_nor_promote_beyond_alpha(name):
+    r = simulate(name, 40, seed=SEED)
+    assert r["rollback"]["rate"] <= 0.05 and r["promotion"]["rate"] <= 0.05, r
+    assert r["rollback"]["ci_low"] <= 0.05 and r["promotion"]["ci_low"] <= 0.05
 
 
-def test_aa_false_rollback_rate_within_alpha(aa):
-    assert aa["scenario"] == "aa" and aa["runs"] == 300
-    assert aa["false_rollback_rate"] <= 0.06
+def test_five_point_worse_canary_is_rolled_back_fast():
+    r = simulate("ab-worse", 300, seed=SEED, workers=2)
+    assert r["rollback"]["rate"] >= 0.95, r
+    assert r["median_outcomes_to_rollback"] <= 6_000, r
+    assert r["promotion"]["rate"] == 0.0
 
 
-def test_naive_peeking_inflates_false_rollbacks(aa):
-    naive = aa["naive"]["false_rollback_rate"]
-    assert naive > 0.06
-    assert naive >= 3 * max(aa["false_rollback_rate"], 0.01)
+def test_failing_canary_rolled_back_within_seconds_and_slow_canary_rolled_back():
+    fail = simulate("fail", 200, seed=SEED)
+    assert all(check(fail).values()), fail
+    assert fail["rollbacks_by"] == {"error_rate": 200} and fail["max_seconds_to_rollback"] <= 10
+    slow = simulate("slow", 200, seed=SEED)
+    assert all(check(slow).values()) and slow["rollbacks_by"] == {"latency": 200}, slow
 
 
-def test_ab_worse_is_rolled_back():
-    r = simulate("ab-worse", 200, seed=200)  # the issue's acceptance size
-    assert r["p_canary"] == pytest.approx(0.55)
-    assert r["rollback_rate"] >= 0.90
-    assert r["median_outcomes_to_rollback"] is not None
-    assert r["median_outcomes_to_rollback"] <= r["max_outcomes"]
-    assert r["false_rollback_rate"] is None
-    assert r["naive"]["rollback_rate"] >= r["rollback_rate"] - 0.05
+def test_srm_canary_is_held_never_promoted():
+    r = simulate("srm", 30, seed=SEED)
+    assert r["held_by_srm"]["rate"] >= 0.95 and r["promotion"]["rate"] == 0.0, r
 
 
-def test_ab_better_is_promoted_not_rolled_back():
-    r = simulate("ab-better", 60, seed=300)
-    assert r["promotion_rate"] >= 0.85
-    assert r["false_rollback_rate"] <= 0.05
-    assert "promotion_rate" in r["naive"]
+def test_wilson_interval_and_checks():
+    lo, hi = wilson(0, 1000)
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.003 < hi < 0.004
+    lo, hi = wilson(50, 1000)
+    assert lo < 0.05 < hi and hi == pytest.approx(0.0653, abs=5e-4)
+    fake = {"kind": "aa", "rollback": {"rate": 0.04, "ci_low": 0.03, "ci_high": 0.07},
+            "promotion": {"rate": 0.0, "ci_low": 0.0, "ci_high": 0.004}}
+    assert check(fake)["false_rollback_ci_high_le_6.5pct"] is False
 
 
-def test_simulation_is_deterministic_and_json_able():
-    kw = {"seed": 7, "max_outcomes": 6_000, "batch_size": 200}
-    a = simulate("ab-worse", 10, **kw)
-    b = simulate("ab-worse", 10, **kw)
+def test_deterministic_json_and_cli_entry(capsys):
+    a = simulate("ab-worse", 6, seed=7)
+    b = simulate("ab-worse", 6, seed=7)
     a.pop("elapsed_s")
     b.pop("elapsed_s")
     assert a == b
     json.dumps(a, allow_nan=False)
-
-
-def test_fixed_share_and_custom_policy():
-    pol = RolloutPolicy(metric="success_rate", tau=0.03, min_samples_per_arm=100)
-    r = simulate("ab-better", 10, seed=1, max_outcomes=8_000, policy=pol, follow_steps=False)
-    assert r["policy"]["tau"] == 0.03 and r["follow_steps"] is False
-    with pytest.raises(ValueError):
-        simulate("ab-worse", 1, policy=RolloutPolicy(metric="brier"))
+    assert main(["--scenario", "fail", "--runs", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scenario"] == "fail" and out["runs"] == 5 and all(out["checks"].values())
     with pytest.raises(ValueError):
         simulate("nope", 1)
-
-
-def test_cli_entry(capsys):
-    assert main(["--scenario", "ab-worse", "--runs", "5", "--max-outcomes", "4000"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["scenario"] == "ab-worse" and out["runs"] == 5
+    assert {"aa", "ab-worse", "fail", "slow", "srm", "aa-step", "aa-delayed"} <= set(SCENARIOS)
