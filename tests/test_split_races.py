@@ -22,12 +22,9 @@ THREADS_ITERATIONS = 40
 
 def _model(reg: Registry, name: str = "m", versions: int = 3) -> None:
     for i in range(versions):
-        reg.publish_version(name, b"onnx-bytes-%d" % i, ["a", "b"], status="production" if i == 0 else "staged")
+        reg.publish_version(name, b"onnx-bytes-%d" % i, ["a", "b"],
+                            status="production" if i == 0 else "staged")
     reg.set_split(name, {1: 100}, expected_revision=0, actor="test")
-
-
-def _state(entry: dict) -> dict:
-    return dict(entry)
 
 
 def assert_consistent_trail(reg: Registry, model: str) -> list[dict]:
@@ -164,7 +161,8 @@ def test_promote_retries_once_on_a_fresh_read(registry: Registry, monkeypatch: p
     assert registry.get_split("m").shadow == 3  # the racer's change survived
 
 
-def test_promote_gives_up_after_a_second_conflict(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_promote_gives_up_after_a_second_conflict(registry: Registry,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     _model(registry)
     real = registry.get_model
 
