@@ -1,21 +1,27 @@
 """Cross-process mutual exclusion, every lock of the registry in one place: PostgreSQL session advisory
 locks, no-ops on SQLite (one process writes a SQLite registry in the embedded setup).
 
-- `advisory_lock`: scoped, for one job (a controller tick, a retrain).
+- `advisory_lock`: scoped, for one job (a controller tick, a retrain), fenced (see HeldLock).
 - `SessionLock`: held for as long as the caller wants (the scheduler's leadership).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, text
+from sqlalchemy.orm import Session
+
+from registry.errors import ConflictError
 
 if TYPE_CHECKING:
     from registry.repository import Registry
+
+log = logging.getLogger(__name__)
 
 
 def lock_key(name: str) -> int:
@@ -23,22 +29,73 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
+class LockLost(ConflictError):
+    """A fenced write found that its advisory lock is no longer held by its connection (the connection
+    was lost or replaced): the write is rolled back. A ConflictError, so callers that retry a conflict
+    on their next look do so here too (gRPC ABORTED)."""
+
+
+class HeldLock:
+    """What `advisory_lock` yields: true when this process holds the lock, false when another one does.
+
+    `registry` is the fence. On PostgreSQL it is a Registry whose every session runs on the connection
+    that holds the lock, and whose every commit first checks, in the same transaction, that this backend
+    (`pg_backend_pid()`, the pid the lock was taken on) still holds the lock in `pg_locks`. A session
+    advisory lock dies with its connection, so a holder whose connection was terminated cannot commit
+    anything afterwards, not even after SQLAlchemy has transparently reconnected the Connection to a new
+    backend, while a second process takes the lock over. On SQLite it is the caller's registry."""
+
+    def __init__(self, held: bool, registry: Registry, *, pid: int | None = None,
+                 key: int | None = None) -> None:
+        self.held = held
+        self.registry = registry
+        self.pid = pid
+        self.key = key
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    def check(self, session: Session) -> None:
+        """Raise LockLost unless this session's backend is the one holding the lock."""
+        if self.pid is None or self.key is None:
+            return
+        hi, lo = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
+        ours = session.execute(text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND classid = :hi AND objid = :lo AND database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()) AND pid = :pid AND pid = pg_backend_pid()"),
+            {"hi": hi, "lo": lo, "pid": self.pid}).scalar()
+        if not ours:
+            raise LockLost(f"lock: this process no longer holds advisory lock {self.key} (connection lost); "
+                           "nothing was written")
+
+
 @contextmanager
-def advisory_lock(registry: Registry, name: str) -> Iterator[bool]:
-    """Yields True when this process holds the lock, False when another one does (never blocks)."""
+def advisory_lock(registry: Registry, name: str) -> Iterator[HeldLock]:
+    """Yields a HeldLock: true when this process holds the lock, false when another does (never blocks).
+    Do the locked work through `held.registry` so it is fenced (see HeldLock)."""
     if not registry.is_postgres:
-        yield True
+        yield HeldLock(True, registry)
         return
     key = lock_key(name)
     with registry.engine.connect() as conn:
         got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
+        pid = int(conn.scalar(text("SELECT pg_backend_pid()")))
         conn.commit()
+        if not got:
+            yield HeldLock(False, registry)
+            return
+        held = HeldLock(True, registry, pid=pid, key=key)
+        held.registry = registry.on_connection(conn, before_commit=held.check)
         try:
-            yield got
+            yield held
         finally:
-            if got:
+            try:
+                conn.rollback()
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
+            except Exception:  # the connection is gone, and the server released the lock with it
+                log.info("advisory lock %s: connection lost before unlock (the server released it)", name)
 
 
 class SessionLock:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -184,6 +184,19 @@ class Registry:
         """A session inside one transaction (`with registry.transaction() as s:`): committed when
         the block ends, rolled back if it raises. The one way to write outside this class."""
         return self._sessions.begin()
+
+    def on_connection(self, conn: Connection,
+                      before_commit: Callable[[Session], None] | None = None) -> Registry:
+        """This registry with every session on `conn` (one connection, so one thread at a time), and
+        `before_commit(session)` run inside each write transaction just before it commits (raising
+        there rolls it back). What registry.locks uses to fence the work done under an advisory lock."""
+        bound = Registry.__new__(Registry)
+        bound.url = self.url
+        bound.engine = self.engine
+        bound._sessions = sessionmaker(bind=conn, expire_on_commit=False)
+        if before_commit is not None:
+            event.listen(bound._sessions, "before_commit", before_commit)
+        return bound
 
     @property
     def is_postgres(self) -> bool:

@@ -12,6 +12,7 @@ stored with its statistics, counts per arm and period, guardrails, SRM and data 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -80,7 +81,11 @@ class RolloutController:
         with advisory_lock(self.registry, f"chimera-rollout:{model}") as mine:
             if not mine:
                 return None
-            return self._look(model)
+            # Fenced: the look reads and writes through the lock's own connection, and nothing commits
+            # once that connection no longer holds the lock (registry.locks.HeldLock).
+            fenced = copy.copy(self)
+            fenced.registry = mine.registry
+            return fenced._look(model)
 
     def _look(self, model: str) -> Decision | None:
         info = self.registry.get_model(model)
