@@ -81,6 +81,10 @@ class _OutcomeCell:
         self.n += int(values.size)
         self.total += float(values.sum())
 
+    def sum_sq(self, center: float) -> float:
+        """Σ_k (Y_k − c M_k)²: the cell's squared residuals over keys around ``center``."""
+        return max(self.syy - 2.0 * center * self.sym + center * center * self.smm, 0.0)
+
     def var_of_mean(self, center: float) -> float:
         """Cluster-robust variance of this cell's mean around ``center`` (the period's pooled mean,
         i.e. the variance under H0): Σ_k (Y_k − c M_k)² / N² · K/(K−1)."""
@@ -173,8 +177,10 @@ class LookBuilder:
         latency_calibration: int = 500,
         winsor: tuple[float, float] | None = None,
         latency_thresholds: dict[str, float] | None = None,
+        pooled_variance: bool = True,
     ) -> None:
         self.metric = metric
+        self.pooled_variance = pooled_variance
         self.robust = metric in ROBUST_METRICS and winsor_quantile is not None
         self.winsor_quantile = winsor_quantile
         self.winsor_calibration = winsor_calibration
@@ -340,6 +346,15 @@ class LookBuilder:
             mc = cc.total / cc.n if cc.n else math.nan
             center = (cb.total + cc.total) / (cb.n + cc.n) if cb.n + cc.n else math.nan
             vb, vc = cb.var_of_mean(center), cc.var_of_mean(center)
+            if self.pooled_variance and cb.n and cc.n and cb.keys + cc.keys > 2:
+                # The variance under "no effect" (same distribution in both arms): one residual
+                # variance per unit of outcome from both arms, scaled by each arm's size. The large
+                # baseline dominates it, so a small canary's mean and its variance estimate are not
+                # coupled (with skewed outcomes that coupling alone makes false alarms).
+                ss = cb.sum_sq(center) + cc.sum_sq(center)
+                kk = cb.keys + cc.keys
+                s2 = ss / (cb.n + cc.n) * kk / (kk - 1.0)
+                vb, vc = s2 / cb.n, s2 / cc.n
             eff, var = mc - mb, vb + vc
             ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES and math.isfinite(var)
                   and var > 0.0)
