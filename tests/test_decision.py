@@ -76,7 +76,7 @@ def test_clear_worse_rolls_back_with_its_statistics():
     assert d.p_value == d.p_value_worse == st.p_worse <= d.primary_alpha
     assert d.test == "msprt_stratified" and d.statistic > 0
     assert tuple(d.periods[0]["outcomes"]) == (18_000, 2_000)
-    assert d.primary_alpha == pytest.approx(d.alpha - 2 * POLICY.guardrail_alpha)
+    assert d.primary_alpha == pytest.approx(d.alpha - 2 * POLICY.resolved_guardrail_alpha)
     json.dumps(d.to_dict(), allow_nan=False)
 
 
@@ -148,7 +148,7 @@ def test_latency_guardrail_tests_the_share_slower_than_the_baseline_p99():
            lat_c=2 * np.exp(rng.normal(1.6, 0.35, 100)))
     d, _ = look(POLICY, f.data(10))
     assert d.action == "rollback" and d.guardrail == "latency"
-    assert d.periods[0]["latency_threshold_ms"] > 0 and d.p_latency <= POLICY.guardrail_alpha
+    assert d.periods[0]["latency_threshold_ms"] > 0 and d.p_latency <= POLICY.resolved_guardrail_alpha
     same = Feed()
     same.rows(1, 10, _binary(900, 0.5, 1), _binary(100, 0.5, 2), lat_b=np.exp(rng.normal(1.6, 0.35, 900)),
               lat_c=np.exp(rng.normal(1.6, 0.35, 100)))

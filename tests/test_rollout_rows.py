@@ -68,7 +68,7 @@ def test_canary_failing_every_request_is_rolled_back_from_database_counts(regist
     assert d.n_canary == 0 and d.periods[0]["errors"][1] == 20 and d.periods[0]["requests"][1] == 20
     assert dict(registry.get_split(model).weights) == {1: 100}
     stored = decisions(registry, model, limit=1)[0]
-    assert stored["details"]["p_errors"] <= stored["details"]["policy"]["guardrail_alpha"]
+    assert stored["details"]["p_errors"] <= stored["details"]["alpha"] / 50
     assert max(recompute(registry, stored["id"]).differences().values()) <= 1e-9
 
 
