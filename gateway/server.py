@@ -247,7 +247,8 @@ class Gateway:
 
     def _failed_batches(self, model: str, version: int) -> int:
         """Requests (rows) the version failed to score in this gateway, including those then scored by
-        its fallback (the rollout controller's error guardrail input; not in the database)."""
+        its fallback (in-process only: tests/test_replica_faults.py reads it; the rollout controller
+        counts errors from the database since rollout v2)."""
         return self.version_health.failure_count(model, version)
 
     async def start_controller(self, interval_s: float | None = None) -> None:
