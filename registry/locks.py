@@ -1,7 +1,8 @@
 """Cross-process mutual exclusion, every lock of the registry in one place: PostgreSQL session advisory
 locks, no-ops on SQLite (one process writes a SQLite registry in the embedded setup).
 
-- `advisory_lock`: scoped, for one job (a controller tick, a retrain), fenced (see HeldLock).
+- `fenced_lock`: scoped, for one job (a controller tick), fenced (see HeldLock).
+- `advisory_lock`: the same as a plain bool, unfenced (a retrain).
 - `SessionLock`: held for as long as the caller wants (the scheduler's leadership).
 """
 
@@ -36,14 +37,15 @@ class LockLost(ConflictError):
 
 
 class HeldLock:
-    """What `advisory_lock` yields: true when this process holds the lock, false when another one does.
+    """What `fenced_lock` yields: true when this process holds the lock, false when another one does.
 
-    `registry` is the fence. On PostgreSQL it is a Registry whose every session runs on the connection
-    that holds the lock, and whose every commit first checks, in the same transaction, that this backend
-    (`pg_backend_pid()`, the pid the lock was taken on) still holds the lock in `pg_locks`. A session
-    advisory lock dies with its connection, so a holder whose connection was terminated cannot commit
-    anything afterwards, not even after SQLAlchemy has transparently reconnected the Connection to a new
-    backend, while a second process takes the lock over. On SQLite it is the caller's registry."""
+    The fence: on PostgreSQL, while the lock is held, every session the holding thread opens on
+    `registry` runs on the connection that holds the lock (Registry.bound_to), and every commit first
+    checks, in the same transaction, that this backend (`pg_backend_pid()`, the pid the lock was taken
+    on) still holds the lock in `pg_locks`. A session advisory lock dies with its connection, so a
+    holder whose connection was terminated cannot commit anything afterwards, not even after SQLAlchemy
+    has transparently reconnected the Connection to a new backend, while a second process takes the
+    lock over. Other threads of the process are not bound. SQLite: a no-op, one embedded writer."""
 
     def __init__(self, held: bool, registry: Registry, *, pid: int | None = None,
                  key: int | None = None) -> None:
@@ -71,7 +73,16 @@ class HeldLock:
 
 
 @contextmanager
-def advisory_lock(registry: Registry, name: str) -> Iterator[HeldLock]:
+def advisory_lock(registry: Registry, name: str) -> Iterator[bool]:
+    """Yields True when this process holds the lock, False when another one does (never blocks).
+    Unfenced: work done on other connections is not stopped if the lock is lost; use `fenced_lock`
+    where two holders acting at once would do harm (the rollout controller)."""
+    with fenced_lock(registry, name) as held:
+        yield bool(held)
+
+
+@contextmanager
+def fenced_lock(registry: Registry, name: str) -> Iterator[HeldLock]:
     """Yields a HeldLock: true when this process holds the lock, false when another does (never blocks).
     Do the locked work through `held.registry` so it is fenced (see HeldLock)."""
     if not registry.is_postgres:
@@ -86,9 +97,9 @@ def advisory_lock(registry: Registry, name: str) -> Iterator[HeldLock]:
             yield HeldLock(False, registry)
             return
         held = HeldLock(True, registry, pid=pid, key=key)
-        held.registry = registry.on_connection(conn, before_commit=held.check)
         try:
-            yield held
+            with registry.bound_to(conn, before_commit=held.check):
+                yield held
         finally:
             try:
                 conn.rollback()

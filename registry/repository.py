@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -174,7 +175,8 @@ class Registry:
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         self.url = url
         self.engine = engine or make_engine(url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._pooled_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._bound = threading.local()
 
     def session(self) -> Session:
         """A read session (`with registry.session() as s:`); nothing it does is committed."""
@@ -185,18 +187,27 @@ class Registry:
         the block ends, rolled back if it raises. The one way to write outside this class."""
         return self._sessions.begin()
 
-    def on_connection(self, conn: Connection,
-                      before_commit: Callable[[Session], None] | None = None) -> Registry:
-        """This registry with every session on `conn` (one connection, so one thread at a time), and
-        `before_commit(session)` run inside each write transaction just before it commits (raising
-        there rolls it back). What registry.locks uses to fence the work done under an advisory lock."""
-        bound = Registry.__new__(Registry)
-        bound.url = self.url
-        bound.engine = self.engine
-        bound._sessions = sessionmaker(bind=conn, expire_on_commit=False)
+    @property
+    def _sessions(self) -> sessionmaker[Session]:
+        """The calling thread's session factory: the engine's pool, or the connection `bound_to` set."""
+        return getattr(self._bound, "sessions", None) or self._pooled_sessions
+
+    @contextmanager
+    def bound_to(self, conn: Connection,
+                 before_commit: Callable[[Session], None] | None = None) -> Iterator[None]:
+        """For the calling thread only, run every session of this registry on `conn`, with
+        `before_commit(session)` run inside each write transaction just before it commits (raising there
+        rolls it back). Other threads keep using the pool. What registry.locks.fenced_lock uses so the
+        work done under a lock is done on the lock's own connection and cannot commit without it."""
+        sessions = sessionmaker(bind=conn, expire_on_commit=False)
         if before_commit is not None:
-            event.listen(bound._sessions, "before_commit", before_commit)
-        return bound
+            event.listen(sessions, "before_commit", before_commit)
+        previous = getattr(self._bound, "sessions", None)
+        self._bound.sessions = sessions
+        try:
+            yield
+        finally:
+            self._bound.sessions = previous
 
     @property
     def is_postgres(self) -> bool:

@@ -12,7 +12,6 @@ stored with its statistics, counts per arm and period, guardrails, SRM and data 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import numpy as np
 
 from chimera.jsonsafe import nan_to_none
 from registry import ConflictError, ModelInfo, Registry
-from registry.locks import advisory_lock
+from registry.locks import fenced_lock
 from registry.rollouts import LookRows, decisions, look_rows, record_decision, rollout_start, split_periods
 from rollout import splits
 from rollout.decision import Decision, RolloutPolicy, SequentialState, look
@@ -78,14 +77,12 @@ class RolloutController:
     def run_once(self, model: str) -> Decision | None:
         """One look at one model. None when there is no canary, no new data, or another
         controller holds the lock."""
-        with advisory_lock(self.registry, f"chimera-rollout:{model}") as mine:
+        with fenced_lock(self.registry, f"chimera-rollout:{model}") as mine:
             if not mine:
                 return None
-            # Fenced: the look reads and writes through the lock's own connection, and nothing commits
-            # once that connection no longer holds the lock (registry.locks.HeldLock).
-            fenced = copy.copy(self)
-            fenced.registry = mine.registry
-            return fenced._look(model)
+            # Fenced: the look reads and writes on the lock's own connection, and nothing commits once
+            # that connection no longer holds the lock (registry.locks.HeldLock).
+            return self._look(model)
 
     def _look(self, model: str) -> Decision | None:
         info = self.registry.get_model(model)

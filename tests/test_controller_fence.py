@@ -134,19 +134,19 @@ def test_old_holder_cannot_write_after_losing_its_lock(two: tuple[Registry, Regi
 
 def test_lock_is_exclusive_and_checked_in_the_committing_transaction(two: tuple[Registry, Registry]) -> None:
     """While A holds the lock B gets none; A's fenced writes commit; after release B gets it."""
-    from registry.locks import advisory_lock
+    from registry.locks import fenced_lock
     from registry.rollouts import record_decision
 
     reg_a, reg_b = two
-    with advisory_lock(reg_a, "chimera-rollout:x") as held:
+    with fenced_lock(reg_a, "chimera-rollout:x") as held:
         assert held
-        with advisory_lock(reg_b, "chimera-rollout:x") as other:
+        with fenced_lock(reg_b, "chimera-rollout:x") as other:
             assert not other
         record_decision(held.registry, {"model": MODEL, "baseline_version": 1, "canary_version": 2,
                                         "action": "hold", "metric": "", "test": "", "n_baseline": 0,
                                         "n_canary": 0, "weight_before": 10, "weight_after": 10,
                                         "reason": "fenced write", "details": {}})
-    with advisory_lock(reg_b, "chimera-rollout:x") as other:
+    with fenced_lock(reg_b, "chimera-rollout:x") as other:
         assert other
     assert [d["reason"] for d in decisions(reg_a, MODEL)] == ["fenced write"]
 
@@ -154,20 +154,20 @@ def test_lock_is_exclusive_and_checked_in_the_committing_transaction(two: tuple[
 def test_a_reconnected_lock_connection_is_not_trusted(two: tuple[Registry, Registry], pg_url: str) -> None:
     """SQLAlchemy reconnects a Connection transparently on its next use after a disconnect: the new
     backend does not hold the lock, and the check inside the committing transaction refuses it."""
-    from registry.locks import LockLost, advisory_lock
+    from registry.locks import LockLost, fenced_lock
     from registry.rollouts import record_decision
 
     reg_a, reg_b = two
     row = {"model": MODEL, "baseline_version": 1, "canary_version": 2, "action": "hold", "metric": "",
            "test": "", "n_baseline": 0, "n_canary": 0, "weight_before": 10, "weight_after": 10,
            "reason": "stale holder", "details": {}}
-    with advisory_lock(reg_a, f"chimera-rollout:{MODEL}") as held:
+    with fenced_lock(reg_a, f"chimera-rollout:{MODEL}") as held:
         assert held
         pid = lock_holder_pid(pg_url)
         terminate(pg_url, pid)
         with pytest.raises(Exception):  # noqa: B017 - the terminated backend: any DBAPI error
             held.registry.get_split(MODEL)
-        with advisory_lock(reg_b, f"chimera-rollout:{MODEL}") as other:
+        with fenced_lock(reg_b, f"chimera-rollout:{MODEL}") as other:
             assert other  # B takes over
             with pytest.raises(LockLost):
                 record_decision(held.registry, row)
