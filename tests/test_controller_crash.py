@@ -100,7 +100,9 @@ def _setup(reg: Registry) -> str:
     rng = np.random.default_rng(7)
 
     def feed(n: int) -> None:
-        rows = [PredictionRow(uuid.uuid4().hex, model, v, 0.5, 2.0) for v in (1, 2) for _ in range(n)]
+        # 9 baseline rows per canary row, as the 90/10 split routes (else the SRM check holds).
+        rows = [PredictionRow(uuid.uuid4().hex, model, v, 0.5, 2.0) for v, k in ((1, 9 * n), (2, n))
+                for _ in range(k)]
         reg.insert_predictions(rows)
         p = {1: 0.9, 2: 0.1}
         assert all(e is None for e in reg.record_outcomes(
