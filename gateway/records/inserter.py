@@ -17,16 +17,28 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from sqlalchemy import insert
 
 from registry import Registry
-from registry.models import Prediction
-from registry.repository import PredictionRow
+from registry.models import Prediction, RequestError
 
-COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features")
+COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features",
+           "split_revision", "pinned", "failed_version")
 # A row on its way to the database: the COLUMNS in order, created_at as the text the database stores or
-# parses (SQLite: SQLAlchemy's own format; others: ISO 8601 with offset), features as JSON text. Rows
-# are spilled as they are, so a spill file replays without conversion.
-Row = tuple[str, str, int, str, float, float, str, str | None]
+# parses (SQLite: SQLAlchemy's own format; others: ISO 8601 with offset), features as JSON text,
+# then what the rollout controller reads (migration 0005): the split revision the row was routed
+# under, whether the caller pinned the version (load tests; left out of every rollout test), and the
+# version whose failure made the row fail over (None: served by the routed version). Rows are spilled
+# as they are, so a spill file replays without conversion; spill lines written before 0005 carry only
+# the first 8 fields and replay through `widen`.
+Row = tuple[Any, ...]
+# A request that failed entirely on `version` (nothing could answer it), for the rollout's error
+# guardrail: a Row whose score is 0.0, features None, failed_version None, plus the error text as a
+# 12th field. It travels the same queue and spill file as the predictions and goes to request_errors.
+ERROR_FIELDS = len(COLUMNS) + 1
+_OLD_FIELDS = 8  # rows spilled before migration 0005
+_ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms", "created_at",
+                  "split_revision", "pinned", "error")
 _FORMATS: dict[int, str] = {}
 
 try:  # optional speed-up: orjson encodes a float32 matrix in C with the shortest exact digits
@@ -81,6 +93,10 @@ class Inserter:
         else:
             self.sql = ""
         self._last: tuple[float, str] = (-1.0, "")
+        errors = RequestError.__table__.name
+        marks = ", ".join("?" * len(_ERROR_COLUMNS)) if self.dialect == "sqlite" else \
+            ", ".join(["%s"] * len(_ERROR_COLUMNS))
+        self.error_sql = f"INSERT INTO {errors} ({', '.join(_ERROR_COLUMNS)}) VALUES ({marks})"
 
     def timestamp(self, epoch: float) -> str:
         """created_at for epoch seconds as database-ready text: on SQLite exactly what SQLAlchemy
@@ -107,23 +123,29 @@ class Inserter:
     def insert(self, rows: Sequence[Row]) -> None:
         if not rows:
             return
+        sizes = set(map(len, rows))  # in C: the usual batch is all predictions and costs no loop here
+        if sizes == {len(COLUMNS)}:
+            params, errors = rows, []
+        else:
+            rows = [widen(r) for r in rows]
+            params = [r for r in rows if len(r) == len(COLUMNS)]
+            errors = [(r[0], r[1], r[2], r[3], r[5], r[6], r[8], r[9], r[11]) for r in rows
+                      if len(r) == ERROR_FIELDS]
         if not self.sql:
-            self.registry.insert_predictions([
-                PredictionRow(request_id=r[0], model=r[1], version=r[2], routing_key=r[3], score=r[4],
-                              latency_ms=r[5], created_at=datetime.fromisoformat(r[6]),
-                              features=json.loads(r[7]) if r[7] is not None else None) for r in rows])
+            self._insert_orm(params, errors)
             return
-        params = rows
         raw = self.registry.engine.raw_connection()
         try:
             cur = raw.cursor()
             try:
-                if self.dialect == "sqlite":
+                if params and self.dialect == "sqlite":
                     cur.executemany(self.sql, params)
-                else:
+                elif params:
                     from psycopg2.extras import execute_values
 
                     execute_values(cur, self.sql, params, page_size=1000)
+                if errors:  # rare (a failing version): a plain executemany is fast enough
+                    cur.executemany(self.error_sql, errors)
             finally:
                 cur.close()
             raw.commit()
@@ -135,6 +157,44 @@ class Inserter:
             raise
         finally:
             raw.close()
+
+
+    def _insert_orm(self, params: list[Row], errors: list[tuple[Any, ...]]) -> None:
+        """Other drivers: through SQLAlchemy Core, one transaction."""
+        def when(text: str) -> datetime:
+            return datetime.fromisoformat(text)
+
+        preds = [dict(zip(COLUMNS, r, strict=True)) for r in params]
+        for d in preds:
+            d["created_at"] = when(d["created_at"])
+            d["features"] = json.loads(d["features"]) if d["features"] is not None else None
+        errs = [dict(zip(_ERROR_COLUMNS, e, strict=True)) for e in errors]
+        for d in errs:
+            d["created_at"] = when(d["created_at"])
+        with self.registry.transaction() as s:
+            if preds:
+                s.execute(pg_insert_ignore(Prediction, s), preds)
+            if errs:
+                s.execute(insert(RequestError), errs)
+
+
+def pg_insert_ignore(table: Any, session: Any) -> Any:
+    """INSERT ... ON CONFLICT (request_id) DO NOTHING where the dialect has it, else a plain INSERT."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        return insert(table)
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+
+
+def widen(row: Sequence[Any]) -> Row:
+    """A row as it is now: a spilled pre-0005 row (8 fields) gets no revision, not pinned, no failover."""
+    if len(row) == _OLD_FIELDS:
+        return (*row, None, False, None)
+    return tuple(row)
 
 
 def _same_format(processor: Callable[[Any], Any]) -> bool:
@@ -149,4 +209,5 @@ def legacy_row(d: dict[str, Any], timestamp: Callable[[float], str]) -> Row:
     epoch = datetime.fromisoformat(created).timestamp() if isinstance(created, str) else time.time()
     feats = d.get("features")
     return (d["request_id"], d["model"], int(d["version"]), d.get("routing_key") or "", float(d["score"]),
-            float(d["latency_ms"]), timestamp(epoch), features_json(feats) if feats is not None else None)
+            float(d["latency_ms"]), timestamp(epoch), features_json(feats) if feats is not None else None,
+            d.get("split_revision"), bool(d.get("pinned", False)), d.get("failed_version"))

@@ -11,7 +11,13 @@ the outcome spill (fsynced) instead and checked against the predictions at repla
 
 Each item ends with None (stored, or already stored with the same value) or the error it would have
 raised alone, with the same messages as RecordOutcome (never "outcomes[i]..."), so RecordOutcomes'
-per-item statuses read the same as RecordOutcome's."""
+per-item statuses read the same as RecordOutcome's.
+
+A value outside its model's metric domain (anything but 0 or 1 for success_rate, brier and log_loss) is
+refused with the field named (rollout.stats.check_outcome, INVALID_ARGUMENT at the API), so it never
+reaches the analysis. 0 and 1 fit every metric and need no look-up; any other value costs one query for
+its prediction's model metric. An outcome whose prediction is only in the prediction spill cannot be
+checked now and is accepted (the analysis skips out-of-domain rows: rollout.stats.outcome_in_domain)."""
 
 from __future__ import annotations
 
@@ -19,9 +25,13 @@ import asyncio
 import math
 from collections.abc import Sequence
 
+from sqlalchemy import select
+
 from gateway.records.outcome_log import OutcomeLog, database_unavailable
 from gateway.records.prediction_log import PredictionLog
 from registry import AlreadyExistsError, NotFoundError, Registry, ValidationError
+from registry.models import Model, Prediction
+from rollout.stats import check_outcome
 
 MAX_REQUEST_ID = 128
 Result = BaseException | None
@@ -55,6 +65,9 @@ class OutcomeIntake:
         its error."""
         results: list[Result] = [_check(rid, value) for rid, value in items]
         todo = [i for i, err in enumerate(results) if err is None]
+        if any(items[i][1] not in (0.0, 1.0) for i in todo):
+            await self._check_domains(items, todo, results)
+            todo = [i for i in todo if results[i] is None]
         if not todo:
             return results
         defer: list[int] = []
@@ -84,6 +97,38 @@ class OutcomeIntake:
                 for i in defer:
                     results[i] = None
         return results
+
+    async def _check_domains(self, items: Sequence[tuple[str, float]], todo: list[int],
+                             results: list[Result]) -> None:
+        """Refuse values outside their model's metric domain (sets their results)."""
+        odd = [i for i in todo if items[i][1] not in (0.0, 1.0)]
+        try:
+            metrics = await asyncio.to_thread(self._metrics, [items[i][0] for i in odd])
+            if len(metrics) < len({items[i][0] for i in odd}) and not self.predictions.has_spill:
+                await asyncio.to_thread(self.predictions.flush)  # the prediction may still be queued
+                metrics = await asyncio.to_thread(self._metrics, [items[i][0] for i in odd])
+        except Exception as exc:
+            if self.spill is None or not database_unavailable(exc):
+                for i in odd:
+                    results[i] = exc
+            return  # database away: the outcome spill takes them; the analysis skips bad values
+        for i in odd:
+            rid, value = items[i]
+            metric = metrics.get(rid)
+            if metric is None:
+                continue  # unknown prediction: the store answers NOT_FOUND (or the spill takes it)
+            try:
+                check_outcome(metric, value)
+            except ValueError as exc:
+                results[i] = ValidationError(str(exc))
+
+    def _metrics(self, request_ids: list[str]) -> dict[str, str]:
+        """The metric of each known prediction's model, by request id."""
+        with self.registry.session() as s:
+            rows = s.execute(select(Prediction.request_id, Model.metric)
+                             .join(Model, Model.name == Prediction.model)
+                             .where(Prediction.request_id.in_(request_ids))).all()
+        return {rid: metric for rid, metric in rows}
 
     def _spilled_predictions(self) -> bool:
         return self.spill is not None and self.predictions.has_spill

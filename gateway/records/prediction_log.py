@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.records.inserter import COLUMNS, Inserter, Row, features_json, legacy_row, matrix_json
+from gateway.records.inserter import COLUMNS, Inserter, Row, features_json, legacy_row, matrix_json, widen
 from registry import Registry
 from registry.repository import PredictionRow
 
@@ -64,11 +64,13 @@ class _Barrier:
 class _Block:
     """The rows of one PredictBatch version group: logged as one record."""
 
-    __slots__ = ("ids", "model", "version", "keys", "scores", "latency_ms", "created", "features", "mask")
+    __slots__ = ("ids", "model", "version", "keys", "scores", "latency_ms", "created", "features", "mask",
+                 "split_revision", "pinned", "failed")
 
     def __init__(self, ids: list[str], model: str, version: int, keys: list[str], scores: list[float],
                  latency_ms: float, created: float, features: np.ndarray | None,
-                 mask: np.ndarray | bool) -> None:
+                 mask: np.ndarray | bool, split_revision: int | None = None, pinned: bool = False,
+                 failed: int | None | list[int | None] = None) -> None:
         self.ids = ids
         self.model = model
         self.version = version
@@ -78,6 +80,9 @@ class _Block:
         self.created = created
         self.features = features
         self.mask = mask
+        self.split_revision = split_revision
+        self.pinned = pinned
+        self.failed = failed  # one failed version for the block, or one per row
 
 
 _STOP = object()
@@ -113,24 +118,37 @@ class PredictionLog:
 
     # -------------------------------------------------------------- request path
     def log_one(self, request_id: str, model: str, version: int, routing_key: str, score: float,
-                latency_ms: float, features: np.ndarray | Sequence[float] | None = None) -> None:
-        """Queue one prediction. `features`: the scored row in the version's schema order, or None."""
-        self._append((request_id, model, version, routing_key, score, latency_ms, time.time(), features), 1)
+                latency_ms: float, features: np.ndarray | Sequence[float] | None = None,
+                split_revision: int | None = None, pinned: bool = False,
+                failed_version: int | None = None) -> None:
+        """Queue one prediction. `features`: the scored row in the version's schema order, or None;
+        `split_revision`, `pinned`, `failed_version`: see gateway.records.inserter.Row."""
+        self._append((request_id, model, version, routing_key, score, latency_ms, time.time(), features,
+                      split_revision, pinned, failed_version), 1)
 
     def log_many(self, request_ids: list[str], model: str, version: int, routing_keys: list[str],
                  scores: list[float], latency_ms: float, features: np.ndarray | None = None,
-                 mask: np.ndarray | bool = True) -> None:
+                 mask: np.ndarray | bool = True, split_revision: int | None = None, pinned: bool = False,
+                 failed_version: int | None | list[int | None] = None) -> None:
         """Queue the rows of one batch (same model and version). `features` [n, width] with `mask`
-        choosing which rows keep theirs (True: all, False: none, or a boolean array)."""
+        choosing which rows keep theirs (True: all, False: none, or a boolean array);
+        `failed_version` one for all rows or a list with one per row."""
         if request_ids:
             self._append(_Block(request_ids, model, version, routing_keys, scores, latency_ms, time.time(),
-                                features, mask), len(request_ids))
+                                features, mask, split_revision, pinned, failed_version), len(request_ids))
+
+    def log_error(self, request_id: str, model: str, version: int, routing_key: str, latency_ms: float,
+                  error: str, split_revision: int | None = None, pinned: bool = False) -> None:
+        """Queue a request that failed entirely on `version` (a request_errors row: the rollout's error
+        guardrail counts it against that version)."""
+        self._append((request_id, model, version, routing_key, 0.0, latency_ms, time.time(), None,
+                      split_revision, pinned, None, error[:1000]), 1)
 
     def submit(self, row: PredictionRow) -> None:
         """Queue one PredictionRow (the general form; the gateway uses log_one/log_many)."""
         created = row.created_at.timestamp() if row.created_at else time.time()
         self._append((row.request_id, row.model, row.version, row.routing_key, row.score, row.latency_ms,
-                      created, row.features), 1)
+                      created, row.features, None, False, None), 1)
 
     def _append(self, record: Any, n: int) -> None:
         depth = self._submitted - self._taken
@@ -253,8 +271,10 @@ class PredictionLog:
                     for i, text in zip(keep.tolist(), matrix_json(rec.features[keep]), strict=True):
                         feats[i] = text
                 # zip builds the tuples in C: a block's rows cost no Python bytecode each.
+                failed = rec.failed if isinstance(rec.failed, list) else repeat(rec.failed)
                 rows.extend(zip(rec.ids, repeat(rec.model), repeat(rec.version), rec.keys, rec.scores,
-                                repeat(rec.latency_ms), repeat(ts(rec.created)), feats))
+                                repeat(rec.latency_ms), repeat(ts(rec.created)), feats,
+                                repeat(rec.split_revision), repeat(rec.pinned), failed))
             else:
                 f = rec[7]
                 if isinstance(f, np.ndarray):
@@ -263,7 +283,7 @@ class PredictionLog:
                     f = None
                 elif f is not None:
                     f = features_json(f)
-                rows.append((rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], ts(rec[6]), f))
+                rows.append((rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], ts(rec[6]), f, *rec[8:]))
         if singles:  # encode the unary rows' features as one matrix (same width within a version)
             by_width: dict[int, list[int]] = {}
             for j, feat in enumerate(single_features):
@@ -272,7 +292,7 @@ class PredictionLog:
                 texts = matrix_json(np.stack([single_features[j] for j in js]))
                 for j, text in zip(js, texts, strict=True):
                     r = rows[singles[j]]
-                    rows[singles[j]] = (r[0], r[1], r[2], r[3], r[4], r[5], r[6], text)
+                    rows[singles[j]] = (*r[:7], text, *r[8:])
         return rows
 
     def _write(self, rows: list[Row]) -> None:
@@ -315,7 +335,7 @@ class PredictionLog:
                 for line in f:
                     line = line.strip()
                     if line.startswith("["):
-                        rows.extend(tuple(r) for r in json.loads(line))  # type: ignore[misc]
+                        rows.extend(widen(r) for r in json.loads(line))  # pre-0005 lines: 8 fields
                     elif line.startswith("{"):  # one PredictionRow per line (older spill files)
                         rows.append(legacy_row(json.loads(line), self._inserter.timestamp))
             for i in range(0, len(rows), self.batch_size):

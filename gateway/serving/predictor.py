@@ -78,61 +78,74 @@ class Predictor:
         the call began (perf_counter; the logged latency counts from there)."""
         if started is None:
             started = time.perf_counter()
-        fut, version, x, request_id = self._begin(model, routing_key, request_id, named, dense, pinned,
-                                                  timeout)
+        fut, version, x, request_id, revision, failed = self._begin(model, routing_key, request_id, named,
+                                                                    dense, pinned, timeout, started)
         try:
-            score = await fut
-        except UnavailableError as exc:  # the version failed the row: its fallback scores it
-            version, x, score = await self._rescue(model, None, version, pinned, timeout, started, exc,
-                                                   lambda schema: schema.project_one(named, dense))
-        return self._finish(model, version, x, request_id, routing_key, score, started)
+            try:
+                score = await fut
+            except UnavailableError as exc:  # the version failed the row: its fallback scores it
+                failed = failed or version
+                version, x, score = await self._rescue(model, None, version, pinned, timeout, started, exc,
+                                                       lambda schema: schema.project_one(named, dense))
+        except Exception as exc:
+            self.log_error(model, failed or version, request_id, routing_key, revision, pinned, started, exc)
+            raise
+        return self._finish(model, version, x, request_id, routing_key, score, started, revision, pinned,
+                            failed)
 
     def submit_nowait(self, model: str, routing_key: str, request_id: str, named: Mapping[str, float],
                       dense: Sequence[float], pinned: int, timeout: float | None, started: float,
                       on_done: OnDone, tag: Any = None) -> Flight:
         """`submit` without awaiting (streams: no task per row). Raising here means the row is bad
         and no work was queued; otherwise `on_done` hears how it ended."""
-        fut, version, x, request_id = self._begin(model, routing_key, request_id, named, dense, pinned,
-                                                  timeout)
+        fut, version, x, request_id, revision, failed = self._begin(model, routing_key, request_id, named,
+                                                                    dense, pinned, timeout, started)
         future = fut if isinstance(fut, asyncio.Future) else asyncio.ensure_future(fut)
         flight = Flight(self, model, routing_key, (named, dense, pinned, timeout), started, on_done, tag,
-                        version, x, request_id, future)
+                        version, x, request_id, future, revision, failed)
         future.add_done_callback(flight._scored)
         return flight
 
     def _begin(self, model: str, routing_key: str, request_id: str, named: Mapping[str, float],
-               dense: Sequence[float], pinned: int, timeout: float | None,
-               ) -> tuple[Awaitable[Any], int, np.ndarray, str]:
+               dense: Sequence[float], pinned: int, timeout: float | None, started: float,
+               ) -> tuple[Awaitable[Any], int, np.ndarray, str, int, int | None]:
         """Validate, route, project and enqueue one row without awaiting anything. Returns (awaitable
-        score, version, row, request id)."""
+        score, version, row, request id, split revision routed under, the down version it failed over
+        from or None). A row that no version can take is logged as a request error of its version."""
         check_ids(routing_key, request_id)
         entry = self.catalog.get(model)
         if self.tracer is None:
             version = self._version_for(entry, routing_key, pinned)
         else:
             version = self._traced_version_for(entry, routing_key, pinned)
+        request_id = request_id or self.new_id()
         health = self.health
-        if health.down and health.is_down(model, version):
-            failed, version = version, self._fallback(entry, version, pinned, 1)
-            try:
-                x = entry.schemas[version].project_one(named, dense)
-            except FeatureError:  # fits the down version only: tell the caller why it cannot be scored
-                entry.schemas[failed].project_one(named, dense)  # a genuinely bad row raises its own error
-                raise health.unavailable(model, failed) from None
-        else:
-            schema = entry.schemas.get(version)
-            if schema is None:
-                raise NotFoundError(f"version: model {model!r} has no version {version}")
-            x = schema.project_one(named, dense)
-        batcher = self._batcher_now(model, version, pinned)
+        failed: int | None = None
+        try:
+            if health.down and health.is_down(model, version):
+                failed, version = version, self._fallback(entry, version, pinned, 1)
+                try:
+                    x = entry.schemas[version].project_one(named, dense)
+                except FeatureError:  # fits the down version only: tell the caller why it cannot be scored
+                    entry.schemas[failed].project_one(named, dense)  # a bad row raises its own error
+                    raise health.unavailable(model, failed) from None
+            else:
+                schema = entry.schemas.get(version)
+                if schema is None:
+                    raise NotFoundError(f"version: model {model!r} has no version {version}")
+                x = schema.project_one(named, dense)
+            batcher = self._batcher_now(model, version, pinned)
+        except UnavailableError as exc:
+            self.log_error(model, failed or version, request_id, routing_key, entry.revision, pinned, started,
+                           exc)
+            raise
         if batcher is None:
             fut: Awaitable[Any] = self._deploy_then_score(model, version, x, timeout)
         else:
             fut = batcher.enqueue(x, one=True, expires_in=timeout)
-        request_id = request_id or self.new_id()
         if entry.shadow is not None and self.shadow is not None and not pinned:
             self.shadow.mirror_one(entry, version, x, named, dense, request_id)
-        return fut, version, x, request_id
+        return fut, version, x, request_id, entry.revision, failed
 
     async def _deploy_then_score(self, model: str, version: int, x: np.ndarray,
                                  timeout: float | None) -> float:
@@ -140,14 +153,25 @@ class Predictor:
         return await batcher.enqueue(x, one=True, expires_in=timeout)  # type: ignore[no-any-return]
 
     def _finish(self, model: str, version: int, x: np.ndarray, request_id: str, routing_key: str,
-                score: float, started: float) -> Scored:
-        """Queue the log record (never blocks) and build the result."""
+                score: float, started: float, revision: int | None = None, pinned: int = 0,
+                failed: int | None = None) -> Scored:
+        """Queue the log record (never blocks) and build the result. The row carries its own latency
+        (from its arrival to its answer), the split revision it was routed under, whether the caller
+        pinned the version, and the version that failed it over (None: none did)."""
         latency_ms = (time.perf_counter() - started) * 1e3
         f = self.log_features_sample
         sampled = f >= 1.0 or (f > 0.0 and random.random() < f)
         self.log.log_one(request_id, model, version, routing_key, score, latency_ms,
-                         x[0] if sampled else None)
+                         x[0] if sampled else None, revision, bool(pinned), failed)
         return Scored(request_id, model, version, score)
+
+    def log_error(self, model: str, version: int, request_id: str, routing_key: str, revision: int | None,
+                  pinned: int, started: float, exc: BaseException) -> None:
+        """A request that failed entirely on `version`: a request_errors row (the rollout's error
+        guardrail counts it against that version, from the database, across gateways)."""
+        latency_ms = (time.perf_counter() - started) * 1e3
+        self.log.log_error(request_id, model, version, routing_key, latency_ms,
+                           f"{type(exc).__name__}: {exc}", revision, bool(pinned))
 
     # ------------------------------------------------------------------ routing
     def _version_for(self, entry: ModelEntry, routing_key: str, pinned: int) -> int:
@@ -268,73 +292,128 @@ class Predictor:
             versions = self._route_many(entry, keys, pinned)
         else:
             versions = self._traced_route_many(entry, keys, pinned)
+        failed_rows: list[int | None] | None = None  # per row: the down version it failed over from
         if self.health.down:
-            versions = self._avoid_down(entry, versions, pinned)
+            routed = versions
+            try:
+                versions = self._avoid_down(entry, versions, pinned)
+            except UnavailableError as exc:
+                for i, v in enumerate(routed):
+                    if self.health.is_down(model, v):
+                        self.log_error(model, v, ids[i], keys[i], entry.revision, pinned, started, exc)
+                raise
+            if versions is not routed:
+                failed_rows = [r if r != v else None for r, v in zip(routed, versions, strict=True)]
         by_version = groups(versions)
         matrices = project_groups(entry, rows, by_version)
         if entry.shadow is not None and self.shadow is not None and not pinned:
             self.shadow.mirror_many(entry, rows, ids, by_version, matrices)
-        results, moved = await self._score_groups(entry, rows, by_version, matrices, pinned, timeout, started)
+        results, moved, answered = await self._score_groups(
+            entry, rows, by_version, matrices, pinned, timeout, started, ids, keys, failed_rows)
         scored_by = dict.fromkeys(by_version, 0)
+        failed: dict[int, int | None | list[int | None]] = {}
+        for version, idx in by_version.items():
+            failed[version] = None if failed_rows is None else [failed_rows[i] for i in idx.tolist()]
         if moved:  # groups whose version failed them were scored by a fallback: log and answer that
             for version, (target, m) in moved.items():
                 matrices[version] = m
                 scored_by[version] = target
-                for i in by_version[version].tolist():
+                pos = by_version[version].tolist()
+                for i in pos:
                     versions[i] = target
-        latency_ms = (time.perf_counter() - started) * 1e3
+                failed[version] = version if failed_rows is None else [failed_rows[i] or version for i in pos]
         log = self.log
         f = self.log_features_sample
+        revision, pin = entry.revision, bool(pinned)
         if len(results) == 1:
             ((version, part),) = results.items()
             score_list = part.tolist()
-            log.log_many(ids, model, scored_by[version] or version, keys, score_list, latency_ms,
-                         matrices[version], sample_mask(f, len(ids)))
+            log.log_many(ids, model, scored_by[version] or version, keys, score_list,
+                         (answered[version] - started) * 1e3, matrices[version], sample_mask(f, len(ids)),
+                         revision, pin, failed[version])
             return ScoredBatch(model, ids, versions, score_list)
         scores = np.empty(len(rows))
         for version, part in results.items():
             scores[by_version[version]] = part
         score_list = scores.tolist()
         for version, idx in by_version.items():
+            # Each group's own latency: its rows were answered when their version answered, so a slow
+            # canary's rows do not stamp their time on the baseline's rows of the same batch.
             pos = idx.tolist()
             log.log_many([ids[i] for i in pos], model, scored_by[version] or version, [keys[i] for i in pos],
-                         [score_list[i] for i in pos], latency_ms, matrices[version],
-                         sample_mask(f, len(pos)))
+                         [score_list[i] for i in pos], (answered[version] - started) * 1e3, matrices[version],
+                         sample_mask(f, len(pos)), revision, pin, failed[version])
         return ScoredBatch(model, ids, versions, score_list)
 
     async def _score_groups(self, entry: ModelEntry, rows: Sequence[RequestLike],
                             by_version: dict[int, np.ndarray], matrices: dict[int, np.ndarray], pinned: int,
-                            timeout: float | None, started: float,
-                            ) -> tuple[dict[int, np.ndarray], dict[int, tuple[int, np.ndarray]] | None]:
-        """Scores per version group, and the groups a fallback scored because their version failed
-        them: {failed version: (fallback version, the group's rows in the fallback's schema)}."""
+                            timeout: float | None, started: float, ids: list[str], keys: list[str],
+                            failed_rows: list[int | None] | None,
+                            ) -> tuple[dict[int, np.ndarray], dict[int, tuple[int, np.ndarray]] | None,
+                                       dict[int, float]]:
+        """Scores per version group, the groups a fallback scored because their version failed
+        them: {failed version: (fallback version, the group's rows in the fallback's schema)}, and when
+        each group was answered (perf_counter). The rows of a group that no version could score are
+        logged as request errors of the version that failed them before the error is raised."""
         model = entry.name
         futures: dict[int, Awaitable[Any]] = {}
-        for version in by_version:
-            batcher = self._batcher_now(model, version, pinned)
-            if batcher is None:
-                batcher = await self.pool.ensure(model, version)
-            futures[version] = batcher.enqueue(matrices[version], expires_in=timeout)
+        answered: dict[int, float] = {}
+        try:
+            for version in by_version:
+                batcher = self._batcher_now(model, version, pinned)
+                if batcher is None:
+                    batcher = await self.pool.ensure(model, version)
+                futures[version] = batcher.enqueue(matrices[version], expires_in=timeout)
+        except UnavailableError as exc:
+            self._log_group_errors(entry, by_version[version], version, pinned, started, ids, keys,
+                                   failed_rows, exc)
+            raise
         if len(futures) == 1:
             ((version, fut),) = futures.items()
             try:
-                return {version: await fut}, None
-            except UnavailableError as exc:
-                target, m, part = await self._rescue_group(entry, rows, by_version[version], version, pinned,
-                                                           timeout, started, exc)
-                return {version: part}, {version: (target, m)}
+                try:
+                    part = await fut
+                    answered[version] = time.perf_counter()
+                    return {version: part}, None, answered
+                except UnavailableError as exc:
+                    target, m, part = await self._rescue_group(entry, rows, by_version[version], version,
+                                                               pinned, timeout, started, exc)
+                    answered[version] = time.perf_counter()
+                    return {version: part}, {version: (target, m)}, answered
+            except Exception as exc:
+                self._log_group_errors(entry, by_version[version], version, pinned, started, ids, keys,
+                                       failed_rows, exc)
+                raise
+        for version, fut in futures.items():  # stamp each group's answer time as it lands
+            f = fut if isinstance(fut, asyncio.Future) else asyncio.ensure_future(fut)
+            futures[version] = f
+            f.add_done_callback(lambda _f, v=version: answered.__setitem__(v, time.perf_counter()))
         done = await asyncio.gather(*futures.values(), return_exceptions=True)
         results: dict[int, np.ndarray] = {}
         moved: dict[int, tuple[int, np.ndarray]] = {}
         for version, part in zip(futures, done, strict=True):
-            if isinstance(part, UnavailableError):
-                target, m, part = await self._rescue_group(entry, rows, by_version[version], version, pinned,
-                                                           timeout, started, part)
-                moved[version] = (target, m)
-            elif isinstance(part, BaseException):
-                raise part
+            try:
+                if isinstance(part, UnavailableError):
+                    target, m, part = await self._rescue_group(entry, rows, by_version[version], version,
+                                                               pinned, timeout, started, part)
+                    answered[version] = time.perf_counter()
+                    moved[version] = (target, m)
+                elif isinstance(part, BaseException):
+                    raise part
+            except Exception as exc:
+                self._log_group_errors(entry, by_version[version], version, pinned, started, ids, keys,
+                                       failed_rows, exc)
+                raise
             results[version] = part
-        return results, moved or None
+        return results, moved or None, answered
+
+    def _log_group_errors(self, entry: ModelEntry, idx: np.ndarray, version: int, pinned: int, started: float,
+                          ids: list[str], keys: list[str], failed_rows: list[int | None] | None,
+                          exc: BaseException) -> None:
+        for i in idx.tolist():
+            failed = failed_rows[i] if failed_rows is not None else None
+            self.log_error(entry.name, failed or version, ids[i], keys[i], entry.revision, pinned, started,
+                           exc)
 
     def _rescue_group(self, entry: ModelEntry, rows: Sequence[RequestLike], idx: np.ndarray, version: int,
                       pinned: int, timeout: float | None, started: float,
