@@ -9,14 +9,16 @@ stay with their owners (training.scheduler, training.retrain).
 
 Sections and who reads them:
     registry    CHIMERA_REGISTRY_URL                                  every command, replicas, loadtest
-    auth        CHIMERA_ADMIN_TOKEN, CHIMERA_PREDICT_TOKEN, CHIMERA_ACTOR (else USER)
+                CHIMERA_DB_* client timeouts (connect, query, statement, lock, idle in transaction,
+                keepalives, pool, SQLite busy)                        every registry engine
+    auth        CHIMERA_ADMIN_TOKEN, CHIMERA_PREDICT_TOKEN, CHIMERA_OUTCOMES_TOKEN, CHIMERA_ACTOR (else USER)
                                                                       gateway (checks), clients (send)
     ray         RAY_ADDRESS, CHIMERA_RAY_NUM_CPUS, CHIMERA_REPLICA_NUM_CPUS
     tls         CHIMERA_TLS_CERT, CHIMERA_TLS_KEY, CHIMERA_TLS_CLIENT_CA           the gateway's side
     client_tls  CHIMERA_TLS_CA, CHIMERA_TLS_CLIENT_CERT, CHIMERA_TLS_CLIENT_KEY,
                 CHIMERA_TLS_SERVER_NAME                               how the CLI and loadtest dial
     tracing     CHIMERA_TRACES_EXPORTER                               gateway and replicas
-    gateway     CHIMERA_LOG_FEATURES_SAMPLE
+    gateway     CHIMERA_LOG_FEATURES_SAMPLE, CHIMERA_MAX_CONCURRENT_CALLS
     rollout     CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S                  gateway's promotion gate
     retrain     CHIMERA_CODE_REVISION, CHIMERA_GATEWAY_TARGET, CHIMERA_RETRAIN_LOADTEST_*
     scheduler   CHIMERA_RETRAIN_SCHEDULE, CHIMERA_DRIFT_SCHEDULE, CHIMERA_SCHEDULER_MODELS,
@@ -48,6 +50,7 @@ DEFAULT_REPLICA_NUM_CPUS = 0.25
 DEFAULT_TRACES_EXPORTER = "none"
 DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S = 24 * 3600.0
 DEFAULT_LOG_FEATURES_SAMPLE = 1.0
+DEFAULT_MAX_CONCURRENT_CALLS = 1000  # calls one gateway handles at once (gateway.api.wire sheds beyond)
 # The retrain load-test gate (training.retrain.LoadTestGate): 50 req/s for 10 s after 2 s of warm-up,
 # p99 at most 250 ms, at most 1 % errors.
 DEFAULT_RETRAIN_LOADTEST_RPS = 50.0
@@ -96,20 +99,64 @@ def _absolute_sqlite(url: str) -> str:
     return url
 
 
+def _seconds(env: Env, name: str, default: float) -> float:
+    """A non-negative, finite number of seconds (0 turns the bound off where the README says so)."""
+    value = _parsed(env, name, float, default, "a number of seconds")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: {value!r} is not a non-negative number of seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class RegistrySettings:
     """`url` is what to use (CHIMERA_REGISTRY_URL, else ./chimera.db); `configured_url` is the variable
     as given (None when unset), for processes where falling back to a local file would be wrong (Ray
-    pods) or that must not create one (the load tester, the demo's own registry)."""
+    pods) or that must not create one (the load tester, the demo's own registry).
+
+    The rest bound every database call of the process (registry.engine applies them), so a database
+    that is down, unreachable or hung (accepting bytes, answering nothing) fails calls instead of
+    blocking threads forever. PostgreSQL: `connect_timeout_s` to establish a connection;
+    `query_timeout_s`, enforced by the client, for any wait on the server's answer (0: none);
+    `statement_timeout_s` (0: the process's own default, 30 s in the gateway, none in batch jobs),
+    `lock_timeout_s` and `idle_in_transaction_timeout_s`, enforced by the server (0: off); TCP keepalives
+    (`keepalives_*`) to notice a vanished peer; `pool_timeout_s` to wait for a pooled connection.
+    SQLite: `sqlite_busy_timeout_s` to wait for another writer."""
 
     url: str = field(default_factory=default_registry_url)
     configured_url: str | None = None
+    connect_timeout_s: float = 5.0
+    query_timeout_s: float = 60.0
+    statement_timeout_s: float = 0.0
+    lock_timeout_s: float = 10.0
+    idle_in_transaction_timeout_s: float = 60.0
+    keepalives_idle_s: float = 10.0
+    keepalives_interval_s: float = 5.0
+    keepalives_count: int = 2
+    pool_timeout_s: float = 10.0
+    sqlite_busy_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RegistrySettings:
-        given = _get(_env(env), "CHIMERA_REGISTRY_URL")
+        e = _env(env)
+        given = _get(e, "CHIMERA_REGISTRY_URL")
         configured = _absolute_sqlite(given) if given else None
-        return cls(url=configured or default_registry_url(), configured_url=configured)
+        count = _parsed(e, "CHIMERA_DB_KEEPALIVES_COUNT", int, cls.keepalives_count, "a whole number")
+        if count < 1:
+            raise ValueError(f"CHIMERA_DB_KEEPALIVES_COUNT: {count} is not a positive whole number")
+        return cls(
+            url=configured or default_registry_url(), configured_url=configured,
+            connect_timeout_s=_seconds(e, "CHIMERA_DB_CONNECT_TIMEOUT_S", cls.connect_timeout_s),
+            query_timeout_s=_seconds(e, "CHIMERA_DB_QUERY_TIMEOUT_S", cls.query_timeout_s),
+            statement_timeout_s=_seconds(e, "CHIMERA_DB_STATEMENT_TIMEOUT_S", cls.statement_timeout_s),
+            lock_timeout_s=_seconds(e, "CHIMERA_DB_LOCK_TIMEOUT_S", cls.lock_timeout_s),
+            idle_in_transaction_timeout_s=_seconds(e, "CHIMERA_DB_IDLE_IN_TRANSACTION_TIMEOUT_S",
+                                                   cls.idle_in_transaction_timeout_s),
+            keepalives_idle_s=_seconds(e, "CHIMERA_DB_KEEPALIVES_IDLE_S", cls.keepalives_idle_s),
+            keepalives_interval_s=_seconds(e, "CHIMERA_DB_KEEPALIVES_INTERVAL_S", cls.keepalives_interval_s),
+            keepalives_count=count,
+            pool_timeout_s=_seconds(e, "CHIMERA_DB_POOL_TIMEOUT_S", cls.pool_timeout_s),
+            sqlite_busy_timeout_s=_seconds(e, "CHIMERA_DB_SQLITE_BUSY_TIMEOUT_S", cls.sqlite_busy_timeout_s),
+        )
 
 
 # ------------------------------------------------------------------------------------ identity
@@ -121,12 +168,16 @@ class AuthSettings:
     admin_token: str | None = field(default=None, repr=False)
     predict_token: str | None = field(default=None, repr=False)
     actor: str | None = None
+    # RecordOutcome(s) require this token (or the admin token) when set; unset, they take the predict
+    # token when that is set (outcomes steer rollouts: never more open than predictions).
+    outcomes_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> AuthSettings:
         e = _env(env)
         return cls(admin_token=_get(e, "CHIMERA_ADMIN_TOKEN"), predict_token=_get(e, "CHIMERA_PREDICT_TOKEN"),
-                   actor=_get(e, "CHIMERA_ACTOR") or _get(e, "USER"))
+                   actor=_get(e, "CHIMERA_ACTOR") or _get(e, "USER"),
+                   outcomes_token=_get(e, "CHIMERA_OUTCOMES_TOKEN"))
 
 
 # ------------------------------------------------------------------------------------ Ray
@@ -219,14 +270,22 @@ def parse_log_features_sample(value: str | float | None, source: str) -> float:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """Fraction of predictions logged with their scored feature row (retraining, drift checks)."""
+    """Fraction of predictions logged with their scored feature row (retraining, drift checks); the cap
+    on calls handled at once (CHIMERA_MAX_CONCURRENT_CALLS; beyond it RESOURCE_EXHAUSTED at once; 0: no
+    cap)."""
 
     log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
+    max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
+        e = _env(env)
         name = "CHIMERA_LOG_FEATURES_SAMPLE"
-        return cls(parse_log_features_sample(_env(env).get(name), name))
+        cap = _parsed(e, "CHIMERA_MAX_CONCURRENT_CALLS", int, DEFAULT_MAX_CONCURRENT_CALLS,
+                      "a whole number of calls (0: no cap)")
+        if cap < 0:
+            raise ValueError(f"CHIMERA_MAX_CONCURRENT_CALLS: {cap} is negative (0 turns the cap off)")
+        return cls(parse_log_features_sample(e.get(name), name), cap)
 
 
 

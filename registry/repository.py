@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from chimera.jsonsafe import nan_to_none
+from chimera.settings import RegistrySettings
+from registry.engine import make_engine, postgres_connect_args
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
 from registry.models import Decision as DecisionRow
 from registry.models import (
@@ -93,41 +95,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_engine(url: str, *, statement_timeout_ms: int | None = None) -> Engine:
-    """Engine with the settings both backends need: SQLite gets WAL and a busy timeout so the
-    gateway's log writer and the CLI can share the file; PostgreSQL gets pre-ping, a connect timeout
-    and TCP keepalives (POSTGRES_CONNECT_ARGS), and optionally a statement timeout (the gateway sets
-    one; batch jobs such as training do not)."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
-                         connect_args=_postgres_args(url, statement_timeout_ms))
-
-
-def _postgres_args(url: str, statement_timeout_ms: int | None) -> dict[str, Any]:
-    if not url.startswith("postgres"):
-        return {}
-    args: dict[str, Any] = dict(POSTGRES_CONNECT_ARGS)
-    if statement_timeout_ms:
-        args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
-    return args
-
-
-# Never wait forever on a PostgreSQL server that is gone: connecting gives up after 5 s, and TCP
-# keepalives notice a dead peer on an open connection within ~20 s (a stopped server that closes its
-# sockets is noticed at once). The pool waits at most 10 s for a free connection.
-POSTGRES_CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
-                         "keepalives_interval": 5, "keepalives_count": 2}
+# Kept for the gateway's LISTEN connection (gateway.serving.split_watch), which connects on its own:
+# connect timeout and TCP keepalives from the registry settings.
+POSTGRES_CONNECT_ARGS = {k: v for k, v in postgres_connect_args(RegistrySettings.from_env()).items()
+                         if k != "options"}
 
 
 def _version_info(model_name: str, row: ModelVersion, size: int | None = None) -> VersionInfo:
