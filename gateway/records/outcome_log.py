@@ -15,14 +15,19 @@ exactly one place:
 - stored in the database (`stats.replayed`);
 - the dead-letter file (one JSON line each, with the reason, never retried automatically;
   `stats.dead_letter[reason]`, metric chimera_outcomes_dead_letter_rows{reason}):
-  `conflict` (a different value is already stored for that request id), `invalid` (e.g. not finite),
+  `conflict` (a different value is already stored for that request id), `invalid` (e.g. not finite, or
+  an id the database refuses, such as one with a NUL byte on PostgreSQL: a failed bulk store is
+  bisected down to the outcomes that fail alone, so one bad outcome never blocks the others), `torn`
+  (a line a crash or a full disk cut short: skipped, kept here as text),
   `unknown_request_id` (no prediction with that id, still none `unknown_grace_s` after the outcome was
   accepted: the grace covers a prediction that sits in *another* gateway's spill file);
 - back in the spill file for the next replay (unknown id within its grace, or the database went away
   again).
 
 The files: `<spill_dir>/outcomes-<port>.spill` (and `.spill.replaying` while a replay runs) and
-`<spill_dir>/outcomes-<port>.deadletter`."""
+`<spill_dir>/outcomes-<port>.deadletter`. The spill is bounded (`spill_max_bytes`); an accept past the
+bound or on a full disk raises gateway.records.spill.SpillUnavailable (RESOURCE_EXHAUSTED to the caller,
+counted in `stats.spill_failures`) and leaves no half-written line behind."""
 
 from __future__ import annotations
 
@@ -36,10 +41,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.records.spill import (
+    DEFAULT_SPILL_MAX_BYTES,
+    SpillUnavailable,
+    append_durably,
+    is_data_error,
+)
 from registry import AlreadyExistsError, NotFoundError, Registry
 
 log = logging.getLogger(__name__)
-DEAD_LETTER_REASONS = ("unknown_request_id", "conflict", "invalid")
+DEAD_LETTER_REASONS = ("unknown_request_id", "conflict", "invalid", "torn")
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -58,6 +69,8 @@ class OutcomeStats:
     replayed: int = 0  # of those, stored in the database by a replay
     dead_letter: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DEAD_LETTER_REASONS, 0))
     replay_failures: int = 0
+    torn_lines: int = 0  # unreadable spill lines skipped (also in dead_letter["torn"])
+    spill_failures: dict[str, int] = field(default_factory=lambda: {"full": 0, "limit": 0, "io": 0})
 
 
 class OutcomeLog:
@@ -72,6 +85,7 @@ class OutcomeLog:
         replay_interval_s: float = 1.0,
         unknown_grace_s: float = 300.0,
         batch_size: int = 5000,
+        spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES,
     ) -> None:
         self.registry = registry
         self.spill_path = Path(spill_path)
@@ -82,6 +96,7 @@ class OutcomeLog:
         self.replay_interval_s = replay_interval_s
         self.unknown_grace_s = unknown_grace_s
         self.batch_size = batch_size
+        self.spill_max_bytes = spill_max_bytes
         self.stats = OutcomeStats()
         self._lock = threading.Lock()  # the spill file (appends and the move aside)
         self._replay_lock = threading.Lock()  # one replay at a time
@@ -106,14 +121,16 @@ class OutcomeLog:
                     n += sum(1 for line in f if line.strip())
         return n
 
-    @staticmethod
-    def _append(path: Path, lines: list[str]) -> None:
+    def _append(self, path: Path, lines: list[str]) -> None:
+        """Append fsynced (the directory too when the file is new); SpillUnavailable, counted, when the
+        disk is full or failing, with the file cut back to its old length."""
         if not lines:
             return
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            append_durably(path, "".join(lines))
+        except SpillUnavailable as exc:
+            self.stats.spill_failures[exc.reason] = self.stats.spill_failures.get(exc.reason, 0) + 1
+            raise
 
     # -------------------------------------------------------------- request path
     def accept(self, request_id: str, value: float) -> None:
@@ -132,6 +149,11 @@ class OutcomeLog:
         lines = [json.dumps({"id": request_id, "v": value, "t": now}) + "\n" for request_id, value in items]
         with self._lock:
             self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            size = sum(p.stat().st_size for p in (self.spill_path, self._replaying_path) if p.exists())
+            if size + sum(map(len, lines)) > self.spill_max_bytes:
+                self.stats.spill_failures["limit"] += 1
+                raise SpillUnavailable(f"outcome spill: size limit of {self.spill_max_bytes} bytes reached "
+                                       "(the database has been away too long)", "limit")
             self._append(self.spill_path, lines)
         self.stats.spilled += len(lines)
 
@@ -185,7 +207,8 @@ class OutcomeLog:
         if not replaying.exists():
             return 0
         items: list[tuple[str, float, float]] = []
-        with open(replaying, encoding="utf-8") as f:
+        torn: list[str] = []
+        with open(replaying, encoding="utf-8", errors="replace") as f:
             for line in f:
                 line = line.strip()
                 if not line:
@@ -193,8 +216,15 @@ class OutcomeLog:
                 try:
                     d = json.loads(line)
                     items.append((str(d["id"]), float(d["v"]), float(d.get("t", 0.0))))
-                except (ValueError, KeyError, TypeError):  # a torn last line after a crash
-                    log.warning("outcome spill: skipping an unreadable line")
+                except (ValueError, KeyError, TypeError):  # a torn line (crash or full disk mid-write)
+                    self.stats.torn_lines += 1
+                    self.stats.dead_letter["torn"] = self.stats.dead_letter.get("torn", 0) + 1
+                    torn.append(json.dumps({"line": line, "reason": "torn", "dead_at": time.time()}) + "\n")
+                    log.warning("outcome spill: skipping an unreadable line (%d bytes)", len(line))
+        try:
+            self._append(self.dead_letter_path, torn)
+        except SpillUnavailable:
+            log.error("outcome dead-letter file unwritable: %d torn lines not kept", len(torn))
         try:
             stored, dead, keep = self._store(items)
         except Exception as exc:
@@ -226,9 +256,21 @@ class OutcomeLog:
         dead: list[tuple[str, float, float, str, str]] = []
         keep: list[tuple[str, float, float]] = []
         now = time.time()
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i:i + self.batch_size]
-            results = self.registry.record_outcomes([(rid, v) for rid, v, _ in chunk])
+        stack = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)][::-1]
+        while stack:
+            chunk = stack.pop()
+            try:
+                results = self.registry.record_outcomes([(rid, v) for rid, v, _ in chunk])
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise  # the database is away: the whole file stays for the next replay
+                if len(chunk) == 1:  # refused for what it holds (e.g. NUL on PostgreSQL): never retried
+                    rid, v, t = chunk[0]
+                    dead.append((rid, v, t, "invalid", f"{type(exc).__name__}: {exc}"[:500]))
+                else:
+                    mid = len(chunk) // 2
+                    stack += [chunk[mid:], chunk[:mid]]
+                continue
             for (rid, v, t), err in zip(chunk, results, strict=True):
                 if err is None:
                     stored += 1
