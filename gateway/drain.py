@@ -47,13 +47,18 @@ class Admission:
     """Whether the gateway takes new calls. Checked once per call by gateway.api.wire (one attribute
     read); the refusal time is only written once the gateway is closing."""
 
-    __slots__ = ("_release", "closed", "last_refused", "refused")
+    __slots__ = ("_release", "active", "closed", "last_refused", "max_active", "refused", "shed")
 
-    def __init__(self) -> None:
+    def __init__(self, max_active: int | None = None) -> None:
         self.closed = False
         self.last_refused = 0.0
         self.refused = 0
         self._release: asyncio.Event | None = None
+        # Load shedding (gateway.api.wire): calls being handled, the cap (None: none), calls refused
+        # RESOURCE_EXHAUSTED because of it.
+        self.active = 0
+        self.max_active = max_active
+        self.shed = 0
 
     def close(self) -> None:
         self.closed = True

@@ -321,7 +321,10 @@ def test_fuzz_predict_bytes_never_crash_or_internal(served) -> None:
             code = C.OK
         except grpc.RpcError as exc:
             code = exc.code()
-            assert code in FINE, (code, exc.details(), data)
+            # Extreme but finite features can make the model's score NaN/inf: never answered OK, the
+            # row fails as the replica's fault (gateway.serving.batcher.NonFiniteScore), only that row.
+            nonfinite = code == C.UNAVAILABLE and "non-finite score" in (exc.details() or "")
+            assert code in FINE or nonfinite, (code, exc.details(), data)
             assert exc.details(), (code, data)
         seen[code.name] = seen.get(code.name, 0) + 1
 

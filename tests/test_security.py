@@ -135,3 +135,64 @@ def test_every_problem_is_reported_at_once() -> None:
     assert warnings == [] and len(refusals) == 3  # weak token, clear text, open doors
     err = StartupRefused(refusals)
     assert err.problems == refusals and str(err).count("\n  - ") == 3
+
+
+# ------------------------------------------------------------------ `chimera serve` applies the rules
+def _serve(monkeypatch: pytest.MonkeyPatch, tmp_path, args: list[str], **env: str):  # noqa: ANN001, ANN202
+    """Run `chimera serve` with the gateway itself replaced by a recorder; (exit code, output, configs)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from chimera.cli import app
+
+    configs: list = []
+
+    async def serve_forever(config) -> None:  # noqa: ANN001
+        configs.append(config)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gateway.server.serve_forever", serve_forever)
+    monkeypatch.setattr("gateway.server.ensure_ray", lambda *a, **k: None)
+    base = {"CHIMERA_REGISTRY_URL": f"sqlite:///{tmp_path / 'serve.db'}", "COLUMNS": "200",
+            "CHIMERA_ADMIN_TOKEN": "", "CHIMERA_PREDICT_TOKEN": "", "CHIMERA_OUTCOMES_TOKEN": "",
+            "CHIMERA_TLS_CERT": "", "CHIMERA_TLS_KEY": "", "CHIMERA_TLS_CLIENT_CA": ""}
+    res = CliRunner().invoke(app, ["serve", "--loop", "asyncio", "--metrics-port", "0", *args],
+                             env={**base, **env})
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, re.sub(r"\s+", " ", res.output), configs
+
+
+def test_serve_binds_loopback_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    code, out, configs = _serve(monkeypatch, tmp_path, [])
+    assert code == 0, out
+    assert configs[-1].host == "127.0.0.1"
+
+
+def test_serve_refuses_plaintext_tokens_on_the_network_unless_insecure(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path) -> None:  # noqa: ANN001
+    env = {"CHIMERA_ADMIN_TOKEN": GOOD, "CHIMERA_PREDICT_TOKEN": GOOD2}
+    code, out, configs = _serve(monkeypatch, tmp_path, ["--host", "0.0.0.0"], **env)
+    assert code == 2 and "refusing to start" in out and "clear text" in out and not configs
+    code, out, configs = _serve(monkeypatch, tmp_path, ["--host", "0.0.0.0", "--insecure"], **env)
+    assert code == 0 and "--insecure" in out and configs[-1].host == "0.0.0.0"
+
+
+def test_serve_refuses_a_placeholder_token_even_on_loopback(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path) -> None:  # noqa: ANN001
+    code, out, configs = _serve(monkeypatch, tmp_path, ["--insecure"], CHIMERA_ADMIN_TOKEN="change-me")
+    assert code == 2 and "CHIMERA_ADMIN_TOKEN is a placeholder" in out and not configs
+
+
+def test_serve_refuses_open_outcomes_on_the_network(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path) -> None:  # noqa: ANN001
+    code, out, _ = _serve(monkeypatch, tmp_path, ["--host", "0.0.0.0"])
+    assert code == 2 and "outcomes (RecordOutcome*)" in out
+
+
+def test_serve_warns_about_tokens_in_plaintext_on_loopback(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path) -> None:  # noqa: ANN001
+    code, out, configs = _serve(monkeypatch, tmp_path, [], CHIMERA_OUTCOMES_TOKEN=GOOD3)
+    assert code == 0 and "warning" in out and "plaintext" in out
+    assert configs[-1].outcomes_token == GOOD3

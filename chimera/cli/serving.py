@@ -9,13 +9,16 @@ from typing import Annotated
 
 import typer
 
+from chimera.cli import views
 from chimera.cli.shared import load_settings, open_registry
+from chimera.settings import Settings
 
 
 def serve(
     port: Annotated[int, typer.Option(help="gRPC port")] = 50051,
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: off)")] = 9090,
-    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0: every interface; needs TLS and "
+                                      "tokens, or --insecure)")] = "127.0.0.1",
     replica_cpus: Annotated[float | None, typer.Option(help="CPUs per replica")] = None,
     grace: Annotated[
         float, typer.Option(help="seconds from SIGTERM to exit: drain, let in-flight calls finish")
@@ -40,10 +43,18 @@ def serve(
         typer.Option(help="fraction 0..1 of predictions logged with their feature row "
                      "(default CHIMERA_LOG_FEATURES_SAMPLE, else 1)"),
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="serve a non-loopback address in plaintext with tokens, or "
+                           "with predictions/outcomes open, because something in front terminates TLS or "
+                           "authenticates callers (logged as a warning at start)")
+    ] = False,
 ) -> None:
     """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM.
     CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call;
-    CHIMERA_TRACES_EXPORTER (console, otlp) turns on OpenTelemetry spans."""
+    CHIMERA_OUTCOMES_TOKEN, when set, on RecordOutcome(s) instead;
+    CHIMERA_TRACES_EXPORTER (console, otlp) turns on OpenTelemetry spans.
+    Refuses to start with a placeholder or weak token, and on a non-loopback address in plaintext with
+    tokens or with predictions/outcomes open, unless --insecure (chimera.security)."""
     from chimera.settings import parse_log_features_sample, parse_promotion_loadtest_max_age
 
     if event_loop not in ("uvloop", "asyncio"):
@@ -56,6 +67,7 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings = load_settings()
+    _check_security(settings, host, insecure)
     import asyncio
 
     from gateway.server import GatewayConfig, ensure_ray, serve_forever
@@ -83,3 +95,25 @@ def serve(
         uvloop.run(serve_forever(config))
     else:
         asyncio.run(serve_forever(config))
+
+
+def _check_security(settings: Settings, host: str, insecure: bool) -> None:
+    """chimera.security's start-up rules, before anything starts: refusals end the command (exit 2)
+    with every problem listed; waived problems and tokens sent in clear text on loopback are warned."""
+    from chimera.security import ServeSecurity, StartupRefused, check_startup, is_loopback
+
+    tls = settings.tls.cert is not None and settings.tls.key is not None
+    security = ServeSecurity(host=host, tls=tls, client_certs=tls and settings.tls.client_ca is not None,
+                             admin_token=settings.auth.admin_token, predict_token=settings.auth.predict_token,
+                             outcomes_token=settings.auth.outcomes_token, insecure=insecure)
+    try:
+        warnings = check_startup(security)
+    except StartupRefused as exc:
+        views.fail(str(exc), 2)
+    if not tls and is_loopback(host) and any(t is not None for t in security.tokens().values()):
+        warnings.append(f"tokens are configured but {host} is served in plaintext: any process on this "
+                        "machine that can read loopback traffic sees them; set CHIMERA_TLS_CERT and "
+                        "CHIMERA_TLS_KEY unless this is a sidecar or a test")
+    for warning in warnings:
+        logging.getLogger("chimera.serve").warning("%s", warning)
+        views.console.print(f"[yellow]warning:[/yellow] {warning}")

@@ -23,8 +23,18 @@ from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.api.auth import AdminAuth
 from gateway.api.errors import status_for
+from gateway.api.validate import (
+    MAX_NAME_CHARS,
+    check_request,
+    check_text,
+    check_texts,
+    detail,
+    internal_detail,
+    shorten,
+)
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.records.outcome_intake import OutcomeIntake
+from gateway.serving.errors import UnavailableError
 from gateway.serving.features import PackedRows
 from gateway.serving.flight import Flight
 from gateway.serving.predictor import Predictor
@@ -32,7 +42,11 @@ from gateway.serving.rows import Scored, batch_pin
 from registry import ValidationError
 
 log = logging.getLogger(__name__)
-MAX_STREAM_INFLIGHT = 1024  # rows of one stream being scored at once; reading pauses beyond this
+# Rows of one stream being scored or answered but not yet taken by the client; reading the stream
+# pauses beyond this, so a client that never reads its responses holds at most this many in memory
+# (and HTTP/2 flow control then stops it sending).
+MAX_STREAM_INFLIGHT = 1024
+MAX_OUTCOMES_PER_CALL = 10_000  # RecordOutcomes entries; more is INVALID_ARGUMENT naming the limit
 _READER_DONE = object()
 
 
@@ -46,20 +60,34 @@ def _remaining(context: grpc.aio.ServicerContext) -> float | None:
 
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def __init__(self, predictor: Predictor, outcomes: OutcomeIntake, auth: AdminAuth,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, failed_models: dict[str, str] | None = None) -> None:
         self.predictor = predictor
         self.outcomes = outcomes
         self.auth = auth
         self.metrics = metrics
         self.requests = RequestMetrics(metrics, predictor.catalog.knows)
+        # Models that could not start (gateway.server's start-up isolation): model -> why. Read on the
+        # error path only, so a call for one is UNAVAILABLE with the reason, not NOT_FOUND.
+        self.failed_models = failed_models if failed_models is not None else {}
+
+    def _explain(self, model: str, exc: BaseException) -> BaseException:
+        if (self.failed_models and model in self.failed_models
+                and not self.predictor.catalog.knows(model)):
+            return UnavailableError(f"model {shorten(model)!r} is not being served: no version could start "
+                                    f"({self.failed_models[model]})")
+        return exc
+
+    def _message(self, method: str, code: grpc.StatusCode, exc: BaseException) -> str:
+        if code == grpc.StatusCode.INTERNAL:
+            return internal_detail(method, exc)
+        return detail(str(exc) or type(exc).__name__)
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, model: str, exc: Exception,
                     t0: float) -> None:
+        exc = self._explain(model, exc)  # type: ignore[assignment]
         code = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", method)
         self.requests.observe(method, model, "", code.name, t0)
-        await context.abort(code, str(exc) or type(exc).__name__)
+        await context.abort(code, self._message(method, code, exc))
 
     # ------------------------------------------------------------------ unary
     async def Predict(self, request: pb.PredictRequest,
@@ -67,6 +95,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         t0 = time.perf_counter()
         model = request.model
         try:
+            check_request(request)
             if request.version:
                 self.auth.actor(context)
             r = await self.predictor.submit(model, request.routing_key, request.request_id, request.features,
@@ -85,14 +114,19 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         packed = request.HasField("matrix")
         model = request.model or (rows[0].model if rows else "")
         try:
+            check_text("model", request.model, MAX_NAME_CHARS)
             if packed:
                 if rows:
                     raise ValidationError("rows: set either rows or matrix, not both")
                 m = request.matrix
+                check_texts("matrix.request_ids", m.request_ids)
+                check_texts("matrix.routing_keys", m.routing_keys)
                 batch: Any = PackedRows.from_f32(m.f32, m.cols, list(m.routing_keys), list(m.request_ids))
                 pinned = m.version
             else:
                 batch, pinned = rows, batch_pin(rows, model)
+                for i, row in enumerate(rows):
+                    check_request(row, f"rows[{i}].")
             if pinned:
                 self.auth.actor(context)
             result = await self.predictor.submit_many(model, batch, pinned, _remaining(context))
@@ -137,17 +171,18 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 out.put_nowait(self._row_error("PredictStream", request, exc, flight.started))
             else:
                 return  # cancelled: the stream is ending
-            if len(outstanding) < MAX_STREAM_INFLIGHT:
+            if len(outstanding) + out.qsize() < MAX_STREAM_INFLIGHT:
                 slot_free.set()
 
         async def reader() -> None:
             try:
                 async for request in request_iterator:
-                    while len(outstanding) >= MAX_STREAM_INFLIGHT:
+                    while len(outstanding) + out.qsize() >= MAX_STREAM_INFLIGHT:
                         slot_free.clear()
                         await slot_free.wait()
                     t0 = time.perf_counter()
                     try:
+                        check_request(request)
                         if request.version:
                             self.auth.actor(context)
                         flight = predictor.submit_nowait(
@@ -167,6 +202,8 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         try:
             while True:
                 item = await out.get()
+                if len(outstanding) + out.qsize() < MAX_STREAM_INFLIGHT:
+                    slot_free.set()  # the client took a response: room for one more row
                 if item is _READER_DONE:
                     finished_reading = True
                 elif isinstance(item, BaseException):
@@ -182,18 +219,22 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def _row_error(self, method: str, request: pb.PredictRequest, exc: BaseException,
                    t0: float) -> pb.PredictStreamResponse:
+        exc = self._explain(request.model, exc)
         code = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("%s row failed: %s: %s", method, type(exc).__name__, exc)
         self.requests.observe(method, request.model, "", code.name, t0)
-        return pb.PredictStreamResponse(request_id=request.request_id,
-                                        error=pb.RowError(code=code.value[0], message=str(exc)))
+        rid = request.request_id  # echoed so the client can match the row, unless it is itself the problem
+        if len(rid) > 128 or "\x00" in rid:
+            rid = ""
+        return pb.PredictStreamResponse(request_id=rid,
+                                        error=pb.RowError(code=code.value[0],
+                                                          message=self._message(method, code, exc)))
 
     # ------------------------------------------------------------------ outcomes
     async def RecordOutcome(self, request: pb.RecordOutcomeRequest,
                             context: grpc.aio.ServicerContext) -> pb.RecordOutcomeResponse:
         t0 = time.perf_counter()
         try:
+            check_text("request_id", request.request_id)
             await self.outcomes.record(request.request_id, request.value)
         except Exception as exc:
             await self._fail(context, "RecordOutcome", "", exc, t0)
@@ -205,8 +246,31 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                              context: grpc.aio.ServicerContext) -> pb.RecordOutcomesResponse:
         """One bulk write for all items; each item gets the status RecordOutcome would have given it."""
         t0 = time.perf_counter()
-        errors = await self.outcomes.record_many([(o.request_id, o.value) for o in request.outcomes])
-        statuses = [pb.RowError(code=0) if err is None
-                    else pb.RowError(code=status_for(err).value[0], message=str(err)) for err in errors]
+        n = len(request.outcomes)
+        if n > MAX_OUTCOMES_PER_CALL:
+            await self._fail(context, "RecordOutcomes", "", ValidationError(
+                f"outcomes: {n} entries, limit {MAX_OUTCOMES_PER_CALL} per call; send them in several "
+                "calls"), t0)
+        items = [(o.request_id, o.value) for o in request.outcomes]
+        errors: list[BaseException | None] = [None] * n
+        good: list[int] = []
+        for i, (rid, _) in enumerate(items):
+            try:
+                check_text("request_id", rid)
+                good.append(i)
+            except ValidationError as exc:
+                errors[i] = exc
+        if good:
+            stored = await self.outcomes.record_many(items if len(good) == n else [items[i] for i in good])
+            for i, err in zip(good, stored, strict=True):
+                errors[i] = err
+        statuses = []
+        for err in errors:
+            if err is None:
+                statuses.append(pb.RowError(code=0))
+            else:
+                code = status_for(err)
+                statuses.append(pb.RowError(code=code.value[0], message=self._message("RecordOutcomes", code,
+                                                                                        err)))
         self.requests.observe("RecordOutcomes", "", "", "OK", t0)
         return pb.RecordOutcomesResponse(statuses=statuses)

@@ -13,6 +13,7 @@ from chimera.v1 import rollout_pb2 as rpb
 from chimera.v1 import rollout_pb2_grpc as rpb_grpc
 from gateway.api.auth import AdminAuth
 from gateway.api.errors import status_for as _status
+from gateway.api.validate import MAX_NAME_CHARS, check_text, detail, internal_detail
 from registry import Registry
 from rollout import operations as rollout_ops
 from rollout.controller import PromotionGate
@@ -45,17 +46,35 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             log.warning("model %s: applying the split change here failed; the watcher will", model,
                         exc_info=True)
 
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code = _status(exc)
+        message = (internal_detail("RolloutService", exc) if code == grpc.StatusCode.INTERNAL
+                   else detail(str(exc) or type(exc).__name__))
+        await context.abort(code, message)
+
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except Exception as exc:
-            await context.abort(_status(exc), str(exc))
+            await self._abort(context, exc)
 
-    async def _actor(self, context: grpc.aio.ServicerContext) -> str:
+    async def _actor(self, context: grpc.aio.ServicerContext, request: object = None) -> str:
+        """Check the admin token, then the request's text fields (gateway.api.validate: nothing the
+        registry database would refuse reaches it); returns the actor for the audit log."""
         try:
-            return self.auth.actor(context)
+            actor = self.auth.actor(context)
+            check_text("actor", actor)
+            if request is not None:
+                model = getattr(request, "model", None)
+                if model is not None:
+                    check_text("model", model, MAX_NAME_CHARS)
+                reason = getattr(request, "reason", None)
+                if reason is not None:
+                    check_text("reason", reason, 4096)
+            return actor
         except Exception as exc:
-            await context.abort(_status(exc), str(exc))
+            await self._abort(context, exc)
             raise
 
     @staticmethod
@@ -70,13 +89,13 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     async def GetTrafficSplit(
         self, request: rpb.GetTrafficSplitRequest, context: grpc.aio.ServicerContext
     ) -> rpb.TrafficSplit:
-        await self._actor(context)
+        await self._actor(context, request)
         return self._split(await self._call(context, self.registry.get_split, request.model))
 
     async def SetTrafficSplit(
         self, request: rpb.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
     ) -> rpb.TrafficSplit:
-        actor = await self._actor(context)
+        actor = await self._actor(context, request)
         weights: dict[int, int] = {}
         for w in request.weights:
             if w.version in weights:
@@ -102,7 +121,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     async def ListModels(
         self, request: rpb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> rpb.ListModelsResponse:
-        await self._actor(context)
+        await self._actor(context, request)
         models = await self._call(context, self.registry.list_models)
         return rpb.ListModelsResponse(
             models=[
@@ -129,7 +148,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     async def Promote(
         self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> rpb.TrafficSplit:
-        actor = await self._actor(context)
+        actor = await self._actor(context, request)
         split = await self._call(
             context,
             rollout_ops.promote,
@@ -147,7 +166,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     async def Rollback(
         self, request: rpb.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> rpb.TrafficSplit:
-        actor = await self._actor(context)
+        actor = await self._actor(context, request)
         split = await self._call(
             context,
             rollout_ops.rollback,
@@ -163,7 +182,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     async def SetShadow(
         self, request: rpb.SetShadowRequest, context: grpc.aio.ServicerContext
     ) -> rpb.TrafficSplit:
-        actor = await self._actor(context)
+        actor = await self._actor(context, request)
         split = await self._call(
             context,
             self.registry.set_shadow,
@@ -178,7 +197,7 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     async def GetRolloutStatus(
         self, request: rpb.GetRolloutStatusRequest, context: grpc.aio.ServicerContext
     ) -> rpb.RolloutStatus:
-        await self._actor(context)
+        await self._actor(context, request)
         s = await self._call(
             context, rollout_ops.status, self.registry, request.model, request.decisions or 5
         )

@@ -11,7 +11,13 @@ check and, with a Predict token configured, one metadata lookup and a constant-t
 
 Decoding rules worth knowing (protobuf, not ours): a map with the same key twice keeps the LAST value;
 a field sent with the wrong wire type (e.g. a varint where `dense` is expected) is kept as an unknown
-field and the known field stays empty; a `string` field holding invalid UTF-8 does not decode."""
+field and the known field stays empty; a `string` field holding invalid UTF-8 does not decode.
+
+Load shedding: `Admission.max_active` caps the calls being handled at once over every wrapped method
+(health and reflection are not wrapped, so a load balancer's probe still gets through). A call beyond
+the cap is answered RESOURCE_EXHAUSTED at once, not queued: a queue in front of a saturated gateway
+only turns overload into timeouts, and thousands of waiting calls without deadlines into memory.
+The count is two integer updates per call on the event loop thread (no lock needed)."""
 
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ import grpc
 
 from gateway.api.auth import AuthError, TokenAuth
 from gateway.drain import Admission
+
+SHED_MESSAGE = ("gateway is at its limit of {} concurrent calls (CHIMERA_MAX_CONCURRENT_CALLS); retry "
+                "with backoff or on another instance")
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,21 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
     calls.setdefault(name, 0)
     gate = admission if admission is not None else Admission()
 
+    async def enter(context: grpc.aio.ServicerContext) -> None:
+        """Refuse the call when closing or at the concurrency cap; else count it (see `leave`)."""
+        if gate.closed:
+            await gate.refuse(context)
+        cap = gate.max_active
+        if cap is not None and gate.active >= cap:
+            gate.shed += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE.format(cap))
+        gate.active += 1
+        calls[name] += 1
+
+    def leave() -> None:
+        gate.active -= 1
+        calls[name] -= 1
+
     async def check(context: grpc.aio.ServicerContext) -> None:
         if auth is not None:
             try:
@@ -78,9 +102,7 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gate.closed:
-                await gate.refuse(context)
-            calls[name] += 1
+            await enter(context)
             try:
                 if isinstance(request, Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -88,16 +110,14 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
                     await check(context)
                 return await inner_uu(request, context)
             finally:
-                calls[name] -= 1
+                leave()
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if gate.closed:
-                await gate.refuse(context)
-            calls[name] += 1
+            await enter(context)
             try:
                 if isinstance(request, Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -105,23 +125,21 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
                 async for response in inner_us(request, context):
                     yield response
             finally:
-                calls[name] -= 1
+                leave()
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
     if handler.stream_unary is not None:
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            if gate.closed:
-                await gate.refuse(context)
-            calls[name] += 1
+            await enter(context)
             try:
                 await check(context)
                 return await inner_su(_checked(requests), context)
             except MalformedRequestError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             finally:
-                calls[name] -= 1
+                leave()
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
     inner_ss = handler.stream_stream
@@ -129,9 +147,7 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
 
     async def stream_stream(requests: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if gate.closed:
-            await gate.refuse(context)
-        calls[name] += 1
+        await enter(context)
         try:
             await check(context)
             async for response in inner_ss(_checked(requests), context):
@@ -139,7 +155,7 @@ def _wrap(handler: grpc.RpcMethodHandler, type_name: str, auth: TokenAuth | None
         except MalformedRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
-            calls[name] -= 1
+            leave()
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 
@@ -149,9 +165,11 @@ class _Registrar:
     server wrapped method handlers."""
 
     def __init__(self, server: grpc.aio.Server, auth: TokenAuth | None, types: dict[str, str],
-                 inflight: dict[str, int] | None, admission: Admission | None) -> None:
+                 inflight: dict[str, int] | None, admission: Admission | None,
+                 method_auth: dict[str, TokenAuth | None] | None = None) -> None:
         self.server = server
         self.auth = auth
+        self.method_auth = method_auth or {}
         self.types = types
         self.inflight = inflight
         self.admission = admission
@@ -161,7 +179,8 @@ class _Registrar:
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        wrapped = {name: _wrap(h, self.types.get(name, name), self.auth, name, self.inflight, self.admission)
+        wrapped = {name: _wrap(h, self.types.get(name, name), self.method_auth.get(name, self.auth), name,
+                               self.inflight, self.admission)
                    for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         add = getattr(self.server, "add_registered_method_handlers", None)
@@ -171,10 +190,12 @@ class _Registrar:
 
 def register(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server,
              service_descriptor: Any, auth: TokenAuth | None = None,
-             inflight: dict[str, int] | None = None, admission: Admission | None = None) -> None:
+             inflight: dict[str, int] | None = None, admission: Admission | None = None,
+             method_auth: dict[str, TokenAuth | None] | None = None) -> None:
     """`add_to_server(servicer, server)` (a generated function) with tolerant decoding on every method
-    and, when `auth` is given, its token required on every method. `inflight` (method -> calls being
+    and, when `auth` is given, its token required on every method (`method_auth` names methods that
+    take another token instead, e.g. RecordOutcome with the outcomes token). `inflight` (method -> calls being
     handled) is kept up to date: two integer updates per call, read by the metrics at scrape time.
     Once `admission` is closed, new calls are refused with UNAVAILABLE (see gateway.drain)."""
     types = {m.name: m.input_type.full_name for m in service_descriptor.methods}
-    add_to_server(servicer, _Registrar(server, auth, types, inflight, admission))
+    add_to_server(servicer, _Registrar(server, auth, types, inflight, admission, method_auth))

@@ -20,7 +20,9 @@ dropped.
 
 Failure semantics: an exception from the scoring call reaches every caller of that batch and no other;
 a cancelled or expired caller is dropped from the queue (or, if already in flight, its score is thrown
-away) and never affects the others.
+away) and never affects the others. A NaN or infinite score is never an answer: the caller whose rows
+got one fails with UnavailableError (the replica's fault, so the predictor fails it over like any
+replica error), the other callers of the batch get their scores, and `stats.nonfinite` counts it.
 
 Tracing (chimera.tracing): with a tracer, each caller's current span context is kept with its rows
 and every call runs inside a `chimera.batch` span: a child of the first caller's span, linked to the
@@ -40,6 +42,7 @@ import numpy as np
 from opentelemetry.trace import SpanContext, Tracer
 
 from chimera.tracing import batch_parent, current_span_context
+from gateway.serving.errors import UnavailableError
 
 ScoreFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
@@ -60,6 +63,10 @@ class _Item:
         self.span: SpanContext | None = None  # the caller's span, when tracing is on
 
 
+class NonFiniteScore(UnavailableError):
+    """The replica scored a caller's row as NaN or infinite: no answer to give (gRPC UNAVAILABLE)."""
+
+
 @dataclass
 class BatchStats:
     """Counters the metrics module reads; plain ints so the hot path pays nothing for them."""
@@ -68,6 +75,7 @@ class BatchStats:
     rows: int = 0
     errors: int = 0
     expired: int = 0
+    nonfinite: int = 0  # callers failed because the replica returned a NaN/inf score for their rows
 
 
 class BatchObserver:
@@ -240,11 +248,17 @@ class MicroBatcher:
             if len(scores) != size:
                 raise RuntimeError(f"replica returned {len(scores)} scores for {size} rows")
             values = scores.tolist() if any(i.one for i in batch) else None
+            finite = np.isfinite(scores)
+            bad = None if finite.all() else finite
             offset = 0
             for item in batch:
                 k = len(item.rows)
                 fut = item.future
-                if not fut.done():
+                if bad is not None and not bad[offset:offset + k].all():
+                    self.stats.nonfinite += 1
+                    if not fut.done():
+                        fut.set_exception(NonFiniteScore("the replica returned a non-finite score"))
+                elif not fut.done():
                     fut.set_result(values[offset] if item.one else scores[offset:offset + k])  # type: ignore[index]
                 if item.timer is not None:
                     item.timer.cancel()

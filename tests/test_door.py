@@ -1,0 +1,161 @@
+"""The door (gateway.api.validate), against a live gateway on SQLite AND PostgreSQL: a NUL byte in any
+string that would reach the database is INVALID_ARGUMENT naming the field, on every entry point, and
+nothing of it reaches the prediction log, its spill file or the outcome spill (PostgreSQL refuses NUL
+in text: before the door, such a row was answered OK, then spilled and replayed forever). Plus what the
+door tells callers: long client input is not echoed whole, and errors never carry a traceback."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from chimera.v1 import prediction_pb2 as pb
+from chimera.v1 import rollout_pb2 as rpb
+from registry import NotFoundError, Registry
+from tests.harness import ADMIN_MD, GatewayThread, small_onnx, wait_for
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+C = grpc.StatusCode
+GOOD = [0.5, -0.25, 1.0, 0.0]
+NUL = "a\x00b"
+
+
+def refused(call, field: str) -> None:  # noqa: ANN001
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == C.INVALID_ARGUMENT, (field, err.value.code(), err.value.details())
+    assert field in err.value.details() and "NUL" in err.value.details(), err.value.details()
+
+
+def spill_files(tmp: Path) -> list[Path]:
+    return [p for p in (tmp / "spill").glob("*") if p.stat().st_size > 0] if (tmp / "spill").exists() else []
+
+
+def test_nul_is_refused_at_every_door_and_nothing_spills(registry_url: str, tmp_path: Path) -> None:
+    reg = Registry(registry_url)
+    reg.upgrade()
+    model = "door" + uuid.uuid4().hex[:8]
+    onnx, names = small_onnx(seed=3)
+    reg.publish_version(model, onnx, names)
+    reg.publish_version(model, small_onnx(seed=4)[0], names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    gw = GatewayThread(registry_url, tmp_path, controller_interval_s=0).start()
+    try:
+        p, r = gw.predict, gw.rollout
+
+        def predict(**kw) -> None:  # noqa: ANN003
+            p.Predict(pb.PredictRequest(**{"model": model, "dense": GOOD, **kw}), timeout=30)
+
+        refused(lambda: predict(request_id=NUL), "request_id")
+        refused(lambda: predict(routing_key=NUL), "routing_key")
+        refused(lambda: predict(model=model + "\x00"), "model")
+        refused(lambda: p.Predict(pb.PredictRequest(model=model, features={"f\x000": 1.0}), timeout=30),
+                "features[")
+        rows = [pb.PredictRequest(model=model, dense=GOOD, request_id=f"ok-{uuid.uuid4().hex}"),
+                pb.PredictRequest(model=model, dense=GOOD, request_id=NUL)]
+        refused(lambda: p.PredictBatch(pb.PredictBatchRequest(model=model, rows=rows), timeout=30),
+                "rows[1].request_id")
+        matrix = pb.DenseMatrix(f32=np.asarray([GOOD, GOOD], np.float32).tobytes(), cols=4,
+                                 request_ids=["fine", NUL])
+        refused(lambda: p.PredictBatch(pb.PredictBatchRequest(model=model, matrix=matrix), timeout=30),
+                "matrix.request_ids[1]")
+        matrix = pb.DenseMatrix(f32=np.asarray([GOOD], np.float32).tobytes(), cols=4, routing_keys=[NUL])
+        refused(lambda: p.PredictBatch(pb.PredictBatchRequest(model=model, matrix=matrix), timeout=30),
+                "matrix.routing_keys[0]")
+        # A stream: the bad row gets its error, the stream goes on and the good row is answered.
+        good_id = f"good-{uuid.uuid4().hex}"
+        answers = list(p.PredictStream(iter([
+            pb.PredictRequest(model=model, dense=GOOD, request_id=NUL),
+            pb.PredictRequest(model=model, dense=GOOD, request_id=good_id)]), timeout=60))
+        errors = [a for a in answers if a.HasField("error")]
+        assert len(errors) == 1 and errors[0].error.code == C.INVALID_ARGUMENT.value[0]
+        assert "request_id" in errors[0].error.message and "NUL" in errors[0].error.message
+        assert [a.prediction.request_id for a in answers if a.HasField("prediction")] == [good_id]
+        # Outcomes: one and many (the good item of the same call is stored).
+        refused(lambda: p.RecordOutcome(pb.RecordOutcomeRequest(request_id=NUL, value=1.0), timeout=30),
+                "request_id")
+        resp = p.RecordOutcomes(pb.RecordOutcomesRequest(outcomes=[
+            pb.RecordOutcomeRequest(request_id=good_id, value=1.0),
+            pb.RecordOutcomeRequest(request_id="x\x00", value=0.0)]), timeout=30)
+        assert resp.statuses[0].code == 0, resp.statuses[0].message
+        assert resp.statuses[1].code == C.INVALID_ARGUMENT.value[0]
+        assert "request_id" in resp.statuses[1].message
+        # Admin calls: every text field that reaches the audit log.
+        refused(lambda: r.SetTrafficSplit(rpb.SetTrafficSplitRequest(
+            model=model, weights=[rpb.VersionWeight(version=1, weight=100)], reason=NUL, force=True),
+            metadata=ADMIN_MD, timeout=30), "reason")
+        refused(lambda: r.SetShadow(rpb.SetShadowRequest(model=model, version=2, reason=NUL),
+                                    metadata=ADMIN_MD, timeout=30), "reason")
+        refused(lambda: r.Rollback(rpb.RollbackRequest(model=model + "\x00", version=1), metadata=ADMIN_MD,
+                                   timeout=30), "model")
+        refused(lambda: r.GetTrafficSplit(rpb.GetTrafficSplitRequest(model="\x00"), metadata=ADMIN_MD,
+                                          timeout=30), "model")
+        assert r.GetTrafficSplit(rpb.GetTrafficSplitRequest(model=model), metadata=ADMIN_MD,
+                                 timeout=30).revision == 1  # no split change went through
+
+        # Nothing spilled, nothing stuck: the good row is in the database with its outcome, and a
+        # prediction made after all this is logged too.
+        after = f"after-{uuid.uuid4().hex}"
+        predict(request_id=after)
+        assert gw.gateway.log.flush(timeout=30)
+
+        def logged(rid: str) -> bool:
+            try:
+                reg.get_prediction(rid)
+                return True
+            except NotFoundError:
+                return False
+
+        wait_for(lambda: logged(good_id) and logged(after), 30, "the good rows in the database")
+        assert not gw.gateway.log.has_spill and spill_files(tmp_path) == []
+        assert gw.gateway.log.stats.spilled == 0 and gw.gateway.outcomes.stats.spilled == 0
+        assert p.RecordOutcome(pb.RecordOutcomeRequest(request_id=after, value=0.0), timeout=30) is not None
+        assert reg.outcome_means(model)[1][0] == 2  # good_id's and after's outcomes, nothing else
+    finally:
+        gw.stop()
+        reg.dispose()
+
+
+def test_long_input_is_not_echoed_whole_and_nan_scores_are_never_ok(tmp_path: Path) -> None:
+    """A 100 KB model or feature name: refused, with a message of bounded size that names the field.
+    A NaN score from the model: UNAVAILABLE (counted), never OK."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "long" + uuid.uuid4().hex[:8]
+    onnx, names = small_onnx(seed=5)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+    try:
+        huge = "m" * 100_000
+        for request in (pb.PredictRequest(model=huge, dense=GOOD),
+                        pb.PredictRequest(model=model, features={huge: 1.0})):
+            with pytest.raises(grpc.RpcError) as err:
+                gw.predict.Predict(request, timeout=30)
+            assert err.value.code() == C.INVALID_ARGUMENT
+            assert len(err.value.details()) <= 512 and "limit 256" in err.value.details()
+        rows = [pb.PredictRequest(model=model, features={huge + str(i): 1.0}) for i in range(3)]
+        with pytest.raises(grpc.RpcError) as err:
+            gw.predict.PredictBatch(pb.PredictBatchRequest(model=model, rows=rows), timeout=30)
+        assert err.value.code() == C.INVALID_ARGUMENT and len(err.value.details()) <= 512
+
+        # Extreme but finite inputs make this model's score NaN (checked with onnxruntime itself): that
+        # row is never answered OK, it fails as the replica's fault; a good row is still scored.
+        nan_row = [3e38, -3e38, 3e38, -3e38]
+        session = ort.InferenceSession(onnx)
+        direct = session.run(None, {session.get_inputs()[0].name: np.asarray([nan_row], np.float32)})
+        assert np.isnan(direct[1]).all()
+        with pytest.raises(grpc.RpcError) as err:
+            gw.predict.Predict(pb.PredictRequest(model=model, dense=nan_row), timeout=30)
+        assert err.value.code() == C.UNAVAILABLE and "non-finite score" in err.value.details()
+        assert 0.0 < gw.predict.Predict(pb.PredictRequest(model=model, dense=GOOD), timeout=30).score < 1.0
+        assert sum(b.stats.nonfinite for b in gw.gateway.pool._batchers.values()) >= 1
+    finally:
+        gw.stop()
+        reg.dispose()
