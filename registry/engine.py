@@ -12,8 +12,9 @@ deadline: `query_timeout_s` for a statement's answer, `connect_timeout_s` for th
 call raises OperationalError("could not receive data from server: ...") and psycopg2 marks the
 connection broken; SQLAlchemy recognises the message as a disconnect and discards the connection.
 
-The callback is process-wide (psycopg2 has only one), but only connections made by these engines carry
-a deadline (their connection class); any other psycopg2 connection waits as psycopg2 always does.
+The callback is process-wide (psycopg2 has only one): connections made by these engines carry their
+engine's deadlines (their connection class), any other psycopg2 connection of the process gets the
+environment's CHIMERA_DB_CONNECT_TIMEOUT_S / CHIMERA_DB_QUERY_TIMEOUT_S.
 SQLite: the busy timeout (sqlite_busy_timeout_s) bounds waiting for another writer."""
 
 from __future__ import annotations
@@ -86,14 +87,17 @@ def _deadline_connection_class(connect_timeout_s: float, query_timeout_s: float)
 
 
 _installed = False
+_default_timeouts: tuple[float | None, float | None] = (None, None)
 
 
 def _install_wait_callback() -> None:
-    global _installed
+    global _installed, _default_timeouts
     if _installed:
         return
     import psycopg2.extensions as ext
 
+    env = RegistrySettings.from_env()
+    _default_timeouts = (env.connect_timeout_s or None, env.query_timeout_s or None)
     ext.set_wait_callback(_wait_with_deadline)
     _installed = True
 
@@ -104,7 +108,10 @@ def _wait_with_deadline(conn: Any) -> None:
     import psycopg2.extensions as ext
 
     connecting = conn.status == ext.STATUS_SETUP
-    timeout = getattr(conn, "chimera_connect_timeout_s" if connecting else "chimera_query_timeout_s", None)
+    # Connections these engines did not make (gateway.serving.split_watch's LISTEN connection) get the
+    # environment's bounds: libpq ignores connect_timeout once a wait callback is installed.
+    default = _default_timeouts[0] if connecting else _default_timeouts[1]
+    timeout = getattr(conn, "chimera_connect_timeout_s" if connecting else "chimera_query_timeout_s", default)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         state = conn.poll()

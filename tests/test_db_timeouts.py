@@ -65,7 +65,8 @@ def timed(call) -> tuple[float, BaseException | None]:  # noqa: ANN001
     return time.monotonic() - t0, None
 
 
-def test_hung_postgres_fails_registry_calls_within_the_timeouts(own_postgres: PostgresServer) -> None:
+def test_hung_postgres_fails_registry_calls_within_the_timeouts(own_postgres: PostgresServer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     url = own_postgres.create_database()
     reg = registry_for(url)
     reg.upgrade()
@@ -93,6 +94,17 @@ def test_hung_postgres_fails_registry_calls_within_the_timeouts(own_postgres: Po
         assert "CHIMERA_DB_CONNECT_TIMEOUT_S" in str(exc) or "timeout" in str(exc).lower()
         assert elapsed < CONNECT_TIMEOUT_S + 3.0, f"connect took {elapsed:.1f} s with the server hung"
         fresh.dispose()
+        # A psycopg2 connection no engine made (the gateway's LISTEN connection is one): the
+        # environment's connect timeout still applies (libpq's own is off once a wait callback is set).
+        import psycopg2
+
+        from registry import engine as engine_mod
+
+        monkeypatch.setattr(engine_mod, "_default_timeouts", (CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S))
+        elapsed, exc = timed(lambda: psycopg2.connect(host="127.0.0.1", port=own_postgres.port,
+                                                      user="postgres", dbname="postgres"))
+        assert isinstance(exc, psycopg2.OperationalError), exc
+        assert elapsed < CONNECT_TIMEOUT_S + 3.0, f"raw connect took {elapsed:.1f} s with the server hung"
     finally:
         for pid in pids:
             try:
