@@ -18,7 +18,7 @@ Sections and who reads them:
     client_tls  CHIMERA_TLS_CA, CHIMERA_TLS_CLIENT_CERT, CHIMERA_TLS_CLIENT_KEY,
                 CHIMERA_TLS_SERVER_NAME                               how the CLI and loadtest dial
     tracing     CHIMERA_TRACES_EXPORTER                               gateway and replicas
-    gateway     CHIMERA_LOG_FEATURES_SAMPLE, CHIMERA_MAX_CONCURRENT_CALLS
+    gateway     CHIMERA_LOG_FEATURES_SAMPLE, CHIMERA_MAX_CONCURRENT_CALLS, CHIMERA_SPILL_MAX_BYTES
     rollout     CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S                  gateway's promotion gate
     retrain     CHIMERA_CODE_REVISION, CHIMERA_GATEWAY_TARGET, CHIMERA_RETRAIN_LOADTEST_*
     scheduler   CHIMERA_RETRAIN_SCHEDULE, CHIMERA_DRIFT_SCHEDULE, CHIMERA_SCHEDULER_MODELS,
@@ -50,6 +50,7 @@ DEFAULT_REPLICA_NUM_CPUS = 0.25
 DEFAULT_TRACES_EXPORTER = "none"
 DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S = 24 * 3600.0
 DEFAULT_LOG_FEATURES_SAMPLE = 1.0
+DEFAULT_SPILL_MAX_BYTES = 1 << 30  # per spill (predictions, outcomes) of one gateway
 DEFAULT_MAX_CONCURRENT_CALLS = 1000  # calls one gateway handles at once (gateway.api.wire sheds beyond)
 # The retrain load-test gate (training.retrain.LoadTestGate): 50 req/s for 10 s after 2 s of warm-up,
 # p99 at most 250 ms, at most 1 % errors.
@@ -272,10 +273,12 @@ def parse_log_features_sample(value: str | float | None, source: str) -> float:
 class GatewaySettings:
     """Fraction of predictions logged with their scored feature row (retraining, drift checks); the cap
     on calls handled at once (CHIMERA_MAX_CONCURRENT_CALLS; beyond it RESOURCE_EXHAUSTED at once; 0: no
-    cap)."""
+    cap); the bound on each local spill (CHIMERA_SPILL_MAX_BYTES; beyond it new rows are refused with
+    RESOURCE_EXHAUSTED rather than filling the disk)."""
 
     log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS
+    spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -285,7 +288,10 @@ class GatewaySettings:
                       "a whole number of calls (0: no cap)")
         if cap < 0:
             raise ValueError(f"CHIMERA_MAX_CONCURRENT_CALLS: {cap} is negative (0 turns the cap off)")
-        return cls(parse_log_features_sample(e.get(name), name), cap)
+        spill = _parsed(e, "CHIMERA_SPILL_MAX_BYTES", int, DEFAULT_SPILL_MAX_BYTES, "a whole number of bytes")
+        if spill <= 0:
+            raise ValueError(f"CHIMERA_SPILL_MAX_BYTES: {spill} is not a positive number of bytes")
+        return cls(parse_log_features_sample(e.get(name), name), cap, spill)
 
 
 

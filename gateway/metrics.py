@@ -80,6 +80,54 @@ class Metrics:
                                          "rollout controller decisions by action",
                                          ["model", "action"], registry=r)
 
+    def watch_records(self, predictions: Any, outcomes: Any) -> None:
+        """Durability metrics of the records (gateway.records: a PredictionLog and an OutcomeLog, duck-typed
+        because metrics sit below records), read at scrape time so the writer pays nothing:
+        chimera_prediction_log_dead_letter_rows{reason} (invalid, duplicate, torn),
+        chimera_prediction_log_torn_lines, chimera_spill_bytes{log}, chimera_spill_files{log},
+        chimera_spill_rotations{log}, chimera_spill_write_failures{log,reason} (full, limit, io),
+        chimera_prediction_log_held_rows, chimera_prediction_log_refused_rows,
+        chimera_prediction_log_dropped_rows, chimera_prediction_log_stop_spilled_rows,
+        chimera_outcomes_spill_torn_lines."""
+        r = self.registry
+        store, stats, files = predictions.store, predictions.stats, predictions.files
+        dead = Gauge("chimera_prediction_log_dead_letter_rows", "prediction rows moved to the dead-letter "
+                     "file since start, by reason (invalid: refused by the database for their content; "
+                     "duplicate: a second prediction under a taken request id; torn: unreadable spill "
+                     "lines)", ["reason"], registry=r)
+        for reason in store.dead_letter:
+            dead.labels(reason).set_function(lambda reason=reason: store.dead_letter.get(reason, 0))
+        Gauge("chimera_prediction_log_torn_lines", "unreadable (torn) prediction spill lines skipped since "
+              "start", registry=r).set_function(lambda: store.torn_lines)
+        Gauge("chimera_outcomes_spill_torn_lines", "unreadable (torn) outcome spill lines skipped since "
+              "start", registry=r).set_function(lambda: outcomes.stats.torn_lines)
+        size = Gauge("chimera_spill_bytes", "bytes in the local spill files now", ["log"], registry=r)
+        count = Gauge("chimera_spill_files", "local spill files now (segments)", ["log"], registry=r)
+        rotations = Gauge("chimera_spill_rotations", "spill segments sealed since start", ["log"], registry=r)
+        size.labels("predictions").set_function(lambda: files.bytes)
+        count.labels("predictions").set_function(lambda: files.files)
+        rotations.labels("predictions").set_function(lambda: files.rotations)
+        path = outcomes.spill_path
+        size.labels("outcomes").set_function(lambda: path.stat().st_size if path.exists() else 0)
+        failures = Gauge("chimera_spill_write_failures", "spill writes refused since start, by reason (full: "
+                         "disk full; limit: the spill size bound; io: other disk errors)", ["log", "reason"],
+                         registry=r)
+        for log_name, st in (("predictions", stats), ("outcomes", outcomes.stats)):
+            for reason in ("full", "limit", "io"):
+                failures.labels(log_name, reason).set_function(
+                    lambda st=st, reason=reason: st.spill_failures.get(reason, 0))
+        for name, doc, attr in (
+                ("held", "rows held in memory now because neither the database nor the disk takes them",
+                 "held"),
+                ("refused", "predictions refused (RESOURCE_EXHAUSTED) since start because rows were held",
+                 "refused"),
+                ("dropped", "rows lost since start (stop() could not spill them: the disk failed too)",
+                 "dropped"),
+                ("stop_spilled", "queued rows spilled by stop() because the database hung or was down",
+                 "stop_spilled")):
+            Gauge(f"chimera_prediction_log_{name}_rows", doc, registry=r).set_function(
+                lambda attr=attr: getattr(stats, attr))
+
     def observe_decision(self, model: str, version: int, action: str, p_value: float | None) -> None:
         """One rollout decision about canary `version` of `model` (action: rollback | step_up | promote |
         hold; anything else is counted as "other", so a metrics hook never breaks the controller and

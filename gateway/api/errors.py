@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from gateway.api.auth import AuthError, PermissionError_
+from gateway.records.spill import SpillUnavailable
 from gateway.serving.errors import PreconditionError, UnavailableError
 from gateway.serving.features import FeatureError
 from registry.errors import (
@@ -35,6 +36,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(exc, UnavailableError):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, SpillUnavailable):  # the log cannot keep the row: neither database nor disk takes it
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL

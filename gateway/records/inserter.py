@@ -120,9 +120,11 @@ class Inserter:
         self._last = (epoch, text)
         return text
 
-    def insert(self, rows: Sequence[Row]) -> None:
+    def insert(self, rows: Sequence[Row]) -> int | None:
+        """Returns the prediction rows inserted (fewer than given: some request ids were taken; the
+        prediction log sorts those out), None when the driver cannot tell."""
         if not rows:
-            return
+            return 0
         sizes = set(map(len, rows))  # in C: the usual batch is all predictions and costs no loop here
         if sizes == {len(COLUMNS)}:
             params, errors = rows, []
@@ -133,17 +135,21 @@ class Inserter:
                       if len(r) == ERROR_FIELDS]
         if not self.sql:
             self._insert_orm(params, errors)
-            return
+            return None
+        inserted = 0
         raw = self.registry.engine.raw_connection()
         try:
             cur = raw.cursor()
             try:
                 if params and self.dialect == "sqlite":
                     cur.executemany(self.sql, params)
+                    inserted = cur.rowcount
                 elif params:
                     from psycopg2.extras import execute_values
 
-                    execute_values(cur, self.sql, params, page_size=1000)
+                    for i in range(0, len(params), 1000):  # one statement per page, as execute_values does
+                        execute_values(cur, self.sql, params[i:i + 1000], page_size=1000)
+                        inserted += cur.rowcount
                 if errors:  # rare (a failing version): a plain executemany is fast enough
                     cur.executemany(self.error_sql, errors)
             finally:
@@ -157,6 +163,7 @@ class Inserter:
             raise
         finally:
             raw.close()
+        return inserted
 
 
     def _insert_orm(self, params: list[Row], errors: list[tuple[Any, ...]]) -> None:

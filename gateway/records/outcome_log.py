@@ -18,7 +18,8 @@ exactly one place:
   `conflict` (a different value is already stored for that request id), `invalid` (e.g. not finite, or
   an id the database refuses, such as one with a NUL byte on PostgreSQL: a failed bulk store is
   bisected down to the outcomes that fail alone, so one bad outcome never blocks the others), `torn`
-  (a line a crash or a full disk cut short: skipped, kept here as text),
+  (a line a crash or a full disk cut short: skipped, kept here as text, counted in `stats.torn_lines`,
+  metric chimera_outcomes_spill_torn_lines),
   `unknown_request_id` (no prediction with that id, still none `unknown_grace_s` after the outcome was
   accepted: the grace covers a prediction that sits in *another* gateway's spill file);
 - back in the spill file for the next replay (unknown id within its grace, or the database went away
@@ -50,7 +51,7 @@ from gateway.records.spill import (
 from registry import AlreadyExistsError, NotFoundError, Registry
 
 log = logging.getLogger(__name__)
-DEAD_LETTER_REASONS = ("unknown_request_id", "conflict", "invalid", "torn")
+DEAD_LETTER_REASONS = ("unknown_request_id", "conflict", "invalid")
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -69,7 +70,7 @@ class OutcomeStats:
     replayed: int = 0  # of those, stored in the database by a replay
     dead_letter: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DEAD_LETTER_REASONS, 0))
     replay_failures: int = 0
-    torn_lines: int = 0  # unreadable spill lines skipped (also in dead_letter["torn"])
+    torn_lines: int = 0  # unreadable spill lines skipped (kept in the dead-letter file, reason "torn")
     spill_failures: dict[str, int] = field(default_factory=lambda: {"full": 0, "limit": 0, "io": 0})
 
 
@@ -218,7 +219,6 @@ class OutcomeLog:
                     items.append((str(d["id"]), float(d["v"]), float(d.get("t", 0.0))))
                 except (ValueError, KeyError, TypeError):  # a torn line (crash or full disk mid-write)
                     self.stats.torn_lines += 1
-                    self.stats.dead_letter["torn"] = self.stats.dead_letter.get("torn", 0) + 1
                     torn.append(json.dumps({"line": line, "reason": "torn", "dead_at": time.time()}) + "\n")
                     log.warning("outcome spill: skipping an unreadable line (%d bytes)", len(line))
         try:

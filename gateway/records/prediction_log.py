@@ -15,6 +15,13 @@ Costs, because this runs for every prediction:
   (much cheaper than inserting) and counts it in `stats.backpressure`; the rows come back through the
   replay later. Only if the writer thread is gone or the queue reaches twice `max_queue` does the
   request path spill itself (counted the same way).
+- nothing accepted is lost (gateway.records.rowstore, gateway.records.spill): a row the database
+  refuses for its content is bisected out of its batch into the dead-letter file (counted by reason),
+  never blocking the rows behind it; a torn spill line is skipped and counted; spill files are bounded
+  (`spill_max_bytes`), rotated and fsynced with their directory. When neither the database nor the
+  disk takes rows, the writer holds them in memory (`stats.held`) and the request path refuses new
+  ones with SpillUnavailable (RESOURCE_EXHAUSTED) instead of dropping anything; `stop()` never waits
+  on a hung database: when the writer makes no progress for `stall_s` it spills the queue itself.
 - feature rows (when sampled by the predictor) are written as JSON arrays of float32-exact numbers:
   with orjson, a whole block's matrix is encoded in one call (~0.6 us a row); without it, with 9
   significant digits through %-formatting (~5 us a row; json.dumps of the doubles costs ~40 us).
@@ -22,43 +29,26 @@ The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gateway.records.inserter import COLUMNS, Inserter, Row, features_json, legacy_row, matrix_json, widen
+from gateway.records.inserter import COLUMNS, Inserter, Row, features_json, matrix_json
+from gateway.records.log_durability import _STOP, DurableWriter, LogStats, _Barrier
+from gateway.records.rowstore import RowStore
+from gateway.records.spill import DEFAULT_SEGMENT_BYTES, DEFAULT_SPILL_MAX_BYTES, SpillFiles, SpillUnavailable
 from registry import Registry
 from registry.repository import PredictionRow
 
 log = logging.getLogger(__name__)
-__all__ = ["COLUMNS", "LogStats", "PredictionLog", "Row", "features_json", "matrix_json"]
-
-
-@dataclass
-class LogStats:
-    queued: int = 0  # rows accepted from the request path
-    inserted: int = 0
-    spilled: int = 0  # rows written to the spill file (back-pressure or database down)
-    backpressure: int = 0  # of those, rows diverted because the queue was over max_queue
-    replayed: int = 0
-    insert_failures: int = 0
-
-
-class _Barrier:
-    __slots__ = ("event",)
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
+__all__ = ["COLUMNS", "LogStats", "PredictionLog", "Row", "SpillUnavailable", "features_json", "matrix_json"]
 
 
 class _Block:
@@ -85,10 +75,8 @@ class _Block:
         self.failed = failed  # one failed version for the block, or one per row
 
 
-_STOP = object()
 
-
-class PredictionLog:
+class PredictionLog(DurableWriter):
     def __init__(
         self,
         registry: Registry,
@@ -98,6 +86,9 @@ class PredictionLog:
         batch_size: int = 5000,
         flush_interval_s: float = 0.2,
         replay_interval_s: float = 2.0,
+        spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES,
+        spill_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        dead_letter_path: Path | None = None,
     ) -> None:
         self.registry = registry
         self.spill_path = Path(spill_path)
@@ -114,7 +105,15 @@ class PredictionLog:
         self._inserter = Inserter(registry)
         self.stats = LogStats()
         self._last_replay_try = 0.0
-        self.insert_rows: Callable[[Sequence[Row]], None] = self._inserter.insert  # tests swap it
+        self.insert_rows: Callable[[Sequence[Row]], int | None] = self._inserter.insert  # tests swap it
+        self.files = SpillFiles(self.spill_path, max_bytes=spill_max_bytes, segment_bytes=spill_segment_bytes)
+        self.dead_letter_path = (Path(dead_letter_path) if dead_letter_path is not None
+                                 else self.spill_path.with_suffix(".deadletter"))
+        self.store = RowStore(registry, lambda rows: self.insert_rows(rows), self.dead_letter_path)
+        self._held: list[Row] = []  # rows neither the database nor the disk took (writer thread only)
+        self._inflight: list[Row] | None = None  # rows in the insert running now
+        self._inflight_lock = threading.Lock()
+        self._abandoned = False  # stop() took over from a hung writer
 
     # -------------------------------------------------------------- request path
     def log_one(self, request_id: str, model: str, version: int, routing_key: str, score: float,
@@ -151,12 +150,16 @@ class PredictionLog:
                       created, row.features, None, False, None), 1)
 
     def _append(self, record: Any, n: int) -> None:
+        if self._held:
+            self.stats.refused += n
+            raise SpillUnavailable("prediction log: the database is not taking rows and the local spill "
+                                   "is full; retry later", "full")
         depth = self._submitted - self._taken
         if depth + n > 2 * self.max_queue or self._thread is None or not self._thread.is_alive():
             # The writer cannot keep up at all (or is not running): keep the row on disk now.
             rows = self._rows_of([record])
+            self._spill(rows)  # SpillUnavailable reaches the caller: the row was not logged
             self.stats.backpressure += len(rows)
-            self._spill(rows)
             return
         self._queue.append(record)
         self._submitted += n
@@ -164,11 +167,11 @@ class PredictionLog:
 
     @property
     def has_spill(self) -> bool:
-        return self.spill_path.exists() or self._replaying_path.exists()
+        return self.files.has_data
 
     @property
     def _replaying_path(self) -> Path:
-        return self.spill_path.with_suffix(self.spill_path.suffix + ".replaying")
+        return self.files.replaying
 
     @property
     def depth(self) -> int:
@@ -189,22 +192,17 @@ class PredictionLog:
         self._wake.set()
         return barrier.event.wait(timeout)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Drain the queue (inserting or spilling every row) and stop the thread."""
-        if self._thread is None:
-            return
-        self._queue.append(_STOP)
-        self._wake.set()
-        self._thread.join(timeout)
-        self._thread = None
-
     # -------------------------------------------------------------- writer thread
     def _loop(self) -> None:
         self._replay_spill()
         while True:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
+            if self._abandoned:
+                return
             try:
+                if self._held and not self._retry_held():
+                    continue  # neither store takes rows: leave the queue where it is (the caller is refused)
                 if self._drain():
                     return
             except Exception:  # never let the writer die: the request path would spill every row
@@ -248,7 +246,7 @@ class PredictionLog:
         if over > 0:
             k = min(over, len(rows))
             self.stats.backpressure += k
-            self._spill(rows[-k:])  # the newest excess waits on disk; the oldest rows go in first
+            self._spill_or_hold(rows[-k:])  # the newest excess waits on disk; the oldest rows go in first
             rows = rows[:-k]
         self._write(rows)
 
@@ -294,54 +292,3 @@ class PredictionLog:
                     r = rows[singles[j]]
                     rows[singles[j]] = (*r[:7], text, *r[8:])
         return rows
-
-    def _write(self, rows: list[Row]) -> None:
-        if not rows:
-            return
-        try:
-            self.insert_rows(rows)
-            self.stats.inserted += len(rows)
-        except Exception as exc:  # database down or unreachable: keep the rows locally
-            self.stats.insert_failures += 1
-            log.warning("prediction insert failed (%s: %s); spilling %d rows to %s", type(exc).__name__,
-                        exc, len(rows), self.spill_path)
-            self._spill(rows)
-
-    def _spill(self, rows: list[Row]) -> None:
-        """One JSON line per chunk of rows (a list of row arrays), fsynced."""
-        if not rows:
-            return
-        step = self.batch_size
-        text = "".join(json.dumps(rows[i:i + step]) + "\n" for i in range(0, len(rows), step))
-        with self._spill_lock, open(self.spill_path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        self.stats.spilled += len(rows)
-
-    def _replay_spill(self) -> None:
-        """Move the spill file aside, insert it in batches, delete it. Rows are idempotent by request
-        id, so a crash half-way through replays the rest next time without duplicates."""
-        self._last_replay_try = time.monotonic()
-        replaying = self._replaying_path
-        with self._spill_lock:
-            if self.spill_path.exists() and not replaying.exists():
-                os.replace(self.spill_path, replaying)
-        if not replaying.exists():
-            return
-        try:
-            rows: list[Row] = []
-            with open(replaying, encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if line.startswith("["):
-                        rows.extend(widen(r) for r in json.loads(line))  # pre-0005 lines: 8 fields
-                    elif line.startswith("{"):  # one PredictionRow per line (older spill files)
-                        rows.append(legacy_row(json.loads(line), self._inserter.timestamp))
-            for i in range(0, len(rows), self.batch_size):
-                self.insert_rows(rows[i:i + self.batch_size])
-            self.stats.replayed += len(rows)
-            replaying.unlink()
-            log.info("replayed %d spilled prediction rows", len(rows))
-        except Exception as exc:
-            log.warning("spill replay failed (%s); will retry", type(exc).__name__)

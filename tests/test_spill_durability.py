@@ -1,0 +1,291 @@
+"""Nothing accepted is lost, on SQLite and PostgreSQL: a row the database refuses (a NUL byte on
+PostgreSQL, a NOT NULL violation anywhere) is bisected out of its batch into the dead-letter file with
+its reason and never blocks the rows behind it; a torn spill line is skipped and counted; a second
+prediction under a taken client id is dead-lettered as "duplicate" (an identical replay is not); spill
+files are bounded and rotated; a full disk (a real 256 KiB tmpfs) is counted, the caller is refused
+with SpillUnavailable (RESOURCE_EXHAUSTED) and no accepted row is dropped; stop() with the database
+hung (an insert that never returns, and a real PostgreSQL frozen with SIGSTOP) spills 100k queued rows
+and a restart replays every one exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from gateway.records.outcome_log import OutcomeLog
+from gateway.records.prediction_log import PredictionLog
+from gateway.records.spill import SpillUnavailable
+from registry import Registry
+from registry.models import Prediction
+from tests.harness import wait_for
+
+
+def scores(registry: Registry, model: str) -> dict[str, float]:
+    with registry.session() as s:
+        q = select(Prediction.request_id, Prediction.score).where(Prediction.model == model)
+        return {rid: score for rid, score in s.execute(q)}
+
+
+def count(registry: Registry, model: str) -> int:
+    with registry.session() as s:
+        return int(s.scalar(select(func.count()).select_from(Prediction).where(Prediction.model == model)))
+
+
+def dead_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_bad_rows_are_dead_lettered_and_never_block_the_rest(registry: Registry, tmp_path: Path) -> None:
+    """The issue's case: a row PostgreSQL refuses (NUL in the request id) sits in a spill file with good
+    rows before and after it; a NOT NULL violation fails on both backends."""
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05, replay_interval_s=0.1,
+                        batch_size=64)
+    ts = log._inserter.timestamp(time.time())
+    good = [(f"g-{i}", "m", 1, f"k{i}", i / 1000, 1.0, ts, None, 3, False, None) for i in range(300)]
+    bad_null = ("bad-null", None, 1, "", 0.5, 1.0, ts, None, 3, False, None)  # model is NOT NULL
+    rows = good[:100] + [bad_null] + good[100:]
+    if registry.is_postgres:
+        rows.insert(200, ("nul\x00id", "m", 1, "", 0.5, 1.0, ts, None, 3, False, None))
+    old = [list(r[:8]) for r in good[:5]]  # a pre-0005 line (8 fields) replays too
+    (tmp_path / "p.spill").write_text(json.dumps(rows[:150]) + "\n" + json.dumps(rows[150:]) + "\n"
+                                      + json.dumps([[f"old-{i}", *r[1:]] for i, r in enumerate(old)]) + "\n")
+    log.files.rescan()
+    log.start()
+    wait_for(lambda: not log.has_spill, what="the spill replayed")
+    stored = scores(registry, "m")
+    assert len(stored) == 305 and stored["g-299"] == pytest.approx(0.299)
+    n_bad = 2 if registry.is_postgres else 1
+    assert log.store.dead_letter["invalid"] == n_bad
+    dead = dead_lines(log.dead_letter_path)
+    assert sorted(d["row"][0] for d in dead) == sorted(["bad-null"] + (["nul\x00id"] if n_bad == 2 else []))
+    assert all(d["reason"] == "invalid" and d["detail"] for d in dead)
+    # Live traffic takes the same path: one bad row in a batch, the others stored.
+    log.log_many(["l-1", "l-2", "l-3"], "m", 1, ["", "", ""], [0.1, 0.2, 0.3], 1.0)
+    assert log.flush()
+    assert {"l-1", "l-2", "l-3"} <= set(scores(registry, "m"))
+    log.stop()
+
+
+def test_torn_last_line_is_skipped_and_counted(registry: Registry, tmp_path: Path) -> None:
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05, replay_interval_s=0.1)
+    ts = log._inserter.timestamp(time.time())
+    line = json.dumps([(f"t-{i}", "torn", 1, "", 0.5, 1.0, ts, None, None, False, None) for i in range(10)])
+    (tmp_path / "p.spill").write_text(line + "\n" + line.replace("t-", "u-") + "\n" + line[: len(line) // 2])
+    log.files.rescan()
+    log.start()
+    wait_for(lambda: not log.has_spill, what="the spill replayed")
+    assert count(registry, "torn") == 20
+    assert log.store.torn_lines == 1 and log.store.dead_letter["torn"] == 1
+    assert dead_lines(log.dead_letter_path)[0]["reason"] == "torn"
+    log.stop()
+
+
+def test_a_taken_client_id_is_dead_lettered_as_duplicate(registry: Registry, tmp_path: Path) -> None:
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05, replay_interval_s=0.1)
+    log.start()
+    log.log_one("dup-1", "d", 1, "k", 0.25, 1.0)
+    assert log.flush()
+    log.log_one("dup-1", "d", 2, "k", 0.75, 1.0)  # a second prediction under the same client id
+    log.log_many(["dup-2", "dup-2"], "d", 1, ["a", "b"], [0.1, 0.2], 1.0)  # twice in one record
+    assert log.flush()
+    assert scores(registry, "d") == {"dup-1": 0.25, "dup-2": pytest.approx(0.1)}
+    assert log.store.dead_letter["duplicate"] == 2
+    assert {d["row"][0] for d in dead_lines(log.dead_letter_path)} == {"dup-1", "dup-2"}
+    # A replay of a stored row (a crash after insert, before the spill file went) is not a duplicate.
+    ts = log._inserter.timestamp(time.time())
+    log._spill([("dup-1", "d", 1, "k", 0.25, 1.0, ts, None, None, False, None)])
+    wait_for(lambda: not log.has_spill)
+    assert log.store.dead_letter["duplicate"] == 2 and log.stats.replayed == 1
+    log.stop()
+
+
+def test_spill_is_bounded_rotated_and_holds_rows_when_full(registry: Registry, tmp_path: Path) -> None:
+    """Database down, spill bound small: segments rotate; past the bound the writer holds its rows,
+    new rows are refused (counted), and when the database returns every accepted row is stored."""
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.02, replay_interval_s=0.1,
+                        batch_size=50, spill_max_bytes=60_000, spill_segment_bytes=8_000)
+    real = log.insert_rows
+    down = threading.Event()
+    down.set()
+
+    def flaky(rows):  # noqa: ANN001, ANN202
+        if down.is_set():
+            raise ConnectionError("database unreachable")
+        return real(rows)
+
+    log.insert_rows = flaky
+    log.start()
+    accepted, refused = [], 0
+    for i in range(3000):
+        try:
+            log.log_one(f"b-{i}", "bound", 1, "", 0.5, 1.0)
+            accepted.append(f"b-{i}")
+        except SpillUnavailable as exc:
+            refused += 1
+            assert "spill" in str(exc) and exc.reason == "full"
+        if i % 50 == 0:
+            time.sleep(0.005)
+    wait_for(lambda: log.stats.held > 0 or log.stats.spill_failures["limit"] > 0)
+    assert log.files.rotations > 0 and log.files.bytes <= 60_000
+    assert log.stats.spill_failures["limit"] > 0 and refused > 0 and log.stats.refused == refused
+    down.clear()
+    wait_for(lambda: not log.has_spill and log.stats.held == 0 and log.depth == 0, timeout=60)
+    assert log.flush()
+    assert set(scores(registry, "bound")) == set(accepted)
+    assert log.stats.dropped == 0
+    log.stop()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # noqa: ANN201
+    """A 256 KiB tmpfs: a real full disk (ENOSPC), not a simulated one."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (run as root to test a real full spill disk)")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_spill_disk_is_counted_refused_and_loses_nothing(registry: Registry, tiny_disk: Path) -> None:
+    log = PredictionLog(registry, tiny_disk / "p.spill", flush_interval_s=0.02, replay_interval_s=0.1,
+                        batch_size=100)
+    real = log.insert_rows
+    down = threading.Event()
+    down.set()
+
+    def flaky(rows):  # noqa: ANN001, ANN202
+        if down.is_set():
+            raise ConnectionError("database unreachable")
+        return real(rows)
+
+    log.insert_rows = flaky
+    log.start()
+    accepted: list[str] = []
+    refused = 0
+    feats = np.ones(8, np.float32)
+    for i in range(20_000):
+        try:
+            log.log_one(f"f-{i}", "full", 1, "", 0.5, 1.0, feats)
+            accepted.append(f"f-{i}")
+        except SpillUnavailable as exc:
+            refused += 1
+            assert exc.reason == "full"
+        if i % 100 == 0:
+            time.sleep(0.002)
+        if refused > 100:
+            break
+    assert log.stats.spill_failures["full"] > 0 and refused > 0 and log.stats.held > 0
+    # Outcomes: a full disk is a clear refusal too, never a half-written line.
+    outcomes = OutcomeLog(registry, tiny_disk / "o.spill")
+    with pytest.raises(SpillUnavailable):
+        for _ in range(10_000):
+            outcomes.accept_many([(f"o-{j}", 1.0) for j in range(50)])
+    assert outcomes.stats.spill_failures["full"] >= 1
+    down.clear()  # the database is back
+    wait_for(lambda: not log.has_spill and log.stats.held == 0 and log.depth == 0, timeout=60)
+    assert log.flush()
+    assert set(scores(registry, "full")) == set(accepted) and log.stats.dropped == 0
+    log.stop()
+
+
+def test_stop_spills_the_queue_when_an_insert_hangs(registry: Registry, tmp_path: Path) -> None:
+    """SIGTERM's path with a hung database: the writer's insert never returns; stop() notices no
+    progress, spills 100k queued rows plus the batch in flight, and a restarted log stores each once."""
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.02)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hung(rows):  # noqa: ANN001, ANN202
+        entered.set()
+        release.wait(120)
+        raise ConnectionError("gave up")
+
+    log.insert_rows = hung
+    log.start()
+    log.log_one("first", "hang", 1, "", 0.5, 1.0)
+    assert entered.wait(10)
+    for j in range(100):
+        log.log_many([f"h-{j}-{i}" for i in range(1000)], "hang", 1, [""] * 1000, [0.5] * 1000, 1.0)
+    t0 = time.monotonic()
+    log.stop(timeout=30, stall_s=1.0)
+    assert time.monotonic() - t0 < 10
+    assert log.stats.stop_spilled == 100_001 and log.stats.dropped == 0
+    release.set()
+    again = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05)
+    again.start()
+    wait_for(lambda: not again.has_spill, timeout=120)
+    again.stop()
+    assert count(registry, "hang") == 100_001
+
+
+def _postgres_pids(datadir: Path) -> list[int]:
+    master = int((datadir / "postmaster.pid").read_text().split()[0])
+    pids = [master]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_stop_with_postgres_frozen_by_sigstop_loses_nothing(tmp_path: Path) -> None:
+    """A real hung PostgreSQL (every server process SIGSTOPped: connections accept bytes, nothing
+    answers) on a throwaway server of this test's own, never the session's shared one."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer().start()
+    frozen: list[int] = []
+    try:
+        url = server.create_database()
+        registry = Registry(url)
+        registry.upgrade()
+        log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.02)
+        log.start()
+        log.log_one("warm", "pg", 1, "", 0.5, 1.0)
+        assert log.flush()
+        frozen = _postgres_pids(server.datadir)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        for j in range(100):
+            log.log_many([f"s-{j}-{i}" for i in range(1000)], "pg", 1, [""] * 1000, [0.5] * 1000, 1.0)
+        time.sleep(0.5)  # the writer is now inside an insert that cannot return
+        t0 = time.monotonic()
+        log.stop(timeout=30, stall_s=2.0)
+        assert time.monotonic() - t0 < 15
+        assert log.stats.dropped == 0 and log.stats.stop_spilled >= 100_000
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+        registry2 = Registry(url)
+        again = PredictionLog(registry2, tmp_path / "p.spill", flush_interval_s=0.05)
+        again.start()
+        wait_for(lambda: not again.has_spill, timeout=120)
+        again.stop()
+        assert count(registry2, "pg") == 100_001
+        assert again.store.dead_letter["duplicate"] == 0
+        registry2.dispose()
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        server.stop()
