@@ -20,9 +20,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 
 from chimera.settings import (
     DEFAULT_LOG_FEATURES_SAMPLE,
+    DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S,
     DEFAULT_REPLICA_NUM_CPUS,
     DEFAULT_SPILL_MAX_BYTES,
@@ -56,6 +58,7 @@ from rollout.loop import ControllerLoop
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_PENDING_CALLS = 50_000  # calls waiting inside grpc core for the event loop (see start())
 SERVICE_NAMES = (
     prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
@@ -86,6 +89,10 @@ class GatewayConfig:
     # Every PredictionService call must carry 'authorization: Bearer <token>' with this token or the
     # admin token (None: Predict is open, as on a private network or behind a mesh).
     predict_token: str | None = field(default=AuthSettings.predict_token, repr=False)
+    # RecordOutcome(s) require this token or the admin token (None: the predict token's rule applies).
+    outcomes_token: str | None = field(default=AuthSettings.outcomes_token, repr=False)
+    # Calls handled at once; beyond it RESOURCE_EXHAUSTED at once (gateway.api.wire). None/0: no cap.
+    max_concurrent_calls: int | None = DEFAULT_MAX_CONCURRENT_CALLS
     # An outcome accepted while the database was down whose request id is still unknown this long
     # after it was accepted goes to the dead-letter file (see gateway.records.outcome_log).
     outcome_unknown_grace_s: float = 300.0
@@ -112,6 +119,8 @@ class GatewayConfig:
             "registry_url": settings.registry.url,
             "admin_token": settings.auth.admin_token,
             "predict_token": settings.auth.predict_token,
+            "outcomes_token": settings.auth.outcomes_token,
+            "max_concurrent_calls": settings.gateway.max_concurrent_calls,
             "replica_cpus": settings.ray.replica_num_cpus,
             "log_features_sample": settings.gateway.log_features_sample,
             "spill_max_bytes": settings.gateway.spill_max_bytes,
@@ -164,6 +173,11 @@ class Gateway:
         self.auth = AdminAuth(config.admin_token)
         self.predict_auth = (TokenAuth(config.predict_token, config.admin_token)
                              if config.predict_token else None)
+        # Outcomes steer rollouts: with an outcomes token they need it (or the admin token); without
+        # one they are guarded like predictions (chimera.security.ServeSecurity's rule).
+        self.outcomes_auth = (TokenAuth(config.outcomes_token, config.admin_token,
+                                        what="CHIMERA_OUTCOMES_TOKEN")
+                              if config.outcomes_token else self.predict_auth)
         self.controller = RolloutController(
             self.registry, promotion_gate=self._promotion_gate(),
             on_decision=lambda model, canary, d: self.metrics.observe_decision(
@@ -173,7 +187,11 @@ class Gateway:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)
-        self.admission = Admission()  # closed by stop(): new calls refused with UNAVAILABLE
+        # Closed by stop(): new calls refused with UNAVAILABLE; at max_active, RESOURCE_EXHAUSTED.
+        self.admission = Admission(max_active=config.max_concurrent_calls or None)
+        # Models with no startable version at start-up (model -> why): answered UNAVAILABLE with why.
+        self.failed_models: dict[str, str] = {}
+        self._door_metrics()
         self.port: int = config.port
         self._metrics_server: object | None = None
 
@@ -182,22 +200,28 @@ class Gateway:
         self.log.start()
         self.outcomes.start()
         self.shadow.start()
-        await self.watcher.sync_all()
+        await self._sync_models()
         self.watcher.start()
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # grpc's default (3,000) answers a burst beyond it CANCELLED (5,000 calls: ~2,200), bypassing
+            # the cap's RESOURCE_EXHAUSTED; a pending call costs a few KB and the cap refuses it at once.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ])
         # Registered through gateway.api.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
         # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
         freeze_startup_heap()
-        servicer = PredictionServicer(self.predictor, self.outcome_intake, self.auth, self.metrics)
+        servicer = PredictionServicer(self.predictor, self.outcome_intake, self.auth, self.metrics,
+                                      failed_models=self.failed_models)
         if self.tracing.tracer is not None:
             instrument(servicer, self.tracing.tracer)
         register(prediction_pb2_grpc.add_PredictionServiceServicer_to_server, servicer, server,
                  prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], self.predict_auth,
-                 inflight=self.inflight, admission=self.admission)
+                 inflight=self.inflight, admission=self.admission,
+                 method_auth={"RecordOutcome": self.outcomes_auth, "RecordOutcomes": self.outcomes_auth})
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
                  RolloutServicer(self.registry, self.auth, self.controller.promotion_gate,
                                  on_change=self.watcher.sync_model), server,
@@ -225,6 +249,31 @@ class Gateway:
             await self.start_controller()
         log.info("gateway listening on %s:%d", self.config.host, self.port)
         return self.port
+
+    def _door_metrics(self) -> None:
+        """Gauges read at scrape time: shed calls, calls being handled and the cap, models not served."""
+        a, failed, r = self.admission, self.failed_models, self.metrics.registry
+        for name, text, fn in (
+                ("chimera_calls_shed", "calls refused RESOURCE_EXHAUSTED at the concurrency cap since start",
+                 lambda: a.shed),
+                ("chimera_calls_active", "calls being handled, all methods", lambda: a.active),
+                ("chimera_calls_limit", "CHIMERA_MAX_CONCURRENT_CALLS (0: none)", lambda: a.max_active or 0),
+                ("chimera_models_failed_to_start", "models with no version that could start at start-up",
+                 lambda: len(failed))):
+            Gauge(name, text, registry=r).set_function(fn)
+
+    async def _sync_models(self) -> None:
+        """Deploy every model's weighted versions, one model at a time, so that one model with no
+        startable version (a corrupted artifact fails its sha256 check, say) does not keep the others
+        from serving: it is logged, counted (chimera_models_failed_to_start) and answered UNAVAILABLE
+        with the reason until the split watcher manages to start it."""
+        for model in await asyncio.to_thread(self.catalog.all_model_names):
+            try:
+                await self.watcher.sync_model(model)
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"[:500]
+                self.failed_models[model] = why
+                log.error("model %s: not served, no version could start: %s", model, why)
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         c = self.config
