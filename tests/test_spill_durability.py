@@ -289,3 +289,76 @@ def test_stop_with_postgres_frozen_by_sigstop_loses_nothing(tmp_path: Path) -> N
             except ProcessLookupError:
                 pass
         server.stop()
+
+
+# ------------------------------------------------------------------------------------ request ids
+def test_generated_request_ids_are_unguessable() -> None:
+    from gateway.serving.rows import RequestIds
+
+    new = RequestIds()
+    ids = [new() for _ in range(1000)] + new.many(1000)
+    assert len(set(ids)) == 2000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    # No shared prefix or counter: neighbours differ in about half their 128 bits.
+    a, b = int(ids[0], 16), int(ids[1], 16)
+    assert 32 <= bin(a ^ b).count("1") <= 96
+    assert len({i[:16] for i in ids}) == 2000
+
+
+def test_duplicate_ids_in_one_batch_are_refused_naming_the_rows() -> None:
+    from gateway.serving.features import FeatureError, PackedRows
+    from gateway.serving.rows import check_many_ids
+
+    class R:
+        def __init__(self, rid: str) -> None:
+            self.request_id, self.routing_key = rid, ""
+
+    rows = [R("a"), R(""), R("b"), R(""), R("a")]
+    ids = [r.request_id for r in rows]
+    with pytest.raises(FeatureError, match=r"rows\[4\]\.request_id: duplicate of rows\[0\]"):
+        check_many_ids(rows, [""] * 5, ids)
+    check_many_ids(rows[:4], [""] * 4, ids[:4])  # empty ids (generated later) never collide
+    packed = PackedRows(np.zeros((3, 2), np.float32), ["", "", ""], ["x", "y", "y"])
+    with pytest.raises(FeatureError, match=r"rows\[2\]\.request_id: duplicate of rows\[1\]"):
+        check_many_ids(packed, packed.routing_keys, packed.request_ids)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_request_ids_on_a_live_gateway(registry: Registry, tmp_path: Path) -> None:
+    """Duplicates inside PredictBatch (rows and matrix) are INVALID_ARGUMENT naming the row; a second
+    Predict under a taken client id is answered, not logged twice, dead-lettered as "duplicate"."""
+    import uuid
+
+    import grpc
+
+    from chimera.v1 import prediction_pb2 as pb
+    from tests.harness import GatewayThread, small_onnx
+
+    model = "ids" + uuid.uuid4().hex[:6]
+    data, names = small_onnx(seed=3)
+    registry.publish_version(model, data, names, status="production")
+    registry.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    gw = GatewayThread(registry.url, tmp_path, controller_interval_s=0).start()
+    try:
+        good = [0.5, -0.25, 1.0, 0.0]
+        rows = [pb.PredictRequest(model=model, dense=good, request_id=rid) for rid in ("r1", "r2", "r1")]
+        with pytest.raises(grpc.RpcError) as err:
+            gw.predict.PredictBatch(pb.PredictBatchRequest(model=model, rows=rows), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "rows[2].request_id: duplicate of rows[0]" in err.value.details()
+        matrix = pb.DenseMatrix(f32=np.zeros((2, 4), "<f4").tobytes(), cols=4, request_ids=["m1", "m1"])
+        with pytest.raises(grpc.RpcError) as err:
+            gw.predict.PredictBatch(pb.PredictBatchRequest(model=model, matrix=matrix), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "rows[1].request_id: duplicate of rows[0]" in err.value.details()
+        first = gw.predict.Predict(pb.PredictRequest(model=model, dense=good, request_id="taken"), timeout=30)
+        other = pb.PredictRequest(model=model, dense=[0.9, 0.9, -1.0, 2.0], request_id="taken")
+        again = gw.predict.Predict(other, timeout=30)
+        assert again.request_id == "taken" and again.score != first.score  # answered
+        log = gw.gateway.log
+        assert log.flush()
+        assert scores(registry, model) == {"taken": pytest.approx(first.score)}  # logged once
+        assert log.store.dead_letter["duplicate"] == 1
+        generated = gw.predict.Predict(pb.PredictRequest(model=model, dense=good), timeout=30)
+        assert len(generated.request_id) == 32
+    finally:
+        gw.stop()
