@@ -109,11 +109,16 @@ def _promote(registry: Registry, model: str, version: int, *, actor: str, reason
 
 def rollback(registry: Registry, model: str, version: int = 0, *, actor: str, reason: str = "") -> Split:
     """Canary present: its weight goes to the baseline. Otherwise: back to the standby version.
-    Written with the revision read here (retried once on a fresh read, see _with_one_retry)."""
-    return _with_one_retry(lambda: _rollback(registry, model, version, actor=actor, reason=reason))
+    Written with the revision read here, and retried once on a fresh read (see _with_one_retry) only
+    if that read still rolls back the same version to the same baseline: a rollback racing the
+    controller's own rollback of the canary must not go on to roll back the production version."""
+    target: list[tuple[int, int]] = []
+    return _with_one_retry(lambda: _rollback(registry, model, version, actor=actor, reason=reason,
+                                             target=target))
 
 
-def _rollback(registry: Registry, model: str, version: int, *, actor: str, reason: str) -> Split:
+def _rollback(registry: Registry, model: str, version: int, *, actor: str, reason: str,
+              target: list[tuple[int, int]]) -> Split:
     info = registry.get_model(model)
     weights = dict(info.split.weights)
     status = {v.version: v.status for v in info.versions}
@@ -133,6 +138,11 @@ def _rollback(registry: Registry, model: str, version: int, *, actor: str, reaso
         baseline, canary = max(standby), current
         new = splits.only(weights, baseline)
         changes = {current: "rolled_back", baseline: "production"}
+    if target and target[0] != (baseline, canary):
+        raise ConflictError(f"expected_revision: the split of {model!r} changed while rolling back "
+                            f"v{target[0][1]} (now revision {info.split.revision}); nothing was changed, "
+                            "read it again")
+    target.append((baseline, canary))
     return registry.set_split(
         model,
         new,

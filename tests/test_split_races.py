@@ -176,3 +176,30 @@ def test_promote_gives_up_after_a_second_conflict(registry: Registry,
         operations.promote(registry, "m", 2, actor="promoter")
     assert registry.get_split("m").weights == {1: 100}
     assert_consistent_trail(registry, "m")
+
+
+def test_rollback_racing_the_controllers_rollback_does_not_roll_back_production(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry decides again only for the same target: once the canary is gone, a second rollback
+    would otherwise move on to the production version (and its standby)."""
+    _model(registry)
+    registry.set_version_status("m", 3, "standby")
+    registry.set_version_status("m", 2, "canary")
+    registry.set_split("m", {1: 90, 2: 10}, expected_revision=1, actor="op")
+    real = registry.get_model
+    raced = []
+
+    def controller_rolls_back_first(name: str):  # noqa: ANN202
+        info = real(name)
+        if not raced:
+            raced.append(True)
+            registry.set_split(name, {1: 100}, expected_revision=info.split.revision,
+                               actor="rollout-controller", status_changes={2: "rolled_back"})
+        return info
+
+    monkeypatch.setattr(registry, "get_model", controller_rolls_back_first)
+    with pytest.raises(ConflictError, match="changed while rolling back v2"):
+        operations.rollback(registry, "m", actor="operator")
+    assert registry.get_split("m").weights == {1: 100}
+    assert {v.version: v.status for v in registry.list_versions("m")}[1] == "production"
+    assert_consistent_trail(registry, "m")
