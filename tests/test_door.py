@@ -159,3 +159,83 @@ def test_long_input_is_not_echoed_whole_and_nan_scores_are_never_ok(tmp_path: Pa
     finally:
         gw.stop()
         reg.dispose()
+
+
+def test_outcomes_token_and_internal_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With an outcomes token, RecordOutcome(s) need it (or the admin token) while Predict stays as
+    configured (open here); an INTERNAL error answers a fixed message with a correlation id that the
+    server log carries next to the real exception, never the exception's text."""
+    import logging
+    import secrets
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "otok" + uuid.uuid4().hex[:8]
+    onnx, names = small_onnx(seed=6)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    token = secrets.token_hex(24)
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0, outcomes_token=token).start()
+    try:
+        rid = gw.predict.Predict(pb.PredictRequest(model=model, dense=GOOD), timeout=30).request_id
+        one = pb.RecordOutcomeRequest(request_id=rid, value=1.0)
+        for md in (None, (("authorization", "Bearer wrong-token"),)):
+            for call in (lambda m: gw.predict.RecordOutcome(one, metadata=m, timeout=30),
+                         lambda m: gw.predict.RecordOutcomes(pb.RecordOutcomesRequest(outcomes=[one]),
+                                                             metadata=m, timeout=30)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(md)
+                assert err.value.code() == C.UNAUTHENTICATED
+        gw.predict.RecordOutcome(one, metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        assert reg.outcome_means(model)[1][0] == 1
+        gw.predict.RecordOutcome(one, metadata=ADMIN_MD, timeout=30)  # the admin token works too
+
+        async def broken(request_id: str, value: float) -> None:
+            raise RuntimeError("SELECT password FROM secrets WHERE id = 42")
+
+        gw.gateway.outcome_intake.record = broken  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="gateway.api.validate"), \
+                pytest.raises(grpc.RpcError) as err:
+            gw.predict.RecordOutcome(one, metadata=ADMIN_MD, timeout=30)
+        assert err.value.code() == C.INTERNAL
+        details = err.value.details()
+        assert "password" not in details and "correlation id" in details
+        cid = details.split("correlation id ")[1].split(";")[0]
+        assert any(cid in r.getMessage() and r.exc_info and "password" in str(r.exc_info[1])
+                   for r in caplog.records)
+    finally:
+        gw.stop()
+        reg.dispose()
+
+
+def test_startup_isolates_a_model_with_no_startable_version(tmp_path: Path) -> None:
+    """One model's only version is corrupted (its bytes no longer match the recorded sha256): the
+    gateway starts anyway, serves the other model, answers the bad one UNAVAILABLE with the reason
+    and counts it."""
+    from prometheus_client import generate_latest
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    good, bad = "good" + uuid.uuid4().hex[:6], "bad" + uuid.uuid4().hex[:6]
+    onnx, names = small_onnx(seed=8)
+    for m in (good, bad):
+        reg.publish_version(m, onnx, names)
+        reg.set_split(m, {1: 100}, expected_revision=0, actor="test")
+    with reg.engine.begin() as conn:
+        bad_id = conn.execute(text("SELECT id FROM models WHERE name = :n"), {"n": bad}).scalar_one()
+        conn.execute(text("UPDATE model_versions SET onnx = :b WHERE model_id = :m"),
+                     {"b": onnx[:-1] + bytes([onnx[-1] ^ 1]), "m": bad_id})
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+    try:
+        assert 0 < gw.predict.Predict(pb.PredictRequest(model=good, dense=GOOD), timeout=30).score < 1
+        with pytest.raises(grpc.RpcError) as err:
+            gw.predict.Predict(pb.PredictRequest(model=bad, dense=GOOD), timeout=30)
+        assert err.value.code() == C.UNAVAILABLE, err.value.details()
+        assert "no version could start" in err.value.details()
+        assert "chimera_models_failed_to_start 1.0" in generate_latest(gw.gateway.metrics.registry).decode()
+    finally:
+        gw.stop()
+        reg.dispose()
