@@ -3,9 +3,9 @@ PostgreSQL, a NOT NULL violation anywhere) is bisected out of its batch into the
 its reason and never blocks the rows behind it; a torn spill line is skipped and counted; a second
 prediction under a taken client id is dead-lettered as "duplicate" (an identical replay is not); spill
 files are bounded and rotated; a full disk (a real 256 KiB tmpfs) is counted, the caller is refused
-with SpillUnavailable (RESOURCE_EXHAUSTED) and no accepted row is dropped; stop() with the database
-hung (an insert that never returns, and a real PostgreSQL frozen with SIGSTOP) spills 100k queued rows
-and a restart replays every one exactly once."""
+before scoring with SpillUnavailable (RESOURCE_EXHAUSTED) and no accepted row is dropped; stop() with
+the database hung (an insert that never returns, and a real PostgreSQL frozen with SIGSTOP) spills
+100k queued rows and a restart replays every one exactly once."""
 
 from __future__ import annotations
 
@@ -127,6 +127,7 @@ def test_spill_is_bounded_rotated_and_holds_rows_when_full(registry: Registry, t
     accepted, refused = [], 0
     for i in range(3000):
         try:
+            log.check_accepting()  # what the Predictor asks before scoring
             log.log_one(f"b-{i}", "bound", 1, "", 0.5, 1.0)
             accepted.append(f"b-{i}")
         except SpillUnavailable as exc:
@@ -180,6 +181,7 @@ def test_full_spill_disk_is_counted_refused_and_loses_nothing(registry: Registry
     feats = np.ones(8, np.float32)
     for i in range(20_000):
         try:
+            log.check_accepting()
             log.log_one(f"f-{i}", "full", 1, "", 0.5, 1.0, feats)
             accepted.append(f"f-{i}")
         except SpillUnavailable as exc:

@@ -19,8 +19,9 @@ Costs, because this runs for every prediction:
   refuses for its content is bisected out of its batch into the dead-letter file (counted by reason),
   never blocking the rows behind it; a torn spill line is skipped and counted; spill files are bounded
   (`spill_max_bytes`), rotated and fsynced with their directory. When neither the database nor the
-  disk takes rows, the writer holds them in memory (`stats.held`) and the request path refuses new
-  ones with SpillUnavailable (RESOURCE_EXHAUSTED) instead of dropping anything; `stop()` never waits
+  disk takes rows, the writer holds them in memory (`stats.held`) and `check_accepting()` (called by
+  the Predictor before scoring) refuses new calls with SpillUnavailable (RESOURCE_EXHAUSTED) instead of
+  dropping anything; `stop()` never waits
   on a hung database: when the writer makes no progress for `stall_s` it spills the queue itself.
 - feature rows (when sampled by the predictor) are written as JSON arrays of float32-exact numbers:
   with orjson, a whole block's matrix is encoded in one call (~0.6 us a row); without it, with 9
@@ -114,6 +115,7 @@ class PredictionLog(DurableWriter):
         self._inflight: list[Row] | None = None  # rows in the insert running now
         self._inflight_lock = threading.Lock()
         self._abandoned = False  # stop() took over from a hung writer
+        self._refusing_until = 0.0  # monotonic time until which check_accepting refuses (spill failed)
 
     # -------------------------------------------------------------- request path
     def log_one(self, request_id: str, model: str, version: int, routing_key: str, score: float,
@@ -149,18 +151,33 @@ class PredictionLog(DurableWriter):
         self._append((row.request_id, row.model, row.version, row.routing_key, row.score, row.latency_ms,
                       created, row.features, None, False, None), 1)
 
-    def _append(self, record: Any, n: int) -> None:
-        if self._held:
-            self.stats.refused += n
+    def check_accepting(self) -> None:
+        """SpillUnavailable (RESOURCE_EXHAUSTED to the caller) when a new prediction could not be kept:
+        rows are held in memory because neither the database nor the disk takes them, or the request
+        path's own spill failed in the last second. The Predictor calls it before scoring, so a refused
+        caller was not scored and hears why; log_one/log_many/log_error never raise (they also run in
+        done-callbacks, where an exception would leave a stream row unanswered)."""
+        if self._held or (self._refusing_until and time.monotonic() < self._refusing_until):
+            self.stats.refused += 1
             raise SpillUnavailable("prediction log: the database is not taking rows and the local spill "
                                    "is full; retry later", "full")
+
+    def _append(self, record: Any, n: int) -> None:
         depth = self._submitted - self._taken
         if depth + n > 2 * self.max_queue or self._thread is None or not self._thread.is_alive():
             # The writer cannot keep up at all (or is not running): keep the row on disk now.
             rows = self._rows_of([record])
-            self._spill(rows)  # SpillUnavailable reaches the caller: the row was not logged
-            self.stats.backpressure += len(rows)
-            return
+            try:
+                self._spill(rows)
+                self.stats.backpressure += len(rows)
+                return
+            except SpillUnavailable as exc:
+                self._refusing_until = time.monotonic() + 1.0  # check_accepting refuses meanwhile
+                if self._thread is None or not self._thread.is_alive():
+                    self.stats.dropped += len(rows)
+                    log.error("prediction log: %d rows lost: no writer running and %s", len(rows), exc)
+                    return
+                # The writer lives: the row waits in memory; new calls are refused until it catches up.
         self._queue.append(record)
         self._submitted += n
         self.stats.queued += n

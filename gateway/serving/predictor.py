@@ -113,6 +113,7 @@ class Predictor:
         score, version, row, request id, split revision routed under, the down version it failed over
         from or None). A row that no version can take is logged as a request error of its version."""
         check_ids(routing_key, request_id)
+        self.log.check_accepting()  # RESOURCE_EXHAUSTED when the log can keep no more rows
         entry = self.catalog.get(model)
         if self.tracer is None:
             version = self._version_for(entry, routing_key, pinned)
@@ -283,6 +284,7 @@ class Predictor:
             keys = list(map(_routing_key, rows))
             ids = list(map(_request_id, rows))
         check_many_ids(rows, keys, ids)
+        self.log.check_accepting()  # RESOURCE_EXHAUSTED when the log can keep no more rows
         if not any(ids):
             ids = self.new_id.many(len(ids))
         elif not all(ids):
