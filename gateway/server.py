@@ -58,7 +58,7 @@ from rollout.loop import ControllerLoop
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-MAX_PENDING_CALLS = 50_000  # calls waiting inside grpc core for the event loop (see start())
+MAX_PENDING_CALLS = 50_000  # calls grpc core holds for the event loop: a few KB each, refused at once
 SERVICE_NAMES = (
     prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
@@ -89,9 +89,9 @@ class GatewayConfig:
     # Every PredictionService call must carry 'authorization: Bearer <token>' with this token or the
     # admin token (None: Predict is open, as on a private network or behind a mesh).
     predict_token: str | None = field(default=AuthSettings.predict_token, repr=False)
-    # RecordOutcome(s) require this token or the admin token (None: the predict token's rule applies).
+    # RecordOutcome(s) need this token or the admin token (None: as Predict); calls handled at once
+    # (beyond: RESOURCE_EXHAUSTED at once, gateway.api.wire; None/0: no cap).
     outcomes_token: str | None = field(default=AuthSettings.outcomes_token, repr=False)
-    # Calls handled at once; beyond it RESOURCE_EXHAUSTED at once (gateway.api.wire). None/0: no cap.
     max_concurrent_calls: int | None = DEFAULT_MAX_CONCURRENT_CALLS
     # An outcome accepted while the database was down whose request id is still unknown this long
     # after it was accepted goes to the dead-letter file (see gateway.records.outcome_log).
@@ -173,8 +173,7 @@ class Gateway:
         self.auth = AdminAuth(config.admin_token)
         self.predict_auth = (TokenAuth(config.predict_token, config.admin_token)
                              if config.predict_token else None)
-        # Outcomes steer rollouts: with an outcomes token they need it (or the admin token); without
-        # one they are guarded like predictions (chimera.security.ServeSecurity's rule).
+        # Outcomes steer rollouts: their own token (or admin), else as Predict (chimera.security's rule).
         self.outcomes_auth = (TokenAuth(config.outcomes_token, config.admin_token,
                                         what="CHIMERA_OUTCOMES_TOKEN")
                               if config.outcomes_token else self.predict_auth)
@@ -188,7 +187,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)
         # Closed by stop(): new calls refused with UNAVAILABLE; at max_active, RESOURCE_EXHAUSTED.
-        self.admission = Admission(max_active=config.max_concurrent_calls or None)
+        self.admission = Admission(max_active=config.max_concurrent_calls or None)  # None: no cap
         # Models with no startable version at start-up (model -> why): answered UNAVAILABLE with why.
         self.failed_models: dict[str, str] = {}
         self._door_metrics()
@@ -206,8 +205,7 @@ class Gateway:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-            # grpc's default (3,000) answers a burst beyond it CANCELLED (5,000 calls: ~2,200), bypassing
-            # the cap's RESOURCE_EXHAUSTED; a pending call costs a few KB and the cap refuses it at once.
+            # grpc's default (3,000) answers a burst beyond it CANCELLED, not the cap's RESOURCE_EXHAUSTED
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ])
@@ -250,29 +248,23 @@ class Gateway:
         log.info("gateway listening on %s:%d", self.config.host, self.port)
         return self.port
 
-    def _door_metrics(self) -> None:
-        """Gauges read at scrape time: shed calls, calls being handled and the cap, models not served."""
+    def _door_metrics(self) -> None:  # gauges read at scrape time
         a, failed, r = self.admission, self.failed_models, self.metrics.registry
-        for name, text, fn in (
-                ("chimera_calls_shed", "calls refused RESOURCE_EXHAUSTED at the concurrency cap since start",
-                 lambda: a.shed),
-                ("chimera_calls_active", "calls being handled, all methods", lambda: a.active),
-                ("chimera_calls_limit", "CHIMERA_MAX_CONCURRENT_CALLS (0: none)", lambda: a.max_active or 0),
-                ("chimera_models_failed_to_start", "models with no version that could start at start-up",
-                 lambda: len(failed))):
+        for name, text, fn in (("chimera_calls_shed", "calls refused at the concurrency cap", lambda: a.shed),
+                               ("chimera_calls_active", "calls being handled, all methods", lambda: a.active),
+                               ("chimera_calls_limit", "the cap (0: none)", lambda: a.max_active or 0),
+                               ("chimera_models_failed_to_start", "models not served: no version could start",
+                                lambda: len(failed))):
             Gauge(name, text, registry=r).set_function(fn)
 
     async def _sync_models(self) -> None:
-        """Deploy every model's weighted versions, one model at a time, so that one model with no
-        startable version (a corrupted artifact fails its sha256 check, say) does not keep the others
-        from serving: it is logged, counted (chimera_models_failed_to_start) and answered UNAVAILABLE
-        with the reason until the split watcher manages to start it."""
+        """Deploy every model, one at a time: one with no startable version (e.g. a corrupted artifact)
+        is logged, counted and answered UNAVAILABLE with the reason; the others serve regardless."""
         for model in await asyncio.to_thread(self.catalog.all_model_names):
             try:
                 await self.watcher.sync_model(model)
             except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"[:500]
-                self.failed_models[model] = why
+                self.failed_models[model] = why = f"{type(exc).__name__}: {exc}"[:500]
                 log.error("model %s: not served, no version could start: %s", model, why)
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
