@@ -34,7 +34,15 @@ from gateway.records.prediction_log import PredictionLog
 from registry import Registry
 from registry.models import Outcome, Prediction, RequestError
 from registry.rollouts import decisions
-from tests.harness import ADMIN_MD, BackgroundLoad, GatewayThread, replica_pids, small_onnx, wait_for
+from tests.harness import (
+    ADMIN_MD,
+    BackgroundLoad,
+    GatewayThread,
+    poll_until,
+    replica_pids,
+    small_onnx,
+    wait_for,
+)
 
 ROW = [0.3, -0.2, 0.1, 0.9]
 
@@ -221,13 +229,21 @@ def test_canary_twice_as_slow_is_rolled_back(tmp_path: Path) -> None:
     gw = GatewayThread(url, tmp_path, controller_interval_s=1.0).start()
     try:
         with Traffic(gw, model, threads=2):
-            wait_for(lambda: rolled_back(reg, model) is not None, 120, "the slow canary's rollback")
-        d = rolled_back(reg, model)
-        assert d is not None and "latency" in d["reason"], d
+            poll_until(lambda: rolled_back(reg, model) is not None, 120, every=0.5)
+        gw.gateway.log.flush()
         with reg.session() as s:
-            lat = dict(s.execute(select(Prediction.version, func.avg(Prediction.latency_ms))
-                                 .where(Prediction.model == model).group_by(Prediction.version)).all())
-        assert lat[2] >= 1.8 * lat[1], lat  # the canary really was about twice as slow (or more)
+            lat = {v: np.array(s.scalars(select(Prediction.latency_ms).where(
+                Prediction.model == model, Prediction.version == v, Prediction.pinned.is_(False))).all())
+                for v in (1, 2)}
+        q = {v: (len(x), *np.percentile(x, [50, 99]).round(2)) for v, x in lat.items() if len(x)}
+        slow_share = float(np.mean(lat[2] > np.percentile(lat[1], 99)))
+        last = decisions(reg, model, limit=1)
+        summary = (f"rows, p50, p99 ms per version {q}; canary share over the baseline p99 {slow_share:.3f}; "
+                   f"last decision: {last[0]['action'] + ': ' + last[0]['reason'] if last else None}")
+        print(summary)
+        d = rolled_back(reg, model)
+        assert d is not None and "latency" in d["reason"], summary
+        assert q[2][1] >= 1.8 * q[1][1], summary  # the canary really was about twice as slow (or more)
     finally:
         gw.stop()
 

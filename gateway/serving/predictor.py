@@ -16,7 +16,15 @@ The check costs one truth test of an (almost always empty) dict per request. Sco
 after a failed call is `_rescue`, the one place for it (single rows, streams and batches).
 
 Tracing: with a tracer (tracing on), routing runs inside a `chimera.route` span; without one (None,
-tracing off) the only cost is that None check."""
+tracing off) the only cost is that None check.
+
+Rollout rows: each logged row carries its split revision, whether it was pinned, the version it failed
+over from and its own latency (a batch's groups each when their version answered); a request that no
+version could answer is logged as a request error of the version that failed it.
+
+Over 400 lines because it is the one owner of a prediction (issue 13): single rows, streams and batches
+share their routing, failover and logging here, and splitting the batch path off would part the
+failover bookkeeping from the rows it describes."""
 
 from __future__ import annotations
 
