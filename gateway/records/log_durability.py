@@ -37,9 +37,9 @@ class LogStats:
     insert_failures: int = 0
     # Spill writes the disk refused, by reason: full (ENOSPC), limit (spill_max_bytes), io.
     spill_failures: dict[str, int] = field(default_factory=lambda: {"full": 0, "limit": 0, "io": 0})
-    refused: int = 0  # rows the request path refused (SpillUnavailable) while neither store took rows
+    refused: int = 0  # calls check_accepting() refused (RESOURCE_EXHAUSTED) while rows could not be kept
     held: int = 0  # rows the writer holds in memory now because neither the database nor the disk took them
-    dropped: int = 0  # rows lost: only when stop() could not spill (the disk failed at shutdown)
+    dropped: int = 0  # rows lost: stop() could not spill them, or no writer ran and the disk refused
     stop_spilled: int = 0  # rows stop() spilled itself because the database was hung or down
 
 
