@@ -364,3 +364,26 @@ def test_request_ids_on_a_live_gateway(registry: Registry, tmp_path: Path) -> No
         assert len(generated.request_id) == 32
     finally:
         gw.stop()
+
+
+def test_outcome_spill_survives_a_bad_outcome_and_a_torn_line(registry: Registry, tmp_path: Path) -> None:
+    """An outcome id PostgreSQL refuses (NUL) in the outcome spill is dead-lettered, not retried forever;
+    the outcomes around it are stored; a torn last line is skipped and counted."""
+    from registry.repository import PredictionRow
+
+    registry.insert_predictions([PredictionRow(request_id=f"o-{i}", model="om", version=1, score=0.5,
+                                               latency_ms=1.0) for i in range(3)])
+    olog = OutcomeLog(registry, tmp_path / "outcomes-0.spill", unknown_grace_s=0.0, batch_size=2)
+    olog.accept_many([("o-0", 1.0), ("bad\x00id", 1.0), ("o-1", 0.0), ("o-2", 1.0)])
+    with open(olog.spill_path, "a") as f:
+        f.write('{"id": "o-9", "v": 1')  # torn by a crash mid-write
+    assert olog.replay() is True
+    from registry.models import Outcome
+
+    with registry.session() as s:
+        stored = {o.request_id: o.value for o in s.scalars(select(Outcome))}
+    assert stored == {"o-0": 1.0, "o-1": 0.0, "o-2": 1.0}
+    reason = "invalid" if registry.is_postgres else "unknown_request_id"  # SQLite stores NUL: no such id
+    assert olog.stats.dead_letter[reason] == 1 and olog.stats.torn_lines == 1
+    dead = dead_lines(olog.dead_letter_path)
+    assert {d["reason"] for d in dead} == {reason, "torn"}
