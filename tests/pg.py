@@ -71,6 +71,15 @@ class PostgresServer:
         self._run(self.bindir / "pg_ctl", "-D", self.datadir, "-o", opts, "-l", self.root / "log",
                   "-w", "-t", "60", "start")
 
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, background workers): what a test SIGSTOPs to hang
+        the server the way a frozen VM would (connections stay open, nothing answers)."""
+        import subprocess as sp
+
+        postmaster = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        children = sp.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
