@@ -76,6 +76,11 @@ class Metrics:
         self.canary_p_value = Gauge("chimera_canary_p_value",
                                     "p-value of the latest rollout decision for a canary version",
                                     ["model", "version"], registry=r)
+        # 1 while the latest look at a canary found a sample-ratio (or outcome-coverage) mismatch: the
+        # controller holds and never promotes it until the assignment is trusted again.
+        self.canary_srm = Gauge("chimera_canary_srm",
+                                "1 when the latest rollout look found a sample-ratio or outcome-coverage "
+                                "mismatch (the controller holds)", ["model", "version"], registry=r)
         self.rollout_decisions = Counter("chimera_rollout_decisions",
                                          "rollout controller decisions by action",
                                          ["model", "action"], registry=r)
@@ -128,11 +133,12 @@ class Metrics:
             Gauge(f"chimera_prediction_log_{name}_rows", doc, registry=r).set_function(
                 lambda attr=attr: getattr(stats, attr))
 
-    def observe_decision(self, model: str, version: int, action: str, p_value: float | None) -> None:
+    def observe_decision(self, model: str, version: int, action: str, p_value: float | None,
+                         srm: bool = False) -> None:
         """One rollout decision about canary `version` of `model` (action: rollback | step_up | promote |
         hold; anything else is counted as "other", so a metrics hook never breaks the controller and
         labels stay bounded). Exposed as chimera_rollout_decisions_total{model,action} and
-        chimera_canary_p_value{model,version}."""
+        chimera_canary_p_value{model,version}; `srm` as chimera_canary_srm{model,version}."""
         if action not in ROLLOUT_ACTIONS:
             action = "other"
         for a in ROLLOUT_ACTIONS:  # every action's series exists (at 0) once a model has a decision
@@ -140,6 +146,7 @@ class Metrics:
         self.rollout_decisions.labels(model, action).inc()
         if p_value is not None:
             self.canary_p_value.labels(model, str(version)).set(p_value)
+        self.canary_srm.labels(model, str(version)).set(1 if srm else 0)
 
     def observer(self, model: str, version: int) -> _BatchMetrics:
         return _BatchMetrics(self, model, str(version))

@@ -180,7 +180,7 @@ class Gateway:
         self.controller = RolloutController(
             self.registry, promotion_gate=self._promotion_gate(),
             on_decision=lambda model, canary, d: self.metrics.observe_decision(
-                model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None))
+                model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None, srm=d.srm))
         self.controller_loop = ControllerLoop(self.controller.run_once, self._canaried,
                                               config.controller_interval_s)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

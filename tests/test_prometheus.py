@@ -297,7 +297,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     # and the 80/20 split the test checks stays put; a handful of outcomes per arm lets it decide early.
     # The latency guardrail is out of reach: an A/A canary's p99 over its 20 % of a light load is noise on
     # a shared 2-core machine (1.71x the baseline's in one CI run), and a rollback would fire an alert.
-    registry.set_rollout_config(model, {"min_samples_per_arm": 5, "alpha": 1e-12, "max_p99_ratio": 1e6})
+    registry.set_rollout_config(model, {"min_samples_per_arm": 5, "alpha": 1e-12,
+                                        "max_slow_share_delta": 1.0})
     gw = GatewayThread(url, tmp, metrics_port=metrics_port, controller_interval_s=1.0).start()
     # The drift gauges' /metrics, as `chimera scheduler` serves them (filled in once enough rows are logged).
     drift_registry = CollectorRegistry()

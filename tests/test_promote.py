@@ -278,7 +278,7 @@ def test_controller_holds_a_winning_canary_without_a_run_and_promotes_it_with_on
     # One step from 50 % to 100 %: the first confident verdict is "promote". The latency guardrail is
     # relaxed: this test is about the gate, and p99s on two busy cores are not ours to control.
     reg.set_rollout_config(model, {"steps": [50, 100], "min_samples_per_arm": 100,
-                                   "min_canary_samples_per_step": 100, "max_p99_ratio": 100.0})
+                                   "min_canary_samples_per_step": 100, "max_slow_share_delta": 1.0})
     reg.set_split(model, {1: 50, 2: 50}, expected_revision=0, actor="test", reason="start canary")
     rng = np.random.default_rng(8)
     wait_served(gw, model)

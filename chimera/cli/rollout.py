@@ -227,20 +227,21 @@ def analyze(
 
 
 def simulate(
-    scenario: Annotated[str, typer.Option(help="aa | ab-worse | ab-better | all")] = "all",
-    runs: Annotated[
-        int | None, typer.Option(help="runs per scenario (default 500 for aa, 200 for the others)")
-    ] = None,
+    scenario: Annotated[str, typer.Option(help="one of rollout.simulate.SCENARIOS (aa, aa-p10, aa-rare, "
+                                          "aa-heavy, aa-sticky, aa-errors, aa-latency, aa-step, aa-delayed, "
+                                          "ab-worse, ab-better, fail, slow, srm) or all")] = "all",
+    runs: Annotated[int | None, typer.Option(help="runs per scenario (default 1000)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(help="processes (the runs are independent)")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output (the only format)")] = True,
 ) -> None:
-    """Run the real rollout decision code on simulated outcome streams (always-valid vs naive); prints
-    JSON. With --scenario all, exits 1 when an acceptance check fails."""
+    """Run the rollout controller's decision path (row builder, look, split arithmetic) on simulated
+    traffic; prints JSON with rates and 95 % intervals. Exits 1 when an acceptance check fails."""
     del as_json  # the report is JSON whether or not --json is given
     if runs is not None and runs < 1:
         views.fail(f"--runs: must be at least 1, got {runs}", 2)
     from rollout.simulate import main as simulate_main
 
-    argv = ["--scenario", scenario, "--seed", str(seed)]
+    argv = ["--scenario", scenario, "--seed", str(seed), "--workers", str(workers)]
     argv += ["--runs", str(runs)] if runs is not None else []
     sys.exit(simulate_main(argv))
