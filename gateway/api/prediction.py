@@ -26,6 +26,7 @@ from gateway.api.errors import status_for
 from gateway.api.validate import (
     MAX_NAME_CHARS,
     check_request,
+    check_rows,
     check_text,
     check_texts,
     detail,
@@ -125,8 +126,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 pinned = m.version
             else:
                 batch, pinned = rows, batch_pin(rows, model)
-                for i, row in enumerate(rows):
-                    check_request(row, f"rows[{i}].")
+                check_rows(rows)
             if pinned:
                 self.auth.actor(context)
             result = await self.predictor.submit_many(model, batch, pinned, _remaining(context))
