@@ -25,8 +25,9 @@ from registry import ConflictError, ModelInfo, Registry
 from registry.locks import fenced_lock
 from registry.rollouts import LookRows, decisions, look_rows, record_decision, rollout_start, split_periods
 from rollout import splits
-from rollout.decision import Decision, RolloutPolicy, SequentialState, look
+from rollout.decision import Decision, SequentialState, look
 from rollout.lookdata import LookBuilder, LookData
+from rollout.policy import RolloutPolicy
 
 log = logging.getLogger(__name__)
 ACTOR = "rollout-controller"

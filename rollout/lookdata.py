@@ -17,6 +17,9 @@ A period is a split revision: arms are compared only within a period, and the pe
 inverse-variance weights (``LookData.effect``/``variance``), so a base-rate change at a split change
 cannot look like an effect. The unit is the routing key (requests without one are their own unit):
 variances are cluster-robust over keys, also across periods when a key appears in several.
+
+Over 400 lines because the per-period, per-key running sums, the cells they feed and the look data
+read from them are one data structure: split, each part would reach into the other's internals.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from rollout import splits
-from rollout.decision import RolloutPolicy, SequentialState, look
+from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
+from rollout.policy import RolloutPolicy
 
 BASE, CANARY = 1, 2  # version numbers in the simulated split
 

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from rollout.decision import RolloutPolicy
+from rollout.policy import RolloutPolicy
 
 Weights = dict[int, int]
 

@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from rollout.decision import RolloutPolicy, SequentialState, look
+from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
+from rollout.policy import RolloutPolicy
 from rollout.stats import check_outcome
 
 POLICY = RolloutPolicy(metric="success_rate")

