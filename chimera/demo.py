@@ -6,8 +6,13 @@ canary on its own (v2 is deliberately worse: rolled back), then a better v3 is c
 and promoted.
 
 The outcome story, from the first domain: a trading service acts on a signal when Chimera's score
-is at least 0.4; the outcome it reports later is whether that trade beat the ROI threshold (1/0).
-So each version is judged by the success rate of the trades it made the service take.
+is at least 0.4; the outcome it reports later is whether the signal's trade beat the ROI threshold
+(1/0), for every scored signal, taken or not (a backtest knows them all). Each version is judged by
+the Brier score of its probabilities against those outcomes. Reporting outcomes only for the trades a
+version made the service take would make each arm's outcomes a selection of its own choosing (v2
+takes 76 % of signals, v1 19 %): the rollout controller refuses such a comparison (an outcome-coverage
+mismatch, docs/statistics.md) and holds, so the demo reports them all; the tables still show the
+trades taken and their success rate.
 
 The versions: v1 (production) is a logistic baseline that lacks the strongest feature; v2 is an
 XGBoost model whose training pipeline inverted the label (a bug that offline metrics on its own
@@ -56,7 +61,8 @@ class Tally:
 
 async def _traffic(target: str, rows: pd.DataFrame, features: list[str], n: int, tally: Tally,
                    rng: np.random.Generator, concurrency: int = 32) -> None:
-    """n keyed Predict calls with named features; outcomes reported for the trades taken."""
+    """n keyed Predict calls with named features; an outcome reported for every one (the tally keeps the
+    trades taken)."""
     async with aio_channel(target) as channel:
         stub = pb_grpc.PredictionServiceStub(channel)
         picks = rng.integers(0, len(rows), size=n)
@@ -75,10 +81,8 @@ async def _traffic(target: str, rows: pd.DataFrame, features: list[str], n: int,
                     model=MODEL, routing_key=f"account-{rng.integers(0, 1_000_000)}",
                     request_id=uuid.uuid4().hex, features=dict(zip(features, values[j], strict=True))),
                     timeout=30)
-                outcome = labels[j] if resp.score >= ACT_THRESHOLD else None
-                if outcome is not None:
-                    outcomes.append(pb.RecordOutcomeRequest(request_id=resp.request_id, value=outcome))
-                tally.add(resp.version, outcome)
+                outcomes.append(pb.RecordOutcomeRequest(request_id=resp.request_id, value=labels[j]))
+                tally.add(resp.version, labels[j] if resp.score >= ACT_THRESHOLD else None)
                 if len(outcomes) >= 50:
                     await stub.RecordOutcomes(pb.RecordOutcomesRequest(outcomes=outcomes), timeout=30)
                     outcomes = []
@@ -127,8 +131,9 @@ def _print_decision(console: Console, d: dict) -> None:
     console.print(
         f"  controller decision [bold]{d['action']}[/bold] for v{d['canary_version']} "
         f"(vs v{d['baseline_version']}): {d['test']} always-valid p-value = {_num(d['p_value'], '.2e')}, "
-        f"success rate {_num(d['mean_canary'], '.3f')} vs {_num(d['mean_baseline'], '.3f')} "
-        f"on {d['n_canary']} / {d['n_baseline']} trades; weight {d['weight_before']}% → {d['weight_after']}%")
+        f"{d['metric']} {_num(d['mean_canary'], '.3f')} vs {_num(d['mean_baseline'], '.3f')} "
+        f"on {d['n_canary']} / {d['n_baseline']} outcomes; "
+        f"weight {d['weight_before']}% → {d['weight_after']}%")
     console.print(f"  reason: {d['reason']}")
 
 
@@ -246,7 +251,7 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
     history, live = data.iloc[:20_000], data.iloc[20_000:].reset_index(drop=True)
     features = [f for f in feature_columns(history) if f != "signal_strength"]
     v1 = train(history, algo="logreg", seed=1, features=features)
-    info1 = publish_result(reg, MODEL, v1, status="production")
+    info1 = publish_result(reg, MODEL, v1, status="production", metric="brier")
     inverted = history.assign(label=1 - history["label"])
     v2 = train(inverted, algo="xgboost", seed=2)
     info2 = publish_result(reg, MODEL, v2)
@@ -254,10 +259,13 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
                   f"{v1.metrics['auc']:.3f}, Brier {v1.metrics['brier']:.3f}, sha256 {info1.sha256[:12]}…")
     console.print(f"published {MODEL} v{info2.version} (xgboost trained on an inverted label — a pipeline "
                   f"bug), sha256 {info2.sha256[:12]}…")
-    # Latency guardrail loosened for a shared 2-core demo machine, where p99 of a 10 % arm is noisy.
+    # Faster steps than the defaults so the demo fits in minutes. The guardrails are sequential tests
+    # within the one error budget (docs/statistics.md), fed by each routed row's own latency and errors;
+    # the pinned load-test requests of act 2 and 3 are left out of them. The latency margin is loosened
+    # for a shared 2-core demo machine: a fresh canary's first seconds there had 17 % of its requests
+    # over the baseline's p99 (p90 42 ms vs 24 ms, 179 requests) and the better v3 was rolled back.
     reg.set_rollout_config(MODEL, {"steps": [10, 50, 100], "min_samples_per_arm": 150,
-                                   "min_canary_samples_per_step": 100, "max_p99_ratio": 3.0,
-                                   "min_latency_requests": 500})
+                                   "min_canary_samples_per_step": 100, "max_slow_share_delta": 0.25})
     reg.set_split(MODEL, {info1.version: 90, info2.version: 10}, expected_revision=0, actor="demo",
                   reason="start canary v2 at 10%")
 

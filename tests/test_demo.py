@@ -48,7 +48,24 @@ def test_demo_runs_every_act_on_its_own_within_five_minutes(tmp_path: Path) -> N
         assert {(2, "rollback"), (3, "promote"), (4, "promote")} <= by_canary, by_canary
         rollback = next(d for d in made if d["canary_version"] == 2 and d["action"] == "rollback")
         # The operator sees the decision with its always-valid p-value, as stored.
-        assert f"decision rollback for v2 (vs v1): msprt always-valid p-value = {rollback['p_value']:.2e}" \
-            in " ".join(out.split()), out[-3000:]
+        assert f"decision rollback for v2 (vs v1): {rollback['test']} always-valid p-value = " \
+            f"{rollback['p_value']:.2e}" in " ".join(out.split()), out[-3000:]
+        # Issue 14: the better retrained v4 (and v3) are never rolled back. One run per `make test`, not
+        # five: five clean runs would bound the false-rollback rate only below 45 % (95 %), while the
+        # rate is held by the decision path itself and checked where it can be measured, in
+        # tests/test_simulate.py (1,000-run figures in docs/statistics.md). What failed before was
+        # structural and is checked here on every run: the pinned load-test requests counted as canary
+        # traffic, and a batch stamped one latency on the rows of both arms.
+        assert not {(v, a) for v, a in by_canary if v in (3, 4) and a == "rollback"}, by_canary
+        for d in made:
+            print(f"decision v{d['canary_version']} {d['action']}: {d['reason']}")
+        with reg.session() as s:
+            from sqlalchemy import func, select
+
+            from registry.models import Prediction
+
+            pinned = dict(s.execute(select(Prediction.version, func.count())
+                                    .where(Prediction.pinned.is_(True)).group_by(Prediction.version)).all())
+        assert pinned.get(3, 0) > 0 and pinned.get(4, 0) > 0, pinned  # the load tests were logged as pinned
     finally:
         reg.dispose()
