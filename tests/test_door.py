@@ -236,6 +236,12 @@ def test_startup_isolates_a_model_with_no_startable_version(tmp_path: Path) -> N
         assert err.value.code() == C.UNAVAILABLE, err.value.details()
         assert "no version could start" in err.value.details()
         assert "chimera_models_failed_to_start 1.0" in generate_latest(gw.gateway.metrics.registry).decode()
+        # The broken model is retried with a doubling backoff (1 s, 2 s, 4 s, ... 60 s), not at every
+        # 0.25 s poll: each try deploys to Ray. After three failed tries the wait is at least 4 s.
+        watcher = gw.gateway.watcher
+        wait_for(lambda: watcher.retry_delay(bad) >= 4.0, 90, "a 4 s backoff after three failed tries")
+        assert watcher.attempts[bad] <= 4, watcher.attempts
+        assert watcher.retry_delay(good) == 0.0
     finally:
         gw.stop()
         reg.dispose()

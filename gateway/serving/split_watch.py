@@ -9,6 +9,8 @@ import dataclasses
 import logging
 import select
 import threading
+import time
+from collections import Counter
 
 from gateway.metrics import Metrics
 from gateway.serving.catalog import Catalog, ModelEntry
@@ -32,6 +34,18 @@ class SplitWatcher:
         self._task: asyncio.Task[None] | None = None
         self._listener: threading.Thread | None = None
         self.last_error: str | None = None
+        # A model whose split cannot be applied (e.g. no version can start) is retried with a doubling
+        # delay (RETRY_MIN_S .. RETRY_MAX_S) instead of at every poll: each try may deploy to Ray.
+        self.attempts: Counter[str] = Counter()
+        self._retry: dict[str, tuple[int, float, float]] = {}  # model -> (revision, not before, delay)
+
+    RETRY_MIN_S = 1.0
+    RETRY_MAX_S = 60.0
+
+    def retry_delay(self, model: str) -> float:
+        """Seconds this watcher waits before trying `model`'s current split again (0: no failure)."""
+        retry = self._retry.get(model)
+        return retry[2] if retry is not None else 0.0
 
     async def sync_model(self, model: str) -> ModelEntry:
         """Deploy replicas for every weighted version first, then swap the routing table, so a
@@ -96,14 +110,24 @@ class SplitWatcher:
     async def check(self) -> None:
         revisions = await asyncio.to_thread(self.catalog.registry.split_revisions)
         known = self.catalog.revisions()
+        now = time.monotonic()
         for model, revision in revisions.items():
-            if known.get(model) != revision:
-                try:
-                    await self.sync_model(model)
-                    self.last_error = None
-                except Exception as exc:  # keep serving the old split; try again next time
-                    self.last_error = f"{model}: {type(exc).__name__}: {exc}"
-                    log.exception("could not apply split change of %s", model)
+            if known.get(model) == revision:
+                continue
+            retry = self._retry.get(model)
+            if retry is not None and retry[0] == revision and now < retry[1]:
+                continue  # failed at this revision a moment ago: wait out the backoff
+            self.attempts[model] += 1
+            try:
+                await self.sync_model(model)
+                self.last_error = None
+                self._retry.pop(model, None)
+            except Exception as exc:  # keep serving the old split; try again after a backoff
+                self.last_error = f"{model}: {type(exc).__name__}: {exc}"
+                delay = self.RETRY_MIN_S if retry is None or retry[0] != revision else min(
+                    2 * retry[2], self.RETRY_MAX_S)
+                self._retry[model] = (revision, time.monotonic() + delay, delay)
+                log.exception("could not apply split change of %s (next try in %.0f s)", model, delay)
         for model in set(known) - set(revisions):
             self.catalog.remove(model)
 
