@@ -294,8 +294,8 @@ class Gateway:
 
     def _failed_batches(self, model: str, version: int) -> int:
         """Requests (rows) the version failed to score in this gateway, including those then scored by
-        its fallback (in-process only: tests/test_replica_faults.py reads it; the rollout controller
-        counts errors from the database since rollout v2)."""
+        its fallback (in-process only: tests/integration/test_replica_faults.py reads it; the rollout
+        controller counts errors from the database since rollout v2)."""
         return self.version_health.failure_count(model, version)
 
     async def start_controller(self, interval_s: float | None = None) -> None:

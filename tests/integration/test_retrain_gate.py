@@ -20,7 +20,13 @@ from registry.errors import PreconditionFailed
 from registry.loadtests import list_load_tests, require_passing_loadtest
 from tests.harness import ADMIN_TOKEN, GatewayThread
 from tests.harness import poll_until as _wait_for
-from tests.test_feedback import FAST_XGB, log_served, new_model_name, publish_production, shifted_stream
+from tests.integration.test_feedback import (
+    FAST_XGB,
+    log_served,
+    new_model_name,
+    publish_production,
+    shifted_stream,
+)
 from training.datasets import TIMESTAMP, synthetic_signals
 from training.retrain import retrain
 from training.retrain_config import RetrainConfig

@@ -1,8 +1,8 @@
 """Chaos under steady load, then the ledger: every fault the issue names, one after another, against a
 real `chimera serve` process on its own PostgreSQL, while clients keep predicting and sending outcomes.
 
-Timeline (CHIMERA_CHAOS_S, default 300 s; `CHIMERA_CHAOS_S=1800 pytest tests/test_chaos.py` for a longer
-run, documented in README), as fractions of the run:
+Timeline (CHIMERA_CHAOS_S, default 300 s; `CHIMERA_CHAOS_S=1800 pytest tests/integration/test_chaos.py`
+for a longer run, documented in README), as fractions of the run:
   0.10  SIGKILL the canary's replica (Ray Serve replaces it; rows fail over or wait)
   0.25  PostgreSQL stopped for 0.10 of the run (rows and outcomes spill, then replay)
   0.50  PostgreSQL hung with SIGSTOP for 0.08 of the run (client-side timeouts, spill, replay)

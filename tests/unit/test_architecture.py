@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("chimera", "registry", "replicas", "training", "loadtest", "rollout", "gateway")
 NOT_SCANNED = ("chimera/v1/*_pb2*.py", "registry/migrations/*")
 MAX_LINES = 400

@@ -23,7 +23,7 @@ from tests.harness import ADMIN_TOKEN, GatewayThread, small_onnx
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT_DIR = ROOT / "examples" / "go-client"
 GO_PACKAGES = ("golang-go golang-google-grpc-dev golang-google-protobuf-dev "
                "golang-github-golang-protobuf-1-5-dev protobuf-compiler protoc-gen-go protoc-gen-go-grpc")

@@ -17,7 +17,7 @@ from registry.loadtests import LoadTestRecord, record_load_test
 from registry.locks import SessionLock, advisory_lock
 from registry.training_runs import list_runs, load_artifact
 from rollout.controller import RolloutController
-from tests.test_feedback import (
+from tests.integration.test_feedback import (
     FAST_XGB,
     log_served,
     new_model_name,

@@ -12,7 +12,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from registry import Registry
-from tests.test_feedback import FEATURES, log_served, new_model_name, publish_production, shifted_stream
+from tests.integration.test_feedback import (
+    FEATURES,
+    log_served,
+    new_model_name,
+    publish_production,
+    shifted_stream,
+)
 from training.datasets import TIMESTAMP
 from training.drift import (
     DriftReport,

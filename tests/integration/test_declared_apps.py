@@ -17,7 +17,7 @@ from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from replicas.deployment import app_name
 from tests.harness import GatewayThread, small_onnx
-from tests.test_replica_faults import replica_pids
+from tests.integration.test_replica_faults import replica_pids
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

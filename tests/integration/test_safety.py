@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from registry import Registry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("chimera", "gateway", "registry", "replicas", "training", "loadtest")
 # An f-string, %-format or .format() handed to text()/execute()/exec_driver_sql() is SQL built
 # from strings; bound parameters are the only way values reach SQL here.

@@ -46,7 +46,7 @@ from registry.rollouts import decisions
 from tests.harness import GatewayThread, free_port
 from training.drift import PSI_THRESHOLD, DriftReport, drift_report, export_drift_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chimera.json"
 GATEWAY_JOB = "chimera-gateway"

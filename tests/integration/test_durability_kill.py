@@ -65,7 +65,7 @@ def stored_ids(registry: Registry) -> set[str]:
 def test_sigkill_under_load_loses_only_the_last_moments(registry: Registry, tmp_path: Path,
                                                         database: str) -> None:
     spill = tmp_path / "predictions-1.spill"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     child = subprocess.Popen([sys.executable, "-c", CHILD, registry.url, str(spill), database],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     acked: list[tuple[float, str]] = []

@@ -136,7 +136,7 @@ def _elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_git_revision_names_the_checkout() -> None:
     from loadtest.report import git_revision
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     rev = git_revision(root)
     if (root / ".git").exists():
         assert rev is not None and re.fullmatch(r"[0-9a-f]{40}", rev["commit"])

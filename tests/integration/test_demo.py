@@ -53,7 +53,7 @@ def test_demo_runs_every_act_on_its_own_within_five_minutes(tmp_path: Path) -> N
         # Issue 14: the better retrained v4 (and v3) are never rolled back. One run per `make test`, not
         # five: five clean runs would bound the false-rollback rate only below 45 % (95 %), while the
         # rate is held by the decision path itself and checked where it can be measured, in
-        # tests/test_simulate.py (1,000-run figures in docs/statistics.md). What failed before was
+        # tests/unit/test_simulate.py (1,000-run figures in docs/statistics.md). What failed before was
         # structural and is checked here on every run: the pinned load-test requests counted as canary
         # traffic, and a batch stamped one latency on the rows of both arms.
         assert not {(v, a) for v, a in by_canary if v in (3, 4) and a == "rollback"}, by_canary

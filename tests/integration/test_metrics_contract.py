@@ -18,7 +18,7 @@ from registry import Registry
 from tests.harness import GatewayThread, small_onnx
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def test_msprt_confidence_interval_boundary_is_where_lambda_hits_one_over_alpha(
 
 
 # --------------------------------------------------------------------------------------------------
-# one-sided and point-mixture SPRTs (the guardrail tests that were here moved to tests/test_decision.py,
+# one-sided and point-mixture SPRTs (the guardrail tests that were here moved to tests/unit/test_decision.py,
 # where the guardrails now live as sequential tests inside look())
 
 

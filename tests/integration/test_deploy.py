@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 ENV_NAMES = ("CHIMERA_REGISTRY_URL", "CHIMERA_ADMIN_TOKEN", "RAY_ADDRESS")
 

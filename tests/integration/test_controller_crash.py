@@ -37,7 +37,7 @@ from registry.rollouts import decisions
 from rollout.controller import RolloutController
 from tests.harness import wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLD_WEIGHTS = {1: 90, 2: 10}
 NEW_WEIGHTS = {1: 100}
 

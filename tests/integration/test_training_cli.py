@@ -27,14 +27,14 @@ from chimera.cli import views
 from registry import Registry
 from registry.training_runs import list_runs
 from tests.harness import free_port as _free_port
-from tests.test_feedback import log_served, new_model_name, publish_production, shifted_stream
+from tests.integration.test_feedback import log_served, new_model_name, publish_production, shifted_stream
 from training.datasets import TIMESTAMP
 from training.drift import psi
 from training.feedback import served_frame
 
 STRONG = ("realized_vol", "funding_rate", "spread_bp")  # features whose distribution shifts most
 TRAIN_ROWS = 2000
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recent_stream(n: int = 9000, seed: int = 11) -> pd.DataFrame:

@@ -1,0 +1,1 @@
+"""Unit tests: pure code, no Ray, no database, no server process (fast)."""
