@@ -10,7 +10,7 @@ refuses new calls itself, waits until nothing is in flight and no call has arriv
 gap (so no call can be queued inside grpc), and calls `server.stop` only then.
 
 Once grpc's shutdown has begun, a call that still reaches the server is answered CANCELLED too (seen in
-tests/test_drain.py: clients that were asleep between retries when the stop began); a client stops
+tests/integration/test_drain.py: clients that were asleep between retries when the stop began); a client stops
 sending on the connection once it has read the GOAWAY frame the shutdown sends. So the last phase makes
 sure no client sends in that instant. Refused calls are now held (at most QUIET_WAIT_MAX_S and never
 past their deadline): a client waiting for an answer sends nothing new. The shutdown begins after a
@@ -20,7 +20,7 @@ asleep and about to send. The held calls are answered SETTLE_S after the shutdow
 has reached their clients: their retries go to a new connection, which the closed port refuses
 (UNAVAILABLE on the client side).
 
-Measured with tests/test_drain.py (12 clients, 8-12 stops a run): plain `server.stop` gave 56-84
+Measured with tests/integration/test_drain.py (12 clients, 8-12 stops a run): plain `server.stop` gave 56-84
 CANCELLED calls with clients retrying at once; a 3 ms gap without the settle time still gave 1-3 per
 run (mostly with clients pausing 20 ms between retries); this drain, none in 8 runs. The wait for the gap is
 bounded, so a client whose pause is longer than QUIET_S, or a flood that never pauses, can still meet

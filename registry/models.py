@@ -1,6 +1,6 @@
 """SQLAlchemy 2 table definitions: every table of the registry, in this one module. Alembic migrations in
 registry/migrations are the source of truth for the schema in databases; these classes must match them
-(tests/test_registry.py compares them with Alembic's autogenerate diff).
+(tests/integration/test_registry.py compares them with Alembic's autogenerate diff).
 
 Also the two value rules every table shares: times are stored as UTC (`utcnow` for defaults, `as_utc`
 for the naive datetimes SQLite hands back) and JSON columns never hold NaN/inf (`FiniteJSON`).

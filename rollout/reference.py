@@ -4,7 +4,7 @@ size fixed in advance: what repeated peeking at them costs is why the controller
 and the two-sided mSPRT computed straight from arrays with plug-in per-arm variances.
 
 Kept apart from ``rollout.stats`` so nobody mistakes them for the decision path: an auditor can run them
-on the rows `chimera analyze` reads as an independent cross-check, and tests/test_stats.py pins their
+on the rows `chimera analyze` reads as an independent cross-check, and tests/unit/test_stats.py pins their
 behaviour (Fisher below FISHER_MIN_CELL, SciPy agreement, determinism to 1e-9)."""
 
 from __future__ import annotations
