@@ -4,6 +4,7 @@ loop, and talk to it over loopback gRPC like a customer."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,3 +115,19 @@ def replica_pids(model: str, version: int) -> set[int]:
 
 
 ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
+def database_down_switch(log: Any) -> threading.Event:
+    """Make a PredictionLog's inserts fail as if the database were unreachable while the returned
+    event is set (it starts set); clear it to bring the database back. The real insert runs after."""
+    real = log.insert_rows
+    down = threading.Event()
+    down.set()
+
+    def flaky(rows: Any) -> Any:
+        if down.is_set():
+            raise ConnectionError("database unreachable")
+        return real(rows)
+
+    log.insert_rows = flaky
+    return down

@@ -64,7 +64,7 @@ def _labels(df: pd.DataFrame) -> np.ndarray:
     return df[LABEL].to_numpy(dtype=np.int64)
 
 
-def _degrade_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def degrade_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Shuffle the labels of a random `fraction` of the rows among themselves: the base rate stays
     the same, the link between features and labels weakens (fraction 1 = no signal left)."""
     y = y.copy()
@@ -125,7 +125,7 @@ def train(
     if len(np.unique(y_tr)) < 2:
         raise ValueError("data: the training window has a single class")
     rng = np.random.default_rng(seed)
-    y_fit = _degrade_labels(y_tr, degrade, rng) if degrade > 0 else y_tr
+    y_fit = degrade_labels(y_tr, degrade, rng) if degrade > 0 else y_tr
 
     model = _fit(algo, hp, X_tr, y_fit, X_val, y_val, seed)
     if calibration == "platt":

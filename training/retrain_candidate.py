@@ -21,7 +21,7 @@ from training.artifacts import load_booster
 from training.datasets import LABEL, data_hash
 from training.metrics import evaluate
 from training.models import XGBoostParams, make_params, n_trees, params_dict, platt_calibrate, positive_scores
-from training.pipeline import TrainResult, train
+from training.pipeline import TrainResult, degrade_labels, train
 from training.retrain_config import RetrainConfig
 from training.retrain_errors import RetrainError
 from training.retrain_run import ProgressFn
@@ -61,16 +61,6 @@ class _XGBProgress(xgb.callback.TrainingCallback):
         return False
 
 
-def _shuffle_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Same recipe as training.pipeline's `degrade`: shuffle the labels of a random fraction of rows."""
-    y = y.copy()
-    k = int(round(fraction * len(y)))
-    if k >= 2:
-        idx = rng.choice(len(y), size=k, replace=False)
-        y[idx] = y[rng.permutation(idx)]
-    return y
-
-
 def train_incremental(data: pd.DataFrame, features: Sequence[str], booster: xgb.Booster,
                       base_meta: Mapping[str, Any], config: RetrainConfig,
                       progress: ProgressFn | None = None) -> TrainResult:
@@ -91,7 +81,7 @@ def train_incremental(data: pd.DataFrame, features: Sequence[str], booster: xgb.
         raise RetrainError(f"incremental: the production booster has {booster.num_features()} features, "
                            f"the schema {len(names)}")
     rng = np.random.default_rng(config.seed)
-    y_fit = _shuffle_labels(y_tr, config.degrade, rng) if config.degrade else y_tr
+    y_fit = degrade_labels(y_tr, config.degrade, rng) if config.degrade else y_tr
     callbacks = None
     if progress is not None:
         callbacks = [_XGBProgress(progress, 0.15, 0.65, hp.n_estimators, "training (incremental)")]

@@ -18,7 +18,7 @@ from gateway.records.prediction_log import PredictionLog, features_json, matrix_
 from registry import Registry
 from registry.models import Prediction
 from registry.repository import PredictionRow
-from tests.harness import wait_for
+from tests.harness import database_down_switch, wait_for
 
 
 def stored(registry: Registry, model: str) -> dict[str, Prediction]:
@@ -71,16 +71,7 @@ def test_rows_features_and_timestamps_round_trip(registry: Registry, tmp_path: P
 
 def test_database_down_spills_and_replays_without_loss(registry: Registry, tmp_path: Path) -> None:
     log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05, replay_interval_s=0.1)
-    real = log.insert_rows
-    down = threading.Event()
-    down.set()
-
-    def flaky(rows):  # noqa: ANN001, ANN202
-        if down.is_set():
-            raise ConnectionError("database unreachable")
-        return real(rows)
-
-    log.insert_rows = flaky
+    down = database_down_switch(log)
     log.start()
     for i in range(300):
         log.log_one(f"d-{i}", "down", 1, f"k{i}", 0.5, 1.0, np.ones(4, np.float32) * i)

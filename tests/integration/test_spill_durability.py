@@ -26,7 +26,7 @@ from gateway.records.prediction_log import PredictionLog
 from gateway.records.spill import SpillUnavailable
 from registry import Registry
 from registry.models import Prediction
-from tests.harness import wait_for
+from tests.harness import database_down_switch, wait_for
 
 
 def scores(registry: Registry, model: str) -> dict[str, float]:
@@ -113,16 +113,7 @@ def test_spill_is_bounded_rotated_and_holds_rows_when_full(registry: Registry, t
     new rows are refused (counted), and when the database returns every accepted row is stored."""
     log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.02, replay_interval_s=0.1,
                         batch_size=50, spill_max_bytes=60_000, spill_segment_bytes=8_000)
-    real = log.insert_rows
-    down = threading.Event()
-    down.set()
-
-    def flaky(rows):  # noqa: ANN001, ANN202
-        if down.is_set():
-            raise ConnectionError("database unreachable")
-        return real(rows)
-
-    log.insert_rows = flaky
+    down = database_down_switch(log)
     log.start()
     accepted, refused = [], 0
     for i in range(3000):
@@ -165,16 +156,7 @@ def tiny_disk(tmp_path: Path):  # noqa: ANN201
 def test_full_spill_disk_is_counted_refused_and_loses_nothing(registry: Registry, tiny_disk: Path) -> None:
     log = PredictionLog(registry, tiny_disk / "p.spill", flush_interval_s=0.02, replay_interval_s=0.1,
                         batch_size=100)
-    real = log.insert_rows
-    down = threading.Event()
-    down.set()
-
-    def flaky(rows):  # noqa: ANN001, ANN202
-        if down.is_set():
-            raise ConnectionError("database unreachable")
-        return real(rows)
-
-    log.insert_rows = flaky
+    down = database_down_switch(log)
     log.start()
     accepted: list[str] = []
     refused = 0
