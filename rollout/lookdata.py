@@ -106,10 +106,11 @@ class _Period:
     units: list[int] = field(default_factory=lambda: [0, 0])
     matured: list[int] = field(default_factory=lambda: [0, 0])
     outcomes: list[int] = field(default_factory=lambda: [0, 0])
-    lat_pending: list[list[np.ndarray]] = field(default_factory=lambda: [[], []])
+    lat_block: list[np.ndarray] = field(default_factory=list)  # baseline latencies of the current block
+    lat_block_n: int = 0
     lat_n: list[int] = field(default_factory=lambda: [0, 0])
     slow: list[int] = field(default_factory=lambda: [0, 0])
-    lat_threshold: float = math.nan
+    lat_threshold: float = math.nan  # NaN during the period's first (calibration-only) block
     cells: list[_OutcomeCell] = field(default_factory=lambda: [_OutcomeCell(), _OutcomeCell()])
 
 
@@ -163,11 +164,18 @@ class LookData:
 class LookBuilder:
     """Rows in, ``LookData`` out; see the module docstring for the two kinds of rows.
 
-    ``winsor`` and ``latency_thresholds`` are limits fixed by an earlier look (from the sequential
-    state); the builder fixes the missing ones itself, deterministically from the first baseline rows:
-    winsor limits at the ``winsor_quantile`` / 1 − ``winsor_quantile`` quantiles of the first
-    ``winsor_calibration`` baseline outcomes; a period's latency threshold at the ``latency_quantile``
-    of its first ``latency_calibration`` baseline requests.
+    ``winsor`` holds limits fixed by an earlier look (from the sequential state); the builder fixes
+    them itself when missing, deterministically, at the ``winsor_quantile`` / 1 − ``winsor_quantile``
+    quantiles of the first ``winsor_calibration`` baseline outcomes.
+
+    Latency thresholds roll, in blocks of ``latency_calibration`` baseline requests per period (in log
+    order): the requests of both arms logged while block k+1 fills are compared with the
+    ``latency_quantile`` of block k's baseline latencies; the first block of a period only calibrates
+    (no request logged during it counts, in either arm). So a threshold never depends on the requests
+    it judges (both arms face the same one: valid under A/A whatever the latency does), start-up
+    jitter or a load change moves it within one block instead of fixing it for the whole period, and
+    each replica's warm-up falls in the uncounted first block. ``latency_thresholds`` (from the state)
+    is accepted for old callers and ignored: the thresholds are a function of the rows.
     """
 
     def __init__(
@@ -207,9 +215,6 @@ class LookBuilder:
         p = self._periods.get(revision)
         if p is None:
             p = self._periods[revision] = _Period(int(revision), int(weight))
-            t = self.latency_thresholds.get(str(revision))
-            if t is not None:
-                p.lat_threshold = float(t)
         return p
 
     def codes(self, units: np.ndarray | list[Any]) -> np.ndarray:
@@ -253,24 +258,36 @@ class LookBuilder:
             sel = arm == a
             p.requests[a] += int(sel.sum())
             p.errors[a] += int((failed & sel).sum())
-            la = lat[sel & np.isfinite(lat)]
-            if la.size:
-                p.lat_pending[a].append(la)
-        self._settle_latency(p)
+        known = np.isfinite(lat)
+        self._latencies(p, arm[known], lat[known])
 
-    def _settle_latency(self, p: _Period) -> None:
-        if math.isnan(p.lat_threshold):
-            have = sum(x.size for x in p.lat_pending[BASELINE])
-            if have < self.latency_calibration:
-                return
-            first = np.concatenate(p.lat_pending[BASELINE])[: self.latency_calibration]
-            p.lat_threshold = float(np.quantile(first, self.latency_quantile))
-            self.latency_thresholds[str(p.revision)] = p.lat_threshold
-        for a in (BASELINE, CANARY):
-            for chunk in p.lat_pending[a]:
-                p.lat_n[a] += int(chunk.size)
-                p.slow[a] += int(np.count_nonzero(chunk > p.lat_threshold))
-            p.lat_pending[a] = []
+    def _latencies(self, p: _Period, arm: np.ndarray, lat: np.ndarray) -> None:
+        """Walk the period's latencies in log order, block by block (see the class docstring); the
+        result does not depend on how the rows were split into calls."""
+        start = 0
+        while start < lat.size:
+            seg_arm, seg_lat = arm[start:], lat[start:]
+            is_base = seg_arm == BASELINE
+            need = self.latency_calibration - p.lat_block_n
+            cum = np.cumsum(is_base)
+            full = int(np.searchsorted(cum, need))  # index of the baseline row that completes the block
+            end = seg_lat.size if full >= seg_lat.size else full + 1
+            seg_arm, seg_lat, is_base = seg_arm[:end], seg_lat[:end], is_base[:end]
+            if not math.isnan(p.lat_threshold):
+                for a in (BASELINE, CANARY):
+                    la = seg_lat[seg_arm == a]
+                    p.lat_n[a] += int(la.size)
+                    p.slow[a] += int(np.count_nonzero(la > p.lat_threshold))
+            base = seg_lat[is_base]
+            if base.size:
+                p.lat_block.append(base)
+                p.lat_block_n += int(base.size)
+            if p.lat_block_n >= self.latency_calibration:
+                block = np.concatenate(p.lat_block)
+                p.lat_threshold = float(np.quantile(block, self.latency_quantile))
+                self.latency_thresholds[str(p.revision)] = p.lat_threshold
+                p.lat_block, p.lat_block_n = [], 0
+            start += end
 
     def add_outcomes(self, revision: int, weight: int, arm: np.ndarray, units: np.ndarray,
                      values: np.ndarray, scores: np.ndarray | None = None) -> None:
