@@ -18,6 +18,7 @@ from loadtest.candidate_gate import LoadTestGate
 from registry import Registry
 from registry.errors import PreconditionFailed
 from registry.loadtests import list_load_tests, require_passing_loadtest
+from registry.rollouts import decisions
 from tests.harness import ADMIN_TOKEN, GatewayThread
 from tests.harness import poll_until as _wait_for
 from tests.integration.test_feedback import (
@@ -110,7 +111,9 @@ def test_retrain_loadtests_canaries_and_the_controller_promotes(registry_url: st
                 promoted = True
                 break
         print(f"controller promoted after {start + 1000} rows in {time.monotonic() - t0:.1f}s")
-        assert promoted, dict(reg.get_split(model).weights)
+        last = decisions(reg, model, limit=1)
+        assert promoted, (dict(reg.get_split(model).weights),
+                          last and (last[0]["action"], last[0]["reason"], last[0]["details"].get("srm")))
         assert reg.get_version(model, v2).status == "production"
         assert reg.get_version(model, vb).status == "staged"  # the failed candidate never took traffic
     finally:
