@@ -16,7 +16,7 @@ PACKAGES = ("chimera", "gateway", "registry", "replicas", "training", "loadtest"
 # An f-string, %-format or .format() handed to text()/execute()/exec_driver_sql() is SQL built
 # from strings; bound parameters are the only way values reach SQL here.
 SQL_FROM_STRINGS = re.compile(
-    r"""(text|execute|exec_driver_sql)\(\s*(f["']|["'][^"']*["']\s*(%|\.format\())""")
+    r"""\b(text|execute|exec_driver_sql)\(\s*(f["']|["'][^"']*["']\s*(%|\.format\())""")
 
 
 def test_no_sql_is_assembled_from_strings() -> None:
@@ -35,6 +35,8 @@ def test_pattern_catches_what_it_should() -> None:
     assert SQL_FROM_STRINGS.search('conn.execute(f"DELETE FROM t WHERE id = {x}")')
     assert SQL_FROM_STRINGS.search('text("SELECT %s" % name)')
     assert not SQL_FROM_STRINGS.search('text("SELECT pg_notify(:ch, :model)")')
+    # A function whose name merely ends in "text" (the door's check_text) builds no SQL.
+    assert not SQL_FROM_STRINGS.search('check_text(f"{prefix}model", request.model)')
 
 
 def test_controller_crash_mid_decision_leaves_old_split(registry: Registry) -> None:
