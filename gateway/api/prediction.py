@@ -120,9 +120,10 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 if rows:
                     raise ValidationError("rows: set either rows or matrix, not both")
                 m = request.matrix
-                check_texts("matrix.request_ids", m.request_ids)
-                check_texts("matrix.routing_keys", m.routing_keys)
-                batch: Any = PackedRows.from_f32(m.f32, m.cols, list(m.routing_keys), list(m.request_ids))
+                ids, keys = list(m.request_ids), list(m.routing_keys)  # copied out of protobuf once
+                check_texts("matrix.request_ids", ids)
+                check_texts("matrix.routing_keys", keys)
+                batch: Any = PackedRows.from_f32(m.f32, m.cols, keys, ids)
                 pinned = m.version
             else:
                 batch, pinned = rows, batch_pin(rows, model)
