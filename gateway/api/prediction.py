@@ -170,10 +170,8 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 out.put_nowait(pb.PredictStreamResponse(request_id=r.request_id, prediction=prediction))
             elif exc is not None:
                 out.put_nowait(self._row_error("PredictStream", request, exc, flight.started))
-            else:
-                return  # cancelled: the stream is ending
-            if len(outstanding) + out.qsize() < MAX_STREAM_INFLIGHT:
-                slot_free.set()
+            # A finished row moves from `outstanding` to `out`: the reader's bound (their sum) is
+            # unchanged, so only the writer taking a response can free a slot (see below).
 
         async def reader() -> None:
             try:
