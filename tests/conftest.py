@@ -47,14 +47,36 @@ def registry(registry_url: str):  # noqa: ANN201
     reg.dispose()
 
 
+# The one registry the session's Ray node knows the password of, as a production Ray node knows its
+# registry's (CHIMERA_REGISTRY_URL from a Secret): replicas are given URLs without passwords
+# (replicas.deployment.actor_registry_url) and take the password from their node's environment. A test
+# that puts a password in the gateway's URL uses this database (`NODE_DB`, with `NODE_DB_PASSWORD`).
+NODE_DB = "t_ray_node_registry"
+NODE_DB_PASSWORD = "s3cret-db-pw"
+
+
+def node_registry_url(server: PostgresServer) -> str:
+    return server.url(NODE_DB).replace("postgres@", f"postgres:{NODE_DB_PASSWORD}@", 1)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray for the whole session, explicit CPUs (2-core machine), shut down at the end."""
+def ray_cluster(postgres: PostgresServer) -> Iterator[None]:
+    """One local Ray for the whole session, explicit CPUs (2-core machine), shut down at the end. Its
+    node's environment holds CHIMERA_REGISTRY_URL for `NODE_DB` (set only while Ray starts, so the
+    tests' own settings never see it)."""
     import ray
     from ray import serve
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    saved = os.environ.get("CHIMERA_REGISTRY_URL")
+    os.environ["CHIMERA_REGISTRY_URL"] = node_registry_url(postgres)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    finally:
+        if saved is None:
+            os.environ.pop("CHIMERA_REGISTRY_URL", None)
+        else:
+            os.environ["CHIMERA_REGISTRY_URL"] = saved
     try:
         yield
     finally:

@@ -83,11 +83,11 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self) -> str:
-        """A new empty database; returns its SQLAlchemy URL."""
+    def create_database(self, name: str | None = None) -> str:
+        """A new empty database (a fresh random name unless `name` is given); returns its SQLAlchemy URL."""
         import psycopg2
 
-        name = "t_" + uuid.uuid4().hex[:12]
+        name = name or "t_" + uuid.uuid4().hex[:12]
         for _ in range(50):
             try:
                 conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")

@@ -17,11 +17,12 @@ from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from chimera.v1 import rollout_pb2 as rpb
 from registry import Registry
+from tests.conftest import NODE_DB, NODE_DB_PASSWORD, node_registry_url
 from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx
 from tests.harness import free_port as _free_port
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-DB_PASSWORD = "s3cret-db-pw"
+DB_PASSWORD = NODE_DB_PASSWORD
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,10 @@ def two_gateways(postgres, tmp_path_factory: pytest.TempPathFactory):
 
     tmp_path = tmp_path_factory.mktemp("two-gateways")
     # A password in the URL (ignored by the test server's trust auth) lets the logs be checked for it.
-    url = postgres.create_database().replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
+    # The replicas get the URL without it and take it from the Ray node's CHIMERA_REGISTRY_URL, which
+    # names this one database (tests.conftest.ray_cluster), as in production.
+    postgres.create_database(NODE_DB)
+    url = node_registry_url(postgres)
     reg = Registry(url)
     reg.upgrade()
     model = "mg" + uuid.uuid4().hex[:6]
