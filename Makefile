@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PROTOS  := $(wildcard protos/chimera/v1/*.proto)
 STUBS   := chimera/v1/prediction_pb2.py
 
-.PHONY: install proto demo test lint bench sysdeps clean
+.PHONY: install proto demo test acceptance lint bench sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -50,7 +50,13 @@ demo: install
 
 test: install sysdeps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not acceptance"
+
+# Full-count acceptance runs that do not fit make test's 30 minutes (make test runs shorter forms):
+# the 1,000-run A/A simulation through the CLI, and every simulation scenario at its full count.
+acceptance: install sysdeps
+	$(BIN)/python -m pytest -q -m acceptance
+	$(BIN)/chimera simulate --scenario all --json
 
 lint: install
 	$(BIN)/ruff check .

@@ -346,9 +346,11 @@ def test_simulate_all_runs_every_scenario_and_reports_the_checks(tmp_path: Path)
     assert proc.returncode == (0 if res["passed"] else 1), _out(proc)
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_simulate_without_runs_uses_the_per_scenario_default(tmp_path: Path) -> None:
     # The acceptance: >= 1,000 A/A runs, false rollbacks <= 5 % with the 95 % upper bound <= 6.5 %.
+    # 92 s on two cores, so `make acceptance` runs it; make test runs every A/A scenario at 40 runs
+    # (tests/unit/test_simulate.py) and the CLI's JSON at 2-3 runs (the tests above).
     # `--json` is what the command line says; the output is JSON either way.
     proc = chimera(["simulate", "--scenario", "aa", "--json"], _sqlite_url(tmp_path / "r.db"), tmp_path,
                    timeout=900)
