@@ -15,6 +15,7 @@ from sqlalchemy import inspect
 
 from registry import Registry, ValidationError, VersionInfo
 from registry.repository import PredictionRow
+from registry.rollouts import insert_rollout_rows
 from registry.training_runs import (
     ModelArtifact,
     TrainingRun,
@@ -65,7 +66,11 @@ def log_served(registry: Registry, model: str, version: int, df: pd.DataFrame, *
                use_timestamps: bool = True, outcomes: bool = True,
                features: list[str] | None = None) -> list[str]:
     """What the gateway does for each request: score with the version's ONNX bytes, log the
-    prediction with its feature row, later record the outcome (here: the label)."""
+    prediction with its feature row, later record the outcome (here: the label).
+
+    All rows are one version's. For traffic split across a canary's arms while a rollout controller
+    is looking, use `log_routed`: writing one arm's rows (and outcomes) before the other's shows the
+    controller a sample ratio and an outcome coverage no gateway produces."""
     names = features or list(registry.get_version(model, version).feature_names)
     onnx_bytes, _ = registry.get_onnx(model, version)
     X = df[names].to_numpy(dtype=np.float32)
@@ -80,6 +85,45 @@ def log_served(registry: Registry, model: str, version: int, df: pd.DataFrame, *
         labels = df[LABEL].to_numpy()
         record_outcomes(registry, [(r.request_id, float(labels[i])) for i, r in enumerate(rows)])
     return [r.request_id for r in rows]
+
+
+def log_routed(registry: Registry, model: str, df: pd.DataFrame, routed: np.ndarray, *,
+               outcomes: bool = True) -> list[str]:
+    """What a gateway's prediction log writes for live traffic routed by the current split: row i of
+    `df` was routed to version `routed[i]` and scored by that version's ONNX; the rows of all versions
+    are inserted in arrival order, in one transaction, stamped now with the split revision they were
+    routed under (as gateway.records.prediction_log does); then the outcomes of all of them arrive
+    together (outcome timing does not depend on the version that answered).
+
+    Why not `log_served` per version: a rollout controller looking in the gap between one arm's insert
+    and the other's sees, e.g., 900 new baseline rows and no new canary rows, or the baseline's outcomes
+    all recorded and the canary's none. Its always-valid sample-ratio and coverage tests rightly flag
+    that, and an always-valid p-value never recovers (it is a running minimum), so the rollout holds
+    for good. A gateway's log writer never writes one arm ahead of the other like that."""
+    routed = np.asarray(routed)
+    if len(df) == 0:
+        return []
+    revision = registry.get_split(model).revision
+    scores = np.empty(len(df))
+    feats: list[list[float]] = [[] for _ in range(len(df))]
+    for v in np.unique(routed).tolist():
+        idx = np.flatnonzero(routed == v)
+        names = list(registry.get_version(model, int(v)).feature_names)
+        onnx_bytes, _ = registry.get_onnx(model, int(v))
+        X = df.iloc[idx][names].to_numpy(dtype=np.float32)
+        scores[idx] = onnx_scores(onnx_bytes, X)
+        for j, i in enumerate(idx.tolist()):
+            feats[i] = [float(x) for x in X[j]]
+    ids = [uuid.uuid4().hex for _ in range(len(df))]
+    insert_rollout_rows(registry, [
+        {"request_id": ids[i], "model": model, "version": int(routed[i]), "routing_key": "",
+         "score": float(scores[i]), "latency_ms": 2.0, "created_at": datetime.now(UTC),
+         "features": feats[i], "split_revision": revision}
+        for i in range(len(df))])
+    if outcomes:
+        labels = df[LABEL].to_numpy()
+        record_outcomes(registry, [(rid, float(labels[i])) for i, rid in enumerate(ids)])
+    return ids
 
 
 def shifted_stream(n: int = 9000, seed: int = 11) -> pd.DataFrame:
