@@ -14,6 +14,16 @@ Secrets: the registry URL reaches a replica without its password (Ray shows acto
 dashboard and state API); the replica takes the full URL from CHIMERA_REGISTRY_URL in its Ray node's
 environment (`actor_registry_url`, `replica_registry_url`).
 
+Several gateways, one cluster: every gateway deploys the versions it routes to with `serve.run`, and
+Serve gives each `serve.run` a new random code version, so each gateway that started (or restarted)
+replaced every replica the others were scoring on (measured: "Stopping 1 replicas ... with outdated
+versions" for each version when a second gateway started). Ray 2.60 no longer lets a caller name the
+version, so `deploy_version` marks each application with a fingerprint of what its replicas run (their
+init arguments, actor options and this package's source) in the deployment's `user_config` (changing it
+is a lightweight update, never a restart), and uses an application already running under the same
+fingerprint as it is. A real change (new code, another registry) still rolls the replicas. Two gateways
+deploying the same new version in the same instant can still replace each other's replicas once.
+
 Tracing: a replica builds its own TracerProvider from the exporter it is given (an init argument, so
 it does not depend on the environment reaching the Ray worker) and continues the trace whose W3C
 context arrives with the rows."""
@@ -137,27 +147,86 @@ class VersionReplica:
         if tracing is not None:
             tracing.shutdown()
 
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """Serve's user_config: only the deployment's fingerprint (see the module docstring)."""
+        self.fingerprint = str(config.get("fingerprint", ""))
+
     def check_health(self) -> None:
         """Ray Serve restarts the replica when this raises."""
         self.scorer.score(np.zeros((1, self.scorer.n_features), dtype=np.float32))
 
 
+def _source_digest() -> str:
+    """sha256 of this package's source: replicas built from other code are another deployment."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """What a replica runs, as one short string: equal for every gateway that deploys the same thing."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([_source_digest(), *parts], sort_keys=True).encode()).hexdigest()[:20]
+
+
 def version_app(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
                 num_replicas: int = 1, traces_exporter: str = "none") -> Application:
     """The Ray Serve application of one version (not deployed). The registry URL goes in without its
-    password (`actor_registry_url`)."""
+    password (`actor_registry_url`); `user_config` carries the fingerprint (module docstring)."""
+    args = (actor_registry_url(registry_url), model, version, traces_exporter)
     return VersionReplica.options(
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         num_replicas=num_replicas,
-    ).bind(actor_registry_url(registry_url), model, version, traces_exporter)
+        user_config={"fingerprint": fingerprint(args, num_cpus, num_replicas)},
+    ).bind(*args)
+
+
+def _app_details(name: str) -> dict[str, Any] | None:
+    """Serve's details of one application; None when it (or Serve itself) is not running."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    return client.get_serve_details().get("applications", {}).get(name)
+
+
+def _running_fingerprint(name: str, *, timeout_s: float = 120.0, poll_s: float = 0.25) -> str | None:
+    """The fingerprint of the application `name` once it is RUNNING (waiting while it deploys); None
+    when there is none, or it failed or is unhealthy (then it is deployed again)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = _app_details(name)
+        if details is None:
+            return None
+        status = _plain(details.get("status")).upper()
+        scorer = (details.get("deployments") or {}).get("scorer") or {}
+        config = (scorer.get("deployment_config") or {}).get("user_config") or {}
+        if status == "RUNNING":
+            return str(config.get("fingerprint", "")) or None
+        if status != "DEPLOYING" or time.monotonic() > deadline:
+            return None
+        time.sleep(poll_s)
 
 
 def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
                    num_replicas: int = 1, traces_exporter: str = "none") -> DeploymentHandle:
-    """Deploy (or keep) the application for one version and wait until it is ready."""
+    """Use the version's application if one runs with the same fingerprint (another gateway deployed
+    it), else deploy it; either way wait until it is ready."""
     app = version_app(registry_url, model, version, num_cpus=num_cpus, num_replicas=num_replicas,
                       traces_exporter=traces_exporter)
-    return serve.run(app, name=app_name(model, version), route_prefix=None, blocking=False)
+    name = app_name(model, version)
+    wanted = app._bound_deployment._deployment_config.user_config["fingerprint"]
+    if _running_fingerprint(name) == wanted:
+        log.info("using the running application %s (same fingerprint)", name)
+        return serve.get_app_handle(name)
+    return serve.run(app, name=name, route_prefix=None, blocking=False)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -18,7 +18,7 @@ from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from chimera.v1 import rollout_pb2 as rpb
 from registry import Registry
 from tests.conftest import NODE_DB, NODE_DB_PASSWORD, node_registry_url
-from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx
+from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx, wait_for
 from tests.harness import free_port as _free_port
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -45,6 +45,10 @@ def two_gateways(postgres, tmp_path_factory: pytest.TempPathFactory):
     reg.publish_version(model, b2, names)
     reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="test")
     first = GatewayThread(url, tmp_path / "a", controller_interval_s=0).start()
+    # The first gateway deploys both versions in the background; note its replicas once they run.
+    wait_for(lambda: len(replica_ids(model)) == 2 and all(replica_ids(model).values()), 180,
+             "the first gateway's replicas")
+    replicas_before = replica_ids(model)
     port = _free_port()
     env = {
         **os.environ,
@@ -77,7 +81,7 @@ def two_gateways(postgres, tmp_path_factory: pytest.TempPathFactory):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=180)
-        yield reg, model, first, channel, tmp_path / "second.log"
+        yield reg, model, first, channel, tmp_path / "second.log", replicas_before
     finally:
         channel.close()
         proc.terminate()
@@ -87,8 +91,28 @@ def two_gateways(postgres, tmp_path_factory: pytest.TempPathFactory):
         reg.dispose()
 
 
+def replica_ids(model: str) -> dict[str, list[str]]:
+    """Serve's replica ids of each of the model's applications (none while Serve is not running)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    apps = client.get_serve_details().get("applications", {}) if client is not None else {}
+    return {name: sorted(r["replica_id"] for r in app["deployments"]["scorer"]["replicas"])
+            for name, app in apps.items() if name.startswith(f"chimera-{model}-v")}
+
+
+def test_a_second_gateway_uses_the_replicas_the_first_deployed(two_gateways) -> None:
+    """Starting another gateway on the same cluster must not restart the replicas the first one is
+    scoring on (each did before: Serve gave every `serve.run` a new random deployment version)."""
+    reg, model, _first, second_channel, _, before = two_gateways
+    stub = pb_grpc.PredictionServiceStub(second_channel)
+    stub.Predict(pb.PredictRequest(model=model, routing_key="x", dense=[0.1, 0.2, 0.3, 0.4]), timeout=30)
+    assert set(before) == {f"chimera-{model}-v1", f"chimera-{model}-v2"}, before
+    assert replica_ids(model) == before
+
+
 def test_split_change_through_one_gateway_is_routed_by_the_other_within_1s(two_gateways) -> None:
-    reg, model, first, second_channel, _ = two_gateways
+    reg, model, first, second_channel, *_ = two_gateways
     second = pb_grpc.PredictionServiceStub(second_channel)
     req = [
         pb.PredictRequest(model=model, routing_key=f"k{i}", dense=[0.1, 0.2, 0.3, 0.4]) for i in range(100)
@@ -129,7 +153,7 @@ def test_split_change_through_one_gateway_is_routed_by_the_other_within_1s(two_g
 def test_concurrent_set_split_with_same_revision_exactly_one_wins(two_gateways) -> None:
     from chimera.v1 import rollout_pb2_grpc
 
-    reg, model, first, second_channel, _ = two_gateways
+    reg, model, first, second_channel, *_ = two_gateways
     stubs = [first.rollout, rollout_pb2_grpc.RolloutServiceStub(second_channel)]
     revision = reg.get_split(model).revision
     barrier = threading.Barrier(2)
@@ -166,7 +190,7 @@ def test_concurrent_set_split_with_same_revision_exactly_one_wins(two_gateways) 
 def test_secrets_never_reach_the_logs(two_gateways) -> None:
     from chimera.v1 import rollout_pb2_grpc
 
-    reg, model, _first, second_channel, log_path = two_gateways
+    reg, model, _first, second_channel, log_path, _ = two_gateways
     stub = rollout_pb2_grpc.RolloutServiceStub(second_channel)
     stub.GetTrafficSplit(rpb.GetTrafficSplitRequest(model=model), metadata=ADMIN_MD, timeout=10)
     with pytest.raises(grpc.RpcError):
