@@ -48,6 +48,11 @@ sysdeps:
 demo: install
 	$(BIN)/chimera demo
 
+# Issue 14: the demo five times in a row, each run checked (no rollback of its better versions); ~10 min,
+# so `make test` runs it once.
+demo-repeat: install
+	CHIMERA_DEMO_RUNS=5 $(BIN)/python -m pytest -q -s tests/integration/test_demo.py
+
 test: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15 -m "not acceptance"

@@ -259,13 +259,15 @@ def run_demo(workdir: Path, *, requests: int = 3000, console: Console | None = N
                   f"{v1.metrics['auc']:.3f}, Brier {v1.metrics['brier']:.3f}, sha256 {info1.sha256[:12]}…")
     console.print(f"published {MODEL} v{info2.version} (xgboost trained on an inverted label — a pipeline "
                   f"bug), sha256 {info2.sha256[:12]}…")
-    # Faster steps than the defaults so the demo fits in minutes. The guardrails are sequential tests
-    # within the one error budget (docs/statistics.md), fed by each routed row's own latency and errors;
-    # the pinned load-test requests of act 2 and 3 are left out of them. The latency margin is loosened
-    # for a shared 2-core demo machine: a fresh canary's first seconds there had 17 % of its requests
-    # over the baseline's p99 (p90 42 ms vs 24 ms, 179 requests) and the better v3 was rolled back.
+    # Faster steps than the defaults so the demo fits in minutes; every statistic at its default. The
+    # guardrails are sequential tests within the one error budget (docs/statistics.md), fed by each
+    # routed row's own latency and errors; the pinned load-test requests of act 2 and 3 are left out of
+    # them. On a shared 2-core machine a canary's replica has bursts of slow requests (in one measured
+    # run 42 of 65 canary requests in a few seconds); the latency guardrail takes its variance over time
+    # windows, so such a burst is one window's evidence, not 42 requests' (the guardrail as it was,
+    # per-request variance and a threshold fixed once, rolled back the better v3 here at this default).
     reg.set_rollout_config(MODEL, {"steps": [10, 50, 100], "min_samples_per_arm": 150,
-                                   "min_canary_samples_per_step": 100, "max_slow_share_delta": 0.25})
+                                   "min_canary_samples_per_step": 100})
     reg.set_split(MODEL, {info1.version: 90, info2.version: 10}, expected_revision=0, actor="demo",
                   reason="start canary v2 at 10%")
 

@@ -6,7 +6,8 @@ previous look, and returns the verdict with every statistic and the next state. 
 
 1. Guardrails (sequential tests, own share of the error budget). The error guardrail (failed or
    failed-over requests, counted against the version they were routed to) or the latency guardrail
-   (share of requests slower than the baseline's p99 of the period) says the canary is worse by more
+   (share of requests slower than the baseline's p99 of the period; variance over time windows, since
+   slow requests come in bursts) says the canary is worse by more
    than its margin: rollback at once, at any sample size, with or without outcomes.
 2. Sample-ratio mismatch, or a difference in outcome coverage between arms: hold, never promote. The
    randomisation is broken, so no comparison of the arms can be trusted; the decision is stored with
@@ -171,20 +172,31 @@ class Decision:
 
 def _proportion_guardrail(
     name: str, counts: list[tuple[int, int, int, int]], margin: float, tau: float, prev: float, alpha: float,
-    what: str,
+    what: str, window_var: list[tuple[int, float]] | None = None, min_windows: int = 0,
 ) -> tuple[GuardrailResult, float]:
     """One-sided mSPRT that the canary's rate exceeds the baseline's by more than ``margin``, stratified
     over periods. counts: per period (events_b, n_b, events_c, n_c). Rates are Agresti–Caffo adjusted
-    ((x+1)/(n+2)), so a variance is never zero (a canary failing its first 5 of 5 requests has one)."""
+    ((x+1)/(n+2)), so a variance is never zero (a canary failing its first 5 of 5 requests has one).
+    ``window_var``: per period, (time windows, cluster-robust variance of the difference over them); the
+    larger of it and the binomial one is used (the binomial variance alone counts a burst of slow
+    requests from one stalled or warming replica as that many independent pieces of evidence), and a
+    period enters only once it has ``min_windows`` windows (before that, a replica's warm-up of a few
+    seconds looks exactly like a slow version: the windows must show whether it persists)."""
     inv = 0.0
     acc = 0.0
     eb = nb = ec = nc = 0
-    for xb, b, xc, c in counts:
+    for i, (xb, b, xc, c) in enumerate(counts):
         eb, nb, ec, nc = eb + xb, nb + b, ec + xc, nc + c
         if b == 0 or c == 0:
             continue
         pb, pc = (xb + 1.0) / (b + 2.0), (xc + 1.0) / (c + 2.0)
         v = pb * (1.0 - pb) / b + pc * (1.0 - pc) / c
+        if window_var is not None:
+            k, wv = window_var[i]
+            if k < min_windows:
+                continue
+            if math.isfinite(wv):
+                v = max(v, wv)
         inv += 1.0 / v
         acc += (pc - pb) / v
     rate_b = eb / nb if nb else math.nan
@@ -266,7 +278,8 @@ def look(
     lat, p_lat = _proportion_guardrail(
         "latency", [(p.slow[0], p.latency_n[0], p.slow[1], p.latency_n[1]) for p in data.periods],
         policy.max_slow_share_delta, policy.latency_tau, prev.p_latency, policy.resolved_guardrail_alpha,
-        f"share slower than the baseline's p{policy.latency_quantile * 100:g}")
+        f"share slower than the baseline's p{policy.latency_quantile * 100:g}",
+        [(p.latency_windows, p.latency_window_var) for p in data.periods], policy.latency_min_windows)
     p_srm, _, srm_stat = _srm(data, policy, prev.p_srm)
     p_cov, coverage = _coverage(data, policy, prev.p_coverage)
     srm = p_srm <= policy.srm_alpha or p_cov <= policy.srm_alpha

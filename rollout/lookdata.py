@@ -111,6 +111,9 @@ class _Period:
     lat_n: list[int] = field(default_factory=lambda: [0, 0])
     slow: list[int] = field(default_factory=lambda: [0, 0])
     lat_threshold: float = math.nan  # NaN during the period's first (calibration-only) block
+    lat_base_seen: int = 0  # baseline latencies of the period so far (the clock that cuts windows)
+    # Per time window of ``latency_window`` baseline requests: [n_b, slow_b, n_c, slow_c] (judged rows).
+    lat_windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     cells: list[_OutcomeCell] = field(default_factory=lambda: [_OutcomeCell(), _OutcomeCell()])
 
 
@@ -126,6 +129,8 @@ class PeriodStats:
     latency_n: tuple[int, int]
     slow: tuple[int, int]
     latency_threshold_ms: float
+    latency_windows: int
+    latency_window_var: float
     matured: tuple[int, int]
     outcomes: tuple[int, int]
     mean: tuple[float, float]
@@ -168,6 +173,12 @@ class LookBuilder:
     them itself when missing, deterministically, at the ``winsor_quantile`` / 1 − ``winsor_quantile``
     quantiles of the first ``winsor_calibration`` baseline outcomes.
 
+    The slow counts are also kept per time window of ``latency_window`` baseline requests (log order),
+    and ``PeriodStats.latency_window_var`` is the variance of the period's slow-share difference
+    (canary − baseline) computed over those windows (cluster-robust, windows as units): slowness comes
+    in bursts (a replica's warm-up or stall, a GC pause, a CPU-starved moment on a shared machine), so
+    requests close in time are not independent evidence; see ``rollout.decision``.
+
     Latency thresholds roll, in blocks of ``latency_calibration`` baseline requests per period (in log
     order): the requests of both arms logged while block k+1 fills are compared with the
     ``latency_quantile`` of block k's baseline latencies; the first block of a period only calibrates
@@ -186,6 +197,7 @@ class LookBuilder:
         winsor_calibration: int = 1000,
         latency_quantile: float = 0.99,
         latency_calibration: int = 500,
+        latency_window: int = 50,
         winsor: tuple[float, float] | None = None,
         latency_thresholds: dict[str, float] | None = None,
         pooled_variance: bool = True,
@@ -197,6 +209,7 @@ class LookBuilder:
         self.winsor_calibration = winsor_calibration
         self.latency_quantile = latency_quantile
         self.latency_calibration = latency_calibration
+        self.latency_window = max(int(latency_window), 1)
         self.winsor = tuple(winsor) if winsor is not None else None
         self.latency_thresholds = dict(latency_thresholds or {})
         self._periods: dict[int, _Period] = {}
@@ -274,10 +287,24 @@ class LookBuilder:
             end = seg_lat.size if full >= seg_lat.size else full + 1
             seg_arm, seg_lat, is_base = seg_arm[:end], seg_lat[:end], is_base[:end]
             if not math.isnan(p.lat_threshold):
+                # Window of each row: baseline latencies logged before it in the period, // window.
+                before = p.lat_base_seen + np.cumsum(is_base) - is_base
+                win = before // self.latency_window
+                top = int(win[-1]) + 1
+                if top > p.lat_windows.shape[0]:
+                    grow = max(top, 2 * p.lat_windows.shape[0]) - p.lat_windows.shape[0]
+                    p.lat_windows = np.concatenate([p.lat_windows, np.zeros((grow, 4))])
+                lo = int(win[0])
                 for a in (BASELINE, CANARY):
-                    la = seg_lat[seg_arm == a]
+                    sel = seg_arm == a
+                    la = seg_lat[sel]
+                    is_slow = la > p.lat_threshold
                     p.lat_n[a] += int(la.size)
-                    p.slow[a] += int(np.count_nonzero(la > p.lat_threshold))
+                    p.slow[a] += int(np.count_nonzero(is_slow))
+                    w = win[sel] - lo
+                    p.lat_windows[lo:top, 2 * a] += np.bincount(w, minlength=top - lo)
+                    p.lat_windows[lo:top, 2 * a + 1] += np.bincount(w, weights=is_slow, minlength=top - lo)
+            p.lat_base_seen += int(np.count_nonzero(is_base))
             base = seg_lat[is_base]
             if base.size:
                 p.lat_block.append(base)
@@ -376,6 +403,7 @@ class LookBuilder:
                 s2 = ss / (cb.n + cc.n) * kk / (kk - 1.0)
                 vb, vc = s2 / cb.n, s2 / cc.n
             eff, var = mc - mb, vb + vc
+            lat_k, lat_var = _window_variance(p)
             ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES and math.isfinite(var)
                   and var > 0.0)
             if ok:
@@ -386,7 +414,8 @@ class LookBuilder:
                 revision=p.revision, weight=p.weight, units=(p.units[0], p.units[1]),
                 requests=(p.requests[0], p.requests[1]), errors=(p.errors[0], p.errors[1]),
                 latency_n=(p.lat_n[0], p.lat_n[1]), slow=(p.slow[0], p.slow[1]),
-                latency_threshold_ms=p.lat_threshold, matured=(p.matured[0], p.matured[1]),
+                latency_threshold_ms=p.lat_threshold, latency_windows=lat_k, latency_window_var=lat_var,
+                matured=(p.matured[0], p.matured[1]),
                 outcomes=(p.outcomes[0], p.outcomes[1]), mean=(mb, mc), var_of_mean=(vb, vc),
                 effect=eff, variance=var, included=ok))
         if inv_var > 0.0:
@@ -419,3 +448,21 @@ class LookBuilder:
         if kk < 2:
             return math.nan
         return float(np.dot(phi, phi)) * kk / (kk - 1.0)
+
+
+def _window_variance(p: _Period) -> tuple[int, float]:
+    """Cluster-robust variance of a period's slow-share difference (canary − baseline), time windows
+    as the units: Σ_w φ_w² · K/(K−1), φ_w = (slow_c,w − r_c n_c,w)/N_c − (slow_b,w − r_b n_b,w)/N_b.
+    A window's shock that hits both arms cancels in φ_w; one that hits only the canary's replica counts
+    once, not once per request. NaN below two windows with requests, or when an arm has none."""
+    w = p.lat_windows
+    if w.shape[0] == 0:
+        return 0, math.nan
+    w = w[(w[:, 0] + w[:, 2]) > 0]
+    k = int(w.shape[0])
+    n_b, n_c = float(w[:, 0].sum()), float(w[:, 2].sum())
+    if k < 2 or n_b == 0.0 or n_c == 0.0:
+        return k, math.nan
+    r_b, r_c = float(w[:, 1].sum()) / n_b, float(w[:, 3].sum()) / n_c
+    phi = (w[:, 3] - r_c * w[:, 2]) / n_c - (w[:, 1] - r_b * w[:, 0]) / n_b
+    return k, float(np.dot(phi, phi)) * k / (k - 1.0)

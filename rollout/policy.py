@@ -41,6 +41,8 @@ class RolloutPolicy:
     latency_tau: float = 0.1
     latency_quantile: float = 0.99
     latency_calibration: int = 500
+    latency_window: int = 50
+    latency_min_windows: int = 10
     srm_alpha: float = 0.001
     srm_tau: float = 0.02
     coverage_tau: float = 0.05
@@ -81,6 +83,8 @@ class RolloutPolicy:
             raise ValueError("point_mass must be in [0, 1]")
         if self.outcome_delay_s < 0.0:
             raise ValueError("outcome_delay_s must be >= 0")
+        if self.latency_calibration < 1 or self.latency_window < 1 or self.latency_min_windows < 0:
+            raise ValueError("latency_calibration and latency_window must be >= 1, latency_min_windows >= 0")
         if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:
             raise ValueError("winsor_quantile must be in [0, 0.5)")
 
@@ -121,4 +125,5 @@ class RolloutPolicy:
     def builder_options(self) -> dict[str, Any]:
         """The LookBuilder settings this policy implies."""
         return {"winsor_quantile": self.winsor_quantile, "winsor_calibration": self.winsor_calibration,
-                "latency_quantile": self.latency_quantile, "latency_calibration": self.latency_calibration}
+                "latency_quantile": self.latency_quantile, "latency_calibration": self.latency_calibration,
+                "latency_window": self.latency_window}

@@ -57,6 +57,10 @@ class Scenario:
     slow_share: float = 0.0  # share of requests (both arms) that are slow_factor x slower
     slow_factor: float = 5.0
     canary_latency_factor: float = 1.0
+    stall_s: float = 0.0  # each arm's replica stalls on its own: slots of this length ...
+    stall_prob: float = 0.0  # ... each stalled with this probability (requests in it slow_factor x slower)
+    cold_s: float = 0.0  # the canary's replica is cold for this long after the canary starts ...
+    cold_factor: float = 1.0  # ... and its requests are this much slower meanwhile
     canary_fails: bool = False
     step_at: float | None = None  # operator step at this fraction of the run ...
     step_to: int = 50  # ... to this canary weight ...
@@ -76,6 +80,10 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
              keys=5000, icc=0.05),
     Scenario("aa-errors", "aa", "A/A, 2 % errors in both arms", error_rate=0.02),
     Scenario("aa-latency", "aa", "A/A, 1.5 % of requests 5x slower in both arms", slow_share=0.015),
+    Scenario("aa-bursts", "aa", "A/A, each arm's replica stalls on its own (1 s slots, 1 % stalled, 5x "
+             "slower): slow requests come in bursts", stall_s=1.0, stall_prob=0.01),
+    Scenario("aa-cold", "aa", "A/A, the canary's new replica is 4x slower for its first 15 s (warm-up)",
+             cold_s=15.0, cold_factor=4.0),
     Scenario("aa-step", "aa", "A/A, split 10 -> 50 % while the base rate moves 0.60 -> 0.50",
              p=0.6, step_at=0.5, step_to=50, p_after_step=0.5),
     Scenario("aa-delayed", "aa", "A/A, outcomes delayed (mean 60 s successes, 20 s failures; window 120 s)",
@@ -126,6 +134,10 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
         lat = np.where(rng.random(n) < sc.slow_share, lat * sc.slow_factor, lat)
     err = rng.random(n) < sc.error_rate if sc.error_rate else np.zeros(n, dtype=bool)
     delay_draw = rng.exponential(1.0, n)
+    stalled = None
+    if sc.stall_prob:  # drawn last, so the other scenarios' random streams are unchanged
+        slots = int(t[-1] // sc.stall_s) + 1
+        stalled = rng.random((2, slots)) < sc.stall_prob
     window = policy.outcome_delay_s
 
     builder = LookBuilder(policy.metric, **policy.builder_options())
@@ -158,6 +170,10 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
         f = err[sl] | ((a == 1) & sc.canary_fails)
         failed[sl] = f
         la = lat[sl] * np.where(a == 1, sc.canary_latency_factor, 1.0)
+        if stalled is not None:
+            la = la * np.where(stalled[a, (t[sl] // sc.stall_s).astype(np.int64)], sc.slow_factor, 1.0)
+        if sc.cold_s:
+            la = la * np.where((a == 1) & (t[sl] < sc.cold_s), sc.cold_factor, 1.0)
         la = np.where((a == 1) & sc.canary_fails, np.nan, la)
         pc = sc.p_canary if sc.p_canary is not None else None
         if sc.heavy_tail:

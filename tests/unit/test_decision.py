@@ -143,17 +143,22 @@ def test_canary_failing_every_request_is_rolled_back_without_outcomes():
 
 
 def test_latency_guardrail_tests_the_share_slower_than_the_baseline_p99():
+    """Arms interleaved in log order (90 + 10 requests per batch, 30 batches) as live traffic is: the
+    first 500 baseline requests calibrate, the rest fall into 22 time windows of 50 baseline requests."""
     rng = np.random.default_rng(3)
-    f = Feed()
-    f.rows(1, 10, _binary(900, 0.5, 1), _binary(100, 0.5, 2), lat_b=np.exp(rng.normal(1.6, 0.35, 900)),
-           lat_c=2 * np.exp(rng.normal(1.6, 0.35, 100)))
-    d, _ = look(POLICY, f.data(10))
+
+    def feed(factor: float) -> Feed:
+        f = Feed()
+        for i in range(30):
+            f.rows(1, 10, _binary(90, 0.5, i), _binary(10, 0.5, 100 + i),
+                   lat_b=np.exp(rng.normal(1.6, 0.35, 90)), lat_c=factor * np.exp(rng.normal(1.6, 0.35, 10)))
+        return f
+
+    d, _ = look(POLICY, feed(2.0).data(10))
     assert d.action == "rollback" and d.guardrail == "latency"
     assert d.periods[0]["latency_threshold_ms"] > 0 and d.p_latency <= POLICY.resolved_guardrail_alpha
-    same = Feed()
-    same.rows(1, 10, _binary(900, 0.5, 1), _binary(100, 0.5, 2), lat_b=np.exp(rng.normal(1.6, 0.35, 900)),
-              lat_c=np.exp(rng.normal(1.6, 0.35, 100)))
-    assert look(POLICY, same.data(10))[0].guardrail is None
+    assert d.periods[0]["latency_windows"] >= POLICY.latency_min_windows
+    assert look(POLICY, feed(1.0).data(10))[0].guardrail is None
 
 
 def test_sample_ratio_mismatch_holds_and_never_promotes():

@@ -72,3 +72,55 @@ def test_a_a_shares_match_under_a_latency_drift() -> None:
     feed(b, arm, lat, chunks=120)
     (nb, nc), (sb, sc), _ = counts(b)
     assert abs(sc / nc - sb / nb) < 0.01, (sb / nb, sc / nc)
+
+
+def _latency_verdict(arm: np.ndarray, lat: np.ndarray, policy=None):  # noqa: ANN001, ANN202
+    from rollout.decision import look
+    from rollout.policy import RolloutPolicy
+
+    policy = policy or RolloutPolicy()
+    b = LookBuilder("success_rate", **policy.builder_options())
+    feed(b, arm, lat, chunks=40)
+    d, _ = look(policy, b.data(10))
+    return d.guardrails[1]
+
+
+def test_a_burst_of_slow_canary_requests_is_one_window_not_hundreds_of_requests() -> None:
+    """The canary's replica stalls for ~3 windows (150 of its requests 10x slower, a few seconds of a
+    CPU-starved or warming replica on a shared machine), otherwise A/A. Counted per request (binomial
+    variance) that is overwhelming evidence and a rollback; over time windows it is three windows among
+    ~390 and not a rollback. The window-free rule (latency_window larger than the traffic) still breaches:
+    this test fails on the rule before time windows."""
+    from rollout.policy import RolloutPolicy
+
+    arm, lat = traffic(40_000, seed=5)
+    canary_idx = np.flatnonzero(arm == 1)
+    burst = canary_idx[(canary_idx > 10_000)][:150]
+    lat[burst] *= 10.0
+    assert not _latency_verdict(arm, lat).breached
+    assert _latency_verdict(arm, lat, RolloutPolicy(latency_window=10**9, latency_min_windows=0)).breached
+
+
+def test_a_sustained_slowdown_is_breached_and_window_variance_is_order_independent() -> None:
+    arm, lat = traffic(20_000, seed=6, canary_factor=2.0)
+    g = _latency_verdict(arm, lat)
+    assert g.breached and g.observed > 0.2, g
+    whole, pieces = LookBuilder("success_rate"), LookBuilder("success_rate")
+    feed(whole, arm, lat)
+    feed(pieces, arm, lat, chunks=53)
+    a, b = whole.data(10).periods[0], pieces.data(10).periods[0]
+    assert (a.latency_windows, a.latency_window_var) == (b.latency_windows, b.latency_window_var)
+    assert a.latency_windows > 300
+
+
+def test_the_guardrail_waits_for_enough_windows() -> None:
+    """A canary 4x slower from the start, but only 9 windows after calibration: a replica's warm-up
+    looks exactly like this, so nothing is decided until the windows can show whether it persists."""
+    from rollout.policy import RolloutPolicy
+
+    policy = RolloutPolicy()
+    arm, lat = traffic(20_000, seed=7, canary_factor=4.0)
+    base_before = np.cumsum(arm == 0) - (arm == 0)
+    cut = int(np.searchsorted(base_before, BLOCK + (policy.latency_min_windows - 1) * policy.latency_window))
+    assert not _latency_verdict(arm[:cut], lat[:cut]).breached
+    assert _latency_verdict(arm[: cut + 200], lat[: cut + 200]).breached
