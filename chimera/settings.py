@@ -13,7 +13,9 @@ Sections and who reads them:
                 keepalives, pool, SQLite busy)                        every registry engine
     auth        CHIMERA_ADMIN_TOKEN, CHIMERA_PREDICT_TOKEN, CHIMERA_OUTCOMES_TOKEN, CHIMERA_ACTOR (else USER)
                                                                       gateway (checks), clients (send)
-    ray         RAY_ADDRESS, CHIMERA_RAY_NUM_CPUS, CHIMERA_REPLICA_NUM_CPUS
+    ray         RAY_ADDRESS, CHIMERA_RAY_NUM_CPUS, CHIMERA_REPLICA_NUM_CPUS,
+                CHIMERA_REPLICAS_MIN/_MAX, CHIMERA_REPLICA_TARGET_ONGOING,
+                CHIMERA_REPLICA_UPSCALE_DELAY_S/_DOWNSCALE_DELAY_S/_LOOK_BACK_S     replicas a gateway deploys
     tls         CHIMERA_TLS_CERT, CHIMERA_TLS_KEY, CHIMERA_TLS_CLIENT_CA           the gateway's side
     client_tls  CHIMERA_TLS_CA, CHIMERA_TLS_CLIENT_CERT, CHIMERA_TLS_CLIENT_KEY,
                 CHIMERA_TLS_SERVER_NAME                               how the CLI and loadtest dial
@@ -183,12 +185,67 @@ class AuthSettings:
 
 # ------------------------------------------------------------------------------------ Ray
 @dataclass(frozen=True)
+class ReplicaScaling:
+    """How many replicas each version's application runs. `min_replicas == max_replicas`: that many,
+    fixed (the default: one). Otherwise Ray Serve autoscales between them on the requests each replica
+    has in flight (`target_ongoing_requests` per replica), waiting `upscale_delay_s` before adding and
+    `downscale_delay_s` before removing replicas, over `look_back_s` of metrics (Ray Serve's own
+    autoscaler: a replica being removed finishes its requests first). Ray's defaults for the delays."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
+            raise ValueError(f"replicas: need 1 <= CHIMERA_REPLICAS_MIN ({self.min_replicas}) <= "
+                             f"CHIMERA_REPLICAS_MAX ({self.max_replicas})")
+        if not self.target_ongoing_requests > 0:
+            raise ValueError(f"CHIMERA_REPLICA_TARGET_ONGOING: {self.target_ongoing_requests} must be > 0")
+        if min(self.upscale_delay_s, self.downscale_delay_s, self.look_back_s) < 0:
+            raise ValueError("CHIMERA_REPLICA_*_DELAY_S / _LOOK_BACK_S must be >= 0")
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+    def serve_options(self) -> dict[str, object]:
+        """The Ray Serve deployment options: a fixed `num_replicas`, or an `autoscaling_config`."""
+        if not self.autoscaled:
+            return {"num_replicas": self.min_replicas}
+        return {"autoscaling_config": {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_s, "metrics_interval_s": min(10.0, self.look_back_s or 10.0),
+        }}
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> ReplicaScaling:
+        e = _env(env)
+        low = _parsed(e, "CHIMERA_REPLICAS_MIN", int, 1, "a whole number of replicas")
+        return cls(
+            min_replicas=low,
+            max_replicas=_parsed(e, "CHIMERA_REPLICAS_MAX", int, low, "a whole number of replicas"),
+            target_ongoing_requests=_parsed(e, "CHIMERA_REPLICA_TARGET_ONGOING", float, 2.0, "a number"),
+            upscale_delay_s=_parsed(e, "CHIMERA_REPLICA_UPSCALE_DELAY_S", float, 30.0, "seconds"),
+            downscale_delay_s=_parsed(e, "CHIMERA_REPLICA_DOWNSCALE_DELAY_S", float, 600.0, "seconds"),
+            look_back_s=_parsed(e, "CHIMERA_REPLICA_LOOK_BACK_S", float, 30.0, "seconds"),
+        )
+
+
+@dataclass(frozen=True)
 class RaySettings:
-    """RAY_ADDRESS (None: start a local Ray with `num_cpus`); CPUs reserved per model replica."""
+    """RAY_ADDRESS (None: start a local Ray with `num_cpus`); CPUs reserved per model replica; how many
+    replicas each version runs (`scaling`)."""
 
     address: str | None = None
     num_cpus: int = DEFAULT_RAY_NUM_CPUS
     replica_num_cpus: float = DEFAULT_REPLICA_NUM_CPUS
+    scaling: ReplicaScaling = field(default_factory=ReplicaScaling)
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RaySettings:
@@ -198,6 +255,7 @@ class RaySettings:
             num_cpus=_parsed(e, "CHIMERA_RAY_NUM_CPUS", int, DEFAULT_RAY_NUM_CPUS, "a whole number of CPUs"),
             replica_num_cpus=_parsed(e, "CHIMERA_REPLICA_NUM_CPUS", float, DEFAULT_REPLICA_NUM_CPUS,
                                      "a number of CPUs"),
+            scaling=ReplicaScaling.from_env(e),
         )
 
 

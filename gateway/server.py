@@ -30,11 +30,13 @@ from chimera.settings import (
     DEFAULT_SPILL_MAX_BYTES,
     DEFAULT_TRACES_EXPORTER,
     AuthSettings,
+    ReplicaScaling,
     Settings,
     TlsSettings,
 )
 from chimera.tracing import Tracing
 from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from gateway.api import oip
 from gateway.api.auth import AdminAuth, TokenAuth
 from gateway.api.prediction import PredictionServicer
 from gateway.api.rollout import RolloutServicer
@@ -62,6 +64,7 @@ MAX_PENDING_CALLS = 50_000  # calls grpc core holds for the event loop: a few KB
 SERVICE_NAMES = (
     prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+    oip.SERVICE.full_name,  # the Open Inference Protocol v2
 )
 
 
@@ -78,6 +81,7 @@ class GatewayConfig:
     metrics_port: int | None = None
     admin_token: str | None = field(default=AuthSettings.admin_token, repr=False)
     replica_cpus: float = DEFAULT_REPLICA_NUM_CPUS
+    replica_scaling: ReplicaScaling = field(default_factory=ReplicaScaling)  # fixed, or Serve autoscaling
     batch: BatchConfig = field(default_factory=BatchConfig)
     spill_dir: Path = Path(".chimera")
     poll_interval_s: float = 0.25
@@ -122,6 +126,7 @@ class GatewayConfig:
             "outcomes_token": settings.auth.outcomes_token,
             "max_concurrent_calls": settings.gateway.max_concurrent_calls,
             "replica_cpus": settings.ray.replica_num_cpus,
+            "replica_scaling": settings.ray.scaling,
             "log_features_sample": settings.gateway.log_features_sample,
             "spill_max_bytes": settings.gateway.spill_max_bytes,
             "promotion_loadtest_max_age_s": settings.rollout.promotion_loadtest_max_age_s,
@@ -146,7 +151,8 @@ class Gateway:
         self.version_health = VersionHealth(metrics=self.metrics)
         self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,
                                 observer_factory=self.metrics.observer, health=self.version_health,
-                                tracer=self.tracing.tracer, traces_exporter=self.tracing.exporter)
+                                tracer=self.tracing.tracer, traces_exporter=self.tracing.exporter,
+                                scaling=config.replica_scaling)
         self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill",
                                  spill_max_bytes=config.spill_max_bytes)
         self.outcomes = OutcomeLog(self.registry, Path(config.spill_dir) / f"outcomes-{config.port}.spill",
@@ -225,6 +231,9 @@ class Gateway:
                                  on_change=self.watcher.sync_model), server,
                  rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight,
                  admission=self.admission)
+        register(oip.add_to_server, oip.InferenceServicer(self.predictor, self.auth, self.metrics,
+                                                          self.health, self.failed_models),
+                 server, oip.SERVICE, self.predict_auth, self.inflight, self.admission)
         inflight = self.inflight
         for method in inflight:  # read at scrape time: the request path only bumps an int
             self.metrics.inflight.labels(method).set_function(lambda m=method: inflight[m])

@@ -40,6 +40,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from chimera.settings import ReplicaScaling
 from replicas.scorer import OnnxScorer
 
 log = logging.getLogger(__name__)
@@ -176,14 +177,16 @@ def fingerprint(*parts: Any) -> str:
 
 
 def version_app(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
-                num_replicas: int = 1, traces_exporter: str = "none") -> Application:
+                scaling: ReplicaScaling | None = None, traces_exporter: str = "none") -> Application:
     """The Ray Serve application of one version (not deployed). The registry URL goes in without its
-    password (`actor_registry_url`); `user_config` carries the fingerprint (module docstring)."""
+    password (`actor_registry_url`); `user_config` carries the fingerprint (module docstring);
+    `scaling`: a fixed replica count or Ray Serve's autoscaler (chimera.settings.ReplicaScaling)."""
     args = (actor_registry_url(registry_url), model, version, traces_exporter)
+    replicas = (scaling or ReplicaScaling()).serve_options()
     return VersionReplica.options(
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
-        num_replicas=num_replicas,
-        user_config={"fingerprint": fingerprint(args, num_cpus, num_replicas)},
+        user_config={"fingerprint": fingerprint(args, num_cpus, replicas)},
+        **replicas,
     ).bind(*args)
 
 
@@ -216,10 +219,10 @@ def _running_fingerprint(name: str, *, timeout_s: float = 120.0, poll_s: float =
 
 
 def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
-                   num_replicas: int = 1, traces_exporter: str = "none") -> DeploymentHandle:
+                   scaling: ReplicaScaling | None = None, traces_exporter: str = "none") -> DeploymentHandle:
     """Use the version's application if one runs with the same fingerprint (another gateway deployed
     it), else deploy it; either way wait until it is ready."""
-    app = version_app(registry_url, model, version, num_cpus=num_cpus, num_replicas=num_replicas,
+    app = version_app(registry_url, model, version, num_cpus=num_cpus, scaling=scaling,
                       traces_exporter=traces_exporter)
     name = app_name(model, version)
     wanted = app._bound_deployment._deployment_config.user_config["fingerprint"]

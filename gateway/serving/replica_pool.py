@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from opentelemetry.trace import SpanKind, Tracer
 
+from chimera.settings import ReplicaScaling
 from chimera.tracing import current_carrier
 from gateway.serving.batcher import BatchObserver, MicroBatcher
 from gateway.serving.errors import UnavailableError
@@ -63,8 +64,9 @@ class ReplicaPool:
     def __init__(self, registry_url: str, *, replica_cpus: float = 0.25, batch: BatchConfig | None = None,
                  observer_factory: Callable[[str, int], BatchObserver] | None = None,
                  health: VersionHealth | None = None, tracer: Tracer | None = None,
-                 traces_exporter: str = "none") -> None:
+                 traces_exporter: str = "none", scaling: ReplicaScaling | None = None) -> None:
         self.registry_url = registry_url
+        self.scaling = scaling or ReplicaScaling()  # replicas per version (fixed, or autoscaled by Serve)
         self.health = health or VersionHealth()
         self.replica_cpus = replica_cpus
         self.batch = batch or BatchConfig()
@@ -98,7 +100,7 @@ class ReplicaPool:
             log.info("using the declared application for %s v%d as it is", model, version)
             return
         log.info("deploying replicas for %s v%d", model, version)
-        deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus,
+        deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus, scaling=self.scaling,
                        traces_exporter=self.traces_exporter)
 
     def is_ready(self, model: str, version: int) -> bool:

@@ -675,6 +675,12 @@ def test_k8s_rayservice() -> None:
     # The operator deploys serveConfigV2 through the dashboard: it listens on the pod network, and the
     # NetworkPolicy (test_k8s_network_policy) lets only the operator reach it.
     assert rc["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # The production version autoscales (issue 16); a valid Ray Serve autoscaling config.
+    from ray.serve.config import AutoscalingConfig
+
+    scorer = serve_config()["applications"][0]["deployments"][0]
+    auto = AutoscalingConfig(**scorer["autoscaling_config"])
+    assert "num_replicas" not in scorer and 1 <= auto.min_replicas < auto.max_replicas
     assert rc["workerGroupSpecs"] and all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
                                           for g in rc["workerGroupSpecs"])
     head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -754,6 +760,12 @@ def test_k8s_gateway_statefulset() -> None:
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == rs["spec"]["rayClusterConfig"][
         "authOptions"]["secretName"]
     assert env["RAY_AUTH_MODE"]["value"] == "token"  # decided, like the RayService's authOptions
+    # Versions the gateway deploys itself autoscale; the settings parse (chimera.settings.ReplicaScaling).
+    from chimera.settings import ReplicaScaling
+
+    names = ("CHIMERA_REPLICAS_MIN", "CHIMERA_REPLICAS_MAX")
+    scaling = ReplicaScaling.from_env({k: env[k]["value"] for k in names})
+    assert scaling.autoscaled
     host, port = env["RAY_ADDRESS"]["value"].split(":")
     assert host == f"{rs['metadata']['name']}-head-svc" and int(port) == 6379  # KubeRay's head Service
     # TLS from the chimera-gateway-tls Secret, so no --insecure: chimera serve refuses plaintext + tokens.
