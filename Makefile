@@ -4,6 +4,11 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTOS  := $(wildcard protos/chimera/v1/*.proto)
+# The Open Inference Protocol's proto keeps its package (`inference`); its stubs go beside Chimera's
+# (chimera/v1/grpc_predict_v2_pb2*.py) by mapping its directory there.
+OIP     := protos/inference/grpc_predict_v2.proto
+OIPGEN  := $(BIN)/python -m grpc_tools.protoc -Ichimera/v1=protos/inference --python_out=. --pyi_out=. \
+	--grpc_python_out=. $(OIP)
 STUBS   := chimera/v1/prediction_pb2.py
 
 .PHONY: install proto demo test acceptance lint bench sysdeps clean
@@ -16,12 +21,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) $(STUBS)
 
-$(STUBS): $(PROTOS) $(STAMP)
+$(STUBS): $(PROTOS) $(OIP) $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(OIPGEN)
 	touch $(STUBS)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(OIPGEN)
 
 # Debian packages the test suite drives for real: PostgreSQL server, Prometheus (+ promtool) and the Go
 # toolchain with grpc-go/protobuf sources and protoc plugins (the Go client is built offline in GOPATH mode).

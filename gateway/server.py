@@ -36,6 +36,7 @@ from chimera.settings import (
 )
 from chimera.tracing import Tracing
 from chimera.v1 import prediction_pb2, prediction_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from gateway.api import oip
 from gateway.api.auth import AdminAuth, TokenAuth
 from gateway.api.prediction import PredictionServicer
 from gateway.api.rollout import RolloutServicer
@@ -63,6 +64,7 @@ MAX_PENDING_CALLS = 50_000  # calls grpc core holds for the event loop: a few KB
 SERVICE_NAMES = (
     prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+    oip.SERVICE.full_name,  # the Open Inference Protocol v2
 )
 
 
@@ -229,6 +231,9 @@ class Gateway:
                                  on_change=self.watcher.sync_model), server,
                  rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight,
                  admission=self.admission)
+        register(oip.add_to_server, oip.InferenceServicer(self.predictor, self.auth, self.metrics,
+                                                          self.health, self.failed_models),
+                 server, oip.SERVICE, self.predict_auth, self.inflight, self.admission)
         inflight = self.inflight
         for method in inflight:  # read at scrape time: the request path only bumps an int
             self.metrics.inflight.labels(method).set_function(lambda m=method: inflight[m])
