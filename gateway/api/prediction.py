@@ -124,13 +124,14 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 check_texts("matrix.request_ids", ids)
                 check_texts("matrix.routing_keys", keys)
                 batch: Any = PackedRows.from_f32(m.f32, m.cols, keys, ids)
-                pinned = m.version
+                pinned, columns = m.version, None
             else:
-                batch, pinned = rows, batch_pin(rows, model)
-                check_rows(rows)
+                batch = list(rows)  # one wrapper per row, made once: every pass below reads the list
+                pinned = batch_pin(batch, model)
+                columns = check_rows(batch)
             if pinned:
                 self.auth.actor(context)
-            result = await self.predictor.submit_many(model, batch, pinned, _remaining(context))
+            result = await self.predictor.submit_many(model, batch, pinned, _remaining(context), columns)
         except Exception as exc:
             await self._fail(context, "PredictBatch", model, exc, t0)
             raise
@@ -165,9 +166,15 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             request: pb.PredictRequest = flight.tag
             if r is not None:
                 observe("PredictStream", request.model, r.version, "OK", flight.started)
-                prediction = pb.PredictResponse(request_id=r.request_id, model=request.model,
-                                                version=r.version, score=r.score)
-                out.put_nowait(pb.PredictStreamResponse(request_id=r.request_id, prediction=prediction))
+                # Fields set in place: a PredictResponse passed to the constructor would be copied
+                # (about twice the cost per row).
+                response = pb.PredictStreamResponse(request_id=r.request_id)
+                prediction = response.prediction
+                prediction.request_id = r.request_id
+                prediction.model = request.model
+                prediction.version = r.version
+                prediction.score = r.score
+                out.put_nowait(response)
             elif exc is not None:
                 out.put_nowait(self._row_error("PredictStream", request, exc, flight.started))
             # A finished row moves from `outstanding` to `out`: the reader's bound (their sum) is

@@ -279,15 +279,19 @@ class Predictor:
 
     # ------------------------------------------------------------------ many rows
     async def submit_many(self, model: str, rows: Sequence[RequestLike], pinned: int = 0,
-                          timeout: float | None = None) -> ScoredBatch:
+                          timeout: float | None = None,
+                          columns: tuple[list[str], list[str]] | None = None) -> ScoredBatch:
         """Score a batch. Rows are routed one by one (on their own routing keys), grouped per version,
         and each group is one batcher item. `rows` may be chimera.v1.PredictRequest messages as they
         came, or a PackedRows matrix. Projection, validation, scoring and logging work on whole
-        matrices."""
+        matrices. `columns`: the rows' (routing keys, request ids) when the caller has read them
+        already (gateway.api.validate.check_rows does), so protobuf is not read twice."""
         started = time.perf_counter()
         entry = self.catalog.get(model)
         if isinstance(rows, PackedRows):
             keys, ids = rows.routing_keys, rows.request_ids
+        elif columns is not None:
+            keys, ids = columns
         else:
             keys = list(map(_routing_key, rows))
             ids = list(map(_request_id, rows))
