@@ -190,8 +190,11 @@ class OutcomeLog:
             for _ in range(3):  # bounded: outcomes keep arriving while the database is slow
                 if not self.has_spill:
                     return True
-                if self.flush_predictions is not None:
-                    self.flush_predictions()  # predictions queued in memory go first (stored or spilled)
+                # Predictions queued in memory go first (stored or spilled); if the log could not finish
+                # (its writer busy or stuck), an outcome's prediction may still be in memory: next time,
+                # so it is not taken for an unknown id.
+                if self.flush_predictions is not None and self.flush_predictions() is False:
+                    return False
                 if self.predictions_pending():
                     return False  # their predictions are still in the prediction spill: next time
                 kept = self._replay_once()

@@ -36,9 +36,11 @@ from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from registry import Registry
 from registry.models import Outcome, Prediction
 from tests.harness import free_port, small_onnx, wait_for
+from tests.integration.test_spill_durability import tiny_disk
 from tests.pg import PostgresServer
 
 GATEWAY = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+__all__ = ["tiny_disk"]  # the fixture (a real 256 KiB tmpfs), imported for pytest
 FEATURES = [0.1, 0.2, 0.3, 0.4]
 HUNG_S = 30.0
 PREDICT_P99_BOUND_S = 1.0  # README, Failure modes: Predict while PostgreSQL hangs
@@ -393,3 +395,68 @@ def test_outcome_intake_waits_a_bounded_time_on_a_hung_database(tmp_path: Path) 
     release2.set()
     log.stop(timeout=10, stall_s=1.0)
     reg.dispose()
+
+
+@GATEWAY[0]
+@GATEWAY[1]
+def test_full_spill_disk_on_a_live_gateway_is_resource_exhausted_and_loses_nothing(
+        own_postgres: PostgresServer, tiny_disk: Path) -> None:
+    """The spill directory on a real 256 KiB tmpfs and PostgreSQL stopped: Predict and RecordOutcome are
+    answered OK until the disk is full, then RESOURCE_EXHAUSTED naming the spill (never INTERNAL, and a
+    refused Predict is not logged); when the database is back every prediction answered OK is stored,
+    and every accepted outcome too. (test_spill_durability.py checks the log alone on the same disk.)"""
+    from tests.harness import GatewayThread
+
+    url = own_postgres.create_database()
+    model = publish(url)
+    gw = GatewayThread(url, tiny_disk, controller_interval_s=0).start()
+    answered: list[str] = []
+    outcomes_ok: dict[str, float] = {}
+    codes: dict[str, int] = {}
+    paused = False
+    try:
+        gw.predict.Predict(pb.PredictRequest(model=model, request_id="warm", dense=FEATURES), timeout=30)
+        answered.append("warm")
+        assert gw.gateway.log.flush()
+        own_postgres.pause()
+        paused = True
+        refused_predict = refused_outcome = 0
+        for i in range(20_000):
+            rid = f"d-{i}"
+            try:
+                gw.predict.Predict(pb.PredictRequest(model=model, request_id=rid, dense=FEATURES), timeout=30)
+                answered.append(rid)
+            except grpc.RpcError as exc:
+                codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), exc.details())
+                assert "spill" in (exc.details() or ""), exc.details()
+                refused_predict += 1
+            try:
+                outcome = pb.RecordOutcomeRequest(request_id=answered[-1], value=1.0)
+                gw.predict.RecordOutcome(outcome, timeout=30)
+                outcomes_ok[answered[-1]] = 1.0
+            except grpc.RpcError as exc:
+                codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), exc.details())
+                refused_outcome += 1
+            if refused_predict > 20 and refused_outcome > 20:
+                break
+        print(f"full disk: {len(answered)} answered, refused {refused_predict} Predicts and "
+              f"{refused_outcome} outcomes, codes {codes}")
+        assert refused_predict > 20 and refused_outcome > 20, codes
+        assert set(codes) == {"RESOURCE_EXHAUSTED"}, codes
+        own_postgres.resume()
+        paused = False
+
+        def complete() -> bool:
+            counts, outcomes = stored(url, model)
+            return set(answered) <= counts.keys() and outcomes_ok.keys() <= outcomes.keys()
+
+        wait_for(complete, 120, "every answered prediction and accepted outcome in the database")
+        counts, outcomes = stored(url, model)
+        assert set(counts) == set(answered) and all(n == 1 for n in counts.values())
+        assert {rid: outcomes[rid] for rid in outcomes_ok} == outcomes_ok
+    finally:
+        if paused:
+            own_postgres.resume()
+        gw.stop()
