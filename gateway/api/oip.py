@@ -167,6 +167,8 @@ def _scoring_version(entry: ModelEntry) -> int:
     weights = entry.router.weights
     if weights:
         return max(weights, key=lambda v: (weights[v], v))
+    if not entry.schemas:
+        raise NotFoundError(f"version: model {entry.name!r} has no versions yet")
     return max(entry.schemas)
 
 

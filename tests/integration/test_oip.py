@@ -5,12 +5,12 @@ product's venv: ../shared/FACTS.md). A small client script runs in a subprocess 
 Python and reports JSON; the assertions run here, against the registry and Predict.
 
 On SQLite and PostgreSQL, one gateway, a 90/10 split of two versions that score differently:
-ServerLive/Ready/Metadata, ModelReady, ModelMetadata (the tensors README documents), ModelInfer of
-2,000 rows with one routing key per row (the BYTES input) and a single row with the `routing_key` and
-`request_id` parameters; scores and versions equal Predict's for the same rows and keys; the canary's
-share is within a binomial tolerance; every answered row is logged once and outcomes recorded with
-the returned request ids join to them; a pinned version needs the admin token; bad tensors get
-INVALID_ARGUMENT naming the field, an unknown model NOT_FOUND."""
+ServerLive/Ready/Metadata, ModelReady, ModelMetadata (the tensors README documents), the service in
+health and reflection, ModelInfer of 2,000 rows with one routing key per row (the BYTES input) and a
+single row with the `routing_key` and `request_id` parameters; scores and versions equal Predict's
+for the same rows and keys; the canary's share is within a binomial tolerance; every answered row is
+logged once and outcomes recorded with the returned request ids join to them; a pinned version needs
+the admin token; bad tensors get INVALID_ARGUMENT naming the field, an unknown model NOT_FOUND."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
@@ -235,6 +237,14 @@ def test_tritonclient_scores_like_predict_on_a_90_10_split(served, triton_python
                                      "admin_token": ADMIN_TOKEN})
 
     assert out["live"] is True and out["ready"] is True
+    # Listed by reflection and health like Chimera's own services (grpc clients and load balancers).
+    health = health_pb2_grpc.HealthStub(gw.channel).Check(
+        health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    listed = reflection_pb2_grpc.ServerReflectionStub(gw.channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    assert "inference.GRPCInferenceService" in {x.name for r in listed
+                                                for x in r.list_services_response.service}
     assert out["server"]["name"] == "chimera"
     assert out["model_ready"] is True and out["unknown_ready"] is False
     meta = out["metadata"]
