@@ -40,6 +40,11 @@ protoc -I "$root/protos" \
   --go_out=paths=source_relative:"$gen" \
   --go-grpc_out=paths=source_relative:"$gen" \
   "$root"/protos/chimera/v1/*.proto
+# The Open Inference Protocol's proto, at its go_package path (.../gen/go/inference).
+protoc -I "$root/protos" \
+  --go_out=paths=source_relative:"$gen" \
+  --go-grpc_out=paths=source_relative:"$gen" \
+  "$root"/protos/inference/grpc_predict_v2.proto
 cp "$here"/*.go "$app/"
 
 # Offline: no module proxy, no network. Keep the build cache when HOME is set (faster rebuilds).

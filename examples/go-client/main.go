@@ -4,15 +4,22 @@
 //	chimera-go-client -target 127.0.0.1:50051 -model signal-confidence \
 //	    -features f0=0.1,f1=-0.3,f2=1.2,f3=0.4 -routing-key user-42 -batch 3 -outcome 1
 //
+// With -oip it speaks the Open Inference Protocol v2 instead (inference.GRPCInferenceService, as a
+// KServe or Triton client would): ServerReady, ModelMetadata, then ModelInfer of one row (the
+// -features values in the order given, which must be the version's schema order) with the routing
+// key and request id as request parameters, then RecordOutcome with the request id it returned.
+//
 // Every result is printed as one line (key=value, or JSON with -json). A failed call prints its gRPC
 // status code and message to stderr and exits 1.
 package main
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math"
 	"os"
 	"sort"
 	"strconv"
@@ -20,6 +27,7 @@ import (
 	"time"
 
 	chimerav1 "github.com/chimera-ml/chimera/gen/go/chimera/v1"
+	"github.com/chimera-ml/chimera/gen/go/inference"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -46,6 +54,83 @@ func parseFeatures(s string) (map[string]float64, error) {
 		return nil, fmt.Errorf("no features given")
 	}
 	return out, nil
+}
+
+// orderedValues returns the values of name=value pairs in the order given (an OIP tensor is dense).
+func orderedValues(s string) []float32 {
+	var out []float32
+	for _, kv := range strings.Split(s, ",") {
+		parts := strings.SplitN(strings.TrimSpace(kv), "=", 2)
+		if len(parts) == 2 {
+			v, _ := strconv.ParseFloat(strings.TrimSpace(parts[1]), 64)
+			out = append(out, float32(v))
+		}
+	}
+	return out
+}
+
+func stringParam(s string) *inference.InferParameter {
+	return &inference.InferParameter{ParameterChoice: &inference.InferParameter_StringParam{StringParam: s}}
+}
+
+// modelInfer scores one row over the Open Inference Protocol and returns its request id, version and
+// score, read from the outputs (raw little-endian contents; BYTES elements carry a 4-byte length).
+func modelInfer(conn *grpc.ClientConn, call func() (context.Context, context.CancelFunc), model string,
+	values []float32, routingKey, requestID string, version int, out printer) string {
+	client := inference.NewGRPCInferenceServiceClient(conn)
+	ctx, cancel := call()
+	ready, err := client.ServerReady(ctx, &inference.ServerReadyRequest{})
+	cancel()
+	if err != nil {
+		fail("ServerReady", err)
+	}
+	ctx, cancel = call()
+	meta, err := client.ModelMetadata(ctx, &inference.ModelMetadataRequest{Name: model})
+	cancel()
+	if err != nil {
+		fail("ModelMetadata", err)
+	}
+	raw := make([]byte, 4*len(values))
+	for i, v := range values {
+		binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(v))
+	}
+	req := &inference.ModelInferRequest{
+		ModelName:  model,
+		Parameters: map[string]*inference.InferParameter{"routing_key": stringParam(routingKey)},
+		Inputs: []*inference.ModelInferRequest_InferInputTensor{
+			{Name: "input", Datatype: "FP32", Shape: []int64{1, int64(len(values))}},
+		},
+		RawInputContents: [][]byte{raw},
+	}
+	if requestID != "" {
+		req.Parameters["request_id"] = stringParam(requestID)
+	}
+	if version != 0 {
+		req.ModelVersion = strconv.Itoa(version)
+	}
+	ctx, cancel = call()
+	resp, err := client.ModelInfer(ctx, req)
+	cancel()
+	if err != nil {
+		fail("ModelInfer", err)
+	}
+	fields := map[string]interface{}{"model": resp.GetModelName(), "ready": ready.GetReady(),
+		"versions": meta.GetVersions(), "width": meta.GetInputs()[0].GetShape()[1]}
+	id := ""
+	for i, o := range resp.GetOutputs() {
+		b := resp.GetRawOutputContents()[i]
+		switch o.GetName() {
+		case "score":
+			fields["score"] = float64(math.Float32frombits(binary.LittleEndian.Uint32(b)))
+		case "version":
+			fields["version"] = int32(binary.LittleEndian.Uint32(b))
+		case "request_id":
+			id = string(b[4 : 4+binary.LittleEndian.Uint32(b)])
+			fields["request_id"] = id
+		}
+	}
+	out.line("ModelInfer", fields)
+	return id
 }
 
 type printer struct{ asJSON bool }
@@ -95,6 +180,7 @@ func main() {
 	timeout := flag.Duration("timeout", 5*time.Second, "deadline of each call")
 	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for the connection")
 	asJSON := flag.Bool("json", false, "print one JSON object per line")
+	oip := flag.Bool("oip", false, "call the Open Inference Protocol's ModelInfer instead of Predict/PredictBatch")
 	flag.Parse()
 
 	if *model == "" {
@@ -126,6 +212,20 @@ func main() {
 			ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+os.Getenv("CHIMERA_ADMIN_TOKEN"))
 		}
 		return ctx, cancel
+	}
+
+	if *oip {
+		id := modelInfer(conn, call, *model, orderedValues(*featuresFlag), *routingKey, *requestID, *version, out)
+		if !*skipOutcome {
+			ctx, cancel := call()
+			_, err = client.RecordOutcome(ctx, &chimerav1.RecordOutcomeRequest{RequestId: id, Value: *outcome})
+			cancel()
+			if err != nil {
+				fail("RecordOutcome", err)
+			}
+			out.line("RecordOutcome", map[string]interface{}{"request_id": id, "value": *outcome, "status": "OK"})
+		}
+		return
 	}
 
 	ctx, cancel := call()

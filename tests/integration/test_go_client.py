@@ -159,6 +159,32 @@ def test_go_client_pinned_version_needs_admin_token(go_client: Path, served) -> 
     assert denied.returncode == 1 and "Predict failed: code=Unauthenticated" in denied.stderr
 
 
+def test_go_client_open_inference_protocol(go_client: Path, served) -> None:
+    """-oip: ServerReady, ModelMetadata and ModelInfer over inference.GRPCInferenceService (the proto in
+    protos/inference, generated for Go like chimera/v1), then RecordOutcome with the returned id."""
+    gw, registry, model, names = served
+    rid = "go-oip-" + uuid.uuid4().hex
+    dense = ",".join(f"{n}={FEATURES[n]}" for n in names)  # the schema's order
+    proc = run_client(go_client, gw.port, "-oip", "-model", model, "-features", dense, "-routing-key",
+                      "go-oip-user", "-request-id", rid, "-outcome", "1", "-timeout", "30s", "-json")
+    assert proc.returncode == 0, proc.stderr
+    lines = parse_json_lines(proc.stdout)
+    assert [ln["call"] for ln in lines] == ["ModelInfer", "RecordOutcome"]
+    infer = lines[0]
+    assert infer["ready"] is True and infer["versions"] == ["1", "2"] and infer["width"] == len(names)
+    assert infer["request_id"] == rid and infer["model"] == model
+    # The same row and key through Predict: same version, same score to float32 rounding.
+    py = gw.predict.Predict(pb.PredictRequest(model=model, routing_key="go-oip-user", features=FEATURES),
+                            timeout=30)
+    assert py.version == infer["version"]
+    assert infer["score"] == pytest.approx(py.score, rel=1e-5, abs=1e-7)
+    assert registry.get_prediction(rid).version == infer["version"]
+    assert lines[1]["request_id"] == rid and lines[1]["status"] == "OK"
+    with pytest.raises(grpc.RpcError) as err:  # the outcome is stored (as 1.0) against the OIP row
+        gw.predict.RecordOutcome(pb.RecordOutcomeRequest(request_id=rid, value=0.0), timeout=30)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
 @pytest.mark.parametrize("args, expected", [
     (("-model", "no-such-model", "-features", FEATURE_ARG), "Predict failed: code=NotFound"),
     (("-features", "f0=1,f1=2,f2=3,bogus=4"), "Predict failed: code=InvalidArgument"),
