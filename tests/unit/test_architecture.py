@@ -48,7 +48,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("gateway records", ("gateway.records.*",)),
     ("gateway serving", ("gateway.serving.*",)),
     ("gateway api", ("gateway.api.*",)),
-    ("gateway process", ("gateway", "gateway.server", "gateway.background")),
+    ("gateway process", ("gateway", "gateway.config", "gateway.server", "gateway.background")),
     ("top", ("chimera.cli.*", "chimera.demo.*", "chimera.__main__")),
 ]
 
