@@ -20,6 +20,20 @@ def postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, for tests that stop or hang it (never the session's shared one);
+    always resumed and stopped at the end, so no hung server is left behind."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        try:
+            server.unfreeze()
+        finally:
+            server.stop()
+
+
 BACKENDS = ["sqlite", "postgresql"]
 
 

@@ -80,6 +80,10 @@ class PostgresServer:
         children = sp.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
         return [postmaster, *map(int, children)]
 
+    def unfreeze(self) -> None:
+        """SIGCONT every process of the server (after a test hung it with SIGSTOP)."""
+        continue_all(self.pids())
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
@@ -99,3 +103,15 @@ class PostgresServer:
             cur.execute(f'CREATE DATABASE "{name}"')
         conn.close()
         return self.url(name)
+
+
+def continue_all(pids: list[int]) -> None:
+    """SIGCONT each pid that still exists (a hung server's processes, or some of them)."""
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

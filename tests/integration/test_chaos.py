@@ -45,21 +45,6 @@ CHAOS_S = float(os.environ.get("CHIMERA_CHAOS_S", "300"))
 FEATURES = [0.1, 0.2, 0.3, 0.4]
 
 
-@pytest.fixture
-def own_postgres():
-    """A PostgreSQL of this test's own: it is stopped and hung here, never the session's shared one."""
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        for pid in server.pids():  # never leave a hung server behind
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        server.stop()
-
-
 class Serve:
     """One `chimera serve` process; restartable on the same spill directory."""
 

@@ -11,9 +11,7 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,21 +31,6 @@ with contextlib.suppress(ImportError):
 
 QUERY_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 2.0
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def server_pids(server: PostgresServer) -> list[int]:
-    postmaster = int((server.datadir / "postmaster.pid").read_text().split()[0])
-    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
-    return [postmaster, *map(int, children)]
 
 
 def registry_for(url: str, **overrides: float) -> Registry:
@@ -74,7 +57,7 @@ def test_hung_postgres_fails_registry_calls_within_the_timeouts(own_postgres: Po
     reg.set_split("m", {1: 100}, expected_revision=0, actor="test")
     assert reg.get_split("m").weights == {1: 100}  # a pooled connection exists, pre-ping included
 
-    pids = server_pids(own_postgres)
+    pids = own_postgres.pids()
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -23,7 +23,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -37,7 +36,7 @@ from registry import Registry
 from registry.models import Outcome, Prediction
 from tests.harness import free_port, small_onnx, wait_for
 from tests.integration.test_spill_durability import tiny_disk
-from tests.pg import PostgresServer
+from tests.pg import PostgresServer, continue_all
 
 GATEWAY = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 __all__ = ["tiny_disk"]  # the fixture (a real 256 KiB tmpfs), imported for pytest
@@ -45,25 +44,6 @@ FEATURES = [0.1, 0.2, 0.3, 0.4]
 HUNG_S = 30.0
 PREDICT_P99_BOUND_S = 1.0  # README, Failure modes: Predict while PostgreSQL hangs
 OUTCOME_BOUND_S = 5.0  # README, Failure modes: the longest a RecordOutcome waits on a hung database
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own: it is hung here, never the session's shared one."""
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        continue_all(server.pids())  # never leave a hung server behind
-        server.stop()
-
-
-def continue_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 def hang(server: PostgresServer) -> list[int]:
