@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 RUNS = int(os.environ.get("CHIMERA_DEMO_RUNS", "1"))
 
 
+@pytest.mark.timeout(450 * RUNS + 150)  # each demo may take up to its own subprocess timeout (420 s)
 def test_demo_runs_every_act_on_its_own_within_five_minutes(tmp_path: Path) -> None:
     """Each of RUNS demos in a row, at the default rollout policy's statistics (the demo only shortens
     the steps): every act as the story says, and the better v3 and the retrained v4 never rolled back.
