@@ -3,8 +3,9 @@ controller's own builder, look() and split arithmetic, for every scenario of iss
 
 Run counts here fit `make test`'s budget (about two minutes on two cores); the 1,000-run table is in
 docs/statistics.md with the command that made it. The cheap scenarios that end early (worse, failing,
-slow canaries) run at or near full count; the A/A scenarios, which run to the 20,000-request horizon,
-at a count where the checks still fail if a rate is grossly off (they are deterministic for a seed)."""
+slow canaries) run at or near full count (the worse canary at 1,000); the A/A scenarios, which run to
+the 20,000-request horizon, at a count where the checks still fail if a rate is grossly off (they are
+deterministic for a seed)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SEED = 2026
 
 
 @pytest.mark.parametrize("name", ["aa", "aa-p10", "aa-rare", "aa-heavy", "aa-sticky", "aa-errors",
-                                  "aa-latency", "aa-step", "aa-delayed"])
+                                  "aa-latency", "aa-bursts", "aa-cold", "aa-step", "aa-delayed"])
 def test_aa_scenarios_neither_roll_back_nor_promote_beyond_alpha(name):
     """40 runs per scenario (the suite's budget): consistent with <= 5 % (the Wilson interval reaches
     below 5 %) and far from the rates the issue measured before (8.7 % to 97 %). The 1,000-run
@@ -26,13 +27,19 @@ def test_aa_scenarios_neither_roll_back_nor_promote_beyond_alpha(name):
     r = simulate(name, 40, seed=SEED)
     assert r["rollback"]["ci_low"] <= 0.05 and r["promotion"]["ci_low"] <= 0.05, r
     assert r["rollback"]["rate"] <= 0.10 and r["promotion"]["rate"] <= 0.10, r
+    if name in ("aa-latency", "aa-bursts", "aa-cold"):  # latency noise, bursts, a cold canary replica
+        assert "latency" not in r["rollbacks_by"], r
 
 
 def test_five_point_worse_canary_is_rolled_back_fast():
-    r = simulate("ab-worse", 300, seed=SEED, workers=2)
+    """At the full 1,000 runs (about 30 s with two workers: the runs stop early): 300 runs gave 94.3 %,
+    a count too small to judge a 95 % threshold. Measured 2026-12-03: 96.8 % rolled back, median 6,025
+    outcomes, so the median check FAILS by 25 outcomes (docs/statistics.md says so and names the
+    measured way below it); left failing rather than loosened."""
+    r = simulate("ab-worse", 1000, seed=SEED, workers=2)
     assert r["rollback"]["rate"] >= 0.95, r
-    assert r["median_outcomes_to_rollback"] <= 6_000, r
     assert r["promotion"]["rate"] == 0.0
+    assert r["median_outcomes_to_rollback"] <= 6_000, r
 
 
 def test_failing_canary_rolled_back_within_seconds_and_slow_canary_rolled_back():
