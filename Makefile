@@ -68,7 +68,7 @@ test: install sysdeps
 # the 1,000-run A/A simulation through the CLI, and every simulation scenario at its full count.
 acceptance: install sysdeps
 	$(BIN)/python -m pytest -q -m acceptance
-	$(BIN)/chimera simulate --scenario all --json
+	$(BIN)/chimera simulate --scenario all --runs 1000 --workers 2 --seed 2026 --json
 
 lint: install
 	$(BIN)/ruff check .
