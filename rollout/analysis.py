@@ -7,6 +7,7 @@ stored statistics, p-values, guardrails and SRM check."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from registry.rollouts import decisions, get_decision, look_rows, split_periods
 from rollout import splits
 from rollout.controller import build_look_data
 from rollout.decision import Decision, SequentialState, look
+from rollout.policy import RolloutPolicy
 
 # The numbers a reader would check; each must recompute to within 1e-9.
 CHECKED = ("statistic", "p_value", "p_value_look", "p_value_worse", "p_value_better", "p_errors", "p_latency",
@@ -48,6 +50,21 @@ def _diff(stored: Any, new: float) -> float:
     return abs(float(stored) - float(new))
 
 
+# A latency window this long holds a whole period: one window, so the guardrail falls back to the
+# per-request variance, the rule decisions were made with before time windows existed.
+_ONE_WINDOW = 2**31 - 1
+
+
+def stored_policy(stored: dict) -> RolloutPolicy:
+    """The policy a stored decision was made with. Every field is stored, so a missing one is one the
+    code did not have then: a decision stored before the latency guardrail's time windows (2026-12-03)
+    is recomputed with the per-request rule it used, not with today's defaults."""
+    policy = splits.policy_from_dict(stored)
+    if "latency_window" not in stored:
+        policy = dataclasses.replace(policy, latency_window=_ONE_WINDOW, latency_min_windows=0)
+    return policy
+
+
 def recompute(registry: Registry, decision_id: int) -> Recomputed:
     row = get_decision(registry, decision_id)
     if row is None:
@@ -60,7 +77,7 @@ def recompute(registry: Registry, decision_id: int) -> Recomputed:
     model, b, c = row["model"], row["baseline_version"], row["canary_version"]
     earlier = [r for r in decisions(registry, model, canary=c, since=since) if r["id"] < decision_id]
     state = SequentialState.from_dict(earlier[0]["details"]["state"]) if earlier else None
-    policy = splits.policy_from_dict(details["policy"])
+    policy = stored_policy(details["policy"])
     data = build_look_data(policy, look_rows(registry, model, (b, c), since, until),
                            split_periods(registry, model, until), b, c, until.timestamp(),
                            row["weight_before"], state)

@@ -124,3 +124,22 @@ def test_the_guardrail_waits_for_enough_windows() -> None:
     cut = int(np.searchsorted(base_before, BLOCK + (policy.latency_min_windows - 1) * policy.latency_window))
     assert not _latency_verdict(arm[:cut], lat[:cut]).breached
     assert _latency_verdict(arm[: cut + 200], lat[: cut + 200]).breached
+
+
+def test_a_decision_stored_before_time_windows_is_recomputed_with_its_own_rule() -> None:
+    """`chimera analyze` recomputes a stored decision with the policy stored with it. A decision stored
+    before the latency time windows has no window fields: the auditor must get the per-request rule it
+    was made with (this burst breaches under it), not today's defaults (which would not breach)."""
+    import dataclasses
+
+    from rollout.analysis import stored_policy
+    from rollout.policy import RolloutPolicy
+
+    today = dataclasses.asdict(RolloutPolicy())
+    assert stored_policy(today) == RolloutPolicy()
+    before = {k: v for k, v in today.items() if k not in ("latency_window", "latency_min_windows")}
+    arm, lat = traffic(40_000, seed=5)
+    canary_idx = np.flatnonzero(arm == 1)
+    lat[canary_idx[(canary_idx > 10_000)][:150]] *= 10.0
+    assert _latency_verdict(arm, lat, stored_policy(before)).breached
+    assert not _latency_verdict(arm, lat, stored_policy(today)).breached
