@@ -24,7 +24,6 @@ from tests.harness import wait_for
 from tests.integration.test_hung_postgres import (
     FEATURES,
     ServeProcess,
-    own_postgres,
     publish,
     stored,
     undeploy,
@@ -32,7 +31,6 @@ from tests.integration.test_hung_postgres import (
 from tests.pg import PostgresServer
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
-__all__ = ["own_postgres"]  # the fixture, imported for pytest
 LOSS_WINDOW_S = 1.0  # README, Failure modes, Durability: the bound, as test_durability_kill.py holds it
 LOAD_S = 5.0
 
