@@ -144,8 +144,12 @@ def test_make_proto_with_the_image_python(tmp_path: Path) -> None:
     # --no-print-directory: under `make test` this is a sub-make, which would print "Entering directory".
     out = subprocess.run(["make", "--no-print-directory", "-n", "proto", f"VENV={venv}"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith(f"{venv}/bin/python -m grpc_tools.protoc"), out
-    assert "--grpc_python_out=." in out[0] and "pip" not in out[0]
+    # One protoc run per proto tree (chimera/v1 and the Open Inference Protocol), nothing else.
+    protoc = f"{venv}/bin/python -m grpc_tools.protoc"
+    assert len(out) == 2 and all(line.startswith(protoc) for line in out), out
+    assert all("--grpc_python_out=." in line and "pip" not in line for line in out)
+    assert "protos/chimera/v1/prediction.proto" in out[0]
+    assert "protos/inference/grpc_predict_v2.proto" in out[1]
 
 
 @pytest.fixture
