@@ -34,7 +34,7 @@ class RolloutPolicy:
     steps: tuple[int, ...] = (5, 10, 25, 50, 100)
     tau: float | None = None
     guardrail_alpha: float | None = None
-    point_mass: float = 0.8
+    point_mass: float = 0.9
     max_error_rate_delta: float = 0.01
     error_tau: float = 0.1
     max_slow_share_delta: float = 0.02
