@@ -17,6 +17,7 @@ import typer
 
 from chimera.cli import views
 from chimera.cli.demo import demo
+from chimera.cli.log import log_app
 from chimera.cli.perf import bench, loadtest
 from chimera.cli.registry import db_app, models_app
 from chimera.cli.rollout import analyze, canary_app, canary_weights, promote, rollback, rollout_app, simulate
@@ -34,6 +35,7 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(canary_app, name="canary")
+app.add_typer(log_app, name="log")
 for command in (train, serve, promote, rollback, analyze, loadtest, demo, simulate, bench, retrain, drift,
                 scheduler):
     app.command()(command)
