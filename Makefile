@@ -73,8 +73,10 @@ acceptance: install sysdeps
 lint: install
 	$(BIN)/ruff check .
 
-# BENCH_ARGS, e.g. BENCH_ARGS="--json bench.json --soak 600"
-bench: install
+# BENCH_ARGS, e.g. BENCH_ARGS="--json bench.json --soak 600"; "--client python" measures with the grpc.aio
+# client instead of the Go one. The Go load client (loadtest/goload) is built offline first, like the Go example.
+bench: install sysdeps
+	@case " $(BENCH_ARGS) " in *" --client python "*|*" --client=python "*) ;; *) loadtest/goload/build.sh ;; esac
 	$(BIN)/chimera bench $(BENCH_ARGS)
 
 clean:

@@ -7,19 +7,22 @@
       PredictBatch with 256 rows, and PredictStream.
 
 The model is training.benchmark.benchmark_model (XGBoost, 200 trees of depth 6, 32 features, ONNX).
-(b) and (c) are measured by the same closed-loop client (loadtest.closed_loop) in separate worker
-processes with the same serialized requests. Ray is started here with num_cpus=2 and shut down at
-the end; the gateway joins it through RAY_ADDRESS. Only processes this command started are stopped,
-by pid.
+Every gRPC case (the do-nothing reference, (b) and (c)) is measured by the same closed-loop client
+with the same requests: by default the Go client in loadtest/goload (grpc-go, one connection, one
+goroutine per caller; built offline by its build.sh, see loadtest.bench_go), as Chimera's Go callers
+see the gateway; with `--client python`, loadtest.closed_loop's grpc.aio worker processes. Ray is
+started here with num_cpus=2 and shut down at the end; the gateway joins it through RAY_ADDRESS. Only
+processes this command started are stopped, by pid.
 
-Output: a table, and (`--json`) every case's rps / p50 / p99, the ratios the issue sets targets for,
-and pass/fail per target. `--soak S` adds S seconds of Predict at 70 % of the measured c=64 rate and
-reports the gateway's resident memory after one minute and at the end.
+Output: a table, and (`--json`) every case's rps / p50 / p99, the ratios issue 17 sets targets for
+(against the do-nothing grpc.aio PredictionService and raw onnxruntime), pass/fail per target, and
+reference ratios against Ray's proxy. `--soak S` adds S seconds of Predict at 70 % of the measured c=64
+rate and reports the gateway's resident memory after one minute and at the end.
 
 This module is the run's order and the command line; each part has its own module: bench_onnx (raw
-onnxruntime), bench_procs (the echo server and gateway processes), bench_ray (Ray, Serve and the native
-app), bench_scrape (the gateway's metrics), bench_profile (py-spy), bench_soak, bench_report (ratios,
-targets, the table)."""
+onnxruntime), bench_go (the Go load client), bench_procs (the echo server and gateway processes),
+bench_ray (Ray, Serve and the native app), bench_scrape (the gateway's metrics), bench_profile (py-spy),
+bench_soak, bench_report (ratios, targets, the table)."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loadtest import bench_ray
+from loadtest import bench_go, bench_ray
 from loadtest.bench_onnx import bench_onnx
 from loadtest.bench_procs import EchoProcess, GatewayProcess, echo_server_main, rss_mb
 from loadtest.bench_profile import start_profile
@@ -65,6 +68,8 @@ class BenchOptions:
     profile_s: float = 0.0  # > 0: py-spy the gateway for this long during the c=64 case
     profile_path: Path | None = None
     profile_case: str = "chimera_c64"  # which gateway case py-spy watches
+    client: str = "go"  # the load client of every gRPC case: "go" (loadtest/goload) or "python"
+    go_binary: Path | None = None  # a prebuilt loadtest/goload binary; None: build it when stale
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -83,6 +88,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     }
     cases: dict[str, Any] = report["cases"]
     load_start = os.getloadavg()
+    load, report["client"] = load_client(opts)
+    log(f"load client: {report['client']['name']} ({report['client'].get('binary', 'grpc.aio workers')})")
 
     log("training the benchmark model (XGBoost, 200 trees, depth 6, 32 features) twice: v1 and v2 ...")
     from training.benchmark import benchmark_model
@@ -103,13 +110,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     rows=rows, feature_names=tuple(names) if opts.named_features else (),
                     warmup_s=opts.warmup_s)
 
-    # Reference: a bare grpc.aio echo server with the same client (the ceiling for Python gRPC here).
+    # The anchor of the unary targets: a do-nothing grpc.aio PredictionService with the same client
+    # (the ceiling for any Python gRPC server here).
     echo = EchoProcess()
     try:
         echo.wait_serving()
         for c in (1, 64):
-            res = run(replace(base, target=f"127.0.0.1:{echo.port}", concurrency=c))
-            cases[f"echo_c{c}"] = case(f"bare grpc.aio echo server (ceiling), Predict, c={c}", res)
+            res = load(replace(base, target=f"127.0.0.1:{echo.port}", concurrency=c))
+            cases[f"echo_c{c}"] = case(f"do-nothing grpc.aio PredictionService (ceiling), c={c}", res)
             log(line(f"echo_c{c}", cases[f"echo_c{c}"]))
     finally:
         echo.stop()
@@ -125,7 +133,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         native = replace(base, target=f"127.0.0.1:{grpc_port}",
                          metadata=(("application", bench_ray.NATIVE_APP),))
         for c in UNARY_CONCURRENCY:
-            res = run(replace(native, concurrency=c))
+            res = load(replace(native, concurrency=c))
             cases[f"ray_c{c}"] = case(f"Ray Serve gRPC proxy, Predict, c={c}", res)
             log(line(f"ray_c{c}", cases[f"ray_c{c}"]))
         bench_ray.delete_native_app()
@@ -155,7 +163,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 out = opts.profile_path or workdir / "gateway-profile.svg"
                 prof = start_profile(gateway.pid, min(opts.profile_s, opts.duration_s), out, log)
                 report["profile"] = str(out)
-            res = run(spec)
+            res = load(spec)
             if prof is not None:
                 prof.wait(60)
             cases[name] = case(title, res)
@@ -165,6 +173,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         for c in UNARY_CONCURRENCY:
             measure(f"chimera_c{c}", f"Chimera gateway, Predict, c={c}", replace(chimera, concurrency=c))
+        if not opts.named_features:  # Go callers send named features too: what the projection costs
+            measure("chimera_named_c64", "Chimera gateway, Predict, named features, c=64",
+                    replace(chimera, concurrency=64, feature_names=tuple(names)))
         measure(f"chimera_batch{BATCH_ROWS}",
                 f"Chimera gateway, PredictBatch {BATCH_ROWS} rows, c={opts.batch_concurrency}",
                 replace(chimera, kind="batch", concurrency=opts.batch_concurrency))
@@ -177,7 +188,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         report["gateway"]["rss_mb_after_cases"] = rss_mb(gateway.pid)
 
         if opts.soak_s > 0:
-            report["soak"] = soak(gateway.pid, chimera, cases["chimera_c64"]["rps"], opts.soak_s, log)
+            report["soak"] = soak(gateway.pid, chimera, cases["chimera_c64"]["rps"], opts.soak_s, log,
+                                  runner=load)
         report["gateway"]["predictions_logged"] = count_logged(reg, model)
         reg.dispose()
     finally:
@@ -194,6 +206,21 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     return report
 
 
+def load_client(opts: BenchOptions) -> tuple[Callable[[LoadSpec], LoadResult], dict[str, Any]]:
+    """The closed-loop runner every gRPC case uses, and what to report about it. The Go client is
+    built (or found up to date) here, before anything is started, so a missing toolchain fails first."""
+    if opts.client == "python":
+        return run, {"name": "python", "module": "loadtest.closed_loop"}
+    if opts.client != "go":
+        raise ValueError(f"unknown load client {opts.client!r}: go or python")
+    binary = bench_go.ensure_built(opts.go_binary)
+
+    def load(spec: LoadSpec) -> LoadResult:
+        return bench_go.run_go(spec, binary)
+
+    return load, {"name": "go", "binary": str(binary)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chimera bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=None, help="write the JSON report here")
@@ -206,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=float, default=0.0, help="py-spy the gateway for S seconds in one case")
     p.add_argument("--profile-case", default="chimera_c64", help="the case to profile (default chimera_c64)")
     p.add_argument("--profile-out", type=Path, default=None, help="profile output (.svg, .json, .txt)")
+    p.add_argument("--client", choices=("go", "python"), default="go",
+                   help="load client of every gRPC case: go (loadtest/goload, default) or python (grpc.aio)")
+    p.add_argument("--go-bin", type=Path, default=None,
+                   help="a prebuilt loadtest/goload binary (default: build it when missing or stale)")
     p.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.echo_server:
@@ -213,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     opts = BenchOptions(json_path=a.json, duration_s=a.duration, warmup_s=a.warmup, soak_s=a.soak,
                         quick=a.quick, named_features=a.named, registry_url=a.registry_url,
-                        profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case)
+                        profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case,
+                        client=a.client, go_binary=a.go_bin)
     report = run_bench(opts)
     print(format_table(report), flush=True)
     if opts.json_path is not None:
