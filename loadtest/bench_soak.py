@@ -13,10 +13,10 @@ from loadtest.bench_procs import rss_mb
 from loadtest.closed_loop import LoadResult, LoadSpec, run
 
 
-def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float,
-         log: Callable[[str], None]) -> dict[str, Any]:
+def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float, log: Callable[[str], None],
+         runner: Callable[[LoadSpec], LoadResult] = run) -> dict[str, Any]:
     """Predict at 70 % of `max_rps` for `seconds`; RSS after 1 min and at the end (for soaks shorter
-    than 2 minutes, after 1/3 of the run instead of 1 min)."""
+    than 2 minutes, after 1/3 of the run instead of 1 min). `runner` is the bench's load client."""
     rate = 0.7 * max_rps
     first_at = 60.0 if seconds >= 120 else seconds / 3
     log(f"soak: {seconds:.0f} s at {rate:.0f} req/s (70 % of {max_rps:.0f}) ...")
@@ -25,7 +25,7 @@ def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float,
     samples: list[tuple[float, float]] = []
 
     def load() -> None:
-        result["load"] = run(soak_spec)
+        result["load"] = runner(soak_spec)
 
     t = threading.Thread(target=load, name="soak-load")
     started = time.monotonic()

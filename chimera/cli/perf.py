@@ -89,12 +89,13 @@ def bench(
     profile: Annotated[float, typer.Option(help="py-spy the gateway this many seconds in one case")] = 0.0,
     profile_out: Annotated[Path | None, typer.Option(help="profile file (.svg, .json, .txt)")] = None,
     profile_case: Annotated[str, typer.Option(help="the case to profile")] = "chimera_c64",
+    client: Annotated[str, typer.Option(help="load client: go (loadtest/goload) or python")] = "go",
 ) -> None:
     """Raw onnxruntime vs Ray Serve's gRPC proxy vs the Chimera gateway, same model, one run."""
     from loadtest.bench import main as bench_main
 
     argv = ["--duration", str(duration), "--warmup", str(warmup), "--soak", str(soak),
-            "--profile", str(profile), "--profile-case", profile_case]
+            "--profile", str(profile), "--profile-case", profile_case, "--client", client]
     argv += ["--json", str(json_path)] if json_path else []
     argv += ["--profile-out", str(profile_out)] if profile_out else []
     argv += ["--quick"] if quick else []

@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ["onnx_batch1", "onnx_batch256", "ray_c1", "ray_c8", "ray_c64", "chimera_c1", "chimera_c8",
-         "chimera_c64", "chimera_batch256", "chimera_packed256", "chimera_stream_c64"]
-RATIOS = ["chimera_rps_c64_over_ray_rps_c64", "chimera_p99_c64_over_ray_p99_c64",
-          "chimera_p50_c1_over_ray_p50_c1", "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
-          "soak_rss_growth"]
+CASES = ["onnx_batch1", "onnx_batch256", "echo_c1", "echo_c64", "ray_c1", "ray_c8", "ray_c64", "chimera_c1",
+         "chimera_c8", "chimera_c64", "chimera_named_c64", "chimera_batch256", "chimera_packed256",
+         "chimera_stream_c64"]
+RATIOS = ["chimera_rps_c64_over_echo_rps_c64", "chimera_p99_c64_over_echo_p99_c64",
+          "chimera_p50_c1_minus_echo_p50_c1_ms", "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
+          "predictbatch_packed_p99_ms", "soak_rss_growth"]
 
 
 def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
@@ -36,6 +37,8 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
     packed = report["cases"]["chimera_packed256"]
     assert packed["rows_per_s"] == 256 * packed["rps"]
     assert report["cases"]["chimera_c64"]["rows_per_ray_call"] >= 1
+    assert report["client"]["name"] == "go"  # the default: every gRPC case by loadtest/goload
+    assert {report["cases"][n]["extra"]["client"] for n in CASES if not n.startswith("onnx")} == {"go"}
     assert set(RATIOS) == set(report["ratios"]) == set(report["targets"])
     for key in RATIOS:
         assert isinstance(report["ratios"][key], float), key
