@@ -4,7 +4,7 @@ labels bounded: model names come from the registry (unknown names collapse to "_
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -84,6 +84,34 @@ class Metrics:
         self.rollout_decisions = Counter("chimera_rollout_decisions",
                                          "rollout controller decisions by action",
                                          ["model", "action"], registry=r)
+        # Replicas per version: Ray Serve's RUNNING count (shared by every gateway on the cluster, so
+        # each exports the same value: aggregate with max), read by the replica pool's scaling watch.
+        self.replicas = Gauge("chimera_replicas", "running Ray Serve replicas per version (Serve's status, "
+                              "polled every few seconds)", ["model", "version"], registry=r)
+        self.replicas_bound = Gauge("chimera_replicas_bound", "replicas a version may run per its rollout "
+                                    "policy (bound: min or max)", ["model", "version", "bound"], registry=r)
+        self._replica_labels: set[tuple[str, str]] = set()
+
+    def observe_replicas(self, counts: Mapping[tuple[str, int], int],
+                         bounds: Mapping[tuple[str, int], tuple[int, int]] | None = None) -> None:
+        """The replica pool's latest reading (version -> RUNNING replicas, and its (min, max) bounds);
+        versions no longer deployed lose their series, so a removed canary does not stay at its last
+        count."""
+        seen = {(m, str(v)) for m, v in counts}
+        for labels in self._replica_labels - seen:
+            for child, extra in ((self.replicas, ()), (self.replicas_bound, ("min",)),
+                                 (self.replicas_bound, ("max",))):
+                try:
+                    child.remove(*labels, *extra)
+                except KeyError:
+                    pass
+        self._replica_labels = seen
+        for (model, version), n in counts.items():
+            self.replicas.labels(model, str(version)).set(n)
+            low_high = (bounds or {}).get((model, version))
+            if low_high is not None:
+                self.replicas_bound.labels(model, str(version), "min").set(low_high[0])
+                self.replicas_bound.labels(model, str(version), "max").set(low_high[1])
 
     def watch_records(self, predictions: Any, outcomes: Any) -> None:
         """Durability metrics of the records (gateway.records: a PredictionLog and an OutcomeLog, duck-typed

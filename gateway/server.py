@@ -69,7 +69,7 @@ class Gateway:
         self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,
                                 observer_factory=self.metrics.observer, health=self.version_health,
                                 tracer=self.tracing.tracer, traces_exporter=self.tracing.exporter,
-                                scaling=config.replica_scaling)
+                                scaling=config.replica_scaling, registry=self.registry)
         self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill",
                                  spill_max_bytes=config.spill_max_bytes)
         self.outcomes = OutcomeLog(self.registry, Path(config.spill_dir) / f"outcomes-{config.port}.spill",
@@ -124,6 +124,7 @@ class Gateway:
         self.shadow.start()
         await self._sync_models()
         self.watcher.start()
+        self.pool.start_watch(self.metrics.observe_replicas)  # scaling changes in place; chimera_replicas
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -145,7 +146,7 @@ class Gateway:
                  method_auth={"RecordOutcome": self.outcomes_auth, "RecordOutcomes": self.outcomes_auth})
         register(rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
                  RolloutServicer(self.registry, self.auth, self.controller.promotion_gate,
-                                 on_change=self.watcher.sync_model), server,
+                                 on_change=self.watcher.sync_model, pool=self.pool), server,
                  rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"], inflight=self.inflight,
                  admission=self.admission)
         register(oip.add_to_server, oip.InferenceServicer(self.predictor, self.auth, self.metrics,

@@ -18,11 +18,18 @@ Several gateways, one cluster: every gateway deploys the versions it routes to w
 Serve gives each `serve.run` a new random code version, so each gateway that started (or restarted)
 replaced every replica the others were scoring on (measured: "Stopping 1 replicas ... with outdated
 versions" for each version when a second gateway started). Ray 2.60 no longer lets a caller name the
-version, so `deploy_version` marks each application with a fingerprint of what its replicas run (their
-init arguments, actor options and this package's source) in the deployment's `user_config` (changing it
-is a lightweight update, never a restart), and uses an application already running under the same
-fingerprint as it is. A real change (new code, another registry) still rolls the replicas. Two gateways
-deploying the same new version in the same instant can still replace each other's replicas once.
+version publicly, so `deploy_version` marks each application with a fingerprint of what it runs (its
+replicas' init arguments, actor options, this package's source, and its replica scaling) in the
+deployment's `user_config` (changing it is a lightweight update, never a restart), and uses an
+application already running under the same fingerprint as it is.
+
+Scaling changes at run time (the model's rollout policy, gateway.serving.replica_pool): the deployment's
+version is named after what its replicas run without the scaling (`code_version`, through
+`Deployment.options(version=..., _internal=True)`, the parameter Serve's own config path uses), so a
+`serve.run` that changes only `num_replicas` / `autoscaling_config` is the lightweight update Ray Serve
+documents (Updating Applications In-Place): the replicas keep running and Serve adds or removes replicas
+to the new bounds. A real change (new code, another registry, other actor options) still rolls the
+replicas. Every gateway computes the same scaling from the registry, so they agree on the fingerprint.
 
 Tracing: a replica builds its own TracerProvider from the exporter it is given (an init argument, so
 it does not depend on the environment reaching the Ray worker) and continues the trace whose W3C
@@ -186,8 +193,14 @@ def version_app(registry_url: str, model: str, version: int, *, num_cpus: float 
     return VersionReplica.options(
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         user_config={"fingerprint": fingerprint(args, num_cpus, replicas)},
+        version=code_version(args, num_cpus), _internal=True,  # a scaling change restarts nothing
         **replicas,
     ).bind(*args)
+
+
+def code_version(*parts: Any) -> str:
+    """The Serve deployment version: what the replicas run, not how many of them (module docstring)."""
+    return "code-" + fingerprint("code", *parts)
 
 
 def _app_details(name: str) -> dict[str, Any] | None:
@@ -219,17 +232,43 @@ def _running_fingerprint(name: str, *, timeout_s: float = 120.0, poll_s: float =
 
 
 def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
-                   scaling: ReplicaScaling | None = None, traces_exporter: str = "none") -> DeploymentHandle:
+                   scaling: ReplicaScaling | None = None, traces_exporter: str = "none",
+                   wait: bool = True) -> DeploymentHandle | None:
     """Use the version's application if one runs with the same fingerprint (another gateway deployed
-    it), else deploy it; either way wait until it is ready."""
+    it), else deploy it; either way wait until it is ready. `wait=False` (a scaling change of a running
+    application): hand Serve the new config and return None at once; the replicas that run keep
+    serving while Serve adds or removes replicas."""
     app = version_app(registry_url, model, version, num_cpus=num_cpus, scaling=scaling,
                       traces_exporter=traces_exporter)
     name = app_name(model, version)
     wanted = app._bound_deployment._deployment_config.user_config["fingerprint"]
-    if _running_fingerprint(name) == wanted:
+    if _running_fingerprint(name, timeout_s=120.0 if wait else 0.0) == wanted:
         log.info("using the running application %s (same fingerprint)", name)
-        return serve.get_app_handle(name)
+        return serve.get_app_handle(name) if wait else None
+    if not wait:
+        from ray.serve.api import RunTarget
+
+        serve.run_many([RunTarget(app, name=name, route_prefix=None)], wait_for_applications_running=False)
+        return None
     return serve.run(app, name=name, route_prefix=None, blocking=False)
+
+
+def replica_counts(names: list[str]) -> dict[str, int]:
+    """RUNNING replicas of each named application per Serve's status (one controller call); an
+    application Serve does not know is left out. Empty when Serve is not running."""
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        return {}
+    apps = serve.status().applications
+    counts: dict[str, int] = {}
+    for name in names:
+        app = apps.get(name)
+        if app is None:
+            continue
+        states = {_plain(k).upper(): n for d in app.deployments.values() for k, n in d.replica_states.items()}
+        counts[name] = int(states.get("RUNNING", 0))
+    return counts
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -9,12 +9,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from chimera.settings import ReplicaScaling
 from rollout.stats import METRICS, higher_is_better
 
 # Default mixing scale τ in the metric's own units: roughly the smallest effect worth catching. The
 # mSPRT has most power for effects of about this size. mean_outcome has no natural scale, so it has no
 # default and the policy refuses to guess.
 DEFAULT_TAU: dict[str, float] = {"success_rate": 0.04, "brier": 0.02, "log_loss": 0.05}
+
+# The replica fields of a policy (None: the gateway's CHIMERA_REPLICAS_* / CHIMERA_REPLICA_* setting).
+SCALING_FIELDS = ("replicas_min", "replicas_max", "canary_replicas_max", "target_ongoing_requests",
+                  "upscale_delay_s", "downscale_delay_s")
+MAX_REPLICAS = 1000  # per version: far beyond any cluster here, low enough to catch a typo
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,14 @@ class RolloutPolicy:
     Error budget: ``alpha`` (total false rollback of an A/A canary) = primary + 2 · ``guardrail_alpha``.
     ``outcome_delay_s``: how long after a prediction its outcome may arrive; a look compares only
     predictions older than that, and only outcomes that arrived within it (0: whatever has arrived).
+
+    Replicas per version (Ray Serve's autoscaler; each field None: the gateway's process setting,
+    chimera.settings.ReplicaScaling): the production version runs ``replicas_min`` ..
+    ``replicas_max``; every other deployed version (canary, shadow, standby) at most
+    ``canary_replicas_max``, so a canary at 5 % cannot hold as many replicas as production. Serve adds
+    a replica when the Ray calls in flight per replica exceed ``target_ongoing_requests`` for
+    ``upscale_delay_s`` and removes one after ``downscale_delay_s`` below it. Changed at run time
+    (RolloutService.SetScaling, ``chimera rollout scaling``), applied without restarting replicas.
     """
 
     metric: str = "success_rate"
@@ -51,6 +65,12 @@ class RolloutPolicy:
     winsor_calibration: int = 1000
     min_canary_samples_per_step: int = 200
     non_inferiority_margin: float | None = None
+    replicas_min: int | None = None
+    replicas_max: int | None = None
+    canary_replicas_max: int | None = None
+    target_ongoing_requests: float | None = None
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -87,6 +107,58 @@ class RolloutPolicy:
             raise ValueError("latency_calibration and latency_window must be >= 1, latency_min_windows >= 0")
         if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:
             raise ValueError("winsor_quantile must be in [0, 0.5)")
+        self._check_scaling()
+
+    def _check_scaling(self) -> None:
+        """Each message starts with the field's name: an operator's bad value is refused at the door
+        (INVALID_ARGUMENT) instead of failing a deployment later."""
+        for name in ("replicas_min", "replicas_max", "canary_replicas_max"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_REPLICAS:
+                raise ValueError(f"{name}: {v!r} must be a whole number of replicas in 1..{MAX_REPLICAS}")
+        if self.replicas_min is not None and self.replicas_max is not None \
+                and self.replicas_max < self.replicas_min:
+            raise ValueError(f"replicas_max: {self.replicas_max} is below replicas_min ({self.replicas_min})")
+        if self.canary_replicas_max is not None and self.replicas_max is not None \
+                and self.canary_replicas_max > self.replicas_max:
+            raise ValueError(f"canary_replicas_max: {self.canary_replicas_max} is above replicas_max "
+                             f"({self.replicas_max}); a canary never needs more replicas than production")
+        v = self.target_ongoing_requests
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                              or not (v > 0.0 and math.isfinite(v))):
+            raise ValueError(f"target_ongoing_requests: {v!r} must be a positive number")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not (v >= 0.0 and math.isfinite(v))):
+                raise ValueError(f"{name}: {v!r} must be a number of seconds >= 0")
+
+    def replica_scaling(self, default: ReplicaScaling, *, canary: bool) -> ReplicaScaling:
+        """The replicas one version runs: this policy's fields over the gateway's `default`. `canary`:
+        any version but the production one (a canary, a shadow, the standby), capped at
+        ``canary_replicas_max``. A bound the policy leaves unset follows the one it sets (min 3 with the
+        default max 1 runs 3), so a valid policy always gives a valid scaling."""
+        high = self.replicas_max
+        low = self.replicas_min
+        if high is None:
+            high = max(default.max_replicas, low or 1)
+        if low is None:
+            low = min(default.min_replicas, high)
+        if canary and self.canary_replicas_max is not None:
+            high = self.canary_replicas_max
+            low = min(low, high)
+        return ReplicaScaling(
+            min_replicas=low, max_replicas=high,
+            target_ongoing_requests=float(self.target_ongoing_requests
+                                          if self.target_ongoing_requests is not None
+                                          else default.target_ongoing_requests),
+            upscale_delay_s=float(self.upscale_delay_s if self.upscale_delay_s is not None
+                                  else default.upscale_delay_s),
+            downscale_delay_s=float(self.downscale_delay_s if self.downscale_delay_s is not None
+                                    else default.downscale_delay_s),
+            look_back_s=default.look_back_s)
 
     @property
     def higher_is_better(self) -> bool:

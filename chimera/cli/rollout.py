@@ -1,5 +1,5 @@
-"""Rollout commands: `canary set|shadow`, `rollout status`, `promote`, `rollback` (admin calls to a
-gateway's RolloutService), `analyze` (recompute a stored decision from the registry) and `simulate`
+"""Rollout commands: `canary set|shadow`, `rollout status|scaling`, `promote`, `rollback` (admin calls
+to a gateway's RolloutService), `analyze` (recompute a stored decision from the registry) and `simulate`
 (the decision code on simulated outcome streams)."""
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def rollout_status(
             fmt(a.metric_value) if a.role else "-",
         )
     views.console.print(table)
+    if st.HasField("scaling"):
+        print_scaling(st.scaling)
     if last is not None:
         views.console.print(
             f"last decision: [bold]{last.action}[/bold] v{last.canary_version} vs v{last.baseline_version} "
@@ -144,6 +146,62 @@ def rollout_status(
                 f"{d.weight_before}→{d.weight_after}",
             )
         views.console.print(hist)
+
+
+def print_scaling(sc: object) -> None:
+    """The model's replica fields (unset: the gateway's process setting) and, per version, the bounds it
+    runs with and Serve's RUNNING replica count."""
+    from chimera.v1 import rollout_pb2 as rpb
+
+    assert isinstance(sc, rpb.Scaling)
+    p = sc.policy
+    names = {"replicas_min": "min", "replicas_max": "max", "canary_replicas_max": "canary max",
+             "target_ongoing_requests": "target ongoing", "upscale_delay_s": "upscale delay s",
+             "downscale_delay_s": "downscale delay s"}
+    own = ", ".join(f"{label} {getattr(p, f):g}" for f, label in names.items() if p.HasField(f))
+    views.console.print(f"replicas policy: {own or 'process settings (CHIMERA_REPLICAS_*)'}")
+    if not sc.versions:
+        return
+    table = Table("version", "role", "min", "max", "target ongoing", "up s", "down s", "running",
+                  title=f"{sc.model} replicas")
+    for v in sc.versions:
+        table.add_row(str(v.version), v.role, str(v.replicas_min), str(v.replicas_max),
+                      f"{v.target_ongoing_requests:g}", f"{v.upscale_delay_s:g}", f"{v.downscale_delay_s:g}",
+                      str(v.replicas) if v.replicas >= 0 else "-")
+    views.console.print(table)
+
+
+@rollout_app.command("scaling")
+def rollout_scaling(
+    model: str,
+    replicas_min: Annotated[int | None, typer.Option("--min", help="production replicas at least")] = None,
+    replicas_max: Annotated[int | None, typer.Option("--max", help="production replicas at most")] = None,
+    canary_max: Annotated[int | None, typer.Option("--canary-max", help="replicas at most for every version "
+                                                   "but production (canary, shadow, standby)")] = None,
+    target_ongoing: Annotated[float | None, typer.Option("--target-ongoing", help="Ray calls in flight "
+                                                         "per replica to aim for")] = None,
+    upscale_delay: Annotated[float | None, typer.Option("--upscale-delay", help="seconds")] = None,
+    downscale_delay: Annotated[float | None, typer.Option("--downscale-delay", help="seconds")] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="back to the process settings first")] = False,
+    target: TargetOpt = DEFAULT_TARGET,
+    reason: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Show MODEL's replicas per version, or change its replica scaling at run time (part of its rollout
+    policy; applied in place, no replica restarts). Options not given keep their value."""
+    from chimera.v1 import rollout_pb2 as rpb
+
+    settings = load_settings()
+    stub = rollout_stub(target, settings)
+    fields = {"replicas_min": replicas_min, "replicas_max": replicas_max, "canary_replicas_max": canary_max,
+              "target_ongoing_requests": target_ongoing, "upscale_delay_s": upscale_delay,
+              "downscale_delay_s": downscale_delay}
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given and not reset:
+        sc = rpc(stub.GetScaling, rpb.GetScalingRequest(model=model), settings)
+    else:
+        sc = rpc(stub.SetScaling, rpb.SetScalingRequest(model=model, scaling=rpb.ScalingPolicy(**given),
+                                                         reset=reset, reason=reason), settings)
+    print_scaling(sc)
 
 
 def promote(

@@ -1,11 +1,12 @@
-"""gRPC RolloutService (admin): traffic splits, promotion, rollback, rollout status. Thin: every
-call checks the admin token, then hands a domain call to a worker thread."""
+"""gRPC RolloutService (admin): traffic splits, promotion, rollback, rollout status, replica scaling.
+Thin: every call checks the admin token, then hands a domain call to a worker thread."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 
@@ -14,9 +15,12 @@ from chimera.v1 import rollout_pb2_grpc as rpb_grpc
 from gateway.api.auth import AdminAuth
 from gateway.api.errors import status_for as _status
 from gateway.api.validate import MAX_NAME_CHARS, check_text, detail, internal_detail
+from gateway.serving.replica_pool import ReplicaPool, scaling_plan
 from registry import Registry
+from registry.errors import NotFoundError, ValidationError
 from rollout import operations as rollout_ops
 from rollout.controller import PromotionGate
+from rollout.policy import SCALING_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +29,13 @@ APPLY_WAIT_S = 5.0  # longest an admin call waits for this gateway to route by t
 
 class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     def __init__(self, registry: Registry, auth: AdminAuth, gate: PromotionGate | None = None,
-                 on_change: Callable[[str], Awaitable[object]] | None = None) -> None:
+                 on_change: Callable[[str], Awaitable[object]] | None = None,
+                 pool: ReplicaPool | None = None) -> None:
         self.registry = registry
         self.auth = auth
         self.gate = gate
         self.on_change = on_change
+        self.pool = pool  # applies a scaling change here at once and knows the replica counts
 
     async def _applied(self, model: str) -> None:
         """Route by a split change on this gateway before answering the call that made it (other
@@ -76,6 +82,50 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
         except Exception as exc:
             await self._abort(context, exc)
             raise
+
+    def _scaling(self, model: str) -> rpb.Scaling:
+        """Blocking: the model's replica fields and what each deployed or live version runs."""
+        default = self.pool.scaling if self.pool is not None else None
+        config = self.registry.rollout_config(model)
+        stored = {k: config[k] for k in SCALING_FIELDS if config.get(k) is not None}
+        out = rpb.Scaling(model=model, policy=rpb.ScalingPolicy(**stored))
+        if default is None:
+            return out
+        ready = {v for m, v in self.pool.ready_versions() if m == model}
+        counts = self.pool.replicas
+        for version, plan in sorted(scaling_plan(self.registry, model, default).items()):
+            if not (plan.live or version in ready):
+                continue
+            sc = plan.scaling
+            out.versions.append(rpb.VersionScaling(
+                version=version, role=plan.role, replicas_min=sc.min_replicas, replicas_max=sc.max_replicas,
+                target_ongoing_requests=sc.target_ongoing_requests, upscale_delay_s=sc.upscale_delay_s,
+                downscale_delay_s=sc.downscale_delay_s, replicas=counts.get((model, version), -1)))
+        return out
+
+    async def SetScaling(
+        self, request: rpb.SetScalingRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.Scaling:
+        actor = await self._actor(context, request)
+        given = {f: getattr(request.scaling, f) for f in SCALING_FIELDS if request.scaling.HasField(f)}
+        await self._call(context, store_scaling, self.registry, request.model, given, reset=request.reset)
+        log.info("model %s: replica scaling set by %s (%s%s): %s", request.model, actor,
+                 "reset, " if request.reset else "", request.reason or "no reason given", given)
+        if self.pool is not None:
+            try:  # this gateway applies it now; every gateway's scaling watch would within seconds
+                await asyncio.wait_for(asyncio.shield(self.pool.apply_scaling(request.model)), APPLY_WAIT_S)
+            except TimeoutError:
+                pass
+            except Exception:  # stored; the scaling watch retries
+                log.warning("model %s: applying the scaling here failed; the scaling watch will",
+                            request.model, exc_info=True)
+        return await self._call(context, self._scaling, request.model)
+
+    async def GetScaling(
+        self, request: rpb.GetScalingRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.Scaling:
+        await self._actor(context, request)
+        return await self._call(context, self._scaling, request.model)
 
     @staticmethod
     def _split(split) -> rpb.TrafficSplit:  # noqa: ANN001
@@ -205,7 +255,9 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
         def num(x: float | None) -> float:
             return float("nan") if x is None else float(x)
 
+        scaling = await self._call(context, self._scaling, request.model)
         return rpb.RolloutStatus(
+            scaling=scaling,
             model=s.model,
             metric=s.metric,
             revision=s.revision,
@@ -243,3 +295,30 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
                 for d in s.decisions
             ],
         )
+
+
+def store_scaling(registry: Registry, model: str, given: Mapping[str, Any], *, reset: bool = False) -> dict:
+    """Write replica fields into the model's rollout policy in one transaction (the row locked on
+    PostgreSQL, so two admin calls cannot lose each other's fields), after checking the whole policy
+    the way the controller will read it (rollout.splits.policy_from_dict): a bad value is a
+    ValidationError (INVALID_ARGUMENT) whose message starts with the field. `reset` drops the stored
+    replica fields first. Returns the stored policy dict."""
+    from sqlalchemy import select
+
+    from registry.models import Model
+    from rollout import splits
+
+    counts = ("replicas_min", "replicas_max", "canary_replicas_max")
+    changes = {k: int(v) if k in counts else float(v) for k, v in given.items()}
+    with registry.transaction() as s:
+        m = s.scalars(select(Model).where(Model.name == model).with_for_update()).first()
+        if m is None:
+            raise NotFoundError(f"model: {model!r} is not a registered model" if model else "model: required")
+        config = {k: v for k, v in (m.rollout_config or {}).items() if not (reset and k in SCALING_FIELDS)}
+        config.update(changes)
+        try:
+            splits.policy_from_dict(config, metric=m.metric)
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(str(exc)) from None
+        m.rollout_config = config
+    return config

@@ -10,15 +10,22 @@ Tracing: with a tracer, each Ray call runs in a `chimera.ray_call` span (CLIENT)
 context to the replica as an extra argument; without one the call is exactly as before.
 
 Handles are fetched inside the gateway's event loop: a handle obtained in one loop and awaited from
-another hangs (measured on Ray Serve 2.60)."""
+another hangs (measured on Ray Serve 2.60).
+
+Replicas per version come from the model's rollout policy (rollout.policy.RolloutPolicy.replica_scaling:
+production vs every other version) over the process settings (`scaling`). Every gateway reads them from
+the registry (`scaling_plan`), so all deploy the same fingerprint and never replace each other's
+replicas. A scaling watch (`start_watch`, every WATCH_INTERVAL_S) applies a changed policy or a changed
+role (a promotion makes the canary production) to the applications this pool deployed, in place
+(replicas.deployment: no replica restarts), and reports Serve's running replica count per version."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from opentelemetry.trace import SpanKind, Tracer
@@ -29,7 +36,54 @@ from gateway.serving.batcher import BatchObserver, MicroBatcher
 from gateway.serving.errors import UnavailableError
 from gateway.serving.failover import VersionHealth
 
+if TYPE_CHECKING:
+    from registry import Registry
+
 log = logging.getLogger(__name__)
+
+# Gets each reading of the scaling watch: RUNNING replicas and (min, max) bounds per version.
+ReplicaObserver = Callable[[Mapping[tuple[str, int], int], Mapping[tuple[str, int], tuple[int, int]]], None]
+WATCH_INTERVAL_S = 5.0  # scaling watch: policy/role changes applied, replica counts read from Serve
+
+
+class VersionPlan(NamedTuple):
+    role: str  # production | canary (every version but production)
+    scaling: ReplicaScaling
+    live: bool  # weighted or mirrored: deployed by every gateway
+
+
+def scaling_plan(registry: Registry, model: str, default: ReplicaScaling) -> dict[int, VersionPlan]:
+    """The replica scaling of every version of `model`: its rollout policy's replica fields over
+    `default`, the production bounds for the baseline (rollout.splits.arms: the production version,
+    else the heaviest; a lone weighted version), the canary bounds for every other version. One short
+    read (no ONNX bytes). A stored policy that does not parse (e.g. a metric without its tau) scales by
+    `default`: the controller reports that policy's error, serving must not depend on it."""
+    from sqlalchemy import select
+
+    from registry.models import Model, ModelVersion, TrafficSplit
+    from rollout import splits
+
+    with registry.session() as s:
+        m = s.execute(select(Model.id, Model.metric, Model.rollout_config, Model.shadow_version)
+                      .where(Model.name == model)).first()
+        if m is None:
+            return {}
+        statuses = dict(s.execute(select(ModelVersion.version, ModelVersion.status)
+                                  .where(ModelVersion.model_id == m.id)).all())
+        weights = {v: w for v, w in s.execute(select(TrafficSplit.version, TrafficSplit.weight)
+                                              .where(TrafficSplit.model_id == m.id)).all() if w > 0}
+    pair = splits.arms(weights, statuses)
+    baseline = pair[0] if pair else next(iter(weights), None)
+    try:
+        policy = splits.policy_from_dict(m.rollout_config, metric=m.metric)
+        production = policy.replica_scaling(default, canary=False)
+        canary = policy.replica_scaling(default, canary=True)
+    except ValueError as exc:
+        log.warning("model %s: stored rollout policy does not parse (%s); replicas per the process settings",
+                    model, exc)
+        production = canary = default
+    return {v: VersionPlan("production", production, True) if v == baseline
+            else VersionPlan("canary", canary, v in weights or v == m.shadow_version) for v in statuses}
 
 
 @dataclass(frozen=True)
@@ -64,9 +118,15 @@ class ReplicaPool:
     def __init__(self, registry_url: str, *, replica_cpus: float = 0.25, batch: BatchConfig | None = None,
                  observer_factory: Callable[[str, int], BatchObserver] | None = None,
                  health: VersionHealth | None = None, tracer: Tracer | None = None,
-                 traces_exporter: str = "none", scaling: ReplicaScaling | None = None) -> None:
+                 traces_exporter: str = "none", scaling: ReplicaScaling | None = None,
+                 registry: Registry | None = None) -> None:
         self.registry_url = registry_url
-        self.scaling = scaling or ReplicaScaling()  # replicas per version (fixed, or autoscaled by Serve)
+        # Replicas per version when the model's policy does not say (fixed, or autoscaled by Serve).
+        self.scaling = scaling or ReplicaScaling()
+        self.registry = registry  # None: every version scales by `scaling` (no per-model policy)
+        self.applied: dict[tuple[str, int], ReplicaScaling] = {}  # what this pool deployed or adopted
+        self.replicas: dict[tuple[str, int], int] = {}  # RUNNING replicas per Serve, read by the watch
+        self._watch: asyncio.Task[None] | None = None
         self.health = health or VersionHealth()
         self.replica_cpus = replica_cpus
         self.batch = batch or BatchConfig()
@@ -99,9 +159,81 @@ class ReplicaPool:
             self._declared.add((model, version))
             log.info("using the declared application for %s v%d as it is", model, version)
             return
-        log.info("deploying replicas for %s v%d", model, version)
-        deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus, scaling=self.scaling,
+        plan = self.wanted(model).get(version)
+        scaling = plan.scaling if plan is not None else self.scaling
+        log.info("deploying replicas for %s v%d (%s)", model, version, describe(scaling))
+        deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus, scaling=scaling,
                        traces_exporter=self.traces_exporter)
+        self.applied[(model, version)] = scaling
+
+    def wanted(self, model: str) -> dict[int, VersionPlan]:
+        """Blocking (a registry read): the scaling each version of `model` should run now."""
+        if self.registry is None:
+            return {}
+        return scaling_plan(self.registry, model, self.scaling)
+
+    def _rescale(self, model: str, version: int, scaling: ReplicaScaling) -> None:
+        """Runs in a worker thread: give the version's running application `scaling` in place."""
+        from replicas.deployment import deploy_version
+
+        log.info("model %s v%d: replicas now %s", model, version, describe(scaling))
+        deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus, scaling=scaling,
+                       traces_exporter=self.traces_exporter, wait=False)
+        self.applied[(model, version)] = scaling
+
+    async def apply_scaling(self, model: str | None = None) -> list[tuple[str, int]]:
+        """Give every application this pool deployed (of `model`, or all) the scaling the registry
+        asks for now, where it differs from what this pool applied; returns the versions changed. A
+        version another gateway already changed is adopted as it runs (same fingerprint)."""
+        changed: list[tuple[str, int]] = []
+        mine = [k for k in self.owned_versions() if model is None or k[0] == model]
+
+        async def rescale(key: tuple[str, int], scaling: ReplicaScaling) -> None:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                if key in self._batchers and self.applied.get(key) != scaling:
+                    await asyncio.to_thread(self._rescale, *key, scaling)
+                    changed.append(key)
+
+        for name in sorted({m for m, _ in mine}):
+            plan = await asyncio.to_thread(self.wanted, name)
+            todo = [(k, plan[k[1]].scaling if k[1] in plan else self.scaling) for k in mine if k[0] == name]
+            await asyncio.gather(*(rescale(k, s) for k, s in todo if self.applied.get(k) != s))
+        return changed
+
+    async def read_replicas(self) -> dict[tuple[str, int], int]:
+        """RUNNING replicas per ready version (this pool's and declared ones), per Serve's status."""
+        from replicas.deployment import app_name, replica_counts
+
+        keys = self.ready_versions()
+        names = {app_name(m, v): (m, v) for m, v in keys}
+        counts = await asyncio.to_thread(replica_counts, list(names))
+        self.replicas = {names[n]: c for n, c in counts.items()}
+        return self.replicas
+
+    def bounds(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(min, max) replicas of each version as this pool last applied them."""
+        return {k: (s.min_replicas, s.max_replicas) for k, s in self.applied.items()}
+
+    def start_watch(self, on_replicas: ReplicaObserver | None = None,
+                    interval_s: float = WATCH_INTERVAL_S) -> None:
+        """The scaling watch on the running loop: apply policy and role changes, then read the replica
+        counts (`on_replicas` gets them and the bounds: the gateway's chimera_replicas gauges). A failed
+        round (Ray or the database away) is logged and retried at the next."""
+        async def run() -> None:
+            while True:
+                try:
+                    await self.apply_scaling()
+                    counts = await self.read_replicas()
+                    if on_replicas is not None:
+                        on_replicas(counts, self.bounds())
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("scaling watch: %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(interval_s)
+
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(run(), name="chimera-scaling-watch")
 
     def is_ready(self, model: str, version: int) -> bool:
         return (model, version) in self._batchers
@@ -179,6 +311,10 @@ class ReplicaPool:
         return batcher
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         await self.health.close()
         await asyncio.gather(*(b.close() for b in self._batchers.values()), return_exceptions=True)
         self._batchers.clear()
@@ -186,3 +322,11 @@ class ReplicaPool:
         # synchronous shutdown otherwise).
         handles, self._handles = self._handles, []
         await asyncio.gather(*(h.shutdown_async() for h in handles), return_exceptions=True)
+
+
+def describe(scaling: ReplicaScaling) -> str:
+    """One line for logs and the CLI: "2 fixed" or "1..3 at 2 ongoing, up 30 s, down 600 s"."""
+    if not scaling.autoscaled:
+        return f"{scaling.min_replicas} fixed"
+    return (f"{scaling.min_replicas}..{scaling.max_replicas} at {scaling.target_ongoing_requests:g} ongoing, "
+            f"up {scaling.upscale_delay_s:g} s, down {scaling.downscale_delay_s:g} s")

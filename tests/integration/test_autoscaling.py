@@ -1,7 +1,11 @@
 """Replicas per version: fixed by default, or autoscaled by Ray Serve between CHIMERA_REPLICAS_MIN and
 _MAX (chimera.settings.ReplicaScaling). Under load a version grows to at least two replicas and, when
 the load stops, shrinks back to its minimum, with no failed call during either (a light trickle of
-calls keeps running while replicas are removed)."""
+calls keeps running while replicas are removed).
+
+Per model (issue 16): the rollout policy's replica fields give production and the canary their own
+bounds, a RolloutService.SetScaling call (or `chimera rollout scaling`) changes them at run time in
+place (no replica restarts, no failed call), and chimera_replicas{model,version} reports the counts."""
 
 from __future__ import annotations
 
@@ -12,13 +16,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from typer.testing import CliRunner
 
+from chimera.cli import app
 from chimera.settings import ReplicaScaling, Settings
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from chimera.v1 import rollout_pb2 as rpb
 from registry import Registry
 from replicas.deployment import _app_details, app_name, version_app
-from tests.harness import GatewayThread, poll_until, small_onnx
+from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, poll_until, replica_pids, small_onnx
 
 GOOD = [0.5, -0.25, 1.0, 0.0]
 
@@ -107,5 +114,111 @@ def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path
     finally:
         heavy.clear()
         light.clear()
+        gw.stop()
+        reg.dispose()
+
+
+def serve_bounds(model: str, version: int) -> tuple[int, int]:
+    """(min, max) replicas of the version's application as Ray Serve holds them."""
+    details = _app_details(app_name(model, version)) or {}
+    config = ((details.get("deployments") or {}).get("scorer") or {}).get("deployment_config") or {}
+    auto = config.get("autoscaling_config")
+    if auto:
+        return int(auto["min_replicas"]), int(auto["max_replicas"])
+    return int(config["num_replicas"]), int(config["num_replicas"])
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_per_model_policy_bounds_canary_and_production_and_changes_at_run_time_in_place(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "pol" + uuid.uuid4().hex[:6]
+    onnx, names = small_onnx(seed=4)
+    reg.publish_version(model, onnx, names)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 95, 2: 5}, expected_revision=0, actor="test", status_changes={1: "production"})
+    # The process setting is one fixed replica; the model's policy says 1..3 for production, 2 for a canary.
+    reg.set_rollout_config(model, {"replicas_min": 1, "replicas_max": 3, "canary_replicas_max": 2,
+                                   "target_ongoing_requests": 0.5, "upscale_delay_s": 1.0,
+                                   "downscale_delay_s": 4.0})
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+    failures: list[str] = []
+    answered = [0]
+    trickle = threading.Event()
+    trickle.set()
+
+    def client() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+            stub = pb_grpc.PredictionServiceStub(ch)
+            while trickle.is_set():
+                try:
+                    stub.Predict(pb.PredictRequest(model=model, dense=GOOD), timeout=10)
+                    answered[0] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+                time.sleep(0.02)
+
+    def gauge(version: int) -> float | None:
+        return gw.gateway.metrics.registry.get_sample_value("chimera_replicas",
+                                                            {"model": model, "version": str(version)})
+
+    thread = threading.Thread(target=client)
+    try:
+        assert (serve_bounds(model, 1), serve_bounds(model, 2)) == ((1, 3), (1, 2))
+        assert poll_until(lambda: gauge(1) == 1 and gauge(2) == 1, 30), (gauge(1), gauge(2))
+        before = {1: replica_pids(model, 1), 2: replica_pids(model, 2)}
+        assert all(len(p) == 1 for p in before.values()), before
+        thread.start()
+        # At run time: production keeps at least 2 replicas, a canary at most 1 (fixed).
+        sc = gw.rollout.SetScaling(rpb.SetScalingRequest(
+            model=model, scaling=rpb.ScalingPolicy(replicas_min=2, canary_replicas_max=1),
+            reason="more headroom"), metadata=ADMIN_MD, timeout=30)
+        rows = {v.version: (v.role, v.replicas_min, v.replicas_max) for v in sc.versions}
+        assert rows == {1: ("production", 2, 3), 2: ("canary", 1, 1)}, rows
+        assert (sc.policy.replicas_min, sc.policy.replicas_max, sc.policy.canary_replicas_max) == (2, 3, 1)
+        assert poll_until(lambda: (serve_bounds(model, 1), serve_bounds(model, 2)) == ((2, 3), (1, 1)), 30,
+                          every=0.25), (serve_bounds(model, 1), serve_bounds(model, 2))
+        assert poll_until(lambda: running_replicas(model, 1) == 2, 120, every=0.5)
+        # In place: the replicas that ran before still run (Serve added one, restarted none).
+        assert before[1] < replica_pids(model, 1) and replica_pids(model, 2) == before[2]
+        assert poll_until(lambda: gauge(1) == 2 and gauge(2) == 1, 30), (gauge(1), gauge(2))
+        status = gw.rollout.GetRolloutStatus(rpb.GetRolloutStatusRequest(model=model), metadata=ADMIN_MD,
+                                             timeout=10)
+        assert {v.version: v.replicas for v in status.scaling.versions} == {1: 2, 2: 1}
+        # A bad value is refused naming the field, and nothing changes; the token is required.
+        for bad, named in ((rpb.ScalingPolicy(replicas_max=1), "replicas_max"),
+                           (rpb.ScalingPolicy(target_ongoing_requests=float("nan")),
+                            "target_ongoing_requests"),
+                           (rpb.ScalingPolicy(upscale_delay_s=-1), "upscale_delay_s")):
+            with pytest.raises(grpc.RpcError) as err:
+                gw.rollout.SetScaling(rpb.SetScalingRequest(model=model, scaling=bad), metadata=ADMIN_MD,
+                                      timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert err.value.details().startswith(named), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            unauthenticated = rpb.SetScalingRequest(model=model, scaling=rpb.ScalingPolicy(replicas_min=1))
+            gw.rollout.SetScaling(unauthenticated, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert reg.rollout_config(model)["replicas_min"] == 2
+        # The CLI shows and changes the same thing: back to the process settings (one fixed replica).
+        env = {"CHIMERA_ADMIN_TOKEN": ADMIN_TOKEN}
+        target = ["--target", f"127.0.0.1:{gw.port}"]
+        shown = CliRunner().invoke(app, ["rollout", "scaling", model, *target], env=env)
+        assert shown.exit_code == 0 and "canary max 1" in shown.output, shown.output
+        reset = CliRunner().invoke(app, ["rollout", "scaling", model, "--reset", *target], env=env)
+        assert reset.exit_code == 0 and "process settings" in reset.output, reset.output
+        assert poll_until(lambda: (serve_bounds(model, 1), serve_bounds(model, 2)) == ((1, 1), (1, 1)), 30,
+                          every=0.25), (serve_bounds(model, 1), serve_bounds(model, 2))
+        assert poll_until(lambda: running_replicas(model, 1) == 1, 120, every=0.5)
+        assert replica_pids(model, 2) == before[2]
+        time.sleep(1.0)
+        trickle.clear()
+        thread.join(30)
+        assert failures == [], failures[:5]
+        assert answered[0] > 50
+    finally:
+        trickle.clear()
         gw.stop()
         reg.dispose()
