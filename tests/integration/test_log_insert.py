@@ -1,0 +1,64 @@
+"""The prediction log's bulk insert on both backends (issue 17: PostgreSQL sends each column as one
+array and unnests it server-side): what is stored is exactly what was logged, whatever the text holds,
+ids already stored are skipped and counted, and a row the database refuses fails the whole statement
+as a data error (so the row store bisects it out)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from gateway.records.inserter import Inserter
+from gateway.records.spill import is_data_error
+from registry.models import Prediction
+
+
+def _rows(ts: str, numpy: bool) -> list[tuple]:
+    """numpy scalars where the gateway may hand them over (PostgreSQL prints them into the arrays with
+    str(); SQLite's driver would store a numpy int as a blob, so the SQLite rows use Python numbers)."""
+    i64, f32, f64, b = (np.int64, np.float32, np.float64, np.bool_) if numpy else (int, float, float, bool)
+    return [
+        ("edge-1", "m", 1, 'a"b\\c,{}\tx\ny é', 0.125, 1.0, ts, "[1,2.5]", None, False, None),
+        ("edge-2", "m", i64(2), "", 0.5, f32(0.25), ts, None, 7, b(True), 1),
+        ("edge-3", "m", 1, "NULL", f64(0.75), 2.0, ts, "[]", 1, True, None),
+        ("edge-4", "m", 1, "k", 1e-300, 3.5, ts, "[3.40282347e+38,-0]", None, False, None),
+    ]
+
+
+def test_rows_round_trip_exactly_and_duplicates_are_skipped(registry) -> None:  # noqa: ANN001
+    ins = Inserter(registry)
+    ts = ins.timestamp(time.time())
+    rows = _rows(ts, numpy=registry.engine.dialect.name == "postgresql")
+    assert ins.insert(rows) == 4
+    assert ins.insert(rows) == 0  # every id taken: skipped, counted as not inserted
+    assert ins.insert([*rows[:2], ("edge-5", "m", 1, "k", 0.1, 1.0, ts, None, None, False, None)]) == 1
+    with registry.session() as s:
+        got = {r.request_id: r for r in s.scalars(select(Prediction).where(Prediction.model == "m"))}
+    assert sorted(got) == ["edge-1", "edge-2", "edge-3", "edge-4", "edge-5"]
+    assert got["edge-1"].routing_key == 'a"b\\c,{}\tx\ny é'
+    assert got["edge-1"].features == [1, 2.5] and got["edge-1"].split_revision is None
+    assert (got["edge-2"].version, got["edge-2"].routing_key, got["edge-2"].latency_ms) == (2, "", 0.25)
+    assert got["edge-2"].features is None and got["edge-2"].pinned is True
+    assert got["edge-2"].failed_version == 1
+    assert got["edge-3"].routing_key == "NULL" and got["edge-3"].features == []
+    assert got["edge-4"].score == 1e-300 and got["edge-4"].features == [3.40282347e38, 0]
+
+
+@pytest.mark.parametrize("bad", [
+    ("bad-nul", "m", 1, "a\x00b", 0.5, 1.0, None, None, None, False, None),  # PostgreSQL refuses NUL
+    ("bad-len", "m", 1, "k" * 300, 0.5, 1.0, None, None, None, False, None),  # routing_key is 256 at most
+])
+def test_a_refused_row_fails_its_statement_as_a_data_error(registry, bad: tuple) -> None:  # noqa: ANN001
+    ins = Inserter(registry)
+    if registry.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite stores NUL and ignores VARCHAR lengths")
+    ts = ins.timestamp(time.time())
+    good = ("good-1", "m", 1, "k", 0.5, 1.0, ts, None, None, False, None)
+    with pytest.raises(Exception) as err:
+        ins.insert([good, (*bad[:6], ts, *bad[7:])])
+    assert is_data_error(err.value)
+    with registry.session() as s:  # nothing of the statement was stored
+        assert s.scalar(select(Prediction.id).where(Prediction.request_id == "good-1")) is None
