@@ -30,6 +30,7 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
 def case(title: str, res: LoadResult) -> dict[str, Any]:
     d = res.as_dict()
     d["title"] = title
+    d["loadavg_1m"] = round(os.getloadavg()[0], 2)  # on a shared machine, how busy it was just then
     return d
 
 
