@@ -78,6 +78,22 @@ def test_goload_against_the_do_nothing_server(goload: Path, echo: EchoProcess) -
     assert res.requests == 0 and res.error_codes == {"UNIMPLEMENTED": 3} and math.isnan(res.p99_ms)
 
 
+def test_python_client_is_still_an_option(echo: EchoProcess) -> None:
+    """`chimera bench --client python` drives the same cases with loadtest.closed_loop: same spec in,
+    same result shape out."""
+    from loadtest.bench import BenchOptions, load_client
+    from loadtest.closed_loop import run
+
+    load, about = load_client(BenchOptions(client="python"))
+    assert load is run and about["name"] == "python"
+    spec = LoadSpec(target=f"127.0.0.1:{echo.port}", kind="predict", concurrency=2, model="m", rows=ROWS,
+                    **SHORT)
+    res = load(spec)
+    assert res.requests > 0 and res.errors == 0 and 0 < res.p50_ms <= res.p99_ms
+    with pytest.raises(ValueError, match="go or python"):
+        load_client(BenchOptions(client="rust"))
+
+
 def test_goload_refuses_bad_flags_and_names_them(goload: Path, tmp_path: Path) -> None:
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps({"rows": [list(r) for r in ROWS], "feature_names": []}))
