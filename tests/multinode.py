@@ -38,7 +38,7 @@ from typing import Any
 
 from tests.harness import free_port
 
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"  # the venv's, as in make test
 HEAD_IP = "127.0.0.2"  # a loopback address Ray takes as it is (module docstring)
 
 
@@ -105,22 +105,33 @@ class Cluster:
         self.workers: dict[str, RayNode] = {}
 
     def start(self) -> Cluster:
-        self.head = RayNode("head", [
+        """The head, then each worker, one at a time: each waits until its node is up (nodes started
+        together on a loaded 2-core machine miss Ray's fixed 30 s wait for a raylet to register)."""
+        self.head = self._start_node("head", [
             "--head", "--num-cpus=0", f"--port={self.port}", f"--node-ip-address={HEAD_IP}",
             "--node-name=head", "--include-dashboard=false", f"--dashboard-port={free_port()}",
             f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'head'}",
-            "--disable-usage-stats"], self.node_env, self.root / "head.log")
+            "--disable-usage-stats"])
         for i in range(self.n_workers):
-            self.add_worker(f"worker-{i}", f"127.0.0.{3 + i}")
+            name = f"worker-{i}"
+            self.workers[name] = self._start_node(name, [
+                f"--address={self.address}", "--num-cpus=1", f"--node-ip-address=127.0.0.{3 + i}",
+                f"--node-name={name}", f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self.root / name}"])
         return self
 
-    def add_worker(self, name: str, ip: str) -> RayNode:
-        node = RayNode(name, [
-            f"--address={self.address}", "--num-cpus=1", f"--node-ip-address={ip}", f"--node-name={name}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.root / name}"],
-            self.node_env, self.root / f"{name}.log")
-        self.workers[name] = node
-        return node
+    def _start_node(self, name: str, args: list[str], attempts: int = 3, timeout_s: float = 120.0) -> RayNode:
+        """Start a node and wait for `ray start` to report it up; a start that fails (Ray gives a raylet
+        30 s to register, which a loaded machine can miss) is cleaned up and tried again."""
+        for attempt in range(1, attempts + 1):
+            node = RayNode(name, args, self.node_env, self.root / f"{name}.{attempt}.log")
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and node.proc.poll() is None:
+                if b"Ray runtime started" in node.log_path.read_bytes():
+                    return node
+                time.sleep(0.25)
+            node.kill()
+        raise RuntimeError(f"Ray node {name} did not start in {attempts} attempts:\n{self.logs()}")
 
     def stop(self) -> None:
         """Kill every node this cluster started (workers first), then remove its temp dirs."""
@@ -241,14 +252,32 @@ class Gateway:
         finally:
             channel.close()
 
-    def rows_scored(self) -> float:
-        """chimera_rows_scored_total over every model and version, from the gateway's /metrics: which
-        gateway answered is not visible to a gRPC client, so this is how a test sees the spread."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a counter's samples on the gateway's /metrics (`name` with its _total), over the
+        samples whose labels include `labels`; a label value starting with "!" means any other value."""
+        import re
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                       if line.startswith("chimera_rows_scored_total{"))
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.rindex("}")]))
+            if all((have.get(k) != v[1:]) if v.startswith("!") else (have.get(k) == v)
+                   for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def rows_scored(self) -> float:
+        """Rows this gateway scored: which gateway answered is not visible to a gRPC client, so this is
+        how a test sees the spread."""
+        return self.metric("chimera_rows_scored_total")
+
+    def refused(self) -> float:
+        """Predict calls this gateway answered with anything but OK (a client may have retried them)."""
+        return self.metric("chimera_requests_total", method="Predict", code="!OK")
 
     def logs(self) -> str:
         return (self.tmp / "serve.log").read_text(errors="replace")[-5000:]
