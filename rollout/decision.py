@@ -68,6 +68,8 @@ class SequentialState:
     canary_n_at_last_step: int = 0
     winsor: tuple[float, float] | None = None
     latency_thresholds: dict[str, float] = field(default_factory=dict)
+    covariate: dict[str, Any] | None = None  # CUPED: θ, c, sd of x, fixed once (rollout.covariate)
+    p_balance: float = 1.0  # covariate balance between arms (held like an SRM below srm_alpha)
 
     def to_dict(self) -> dict[str, Any]:
         """Store -inf as None so the state survives strict JSON."""
@@ -91,6 +93,7 @@ class SequentialState:
             canary_n_at_last_step=int(data.get("canary_n_at_last_step", 0)),
             winsor=(float(w[0]), float(w[1])) if w else None,
             latency_thresholds={str(k): float(v) for k, v in (data.get("latency_thresholds") or {}).items()},
+            covariate=data.get("covariate"), p_balance=p("p_balance"),
         )
 
 
@@ -156,6 +159,7 @@ class Decision:
     winsor: tuple[float, float] | None
     skipped_outcomes: int
     reason: str = ""
+    covariate: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -282,7 +286,9 @@ def look(
         [(p.latency_windows, p.latency_window_var) for p in data.periods], policy.latency_min_windows)
     p_srm, _, srm_stat = _srm(data, policy, prev.p_srm)
     p_cov, coverage = _coverage(data, policy, prev.p_coverage)
-    srm = p_srm <= policy.srm_alpha or p_cov <= policy.srm_alpha
+    cov_rec = data.covariate
+    p_bal = min(prev.p_balance, cov_rec["p_balance_look"]) if cov_rec else prev.p_balance
+    srm = p_srm <= policy.srm_alpha or p_cov <= policy.srm_alpha or p_bal <= policy.srm_alpha
 
     n_b, n_c = data.n
     effect, var = data.effect, data.variance
@@ -313,9 +319,10 @@ def look(
         looks += 1
 
     new = SequentialState(looks, p_worse, p_better, p_err, p_lat, p_srm, p_cov, lb,
-                          prev.canary_n_at_last_step, data.winsor, dict(data.latency_thresholds))
-    action, next_w, reason, guard, verdict_p = _rules(policy, err, lat, srm, p_srm, p_cov, ready, new,
-                                                      n_b, n_c, weight)
+                          prev.canary_n_at_last_step, data.winsor, dict(data.latency_thresholds),
+                          {**cov_rec, "p_balance": p_bal} if cov_rec else prev.covariate, p_bal)
+    action, next_w, reason, guard, verdict_p = _rules(policy, err, lat, srm, p_srm, min(p_cov, p_bal), ready,
+                                                      new, n_b, n_c, weight)
     if action in ("step_up", "promote"):
         new = SequentialState(**{**new.__dict__, "canary_n_at_last_step": n_c})
     decision = Decision(
@@ -329,7 +336,7 @@ def look(
         guardrails=(err, lat), p_errors=p_err, p_latency=p_lat, srm=srm, p_srm=p_srm,
         srm_statistic=srm_stat, p_coverage=p_cov,
         coverage=coverage, periods=tuple(p.to_dict() for p in data.periods), winsor=data.winsor,
-        skipped_outcomes=data.skipped_outcomes, reason=reason)
+        skipped_outcomes=data.skipped_outcomes, reason=reason, covariate=new.covariate)
     return decision, new
 
 
@@ -346,7 +353,8 @@ def _rules(
     if srm:
         return ("hold", weight,
                 f"sample-ratio mismatch: assignment always-valid p={p_srm:.3g}, outcome coverage "
-                f"p={p_cov:.3g} (srm_alpha={policy.srm_alpha}); the arms are not comparable, not deciding",
+                f"(or covariate balance) p={p_cov:.3g} (srm_alpha={policy.srm_alpha}); the arms are not "
+                f"comparable, not deciding",
                 None, min(p_srm, p_cov))
     if not ready:
         return ("hold", weight, f"collecting: {n_b} baseline / {n_c} canary matured outcomes, need "

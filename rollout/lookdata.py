@@ -157,6 +157,7 @@ class LookData:
     winsor: tuple[float, float] | None
     latency_thresholds: dict[str, float]
     skipped_outcomes: int
+    covariate: dict[str, Any] | None = None  # CUPED record (rollout.covariate.AdjustedBuilder)
 
     def fingerprint(self) -> list[int]:
         """Counts that change when anything a look uses changes (the controller skips a look without)."""

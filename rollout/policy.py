@@ -61,6 +61,10 @@ class RolloutPolicy:
     srm_tau: float = 0.02
     coverage_tau: float = 0.05
     outcome_delay_s: float = 0.0
+    # CUPED (rollout.covariate): the per-row covariate the canary test adjusts by, used only where the
+    # caller has it for its rows (on by default where available); None turns it off.
+    covariate: str | None = "production_score"
+    covariate_calibration: int = 1000  # baseline outcomes that fix θ (as the winsor limits)
     winsor_quantile: float | None = 0.01
     winsor_calibration: int = 1000
     min_canary_samples_per_step: int = 200
@@ -103,6 +107,8 @@ class RolloutPolicy:
             raise ValueError("point_mass must be in [0, 1]")
         if self.outcome_delay_s < 0.0:
             raise ValueError("outcome_delay_s must be >= 0")
+        if self.covariate_calibration < 2:
+            raise ValueError("covariate_calibration must be at least 2 (a slope needs two rows)")
         if self.latency_calibration < 1 or self.latency_window < 1 or self.latency_min_windows < 0:
             raise ValueError("latency_calibration and latency_window must be >= 1, latency_min_windows >= 0")
         if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:

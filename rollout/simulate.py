@@ -15,6 +15,10 @@ Scenarios (``SCENARIOS``) are the issue's table and its extra cases. A/A scenari
 rollback and false promotion rates with Wilson 95 % intervals; the worse canaries report the rollback
 rate and the median matured outcomes (both arms) at the rolling-back look; the SRM canary the share of
 runs held by the sample-ratio check. ``acceptance`` applies the issue's thresholds.
+
+The scenarios of issue 18 (kinds ``paired-*`` and ``cuped-*``, at the end of the list) run the paired
+shadow evaluation and the covariate-adjusted canary against their unpaired / unadjusted references on
+the same generated rows: ``rollout.simulate_methods``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from rollout import simulate_methods as methods
 from rollout import splits
 from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
@@ -68,6 +73,9 @@ class Scenario:
     delay_success_s: float = 0.0  # mean exponential outcome delay of successes / failures
     delay_failure_s: float = 0.0
     policy: dict[str, Any] = field(default_factory=dict)
+    shadow_noise: float = 0.5  # paired: the shadow's score noise on the log-odds (0.5: as good as served)
+    covariate_r2: float = 0.0  # cuped: share of the outcome's variance the covariate explains
+    rows: int = 0  # requests per run when the scenario needs its own horizon (0: max_requests)
 
 
 SCENARIO_LIST: tuple[Scenario, ...] = (
@@ -93,6 +101,20 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
     Scenario("fail", "fail", "canary fails every request (no outcome ever)", canary_fails=True),
     Scenario("slow", "slow", "canary 2x slower (every request)", canary_latency_factor=2.0),
     Scenario("srm", "srm", "10 % canary that actually receives 7 % (A/A outcomes)", actual_share=0.07),
+    # Issue 18 (rollout.simulate_methods); appended, so the scenarios above keep their seeds.
+    Scenario("paired-aa", "paired-aa", "paired shadow A/A, Brier: shadow and served equally good, "
+             "independent errors", metric="brier"),
+    Scenario("paired-aa-logloss", "paired-aa", "paired shadow A/A, log-loss (scores clipped at 1e-4)",
+             metric="log_loss"),
+    Scenario("paired-aa-sticky", "paired-aa", "paired shadow A/A, Brier, 2,000 sticky keys holding half "
+             "the variance of the log-odds and of each model's error", metric="brier", keys=2000, icc=0.5),
+    Scenario("paired-worse", "paired-worse", "shadow's Brier worse by 0.020 (0.205 vs 0.185); reference: "
+             "the same rows through a 10 % Brier canary", metric="brier", shadow_noise=0.96, rows=50_000),
+    Scenario("cuped-aa", "cuped-aa", "A/A at p = 0.5, covariate-adjusted by the production score "
+             "(R^2 = 0.4)", covariate_r2=0.4),
+    Scenario("cuped-worse", "cuped-worse", "canary 0.45 vs 0.50 at 10 %, adjusted by a covariate with "
+             "R^2 = 0.4, against the unadjusted canary on the same rows", p=0.5, p_canary=0.45,
+             covariate_r2=0.4),
 )
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}
 DEFAULT_MAX_REQUESTS = 20_000
@@ -230,7 +252,8 @@ def _chunk(args: tuple[str, int, int, int, dict[str, Any]]) -> list[RunResult]:
     name, seed, first, count, kw = args
     sc = SCENARIOS[name]
     seqs = np.random.SeedSequence([seed, SCENARIO_LIST.index(sc)]).spawn(first + count)[first:]
-    return [run_once(sc, np.random.default_rng(s), **kw) for s in seqs]
+    runner = methods.RUNNERS.get(sc.kind, run_once)
+    return [runner(sc, np.random.default_rng(s), **kw) for s in seqs]
 
 
 def simulate(name: str, runs: int, *, seed: int = 0, workers: int = 1, **kw: Any) -> dict[str, Any]:
@@ -248,6 +271,8 @@ def simulate(name: str, runs: int, *, seed: int = 0, workers: int = 1, **kw: Any
             results = [r for part in pool.map(_chunk, jobs) for r in part]
     else:
         results = _chunk((name, seed, 0, runs, kw))
+    if sc.kind in methods.KINDS:
+        return methods.summarise(sc, results, seed, time.perf_counter() - started, kw, wilson)
     return _summarise(sc, results, seed, time.perf_counter() - started, kw)
 
 
@@ -288,6 +313,8 @@ def _summarise(sc: Scenario, res: list[RunResult], seed: int, elapsed: float,
 def check(result: dict[str, Any]) -> dict[str, bool]:
     """The issue's acceptance thresholds for one scenario's summary."""
     kind = result["kind"]
+    if kind in methods.KINDS:
+        return methods.check(result)
     rb, pr = result["rollback"], result["promotion"]
     if kind == "aa":
         return {"false_rollback_le_5pct": rb["rate"] <= 0.05, "false_rollback_ci_high_le_6.5pct":
@@ -336,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    """Markdown table of a ``--scenario all`` report, as docs/statistics.md shows it."""
+    """Markdown table of a ``--scenario all`` report, as docs/statistics.md shows it (the issue-18
+    scenarios have their own columns: ``rollout.simulate_methods.table``)."""
     def pct(r: dict[str, float]) -> str:
         return f"{100 * r['rate']:.1f} % ({100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f})"
 
     lines = ["| scenario | runs | rollback (95 % CI) | promotion (95 % CI) | held by SRM | median outcomes "
              "to rollback | median s to rollback | checks |", "|---|---|---|---|---|---|---|---|"]
     for r in report["scenarios"]:
+        if r["kind"] in methods.KINDS:
+            continue
         med = r["median_outcomes_to_rollback"]
         sec = r["median_seconds_to_rollback"]
         lines.append(f"| {r['scenario']}: {r['description']} | {r['runs']} | {pct(r['rollback'])} | "
