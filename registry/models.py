@@ -116,8 +116,9 @@ class TrafficSplit(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
-    # (model, version) serves the controller's per-arm reads (migration 0002).
-    __table_args__ = (Index("ix_predictions_model_version", "model", "version"),)
+    # One index for every range read (rollout looks, retraining, retention): model = ? AND created_at in
+    # a range (migration 0006, which says why it replaced created_at and (model, version)).
+    __table_args__ = (Index("ix_predictions_model_created", "model", "created_at"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -127,8 +128,7 @@ class Prediction(Base):
     routing_key: Mapped[str] = mapped_column(String(256), nullable=False, default="")
     score: Mapped[float] = mapped_column(Float, nullable=False)
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow,
-                                                 index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     # The scored feature row (or a sample of rows), for retraining from feedback and drift checks.
     features: Mapped[list[float] | None] = mapped_column(FiniteJSON(none_as_null=True), nullable=True)
     # Rollout statistics (migration 0005): the split revision the row was routed under (None: before
