@@ -2,19 +2,34 @@
 
 - bench: the writer's ingest rate on a registry (loadtest.bench_log drives a real
   gateway.records.PredictionLog, built here because loadtest sits below the gateway's floor).
-- prune / export: retention and the retraining hand-off (added with those commands)."""
+- prune: retention. Deletes rows older than a cutoff in batches of `--batch` rows, each batch its own
+  short transaction (so the gateway's inserts and the controller's reads never wait behind one huge
+  delete), model by model through the (model, created_at) index (migration 0006); request_errors too.
+  Pruned rows can no longer be recomputed by `chimera analyze`: export first.
+- export: the old rows as Parquet for retraining and archive, one file per model and UTC day
+  (DIR/<model>/<YYYY-MM-DD>.parquet), every column of the log plus the outcome joined by request id
+  (NaN/None when none arrived), features as list<float32>. Exporting a day again merges with its file
+  (union by request id), so "export, then prune" can run repeatedly with any cutoff and no row is
+  lost or doubled. Files are written to a temporary name and renamed."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from chimera.cli import views
+from chimera.cli.shared import load_settings, open_registry
+
+if TYPE_CHECKING:
+    from registry import Registry
 
 log_app = typer.Typer(help="The prediction log: ingest bench, retention, export.", no_args_is_help=True)
 
@@ -63,13 +78,209 @@ def bench(
     raise typer.Exit(0 if result.sustained else 3)
 
 
-def _delete_model_rows(reg: object, model: str) -> None:
-    """Remove the bench's rows (one statement: the bench database is meant to be throwaway)."""
-    from sqlalchemy import delete
+def _delete_model_rows(reg: Registry, model: str) -> None:
+    """Remove the bench's rows (in batches, as prune does)."""
+    prune_rows(reg, datetime.now(UTC) + timedelta(days=1), model=model)
 
-    from registry import Registry
-    from registry.models import Prediction
 
-    assert isinstance(reg, Registry)
-    with reg.transaction() as s:
-        s.execute(delete(Prediction).where(Prediction.model == model))
+OlderThan = Annotated[str, typer.Option("--older-than", help="age, e.g. 30d, 12h, 2w (rows created before "
+                                         "now minus this)")]
+ModelOpt = Annotated[str | None, typer.Option(help="only this model (default: every model in the log)")]
+
+
+@log_app.command("prune")
+def prune(older_than: OlderThan, model: ModelOpt = None,
+          batch: Annotated[int, typer.Option(help="rows deleted per transaction")] = 10_000,
+          dry_run: Annotated[bool, typer.Option(help="count, delete nothing")] = False) -> None:
+    """Delete prediction-log rows (and request errors) older than --older-than, in batches."""
+    cutoff = _cutoff(older_than)
+    reg = open_registry(load_settings())
+    try:
+        if dry_run:
+            counts = count_rows(reg, cutoff, model=model)
+            views.console.print(f"would delete {counts['predictions']:,} predictions and "
+                                f"{counts['request_errors']:,} request errors created before "
+                                f"{cutoff.isoformat(timespec='seconds')}")
+            return
+        done = prune_rows(reg, cutoff, model=model, batch=batch)
+    finally:
+        reg.dispose()
+    views.console.print(f"deleted {done['predictions']:,} predictions and {done['request_errors']:,} request "
+                        f"errors created before {cutoff.isoformat(timespec='seconds')}")
+
+
+@log_app.command("export")
+def export(older_than: OlderThan,
+           to: Annotated[Path, typer.Option("--to", help="directory for <model>/<YYYY-MM-DD>.parquet")],
+           model: ModelOpt = None) -> None:
+    """Write prediction-log rows older than --older-than to Parquet, one file per model and UTC day."""
+    cutoff = _cutoff(older_than)
+    reg = open_registry(load_settings())
+    try:
+        files = export_rows(reg, cutoff, to, model=model)
+    finally:
+        reg.dispose()
+    total = sum(n for _p, n in files)
+    views.console.print(f"exported {total:,} rows created before {cutoff.isoformat(timespec='seconds')} "
+                        f"into {len(files)} file(s) under {to}")
+
+
+def _cutoff(older_than: str) -> datetime:
+    from training.feedback import parse_window
+
+    try:
+        return datetime.now(UTC) - parse_window(older_than)
+    except ValueError as exc:
+        views.fail(f"--older-than: {exc}", 2)
+
+
+# ------------------------------------------------------------------ retention and export (no CLI here)
+def log_models(reg: Registry) -> list[str]:
+    """Every model with rows in the log, by a loose index scan over (model, created_at): one index probe
+    per model instead of reading the table (SELECT DISTINCT would, on PostgreSQL)."""
+    from sqlalchemy import text
+
+    q = text("WITH RECURSIVE m(model) AS (SELECT min(model) FROM predictions UNION ALL "
+             "SELECT (SELECT min(p.model) FROM predictions p WHERE p.model > m.model) FROM m "
+             "WHERE m.model IS NOT NULL) SELECT model FROM m WHERE model IS NOT NULL")
+    with reg.session() as s:
+        found = [r[0] for r in s.execute(q)]
+        errors = [r[0] for r in s.execute(text("SELECT DISTINCT model FROM request_errors"))]
+    return sorted(set(found) | set(errors))
+
+
+def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from registry.models import Prediction, RequestError
+
+    out = {"predictions": 0, "request_errors": 0}
+    with reg.session() as s:
+        for m in [model] if model else log_models(reg):
+            for key, table in (("predictions", Prediction), ("request_errors", RequestError)):
+                out[key] += int(s.scalar(select(func.count()).select_from(table).where(
+                    table.model == m, table.created_at < cutoff)) or 0)
+    return out
+
+
+def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
+               batch: int = 10_000) -> dict[str, int]:
+    """Delete rows created before `cutoff`, `batch` rows per transaction. Returns rows deleted per table."""
+    from sqlalchemy import delete, select
+
+    from registry.models import Prediction, RequestError
+
+    out = {"predictions": 0, "request_errors": 0}
+    for m in [model] if model else log_models(reg):
+        for key, table in (("predictions", Prediction), ("request_errors", RequestError)):
+            while True:
+                ids = select(table.id).where(table.model == m, table.created_at < cutoff).limit(batch)
+                with reg.transaction() as s:
+                    n = s.execute(delete(table).where(table.id.in_(ids.scalar_subquery()))).rowcount
+                out[key] += n
+                if n < batch:
+                    break
+    return out
+
+
+_SCHEMA_FIELDS = (("request_id", "string"), ("model", "string"), ("version", "int32"),
+                  ("routing_key", "string"), ("score", "float64"), ("latency_ms", "float64"),
+                  ("created_at", "timestamp"), ("features", "list<float32>"), ("split_revision", "int64"),
+                  ("pinned", "bool"), ("failed_version", "int32"), ("outcome", "float64"),
+                  ("outcome_at", "timestamp"))
+
+
+def _arrow_schema() -> Any:
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
+             "bool": pa.bool_(), "timestamp": pa.timestamp("us", tz="UTC"),
+             "list<float32>": pa.list_(pa.float32())}
+    return pa.schema([(name, types[t]) for name, t in _SCHEMA_FIELDS])
+
+
+def export_rows(reg: Registry, cutoff: datetime, directory: Path, *, model: str | None = None,
+                rows_per_group: int = 100_000) -> list[tuple[Path, int]]:
+    """Write every row created before `cutoff` to DIR/<model>/<day>.parquet (see the module docstring).
+    Returns (file, rows added) per file that gained rows."""
+    written: list[tuple[Path, int]] = []
+    for m in [model] if model else log_models(reg):
+        for day in _days(reg, m, cutoff):
+            until = min(day + timedelta(days=1), cutoff)
+            path = directory / _safe_name(m) / f"{day:%Y-%m-%d}.parquet"
+            added = _export_day(reg, m, day, until, path, rows_per_group)
+            if added:
+                written.append((path, added))
+    return written
+
+
+def _safe_name(model: str) -> str:
+    """A model name as one path component (names are validated at the door, but never trust a path)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model).lstrip(".") or "_"
+
+
+def _days(reg: Registry, model: str, cutoff: datetime) -> Iterator[datetime]:
+    from sqlalchemy import func, select
+
+    from registry.models import Prediction, as_utc
+
+    with reg.session() as s:
+        first = s.scalar(select(func.min(Prediction.created_at)).where(Prediction.model == model,
+                                                                         Prediction.created_at < cutoff))
+    if first is None:
+        return
+    day = as_utc(first).replace(hour=0, minute=0, second=0, microsecond=0)
+    while day < cutoff:
+        yield day
+        day += timedelta(days=1)
+
+
+def _export_day(reg: Registry, model: str, since: datetime, until: datetime, path: Path,
+                rows_per_group: int) -> int:
+    """Rows of one model in [since, until) merged into `path`; returns the rows the file gained."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sqlalchemy import select
+
+    from registry.models import Outcome, Prediction
+
+    schema = _arrow_schema()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    known: set[str] = set()
+    added = 0
+    cols = [Prediction.request_id, Prediction.model, Prediction.version, Prediction.routing_key,
+            Prediction.score, Prediction.latency_ms, Prediction.created_at, Prediction.features,
+            Prediction.split_revision, Prediction.pinned, Prediction.failed_version, Outcome.value,
+            Outcome.created_at]
+    q = (select(*cols).outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
+         .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at < until)
+         .order_by(Prediction.created_at, Prediction.id))
+    with pq.ParquetWriter(tmp, schema) as writer:
+        if path.exists():  # a day exported before (and maybe pruned since): keep every row it has
+            old = pq.read_table(path, schema=schema)
+            known.update(old.column("request_id").to_pylist())
+            writer.write_table(old)
+        with reg.session() as s:
+            result = s.execute(q.execution_options(stream_results=True, yield_per=rows_per_group))
+            for part in result.partitions():
+                rows = [r for r in part if r[0] not in known]
+                if not rows:
+                    continue
+                columns = list(zip(*rows, strict=True))
+                arrays = [pa.array(_column(columns[i], f.name), type=f.type) for i, f in enumerate(schema)]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                added += len(rows)
+    if added or path.exists():
+        os.replace(tmp, path)
+    else:  # a day with no rows: no file
+        tmp.unlink(missing_ok=True)
+    return added
+
+
+def _column(values: tuple[Any, ...], name: str) -> list[Any]:
+    from registry.models import as_utc
+
+    if name in ("created_at", "outcome_at"):
+        return [None if v is None else as_utc(v) for v in values]
+    return list(values)
