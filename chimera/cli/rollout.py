@@ -122,8 +122,6 @@ def rollout_status(
             fmt(a.metric_value) if a.role else "-",
         )
     views.console.print(table)
-    if st.HasField("scaling"):
-        print_scaling(st.scaling)
     if last is not None:
         views.console.print(
             f"last decision: [bold]{last.action}[/bold] v{last.canary_version} vs v{last.baseline_version} "
@@ -146,6 +144,8 @@ def rollout_status(
                 f"{d.weight_before}→{d.weight_after}",
             )
         views.console.print(hist)
+    if st.HasField("scaling"):
+        print_scaling(st.scaling)
 
 
 def print_scaling(sc: object) -> None:
@@ -165,7 +165,7 @@ def print_scaling(sc: object) -> None:
     table = Table("version", "role", "min", "max", "target ongoing", "up s", "down s", "running",
                   title=f"{sc.model} replicas")
     for v in sc.versions:
-        table.add_row(str(v.version), v.role, str(v.replicas_min), str(v.replicas_max),
+        table.add_row(f"v{v.version}", v.role, str(v.replicas_min), str(v.replicas_max),
                       f"{v.target_ongoing_requests:g}", f"{v.upscale_delay_s:g}", f"{v.downscale_delay_s:g}",
                       str(v.replicas) if v.replicas >= 0 else "-")
     views.console.print(table)
