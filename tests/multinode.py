@@ -103,6 +103,7 @@ class Cluster:
         self.n_workers = workers
         self.head: RayNode | None = None
         self.workers: dict[str, RayNode] = {}
+        self._started: list[RayNode] = []  # every node process ever started, failed attempts included
 
     def start(self) -> Cluster:
         """The head, then each worker, one at a time: each waits until its node is up (nodes started
@@ -125,6 +126,7 @@ class Cluster:
         30 s to register, which a loaded machine can miss) is cleaned up and tried again."""
         for attempt in range(1, attempts + 1):
             node = RayNode(name, args, self.node_env, self.root / f"{name}.{attempt}.log")
+            self._started.append(node)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and node.proc.poll() is None:
                 if b"Ray runtime started" in node.log_path.read_bytes():
@@ -134,8 +136,8 @@ class Cluster:
         raise RuntimeError(f"Ray node {name} did not start in {attempts} attempts:\n{self.logs()}")
 
     def stop(self) -> None:
-        """Kill every node this cluster started (workers first), then remove its temp dirs."""
-        for node in [*self.workers.values(), *([self.head] if self.head else [])]:
+        """Kill every node this cluster started (the head last), then remove its temp dirs."""
+        for node in reversed(self._started):
             if node.proc.poll() is None or session_pids(node.proc.pid):
                 node.kill()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -219,11 +221,12 @@ class Observer:
         self._err.close()
 
 
-def replica_nodes(report: dict[str, Any]) -> dict[str, str]:
-    """replica id -> the name of the node it runs on, over the observed applications' RUNNING replicas."""
+def replica_nodes(report: dict[str, Any], states: tuple[str, ...] = ("RUNNING",)) -> dict[str, str]:
+    """replica id -> the name of the node it runs on, over the observed applications' replicas in one of
+    `states` (empty: every replica that has a node)."""
     names = {nid: n["name"] for nid, n in report["nodes"].items()}
     return {r["id"]: names.get(r["node"], r["node"]) for app in report["apps"].values()
-            for r in app["replicas"] if r["state"] == "RUNNING"}
+            for r in app["replicas"] if r["node"] and (not states or r["state"] in states)}
 
 
 class Gateway:

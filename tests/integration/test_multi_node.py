@@ -217,6 +217,10 @@ def test_two_gateways_on_a_three_node_cluster_survive_a_lost_node_and_a_drained_
         assert during and all(c.code == "OK" for c in during), Counter(c.code for c in during)
         assert sum(c.started > sigterm_at + drained_in for c in during) > 50, "no calls after gw1 exited"
 
+        # No replica, in any state, was ever seen on the head, in any report of the whole run.
+        seen = {node for report in observer.history for node in replica_nodes(report, states=()).values()}
+        assert seen == {"worker-0", "worker-1"}, seen
+
         # Every OK answer logged exactly once (gw2 flushes its log on SIGTERM; gw1 already did).
         assert gateways[1].stop(signal.SIGTERM) == 0, gateways[1].logs()
         counts = stored_counts(url, model)
