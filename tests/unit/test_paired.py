@@ -127,3 +127,14 @@ def test_paired_worse_shadow_needs_a_fraction_of_the_canary_outcomes():
     r = simulate("paired-worse", 60, seed=SEED)
     assert all(check(r).values()), r
     assert r["canary_rollback"]["rate"] >= 0.9 and r["ratio_paired_to_canary"] <= 1 / 3, r
+
+
+def test_method_scenarios_have_their_own_table_and_leave_the_canary_table_alone():
+    from rollout import simulate_methods
+    from rollout.simulate import table
+
+    r = simulate("paired-worse", 3, seed=SEED)
+    r["checks"] = check(r)
+    assert table({"scenarios": [r]}).count("\n") == 1  # header lines only: not a canary row
+    md = simulate_methods.table([r])
+    assert md.count("\n") == 2 and "paired-worse" in md and "pairs to 'worse'" in md
