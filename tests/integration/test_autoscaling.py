@@ -213,6 +213,10 @@ def test_per_model_policy_bounds_canary_and_production_and_changes_at_run_time_i
                           every=0.25), (serve_bounds(model, 1), serve_bounds(model, 2))
         assert poll_until(lambda: running_replicas(model, 1) == 1, 120, every=0.5)
         assert replica_pids(model, 2) == before[2]
+        # A policy written by another gateway (here: straight into the registry) reaches Serve through
+        # this gateway's scaling watch within a few seconds.
+        reg.set_rollout_config(model, {**reg.rollout_config(model), "replicas_max": 2})
+        assert poll_until(lambda: serve_bounds(model, 1) == (1, 2), 20, every=0.25), serve_bounds(model, 1)
         time.sleep(1.0)
         trickle.clear()
         thread.join(30)
