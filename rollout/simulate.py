@@ -115,6 +115,8 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
     Scenario("cuped-worse", "cuped-worse", "canary 0.45 vs 0.50 at 10 %, adjusted by a covariate with "
              "R^2 = 0.4, against the unadjusted canary on the same rows", p=0.5, p_canary=0.45,
              covariate_r2=0.4),
+    Scenario("paired-margin", "paired-margin", "shadow's Brier worse by 0.010, the non-inferiority margin "
+             "itself (0.1955 vs 0.1854): 'not worse' would be wrong", metric="brier", shadow_noise=0.76),
 )
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}
 DEFAULT_MAX_REQUESTS = 20_000

@@ -6,7 +6,8 @@ unadjusted one. ``rollout.simulate`` lists the scenarios and runs these (``chime
 Paired rows. Each request has a true log-odds η ~ N(0, 1.5²) and an outcome y ~ Bernoulli(σ(η)); the
 served version scores σ(η + 0.5 e₁), the shadow σ(η + s e₂) with independent standard normal errors.
 s = 0.5 is an A/A pair (two different models of equal quality: d_i is not zero, its mean is); s = 0.96
-makes the shadow's Brier score worse by 0.020 (measured over 2·10⁶ rows: served 0.1854, shadow 0.2054).
+makes the shadow's Brier score worse by 0.020 (measured over 2·10⁶ rows: served 0.1854, shadow 0.2051),
+s = 0.76 by 0.010, the non-inferiority margin (shadow 0.1955).
 With sticky keys, a share ``icc`` of the variance of η and of each model's error belongs to the key (a
 model that misjudges a customer misjudges all of that customer's requests), so the d_i of a key are
 correlated. The reference canary routes 10 % of the same rows to the shadow's scores and runs the
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from rollout.simulate import Scenario
 
 BASE, CANARY = 1, 2
-PAIRED_KINDS = ("paired-aa", "paired-worse")
+PAIRED_KINDS = ("paired-aa", "paired-margin", "paired-worse")
 CUPED_KINDS = ("cuped-aa", "cuped-worse")
 KINDS = frozenset(PAIRED_KINDS + CUPED_KINDS)
 ETA_SD = 1.5
@@ -54,7 +55,8 @@ class MethodRun:
 
     Paired: verdict worse | not_worse | none (the first decision), ``worse_ever``: whether the "worse"
     test fired anywhere within the horizon (it keeps running after "not worse", the stricter count for
-    an A/A pair); reference = the unpaired canary. CUPED: verdict rollback | promote | none of the
+    an A/A pair), ``not_worse_ever`` likewise for a shadow worse by the margin; reference = the unpaired
+    canary. CUPED: verdict rollback | promote | none of the
     adjusted canary; reference = the unadjusted canary."""
 
     verdict: str
@@ -63,6 +65,7 @@ class MethodRun:
     reference: str
     reference_outcomes: int
     srm: bool
+    not_worse_ever: bool = False  # paired: "not worse" fired within the horizon (kept running after "worse")
 
 
 def _canary(policy: RolloutPolicy, builder: Any, u_route: np.ndarray, key: np.ndarray, y: np.ndarray,
@@ -128,16 +131,18 @@ def run_paired(sc: Scenario, rng: np.random.Generator, *, max_requests: int = 20
     data = PairedData(policy)
     state: PairedState | None = None
     units = key if sc.keys else None
-    verdict, at, worse_ever = "none", data.n, False
+    verdict, at, worse_ever, nw_ever = "none", data.n, False, False
     for start in range(0, n, look_every):
         sl = slice(start, min(start + look_every, n))
         data.add(y[sl], served[sl], shadow[sl], None if units is None else units[sl])
         d, state = paired_look(policy, data, state)
         if verdict == "none" and d.terminal:
             verdict, at = d.action, d.n_pairs
-        if state.p_worse <= policy.alpha_worse:
-            worse_ever = True
-        if verdict != "none" and (worse_ever or sc.kind != "paired-aa"):
+        worse_ever = worse_ever or state.p_worse <= policy.alpha_worse
+        nw_ever = nw_ever or state.p_not_worse <= policy.alpha_not_worse
+        # An A/A pair runs on for the false "worse", a pair worse by the margin for the false "not worse".
+        if verdict != "none" and (sc.kind == "paired-worse" or (sc.kind == "paired-aa" and worse_ever)
+                                  or (sc.kind == "paired-margin" and nw_ever)):
             break
     if verdict == "none":
         at = data.n
@@ -146,7 +151,7 @@ def run_paired(sc: Scenario, rng: np.random.Generator, *, max_requests: int = 20
         canary_policy = RolloutPolicy(metric=sc.metric)
         builder = LookBuilder(sc.metric, **canary_policy.builder_options())
         ref, ref_n, _ = _canary(canary_policy, builder, u_route, key, y, look_every, (served, shadow))
-    return MethodRun(verdict, at, worse_ever, ref, ref_n, False)
+    return MethodRun(verdict, at, worse_ever, ref, ref_n, False, nw_ever)
 
 
 def run_cuped(sc: Scenario, rng: np.random.Generator, *, max_requests: int = 20_000, look_every: int = 50,
@@ -203,6 +208,7 @@ def summarise(sc: Scenario, res: list[MethodRun], seed: int, elapsed: float, kw:
             "worse": rate(sum(r.verdict == "worse" for r in res)),
             "not_worse": rate(sum(r.verdict == "not_worse" for r in res)),
             "worse_ever": rate(sum(r.worse_ever for r in res)),
+            "not_worse_ever": rate(sum(r.not_worse_ever for r in res)),
             "median_pairs_to_worse": med([(r.verdict == "worse", r.outcomes) for r in res]),
             "median_pairs_to_not_worse": med([(r.verdict == "not_worse", r.outcomes) for r in res]),
         }
@@ -233,6 +239,10 @@ def check(result: dict[str, Any]) -> dict[str, bool]:
         w = result["worse_ever"]
         return {"false_worse_le_5pct": w["rate"] <= 0.05,
                 "false_worse_ci_high_le_6.5pct": w["ci_high"] <= 0.065}
+    if kind == "paired-margin":
+        w = result["not_worse_ever"]
+        return {"false_not_worse_le_5pct": w["rate"] <= 0.05,
+                "false_not_worse_ci_high_le_6.5pct": w["ci_high"] <= 0.065}
     if kind == "paired-worse":
         ratio = result["ratio_paired_to_canary"]
         return {"worse_ge_95pct": result["worse"]["rate"] >= 0.95,
@@ -267,6 +277,9 @@ def table(results: list[dict[str, Any]]) -> str:
         if r["kind"] == "paired-aa":
             row = (f"'worse' ever {pct(r['worse_ever'])}", f"'not worse' {pct(r['not_worse'])}",
                    f"{num(r['median_pairs_to_not_worse'])} pairs to 'not worse'", "")
+        elif r["kind"] == "paired-margin":
+            row = (f"'not worse' ever {pct(r['not_worse_ever'])}", f"'worse' {pct(r['worse'])}",
+                   f"{num(r['median_pairs_to_worse'])} pairs to 'worse'", "")
         elif r["kind"] == "paired-worse":
             row = (f"'not worse' {pct(r['not_worse'])}", f"'worse' {pct(r['worse'])}",
                    f"{num(r['median_pairs_to_worse'])} pairs to 'worse'",

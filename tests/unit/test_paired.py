@@ -121,6 +121,13 @@ def test_paired_aa_seldom_calls_an_equal_shadow_worse(name, runs):
     assert r["not_worse"]["rate"] >= 0.80, r
 
 
+def test_a_shadow_worse_by_the_margin_is_seldom_called_not_worse():
+    """The non-inferiority test's own guarantee: at δ = m (Brier +0.010) 'not worse' fired anywhere
+    within 20,000 rows (the test keeps running after 'worse') in at most 5 %, allowing for the few runs."""
+    r = simulate("paired-margin", 60, seed=SEED)
+    assert r["not_worse_ever"]["ci_low"] <= 0.05 and r["not_worse_ever"]["rate"] <= 0.10, r
+
+
 def test_paired_worse_shadow_needs_a_fraction_of_the_canary_outcomes():
     """Brier worse by 0.020: the paired test says 'worse' with at most a third (measured: well under a
     tenth) of the outcomes the unpaired 10 % canary needs on the same rows, and never 'not worse'."""
