@@ -104,6 +104,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     onnx_s = max(0.5, opts.duration_s / 2)
     for batch in (1, BATCH_ROWS):
         cases[f"onnx_batch{batch}"] = bench_onnx(onnx1, x, batch, onnx_s)
+        cases[f"onnx_batch{batch}"]["loadavg_1m"] = round(os.getloadavg()[0], 2)
         log(line(f"onnx_batch{batch}", cases[f"onnx_batch{batch}"]))
 
     base = LoadSpec(target="", kind="predict", concurrency=1, duration_s=opts.duration_s, model=MODEL,
