@@ -190,7 +190,9 @@ class ReplicaScaling:
     fixed (the default: one). Otherwise Ray Serve autoscales between them on the requests each replica
     has in flight (`target_ongoing_requests` per replica), waiting `upscale_delay_s` before adding and
     `downscale_delay_s` before removing replicas, over `look_back_s` of metrics (Ray Serve's own
-    autoscaler: a replica being removed finishes its requests first). Ray's defaults for the delays."""
+    autoscaler: a replica being removed finishes its requests first). Ray's defaults for the delays.
+    These are the process defaults: a model's rollout policy overrides them per version role
+    (rollout.policy.RolloutPolicy.replica_scaling)."""
 
     min_replicas: int = 1
     max_replicas: int = 1
