@@ -9,7 +9,8 @@ previous look, and returns the verdict with every statistic and the next state. 
    (share of requests slower than the baseline's p99 of the period; variance over time windows, since
    slow requests come in bursts) says the canary is worse by more
    than its margin: rollback at once, at any sample size, with or without outcomes.
-2. Sample-ratio mismatch, or a difference in outcome coverage between arms: hold, never promote. The
+2. Sample-ratio mismatch, a difference in outcome coverage between arms, or (covariate adjustment on,
+   ``rollout.covariate``) a covariate imbalance between arms: hold, never promote. The
    randomisation is broken, so no comparison of the arms can be trusted; the decision is stored with
    the SRM statistic and an operator must look.
 3. Below ``min_samples_per_arm`` matured outcomes in either arm (or, for winsorised metrics, before the
