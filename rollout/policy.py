@@ -62,7 +62,8 @@ class RolloutPolicy:
     coverage_tau: float = 0.05
     outcome_delay_s: float = 0.0
     # CUPED (rollout.covariate): the per-row covariate the canary test adjusts by, used only where the
-    # caller has it for its rows (on by default where available); None turns it off.
+    # caller has it for its rows (on by default where available); "" turns it off (a stored config's
+    # None means "the default" to policy_from_dict).
     covariate: str | None = "production_score"
     covariate_calibration: int = 1000  # baseline outcomes that fix θ (as the winsor limits)
     winsor_quantile: float | None = 0.01

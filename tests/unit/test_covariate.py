@@ -15,6 +15,7 @@ from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
 from rollout.policy import RolloutPolicy
 from rollout.simulate import check, simulate
+from rollout.splits import policy_from_dict
 
 SEED = 2026
 
@@ -58,6 +59,8 @@ def test_on_by_default_only_where_a_covariate_is_available():
     assert adjusts(policy, True) and not adjusts(policy, False)
     assert not adjusts(RolloutPolicy(metric="brier"), True)  # score quality: the paired test's job
     assert not adjusts(RolloutPolicy(covariate=None), True)
+    assert not adjusts(policy_from_dict({"covariate": ""}), True)  # how a stored config turns it off
+    assert adjusts(policy_from_dict({"covariate": None}), True)  # a null there means the default
     assert type(make_builder(policy, covariates_available=False)) is LookBuilder
     assert isinstance(make_builder(policy, covariates_available=True), AdjustedBuilder)
     with pytest.raises(ValueError):
