@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -57,19 +58,27 @@ class ScoredBatch:
 
 
 class RequestIds:
-    """Ids for requests that came without one: 32 hex digits from the operating system's CSPRNG per id
-    (128 random bits, like uuid4's 122), so an id cannot be guessed from another one; a guessable id
-    would let anyone who sees one prediction's id report outcomes for its neighbours and steer a
-    rollout. `many` draws one buffer of random bytes for a whole batch (one system call, ~0.3 us an
-    id), which keeps this cheap at thousands of requests per second."""
+    """Ids for requests that came without one: the creation time in milliseconds (12 hex digits), then
+    32 hex digits of 128 bits from the operating system's CSPRNG (44 characters).
+
+    The random part is what keeps an id unguessable: a guessable id would let anyone who sees one
+    prediction's id report outcomes for its neighbours and steer a rollout. The time prefix is what keeps
+    the prediction log fast: ids then arrive in nearly increasing order, so the unique request-id index
+    (SQLite and PostgreSQL B-trees) grows at its right edge instead of taking each row on a random page.
+    Fully random ids measured 18-20 us of SQLite CPU a row against 5.3-5.6 us with the prefix (400k rows,
+    256-row commits, the predictions table's indexes), and made the logged PredictBatch path ~3x dearer
+    per row. The same idea as UUIDv7 (RFC 9562), which Python 3.11 does not ship; the prefix tells only
+    when the request was made, which the prediction row stores anyway. `many` draws one buffer of random
+    bytes for a whole batch (one system call)."""
 
     def __call__(self) -> str:
-        return secrets.token_hex(16)
+        return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(16)}"
 
     def many(self, n: int) -> list[str]:
-        """n fresh ids in one go."""
+        """n fresh ids in one go (one clock read, one random buffer)."""
+        prefix = f"{time.time_ns() // 1_000_000:012x}"
         text = os.urandom(16 * n).hex()  # secrets.token_hex is os.urandom(...).hex() too
-        return [text[i:i + 32] for i in range(0, 32 * n, 32)]
+        return [prefix + text[i:i + 32] for i in range(0, 32 * n, 32)]
 
 
 def check_ids(routing_key: str, request_id: str, prefix: str = "") -> None:

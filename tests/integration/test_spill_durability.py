@@ -278,16 +278,28 @@ def test_stop_with_postgres_frozen_by_sigstop_loses_nothing(tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------------------------ request ids
-def test_generated_request_ids_are_unguessable() -> None:
+def test_generated_request_ids_are_unguessable_and_time_ordered() -> None:
+    """128 random bits per id behind a millisecond time prefix: no counter to guess a neighbour from, and
+    ids made later sort later (what keeps the log's unique index cheap, gateway.serving.rows.RequestIds)."""
+    import time
+
     from gateway.serving.rows import RequestIds
 
     new = RequestIds()
-    ids = [new() for _ in range(1000)] + new.many(1000)
-    assert len(set(ids)) == 2000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
-    # No shared prefix or counter: neighbours differ in about half their 128 bits.
-    a, b = int(ids[0], 16), int(ids[1], 16)
+    first = [new() for _ in range(1000)] + new.many(1000)
+    time.sleep(0.005)
+    later = new.many(10)
+    ids = first + later
+    assert len(set(ids)) == 2010 and all(len(i) == 44 and int(i, 16) >= 0 for i in ids)
+    # The random part: neighbours differ in about half of its 128 bits, and no two share a prefix of it.
+    a, b = int(ids[0][12:], 16), int(ids[1][12:], 16)
     assert 32 <= bin(a ^ b).count("1") <= 96
-    assert len({i[:16] for i in ids}) == 2000
+    assert len({i[12:28] for i in ids}) == 2010
+    # The time part: the creation time in ms, never going back.
+    now_ms = time.time_ns() // 1_000_000
+    stamps = [int(i[:12], 16) for i in ids]
+    assert stamps == sorted(stamps) and now_ms - 60_000 < stamps[0] <= stamps[-1] <= now_ms
+    assert max(first) < min(later)
 
 
 def test_duplicate_ids_in_one_batch_are_refused_naming_the_rows() -> None:
@@ -345,7 +357,7 @@ def test_request_ids_on_a_live_gateway(registry: Registry, tmp_path: Path) -> No
         assert scores(registry, model) == {"taken": pytest.approx(first.score)}  # logged once
         assert log.store.dead_letter["duplicate"] == 1
         generated = gw.predict.Predict(pb.PredictRequest(model=model, dense=good), timeout=30)
-        assert len(generated.request_id) == 32
+        assert len(generated.request_id) == 44
     finally:
         gw.stop()
 
