@@ -31,7 +31,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
@@ -76,6 +76,12 @@ class Serve:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=120)
+
+    def kill(self) -> None:
+        """Teardown after a failure: the gateway this test started, by pid, never left running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp.glob("serve-*.log")))
@@ -124,13 +130,15 @@ def stored(url: str, model: str) -> tuple[Counter[str], dict[str, int], dict[str
     reg = Registry(url)
     try:
         with reg.session() as s:
-            rows = s.execute(select(Prediction.request_id, Prediction.version)
-                             .where(Prediction.model == model)).all()
+            # One statement for every prediction row (one snapshot): a count taken by a second statement
+            # races the spill replay inserting between the two, on PostgreSQL's READ COMMITTED.
+            everything = s.execute(select(Prediction.request_id, Prediction.version, Prediction.model)).all()
             outcomes = dict(s.execute(select(Outcome.request_id, Outcome.value)).tuples().all())
-            assert s.scalar(select(func.count()).select_from(Prediction)) == len(rows)
     finally:
         reg.dispose()
-    return Counter(r[0] for r in rows), {r[0]: r[1] for r in rows}, outcomes
+    other = [r for r in everything if r[2] != model]
+    assert not other, f"predictions stored under another model: {other[:10]}"
+    return Counter(r[0] for r in everything), {r[0]: r[1] for r in everything}, outcomes
 
 
 def test_chaos_then_ledger(tmp_path: Path, own_postgres: PostgresServer) -> None:
@@ -145,80 +153,83 @@ def test_chaos_then_ledger(tmp_path: Path, own_postgres: PostgresServer) -> None
     reg.dispose()
 
     serve = Serve(tmp_path, url)
-    serve.start()
-    ledger, stop = Ledger(), threading.Event()
-    workers = [threading.Thread(target=load, args=(serve.port, model, ledger, stop, w), daemon=True)
-               for w in range(3)]
-    t0 = time.monotonic()
-    for w in workers:
-        w.start()
-
-    def at(fraction: float) -> None:
-        time.sleep(max(0.0, t0 + fraction * CHAOS_S - time.monotonic()))
-
-    events: list[str] = []
     try:
-        at(0.10)
-        canary = replica_pids(model, 2)
-        assert canary, "the canary has no live replica to kill"
-        for pid in canary:
-            os.kill(pid, signal.SIGKILL)
-        events.append(f"{time.monotonic() - t0:.0f}s killed canary replica {sorted(canary)}")
-
-        at(0.25)
-        own_postgres.pause()
-        events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL stopped")
-        at(0.35)
-        own_postgres.resume()
-        events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL started")
-
-        at(0.50)
-        hung = own_postgres.pids()
-        for pid in hung:
-            os.kill(pid, signal.SIGSTOP)
-        events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL hung ({len(hung)} processes)")
-        at(0.58)
-        for pid in hung:
-            os.kill(pid, signal.SIGCONT)
-        events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL resumed")
-
-        at(0.70)
-        rc = serve.sigterm()
-        assert rc == 0, serve.logs()
-        events.append(f"{time.monotonic() - t0:.0f}s gateway SIGTERMed (exit {rc}), restarting")
         serve.start()
-        events.append(f"{time.monotonic() - t0:.0f}s gateway serving again")
-        at(1.0)
-    finally:
-        stop.set()
+        ledger, stop = Ledger(), threading.Event()
+        workers = [threading.Thread(target=load, args=(serve.port, model, ledger, stop, w), daemon=True)
+                   for w in range(3)]
+        t0 = time.monotonic()
         for w in workers:
-            w.join(30)
+            w.start()
 
-    answered = dict(ledger.ok)
-    assert len(answered) > 1000, (len(answered), ledger.failed)
-    # Every spill replayed: wait until the database holds every answered prediction and accepted outcome.
-    def complete() -> bool:
-        counts, _, outcomes = stored(url, model)
-        return answered.keys() <= counts.keys() and ledger.outcomes_ok.keys() <= outcomes.keys()
+        def at(fraction: float) -> None:
+            time.sleep(max(0.0, t0 + fraction * CHAOS_S - time.monotonic()))
 
-    try:
-        wait_for(complete, 180, "every answered prediction and accepted outcome in the database")
+        events: list[str] = []
+        try:
+            at(0.10)
+            canary = replica_pids(model, 2)
+            assert canary, "the canary has no live replica to kill"
+            for pid in canary:
+                os.kill(pid, signal.SIGKILL)
+            events.append(f"{time.monotonic() - t0:.0f}s killed canary replica {sorted(canary)}")
+
+            at(0.25)
+            own_postgres.pause()
+            events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL stopped")
+            at(0.35)
+            own_postgres.resume()
+            events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL started")
+
+            at(0.50)
+            hung = own_postgres.pids()
+            for pid in hung:
+                os.kill(pid, signal.SIGSTOP)
+            events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL hung ({len(hung)} processes)")
+            at(0.58)
+            for pid in hung:
+                os.kill(pid, signal.SIGCONT)
+            events.append(f"{time.monotonic() - t0:.0f}s PostgreSQL resumed")
+
+            at(0.70)
+            rc = serve.sigterm()
+            assert rc == 0, serve.logs()
+            events.append(f"{time.monotonic() - t0:.0f}s gateway SIGTERMed (exit {rc}), restarting")
+            serve.start()
+            events.append(f"{time.monotonic() - t0:.0f}s gateway serving again")
+            at(1.0)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(30)
+
+        answered = dict(ledger.ok)
+        assert len(answered) > 1000, (len(answered), ledger.failed)
+        # Every spill replayed: wait until the database holds every answered prediction and accepted outcome.
+        def complete() -> bool:
+            counts, _, outcomes = stored(url, model)
+            return answered.keys() <= counts.keys() and ledger.outcomes_ok.keys() <= outcomes.keys()
+
+        try:
+            wait_for(complete, 180, "every answered prediction and accepted outcome in the database")
+        finally:
+            summary = (f"events: {events}\nanswered {len(answered)}, failed calls {dict(ledger.failed)}, "
+                       f"outcomes accepted {len(ledger.outcomes_ok)}")
+            print(summary)
+        counts, versions, outcomes = stored(url, model)
+        assert serve.sigterm() == 0, serve.logs()
+        twice = [rid for rid, n in counts.items() if n > 1]
+        assert not twice, f"stored more than once: {twice[:10]}\n{summary}"
+        wrong_version = [rid for rid, v in answered.items() if versions[rid] != v]
+        assert not wrong_version, f"stored under another version than answered: {wrong_version[:10]}"
+        sent = set(ledger.sent)
+        phantoms = [rid for rid in counts if rid not in sent]
+        assert not phantoms, f"stored predictions nobody sent: {phantoms[:10]}"
+        wrong_value = [rid for rid, v in ledger.outcomes_ok.items() if outcomes[rid] != v]
+        assert not wrong_value, f"outcomes stored with another value: {wrong_value[:10]}"
+        stray = [rid for rid in outcomes if rid.startswith("c") and rid not in ledger.outcomes_sent]
+        assert not stray, f"outcomes stored that nobody sent: {stray[:10]}"
+        # Each fault was felt and survived: the kill gave a new replica, and the gateway came back.
+        assert serve.starts == 2
     finally:
-        summary = (f"events: {events}\nanswered {len(answered)}, failed calls {dict(ledger.failed)}, "
-                   f"outcomes accepted {len(ledger.outcomes_ok)}")
-        print(summary)
-    counts, versions, outcomes = stored(url, model)
-    assert serve.sigterm() == 0, serve.logs()
-    twice = [rid for rid, n in counts.items() if n > 1]
-    assert not twice, f"stored more than once: {twice[:10]}\n{summary}"
-    wrong_version = [rid for rid, v in answered.items() if versions[rid] != v]
-    assert not wrong_version, f"stored under another version than answered: {wrong_version[:10]}"
-    sent = set(ledger.sent)
-    phantoms = [rid for rid in counts if rid not in sent]
-    assert not phantoms, f"stored predictions nobody sent: {phantoms[:10]}"
-    wrong_value = [rid for rid, v in ledger.outcomes_ok.items() if outcomes[rid] != v]
-    assert not wrong_value, f"outcomes stored with another value: {wrong_value[:10]}"
-    stray = [rid for rid in outcomes if rid.startswith("c") and rid not in ledger.outcomes_sent]
-    assert not stray, f"outcomes stored that nobody sent: {stray[:10]}"
-    # Each fault was felt and survived: the kill gave a new replica, and the gateway came back.
-    assert serve.starts == 2
+        serve.kill()
