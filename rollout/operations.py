@@ -3,17 +3,18 @@ gRPC service and the CLI. Manual actions are stored as decisions too, so the his
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from registry import ConflictError, Registry, Split, ValidationError
+from registry import ConflictError, NotFoundError, Registry, Split, ValidationError
 from registry.rollouts import arm_rows, decisions, rollout_start
 from rollout import splits
 from rollout.controller import PromotionGate, arms
+from rollout.policy import SCALING_FIELDS
 from rollout.stats import per_request_values
 
 
@@ -228,3 +229,29 @@ def status(registry: Registry, model: str, n_decisions: int = 5) -> RolloutSumma
         out,
         decisions(registry, model, limit=n_decisions),
     )
+
+
+def store_scaling(registry: Registry, model: str, given: Mapping[str, Any], *, reset: bool = False) -> dict:
+    """Write replica fields into the model's rollout policy in one transaction (the row locked on
+    PostgreSQL, so two admin calls cannot lose each other's fields), after checking the whole policy
+    the way the controller will read it (rollout.splits.policy_from_dict): a bad value is a
+    ValidationError (INVALID_ARGUMENT) whose message starts with the field. `reset` drops the stored
+    replica fields first. Returns the stored policy dict."""
+    from sqlalchemy import select
+
+    from registry.models import Model
+
+    counts = ("replicas_min", "replicas_max", "canary_replicas_max")
+    changes = {k: int(v) if k in counts else float(v) for k, v in given.items()}
+    with registry.transaction() as s:
+        m = s.scalars(select(Model).where(Model.name == model).with_for_update()).first()
+        if m is None:
+            raise NotFoundError(f"model: {model!r} is not a registered model" if model else "model: required")
+        config = {k: v for k, v in (m.rollout_config or {}).items() if not (reset and k in SCALING_FIELDS)}
+        config.update(changes)
+        try:
+            splits.policy_from_dict(config, metric=m.metric)
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(str(exc)) from None
+        m.rollout_config = config
+    return config

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -17,7 +16,6 @@ from gateway.api.errors import status_for as _status
 from gateway.api.validate import MAX_NAME_CHARS, check_text, detail, internal_detail
 from gateway.serving.replica_pool import ReplicaPool, scaling_plan
 from registry import Registry
-from registry.errors import NotFoundError, ValidationError
 from rollout import operations as rollout_ops
 from rollout.controller import PromotionGate
 from rollout.policy import SCALING_FIELDS
@@ -108,7 +106,8 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
     ) -> rpb.Scaling:
         actor = await self._actor(context, request)
         given = {f: getattr(request.scaling, f) for f in SCALING_FIELDS if request.scaling.HasField(f)}
-        await self._call(context, store_scaling, self.registry, request.model, given, reset=request.reset)
+        await self._call(context, rollout_ops.store_scaling, self.registry, request.model, given,
+                         reset=request.reset)
         log.info("model %s: replica scaling set by %s (%s%s): %s", request.model, actor,
                  "reset, " if request.reset else "", request.reason or "no reason given", given)
         if self.pool is not None:
@@ -296,29 +295,3 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
             ],
         )
 
-
-def store_scaling(registry: Registry, model: str, given: Mapping[str, Any], *, reset: bool = False) -> dict:
-    """Write replica fields into the model's rollout policy in one transaction (the row locked on
-    PostgreSQL, so two admin calls cannot lose each other's fields), after checking the whole policy
-    the way the controller will read it (rollout.splits.policy_from_dict): a bad value is a
-    ValidationError (INVALID_ARGUMENT) whose message starts with the field. `reset` drops the stored
-    replica fields first. Returns the stored policy dict."""
-    from sqlalchemy import select
-
-    from registry.models import Model
-    from rollout import splits
-
-    counts = ("replicas_min", "replicas_max", "canary_replicas_max")
-    changes = {k: int(v) if k in counts else float(v) for k, v in given.items()}
-    with registry.transaction() as s:
-        m = s.scalars(select(Model).where(Model.name == model).with_for_update()).first()
-        if m is None:
-            raise NotFoundError(f"model: {model!r} is not a registered model" if model else "model: required")
-        config = {k: v for k, v in (m.rollout_config or {}).items() if not (reset and k in SCALING_FIELDS)}
-        config.update(changes)
-        try:
-            splits.policy_from_dict(config, metric=m.metric)
-        except (ValueError, TypeError) as exc:
-            raise ValidationError(str(exc)) from None
-        m.rollout_config = config
-    return config

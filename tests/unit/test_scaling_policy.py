@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from chimera.settings import ReplicaScaling
-from gateway.api.rollout import store_scaling
 from gateway.metrics import Metrics
 from gateway.serving.replica_pool import describe, scaling_plan
 from registry import Registry
 from registry.errors import NotFoundError, ValidationError
+from rollout.operations import store_scaling
 from rollout.policy import RolloutPolicy
 from rollout.splits import policy_from_dict
 
