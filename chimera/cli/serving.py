@@ -5,13 +5,20 @@ checks read the defaults of.)"""
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import os
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Annotated, Any
 
 import typer
 
 from chimera.cli import views
 from chimera.cli.shared import load_settings, open_registry
 from chimera.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def serve(
@@ -89,12 +96,52 @@ def serve(
     # Options left unset (None) fall back to the settings; replica_cpus 0 did too, as it always has.
     config = GatewayConfig.from_settings(settings, **{k: v for k, v in options.items()
                                                       if v is not None and (k != "replica_cpus" or v)})
+    main = _exit_when_stopped(serve_forever(config))
     if event_loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve_forever(config))
+        uvloop.run(main)
     else:
-        asyncio.run(serve_forever(config))
+        asyncio.run(main)
+
+
+EXIT_WAIT_S = 2.0  # once the gateway has stopped, the longest the process waits for leftover threads
+
+
+async def _exit_when_stopped(main: Coroutine[Any, Any, None]) -> None:
+    """Run the gateway; once it has stopped (every answered row inserted or spilled, outcomes likewise),
+    make sure the process ends within EXIT_WAIT_S.
+
+    Why: after the coroutine returns, asyncio.run joins the default thread pool and the interpreter
+    joins every non-daemon thread. A worker thread still inside a database read (a split check, the
+    replica-scaling watch) on a hung PostgreSQL holds that join for the driver's whole query timeout
+    (60 s by default): found by tests/integration/test_hung_postgres.py's SIGTERM test, which saw the
+    exit wait 60 s when such a read was in flight as the database hung. Those reads matter to nobody
+    once the gateway has stopped, so a daemon watchdog ends the process with the gateway's exit status
+    if the normal exit has not happened by then. Nothing durable is skipped: gateway.stop() returned."""
+    code = 1
+    try:
+        await main
+        code = 0
+    except BaseException:
+        log.exception("the gateway stopped with an error")
+        raise
+    finally:
+        threading.Thread(target=_exit_after, args=(EXIT_WAIT_S, code), name="chimera-exit-watchdog",
+                         daemon=True).start()
+
+
+def _exit_after(delay_s: float, code: int) -> None:
+    time.sleep(delay_s)
+    stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon
+             and t is not threading.main_thread()]
+    if not stuck:  # only the interpreter's own exit work (atexit handlers) is left: let it finish
+        return
+    sys.stderr.write(f"chimera serve: exiting without waiting for {len(stuck)} thread(s) still in a call "
+                     f"(a database that does not answer?): {', '.join(stuck[:5])}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _check_security(settings: Settings, host: str, insecure: bool) -> None:
