@@ -71,10 +71,10 @@ class RowStore:
             try:
                 n = self.insert(part)
             except Exception as exc:
-                self.progress += 1
-                if not is_data_error(exc):
+                if not is_data_error(exc):  # no answer (refused, timed out): not progress for stop()
                     rest = [r for p in stack for r in p]
                     raise RowsNotStored(part + rest, exc) from exc
+                self.progress += 1  # the database answered: it refused this data
                 if len(part) == 1:
                     self._dead(part, "invalid", f"{type(exc).__name__}: {exc}")
                     continue
