@@ -9,10 +9,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rollout.shadow_gate import SHADOW_ACTIONS
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                    0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-ROLLOUT_ACTIONS = ("rollback", "step_up", "promote", "hold")  # bounded label values (rollout.decision.Action)
+# Bounded label values: the canary's actions (rollout.decision.Action) and the shadow stage's verdicts.
+ROLLOUT_ACTIONS = ("rollback", "step_up", "promote", "hold", *SHADOW_ACTIONS)
 
 
 class Metrics:

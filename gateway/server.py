@@ -103,7 +103,9 @@ class Gateway:
         self.controller = RolloutController(
             self.registry, promotion_gate=self._promotion_gate(),
             on_decision=lambda model, canary, d: self.metrics.observe_decision(
-                model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None, srm=d.srm))
+                model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None, srm=d.srm),
+            on_shadow=lambda model, shadow, d: self.metrics.observe_decision(
+                model, shadow, f"shadow_{d.action}", min(d.p_worse, d.p_not_worse)))
         self.controller_loop = ControllerLoop(self.controller.run_once, self._canaried,
                                               config.controller_interval_s)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -232,9 +234,11 @@ class Gateway:
         self.controller_loop.start(self.config.controller_interval_s)
 
     def _canaried(self) -> Iterator[str]:
-        """Models with a canary (two or more weighted versions), read as the controller loop walks them."""
+        """Models with a canary (two or more weighted versions) or a shadow to judge, read as the
+        controller loop walks them."""
         for model in self.catalog.names():
-            if len(self.catalog.get(model).router.weights) >= 2:
+            entry = self.catalog.get(model)
+            if len(entry.router.weights) >= 2 or entry.shadow is not None:
                 yield model
 
     def _start_metrics(self) -> None:

@@ -438,7 +438,8 @@ class Registry:
             return Split(model=model, revision=old.revision + 1, weights=old.weights, shadow=version)
 
     def insert_shadow_predictions(self, rows: Sequence[PredictionRow]) -> int:
-        """Like insert_predictions, for mirror scores (never joined to outcomes by the controller)."""
+        """Like insert_predictions, for mirror scores (paired with the served row and its outcome by the
+        shadow stage, registry.shadow_eval)."""
         if not rows:
             return 0
         dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert

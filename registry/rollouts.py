@@ -110,12 +110,14 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
 
 
 def split_periods(registry: Registry, model: str, until: datetime) -> list[tuple[int, dict[int, int], float]]:
-    """(revision, weights, epoch seconds) of every split change up to ``until``, oldest first."""
+    """(revision, weights, epoch seconds) of every split change up to ``until``, oldest first. A SetShadow's
+    audit row also names the shadow (key "shadow"), which is not a weight and is left out."""
     with registry.session() as s:
         rows = s.execute(select(SplitAudit.revision, SplitAudit.new, SplitAudit.created_at)
                          .where(SplitAudit.model == model, SplitAudit.created_at <= until)
                          .order_by(SplitAudit.id)).all()
-    return [(int(rev), {int(k): int(v) for k, v in new.items()}, _epoch(at)) for rev, new, at in rows]
+    return [(int(rev), {int(k): int(v) for k, v in new.items() if k.isdigit()}, _epoch(at))
+            for rev, new, at in rows]
 
 
 def insert_rollout_rows(registry: Registry, predictions: list[dict[str, Any]],
@@ -141,6 +143,9 @@ def rollout_start(registry: Registry, model: str, canary: int) -> datetime | Non
     return None
 
 
+SHADOW_PREFIX = "shadow_"  # actions of the shadow stage's looks (rollout.shadow_gate)
+
+
 def _decision_dict(row: Decision) -> dict[str, Any]:
     return {
         "id": row.id, "model": row.model, "baseline_version": row.baseline_version,
@@ -159,11 +164,15 @@ def record_decision(registry: Registry, decision: dict[str, Any]) -> None:
 
 
 def decisions(registry: Registry, model: str, *, canary: int | None = None, since: datetime | None = None,
-              limit: int | None = None) -> list[dict[str, Any]]:
-    """Newest first."""
+              limit: int | None = None, shadow: bool | None = None) -> list[dict[str, Any]]:
+    """Newest first. ``shadow``: True only the shadow stage's looks (action ``shadow_*``), False only the
+    canary's and operators', None both."""
     q = select(Decision).where(Decision.model == model)
     if canary is not None:
         q = q.where(Decision.canary_version == canary)
+    if shadow is not None:
+        stage = Decision.action.startswith(SHADOW_PREFIX, autoescape=True)
+        q = q.where(stage if shadow else ~stage)
     if since is not None:
         q = q.where(Decision.created_at >= since)
     q = q.order_by(Decision.id.desc())

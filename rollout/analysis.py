@@ -14,10 +14,11 @@ from datetime import datetime
 from typing import Any
 
 from registry import NotFoundError, Registry
-from registry.rollouts import decisions, get_decision, look_rows, split_periods
-from rollout import splits
+from registry.rollouts import SHADOW_PREFIX, decisions, get_decision, look_rows, split_periods
+from rollout import shadow_gate, splits
 from rollout.controller import build_look_data
 from rollout.decision import Decision, SequentialState, look
+from rollout.paired import PairedDecision
 from rollout.policy import RolloutPolicy
 
 # The numbers a reader would check; each must recompute to within 1e-9.
@@ -29,16 +30,18 @@ CHECKED = ("statistic", "p_value", "p_value_look", "p_value_worse", "p_value_bet
 class Recomputed:
     decision_id: int
     stored: dict[str, Any]
-    decision: Decision
+    decision: Decision | PairedDecision
+    checked: tuple[str, ...] = CHECKED
+    counts: tuple[str, ...] = ("n_baseline", "n_canary")
 
     def differences(self) -> dict[str, float]:
         """|stored − recomputed| for the numbers a reader would check, and the counts."""
         d = self.stored["details"]
         out: dict[str, float] = {}
-        for key in CHECKED:
+        for key in self.checked:
             out[key] = _diff(d.get(key), getattr(self.decision, key))
-        out["n_baseline"] = float(abs(d["n_baseline"] - self.decision.n_baseline))
-        out["n_canary"] = float(abs(d["n_canary"] - self.decision.n_canary))
+        for key in self.counts:
+            out[key] = float(abs(d[key] - getattr(self.decision, key)))
         return out
 
 
@@ -72,10 +75,14 @@ def recompute(registry: Registry, decision_id: int) -> Recomputed:
     details = row["details"]
     if "window" not in details or "policy" not in details:
         raise NotFoundError(f"decision: {decision_id} is not a statistical decision (manual action?)")
+    if row["action"].startswith(SHADOW_PREFIX):  # a shadow-stage look: the paired test's own path
+        return Recomputed(decision_id, row, shadow_gate.recompute(registry, row),
+                          checked=shadow_gate.CHECKED, counts=("n_pairs", "units"))
     window = details["window"]
     since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
     model, b, c = row["model"], row["baseline_version"], row["canary_version"]
-    earlier = [r for r in decisions(registry, model, canary=c, since=since) if r["id"] < decision_id]
+    earlier = [r for r in decisions(registry, model, canary=c, since=since, shadow=False)
+               if r["id"] < decision_id]
     state = SequentialState.from_dict(earlier[0]["details"]["state"]) if earlier else None
     policy = stored_policy(details["policy"])
     data = build_look_data(policy, look_rows(registry, model, (b, c), since, until),

@@ -27,7 +27,9 @@ from registry.rollouts import LookRows, decisions, look_rows, record_decision, r
 from rollout import splits
 from rollout.decision import Decision, SequentialState, look
 from rollout.lookdata import LookBuilder, LookData
+from rollout.paired import PairedDecision
 from rollout.policy import RolloutPolicy
+from rollout.shadow_gate import shadow_look, stop_stale_shadow
 
 log = logging.getLogger(__name__)
 ACTOR = "rollout-controller"
@@ -35,6 +37,8 @@ ACTOR = "rollout-controller"
 PromotionGate = Callable[[Registry, str, int], None]
 # (model, canary version, decision): for metrics; must not raise.
 DecisionHook = Callable[[str, int, Decision], None]
+# (model, shadow version, paired decision) of each shadow-stage look: for metrics; must not raise.
+ShadowHook = Callable[[str, int, PairedDecision], None]
 
 
 def policy_for(info: ModelInfo, config: dict[str, Any] | None = None) -> RolloutPolicy:
@@ -68,16 +72,18 @@ class RolloutController:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         actor: str = ACTOR,
         on_decision: DecisionHook | None = None,
+        on_shadow: ShadowHook | None = None,
     ) -> None:
         self.on_decision = on_decision
+        self.on_shadow = on_shadow
         self.registry = registry
         self.promotion_gate = promotion_gate
         self.clock = clock
         self.actor = actor
 
-    def run_once(self, model: str) -> Decision | None:
-        """One look at one model. None when there is no canary, no new data, or another
-        controller holds the lock."""
+    def run_once(self, model: str) -> Decision | PairedDecision | None:
+        """One look at one model: its canary, or without one its shadow (rollout.shadow_gate). None when
+        there is neither, no new data, or another controller holds the lock."""
         with fenced_lock(self.registry, f"chimera-rollout:{model}") as mine:
             if not mine:
                 return None
@@ -85,18 +91,20 @@ class RolloutController:
             # that connection no longer holds the lock (registry.locks.HeldLock).
             return self._look(model)
 
-    def _look(self, model: str) -> Decision | None:
+    def _look(self, model: str) -> Decision | PairedDecision | None:
         info = self.registry.get_model(model)
-        pair = arms(info)
-        if pair is None:
-            return None
-        baseline, canary = pair
         config = self.registry.rollout_config(model)
         policy = policy_for(info, config)
+        if stop_stale_shadow(self.registry, info, actor=self.actor):
+            return None  # the split moved; the next look reads it again
+        pair = arms(info)
+        if pair is None:
+            return self._shadow_look(info, policy)
+        baseline, canary = pair
         weights = dict(info.split.weights)
         since = rollout_start(self.registry, model, canary) or info.versions[-1].created_at
         until = self.clock()
-        previous = decisions(self.registry, model, canary=canary, since=since, limit=1)
+        previous = decisions(self.registry, model, canary=canary, since=since, limit=1, shadow=False)
         state = SequentialState.from_dict(previous[0]["details"].get("state", {})) if previous else None
         data = build_look_data(policy, look_rows(self.registry, model, (baseline, canary), since, until),
                                split_periods(self.registry, model, until), baseline, canary,
@@ -118,6 +126,17 @@ class RolloutController:
             except Exception:  # metrics must never break a rollout
                 log.exception("decision hook failed")
         return applied
+
+    def _shadow_look(self, info: ModelInfo, policy: RolloutPolicy) -> PairedDecision | None:
+        if info.split.shadow is None:
+            return None
+        d = shadow_look(self.registry, info, policy, self.clock(), actor=self.actor)
+        if d is not None and self.on_shadow is not None:
+            try:
+                self.on_shadow(info.name, info.split.shadow, d)
+            except Exception:  # metrics must never break a rollout
+                log.exception("shadow decision hook failed")
+        return d
 
     def _apply(self, info: ModelInfo, baseline: int, canary: int, d: Decision,
                details: dict[str, Any]) -> Decision:

@@ -197,7 +197,7 @@ def status(registry: Registry, model: str, n_decisions: int = 5) -> RolloutSumma
             ""
             if pair is None
             else ("baseline" if v.version == pair[0] else "canary" if v.version == pair[1] else "")
-        )
+        ) or ("shadow" if v.version == info.split.shadow else "")
         if started is not None and role:
             rows = arm_rows(registry, model, v.version, started, until)
             try:

@@ -53,7 +53,7 @@ import numpy as np
 
 from chimera.jsonsafe import nan_to_none
 from rollout.lookdata import _OutcomeCell
-from rollout.policy import DEFAULT_TAU
+from rollout.policy import DEFAULT_TAU, PAIRED_METRICS
 from rollout.stats import (
     msprt_confidence_interval,
     msprt_p_value,
@@ -62,7 +62,6 @@ from rollout.stats import (
     per_request_values,
 )
 
-PAIRED_METRICS: tuple[str, ...] = ("brier", "log_loss")
 # The non-inferiority margin δ < m that "not worse" proves, in the metric's units: half the canary's τ.
 DEFAULT_MARGIN: dict[str, float] = {"brier": 0.01, "log_loss": 0.025}
 PairedAction = Literal["worse", "not_worse", "continue"]

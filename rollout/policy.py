@@ -16,6 +16,9 @@ from rollout.stats import METRICS, higher_is_better
 # mSPRT has most power for effects of about this size. mean_outcome has no natural scale, so it has no
 # default and the policy refuses to guess.
 DEFAULT_TAU: dict[str, float] = {"success_rate": 0.04, "brier": 0.02, "log_loss": 0.05}
+# Metrics a shadow can be judged on by pairs (rollout.paired): they depend only on the score and the
+# outcome, so the shadow's score and the served one are compared on the same row.
+PAIRED_METRICS: tuple[str, ...] = ("brier", "log_loss")
 
 # The replica fields of a policy (None: the gateway's CHIMERA_REPLICAS_* / CHIMERA_REPLICA_* setting).
 SCALING_FIELDS = ("replicas_min", "replicas_max", "canary_replicas_max", "target_ongoing_requests",
@@ -66,6 +69,13 @@ class RolloutPolicy:
     # None means "the default" to policy_from_dict).
     covariate: str | None = "production_score"
     covariate_calibration: int = 1000  # baseline outcomes that fix θ (as the winsor limits)
+    # Shadow stage (rollout.shadow_gate): a shadowed version is judged on paired outcomes; with
+    # ``shadow_gate`` on, it takes traffic only after "not worse" and a "worse" one never serves.
+    # ``shadow_metric`` None: the model's metric when score-based, else Brier.
+    shadow_gate: bool = False
+    shadow_metric: str | None = None
+    shadow_margin: float | None = None
+    shadow_min_pairs: int = 200
     winsor_quantile: float | None = 0.01
     winsor_calibration: int = 1000
     min_canary_samples_per_step: int = 200
@@ -112,6 +122,13 @@ class RolloutPolicy:
             raise ValueError("covariate_calibration must be at least 2 (a slope needs two rows)")
         if self.latency_calibration < 1 or self.latency_window < 1 or self.latency_min_windows < 0:
             raise ValueError("latency_calibration and latency_window must be >= 1, latency_min_windows >= 0")
+        if self.shadow_metric is not None and self.shadow_metric not in PAIRED_METRICS:
+            raise ValueError(f"shadow_metric: {self.shadow_metric!r} must be one of {PAIRED_METRICS}")
+        margin = self.shadow_margin
+        if margin is not None and not (margin > 0.0 and math.isfinite(margin)):
+            raise ValueError("shadow_margin must be positive")
+        if self.shadow_min_pairs < 2:
+            raise ValueError("shadow_min_pairs must be at least 2 (a variance needs two values)")
         if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:
             raise ValueError("winsor_quantile must be in [0, 0.5)")
         self._check_scaling()
@@ -166,6 +183,14 @@ class RolloutPolicy:
             downscale_delay_s=float(self.downscale_delay_s if self.downscale_delay_s is not None
                                     else default.downscale_delay_s),
             look_back_s=default.look_back_s)
+
+    @property
+    def resolved_shadow_metric(self) -> str:
+        """The metric a shadow is judged on: ``shadow_metric``, else the model's when it is score-based
+        (a shadow's business outcome cannot be observed: it never acts), else Brier."""
+        if self.shadow_metric is not None:
+            return self.shadow_metric
+        return self.metric if self.metric in PAIRED_METRICS else "brier"
 
     @property
     def higher_is_better(self) -> bool:

@@ -15,7 +15,9 @@ each step in its own module:
    `RetrainConfig.loadtest` (the loadtest-based implementation is `loadtest.candidate_gate.LoadTestGate`,
    wired by the CLI / scheduler caller / demo): a candidate that fails its SLO, or whose load test
    cannot run, is not canaried.
-6. Canary (`training.retrain_canary`), unless disabled: at the first step of the model's rollout policy.
+6. Canary (`training.retrain_canary`), unless disabled: at the first step of the model's rollout policy;
+   or, when the policy's `shadow_gate` is on, a shadow evaluation that the rollout controller turns
+   into that canary once the candidate is judged not worse on paired outcomes.
 
 Errors live in `training.retrain_errors`, the configuration in `training.retrain_config`, the run row's
 progress and provenance in `training.retrain_run`.
@@ -33,7 +35,7 @@ from registry.loadtests import LoadTestRecord
 from registry.locks import advisory_lock
 from registry.training_runs import TrainingRunInfo, create_run, get_run, update_run
 from training.datasets import data_hash
-from training.retrain_canary import first_step, start_canary
+from training.retrain_canary import first_step, shadow_gated, start_canary, start_shadow
 from training.retrain_candidate import train_candidate
 from training.retrain_compare import MetricComparison, compare_on_holdout
 from training.retrain_config import RetrainConfig
@@ -146,7 +148,15 @@ def _retrain(registry: Registry, model: str, metric: str, config: RetrainConfig,
         notes.append(verdict.note)
         lt = verdict.loadtest
         canary_ok = canary_ok and verdict.passed
-    if canary_ok:
+    shadowed = False
+    if canary_ok and shadow_gated(registry, model):
+        tracker(0.95, "starting the shadow evaluation")
+        shadow, why = start_shadow(registry, model, prod.version, published.version,
+                                   reason=f"retrain run {run_id}: shadow evaluation of v{published.version} "
+                                          f"against v{prod.version}")
+        shadowed = shadow is not None
+        notes.append(why or "shadow evaluation started: the canary starts once it is judged not worse")
+    elif canary_ok:
         tracker(0.95, "starting the canary")
         percent = config.canary_percent or first_step(registry, model)
         split, why = start_canary(registry, model, prod.version, published.version, percent,
@@ -160,6 +170,8 @@ def _retrain(registry: Registry, model: str, metric: str, config: RetrainConfig,
               f"({held.rows} rows)")
     if split is not None:
         reason += f"; canary at {split.weights[published.version]}%"
+    elif shadowed:
+        reason += "; in shadow"
     if notes:
         reason += "; " + "; ".join(notes)
     update_run(registry, run_id, status="succeeded", metrics=record, reason=reason)

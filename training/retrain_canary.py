@@ -1,7 +1,11 @@
 """Retraining, step "canary": split {production: 100 - p, candidate: p} with p the first step of the
 model's rollout policy, candidate status "canary"; the rollout controller judges it from there. One
 canary at a time: when another version already has traffic, none is started (and the run says so).
-The weight arithmetic is rollout.splits' (the only place for it)."""
+The weight arithmetic is rollout.splits' (the only place for it).
+
+With the policy's ``shadow_gate`` on, the candidate first becomes the model's shadow instead: it scores
+a copy of live traffic without answering, and the controller (rollout.shadow_gate) starts the canary
+only once the paired evaluation says "not worse"."""
 
 from __future__ import annotations
 
@@ -20,6 +24,32 @@ def first_step(registry: Registry, model: str) -> int:
     if steps:
         return int(steps[0])
     return DEFAULT_CANARY_PERCENT
+
+
+def shadow_gated(registry: Registry, model: str) -> bool:
+    """True when the model's rollout policy requires a passing shadow evaluation before any canary."""
+    return splits.policy_from_dict(registry.rollout_config(model)).shadow_gate
+
+
+def start_shadow(registry: Registry, model: str, production: int, candidate: int, *, actor: str = ACTOR,
+                 reason: str = "") -> tuple[Split | None, str]:
+    """Mirror live traffic to the candidate (its shadow evaluation). (None, why) while another version
+    has traffic besides production or another version is the shadow: one evaluation at a time."""
+    for _ in range(2):
+        split = registry.get_split(model)
+        others = {v: w for v, w in split.weights.items() if v != production}
+        if others:
+            busy = ", ".join(f"v{v}={w}%" for v, w in sorted(others.items()))
+            return None, f"shadow not started: another version has traffic ({busy})"
+        if split.shadow is not None and split.shadow != candidate:
+            return None, f"shadow not started: v{split.shadow} is being shadowed"
+        try:
+            new = registry.set_shadow(model, candidate, actor=actor, expected_revision=split.revision,
+                                      reason=reason or f"retrain: shadow evaluation of v{candidate}")
+        except ConflictError:
+            continue
+        return new, ""
+    return None, "shadow not started: the split kept changing under us"
 
 
 def start_canary(registry: Registry, model: str, production: int, candidate: int, percent: int, *,

@@ -1,0 +1,181 @@
+"""The shadow stage of a rollout: a version that mirrors live traffic is judged on paired outcomes before
+it serves anyone.
+
+At each look the controller reads every paired row since the version became the shadow
+(``registry.shadow_eval.paired_rows``: its score beside production's for the same request, with the
+outcome), judges them with the one paired test (``rollout.paired.paired_look``: two one-sided
+always-valid tests, "worse" and "not worse by the margin") and stores the look like a canary decision,
+in the same table, with action ``shadow_continue`` | ``shadow_worse`` | ``shadow_not_worse`` and the
+whole record (both p-values, n pairs and keys, both mean losses, the policy, the state carried between
+looks, the data window) in ``details``. ``chimera analyze`` recomputes it from the rows.
+
+What the verdict does depends on the model's policy (``RolloutPolicy.shadow_gate``):
+
+* gate on, "not worse": the shadow leaves the mirror and becomes the canary at the policy's first step,
+  in one split change that stores the decision; the canary analysis takes over from there.
+* gate on, "worse": the shadow is stopped (no longer mirrored) and marked ``rolled_back``; it never
+  served a request.
+* gate off: the verdict is stored and shown, nothing moves (an operator's shadow for information).
+
+The guarantee is the paired test's (docs/statistics.md, "Paired evaluation on shadow traffic"): an
+equal shadow is called worse with probability at most ``alpha_worse`` and a shadow worse by the margin
+is let through with probability at most ``alpha_not_worse``, however often the controller looks.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from chimera.jsonsafe import nan_to_none
+from registry import ConflictError, ModelInfo, Registry
+from registry.rollouts import SHADOW_PREFIX, decisions, record_decision
+from registry.shadow_eval import paired_rows, shadow_started
+from rollout import splits
+from rollout.paired import PairedData, PairedDecision, PairedPolicy, PairedState, paired_look
+from rollout.policy import RolloutPolicy
+
+log = logging.getLogger(__name__)
+
+SHADOW_ACTIONS = tuple(f"{SHADOW_PREFIX}{a}" for a in ("continue", "worse", "not_worse"))
+TEST = "paired-msprt"
+# The numbers `chimera analyze` recomputes for a shadow look (each within 1e-9), besides the counts.
+CHECKED = ("effect", "variance", "p_worse", "p_not_worse", "p_worse_look", "p_not_worse_look", "loss_served",
+           "loss_shadow")
+
+
+def paired_policy(policy: RolloutPolicy) -> PairedPolicy:
+    """The paired test's settings from the model's rollout policy (stored with every shadow decision)."""
+    return PairedPolicy(metric=policy.resolved_shadow_metric, alpha_worse=policy.alpha,
+                        alpha_not_worse=policy.alpha, margin=policy.shadow_margin,
+                        point_mass=policy.point_mass, min_pairs=policy.shadow_min_pairs)
+
+
+def production_of(info: ModelInfo) -> int | None:
+    """The version that serves all traffic, or None while a canary (or any split) is running: a shadow
+    is judged against one served version only."""
+    weighted = [v for v, w in info.split.weights.items() if w > 0]
+    return weighted[0] if len(weighted) == 1 else None
+
+
+def judge(policy: PairedPolicy, rows: Any, state: PairedState | None) -> tuple[PairedDecision, PairedState]:
+    """Paired rows -> the look (the controller and ``chimera analyze`` both come through here)."""
+    data = PairedData(policy)
+    data.add(rows.outcome, rows.served, rows.shadow, rows.unit)
+    return paired_look(policy, data, state)
+
+
+def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, until: datetime, *,
+                actor: str) -> PairedDecision | None:
+    """One look at the model's shadow; None when there is none, production is not alone, or nothing new
+    arrived since the last look. Applies the verdict when the policy's gate is on (module docstring)."""
+    shadow = info.split.shadow
+    served = production_of(info)
+    if shadow is None or served is None or shadow == served:
+        return None
+    model = info.name
+    since = shadow_started(registry, model, shadow) or info.versions[-1].created_at
+    previous = decisions(registry, model, canary=shadow, since=since, limit=1, shadow=True)
+    details_before = previous[0]["details"] if previous else {}
+    state = PairedState.from_dict(details_before.get("state", {})) if previous else None
+    rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
+    seen = [info.split.revision, rows.outcome.size, rows.last_id]
+    if state is not None and state.verdict is not None:
+        # The verdict is stored. Gated: carry it out again (the process may have died between storing
+        # it and stopping the shadow); ungated: nothing more to decide.
+        if policy.shadow_gate and state.verdict == "worse":
+            _stop(registry, model, shadow, previous[0]["reason"], actor)
+        return None
+    if previous and details_before.get("seen") == seen:
+        return None  # nothing new since the last look
+    ppolicy = paired_policy(policy)
+    decision, new_state = judge(ppolicy, rows, state)
+    details = {**decision.to_dict(), "state": new_state.to_dict(), "policy": ppolicy.to_dict(),
+               "gate": policy.shadow_gate, "served_version": served, "seen": seen,
+               "window": {"since": since.isoformat(), "until": until.isoformat()}}
+    _apply(registry, info, served, shadow, decision, details, policy, actor)
+    return decision
+
+
+def recompute(registry: Registry, row: dict[str, Any]) -> PairedDecision:
+    """A stored shadow look, recomputed from the rows of its window with the state of the look before it
+    and the paired policy it stored (rollout.analysis dispatches here)."""
+    details = row["details"]
+    window = details["window"]
+    since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
+    model, served, shadow = row["model"], row["baseline_version"], row["canary_version"]
+    earlier = [r for r in decisions(registry, model, canary=shadow, since=since, shadow=True)
+               if r["id"] < row["id"]]
+    state = PairedState.from_dict(earlier[0]["details"]["state"]) if earlier else None
+    rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
+    decision, _ = judge(PairedPolicy.from_dict(details["policy"]), rows, state)
+    return decision
+
+
+def _row(model: str, served: int, shadow: int, d: PairedDecision, weight_after: int, reason: str,
+         details: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": model, "baseline_version": served, "canary_version": shadow,
+        "action": f"{SHADOW_PREFIX}{d.action}", "metric": d.metric, "test": TEST,
+        "statistic": nan_to_none(d.effect), "p_value": nan_to_none(min(d.p_worse, d.p_not_worse)),
+        "n_baseline": d.n_pairs, "n_canary": d.n_pairs,
+        "mean_baseline": nan_to_none(d.loss_served), "mean_canary": nan_to_none(d.loss_shadow),
+        "weight_before": 0, "weight_after": weight_after, "reason": reason, "details": details,
+    }
+
+
+def _apply(registry: Registry, info: ModelInfo, served: int, shadow: int, d: PairedDecision,
+           details: dict[str, Any], policy: RolloutPolicy, actor: str) -> None:
+    model = info.name
+    if d.action == "continue" or not policy.shadow_gate:
+        note = "" if d.action == "continue" else " (shadow_gate off: nothing moves)"
+        record_decision(registry, _row(model, served, shadow, d, 0, d.reason + note, details))
+        return
+    if d.action == "worse":
+        # Stored first: if the process dies before the shadow is stopped, the next look finds the
+        # verdict in the state and stops it then.
+        reason = f"stopped at the shadow stage: {d.reason}"
+        record_decision(registry, _row(model, served, shadow, d, 0, reason, details))
+        _stop(registry, model, shadow, reason, actor)
+        return
+    percent = policy.steps[0]
+    reason = f"canary at {percent}% after the shadow stage: {d.reason}"
+    try:
+        registry.set_split(model, splits.canary_start(served, shadow, percent),
+                           expected_revision=info.split.revision, actor=actor, reason=reason,
+                           status_changes={shadow: "canary"},
+                           decision=_row(model, served, shadow, d, percent, reason, details))
+    except ConflictError:
+        log.info("split of %s changed while judging its shadow; will look again", model)
+        return
+    try:
+        registry.set_shadow(model, None, actor=actor, reason=f"shadow v{shadow} is now the canary")
+    except ConflictError:  # the canary is started; a shadow left set only mirrors, stopped next time
+        log.info("shadow of %s not cleared (split moved); the canary runs", model)
+    log.warning("shadow %s v%d passed: %s", model, shadow, reason)
+
+
+def _stop(registry: Registry, model: str, shadow: int, reason: str, actor: str) -> None:
+    """A worse shadow: marked rolled_back (so nothing starts it by accident) and no longer mirrored."""
+    registry.set_version_status(model, shadow, "rolled_back")
+    try:
+        registry.set_shadow(model, None, actor=actor, reason=f"shadow v{shadow}: {reason}")
+    except ConflictError:  # the split moved; the next look carries the stored verdict out again
+        return
+    log.warning("shadow %s v%d stopped: %s", model, shadow, reason)
+
+
+def stop_stale_shadow(registry: Registry, info: ModelInfo, *, actor: str) -> bool:
+    """A version that is both the shadow and weighted (a gated shadow whose canary started but whose
+    mirror was not cleared) stops being mirrored: it serves now, pairs with itself would mean nothing."""
+    shadow = info.split.shadow
+    if shadow is None or info.split.weights.get(shadow, 0) == 0:
+        return False
+    try:
+        registry.set_shadow(model=info.name, version=None, actor=actor,
+                            reason=f"v{shadow} serves traffic; its mirror is stopped",
+                            expected_revision=info.split.revision)
+    except ConflictError:
+        return False
+    return True

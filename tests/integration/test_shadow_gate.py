@@ -1,0 +1,134 @@
+"""The shadow stage through the rollout controller on a real registry (SQLite and PostgreSQL), rows
+written as a gateway writes them: production's served rows, the shadow's mirrored scores under the same
+request ids, outcomes. With the policy's shadow_gate on, an equally good shadow becomes the canary at
+the first step only once the paired test says "not worse"; a worse one is stopped and never serves;
+with the gate off the verdict is stored and nothing moves. Every stored look recomputes exactly
+(`chimera analyze`'s path)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from registry import Registry
+from registry.repository import PredictionRow
+from registry.rollouts import decisions, insert_rollout_rows
+from rollout.analysis import recompute
+from rollout.controller import RolloutController
+from tests.harness import small_onnx
+from tests.integration.test_feedback import record_outcomes
+
+GATED = {"shadow_gate": True, "steps": [10, 100], "shadow_min_pairs": 200}
+
+
+def _model(registry: Registry, config: dict) -> str:
+    model = "sg" + uuid.uuid4().hex[:6]
+    data, names = small_onnx(seed=1)
+    registry.publish_version(model, data, names, status="production", metric="brier")
+    registry.publish_version(model, data, names, status="staged", metric="brier")
+    registry.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    registry.set_rollout_config(model, config)
+    registry.set_shadow(model, 2, actor="test")
+    return model
+
+
+def _traffic(registry: Registry, model: str, rng: np.random.Generator, n: int, shadow_noise: float) -> None:
+    """n requests served by v1 and mirrored to v2: the outcome is Bernoulli(p); production scores p
+    with noise 0.1 on the log-odds, the shadow with `shadow_noise` (0.1: as good; more: worse)."""
+    logit = rng.normal(0.0, 1.2, n)
+    p = 1.0 / (1.0 + np.exp(-logit))
+    served = 1.0 / (1.0 + np.exp(-(logit + rng.normal(0.0, 0.1, n))))
+    shadow = 1.0 / (1.0 + np.exp(-(logit + rng.normal(0.0, shadow_noise, n))))
+    y = (rng.random(n) < p).astype(float)
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    now = datetime.now(UTC)
+    revision = registry.get_split(model).revision
+    insert_rollout_rows(registry, [
+        {"request_id": rid, "model": model, "version": 1, "routing_key": "", "score": float(s),
+         "latency_ms": 2.0, "created_at": now, "split_revision": revision}
+        for rid, s in zip(ids, served, strict=True)])
+    registry.insert_shadow_predictions([
+        PredictionRow(request_id=rid, model=model, version=2, score=float(s), latency_ms=2.0, created_at=now)
+        for rid, s in zip(ids, shadow, strict=True)])
+    record_outcomes(registry, list(zip(ids, y.tolist(), strict=True)))
+
+
+def _run_until_verdict(registry: Registry, model: str, noise: float, max_rows: int = 20_000) -> list[dict]:
+    controller = RolloutController(registry)
+    rng = np.random.default_rng(7)
+    for _ in range(max_rows // 250):
+        _traffic(registry, model, rng, 250, noise)
+        controller.run_once(model)
+        looks = decisions(registry, model, shadow=True)
+        if looks and looks[0]["action"] != "shadow_continue":
+            return looks
+    raise AssertionError(f"no shadow verdict after {max_rows} rows: {decisions(registry, model)[:1]}")
+
+
+def _recomputes(registry: Registry, looks: list[dict]) -> None:
+    for row in looks[:3]:  # the verdict and the looks before it
+        diffs = recompute(registry, row["id"]).differences()
+        assert max(diffs.values()) <= 1e-9, (row["action"], diffs)
+
+
+def test_an_as_good_shadow_becomes_the_canary_only_after_not_worse(registry: Registry) -> None:
+    model = _model(registry, GATED)
+    looks = _run_until_verdict(registry, model, noise=0.1)
+    verdict = looks[0]
+    assert verdict["action"] == "shadow_not_worse", verdict["reason"]
+    assert verdict["test"] == "paired-msprt" and verdict["metric"] == "brier"
+    assert verdict["details"]["p_not_worse"] <= 0.05 < verdict["details"]["p_worse"]
+    assert verdict["n_baseline"] == verdict["details"]["n_pairs"] >= 200
+    assert verdict["weight_after"] == 10
+    # Every look before the verdict held the shadow out of the split.
+    assert all(d["action"] == "shadow_continue" and d["weight_after"] == 0 for d in looks[1:])
+    split = registry.get_split(model)
+    assert dict(split.weights) == {1: 90, 2: 10} and split.shadow is None
+    assert registry.get_version(model, 2).status == "canary"
+    _recomputes(registry, looks)
+    # The canary analysis takes over; its looks never read the shadow stage's state.
+    _traffic(registry, model, np.random.default_rng(8), 50, 0.1)
+    RolloutController(registry).run_once(model)
+    assert decisions(registry, model, shadow=False)[0]["action"] in {"hold", "rollback", "step_up", "promote"}
+
+
+def test_a_worse_shadow_is_stopped_and_never_serves(registry: Registry) -> None:
+    model = _model(registry, GATED)
+    looks = _run_until_verdict(registry, model, noise=1.5)
+    verdict = looks[0]
+    assert verdict["action"] == "shadow_worse", verdict["reason"]
+    assert verdict["details"]["p_worse"] <= 0.05
+    assert verdict["mean_canary"] > verdict["mean_baseline"]  # the shadow's Brier is the larger
+    split = registry.get_split(model)
+    assert dict(split.weights) == {1: 100} and split.shadow is None
+    assert registry.get_version(model, 2).status == "rolled_back"
+    _recomputes(registry, looks)
+    # Nothing more is looked at: no shadow, no canary.
+    assert RolloutController(registry).run_once(model) is None
+
+
+def test_without_the_gate_the_verdict_is_stored_and_nothing_moves(registry: Registry) -> None:
+    model = _model(registry, {"steps": [10, 100], "shadow_min_pairs": 200})
+    looks = _run_until_verdict(registry, model, noise=1.5)
+    assert looks[0]["action"] == "shadow_worse" and "shadow_gate off" in looks[0]["reason"]
+    split = registry.get_split(model)
+    assert dict(split.weights) == {1: 100} and split.shadow == 2
+    assert registry.get_version(model, 2).status == "staged"
+    n = len(decisions(registry, model))
+    _traffic(registry, model, np.random.default_rng(9), 250, 1.5)
+    RolloutController(registry).run_once(model)
+    assert len(decisions(registry, model)) == n  # the evaluation ended; nothing new is stored
+
+
+def test_shadow_policy_fields_are_validated() -> None:
+    from rollout.splits import policy_from_dict
+
+    with pytest.raises(ValueError, match="shadow_metric"):
+        policy_from_dict({"shadow_metric": "success_rate"})
+    with pytest.raises(ValueError, match="shadow_min_pairs"):
+        policy_from_dict({"shadow_min_pairs": 1})
+    assert policy_from_dict({}, metric="success_rate").resolved_shadow_metric == "brier"
+    assert policy_from_dict({}, metric="log_loss").resolved_shadow_metric == "log_loss"
