@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, insert, or_, select
 
-from registry.models import Decision, Outcome, Prediction, RequestError, SplitAudit, as_utc
+from registry.models import Decision, Outcome, Prediction, RequestError, ShadowPrediction, SplitAudit, as_utc
 from registry.repository import Registry
 
 
@@ -51,6 +51,10 @@ class LookRows:
     ``version`` of a request_errors row); ``failed`` marks rows that count as an error of ``routed``;
     ``revision`` is the row's split revision (-1 for rows logged before migration 0005); ``value`` and
     ``outcome_at`` are NaN without an outcome stored by ``until``. Times are epoch seconds.
+    ``covariate`` is the covariate version's score for the row (rollout.covariate, "production_score"):
+    its own ``score`` when that version answered it, else the score the gateway's covariate mirror
+    stored in ``shadow_predictions`` under that version's number; NaN when unknown (not mirrored,
+    dropped, failed, or a request error).
     """
 
     routed: np.ndarray
@@ -62,6 +66,7 @@ class LookRows:
     score: np.ndarray
     value: np.ndarray
     outcome_at: np.ndarray
+    covariate: np.ndarray
 
 
 def _epoch(dt: datetime | None) -> float:
@@ -69,15 +74,23 @@ def _epoch(dt: datetime | None) -> float:
 
 
 def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: datetime,
-              until: datetime) -> LookRows:
-    """The rows a rollout look reads (see LookRows); pinned (load-test) traffic is left out here."""
+              until: datetime, covariate_version: int | None = None) -> LookRows:
+    """The rows a rollout look reads (see LookRows); pinned (load-test) traffic is left out here.
+    ``covariate_version``: whose score is the rows' covariate; default the first of ``versions`` (the
+    baseline of a (baseline, canary) pair). Only mirror scores stored by ``until`` count, so re-reading
+    a window returns the same covariates."""
+    cov_v = versions[0] if covariate_version is None else covariate_version
     with registry.session() as s:
         preds = s.execute(
             select(Prediction.id, Prediction.version, Prediction.failed_version, Prediction.split_revision,
                    Prediction.routing_key, Prediction.request_id, Prediction.created_at,
-                   Prediction.latency_ms, Prediction.score, Outcome.value, Outcome.created_at)
+                   Prediction.latency_ms, Prediction.score, Outcome.value, Outcome.created_at,
+                   ShadowPrediction.score)
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
                   isouter=True)
+            .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
+                  & (ShadowPrediction.model == model) & (ShadowPrediction.version == cov_v)
+                  & (ShadowPrediction.created_at <= until), isouter=True)
             .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at <= until,
                    Prediction.pinned.is_(False),
                    or_(Prediction.failed_version.in_(versions),
@@ -91,22 +104,24 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
                    RequestError.version.in_(versions))
             .order_by(RequestError.id)).all()
     rows: list[tuple[Any, ...]] = []
-    for (_id, version, failed_version, rev, key, rid, created, lat, score, value, out_at) in preds:
+    nan = float("nan")
+    for (_id, version, failed_version, rev, key, rid, created, lat, score, value, out_at, mirrored) in preds:
         routed = failed_version if failed_version is not None else version
+        cov = score if version == cov_v else (nan if mirrored is None else mirrored)
         rows.append((_epoch(created), 0, routed, -1 if rev is None else rev, key or f"r:{rid}", lat,
-                     failed_version is not None, score, float("nan") if value is None else value,
-                     _epoch(out_at)))
+                     failed_version is not None, score, nan if value is None else value,
+                     _epoch(out_at), cov))
     for version, rev, key, rid, eid, created, lat in errs:
         rows.append((_epoch(created), 1, version, -1 if rev is None else rev, key or f"e:{rid or eid}",
-                     float("nan") if lat is None else lat, True, float("nan"), float("nan"), float("nan")))
+                     nan if lat is None else lat, True, nan, nan, nan, nan))
     rows.sort(key=lambda r: (r[0], r[1]))  # log order; stable for equal times
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 10
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 11
     return LookRows(
         routed=np.array(cols[2], dtype=np.int64), revision=np.array(cols[3], dtype=np.int64),
         unit=list(cols[4]), created=np.array(cols[0], dtype=np.float64),
         latency_ms=np.array(cols[5], dtype=np.float64), failed=np.array(cols[6], dtype=bool),
         score=np.array(cols[7], dtype=np.float64), value=np.array(cols[8], dtype=np.float64),
-        outcome_at=np.array(cols[9], dtype=np.float64))
+        outcome_at=np.array(cols[9], dtype=np.float64), covariate=np.array(cols[10], dtype=np.float64))
 
 
 def split_periods(registry: Registry, model: str, until: datetime) -> list[tuple[int, dict[int, int], float]]:

@@ -85,6 +85,10 @@ def recompute(registry: Registry, decision_id: int) -> Recomputed:
                if r["id"] < decision_id]
     state = SequentialState.from_dict(earlier[0]["details"]["state"]) if earlier else None
     policy = stored_policy(details["policy"])
+    if not details.get("covariate"):
+        # Made without covariate adjustment (before the gateway mirrored canary rows, or a rollout that
+        # started unadjusted): recompute it unadjusted, as it was made.
+        policy = dataclasses.replace(policy, covariate=None)
     data = build_look_data(policy, look_rows(registry, model, (b, c), since, until),
                            split_periods(registry, model, until), b, c, until.timestamp(),
                            row["weight_before"], state)

@@ -25,8 +25,9 @@ from registry import ConflictError, ModelInfo, Registry
 from registry.locks import fenced_lock
 from registry.rollouts import LookRows, decisions, look_rows, record_decision, rollout_start, split_periods
 from rollout import splits
+from rollout.covariate import AdjustedBuilder, make_builder
 from rollout.decision import Decision, SequentialState, look
-from rollout.lookdata import LookBuilder, LookData
+from rollout.lookdata import LookData
 from rollout.paired import PairedDecision
 from rollout.policy import RolloutPolicy
 from rollout.shadow_gate import shadow_look, stop_stale_shadow
@@ -186,11 +187,19 @@ def build_look_data(policy: RolloutPolicy, rows: LookRows, periods: list[tuple[i
     only if they arrived within that window (with no declared delay: whatever has arrived by now), the
     same cutoff for both arms. Failed rows never carry an outcome into the comparison: a failed-over
     row's outcome belongs to the version that answered, and its failure is the error guardrail's.
+
+    Covariate adjustment (rollout.covariate): on where the policy names the covariate and the metric is a
+    business outcome, for a rollout whose first look chose it; a rollout looked at before without it (a
+    stored state with no covariate record, e.g. a decision made before the gateway mirrored canary rows)
+    stays unadjusted to its end, so its sequential p-values keep testing one statistic. θ comes from the
+    state once fixed, so a restarted controller and ``chimera analyze`` reuse it.
     """
     del baseline  # rows of other versions were left out by the query; the canary marks the arm
     st = state or SequentialState()
-    builder = LookBuilder(policy.metric, winsor=st.winsor, latency_thresholds=st.latency_thresholds,
-                          **policy.builder_options())
+    chosen = state is None or st.covariate is not None
+    builder = make_builder(policy, covariates_available=chosen, winsor=st.winsor, covariate=st.covariate,
+                           latency_thresholds=st.latency_thresholds)
+    adjusted = isinstance(builder, AdjustedBuilder)
     if rows.routed.size == 0:
         return builder.data(current_weight)
     rev = rows.revision.copy()
@@ -214,5 +223,9 @@ def build_look_data(policy: RolloutPolicy, rows: LookRows, periods: list[tuple[i
         builder.add_requests(int(r), w, arm[sel], units[sel], rows.failed[sel], rows.latency_ms[sel])
         out = sel & matured & ~rows.failed
         if out.any():
-            builder.add_outcomes(int(r), w, arm[out], units[out], value[out], rows.score[out])
+            if adjusted:
+                builder.add_outcomes(int(r), w, arm[out], units[out], value[out], rows.score[out],
+                                     covariates=rows.covariate[out])
+            else:
+                builder.add_outcomes(int(r), w, arm[out], units[out], value[out], rows.score[out])
     return builder.data(current_weight)

@@ -70,13 +70,16 @@ def adjusts(policy: RolloutPolicy, covariates_available: bool) -> bool:
 
 def make_builder(policy: RolloutPolicy, *, covariates_available: bool,
                  winsor: tuple[float, float] | None = None,
-                 covariate: dict[str, Any] | None = None) -> LookBuilder | AdjustedBuilder:
+                 covariate: dict[str, Any] | None = None,
+                 latency_thresholds: dict[str, float] | None = None) -> LookBuilder | AdjustedBuilder:
     """The look builder a controller, ``analyze`` or ``simulate`` should use: the plain ``LookBuilder``
-    when no adjustment applies, else ``AdjustedBuilder``. ``winsor`` and ``covariate`` (the record with
-    θ, c and the sd of x, once fixed) come from the previous decision's ``SequentialState``."""
+    when no adjustment applies, else ``AdjustedBuilder``. ``winsor``, ``latency_thresholds`` and
+    ``covariate`` (the record with θ, c and the sd of x, once fixed) come from the previous decision's
+    ``SequentialState``."""
     if not adjusts(policy, covariates_available):
-        return LookBuilder(policy.metric, winsor=winsor, **policy.builder_options())
-    return AdjustedBuilder(policy, winsor=winsor, covariate=covariate)
+        return LookBuilder(policy.metric, winsor=winsor, latency_thresholds=latency_thresholds,
+                           **policy.builder_options())
+    return AdjustedBuilder(policy, winsor=winsor, covariate=covariate, latency_thresholds=latency_thresholds)
 
 
 def fit_theta(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -101,11 +104,15 @@ class AdjustedBuilder:
 
     Same interface as ``LookBuilder`` (``add_requests``, ``add_outcomes`` with ``covariates=``, ``data``);
     the look data carries ``covariate`` = {theta, center, sd, calibration_n, r2, balance_effect,
-    p_balance_look} once θ is fixed, which ``rollout.decision.look`` stores and checks.
+    p_balance_look} once θ is fixed, which ``rollout.decision.look`` stores and checks. Before that it
+    carries {name, theta: None, calibration_n so far, p_balance_look: 1}: the stored decision then says
+    the adjustment was chosen for this rollout (a controller keeps a rollout's choice from its first look
+    to its last, and ``chimera analyze`` recomputes each decision the way it was made).
     """
 
     def __init__(self, policy: RolloutPolicy, *, winsor: tuple[float, float] | None = None,
-                 covariate: dict[str, Any] | None = None) -> None:
+                 covariate: dict[str, Any] | None = None,
+                 latency_thresholds: dict[str, float] | None = None) -> None:
         if policy.metric not in ADJUSTABLE_METRICS:
             raise ValueError(f"covariate adjustment applies to {sorted(ADJUSTABLE_METRICS)}, "
                              f"not {policy.metric!r}")
@@ -114,12 +121,12 @@ class AdjustedBuilder:
         if policy.metric == "success_rate":
             opts["winsor_quantile"] = None  # y' of a rate is bounded; the raw rate was never winsorised
         # The inner builder compares y' as a plain mean; the outcome domain is checked here, on raw y.
-        self.inner = LookBuilder("mean_outcome", winsor=winsor, **opts)
+        self.inner = LookBuilder("mean_outcome", winsor=winsor, latency_thresholds=latency_thresholds, **opts)
         self.balance = LookBuilder("mean_outcome", winsor_quantile=None, latency_calibration=1)
         self.theta: tuple[float, float, float] | None = None
         self.r2 = math.nan
         self.calibration_n = 0
-        if covariate:  # fixed by an earlier look: never re-estimated
+        if covariate and covariate.get("theta") is not None:  # fixed by an earlier look: never re-estimated
             sd = covariate.get("sd")
             self.theta = (float(covariate["theta"]), float(covariate["center"]),
                           math.nan if sd is None else float(sd))
@@ -134,6 +141,10 @@ class AdjustedBuilder:
     @property
     def winsor(self) -> tuple[float, float] | None:
         return self.inner.winsor
+
+    def codes(self, units: np.ndarray | list[Any]) -> np.ndarray:
+        """Integer codes for routing keys, as ``LookBuilder.codes`` (the inner builder's)."""
+        return self.inner.codes(units)
 
     def add_requests(self, revision: int, weight: int, arm: np.ndarray, units: np.ndarray,
                      failed: np.ndarray, latency_ms: np.ndarray) -> None:
@@ -191,7 +202,8 @@ class AdjustedBuilder:
         """The inner builder's look data (of y'), with the raw metric's name, the skipped count of raw
         outcomes and the covariate record; before θ is fixed nothing has entered (a hold)."""
         d = self.inner.data(current_weight)
-        cov: dict[str, Any] | None = None
+        cov: dict[str, Any] = {"name": self.policy.covariate, "theta": None, "calibration_n": self._cal_n,
+                               "p_balance_look": 1.0}
         if self.theta is not None:
             theta, c, sd = self.theta
             b = self.balance.data(current_weight)
