@@ -163,3 +163,21 @@ def test_the_gateway_mirrors_canary_rows_only_where_the_look_adjusts(registry: R
     registry.publish_version(scored, b"two", ["a"], metric="brier")
     registry.set_split(scored, {1: 90, 2: 10}, expected_revision=0, actor="op")
     assert catalog.load(scored).covariate_from is None  # score quality: the paired shadow test's job
+
+
+def test_a_look_before_theta_is_fixed_keeps_the_rollout_adjusted(registry: Registry) -> None:
+    """The first look comes before the 300 calibration outcomes: nothing enters the test yet, the
+    decision says the adjustment was chosen (θ null); the next look fixes θ and adjusts."""
+    model = _model(registry, CONFIG)
+    rng = np.random.default_rng(13)
+    _traffic(registry, model, 150, rng)
+    assert RolloutController(registry).run_once(model) is not None
+    first = decisions(registry, model, limit=1)[0]
+    assert first["action"] == "hold" and first["n_baseline"] == 0
+    assert first["details"]["covariate"]["theta"] is None
+    _traffic(registry, model, 600, rng)
+    assert RolloutController(registry).run_once(model) is not None
+    second = decisions(registry, model, limit=1)[0]
+    assert second["id"] != first["id"] and second["details"]["covariate"]["theta"] is not None
+    for row in (first, second):
+        assert max(recompute(registry, row["id"]).differences().values()) <= 1e-9
