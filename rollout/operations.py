@@ -15,6 +15,7 @@ from registry.rollouts import arm_rows, decisions, rollout_start
 from rollout import splits
 from rollout.controller import PromotionGate, arms
 from rollout.policy import SCALING_FIELDS
+from rollout.shadow_gate import require_shadow_pass
 from rollout.stats import per_request_values
 
 
@@ -56,6 +57,16 @@ def _with_one_retry(action: Callable[[], Split]) -> Split:
         return action()
     except ConflictError:
         return action()
+
+
+def set_split(registry: Registry, model: str, weights: Mapping[int, int], *, expected_revision: int | None,
+              actor: str, reason: str = "", forced: bool = False) -> Split:
+    """An operator's split (SetTrafficSplit, `chimera canary set`). With the policy's shadow_gate on, a
+    version never served before takes traffic only after a passing shadow evaluation, unless forced."""
+    if not forced:
+        require_shadow_pass(registry, registry.get_model(model), dict(weights))
+    return registry.set_split(model, weights, expected_revision=expected_revision, actor=actor, reason=reason,
+                              forced=forced)
 
 
 def promote(

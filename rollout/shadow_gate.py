@@ -30,6 +30,7 @@ from typing import Any
 
 from chimera.jsonsafe import nan_to_none
 from registry import ConflictError, ModelInfo, Registry
+from registry.errors import PreconditionFailed
 from registry.rollouts import SHADOW_PREFIX, decisions, record_decision
 from registry.shadow_eval import paired_rows, shadow_started
 from rollout import splits
@@ -179,3 +180,29 @@ def stop_stale_shadow(registry: Registry, info: ModelInfo, *, actor: str) -> boo
     except ConflictError:
         return False
     return True
+
+
+# Statuses that may take traffic without a shadow evaluation: they served before (a rollback target).
+_SERVED_BEFORE = ("production", "standby")
+
+
+def require_shadow_pass(registry: Registry, info: ModelInfo, weights: dict[int, int]) -> None:
+    """With the model's shadow_gate on, a version that is about to take traffic for the first time (no
+    weight now, some in ``weights``, never production) must have passed its shadow evaluation: its
+    latest shadow verdict is "not worse". Raises PreconditionFailed naming the version otherwise; an
+    operator's forced split skips this (the audit row records the force)."""
+    policy = splits.policy_from_dict(registry.rollout_config(info.name), metric=info.metric)
+    if not policy.shadow_gate:
+        return
+    status = {v.version: v.status for v in info.versions}
+    for version, weight in sorted(weights.items()):
+        if weight <= 0 or info.split.weights.get(version, 0) > 0 or status.get(version) in _SERVED_BEFORE:
+            continue
+        verdicts = [d for d in decisions(registry, info.name, canary=version, shadow=True)
+                    if d["action"] != f"{SHADOW_PREFIX}continue"]
+        if not verdicts or verdicts[0]["action"] != f"{SHADOW_PREFIX}not_worse":
+            last = verdicts[0]["action"] if verdicts else "no shadow verdict"
+            raise PreconditionFailed(
+                f"weights: v{version} has not passed its shadow evaluation ({last}); the policy's "
+                f"shadow_gate requires it: shadow it first (chimera canary shadow), or force")
+

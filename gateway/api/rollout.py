@@ -156,7 +156,8 @@ class RolloutServicer(rpb_grpc.RolloutServiceServicer):
         expected = None if request.force else request.expected_revision
         split = await self._call(
             context,
-            self.registry.set_split,
+            rollout_ops.set_split,
+            self.registry,
             request.model,
             weights,
             expected_revision=expected,

@@ -132,3 +132,27 @@ def test_shadow_policy_fields_are_validated() -> None:
         policy_from_dict({"shadow_min_pairs": 1})
     assert policy_from_dict({}, metric="success_rate").resolved_shadow_metric == "brier"
     assert policy_from_dict({}, metric="log_loss").resolved_shadow_metric == "log_loss"
+
+
+def test_an_operator_split_needs_the_shadow_pass_unless_forced(registry: Registry) -> None:
+    from registry.errors import PreconditionFailed
+    from rollout import operations
+
+    model = _model(registry, GATED)
+    rev = registry.get_split(model).revision
+    with pytest.raises(PreconditionFailed, match=r"weights: v2 has not passed its shadow evaluation"):
+        operations.set_split(registry, model, {1: 90, 2: 10}, expected_revision=rev, actor="op")
+    assert dict(registry.get_split(model).weights) == {1: 100}
+    # Production itself may always be weighted (a no-op split here).
+    operations.set_split(registry, model, {1: 100}, expected_revision=rev, actor="op")
+    # Forced: the operator's override goes through, and the audit row says it was forced.
+    operations.set_split(registry, model, {1: 90, 2: 10}, expected_revision=None, actor="op", forced=True)
+    assert dict(registry.get_split(model).weights) == {1: 90, 2: 10}
+    assert registry.audit_log(model)[-1]["forced"] is True
+
+    # A version that passed its shadow evaluation may be weighted by hand.
+    passed = _model(registry, GATED)
+    _run_until_verdict(registry, passed, noise=0.1)
+    rev = registry.get_split(passed).revision
+    operations.set_split(registry, passed, {1: 50, 2: 50}, expected_revision=rev, actor="op")
+    assert dict(registry.get_split(passed).weights) == {1: 50, 2: 50}
