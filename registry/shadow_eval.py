@@ -34,13 +34,16 @@ def shadow_started(registry: Registry, model: str, version: int) -> datetime | N
 @dataclass(frozen=True)
 class PairedRows:
     """Column arrays in log order: the served score, the shadow's, the outcome and the routing key (the
-    request id's own unit when the request had none), plus the last prediction id (a look fingerprint)."""
+    request id's own unit when the request had none), the request's and the outcome's times, plus the
+    last prediction id (a look fingerprint)."""
 
     served: np.ndarray
     shadow: np.ndarray
     outcome: np.ndarray
     unit: list[str]
     last_id: int
+    created: np.ndarray  # epoch seconds: when the request was logged ...
+    outcome_at: np.ndarray  # ... and when its outcome was stored
 
 
 def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, since: datetime,
@@ -49,7 +52,7 @@ def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, sin
     with registry.session() as s:
         rows = s.execute(
             select(Prediction.id, Prediction.score, ShadowPrediction.score, Outcome.value,
-                   Prediction.routing_key, Prediction.request_id)
+                   Prediction.routing_key, Prediction.request_id, Prediction.created_at, Outcome.created_at)
             .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
                   & (ShadowPrediction.model == model) & (ShadowPrediction.version == shadow))
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until))
@@ -59,8 +62,10 @@ def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, sin
             .order_by(Prediction.id)).all()
     if not rows:
         empty = np.empty(0, dtype=np.float64)
-        return PairedRows(empty, empty, empty, [], 0)
-    ids, served_s, shadow_s, value, key, rid = zip(*rows, strict=True)
+        return PairedRows(empty, empty, empty, [], 0, empty, empty)
+    ids, served_s, shadow_s, value, key, rid, created, outcome_at = zip(*rows, strict=True)
     return PairedRows(served=np.array(served_s, dtype=np.float64),
                       shadow=np.array(shadow_s, dtype=np.float64), outcome=np.array(value, dtype=np.float64),
-                      unit=[k or f"r:{r}" for k, r in zip(key, rid, strict=True)], last_id=int(ids[-1]))
+                      unit=[k or f"r:{r}" for k, r in zip(key, rid, strict=True)], last_id=int(ids[-1]),
+                      created=np.array([as_utc(t).timestamp() for t in created], dtype=np.float64),
+                      outcome_at=np.array([as_utc(t).timestamp() for t in outcome_at], dtype=np.float64))

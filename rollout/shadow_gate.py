@@ -28,11 +28,13 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from chimera.jsonsafe import nan_to_none
 from registry import ConflictError, ModelInfo, Registry
 from registry.errors import PreconditionFailed
 from registry.rollouts import SHADOW_PREFIX, decisions, record_decision
-from registry.shadow_eval import paired_rows, shadow_started
+from registry.shadow_eval import PairedRows, paired_rows, shadow_started
 from rollout import splits
 from rollout.paired import PairedData, PairedDecision, PairedPolicy, PairedState, paired_look
 from rollout.policy import RolloutPolicy
@@ -60,10 +62,22 @@ def production_of(info: ModelInfo) -> int | None:
     return weighted[0] if len(weighted) == 1 else None
 
 
-def judge(policy: PairedPolicy, rows: Any, state: PairedState | None) -> tuple[PairedDecision, PairedState]:
-    """Paired rows -> the look (the controller and ``chimera analyze`` both come through here)."""
+def judge(policy: PairedPolicy, rows: PairedRows, state: PairedState | None, *, until: float,
+          outcome_delay_s: float = 0.0) -> tuple[PairedDecision, PairedState]:
+    """Paired rows -> the look (the controller and ``chimera analyze`` both come through here).
+
+    Late outcomes: with the rollout policy's ``outcome_delay_s`` set, a pair counts only once its
+    request is that old and only if its outcome arrived within that time, the canary's maturity rule.
+    Both scores of a pair share its outcome, so a delay cannot favour one version; the rule keeps the
+    verdict about all requests of a period rather than about those whose outcomes come first (when
+    successes arrive later than failures, early pairs are mostly failures)."""
+    keep = np.ones(rows.outcome.size, dtype=bool)
+    if outcome_delay_s > 0.0:
+        keep = ((rows.created <= until - outcome_delay_s)
+                & (rows.outcome_at <= rows.created + outcome_delay_s))
     data = PairedData(policy)
-    data.add(rows.outcome, rows.served, rows.shadow, rows.unit)
+    data.add(rows.outcome[keep], rows.served[keep], rows.shadow[keep],
+             [u for u, k in zip(rows.unit, keep.tolist(), strict=True) if k])
     return paired_look(policy, data, state)
 
 
@@ -91,9 +105,11 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     if previous and details_before.get("seen") == seen:
         return None  # nothing new since the last look
     ppolicy = paired_policy(policy)
-    decision, new_state = judge(ppolicy, rows, state)
+    decision, new_state = judge(ppolicy, rows, state, until=until.timestamp(),
+                                outcome_delay_s=policy.outcome_delay_s)
     details = {**decision.to_dict(), "state": new_state.to_dict(), "policy": ppolicy.to_dict(),
-               "gate": policy.shadow_gate, "served_version": served, "seen": seen,
+               "outcome_delay_s": policy.outcome_delay_s, "gate": policy.shadow_gate,
+               "served_version": served, "seen": seen,
                "window": {"since": since.isoformat(), "until": until.isoformat()}}
     _apply(registry, info, served, shadow, decision, details, policy, actor)
     return decision
@@ -110,7 +126,8 @@ def recompute(registry: Registry, row: dict[str, Any]) -> PairedDecision:
                if r["id"] < row["id"]]
     state = PairedState.from_dict(earlier[0]["details"]["state"]) if earlier else None
     rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
-    decision, _ = judge(PairedPolicy.from_dict(details["policy"]), rows, state)
+    decision, _ = judge(PairedPolicy.from_dict(details["policy"]), rows, state, until=until.timestamp(),
+                        outcome_delay_s=float(details.get("outcome_delay_s", 0.0)))
     return decision
 
 

@@ -156,3 +156,20 @@ def test_an_operator_split_needs_the_shadow_pass_unless_forced(registry: Registr
     rev = registry.get_split(passed).revision
     operations.set_split(registry, passed, {1: 50, 2: 50}, expected_revision=rev, actor="op")
     assert dict(registry.get_split(passed).weights) == {1: 50, 2: 50}
+
+
+def test_pairs_count_only_once_mature_as_the_canary_counts_outcomes(registry: Registry) -> None:
+    """outcome_delay_s: a pair counts once its request is that old and only if its outcome came within
+    that time, so an early verdict is not about the rows whose outcomes happen to come first."""
+    model = _model(registry, {**GATED, "outcome_delay_s": 3600})
+    _traffic(registry, model, np.random.default_rng(3), 400, 0.1)  # logged now: not yet mature
+    RolloutController(registry).run_once(model)
+    (look,) = decisions(registry, model, shadow=True)
+    assert look["action"] == "shadow_continue" and look["details"]["n_pairs"] == 0
+    assert look["details"]["outcome_delay_s"] == 3600
+    assert max(recompute(registry, look["id"]).differences().values()) <= 1e-9
+    # Without a declared delay the same rows are pairs at once (at the next look with new rows).
+    registry.set_rollout_config(model, GATED)
+    _traffic(registry, model, np.random.default_rng(4), 100, 0.1)
+    RolloutController(registry).run_once(model)
+    assert decisions(registry, model, shadow=True)[0]["details"]["n_pairs"] == 500

@@ -144,6 +144,11 @@ def test_retrained_versions_pass_or_stop_at_the_shadow_stage(tmp_path: Path) -> 
         assert dict(reg.get_split(bad_model).weights) == {1: 100}
         assert vb not in answered[bad_model] and _count(reg, Prediction, bad_model, vb) == 0
         assert _count(reg, ShadowPrediction, bad_model, vb) >= stopped[0]["n_baseline"]
+        # Shown like a canary decision (what `chimera rollout status` prints).
+        st = gw.rollout.GetRolloutStatus(rpb.GetRolloutStatusRequest(model=bad_model, decisions=3),
+                                         metadata=ADMIN_MD, timeout=10)
+        assert (st.decisions[0].action, st.decisions[0].test) == ("shadow_worse", "paired-msprt")
+        assert st.decisions[0].canary_version == vb and st.decisions[0].n_baseline >= 200
         # The gateway stops mirroring it: its shadow row count stays put under more traffic.
         assert poll_until(lambda: g.catalog.get(bad_model).shadow is None, 10)
         mirrored = _count(reg, ShadowPrediction, bad_model, vb)
