@@ -26,6 +26,11 @@ def first_step(registry: Registry, model: str) -> int:
     return DEFAULT_CANARY_PERCENT
 
 
+def _busy(split: Split, production: int) -> str:
+    """The versions besides production that have traffic ("v3=10%, ..."), or "" when none has."""
+    return ", ".join(f"v{v}={w}%" for v, w in sorted(split.weights.items()) if v != production)
+
+
 def shadow_gated(registry: Registry, model: str) -> bool:
     """True when the model's rollout policy requires a passing shadow evaluation before any canary."""
     return splits.policy_from_dict(registry.rollout_config(model)).shadow_gate
@@ -37,10 +42,9 @@ def start_shadow(registry: Registry, model: str, production: int, candidate: int
     has traffic besides production or another version is the shadow: one evaluation at a time."""
     for _ in range(2):
         split = registry.get_split(model)
-        others = {v: w for v, w in split.weights.items() if v != production}
-        if others:
-            busy = ", ".join(f"v{v}={w}%" for v, w in sorted(others.items()))
-            return None, f"shadow not started: another version has traffic ({busy})"
+        busy = _busy(split, production)
+        if busy:
+            return None, f"shadow not started: another version already has traffic ({busy})"
         if split.shadow is not None and split.shadow != candidate:
             return None, f"shadow not started: v{split.shadow} is being shadowed"
         try:
@@ -59,9 +63,8 @@ def start_canary(registry: Registry, model: str, production: int, candidate: int
     version already has traffic besides production: one canary at a time."""
     for _ in range(2):
         split = registry.get_split(model)
-        others = {v: w for v, w in split.weights.items() if v != production}
-        if others:
-            busy = ", ".join(f"v{v}={w}%" for v, w in sorted(others.items()))
+        busy = _busy(split, production)
+        if busy:
             return None, f"canary not started: another version already has traffic ({busy})"
         try:
             new = registry.set_split(model, splits.canary_start(production, candidate, percent),
