@@ -94,14 +94,17 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     previous = decisions(registry, model, canary=shadow, since=since, limit=1, shadow=True)
     details_before = previous[0]["details"] if previous else {}
     state = PairedState.from_dict(details_before.get("state", {})) if previous else None
-    rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
-    seen = [info.split.revision, rows.outcome.size, rows.last_id]
     if state is not None and state.verdict is not None:
-        # The verdict is stored. Gated: carry it out again (the process may have died between storing
-        # it and stopping the shadow); ungated: nothing more to decide.
+        # The verdict is stored. Gated: carry it out (again, if the process died between storing it and
+        # acting, or the gate was switched on after an ungated verdict); ungated: nothing to decide.
         if policy.shadow_gate and state.verdict == "worse":
             _stop(registry, model, shadow, previous[0]["reason"], actor)
+        elif policy.shadow_gate:
+            _start(registry, info, served, shadow, policy.steps[0], actor,
+                   f"canary at {policy.steps[0]}% after the shadow stage: {previous[0]['reason']}")
         return None
+    rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
+    seen = [info.split.revision, rows.outcome.size, rows.last_id]
     if previous and details_before.get("seen") == seen:
         return None  # nothing new since the last look
     ppolicy = paired_policy(policy)
@@ -159,11 +162,19 @@ def _apply(registry: Registry, info: ModelInfo, served: int, shadow: int, d: Pai
         return
     percent = policy.steps[0]
     reason = f"canary at {percent}% after the shadow stage: {d.reason}"
+    _start(registry, info, served, shadow, percent, actor, reason,
+           _row(model, served, shadow, d, percent, reason, details))
+
+
+def _start(registry: Registry, info: ModelInfo, served: int, shadow: int, percent: int, actor: str,
+           reason: str, decision: dict[str, Any] | None = None) -> None:
+    """A passing shadow becomes the canary at ``percent`` (status canary; the decision, when given, is
+    stored in the same transaction) and stops being mirrored."""
+    model = info.name
     try:
         registry.set_split(model, splits.canary_start(served, shadow, percent),
                            expected_revision=info.split.revision, actor=actor, reason=reason,
-                           status_changes={shadow: "canary"},
-                           decision=_row(model, served, shadow, d, percent, reason, details))
+                           status_changes={shadow: "canary"}, decision=decision)
     except ConflictError:
         log.info("split of %s changed while judging its shadow; will look again", model)
         return

@@ -173,3 +173,15 @@ def test_pairs_count_only_once_mature_as_the_canary_counts_outcomes(registry: Re
     _traffic(registry, model, np.random.default_rng(4), 100, 0.1)
     RolloutController(registry).run_once(model)
     assert decisions(registry, model, shadow=True)[0]["details"]["n_pairs"] == 500
+
+
+def test_switching_the_gate_on_carries_out_a_stored_verdict(registry: Registry) -> None:
+    ungated = {"steps": [10, 100], "shadow_min_pairs": 200}
+    passed = _model(registry, ungated)
+    assert _run_until_verdict(registry, passed, noise=0.1)[0]["action"] == "shadow_not_worse"
+    assert dict(registry.get_split(passed).weights) == {1: 100}
+    registry.set_rollout_config(passed, {**ungated, "shadow_gate": True})
+    RolloutController(registry).run_once(passed)
+    split = registry.get_split(passed)
+    assert dict(split.weights) == {1: 90, 2: 10} and split.shadow is None
+    assert registry.get_version(passed, 2).status == "canary"
