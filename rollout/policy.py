@@ -76,6 +76,9 @@ class RolloutPolicy:
     shadow_metric: str | None = None
     shadow_margin: float | None = None
     shadow_min_pairs: int = 200
+    # The score at which the model's caller acts (score >= threshold): where `chimera shadow report`
+    # counts decision agreement between the served and the shadow version.
+    decision_threshold: float = 0.5
     winsor_quantile: float | None = 0.01
     winsor_calibration: int = 1000
     min_canary_samples_per_step: int = 200
@@ -129,6 +132,8 @@ class RolloutPolicy:
             raise ValueError("shadow_margin must be positive")
         if self.shadow_min_pairs < 2:
             raise ValueError("shadow_min_pairs must be at least 2 (a variance needs two values)")
+        if not 0.0 < self.decision_threshold < 1.0:
+            raise ValueError("decision_threshold must be in (0, 1)")
         if self.winsor_quantile is not None and not 0.0 <= self.winsor_quantile < 0.5:
             raise ValueError("winsor_quantile must be in [0, 0.5)")
         self._check_scaling()

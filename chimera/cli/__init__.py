@@ -5,6 +5,7 @@ options and call the packages. One module per family of commands:
     rollout.py   canary set|shadow, rollout status, promote, rollback, analyze, simulate
     training.py  train, retrain, drift, scheduler      perf.py      loadtest, bench
     demo.py      demo (the job itself is chimera.demo, which never imports this package)
+    shadow.py    shadow report
     shared.py    settings, registry, admin RPC          views.py     console, errors, table cells
 
 Commands are registered here, in the order `chimera --help` lists them."""
@@ -22,6 +23,7 @@ from chimera.cli.perf import bench, loadtest
 from chimera.cli.registry import db_app, models_app
 from chimera.cli.rollout import analyze, canary_app, canary_weights, promote, rollback, rollout_app, simulate
 from chimera.cli.serving import serve
+from chimera.cli.shadow import shadow_app
 from chimera.cli.training import drift, retrain, scheduler, train
 
 __all__ = ["app", "canary_weights", "main", "scheduler", "serve"]
@@ -36,6 +38,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(canary_app, name="canary")
 app.add_typer(log_app, name="log")
+app.add_typer(shadow_app, name="shadow")
 for command in (train, serve, promote, rollback, analyze, loadtest, demo, simulate, bench, retrain, drift,
                 scheduler):
     app.command()(command)
