@@ -121,12 +121,14 @@ def loss_differences(metric: str, outcomes: np.ndarray, served: np.ndarray, shad
                      log_loss_eps: float = 1e-4) -> np.ndarray:
     """d_i = loss(shadow_i, y_i) − loss(served_i, y_i) through ``rollout.stats.per_request_values`` (the
     canary's own loss definitions); log-loss scores are clipped to [eps, 1 − eps] first (module doc)."""
-    served_loss, shadow_loss = _losses(metric, outcomes, served, shadow, log_loss_eps)
+    served_loss, shadow_loss = pair_losses(metric, outcomes, served, shadow, log_loss_eps)
     return shadow_loss - served_loss
 
 
-def _losses(metric: str, outcomes: np.ndarray, served: np.ndarray, shadow: np.ndarray,
-            log_loss_eps: float) -> tuple[np.ndarray, np.ndarray]:
+def pair_losses(metric: str, outcomes: np.ndarray, served: np.ndarray, shadow: np.ndarray,
+                log_loss_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's loss under the served score and under the shadow's (the paired test's definitions;
+    the shadow diff report shows them side by side)."""
     if metric not in PAIRED_METRICS:
         raise ValueError(f"unknown paired metric {metric!r}; expected one of {PAIRED_METRICS}")
     # One call for both scores: the per-call overhead matters at a look every 50 rows.
@@ -175,7 +177,7 @@ class PairedData:
                     c = self._codes[u] = self._next
                     self._next += 1
                 codes[i] = c
-        ls, lh = _losses(self.policy.metric, y[ok], s[ok], h[ok], self.policy.log_loss_eps)
+        ls, lh = pair_losses(self.policy.metric, y[ok], s[ok], h[ok], self.policy.log_loss_eps)
         self._cell.add(codes, lh - ls, self._next)
         self.loss_served += float(ls.sum())
         self.loss_shadow += float(lh.sum())

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from chimera.jsonsafe import nan_to_none
-from rollout.paired import PairedPolicy, _losses
+from rollout.paired import PairedPolicy, pair_losses
 from rollout.policy import PAIRED_METRICS
 from rollout.stats import outcome_in_domain
 
@@ -138,7 +138,7 @@ def _losses_of(served: np.ndarray, shadow: np.ndarray, outcomes: np.ndarray | No
     eps = PairedPolicy().log_loss_eps
     out: dict[str, dict[str, float]] = {"served": {}, "shadow": {}, "difference": {}}
     for metric in PAIRED_METRICS:
-        served_loss, shadow_loss = _losses(metric, y[ok], served[ok], shadow[ok], eps)
+        served_loss, shadow_loss = pair_losses(metric, y[ok], served[ok], shadow[ok], eps)
         out["served"][metric] = float(served_loss.mean())
         out["shadow"][metric] = float(shadow_loss.mean())
         out["difference"][metric] = float((shadow_loss - served_loss).mean())
