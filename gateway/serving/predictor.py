@@ -152,8 +152,11 @@ class Predictor:
             fut: Awaitable[Any] = self._deploy_then_score(model, version, x, timeout)
         else:
             fut = batcher.enqueue(x, one=True, expires_in=timeout)
-        if entry.shadow is not None and self.shadow is not None and not pinned:
-            self.shadow.mirror_one(entry, version, x, named, dense, request_id)
+        if self.shadow is not None and not pinned:
+            if entry.shadow is not None:
+                self.shadow.mirror_one(entry, version, x, named, dense, request_id)
+            if entry.covariate_from is not None:  # the canary row's covariate (rollout.covariate)
+                self.shadow.covariate_one(entry, version, x, named, dense, request_id)
         return fut, version, x, request_id, entry.revision, failed
 
     async def _deploy_then_score(self, model: str, version: int, x: np.ndarray,
@@ -320,8 +323,11 @@ class Predictor:
                 failed_rows = [r if r != v else None for r, v in zip(routed, versions, strict=True)]
         by_version = groups(versions)
         matrices = project_groups(entry, rows, by_version)
-        if entry.shadow is not None and self.shadow is not None and not pinned:
-            self.shadow.mirror_many(entry, rows, ids, by_version, matrices)
+        if self.shadow is not None and not pinned:
+            if entry.shadow is not None:
+                self.shadow.mirror_many(entry, rows, ids, by_version, matrices)
+            if entry.covariate_from is not None:  # the canary rows' covariate (rollout.covariate)
+                self.shadow.covariate_many(entry, rows, ids, by_version, matrices)
         results, moved, answered = await self._score_groups(
             entry, rows, by_version, matrices, pinned, timeout, started, ids, keys, failed_rows)
         scored_by = dict.fromkeys(by_version, 0)

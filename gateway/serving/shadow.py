@@ -13,8 +13,18 @@ The caller must never notice it, so:
   client handed us: if the database refuses them they are counted (`unwritten`) and dropped, never
   spilled or retried in front of the prediction log.
 
+The same mirror scores the canary's rows on the production (baseline) version too, when the canary's
+business metric is adjusted by production's score (rollout.covariate, ``ModelEntry.covariate_from``):
+the canary's rows need the score production would have given them, under the same rules (one enqueue
+into the baseline's batcher, bounded, counted, dropped rather than queued) and into the same table,
+under the baseline's version number. A dropped or failed covariate row only leaves that canary row
+unadjusted: the drop rule depends on load and on the baseline's health, never on the row's content,
+so the rows left without a covariate are a random subset of the canary's (docs/statistics.md).
+shadow_predictions holds one row per request id, so while a model also has a shadow version the shadow
+mirror keeps the canary's rows and the covariate mirror stands aside (those canary rows stay unadjusted).
+
 Exposed as chimera_shadow_rows_total{model, version, result} with result in scored | dropped |
-failed | skipped | unwritten."""
+failed | skipped | unwritten; covariate rows count under the baseline's version."""
 
 from __future__ import annotations
 
@@ -59,33 +69,52 @@ class ShadowMirror:
     def mirror_one(self, entry: ModelEntry, served: int, x: np.ndarray, named: Mapping[str, float],
                    dense: Sequence[float], request_id: str) -> None:
         """Mirror one accepted row (x: its projection for the version that serves it)."""
-        shadow = entry.shadow
-        if shadow is None or shadow == served:
+        self._one(entry, entry.shadow, served, x, named, dense, request_id)
+
+    def covariate_one(self, entry: ModelEntry, served: int, x: np.ndarray, named: Mapping[str, float],
+                      dense: Sequence[float], request_id: str) -> None:
+        """Score one canary row on the baseline for its covariate (module docstring); a row the baseline
+        served itself already has its score."""
+        if entry.shadow is None:
+            self._one(entry, entry.covariate_from, served, x, named, dense, request_id)
+
+    def covariate_many(self, entry: ModelEntry, rows: Sequence[RowLike], ids: list[str],
+                       groups: Mapping[int, np.ndarray], matrices: Mapping[int, np.ndarray]) -> None:
+        """``covariate_one`` for a batch: the rows of every version group but the baseline's, one call."""
+        if entry.shadow is None:
+            self._many(entry, entry.covariate_from, rows, ids, groups, matrices)
+
+    def _one(self, entry: ModelEntry, target: int | None, served: int, x: np.ndarray,
+             named: Mapping[str, float], dense: Sequence[float], request_id: str) -> None:
+        if target is None or target == served:
             return
-        schema = entry.schemas.get(shadow)
+        schema = entry.schemas.get(target)
         if schema is None:
             return
         if schema.names != entry.schemas[served].names:
             try:
                 x = schema.project_one(named, dense)
             except FeatureError:
-                self._count(entry.name, shadow, "skipped", 1)
+                self._count(entry.name, target, "skipped", 1)
                 return
-        self._send(entry.name, shadow, x, [request_id])
+        self._send(entry.name, target, x, [request_id])
 
     def mirror_many(self, entry: ModelEntry, rows: Sequence[RowLike], ids: list[str],
                     groups: Mapping[int, np.ndarray], matrices: Mapping[int, np.ndarray]) -> None:
         """Mirror a batch: the rows of every version group but the shadow's own, as one call."""
-        shadow = entry.shadow
-        if shadow is None:
+        self._many(entry, entry.shadow, rows, ids, groups, matrices)
+
+    def _many(self, entry: ModelEntry, target: int | None, rows: Sequence[RowLike], ids: list[str],
+              groups: Mapping[int, np.ndarray], matrices: Mapping[int, np.ndarray]) -> None:
+        if target is None:
             return
-        schema = entry.schemas.get(shadow)
+        schema = entry.schemas.get(target)
         if schema is None:
             return
         parts: list[np.ndarray] = []
         part_ids: list[str] = []
         for version, idx in groups.items():
-            if version == shadow:
+            if version == target:
                 continue
             pos = idx.tolist()
             if schema.names == entry.schemas[version].names:
@@ -94,11 +123,11 @@ class ShadowMirror:
                 try:
                     parts.append(schema.project_rows([rows[i] for i in pos]))
                 except FeatureError:
-                    self._count(entry.name, shadow, "skipped", len(pos))
+                    self._count(entry.name, target, "skipped", len(pos))
                     continue
             part_ids.extend(ids[i] for i in pos)
         if part_ids:
-            self._send(entry.name, shadow, parts[0] if len(parts) == 1 else np.concatenate(parts), part_ids)
+            self._send(entry.name, target, parts[0] if len(parts) == 1 else np.concatenate(parts), part_ids)
 
     def _send(self, model: str, version: int, x: np.ndarray, ids: list[str]) -> None:
         n = len(ids)
