@@ -226,14 +226,17 @@ class LoadTestRun(Base):
 
 
 class ShadowPrediction(Base):
-    """A mirror version's score for a live request (same request id as the served prediction)."""
+    """A mirror version's score for a live request (same request id as the served prediction): the
+    shadow version's, or production's for a canary row (its covariate); one row per (request id,
+    version), migration 0007."""
 
     __tablename__ = "shadow_predictions"
-    __table_args__ = (Index("ix_shadow_predictions_model_version", "model", "version"),)  # migration 0004
+    __table_args__ = (Index("ix_shadow_predictions_model_version", "model", "version"),
+                      UniqueConstraint("request_id", "version", name="uq_shadow_predictions_request_version"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
     model: Mapped[str] = mapped_column(String(128), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     score: Mapped[float] = mapped_column(Float, nullable=False)

@@ -446,8 +446,8 @@ class Registry:
         values = [{"request_id": r.request_id, "model": r.model, "version": r.version, "score": r.score,
                    "latency_ms": r.latency_ms, "created_at": r.created_at or utcnow()} for r in rows]
         with self._sessions.begin() as s:
-            s.execute(dialect_insert(ShadowPrediction).on_conflict_do_nothing(index_elements=["request_id"]),
-                      values)
+            s.execute(dialect_insert(ShadowPrediction).on_conflict_do_nothing(
+                index_elements=["request_id", "version"]), values)
         return len(values)
 
     def count_shadow_predictions(self, model: str) -> dict[int, int]:

@@ -20,8 +20,8 @@ into the baseline's batcher, bounded, counted, dropped rather than queued) and i
 under the baseline's version number. A dropped or failed covariate row only leaves that canary row
 unadjusted: the drop rule depends on load and on the baseline's health, never on the row's content,
 so the rows left without a covariate are a random subset of the canary's (docs/statistics.md).
-shadow_predictions holds one row per request id, so while a model also has a shadow version the shadow
-mirror keeps the canary's rows and the covariate mirror stands aside (those canary rows stay unadjusted).
+shadow_predictions holds one row per (request id, version), so a canary row can have both: the shadow
+version's score and production's.
 
 Exposed as chimera_shadow_rows_total{model, version, result} with result in scored | dropped |
 failed | skipped | unwritten; covariate rows count under the baseline's version."""
@@ -75,14 +75,12 @@ class ShadowMirror:
                       dense: Sequence[float], request_id: str) -> None:
         """Score one canary row on the baseline for its covariate (module docstring); a row the baseline
         served itself already has its score."""
-        if entry.shadow is None:
-            self._one(entry, entry.covariate_from, served, x, named, dense, request_id)
+        self._one(entry, entry.covariate_from, served, x, named, dense, request_id)
 
     def covariate_many(self, entry: ModelEntry, rows: Sequence[RowLike], ids: list[str],
                        groups: Mapping[int, np.ndarray], matrices: Mapping[int, np.ndarray]) -> None:
         """``covariate_one`` for a batch: the rows of every version group but the baseline's, one call."""
-        if entry.shadow is None:
-            self._many(entry, entry.covariate_from, rows, ids, groups, matrices)
+        self._many(entry, entry.covariate_from, rows, ids, groups, matrices)
 
     def _one(self, entry: ModelEntry, target: int | None, served: int, x: np.ndarray,
              named: Mapping[str, float], dense: Sequence[float], request_id: str) -> None:

@@ -137,3 +137,45 @@ def test_no_covariate_mirror_when_the_policy_names_none(canary) -> None:
         assert not set(ids) & set(mirror_rows(reg, model))
     finally:
         reg.set_rollout_config(model, {})
+
+
+def test_a_shadow_and_the_covariate_mirror_both_score_canary_rows(canary) -> None:
+    """A canary row can need two mirror scores at once: the shadow version's (the shadow stage's pairs)
+    and production's (its covariate). Both are stored, each under its own version (migration 0007: one
+    row per request id and version); production's rows get the shadow's score only."""
+    reg, gw, model, _ = canary
+    g = gw.gateway
+    b3, names = small_onnx(seed=3)
+    v3 = reg.publish_version(model, b3, names, status="staged").version
+    reg.set_shadow(model, v3, actor="test")
+    try:
+        wait_for(lambda: g.catalog.get(model).shadow == v3 and g.pool.is_ready(model, v3), 60,
+                 "the shadow version")
+        x = np.random.default_rng(12).normal(size=(60, 4)).astype(np.float32)
+        served = {}
+        for i in range(60):
+            req = pb.PredictRequest(model=model, request_id=f"both{i}", routing_key=f"both{i}",
+                                    dense=x[i].tolist())
+            r = gw.predict.Predict(req, timeout=5)
+            served[r.request_id] = r.version
+        on_canary = {rid for rid, v in served.items() if v == 2}
+        assert len(on_canary) > 10 and len(served) - len(on_canary) > 10
+
+        def stored() -> set[tuple[str, int]]:
+            with reg.engine.connect() as c:
+                q = select(ShadowPrediction.request_id, ShadowPrediction.version)
+                return {(rid, v) for rid, v in c.execute(q.where(ShadowPrediction.model == model))
+                        if rid.startswith("both")}
+
+        want = {(rid, v3) for rid in served} | {(rid, 1) for rid in on_canary}
+        wait_for(lambda: want <= stored(), 10, "the shadow's and the covariate's rows")
+        time.sleep(1.0)  # two writer flushes: anything wrongly mirrored has landed too
+        assert stored() == want
+        scores = onnx_scores(b3, x)
+        with reg.engine.connect() as c:
+            q = select(ShadowPrediction.request_id, ShadowPrediction.score).where(
+                (ShadowPrediction.model == model) & (ShadowPrediction.version == v3))
+            got = {rid: s for rid, s in c.execute(q) if rid.startswith("both")}
+        np.testing.assert_allclose([got[f"both{i}"] for i in range(60)], scores, atol=1e-6)
+    finally:
+        reg.set_shadow(model, None, actor="test")

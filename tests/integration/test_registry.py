@@ -151,6 +151,58 @@ def test_shadow_version_is_validated_bumps_revision_and_is_audited(registry: Reg
     assert registry.set_shadow("m", None, actor="op").shadow is None
 
 
+def test_a_request_keeps_one_mirror_score_per_version(registry: Registry) -> None:
+    """A canary row can have the shadow's score and production's (its covariate): both are kept, each
+    once, however often the writer replays them."""
+    for payload in (b"one", b"two", b"three"):
+        _publish(registry, payload=payload)
+    rows = [PredictionRow(f"c{i}", "m", v, 0.1 * v, 1.0) for i in range(4) for v in (1, 3)]
+    assert registry.insert_shadow_predictions(rows) == 8
+    registry.insert_shadow_predictions(rows)  # replay-safe per (request id, version)
+    assert registry.count_shadow_predictions("m") == {1: 4, 3: 4}
+
+
+def _downgrade(reg: Registry, revision: str) -> None:
+    from alembic import command
+
+    cfg = alembic_config(reg.url)
+    with reg.engine.connect() as conn, conn.begin():
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def test_migration_0007_keeps_every_mirror_row_and_ids_keep_counting(registry_url: str) -> None:
+    """Upgrading a 0006 database rebuilds shadow_predictions with every row and id kept, and new rows
+    get fresh ids (PostgreSQL's sequence is moved past the copied ones); downgrading keeps one row per
+    request id."""
+    from registry.migrate import upgrade
+
+    reg = Registry(registry_url)
+    try:
+        upgrade(registry_url, reg.engine, revision="0006")
+        _publish(reg, payload=b"one")
+        _publish(reg, payload=b"two")
+        with reg.engine.begin() as c:  # as a 0006 gateway wrote them (its conflict target is request_id)
+            c.execute(text("INSERT INTO shadow_predictions (request_id, model, version, score, latency_ms, "
+                           "created_at) VALUES (:r, 'm', 2, 0.5, 1.0, CURRENT_TIMESTAMP)"),
+                      [{"r": f"o{i}"} for i in range(5)])
+        with reg.engine.connect() as c:
+            before = c.execute(text("SELECT id, request_id FROM shadow_predictions ORDER BY id")).all()
+        upgrade(registry_url, reg.engine)
+        reg.insert_shadow_predictions([PredictionRow("o0", "m", 1, 0.4, 1.0)])
+        with reg.engine.connect() as c:
+            q = "SELECT id, request_id, version FROM shadow_predictions ORDER BY id"
+            after = c.execute(text(q)).all()
+        assert [tuple(r[:2]) for r in after[:5]] == [tuple(r) for r in before]
+        assert after[5][1:] == ("o0", 1) and after[5][0] > before[-1][0]
+        assert reg.count_shadow_predictions("m") == {1: 1, 2: 5}
+        _downgrade(reg, "0006")  # the earliest row per request id is kept
+        with reg.engine.connect() as c:
+            assert c.execute(text("SELECT COUNT(*) FROM shadow_predictions")).scalar() == 5
+    finally:
+        reg.dispose()
+
+
 def test_models_match_the_migrations(registry: Registry) -> None:
     """Every table is declared once in registry.models and says exactly what the migrations built:
     Alembic's autogenerate diff between the migrated database and the ORM metadata is empty."""
