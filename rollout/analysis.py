@@ -33,16 +33,38 @@ class Recomputed:
     decision: Decision | PairedDecision
     checked: tuple[str, ...] = CHECKED
     counts: tuple[str, ...] = ("n_baseline", "n_canary")
+    # A shadow look's secondary metrics (rollout.shadow_gate), recomputed: checked like the primary's
+    # numbers, under "<metric>.<key>".
+    others: dict[str, PairedDecision] = dataclasses.field(default_factory=dict)
 
     def differences(self) -> dict[str, float]:
         """|stored − recomputed| for the numbers a reader would check, and the counts."""
         d = self.stored["details"]
-        out: dict[str, float] = {}
-        for key in self.checked:
-            out[key] = _diff(d.get(key), getattr(self.decision, key))
-        for key in self.counts:
-            out[key] = float(abs(d[key] - getattr(self.decision, key)))
+        out = _differences(d, self.decision, self.checked, self.counts)
+        for metric, decision in self.others.items():
+            stored = d.get("others", {}).get(metric, {})
+            out.update({f"{metric}.{k}": v
+                        for k, v in _differences(stored, decision, self.checked, self.counts).items()})
         return out
+
+
+    def values(self, key: str) -> tuple[Any, Any]:
+        """(stored, recomputed) for a key of ``differences()`` ("<metric>.<key>" for a secondary)."""
+        details, decision = self.stored["details"], self.decision
+        metric, _, name = key.rpartition(".")
+        if metric:
+            details, decision, key = details.get("others", {}).get(metric, {}), self.others[metric], name
+        return details.get(key, self.stored.get(key) if not metric else None), getattr(decision, key)
+
+
+def _differences(stored: dict[str, Any], decision: Decision | PairedDecision, checked: tuple[str, ...],
+                 counts: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in checked:
+        out[key] = _diff(stored.get(key), getattr(decision, key))
+    for key in counts:
+        out[key] = float(abs(stored[key] - getattr(decision, key))) if key in stored else math.inf
+    return out
 
 
 def _diff(stored: Any, new: float) -> float:
@@ -76,8 +98,9 @@ def recompute(registry: Registry, decision_id: int) -> Recomputed:
     if "window" not in details or "policy" not in details:
         raise NotFoundError(f"decision: {decision_id} is not a statistical decision (manual action?)")
     if row["action"].startswith(SHADOW_PREFIX):  # a shadow-stage look: the paired test's own path
-        return Recomputed(decision_id, row, shadow_gate.recompute(registry, row),
-                          checked=shadow_gate.CHECKED, counts=("n_pairs", "units"))
+        decision, others = shadow_gate.recompute(registry, row)
+        return Recomputed(decision_id, row, decision, checked=shadow_gate.CHECKED,
+                          counts=("n_pairs", "units"), others=others)
     window = details["window"]
     since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
     model, b, c = row["model"], row["baseline_version"], row["canary_version"]

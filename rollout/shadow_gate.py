@@ -20,11 +20,21 @@ What the verdict does depends on the model's policy (``RolloutPolicy.shadow_gate
 The guarantee is the paired test's (docs/statistics.md, "Paired evaluation on shadow traffic"): an
 equal shadow is called worse with probability at most ``alpha_worse`` and a shadow worse by the margin
 is let through with probability at most ``alpha_not_worse``, however often the controller looks.
+
+Every other paired metric (``PAIRED_METRICS``: Brier and log-loss) is judged at each look too, by its
+own test on the same pairs with its own default margin and state, and stored in ``details["others"]``
+and in the reason, so the status shows a shadow's standing on each quality metric. Only the policy's
+``shadow_metric`` moves anything: it is chosen before the evaluation starts, so the gate's two error
+rates are exactly the stated ones; letting any of two metrics gate would spend the budget twice. Each
+secondary verdict keeps its own guarantee taken alone. AUC and calibration are not a mean of per-row
+losses, so they have no paired sequential test here; the shadow report (rollout.shadow_report) shows
+them.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +47,7 @@ from registry.rollouts import SHADOW_PREFIX, decisions, record_decision
 from registry.shadow_eval import PairedRows, paired_rows, shadow_started
 from rollout import splits
 from rollout.paired import PairedData, PairedDecision, PairedPolicy, PairedState, paired_look
-from rollout.policy import RolloutPolicy
+from rollout.policy import PAIRED_METRICS, RolloutPolicy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,25 @@ def production_of(info: ModelInfo) -> int | None:
     is judged against one served version only."""
     weighted = [v for v, w in info.split.weights.items() if w > 0]
     return weighted[0] if len(weighted) == 1 else None
+
+
+def secondary_policies(primary: PairedPolicy) -> dict[str, PairedPolicy]:
+    """The paired metrics other than the gating one, each with its own default margin and τ and the
+    primary's error rates and minimum pairs (reported, never gating: module docstring)."""
+    return {m: replace(primary, metric=m, margin=None, tau=None)
+            for m in PAIRED_METRICS if m != primary.metric}
+
+
+def judge_others(primary: PairedPolicy, rows: PairedRows, stored: dict[str, Any], *, until: float,
+                 outcome_delay_s: float = 0.0) -> dict[str, tuple[PairedDecision, PairedState]]:
+    """Each secondary metric's look on the same rows, from the states ``stored`` (a previous look's
+    ``details["others"]``, or {} for the first look)."""
+    out = {}
+    for metric, policy in secondary_policies(primary).items():
+        before = stored.get(metric)
+        state = PairedState.from_dict(before["state"]) if before else None
+        out[metric] = judge(policy, rows, state, until=until, outcome_delay_s=outcome_delay_s)
+    return out
 
 
 def judge(policy: PairedPolicy, rows: PairedRows, state: PairedState | None, *, until: float,
@@ -110,17 +139,38 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     ppolicy = paired_policy(policy)
     decision, new_state = judge(ppolicy, rows, state, until=until.timestamp(),
                                 outcome_delay_s=policy.outcome_delay_s)
+    others = judge_others(ppolicy, rows, details_before.get("others", {}) if previous else {},
+                          until=until.timestamp(), outcome_delay_s=policy.outcome_delay_s)
     details = {**decision.to_dict(), "state": new_state.to_dict(), "policy": ppolicy.to_dict(),
                "outcome_delay_s": policy.outcome_delay_s, "gate": policy.shadow_gate,
                "served_version": served, "seen": seen,
-               "window": {"since": since.isoformat(), "until": until.isoformat()}}
-    _apply(registry, info, served, shadow, decision, details, policy, actor)
+               "window": {"since": since.isoformat(), "until": until.isoformat()},
+               "others": {m: {**d.to_dict(), "state": st.to_dict(),
+                              "policy": secondary_policies(ppolicy)[m].to_dict()}
+                          for m, (d, st) in others.items()}}
+    _apply(registry, info, served, shadow, decision, details, policy, actor,
+           others_note(d for d, _ in others.values()))
     return decision
 
 
-def recompute(registry: Registry, row: dict[str, Any]) -> PairedDecision:
+def others_note(others: Any) -> str:
+    """The secondary metrics' standing, appended to the stored reason (what status and the dashboard
+    show): "; log_loss (reported, not gating): not_worse, shadow 0.5012 vs served 0.5034, ..."."""
+    parts = []
+    for d in others:
+        if d.n_pairs < 1 or d.look == 0:
+            state = f"{d.n_pairs} pairs"
+        else:
+            state = (f"shadow {d.loss_shadow:.4f} vs served {d.loss_served:.4f}, p_worse={d.p_worse:.4g}, "
+                     f"p_not_worse={d.p_not_worse:.4g}")
+        parts.append(f"; {d.metric} (reported, not gating): {d.action}, {state}")
+    return "".join(parts)
+
+
+def recompute(registry: Registry, row: dict[str, Any]) -> tuple[PairedDecision, dict[str, PairedDecision]]:
     """A stored shadow look, recomputed from the rows of its window with the state of the look before it
-    and the paired policy it stored (rollout.analysis dispatches here)."""
+    and the paired policy it stored (rollout.analysis dispatches here): the gating metric's decision and
+    each secondary metric's."""
     details = row["details"]
     window = details["window"]
     since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
@@ -129,9 +179,14 @@ def recompute(registry: Registry, row: dict[str, Any]) -> PairedDecision:
                if r["id"] < row["id"]]
     state = PairedState.from_dict(earlier[0]["details"]["state"]) if earlier else None
     rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
-    decision, _ = judge(PairedPolicy.from_dict(details["policy"]), rows, state, until=until.timestamp(),
-                        outcome_delay_s=float(details.get("outcome_delay_s", 0.0)))
-    return decision
+    primary = PairedPolicy.from_dict(details["policy"])
+    delay = float(details.get("outcome_delay_s", 0.0))
+    decision, _ = judge(primary, rows, state, until=until.timestamp(), outcome_delay_s=delay)
+    if "others" not in details:  # stored before secondary metrics were looked at
+        return decision, {}
+    others = judge_others(primary, rows, earlier[0]["details"].get("others", {}) if earlier else {},
+                          until=until.timestamp(), outcome_delay_s=delay)
+    return decision, {m: d for m, (d, _) in others.items()}
 
 
 def _row(model: str, served: int, shadow: int, d: PairedDecision, weight_after: int, reason: str,
@@ -147,23 +202,23 @@ def _row(model: str, served: int, shadow: int, d: PairedDecision, weight_after: 
 
 
 def _apply(registry: Registry, info: ModelInfo, served: int, shadow: int, d: PairedDecision,
-           details: dict[str, Any], policy: RolloutPolicy, actor: str) -> None:
+           details: dict[str, Any], policy: RolloutPolicy, actor: str, others: str = "") -> None:
     model = info.name
     if d.action == "continue" or not policy.shadow_gate:
         note = "" if d.action == "continue" else " (shadow_gate off: nothing moves)"
-        record_decision(registry, _row(model, served, shadow, d, 0, d.reason + note, details))
+        record_decision(registry, _row(model, served, shadow, d, 0, d.reason + note + others, details))
         return
     if d.action == "worse":
         # Stored first: if the process dies before the shadow is stopped, the next look finds the
         # verdict in the state and stops it then.
-        reason = f"stopped at the shadow stage: {d.reason}"
+        reason = f"stopped at the shadow stage: {d.reason}{others}"
         record_decision(registry, _row(model, served, shadow, d, 0, reason, details))
         _stop(registry, model, shadow, reason, actor)
         return
     percent = policy.steps[0]
     reason = f"canary at {percent}% after the shadow stage: {d.reason}"
     _start(registry, info, served, shadow, percent, actor, reason,
-           _row(model, served, shadow, d, percent, reason, details))
+           _row(model, served, shadow, d, percent, reason + others, details))
 
 
 def _start(registry: Registry, info: ModelInfo, served: int, shadow: int, percent: int, actor: str,

@@ -273,8 +273,8 @@ def analyze(
     )
     diffs = result.differences()
     for key, value in diffs.items():
-        s_val = stored["details"].get(key, stored.get(key))
-        table.add_row(key, fmt(s_val, ".10g"), fmt(getattr(d, key), ".10g"), fmt(value, ".2e"))
+        s_val, r_val = result.values(key)
+        table.add_row(key, fmt(s_val, ".10g"), fmt(r_val, ".10g"), fmt(value, ".2e"))
     views.console.print(table)
     views.console.print(
         f"window {stored['details']['window']['since']} … {stored['details']['window']['until']}; "

@@ -35,14 +35,19 @@ def _model(registry: Registry, config: dict) -> str:
     return model
 
 
-def _traffic(registry: Registry, model: str, rng: np.random.Generator, n: int, shadow_noise: float) -> None:
+def _traffic(registry: Registry, model: str, rng: np.random.Generator, n: int, shadow_noise: float,
+             served_noise: float = 0.1, confident_misses: float = 0.0) -> None:
     """n requests served by v1 and mirrored to v2: the outcome is Bernoulli(p); production scores p
     with noise 0.1 on the log-odds, the shadow with `shadow_noise` (0.1: as good; more: worse)."""
     logit = rng.normal(0.0, 1.2, n)
     p = 1.0 / (1.0 + np.exp(-logit))
-    served = 1.0 / (1.0 + np.exp(-(logit + rng.normal(0.0, 0.1, n))))
+    served = 1.0 / (1.0 + np.exp(-(logit + rng.normal(0.0, served_noise, n))))
     shadow = 1.0 / (1.0 + np.exp(-(logit + rng.normal(0.0, shadow_noise, n))))
     y = (rng.random(n) < p).astype(float)
+    # A share of rows the shadow gets confidently wrong (1e-6 for an outcome of 1, 1 - 1e-6 for 0):
+    # log-loss punishes them ~9 nats each (clipped at 1e-4), Brier at most 1.
+    miss = rng.random(n) < confident_misses
+    shadow = np.where(miss, np.where(y == 1.0, 1e-6, 1.0 - 1e-6), shadow)
     ids = [uuid.uuid4().hex for _ in range(n)]
     now = datetime.now(UTC)
     revision = registry.get_split(model).revision
@@ -56,11 +61,12 @@ def _traffic(registry: Registry, model: str, rng: np.random.Generator, n: int, s
     record_outcomes(registry, list(zip(ids, y.tolist(), strict=True)))
 
 
-def _run_until_verdict(registry: Registry, model: str, noise: float, max_rows: int = 20_000) -> list[dict]:
+def _run_until_verdict(registry: Registry, model: str, noise: float, max_rows: int = 20_000,
+                       **traffic: float) -> list[dict]:
     controller = RolloutController(registry)
     rng = np.random.default_rng(7)
     for _ in range(max_rows // 250):
-        _traffic(registry, model, rng, 250, noise)
+        _traffic(registry, model, rng, 250, noise, **traffic)
         controller.run_once(model)
         looks = decisions(registry, model, shadow=True)
         if looks and looks[0]["action"] != "shadow_continue":
@@ -108,6 +114,52 @@ def test_a_worse_shadow_is_stopped_and_never_serves(registry: Registry) -> None:
     _recomputes(registry, looks)
     # Nothing more is looked at: no shadow, no canary.
     assert RolloutController(registry).run_once(model) is None
+
+
+@pytest.mark.parametrize("gate_metric", ["brier", "log_loss"])
+def test_every_paired_metric_is_tested_and_only_the_policys_gates(registry: Registry,
+                                                                   gate_metric: str) -> None:
+    """A shadow that is sharper than production but confidently wrong on 4 % of rows: log-loss says
+    "worse" (after ~1,000 pairs), Brier "not worse" (later). Each look stores both metrics' tests
+    (details["others"] and the reason); the policy's shadow_metric alone decides: gated on Brier the
+    shadow becomes the canary although log-loss's test called it worse, gated on log-loss it is
+    stopped. Both metrics' numbers recompute exactly."""
+    model = _model(registry, {**GATED, "shadow_metric": gate_metric})
+    looks = _run_until_verdict(registry, model, noise=0.1, served_noise=1.0, confident_misses=0.04)
+    other = "log_loss" if gate_metric == "brier" else "brier"
+    verdict = looks[0]
+    assert verdict["metric"] == gate_metric
+    want = {"brier": "not_worse", "log_loss": "worse"}
+    # The verdict's own metric decided ...
+    assert verdict["action"] == f"shadow_{want[gate_metric]}", verdict["reason"]
+    # ... and the other metric was judged on the same pairs by its own test, with its own margin.
+    seen = verdict["details"]["others"][other]
+    assert set(verdict["details"]["others"]) == {other}
+    assert seen["metric"] == other and seen["n_pairs"] == verdict["details"]["n_pairs"]
+    assert seen["margin"] == {"brier": 0.01, "log_loss": 0.025}[other]
+    assert f"{other} (reported, not gating)" in verdict["reason"]
+    if other == "log_loss":  # log-loss's test called it worse first; Brier gates, so it is canaried
+        assert seen["action"] == "worse" and seen["loss_shadow"] > seen["loss_served"]
+        assert "log_loss (reported, not gating): worse" in verdict["reason"]
+        assert dict(registry.get_split(model).weights) == {1: 90, 2: 10}
+        assert registry.get_version(model, 2).status == "canary"
+    else:  # log-loss gates: stopped, while Brier's own test has not called it worse
+        assert seen["action"] != "worse" and seen["p_worse"] > 0.05
+        assert dict(registry.get_split(model).weights) == {1: 100}
+        assert registry.get_version(model, 2).status == "rolled_back"
+    for row in looks[:3]:
+        diffs = recompute(registry, row["id"]).differences()
+        assert {f"{other}.p_worse", f"{other}.n_pairs"} <= set(diffs)
+        assert max(diffs.values()) <= 1e-9, (row["action"], diffs)
+    # `chimera analyze` lists the secondary metric's numbers beside the gating one's.
+    from typer.testing import CliRunner
+
+    from chimera.cli import app
+
+    out = CliRunner().invoke(app, ["analyze", model, "--decision", str(verdict["id"])],
+                             env={"CHIMERA_REGISTRY_URL": registry.url, "COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert f"{other}.p_worse" in out.output and f"{other}.loss_shadow" in out.output
 
 
 def test_without_the_gate_the_verdict_is_stored_and_nothing_moves(registry: Registry) -> None:
