@@ -122,6 +122,23 @@ def test_a_full_mirror_queue_drops_mirroring_not_requests(mirrored) -> None:
     assert g.shadow.counts.get((model, 2, "dropped"), 0) - before == 80
 
 
+def test_mirrored_rows_share_ray_calls_even_at_concurrency_one(mirrored) -> None:
+    """A caller sending one request at a time gets one Ray call per request on the served version, but
+    the shadow's copies wait up to 0.1 s in the mirror lane and go out together: a handful of calls for
+    30 rows, not 30, so mirroring does not double the Ray calls of a quiet gateway."""
+    reg, gw, model, _ = mirrored
+    g = gw.gateway
+    shadow, served = g.pool.get(model, 2).stats, g.pool.get(model, 1).stats
+    before = (shadow.batches, shadow.rows, served.batches)
+    ids = [f"lane{i}" for i in range(30)]
+    for rid in ids:
+        assert predict(gw, model, rid).version == 1
+    wait_for(lambda: set(ids) <= set(shadow_rows(reg, model)), 10, "the mirrored rows")
+    assert shadow.rows - before[1] == 30
+    assert served.batches - before[2] >= 30  # the served rows: one call each
+    assert shadow.batches - before[0] <= 10, shadow.batches - before[0]
+
+
 def test_a_hung_shadow_never_holds_or_fails_a_caller(mirrored) -> None:
     reg, gw, model, _ = mirrored
     g = gw.gateway
