@@ -11,7 +11,7 @@ OIPGEN  := $(BIN)/python -m grpc_tools.protoc -Ichimera/v1=protos/inference --py
 	--grpc_python_out=. $(OIP)
 STUBS   := chimera/v1/prediction_pb2.py
 
-.PHONY: install proto demo test acceptance lint bench sysdeps clean
+.PHONY: install proto demo test acceptance lint bench bench-compare sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -78,6 +78,12 @@ lint: install
 bench: install sysdeps
 	@case " $(BENCH_ARGS) " in *" --client python "*|*" --client=python "*) ;; *) loadtest/goload/build.sh ;; esac
 	$(BIN)/chimera bench $(BENCH_ARGS)
+
+# The same bench cases on an earlier revision and on this tree, interleaved (loadtest/bench_compare.py),
+# e.g. make bench-compare OLD=7f7a5b2 COMPARE_ARGS="--rounds 3 --out /tmp/cmp"
+bench-compare: install sysdeps
+	@test -n "$(OLD)" || { echo "OLD=<revision> is required"; exit 2; }
+	$(BIN)/python -m loadtest.bench_compare --old $(OLD) $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) chimera/v1/*_pb2*.py chimera/v1/*_pb2*.pyi

@@ -1,0 +1,109 @@
+"""`make bench-compare OLD=<rev>`: the same `chimera bench` cases on an earlier revision and on this tree,
+interleaved, so "no slower than before the change" (issue 13) is a measurement anyone can repeat.
+
+Why interleaved rounds and medians: on this 2-core machine one case varies by ±20 % between runs
+of the same tree (other processes, CPU frequency, Ray's start-up), more than most changes being judged.
+Alternating the trees (old, new, new, old, old, new, ...) spreads slow periods over both, and the
+per-case median of each side is compared, with every run kept in the JSON output.
+
+The earlier revision is checked out with `git worktree` into the output directory and installed there
+by its own `make install` (its own .venv); both trees run their own `chimera bench` with the same
+duration and warm-up. Both use the grpc.aio client: revisions before the Go client had only that one,
+and the comparison is about the gateway, so the tree that has `--client` is given `--client python`.
+The worktree is removed at the end; only processes this command started are stopped (each bench stops
+its own Ray and gateway)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_cmd(tree: Path, duration: float, warmup: float, out: Path) -> list[str]:
+    cmd = [str(tree / ".venv" / "bin" / "chimera"), "bench", "--duration", str(duration),
+           "--warmup", str(warmup), "--json", str(out)]
+    helptext = subprocess.run(cmd[:2] + ["--help"], cwd=tree, capture_output=True, text=True,
+                              check=True).stdout
+    return cmd + (["--client", "python"] if "--client" in helptext else [])
+
+
+def order(rounds: int) -> list[str]:
+    """old, new, new, old, old, new, ...: each tree runs first in half of the rounds."""
+    return [side for r in range(rounds) for side in (("old", "new") if r % 2 == 0 else ("new", "old"))]
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per case: each side's median rows/s and p99, and new/old for both."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in runs["old"][0]["cases"]:
+        row: dict[str, Any] = {}
+        for side in ("old", "new"):
+            cases = [r["cases"][name] for r in runs[side] if name in r["cases"]]
+            rps, p99 = [c["rows_per_s"] for c in cases], [c["p99_ms"] for c in cases]
+            row[side] = {"rows_per_s": rps, "p99_ms": p99,
+                         "median_rows_per_s": statistics.median(rps) if cases else None,
+                         "median_p99_ms": statistics.median(p99) if cases else None}
+        o, n = row["old"], row["new"]
+        if o["median_rows_per_s"] and n["median_rows_per_s"] is not None:
+            row["rows_per_s_new_over_old"] = n["median_rows_per_s"] / o["median_rows_per_s"]
+            row["p99_new_over_old"] = n["median_p99_ms"] / o["median_p99_ms"] if o["median_p99_ms"] else None
+        out[name] = row
+    return out
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'case':<20} {'old rows/s':>11} {'new rows/s':>11} {'new/old':>8} {'old p99':>8} "
+             f"{'new p99':>8}"]
+    for name, row in summary.items():
+        o, n = row["old"], row["new"]
+        if o["median_rows_per_s"] is None or n["median_rows_per_s"] is None:
+            continue
+        lines.append(f"{name:<20} {o['median_rows_per_s']:>11.0f} {n['median_rows_per_s']:>11.0f} "
+                     f"{row.get('rows_per_s_new_over_old', float('nan')):>8.3f} {o['median_p99_ms']:>8.1f} "
+                     f"{n['median_p99_ms']:>8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench-compare", description=__doc__.splitlines()[0])
+    p.add_argument("--old", required=True, help="the earlier revision (commit, tag or branch)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (old, new) runs (default 3)")
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--out", type=Path, default=None, help="directory for every run's JSON and the summary")
+    args = p.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="chimera-bench-compare-"))
+    out.mkdir(parents=True, exist_ok=True)
+    old_tree = out / "old-tree"
+    subprocess.run(["git", "worktree", "add", "--force", "--detach", str(old_tree), args.old], cwd=ROOT,
+                   check=True)
+    try:
+        subprocess.run(["make", "install"], cwd=old_tree, check=True)
+        trees = {"old": old_tree, "new": ROOT}
+        runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+        for i, side in enumerate(order(args.rounds)):
+            path = out / f"run{i + 1}-{side}.json"
+            print(f"run {i + 1}: {side} ({trees[side]})", flush=True)
+            subprocess.run(_bench_cmd(trees[side], args.duration, args.warmup, path), cwd=trees[side],
+                           check=True, stdout=subprocess.DEVNULL)
+            runs[side].append(json.loads(path.read_text()))
+        summary = summarize(runs)
+        (out / "summary.json").write_text(json.dumps({"old": args.old, "order": order(args.rounds),
+                                                     "cases": summary}, indent=2))
+        print(format_table(summary))
+        print(f"every run and the summary: {out}")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

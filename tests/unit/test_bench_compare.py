@@ -1,0 +1,27 @@
+"""`make bench-compare`'s arithmetic (loadtest/bench_compare.py): the trees alternate who runs first, and
+each case is judged on each side's median, so one slow run cannot decide "slower"."""
+
+from __future__ import annotations
+
+from loadtest.bench_compare import format_table, order, summarize
+
+
+def _run(rps: float, p99: float) -> dict:
+    return {"cases": {"chimera_c64": {"rows_per_s": rps, "p99_ms": p99}}}
+
+
+def test_each_tree_runs_first_in_half_of_the_rounds() -> None:
+    assert order(3) == ["old", "new", "new", "old", "old", "new"]
+    firsts = [order(4)[2 * r] for r in range(4)]
+    assert firsts.count("old") == firsts.count("new") == 2
+
+
+def test_a_case_is_judged_on_medians_not_on_one_slow_run() -> None:
+    runs = {"old": [_run(2000, 70), _run(1500, 100), _run(2100, 66)],
+            "new": [_run(1200, 150), _run(2050, 68), _run(2080, 69)]}  # one slow new run
+    row = summarize(runs)["chimera_c64"]
+    assert row["old"]["median_rows_per_s"] == 2000 and row["new"]["median_rows_per_s"] == 2050
+    assert row["rows_per_s_new_over_old"] == 2050 / 2000
+    assert row["p99_new_over_old"] == 69 / 70
+    assert row["new"]["rows_per_s"] == [1200, 2050, 2080]  # every run is kept
+    assert "chimera_c64" in format_table(summarize(runs)) and "1.025" in format_table(summarize(runs))
