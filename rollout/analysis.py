@@ -47,7 +47,6 @@ class Recomputed:
                         for k, v in _differences(stored, decision, self.checked, self.counts).items()})
         return out
 
-
     def values(self, key: str) -> tuple[Any, Any]:
         """(stored, recomputed) for a key of ``differences()`` ("<metric>.<key>" for a secondary)."""
         details, decision = self.stored["details"], self.decision

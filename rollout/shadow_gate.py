@@ -34,6 +34,7 @@ them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -79,12 +80,12 @@ def secondary_policies(primary: PairedPolicy) -> dict[str, PairedPolicy]:
             for m in PAIRED_METRICS if m != primary.metric}
 
 
-def judge_others(primary: PairedPolicy, rows: PairedRows, stored: dict[str, Any], *, until: float,
-                 outcome_delay_s: float = 0.0) -> dict[str, tuple[PairedDecision, PairedState]]:
+def judge_others(policies: dict[str, PairedPolicy], rows: PairedRows, stored: dict[str, Any], *,
+                 until: float, outcome_delay_s: float = 0.0) -> dict[str, tuple[PairedDecision, PairedState]]:
     """Each secondary metric's look on the same rows, from the states ``stored`` (a previous look's
     ``details["others"]``, or {} for the first look)."""
     out = {}
-    for metric, policy in secondary_policies(primary).items():
+    for metric, policy in policies.items():
         before = stored.get(metric)
         state = PairedState.from_dict(before["state"]) if before else None
         out[metric] = judge(policy, rows, state, until=until, outcome_delay_s=outcome_delay_s)
@@ -139,21 +140,21 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     ppolicy = paired_policy(policy)
     decision, new_state = judge(ppolicy, rows, state, until=until.timestamp(),
                                 outcome_delay_s=policy.outcome_delay_s)
-    others = judge_others(ppolicy, rows, details_before.get("others", {}) if previous else {},
+    secondary = secondary_policies(ppolicy)
+    others = judge_others(secondary, rows, details_before.get("others", {}) if previous else {},
                           until=until.timestamp(), outcome_delay_s=policy.outcome_delay_s)
     details = {**decision.to_dict(), "state": new_state.to_dict(), "policy": ppolicy.to_dict(),
                "outcome_delay_s": policy.outcome_delay_s, "gate": policy.shadow_gate,
                "served_version": served, "seen": seen,
                "window": {"since": since.isoformat(), "until": until.isoformat()},
-               "others": {m: {**d.to_dict(), "state": st.to_dict(),
-                              "policy": secondary_policies(ppolicy)[m].to_dict()}
+               "others": {m: {**d.to_dict(), "state": st.to_dict(), "policy": secondary[m].to_dict()}
                           for m, (d, st) in others.items()}}
     _apply(registry, info, served, shadow, decision, details, policy, actor,
            others_note(d for d, _ in others.values()))
     return decision
 
 
-def others_note(others: Any) -> str:
+def others_note(others: Iterable[PairedDecision]) -> str:
     """The secondary metrics' standing, appended to the stored reason (what status and the dashboard
     show): "; log_loss (reported, not gating): not_worse, shadow 0.5012 vs served 0.5034, ..."."""
     parts = []
@@ -184,7 +185,10 @@ def recompute(registry: Registry, row: dict[str, Any]) -> tuple[PairedDecision, 
     decision, _ = judge(primary, rows, state, until=until.timestamp(), outcome_delay_s=delay)
     if "others" not in details:  # stored before secondary metrics were looked at
         return decision, {}
-    others = judge_others(primary, rows, earlier[0]["details"].get("others", {}) if earlier else {},
+    # Each secondary with the policy it stored, as the primary: a later change of defaults must not
+    # change what an old look recomputes to.
+    stored_policies = {m: PairedPolicy.from_dict(o["policy"]) for m, o in details["others"].items()}
+    others = judge_others(stored_policies, rows, earlier[0]["details"].get("others", {}) if earlier else {},
                           until=until.timestamp(), outcome_delay_s=delay)
     return decision, {m: d for m, (d, _) in others.items()}
 
