@@ -23,7 +23,7 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-COLUMNS = "id, request_id, model, version, score, latency_ms, created_at"
+COLUMNS = ("id", "request_id", "model", "version", "score", "latency_ms", "created_at")
 
 
 def _create(name: str, *, per_version: bool) -> None:
@@ -43,11 +43,22 @@ def _create(name: str, *, per_version: bool) -> None:
     )
 
 
+def _copy(*, first_per_request: bool) -> None:
+    """INSERT INTO shadow_predictions_new SELECT ... FROM shadow_predictions, built by SQLAlchemy (no SQL
+    from strings, tests/integration/test_safety.py); with ``first_per_request`` only each request's
+    earliest row."""
+    old = sa.table("shadow_predictions", *(sa.column(c) for c in COLUMNS))
+    new = sa.table("shadow_predictions_new", *(sa.column(c) for c in COLUMNS))
+    rows = sa.select(*(old.c[c] for c in COLUMNS))
+    if first_per_request:
+        inner = old.alias("earliest")
+        rows = rows.where(old.c.id.in_(sa.select(sa.func.min(inner.c.id)).group_by(inner.c.request_id)))
+    op.execute(new.insert().from_select(list(COLUMNS), rows))
+
+
 def _rebuild(*, per_version: bool) -> None:
     _create("shadow_predictions_new", per_version=per_version)
-    first_per_request = " WHERE id IN (SELECT MIN(id) FROM shadow_predictions GROUP BY request_id)"
-    op.execute(f"INSERT INTO shadow_predictions_new ({COLUMNS}) SELECT {COLUMNS} FROM shadow_predictions"
-               + ("" if per_version else first_per_request))
+    _copy(first_per_request=not per_version)
     op.drop_table("shadow_predictions")
     op.rename_table("shadow_predictions_new", "shadow_predictions")
     op.create_index("ix_shadow_predictions_model_version", "shadow_predictions", ["model", "version"])
