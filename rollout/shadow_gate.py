@@ -26,9 +26,9 @@ own test on the same pairs with its own default margin and state, and stored in 
 and in the reason, so the status shows a shadow's standing on each quality metric. Only the policy's
 ``shadow_metric`` moves anything: it is chosen before the evaluation starts, so the gate's two error
 rates are exactly the stated ones; letting any of two metrics gate would spend the budget twice. Each
-secondary verdict keeps its own guarantee taken alone. AUC and calibration are not a mean of per-row
-losses, so they have no paired sequential test here; the shadow report (rollout.shadow_report) shows
-them.
+secondary verdict keeps its own guarantee taken alone. AUC and calibration error are not means of
+per-row losses, so they have no paired sequential test here (nor, yet, a place in the shadow report,
+which shows Brier and log-loss per version).
 """
 
 from __future__ import annotations
