@@ -39,16 +39,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
+from gateway.records.inserter import Inserter, ShadowRow
 from gateway.serving.catalog import ModelEntry
 from gateway.serving.features import FeatureError, RowLike
 from gateway.serving.replica_pool import ReplicaPool
 from registry import Registry
-from registry.repository import PredictionRow
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class ShadowMirror:
         self.counts: dict[tuple[str, int, str], int] = {}
         self._counter = counter  # prometheus Counter with labels (model, version, result), or None
         self.pending_rows = 0
-        self._buffer: deque[PredictionRow] = deque()
+        self._buffer: deque[ShadowRow] = deque()  # scored, not yet written (plain tuples: cheap to build)
+        self._inserter = Inserter(registry)
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ request path
@@ -197,10 +198,8 @@ class ShadowMirror:
         if len(self._buffer) + n > self.max_buffer_rows:  # the writer is far behind: keep memory bounded
             self._count(model, version, "unwritten", n)
             return
-        now = datetime.now(UTC)
-        self._buffer.extend(PredictionRow(request_id=rid, model=model, version=version, score=float(s),
-                                          latency_ms=latency_ms, created_at=now)
-                            for rid, s in zip(ids, fut.result().tolist(), strict=True))
+        self._buffer.extend(zip(ids, repeat(model), repeat(version), fut.result().tolist(),
+                                repeat(latency_ms), repeat(time.time())))
         self._count(model, version, "scored", n)
 
     def _count(self, model: str, version: int, result: str, n: int) -> None:
@@ -225,12 +224,12 @@ class ShadowMirror:
         rows = list(self._buffer)
         self._buffer.clear()
         try:
-            await asyncio.to_thread(self.registry.insert_shadow_predictions, rows)
+            await asyncio.to_thread(self._inserter.insert_shadow, rows)
         except Exception:
             log.warning("could not write %d shadow predictions; dropped", len(rows), exc_info=True)
             lost: dict[tuple[str, int], int] = {}
             for row in rows:
-                lost[row.model, row.version] = lost.get((row.model, row.version), 0) + 1
+                lost[row[1], row[2]] = lost.get((row[1], row[2]), 0) + 1
             for (model, version), n in lost.items():
                 self._count(model, version, "unwritten", n)
             return 0

@@ -6,6 +6,7 @@ as a data error (so the row store bisects it out)."""
 from __future__ import annotations
 
 import time
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -62,3 +63,26 @@ def test_a_refused_row_fails_its_statement_as_a_data_error(registry, bad: tuple)
     assert is_data_error(err.value)
     with registry.session() as s:  # nothing of the statement was stored
         assert s.scalar(select(Prediction.id).where(Prediction.request_id == "good-1")) is None
+
+
+def test_mirror_scores_round_trip_per_version_and_replays_are_skipped(registry) -> None:  # noqa: ANN001
+    """ShadowMirror's rows (gateway.serving.shadow) through the same fast path: one row per (request id,
+    version), so a canary row keeps production's score (its covariate) beside a shadow version's; a
+    lane written twice stores nothing new; created_at is the epoch given, in UTC."""
+    from registry.models import ShadowPrediction
+
+    ins = Inserter(registry)
+    now = time.time()
+    rows = [("s-1", "m", 1, 0.25, 1.5, now), ("s-1", "m", 3, 0.75, 2.0, now),
+            ('s-"2\\', "m", 1, 1e-300, 0.0, now)]
+    assert ins.insert_shadow(rows) == 3
+    assert ins.insert_shadow(rows) == 0
+    assert ins.insert_shadow([("s-1", "m", 1, 0.5, 1.0, now), ("s-3", "m", 3, 0.5, 1.0, now)]) == 1
+    with registry.session() as s:
+        got = {(r.request_id, r.version): r for r in s.scalars(select(ShadowPrediction))}
+    assert sorted(got) == [('s-"2\\', 1), ("s-1", 1), ("s-1", 3), ("s-3", 3)]
+    assert got["s-1", 1].score == 0.25 and got["s-1", 3].score == 0.75  # the first write of each pair
+    assert got['s-"2\\', 1].score == 1e-300 and got["s-1", 3].latency_ms == 2.0
+    stored = got["s-1", 1].created_at
+    stored = stored if stored.tzinfo else stored.replace(tzinfo=UTC)
+    assert abs(stored.timestamp() - now) < 1e-3
