@@ -41,7 +41,15 @@ from typing import Any
 
 from loadtest import bench_go, bench_ray
 from loadtest.bench_onnx import bench_onnx
-from loadtest.bench_procs import EchoProcess, GatewayProcess, echo_server_main, rss_mb
+from loadtest.bench_procs import (
+    SPLIT_REASON,
+    EchoProcess,
+    GatewayProcess,
+    TreeRay,
+    echo_server_main,
+    rss_mb,
+    setup_registry_in,
+)
 from loadtest.bench_profile import start_profile
 from loadtest.bench_report import BATCH_ROWS, case, format_table, line, machine, reference, targets
 from loadtest.bench_scrape import MetricsScrape, count_logged
@@ -70,6 +78,10 @@ class BenchOptions:
     profile_case: str = "chimera_c64"  # which gateway case py-spy watches
     client: str = "go"  # the load client of every gRPC case: "go" (loadtest/goload) or "python"
     go_binary: Path | None = None  # a prebuilt loadtest/goload binary; None: build it when stale
+    # Another checkout (with its own .venv) whose `chimera serve` is measured instead of this tree's:
+    # every other part of the run (client, references, Ray, the model) stays this tree's
+    # (`make bench-compare`, loadtest.bench_compare). Its registry is set up by its own code.
+    gateway_tree: Path | None = None
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -125,6 +137,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
     log("starting Ray (num_cpus=2) and Serve with its gRPC proxy ...")
     bench_ray.start_ray()
+    ray_up = True
+    tree_ray: TreeRay | None = None
     gateway: GatewayProcess | None = None
     try:
         grpc_port = bench_ray.start_serve()
@@ -143,14 +157,24 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         from registry import Registry
 
         url = opts.registry_url or f"sqlite:///{workdir / 'registry.db'}"
-        reg = Registry(url)
-        reg.upgrade()
         model = MODEL if opts.registry_url is None else f"{MODEL}-{uuid.uuid4().hex[:6]}"
-        reg.publish_version(model, onnx1, list(names))
-        reg.publish_version(model, onnx2, list(names))
-        reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="chimera-bench", reason="bench 90/10")
-        log("starting the gateway (`chimera serve`, separate process) with a 90/10 split ...")
-        gateway = GatewayProcess(url, bench_ray.gcs_address(), workdir, admin_token=uuid.uuid4().hex)
+        if opts.gateway_tree is None:
+            reg = Registry(url)
+            reg.upgrade()
+            reg.publish_version(model, onnx1, list(names))
+            reg.publish_version(model, onnx2, list(names))
+            reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="chimera-bench",
+                          reason=SPLIT_REASON)
+        else:  # that tree's schema and publishing code; this tree only counts the logged rows
+            setup_registry_in(opts.gateway_tree, url, model, (onnx1, onnx2), list(names), workdir)
+            reg = Registry(url)
+            bench_ray.stop_ray_serve()  # that tree's replicas run on a Ray its own Python started
+            ray_up = False
+            tree_ray = TreeRay(opts.gateway_tree)
+        log(f"starting the gateway (`chimera serve` of {opts.gateway_tree or 'this tree'}, separate "
+            "process) with a 90/10 split ...")
+        gateway = GatewayProcess(url, tree_ray.address if tree_ray else bench_ray.gcs_address(), workdir,
+                                 admin_token=uuid.uuid4().hex, tree=opts.gateway_tree)
         gateway.wait_serving()
         scrape = MetricsScrape(gateway.metrics_port)
         chimera = replace(base, target=f"127.0.0.1:{gateway.port}", model=model)
@@ -197,7 +221,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         if gateway is not None:
             log(f"stopping the gateway (SIGTERM, pid {gateway.pid}) ...")
             gateway.stop()
-        bench_ray.stop_ray_serve()
+        if tree_ray is not None:
+            tree_ray.stop()
+        if ray_up:
+            bench_ray.stop_ray_serve()
         if not opts.keep_workdir and opts.workdir is None and not opts.profile_s:
             shutil.rmtree(workdir, ignore_errors=True)
     report["machine"]["loadavg_start"] = [round(v, 2) for v in load_start]
@@ -238,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="load client of every gRPC case: go (loadtest/goload, default) or python (grpc.aio)")
     p.add_argument("--go-bin", type=Path, default=None,
                    help="a prebuilt loadtest/goload binary (default: build it when missing or stale)")
+    p.add_argument("--gateway-tree", type=Path, default=None,
+                   help="measure the `chimera serve` of this checkout (its own .venv) instead of this tree's")
     p.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.echo_server:
@@ -246,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = BenchOptions(json_path=a.json, duration_s=a.duration, warmup_s=a.warmup, soak_s=a.soak,
                         quick=a.quick, named_features=a.named, registry_url=a.registry_url,
                         profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case,
-                        client=a.client, go_binary=a.go_bin)
+                        client=a.client, go_binary=a.go_bin, gateway_tree=a.gateway_tree)
     report = run_bench(opts)
     print(format_table(report), flush=True)
     if opts.json_path is not None:

@@ -7,11 +7,14 @@ Alternating the trees (old, new, new, old, old, new, ...) spreads slow periods o
 per-case median of each side is compared, with every run kept in the JSON output.
 
 The earlier revision is checked out with `git worktree` into the output directory and installed there
-by its own `make install` (its own .venv); both trees run their own `chimera bench` with the same
-duration and warm-up. Both use the grpc.aio client: revisions before the Go client had only that one,
-and the comparison is about the gateway, so the tree that has `--client` is given `--client python`.
-The worktree is removed at the end; only processes this command started are stopped (each bench stops
-its own Ray and gateway)."""
+by its own `make install` (its own .venv). Every run is this tree's `chimera bench` with the Go client
+(as Chimera's Go callers see it; the grpc.aio client spends much of the two cores itself and varied
+more between runs than the change being judged), given `--gateway-tree`: the old revision's checkout
+on the "old" side, this one on the "new" side. The gateway it measures is then that tree's
+`chimera serve`, on a registry that tree's code made, with replicas on a Ray that tree's Python started
+(the same way on both sides). Everything else (client, model, the reference cases) is the same code on
+both sides, so only the serving code differs. The worktree is removed at the end; only processes this
+command started are stopped (each bench stops its own Ray and gateway)."""
 
 from __future__ import annotations
 
@@ -27,12 +30,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_cmd(tree: Path, duration: float, warmup: float, out: Path) -> list[str]:
-    cmd = [str(tree / ".venv" / "bin" / "chimera"), "bench", "--duration", str(duration),
-           "--warmup", str(warmup), "--json", str(out)]
-    helptext = subprocess.run(cmd[:2] + ["--help"], cwd=tree, capture_output=True, text=True,
-                              check=True).stdout
-    return cmd + (["--client", "python"] if "--client" in helptext else [])
+def _bench_cmd(gateway_tree: Path, duration: float, warmup: float, out: Path) -> list[str]:
+    """This tree's bench (Go client) measuring `gateway_tree`'s gateway and replicas."""
+    return [sys.executable, "-m", "loadtest.bench", "--client", "go", "--duration", str(duration),
+            "--warmup", str(warmup), "--json", str(out), "--gateway-tree", str(gateway_tree)]
 
 
 def order(rounds: int) -> list[str]:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, side in enumerate(order(args.rounds)):
             path = out / f"run{i + 1}-{side}.json"
             print(f"run {i + 1}: {side} ({trees[side]})", flush=True)
-            subprocess.run(_bench_cmd(trees[side], args.duration, args.warmup, path), cwd=trees[side],
+            subprocess.run(_bench_cmd(trees[side], args.duration, args.warmup, path), cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL)
             runs[side].append(json.loads(path.read_text()))
         summary = summarize(runs)

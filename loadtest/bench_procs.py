@@ -4,6 +4,7 @@ started here are ever stopped, by their own handle."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,14 +81,94 @@ class EchoProcess:
 
 
 # --------------------------------------------------------------------------- Chimera gateway
-class GatewayProcess:
-    """`chimera serve` in its own process, joined to this process's Ray cluster."""
+SPLIT_REASON = "bench 90/10"
+# Run by another checkout's Python (`--gateway-tree`): that tree's registry code creates its own schema
+# and publishes the two versions 90/10, with the API every revision since the first design has.
+_SETUP_IN_TREE = """
+import json, sys
+from registry import Registry
+url, model, one, two, names, reason = sys.argv[1:7]
+reg = Registry(url)
+reg.upgrade()
+for path in (one, two):
+    with open(path, "rb") as f:
+        reg.publish_version(model, f.read(), json.loads(names))
+reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="chimera-bench", reason=reason)
+"""
 
-    def __init__(self, registry_url: str, ray_address: str, workdir: Path, admin_token: str) -> None:
+
+def tree_python(tree: Path, name: str = "python") -> Path:
+    """An executable of another checkout's own virtual environment (made by its `make install`)."""
+    exe = tree / ".venv" / "bin" / name
+    if not exe.exists():
+        raise RuntimeError(f"{exe} does not exist: run `make install` in {tree} first")
+    return exe
+
+
+def setup_registry_in(tree: Path, url: str, model: str, versions: tuple[bytes, bytes], names: list[str],
+                      workdir: Path) -> None:
+    """The bench's registry (two versions of `model`, split 90/10) made by `tree`'s own code."""
+    paths = []
+    for i, onnx in enumerate(versions, 1):
+        paths.append(workdir / f"v{i}.onnx")
+        paths[-1].write_bytes(onnx)
+    subprocess.run([str(tree_python(tree)), "-c", _SETUP_IN_TREE, url, model, *map(str, paths),
+                    json.dumps(names), SPLIT_REASON], cwd=tree, check=True)
+
+
+# Another checkout's Ray: its replicas must run its own code (Ray's workers import the replica classes
+# from the Python path of the process that started the cluster), so that tree's Python starts it.
+_RAY_HOST = """
+import os, sys
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import ray
+from ray import serve
+from ray.serve.config import HTTPOptions
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+serve.start(http_options=HTTPOptions(host="127.0.0.1", port=int(sys.argv[1])))
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+serve.shutdown()
+ray.shutdown()
+"""
+
+
+class TreeRay:
+    """A local Ray (num_cpus=2) with Serve, hosted by a child process running `tree`'s Python; it
+    shuts its cluster down when its stdin closes (`stop`), and is killed by pid if it does not."""
+
+    def __init__(self, tree: Path, timeout: float = 180.0) -> None:
+        self.proc = subprocess.Popen([str(tree_python(tree)), "-c", _RAY_HOST, str(free_port())], cwd=tree,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()  # the GCS address, once Ray and Serve are up
+        if not line:
+            self.stop()
+            raise RuntimeError(f"Ray of {tree} did not start")
+        self.address = line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # our own child, by handle
+                self.proc.wait(10)
+
+
+class GatewayProcess:
+    """`chimera serve` in its own process, joined to this process's Ray cluster: this tree's, or that
+    of another checkout (`tree`, with its own .venv)."""
+
+    def __init__(self, registry_url: str, ray_address: str, workdir: Path, admin_token: str,
+                 tree: Path | None = None) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.log_path = workdir / "gateway.log"
-        exe = Path(sys.executable).with_name("chimera")
+        exe = Path(sys.executable).with_name("chimera") if tree is None else tree_python(tree, "chimera")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "chimera"]
         cmd += ["serve", "--port", str(self.port), "--host", "127.0.0.1", "--metrics-port",
                 str(self.metrics_port), "--controller-interval", "0", "--grace", "5"]

@@ -45,3 +45,23 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
         assert report["targets"][key]["pass"] in (True, False)
     assert report["soak"]["rss_mb_end"] > 0 and report["gateway"]["predictions_logged"] > 0
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the table was printed
+
+
+def test_another_tree_makes_its_own_bench_registry(tmp_path: Path) -> None:
+    """`chimera bench --gateway-tree T` (make bench-compare): T's own Python and registry code create the
+    schema and publish the two versions 90/10, so an older revision's gateway finds the registry it
+    knows. Run here with this checkout as T (its .venv exists while the suite runs)."""
+    from loadtest.bench_procs import SPLIT_REASON, setup_registry_in
+    from registry import Registry
+
+    root = Path(__file__).resolve().parents[2]
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    setup_registry_in(root, url, "bench", (b"onnx-one", b"onnx-two"), ["a", "b"], tmp_path)
+    reg = Registry(url)
+    try:
+        split = reg.get_split("bench")
+        assert split.weights == {1: 90, 2: 10}
+        assert reg.audit_log("bench")[-1]["reason"] == SPLIT_REASON
+        assert reg.get_version("bench", 2).feature_names == ("a", "b")
+    finally:
+        reg.dispose()
