@@ -182,6 +182,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         def measure(name: str, title: str, spec: LoadSpec) -> LoadResult:
             assert gateway is not None
+            drain_s = scrape.wait_log_drained()
             before = scrape.sample()
             prof = None
             if name == opts.profile_case and opts.profile_s > 0:
@@ -193,6 +194,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 prof.wait(60)
             cases[name] = case(title, res)
             cases[name].update(MetricsScrape.delta(before, scrape.sample()))
+            cases[name]["log_drain_before_s"] = round(drain_s, 2)
             log(line(name, cases[name]))
             return res
 

@@ -3,6 +3,7 @@ call, prediction-log counters) before and after each case, and how many predicti
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 SCRAPED = ("chimera_batch_size_rows_sum", "chimera_batch_size_rows_count",
@@ -35,6 +36,20 @@ class MetricsScrape:
             if base in SCRAPED:
                 out[base] = out.get(base, 0.0) + float(value)
         return out
+
+    def wait_log_drained(self, below: float = 2048, timeout_s: float = 120.0) -> float:
+        """Wait until the prediction log's queue holds fewer than `below` rows; returns the seconds
+        waited. The bench calls it before each gateway case: a case that answers rows faster than the
+        log writes them (PredictBatch does, on SQLite) leaves a queue that would otherwise drain during
+        the next case and be charged to it. The wait is reported per case, so the writer's own rate
+        stays visible (rows queued at the end of a case / seconds to drain)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            depth = self.sample().get("chimera_prediction_log_queue_depth")
+            if depth is None or depth < below:
+                break
+            time.sleep(0.2)
+        return time.monotonic() - start
 
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
