@@ -41,8 +41,21 @@ def order(rounds: int) -> list[str]:
     return [side for r in range(rounds) for side in (("old", "new") if r % 2 == 0 else ("new", "old"))]
 
 
+# The reference each gateway case is read against within its own run: the do-nothing server at the same
+# concurrency for unary and stream calls, raw onnxruntime at batch 256 for PredictBatch (issue 17's
+# ratios). Both are the same code on both sides, so a run on a slower moment of the machine (other
+# tenants, CPU frequency) lowers both and the ratio keeps only what the gateway changed.
+ANCHORS = {"chimera_c1": "echo_c1", "chimera_batch256": "onnx_batch256", "chimera_packed256": "onnx_batch256"}
+DEFAULT_ANCHOR = "echo_c64"
+
+
+def anchor_of(name: str) -> str | None:
+    return ANCHORS.get(name, DEFAULT_ANCHOR) if name.startswith("chimera_") else None
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per case: each side's median rows/s and p99, and new/old for both."""
+    """Per case: each side's median rows/s and p99, and new/old for both; for gateway cases also each
+    run's rows/s over its anchor's in the same run (`anchor_of`), and new/old of those medians."""
     out: dict[str, dict[str, Any]] = {}
     for name in runs["old"][0]["cases"]:
         row: dict[str, Any] = {}
@@ -56,31 +69,60 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         if o["median_rows_per_s"] and n["median_rows_per_s"] is not None:
             row["rows_per_s_new_over_old"] = n["median_rows_per_s"] / o["median_rows_per_s"]
             row["p99_new_over_old"] = n["median_p99_ms"] / o["median_p99_ms"] if o["median_p99_ms"] else None
+        anchor = anchor_of(name)
+        if anchor is not None:
+            for side in ("old", "new"):
+                both = [r["cases"] for r in runs[side]
+                        if name in r["cases"] and r["cases"].get(anchor, {}).get("rows_per_s")]
+                ratios = [c[name]["rows_per_s"] / c[anchor]["rows_per_s"] for c in both]
+                row[side]["over_anchor"] = ratios
+                row[side]["median_over_anchor"] = statistics.median(ratios) if ratios else None
+            if row["old"]["median_over_anchor"] and row["new"]["median_over_anchor"] is not None:
+                row["anchor"] = anchor
+                row["anchored_new_over_old"] = (row["new"]["median_over_anchor"]
+                                                / row["old"]["median_over_anchor"])
         out[name] = row
     return out
 
 
+def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """The runs a comparison wrote into `out` (run<i>-<side>.json), by side, in run order."""
+    runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+    for path in sorted(out.glob("run*-*.json"), key=lambda p: int(p.name[3:].split("-")[0])):
+        runs[path.stem.split("-")[1]].append(json.loads(path.read_text()))
+    return runs
+
+
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'case':<20} {'old rows/s':>11} {'new rows/s':>11} {'new/old':>8} {'old p99':>8} "
-             f"{'new p99':>8}"]
+             f"{'new p99':>8} {'anchored new/old':>17}"]
     for name, row in summary.items():
         o, n = row["old"], row["new"]
         if o["median_rows_per_s"] is None or n["median_rows_per_s"] is None:
             continue
         lines.append(f"{name:<20} {o['median_rows_per_s']:>11.0f} {n['median_rows_per_s']:>11.0f} "
                      f"{row.get('rows_per_s_new_over_old', float('nan')):>8.3f} {o['median_p99_ms']:>8.1f} "
-                     f"{n['median_p99_ms']:>8.1f}")
+                     f"{n['median_p99_ms']:>8.1f} {row.get('anchored_new_over_old', float('nan')):>17.3f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench-compare", description=__doc__.splitlines()[0])
-    p.add_argument("--old", required=True, help="the earlier revision (commit, tag or branch)")
+    p.add_argument("--old", default=None, help="the earlier revision (commit, tag or branch)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (old, new) runs (default 3)")
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--out", type=Path, default=None, help="directory for every run's JSON and the summary")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="run nothing: summarize the run*.json files already in --out")
     args = p.parse_args(argv)
+    if args.summarize_only:
+        if args.out is None:
+            p.error("--summarize-only needs --out")
+        print(format_table(summarize(load_runs(args.out))))
+        return 0
+    if args.old is None:
+        p.error("--old is required")
     out = args.out or Path(tempfile.mkdtemp(prefix="chimera-bench-compare-"))
     out.mkdir(parents=True, exist_ok=True)
     old_tree = out / "old-tree"

@@ -25,3 +25,19 @@ def test_a_case_is_judged_on_medians_not_on_one_slow_run() -> None:
     assert row["p99_new_over_old"] == 69 / 70
     assert row["new"]["rows_per_s"] == [1200, 2050, 2080]  # every run is kept
     assert "chimera_c64" in format_table(summarize(runs)) and "1.025" in format_table(summarize(runs))
+
+
+def test_gateway_cases_are_also_read_against_their_anchor_in_the_same_run() -> None:
+    """A run on a slow moment of the machine lowers the do-nothing server too: the anchored ratio
+    (case / anchor within each run, then medians) keeps only what the gateway changed."""
+    def run(chimera: float, echo: float) -> dict:
+        return {"cases": {"echo_c64": {"rows_per_s": echo, "p99_ms": 20},
+                          "chimera_c64": {"rows_per_s": chimera, "p99_ms": 60}}}
+
+    runs = {"old": [run(2000, 4000), run(2100, 4200), run(1900, 3800)],
+            "new": [run(1600, 3200), run(1700, 3400), run(1800, 3600)]}  # every new run on a slower machine
+    row = summarize(runs)["chimera_c64"]
+    assert row["rows_per_s_new_over_old"] == 1700 / 2000  # raw medians say 15 % slower
+    assert row["anchor"] == "echo_c64" and row["anchored_new_over_old"] == 1.0  # the gateway did not change
+    assert row["new"]["over_anchor"] == [0.5, 0.5, 0.5]
+    assert "anchored_new_over_old" not in summarize(runs)["echo_c64"]  # references have no anchor
