@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.records.inserter import Inserter, Row, legacy_row, widen
+from gateway.records.inserter import Inserter, Row, legacy_row, portable, widen
 from gateway.records.rowstore import RowsNotStored, RowStore, parse_spill_line
 from gateway.records.spill import SpillFiles, SpillUnavailable
 
@@ -169,6 +169,7 @@ class DurableWriter:
         if not rows:
             return
         step = self.batch_size
+        rows = portable(rows)  # packed feature vectors travel as JSON text
         text = "".join(json.dumps(rows[i:i + step]) + "\n" for i in range(0, len(rows), step))
         try:
             self.files.append(text)

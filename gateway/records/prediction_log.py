@@ -23,9 +23,10 @@ Costs, because this runs for every prediction:
   the Predictor before scoring) refuses new calls with SpillUnavailable (RESOURCE_EXHAUSTED) instead of
   dropping anything; `stop()` never waits
   on a hung database: when the writer makes no progress for `stall_s` it spills the queue itself.
-- feature rows (when sampled by the predictor) are written as JSON arrays of float32-exact numbers:
-  with orjson, a whole block's matrix is encoded in one call (~0.6 us a row); without it, with 9
-  significant digits through %-formatting (~5 us a row; json.dumps of the doubles costs ~40 us).
+- feature rows (when sampled by the predictor) are written, a whole block's matrix in one call, as
+  packed float32 vectors on SQLite and as JSON arrays of float32-exact numbers elsewhere (with orjson
+  ~0.6 us a row; without it ~5 us; json.dumps of the doubles costs ~40 us); spill lines always carry
+  the JSON text (gateway.records.inserter.portable).
 The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ class PredictionLog(DurableWriter):
     def _rows_of(self, records: list[Any]) -> list[Row]:
         rows: list[Row] = []
         ts = self._inserter.timestamp
+        encode = self._inserter.encode_matrix
         singles: list[int] = []  # positions of unary rows whose features are a numpy row
         single_features: list[np.ndarray] = []
         for rec in records:
@@ -279,12 +281,12 @@ class PredictionLog(DurableWriter):
                 if rec.features is None or rec.mask is False:
                     feats = [None] * n
                 elif rec.mask is True:
-                    feats = matrix_json(rec.features)  # type: ignore[assignment]
+                    feats = encode(rec.features)
                 else:
                     feats = [None] * n
                     keep = np.flatnonzero(rec.mask)
-                    for i, text in zip(keep.tolist(), matrix_json(rec.features[keep]), strict=True):
-                        feats[i] = text
+                    for i, value in zip(keep.tolist(), encode(rec.features[keep]), strict=True):
+                        feats[i] = value
                 # zip builds the tuples in C: a block's rows cost no Python bytecode each.
                 failed = rec.failed if isinstance(rec.failed, list) else repeat(rec.failed)
                 rows.extend(zip(rec.ids, repeat(rec.model), repeat(rec.version), rec.keys, rec.scores,
@@ -304,7 +306,7 @@ class PredictionLog(DurableWriter):
             for j, feat in enumerate(single_features):
                 by_width.setdefault(len(feat), []).append(j)
             for js in by_width.values():
-                texts = matrix_json(np.stack([single_features[j] for j in js]))
+                texts = encode(np.stack([single_features[j] for j in js]))
                 for j, text in zip(js, texts, strict=True):
                     r = rows[singles[j]]
                     rows[singles[j]] = (*r[:7], text, *r[8:])

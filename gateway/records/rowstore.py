@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from gateway.records.inserter import portable
 from gateway.records.spill import SpillFiles, dead_letter, is_data_error, read_lines
 from registry import Registry
 from registry.models import Prediction
@@ -111,7 +112,7 @@ class RowStore:
                        "one keeps the id")
 
     def _dead(self, rows: list[Row], reason: str, detail: str) -> None:
-        entries = [{"reason": reason, "detail": detail[:500], "row": list(r)} for r in rows]
+        entries = [{"reason": reason, "detail": detail[:500], "row": list(r)} for r in portable(rows)]
         if not dead_letter(self.dead_letter_path, entries):
             self.dead_letter_lost += len(entries)
         self.dead_letter[reason] = self.dead_letter.get(reason, 0) + len(rows)

@@ -86,3 +86,34 @@ def test_mirror_scores_round_trip_per_version_and_replays_are_skipped(registry) 
     stored = got["s-1", 1].created_at
     stored = stored if stored.tzinfo else stored.replace(tzinfo=UTC)
     assert abs(stored.timestamp() - now) < 1e-3
+
+
+def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None:  # noqa: ANN001
+    """The log writes SQLite feature rows as packed float32 vectors (elsewhere JSON text); either way
+    the column reads back the floats the model scored, and `portable` (spill and dead-letter lines)
+    turns packed rows into JSON text that reads back the same."""
+    import json
+
+    from gateway.records.inserter import portable
+
+    ins = Inserter(registry)
+    x = np.array([[0.1, -2.5, 3.4028235e38, -0.0], [0.0, 1e-7, 7.0, 123456.79]], dtype=np.float32)
+    encoded = ins.encode_matrix(x)
+    sqlite = registry.engine.dialect.name == "sqlite"
+    assert all(isinstance(e, bytes if sqlite else str) for e in encoded)
+    ts = ins.timestamp(time.time())
+    rows = [(f"f-{i}", "m", 1, "", 0.5, 1.0, ts, encoded[i], None, False, None) for i in range(2)]
+    rows.append(("f-json", "m", 1, "", 0.5, 1.0, ts, "[1.5,2]", None, False, None))  # older rows: text
+    assert ins.insert(rows) == 3
+    with registry.session() as s:
+        got = dict(s.execute(select(Prediction.request_id, Prediction.features)
+                             .where(Prediction.model == "m")).tuples().all())
+    # Both forms read back as the JSON text would: the shortest decimal of each float32 (0.1, not
+    # 0.10000000149011612), so a reader cannot tell which form a row was stored in.
+    assert got["f-0"] == [0.1, -2.5, 3.4028235e38, -0.0] and got["f-1"] == [0.0, 1e-7, 7.0, 123456.79]
+    assert got["f-json"] == [1.5, 2]
+    assert all(np.array(got[f"f-{i}"], dtype=np.float32).tobytes() == x[i].tobytes() for i in range(2))
+    lines = portable(rows)
+    assert all(isinstance(r[7], str) for r in lines) and lines[2] == rows[2]
+    assert json.loads(lines[0][7]) == got["f-0"]
+    assert lines[0][:7] == rows[0][:7] and lines[0][8:] == rows[0][8:]
