@@ -42,7 +42,6 @@ from typing import Any
 from loadtest import bench_go, bench_ray
 from loadtest.bench_onnx import bench_onnx
 from loadtest.bench_procs import (
-    SPLIT_REASON,
     EchoProcess,
     GatewayProcess,
     TreeRay,
@@ -158,16 +157,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         url = opts.registry_url or f"sqlite:///{workdir / 'registry.db'}"
         model = MODEL if opts.registry_url is None else f"{MODEL}-{uuid.uuid4().hex[:6]}"
-        if opts.gateway_tree is None:
-            reg = Registry(url)
-            reg.upgrade()
-            reg.publish_version(model, onnx1, list(names))
-            reg.publish_version(model, onnx2, list(names))
-            reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="chimera-bench",
-                          reason=SPLIT_REASON)
-        else:  # that tree's schema and publishing code; this tree only counts the logged rows
-            setup_registry_in(opts.gateway_tree, url, model, (onnx1, onnx2), list(names), workdir)
-            reg = Registry(url)
+        # The gateway's tree makes its own schema and publishes; this process only counts logged rows.
+        setup_registry_in(opts.gateway_tree, url, model, (onnx1, onnx2), list(names), workdir)
+        reg = Registry(url)
+        if opts.gateway_tree is not None:
             bench_ray.stop_ray_serve()  # that tree's replicas run on a Ray its own Python started
             ray_up = False
             tree_ray = TreeRay(opts.gateway_tree)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -81,6 +82,7 @@ class EchoProcess:
 
 
 # --------------------------------------------------------------------------- Chimera gateway
+ROOT = Path(__file__).resolve().parents[1]
 SPLIT_REASON = "bench 90/10"
 # Run by another checkout's Python (`--gateway-tree`): that tree's registry code creates its own schema
 # and publishes the two versions 90/10, with the API every revision since the first design has.
@@ -97,23 +99,27 @@ reg.set_split(model, {1: 90, 2: 10}, expected_revision=0, actor="chimera-bench",
 """
 
 
-def tree_python(tree: Path, name: str = "python") -> Path:
-    """An executable of another checkout's own virtual environment (made by its `make install`)."""
+def tree_python(tree: Path | None, name: str = "python") -> Path:
+    """An executable of another checkout's own virtual environment (made by its `make install`);
+    `tree` None: this process's own."""
+    if tree is None:
+        return Path(sys.executable).with_name(name)
     exe = tree / ".venv" / "bin" / name
     if not exe.exists():
         raise RuntimeError(f"{exe} does not exist: run `make install` in {tree} first")
     return exe
 
 
-def setup_registry_in(tree: Path, url: str, model: str, versions: tuple[bytes, bytes], names: list[str],
-                      workdir: Path) -> None:
-    """The bench's registry (two versions of `model`, split 90/10) made by `tree`'s own code."""
+def setup_registry_in(tree: Path | None, url: str, model: str, versions: tuple[bytes, bytes],
+                      names: list[str], workdir: Path) -> None:
+    """The bench's registry (two versions of `model`, split 90/10) made by `tree`'s own code (None:
+    this tree's), the same script either way."""
     paths = []
     for i, onnx in enumerate(versions, 1):
         paths.append(workdir / f"v{i}.onnx")
         paths[-1].write_bytes(onnx)
     subprocess.run([str(tree_python(tree)), "-c", _SETUP_IN_TREE, url, model, *map(str, paths),
-                    json.dumps(names), SPLIT_REASON], cwd=tree, check=True)
+                    json.dumps(names), SPLIT_REASON], cwd=tree or ROOT, check=True)
 
 
 # Another checkout's Ray: its replicas must run its own code (Ray's workers import the replica classes
@@ -142,10 +148,11 @@ class TreeRay:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      start_new_session=True)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()  # the GCS address, once Ray and Serve are up
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)  # bounded: a hung start stops
+        line = self.proc.stdout.readline().strip() if ready else ""  # the GCS address, once Serve is up
         if not line:
             self.stop()
-            raise RuntimeError(f"Ray of {tree} did not start")
+            raise RuntimeError(f"Ray of {tree} did not start within {timeout:.0f} s")
         self.address = line
 
     def stop(self) -> None:
