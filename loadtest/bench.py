@@ -45,13 +45,14 @@ from loadtest.bench_procs import (
     EchoProcess,
     GatewayProcess,
     TreeRay,
+    cpu_seconds,
     echo_server_main,
     rss_mb,
     setup_registry_in,
 )
 from loadtest.bench_profile import start_profile
 from loadtest.bench_report import BATCH_ROWS, case, format_table, line, machine, reference, targets
-from loadtest.bench_scrape import MetricsScrape, count_logged
+from loadtest.bench_scrape import MetricsScrape, count_logged, gateway_cpu
 from loadtest.bench_soak import soak
 from loadtest.closed_loop import LoadResult, LoadSpec, run
 
@@ -177,6 +178,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             assert gateway is not None
             drain_s = scrape.wait_log_drained()
             before = scrape.sample()
+            cpu_before = cpu_seconds(gateway.pid)
             prof = None
             if name == opts.profile_case and opts.profile_s > 0:
                 out = opts.profile_path or workdir / "gateway-profile.svg"
@@ -188,6 +190,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             cases[name] = case(title, res)
             cases[name].update(MetricsScrape.delta(before, scrape.sample()))
             cases[name]["log_drain_before_s"] = round(drain_s, 2)
+            cases[name].update(gateway_cpu(before, scrape.wait_log_settled(),
+                                           cpu_seconds(gateway.pid) - cpu_before))
             log(line(name, cases[name]))
             return res
 

@@ -6,6 +6,10 @@ of the same tree (other processes, CPU frequency, Ray's start-up), more than mos
 Alternating the trees (old, new, new, old, old, new, ...) spreads slow periods over both, and the
 per-case median of each side is compared, with every run kept in the JSON output.
 
+Each gateway case is also judged on the gateway's CPU per answered row (`gateway_cpu_us_per_row`,
+loadtest.bench_scrape.gateway_cpu), which moves far less between runs than rows/s: a tree whose code
+costs more per row shows it there even when the machine's noise hides it in the throughput.
+
 The earlier revision is checked out with `git worktree` into the output directory and installed there
 by its own `make install` (its own .venv). Every run is this tree's `chimera bench` with the Go client
 (as Chimera's Go callers see it; the grpc.aio client spends much of the two cores itself and varied
@@ -81,6 +85,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
                 row["anchor"] = anchor
                 row["anchored_new_over_old"] = (row["new"]["median_over_anchor"]
                                                 / row["old"]["median_over_anchor"])
+        for side in ("old", "new"):
+            cpu = [c["gateway_cpu_us_per_row"] for r in runs[side]
+                   if (c := r["cases"].get(name)) and c.get("gateway_cpu_us_per_row")]
+            row[side]["gateway_cpu_us_per_row"] = cpu
+            row[side]["median_gateway_cpu_us_per_row"] = statistics.median(cpu) if cpu else None
+        if row["old"]["median_gateway_cpu_us_per_row"] and row["new"]["median_gateway_cpu_us_per_row"]:
+            row["cpu_per_row_new_over_old"] = (row["new"]["median_gateway_cpu_us_per_row"]
+                                               / row["old"]["median_gateway_cpu_us_per_row"])
         out[name] = row
     return out
 
@@ -93,16 +105,23 @@ def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'case':<20} {'old rows/s':>11} {'new rows/s':>11} {'new/old':>8} {'old p99':>8} "
-             f"{'new p99':>8} {'anchored new/old':>17}"]
+             f"{'new p99':>8} {'anchored new/old':>17} {'gw CPU/row old':>15} {'new':>7} {'new/old':>8}"]
     for name, row in summary.items():
         o, n = row["old"], row["new"]
         if o["median_rows_per_s"] is None or n["median_rows_per_s"] is None:
             continue
         lines.append(f"{name:<20} {o['median_rows_per_s']:>11.0f} {n['median_rows_per_s']:>11.0f} "
                      f"{row.get('rows_per_s_new_over_old', float('nan')):>8.3f} {o['median_p99_ms']:>8.1f} "
-                     f"{n['median_p99_ms']:>8.1f} {row.get('anchored_new_over_old', float('nan')):>17.3f}")
+                     f"{n['median_p99_ms']:>8.1f} {row.get('anchored_new_over_old', float('nan')):>17.3f}"
+                     f"{_us(o.get('median_gateway_cpu_us_per_row')):>16} "
+                     f"{_us(n.get('median_gateway_cpu_us_per_row')):>7} "
+                     f"{row.get('cpu_per_row_new_over_old', float('nan')):>8.3f}")
     return "\n".join(lines)
 
 

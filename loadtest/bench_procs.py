@@ -31,6 +31,13 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a process (all its threads) has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 # --------------------------------------------------------------------------- grpc.aio echo (ceiling)
 def echo_server_main(port: int) -> None:
     """A bare grpc.aio server answering Predict with a constant: the most any Python gRPC server can

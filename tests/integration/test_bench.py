@@ -37,6 +37,10 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
     packed = report["cases"]["chimera_packed256"]
     assert packed["rows_per_s"] == 256 * packed["rps"]
     assert report["cases"]["chimera_c64"]["rows_per_ray_call"] >= 1
+    for name in (n for n in CASES if n.startswith("chimera_")):  # each case's rows all written, then read
+        case = report["cases"][name]
+        assert case["rows_logged"] >= case["rows"], (name, case)  # warm-up rows are logged too
+        assert 0 < case["gateway_cpu_us_per_row"] < 1e5, (name, case)
     assert report["client"]["name"] == "go"  # the default: every gRPC case by loadtest/goload
     assert {report["cases"][n]["extra"]["client"] for n in CASES if not n.startswith("onnx")} == {"go"}
     assert set(RATIOS) == set(report["ratios"]) == set(report["targets"])

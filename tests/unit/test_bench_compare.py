@@ -41,3 +41,21 @@ def test_gateway_cases_are_also_read_against_their_anchor_in_the_same_run() -> N
     assert row["anchor"] == "echo_c64" and row["anchored_new_over_old"] == 1.0  # the gateway did not change
     assert row["new"]["over_anchor"] == [0.5, 0.5, 0.5]
     assert "anchored_new_over_old" not in summarize(runs)["echo_c64"]  # references have no anchor
+
+
+def test_gateway_cases_are_also_judged_on_cpu_per_row() -> None:
+    """Rows/s swings with the machine; the gateway's CPU per answered row is the code's own cost. Runs
+    without the figure (an old report) are left out rather than counted as zero."""
+    def run(cpu: float | None) -> dict:
+        case = {"rows_per_s": 2000, "p99_ms": 60}
+        if cpu is not None:
+            case["gateway_cpu_us_per_row"] = cpu
+        return {"cases": {"chimera_c64": case}}
+
+    runs = {"old": [run(400), run(420), run(None)], "new": [run(380), run(390), run(500)]}
+    row = summarize(runs)["chimera_c64"]
+    assert row["old"]["gateway_cpu_us_per_row"] == [400, 420]
+    assert row["old"]["median_gateway_cpu_us_per_row"] == 410
+    assert row["new"]["median_gateway_cpu_us_per_row"] == 390
+    assert row["cpu_per_row_new_over_old"] == 390 / 410
+    assert "0.951" in format_table(summarize(runs))
