@@ -71,20 +71,44 @@ class FiniteJSON(TypeDecorator[Any]):
 
 
 class FeatureVector(FiniteJSON):
-    """A prediction's feature row: written as JSON by the ORM, read back as a list of floats whether it
-    is stored as JSON text or as a packed little-endian float32 vector (bytes).
+    """A prediction's feature row, read back as a list of floats whether it is stored as JSON text or as
+    a packed little-endian float32 vector (bytes).
 
-    Why two forms: the gateway's prediction log writes SQLite rows as packed float32 (32 features: 128
-    bytes instead of ~300 characters of JSON, ~2-3 us less SQLite CPU a row and no text to encode;
-    gateway.records.inserter), while PostgreSQL's column is `json` and rows written before, through the
-    ORM or replayed from a spill file are JSON text. Same database type as JSON (SQLite keeps any value
-    in any column), so Alembic sees no schema change and both forms can sit in one table. The float32
-    values are the ones the model scored, so both forms read back the same floats."""
+    Why two forms: the gateway's prediction log writes packed float32 (32 features: 128 bytes instead
+    of ~300 characters of JSON; less database CPU a row and no text to encode; issue 17,
+    gateway.records.inserter). PostgreSQL's column is bytea since migration 0008, so there every write,
+    the ORM's too, is packed (a list, or JSON text from a spill line, is packed here) and every reader
+    sees one form. SQLite's column keeps its JSON type (SQLite keeps any value in any column, so Alembic
+    sees no schema change): the log writes bytes, the ORM JSON, old rows are JSON, and both read back as
+    the same floats (the float32 values the model scored)."""
 
     cache_ok = True
 
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(LargeBinary())
+        return super().load_dialect_impl(dialect)
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            to_db = LargeBinary().dialect_impl(dialect).bind_processor(dialect)
+
+            def pack(value: Any) -> Any:
+                value = list_to_packed(value)
+                return to_db(value) if to_db is not None and value is not None else value
+
+            return pack
+        as_json = super().bind_processor(dialect)
+
+        def process(value: Any) -> Any:  # bytes (the log's packed rows) pass as they are
+            if isinstance(value, (bytes, bytearray, memoryview)) or as_json is None:
+                return value
+            return as_json(value)
+
+        return process
+
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
-        from_json = super().result_processor(dialect, coltype)
+        from_json = super().result_processor(dialect, coltype) if dialect.name != "postgresql" else None
 
         def process(value: Any) -> Any:
             if isinstance(value, (bytes, bytearray, memoryview)):
@@ -92,6 +116,23 @@ class FeatureVector(FiniteJSON):
             return from_json(value) if from_json is not None else value
 
         return process
+
+
+def list_to_packed(value: Any) -> bytes | None:
+    """A feature row (list of numbers, None for NaN; JSON text of one; or bytes already packed) as packed
+    little-endian float32 bytes; None stays None (SQL NULL)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+        if value is None:
+            return None
+    with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as the log's own cast
+        return np.asarray([np.nan if v is None else v for v in value], dtype="<f4").tobytes()
 
 
 def packed_to_list(value: bytes | bytearray | memoryview) -> list[float]:

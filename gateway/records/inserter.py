@@ -15,11 +15,13 @@ every call on a hung PostgreSQL (issue 15). COPY also cannot skip conflicting id
 machine (50k rows, 32 JSON features, today's four indexes; CPU per row, client + server):
 execute_values ~45-52 us, this unnest ~31 us, COPY csv (in a process without the callback) ~32 us.
 So the array insert gives COPY's cost and keeps the deadlines and the duplicate rule.
-Feature rows: on SQLite, packed little-endian float32 vectors (`matrix_f32`; the column type,
-registry.models.FeatureVector, reads both these and JSON text back as lists of floats). Elsewhere, and in
-spill and dead-letter lines (`portable`), JSON arrays of float32-exact numbers: with orjson, a whole
-matrix is encoded in one call (~0.6 us a row); without it, with 9 significant digits through
-%-formatting (~5 us a row)."""
+Feature rows: packed little-endian float32 vectors (`matrix_f32`) on both backends: SQLite keeps them in
+its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (the unnest insert sends them
+as a bytea[] of hex elements). The column type, registry.models.FeatureVector, reads packed vectors and
+JSON text back as the same lists of floats. Spill and dead-letter lines (`portable`) carry JSON arrays of
+float32-exact numbers: with orjson, a whole matrix is encoded in one call (~0.6 us a row); without it,
+with 9 significant digits through %-formatting (~5 us a row); a replayed JSON row is packed again on
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import numpy as np
 from sqlalchemy import insert
 
 from registry import Registry
-from registry.models import Prediction, RequestError, ShadowPrediction
+from registry.models import Prediction, RequestError, ShadowPrediction, list_to_packed
 from registry.repository import PredictionRow
 
 COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features",
@@ -55,9 +57,10 @@ _ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms",
                   "split_revision", "pinned", "error")
 _FORMATS: dict[int, str] = {}
 # PostgreSQL element types of COLUMNS, in order, for the unnest insert.
-_PG_ARRAY_TYPES = ("varchar", "varchar", "int", "varchar", "float8", "float8", "timestamptz", "json",
+_PG_ARRAY_TYPES = ("varchar", "varchar", "int", "varchar", "float8", "float8", "timestamptz", "bytea",
                    "bigint", "bool", "int")
-_TEXT_COLUMNS = frozenset({0, 1, 3, 6, 7})
+_TEXT_COLUMNS = frozenset({0, 1, 3, 6})
+_FEATURES = 7  # the bytea column (migration 0008): packed float32 vectors, sent as hex elements
 _PG_ROWS_PER_STATEMENT = 10_000
 # A mirror score (gateway.serving.shadow) on its way to shadow_predictions: (request_id, model, version,
 # score, latency_ms, created_at as epoch seconds). The same fast paths as predictions: at a 10 % canary
@@ -120,10 +123,25 @@ def portable(rows: Sequence[Row]) -> list[Row]:
     return out
 
 
-def pg_arrays(rows: Sequence[Row], text_columns: frozenset[int] = _TEXT_COLUMNS) -> tuple[str, ...]:
+def pg_arrays(rows: Sequence[Row], text_columns: frozenset[int] = _TEXT_COLUMNS,
+              bytea_column: int | None = None) -> tuple[str, ...]:
     """One PostgreSQL array literal per column of `rows` (the parameters of the unnest insert)."""
-    return tuple(_text_array(col) if i in text_columns else _number_array(col)
+    return tuple(_text_array(col) if i in text_columns else
+                 _bytea_array(col) if i == bytea_column else _number_array(col)
                  for i, col in enumerate(zip(*rows, strict=True)))
+
+
+def _bytea_array(values: Sequence[Any]) -> str:
+    """'{"\\\\x0a0b",NULL}': each packed vector as a quoted hex element (the backslash of bytea's hex
+    prefix doubled, as array syntax wants inside quotes); JSON text (a unary row's list, a replayed
+    spill line) is packed first, so the column holds one form. Hex only: no value can break out."""
+    if all(type(v) is bytes for v in values):  # the usual batch: matrix_f32's rows
+        return '{"\\\\x' + '","\\\\x'.join([v.hex() for v in values]) + '"}'
+    out = []
+    for v in values:
+        packed = list_to_packed(v)
+        out.append("NULL" if packed is None else '"\\\\x' + packed.hex() + '"')
+    return "{" + ",".join(out) + "}"
 
 
 def _text_array(values: Sequence[Any]) -> str:
@@ -161,11 +179,11 @@ class Inserter:
         table = Prediction.__table__
         self.dialect = engine.dialect.name
         self.driver = engine.dialect.driver
-        # SQLite stores a sampled feature row as a packed float32 vector (registry.models.FeatureVector):
-        # ~2-3 us less SQLite CPU a row than its JSON text (measured: 400k rows, 32 features), and no
-        # text to encode. PostgreSQL's column is json, so there it stays JSON text.
-        self.encode_matrix: Callable[[np.ndarray], list[Any]] = (
-            matrix_f32 if self.dialect == "sqlite" else matrix_json)
+        # A sampled feature row is stored as a packed float32 vector (registry.models.FeatureVector):
+        # on SQLite ~2-3 us less CPU a row than its JSON text (400k rows, 32 features); on PostgreSQL
+        # (bytea since migration 0008) the server's cost fell from ~17 to ~9.4 us a row. No text to
+        # encode either. Other drivers go through the ORM, where FeatureVector takes bytes too.
+        self.encode_matrix: Callable[[np.ndarray], list[Any]] = matrix_f32
         col_type = table.c.created_at.type
         self._ts = col_type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
         self._fast_ts = self._ts is not None and _same_format(self._ts)
@@ -238,7 +256,7 @@ class Inserter:
             return None
 
         def write(cur: Any) -> int:
-            inserted = self._write(cur, self.sql, params, _TEXT_COLUMNS)
+            inserted = self._write(cur, self.sql, params, _TEXT_COLUMNS, _FEATURES)
             if errors:  # rare (a failing version): a plain executemany is fast enough
                 cur.executemany(self.error_sql, errors)
             return inserted
@@ -261,7 +279,7 @@ class Inserter:
         return self._in_transaction(lambda cur: self._write(cur, sql, params, _SHADOW_TEXT_COLUMNS))
 
     def _write(self, cur: Any, sql: str, params: Sequence[tuple[Any, ...]],
-               text_columns: frozenset[int]) -> int:
+               text_columns: frozenset[int], bytea_column: int | None = None) -> int:
         """SQLite: one executemany; PostgreSQL: one unnest statement per _PG_ROWS_PER_STATEMENT rows."""
         if not params:
             return 0
@@ -270,7 +288,7 @@ class Inserter:
             return int(cur.rowcount)
         inserted = 0
         for i in range(0, len(params), _PG_ROWS_PER_STATEMENT):
-            cur.execute(sql, pg_arrays(params[i:i + _PG_ROWS_PER_STATEMENT], text_columns))
+            cur.execute(sql, pg_arrays(params[i:i + _PG_ROWS_PER_STATEMENT], text_columns, bytea_column))
             inserted += cur.rowcount
         return inserted
 
@@ -304,7 +322,8 @@ class Inserter:
         preds = [dict(zip(COLUMNS, r, strict=True)) for r in params]
         for d in preds:
             d["created_at"] = when(d["created_at"])
-            d["features"] = json.loads(d["features"]) if d["features"] is not None else None
+            if isinstance(d["features"], str):  # bytes pass as they are: FeatureVector takes both
+                d["features"] = json.loads(d["features"])
         errs = [dict(zip(_ERROR_COLUMNS, e, strict=True)) for e in errors]
         for d in errs:
             d["created_at"] = when(d["created_at"])

@@ -45,7 +45,9 @@ def test_rows_round_trip_exactly_and_duplicates_are_skipped(registry) -> None:  
     assert got["edge-2"].features is None and got["edge-2"].pinned is True
     assert got["edge-2"].failed_version == 1
     assert got["edge-3"].routing_key == "NULL" and got["edge-3"].features == []
-    assert got["edge-4"].score == 1e-300 and got["edge-4"].features == [3.40282347e38, 0]
+    # JSON text is stored as it is on SQLite; PostgreSQL's bytea column (0008) packs it to float32 first.
+    big = 3.40282347e38 if registry.engine.dialect.name == "sqlite" else 3.4028235e38
+    assert got["edge-4"].score == 1e-300 and got["edge-4"].features == [big, 0]
 
 
 @pytest.mark.parametrize("bad", [
@@ -89,9 +91,10 @@ def test_mirror_scores_round_trip_per_version_and_replays_are_skipped(registry) 
 
 
 def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None:  # noqa: ANN001
-    """The log writes SQLite feature rows as packed float32 vectors (elsewhere JSON text); either way
-    the column reads back the floats the model scored, and `portable` (spill and dead-letter lines)
-    turns packed rows into JSON text that reads back the same."""
+    """The log writes feature rows as packed float32 vectors on both backends (PostgreSQL's column is
+    bytea since migration 0008); JSON text (older SQLite rows, replayed spill lines) is taken too, and
+    every form reads back the floats the model scored; `portable` (spill and dead-letter lines) turns
+    packed rows into JSON text that reads back the same."""
     import json
 
     from gateway.records.inserter import portable
@@ -99,8 +102,7 @@ def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None: 
     ins = Inserter(registry)
     x = np.array([[0.1, -2.5, 3.4028235e38, -0.0], [0.0, 1e-7, 7.0, 123456.79]], dtype=np.float32)
     encoded = ins.encode_matrix(x)
-    sqlite = registry.engine.dialect.name == "sqlite"
-    assert all(isinstance(e, bytes if sqlite else str) for e in encoded)
+    assert all(isinstance(e, bytes) for e in encoded)
     ts = ins.timestamp(time.time())
     rows = [(f"f-{i}", "m", 1, "", 0.5, 1.0, ts, encoded[i], None, False, None) for i in range(2)]
     rows.append(("f-json", "m", 1, "", 0.5, 1.0, ts, "[1.5,2]", None, False, None))  # older rows: text
