@@ -119,3 +119,13 @@ def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None: 
     assert all(isinstance(r[7], str) for r in lines) and lines[2] == rows[2]
     assert json.loads(lines[0][7]) == got["f-0"]
     assert lines[0][:7] == rows[0][:7] and lines[0][8:] == rows[0][8:]
+
+
+def test_bytea_blob_places_each_vector_and_packs_json_text() -> None:
+    """PostgreSQL's feature column travels as one bytea plus 1-based starts and lengths (NULL: no row);
+    JSON text is packed to float32 on the way, an empty vector is an empty slice."""
+    from gateway.records.inserter import bytea_blob
+
+    blob, starts, lengths = bytea_blob([b"ab", None, b"", "[1]", b"c"])
+    assert bytes(blob.adapted) == b"ab" + np.array([1], dtype="<f4").tobytes() + b"c"
+    assert starts == "{1,3,3,3,7}" and lengths == "{2,NULL,0,4,1}"
