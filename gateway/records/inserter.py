@@ -63,6 +63,12 @@ _PG_ARRAY_TYPES = ("varchar", "varchar", "int", "varchar", "float8", "float8", "
 _TEXT_COLUMNS = frozenset({0, 1, 3, 6})
 _FEATURES = 7  # the bytea column (migration 0008): see pg_arrays
 _PG_ROWS_PER_STATEMENT = 10_000
+# PostgreSQL: batches go in as a plain INSERT; ON CONFLICT DO NOTHING costs ~2 us a row of server CPU
+# even when nothing conflicts (a unique-index probe before each row's speculative insert; measured
+# on 5,000-row statements: 11.9 -> 13.9 us a row). A unique violation (23505) rolls the batch back and
+# it is written again with ON CONFLICT, as is every batch for the next _CONFLICT_MODE_S seconds.
+_UNIQUE_VIOLATION = "23505"
+_CONFLICT_MODE_S = 60.0
 # A mirror score (gateway.serving.shadow) on its way to shadow_predictions: (request_id, model, version,
 # score, latency_ms, created_at as epoch seconds). The same fast paths as predictions: at a 10 % canary
 # with the covariate on, one row in ten of the traffic is also one of these, and through SQLAlchemy's
@@ -208,6 +214,7 @@ class Inserter:
         self._fast_ts = self._ts is not None and _same_format(self._ts)
         self._second: tuple[int, str] = (-1, "")
         cols = ", ".join(COLUMNS)
+        self.plain_sql = ""  # PostgreSQL: the statement without ON CONFLICT (see _CONFLICT_MODE_S)
         if self.dialect == "sqlite":
             marks = ", ".join("?" * len(COLUMNS))
             self.sql = (f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) "
@@ -219,8 +226,9 @@ class Inserter:
             picks = [*names[:_FEATURES], f"substr(%s::bytea, {names[_FEATURES]}, {names[_FEATURES + 1]})",
                      *names[_FEATURES + 2:]]
             arrays = ", ".join(f"%s::{t}[]" for t in types)
-            self.sql = (f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(picks)} FROM unnest({arrays}) "
-                        f"AS r({', '.join(names)}) ON CONFLICT (request_id) DO NOTHING")
+            self.plain_sql = (f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(picks)} "
+                              f"FROM unnest({arrays}) AS r({', '.join(names)})")
+            self.sql = self.plain_sql + " ON CONFLICT (request_id) DO NOTHING"
         else:
             self.sql = ""
         shadow, shadow_cols = ShadowPrediction.__table__.name, ", ".join(SHADOW_COLUMNS)
@@ -235,6 +243,7 @@ class Inserter:
         else:
             self.shadow_sql = ""
         self._last: tuple[float, str] = (-1.0, "")
+        self._conflicts_until = 0.0  # monotonic time until which PostgreSQL batches use ON CONFLICT
         errors = RequestError.__table__.name
         marks = ", ".join("?" * len(_ERROR_COLUMNS)) if self.dialect == "sqlite" else \
             ", ".join(["%s"] * len(_ERROR_COLUMNS))
@@ -279,12 +288,21 @@ class Inserter:
             self._insert_orm(params, errors)
             return None
 
-        def write(cur: Any) -> int:
-            inserted = self._write(cur, self.sql, params, _TEXT_COLUMNS, _FEATURES)
+        def write(cur: Any, sql: str = self.sql) -> int:
+            inserted = self._write(cur, sql, params, _TEXT_COLUMNS, _FEATURES)
             if errors:  # rare (a failing version): a plain executemany is fast enough
                 cur.executemany(self.error_sql, errors)
             return inserted
 
+        if self.dialect == "postgresql" and time.monotonic() >= self._conflicts_until:
+            try:
+                return self._in_transaction(lambda cur: write(cur, self.plain_sql))
+            except Exception as exc:
+                if getattr(exc, "pgcode", None) != _UNIQUE_VIOLATION:
+                    raise
+                # A request id is taken (a replay, a reused client id): this batch again, and the next
+                # ones for a while, with ON CONFLICT, so ids reused on purpose cost one retry a minute.
+                self._conflicts_until = time.monotonic() + _CONFLICT_MODE_S
         return self._in_transaction(write)
 
     def insert_shadow(self, rows: Sequence[ShadowRow]) -> int | None:
