@@ -28,15 +28,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from itertools import accumulate
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 from sqlalchemy import insert
 
+from gateway.records.paired_tx import halves, write_both
+from gateway.records.pg_arrays import pg_arrays
 from registry import Registry
-from registry.models import Prediction, RequestError, ShadowPrediction, list_to_packed
+from registry.models import Prediction, RequestError, ShadowPrediction
 from registry.repository import PredictionRow
 
 COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features",
@@ -68,6 +71,9 @@ _PG_ROWS_PER_STATEMENT = 10_000
 # on 5,000-row statements: 11.9 -> 13.9 us a row). A unique violation (23505) rolls the batch back and
 # it is written again with ON CONFLICT, as is every batch for the next _CONFLICT_MODE_S seconds.
 _UNIQUE_VIOLATION = "23505"
+# PostgreSQL: a batch of at least twice this many predictions is written as two halves at once
+# (gateway.records.paired_tx: both cores busy, one serial chain of encode then insert otherwise).
+_PG_PAIR_MIN_ROWS = 1_000
 _CONFLICT_MODE_S = 60.0
 # A mirror score (gateway.serving.shadow) on its way to shadow_predictions: (request_id, model, version,
 # score, latency_ms, created_at as epoch seconds). The same fast paths as predictions: at a 10 % canary
@@ -130,71 +136,6 @@ def portable(rows: Sequence[Row]) -> list[Row]:
     return out
 
 
-def pg_arrays(rows: Sequence[Row], text_columns: frozenset[int] = _TEXT_COLUMNS,
-              bytea_column: int | None = None) -> tuple[Any, ...]:
-    """The parameters of the unnest insert: one PostgreSQL array literal per column of `rows`, except
-    `bytea_column`, which becomes three (`bytea_blob`): the blob goes first (it comes first in the
-    statement), its start and length arrays take the column's place."""
-    params: list[Any] = []
-    blob: Any = None
-    for i, col in enumerate(zip(*rows, strict=True)):
-        if i == bytea_column:
-            blob, starts, lengths = bytea_blob(col)
-            params += (starts, lengths)
-        else:
-            params.append(_text_array(col) if i in text_columns else _number_array(col))
-    return tuple(params) if bytea_column is None else (blob, *params)
-
-
-def bytea_blob(values: Sequence[Any]) -> tuple[Any, str, str]:
-    """A bytea column as (one bytea holding every value end to end, 1-based start of each value, its
-    length or NULL) for `substr(blob, start, length)` in the statement.
-
-    Why not a bytea[] of hex elements: PostgreSQL's array parser scans each element character by
-    character, ~4.2 us a row for 32 packed features (262 characters), most of the server's cost of
-    parsing a batch; one bytea literal and two int arrays cost ~1.3 us (measured, 5,000-row
-    statements). JSON text (a unary row's list, a replayed spill line) is packed first, so the column
-    holds one form."""
-    import psycopg2
-
-    if not all(type(v) is bytes for v in values):  # the usual batch is matrix_f32's rows: no loop here
-        values = [list_to_packed(v) for v in values]
-    if None in values:
-        lengths = [None if v is None else len(v) for v in values]
-        data = b"".join([v for v in values if v is not None])
-    else:
-        lengths = list(map(len, values))
-        data = b"".join(values)
-    starts = list(accumulate((n or 0 for n in lengths[:-1]), initial=1))
-    return psycopg2.Binary(data), _number_array(starts), _number_array(lengths)
-
-
-def _text_array(values: Sequence[Any]) -> str:
-    """'{"a","b",NULL}': every element quoted; backslash and double quote escaped where present. A NUL
-    stays in the text, and psycopg2 refuses it with ValueError (a data error: the row is bisected out)."""
-    if None not in values:
-        try:
-            text = '{"' + '","'.join(values) + '"}'
-        except TypeError:  # a non-string value: the general form below
-            pass
-        else:
-            if "\\" not in text and text.count('"') == 2 * len(values):
-                return text
-    return "{" + ",".join("NULL" if v is None else _quote(str(v)) for v in values) + "}"
-
-
-def _quote(v: str) -> str:
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _number_array(values: Sequence[Any]) -> str:
-    """'{1,2.5,NULL,nan}': str() of each value (Python and numpy numbers print what PostgreSQL parses;
-    repr() of a numpy scalar would not), None as NULL."""
-    if None in values:
-        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
-    return "{" + ",".join(map(str, values)) + "}"
-
-
 class Inserter:
     """Batched INSERT ... ON CONFLICT (request_id) DO NOTHING through the raw DB-API connection."""
 
@@ -243,6 +184,7 @@ class Inserter:
         else:
             self.shadow_sql = ""
         self._last: tuple[float, str] = (-1.0, "")
+        self._executor: ThreadPoolExecutor | None = None  # writes the second half (_pool)
         self._conflicts_until = 0.0  # monotonic time until which PostgreSQL batches use ON CONFLICT
         errors = RequestError.__table__.name
         marks = ", ".join("?" * len(_ERROR_COLUMNS)) if self.dialect == "sqlite" else \
@@ -288,22 +230,37 @@ class Inserter:
             self._insert_orm(params, errors)
             return None
 
-        def write(cur: Any, sql: str = self.sql) -> int:
-            inserted = self._write(cur, sql, params, _TEXT_COLUMNS, _FEATURES)
-            if errors:  # rare (a failing version): a plain executemany is fast enough
-                cur.executemany(self.error_sql, errors)
-            return inserted
-
         if self.dialect == "postgresql" and time.monotonic() >= self._conflicts_until:
             try:
-                return self._in_transaction(lambda cur: write(cur, self.plain_sql))
+                return self._insert_rows(self.plain_sql, params, errors)
             except Exception as exc:
                 if getattr(exc, "pgcode", None) != _UNIQUE_VIOLATION:
                     raise
                 # A request id is taken (a replay, a reused client id): this batch again, and the next
                 # ones for a while, with ON CONFLICT, so ids reused on purpose cost one retry a minute.
                 self._conflicts_until = time.monotonic() + _CONFLICT_MODE_S
-        return self._in_transaction(write)
+        return self._insert_rows(self.sql, params, errors)
+
+    def _insert_rows(self, sql: str, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
+        """One transaction; on PostgreSQL, a batch of at least 2 x _PG_PAIR_MIN_ROWS predictions as two
+        halves on two connections, committed together (gateway.records.paired_tx)."""
+        def write(cur: Any, part: Sequence[Row] = params) -> int:
+            inserted = self._write(cur, sql, part, _TEXT_COLUMNS, _FEATURES)
+            if errors:  # rare (a failing version): a plain executemany is fast enough
+                cur.executemany(self.error_sql, errors)
+            return inserted
+
+        if self.dialect != "postgresql" or len(params) < 2 * _PG_PAIR_MIN_ROWS:
+            return self._in_transaction(write)
+        first, second = halves(params, itemgetter(0))
+        return write_both(self.registry.engine.raw_connection, lambda cur: write(cur, first),
+                          lambda cur: self._write(cur, sql, second, _TEXT_COLUMNS, _FEATURES), self._pool())
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The thread that writes the second half (made on first use; a daemon-like worker that idles)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="chimera-log-pair")
+        return self._executor
 
     def insert_shadow(self, rows: Sequence[ShadowRow]) -> int | None:
         """Mirror scores into shadow_predictions, a (request id, version) already stored skipped (a

@@ -124,7 +124,7 @@ def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None: 
 def test_bytea_blob_places_each_vector_and_packs_json_text() -> None:
     """PostgreSQL's feature column travels as one bytea plus 1-based starts and lengths (NULL: no row);
     JSON text is packed to float32 on the way, an empty vector is an empty slice."""
-    from gateway.records.inserter import bytea_blob
+    from gateway.records.pg_arrays import bytea_blob
 
     blob, starts, lengths = bytea_blob([b"ab", None, b"", "[1]", b"c"])
     assert bytes(blob.adapted) == b"ab" + np.array([1], dtype="<f4").tobytes() + b"c"
@@ -146,3 +146,25 @@ def test_postgresql_batches_skip_on_conflict_until_an_id_is_taken(registry) -> N
     assert ins.insert([("c-2", *row[1:]), ("c-2", *row[1:])]) == 1  # a batch's own repeat is skipped too
     fresh = Inserter(registry)
     assert fresh.insert([("c-3", *row[1:]), ("c-3", *row[1:])]) == 1 and fresh._conflicts_until > 0
+
+
+def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(registry) -> None:  # noqa: ANN001
+    """PostgreSQL writes a batch of 2,000+ rows as two halves on two connections, committed together
+    (gateway.records.paired_tx): all rows stored with their features; a refused row in either half
+    stores nothing (a data error, so the row store bisects it out); a repeated id shares its half."""
+    if registry.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite: one connection writes")
+    ins = Inserter(registry)
+    ts = ins.timestamp(time.time())
+    feats = ins.encode_matrix(np.arange(2500 * 4, dtype=np.float32).reshape(2500, 4))
+    rows = [(f"h-{i}", "m", 1, "k", 0.5, 1.0, ts, feats[i], None, False, None) for i in range(2500)]
+    bad = [*rows[:1200], ("h-bad", "m", 1, "a\x00b", 0.5, 1.0, ts, None, None, False, None), *rows[1200:]]
+    with pytest.raises(Exception) as err:
+        ins.insert(bad)
+    assert is_data_error(err.value)
+    with registry.session() as s:
+        assert s.scalar(select(Prediction.id).where(Prediction.model == "m").limit(1)) is None
+    assert ins.insert([*rows, rows[7]]) == 2500
+    with registry.session() as s:
+        got = dict(s.execute(select(Prediction.request_id, Prediction.features)).tuples().all())
+    assert len(got) == 2500 and got["h-2499"] == [9996.0, 9997.0, 9998.0, 9999.0]
