@@ -38,6 +38,11 @@ class GatewayConfig:
     replica_scaling: ReplicaScaling = field(default_factory=ReplicaScaling)  # fixed, or Serve autoscaling
     batch: BatchConfig = field(default_factory=BatchConfig)
     spill_dir: Path = Path(".chimera")
+    # `chimera serve --processes N` (chimera.cli.workers): this process's index among the workers that
+    # share the port, and whether it binds with SO_REUSEPORT. A worker's spill files carry its index
+    # (index 0 keeps the single-process names), so each replays its own after a restart.
+    worker: int = 0
+    reuse_port: bool = False
     poll_interval_s: float = 0.25
     # Shutdown: health turns NOT_SERVING at once; new calls are still taken for `drain_delay_s` (so load
     # balancers see NOT_SERVING and move away, capped at a quarter of the grace period), then in-flight

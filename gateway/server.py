@@ -70,9 +70,10 @@ class Gateway:
                                 observer_factory=self.metrics.observer, health=self.version_health,
                                 tracer=self.tracing.tracer, traces_exporter=self.tracing.exporter,
                                 scaling=config.replica_scaling, registry=self.registry)
-        self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{config.port}.spill",
+        spill = f"{config.port}" + (f"-{config.worker}" if config.worker else "")
+        self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{spill}.spill",
                                  spill_max_bytes=config.spill_max_bytes)
-        self.outcomes = OutcomeLog(self.registry, Path(config.spill_dir) / f"outcomes-{config.port}.spill",
+        self.outcomes = OutcomeLog(self.registry, Path(config.spill_dir) / f"outcomes-{spill}.spill",
                                    predictions_pending=lambda: self.log.has_spill,
                                    flush_predictions=self.log.flush,
                                    unknown_grace_s=config.outcome_unknown_grace_s,
@@ -130,7 +131,7 @@ class Gateway:
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),  # workers share one port
             # grpc's default (3,000) answers a burst beyond it CANCELLED, not the cap's RESOURCE_EXHAUSTED
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),

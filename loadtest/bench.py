@@ -45,10 +45,10 @@ from loadtest.bench_procs import (
     EchoProcess,
     GatewayProcess,
     TreeRay,
-    cpu_seconds,
     echo_server_main,
     rss_mb,
     setup_registry_in,
+    tree_cpu_seconds,
 )
 from loadtest.bench_profile import start_profile
 from loadtest.bench_report import BATCH_ROWS, case, format_table, line, machine, reference, targets
@@ -82,6 +82,10 @@ class BenchOptions:
     # every other part of the run (client, references, Ray, the model) stays this tree's
     # (`make bench-compare`, loadtest.bench_compare). Its registry is set up by its own code.
     gateway_tree: Path | None = None
+    # `chimera serve --processes N` (chimera.cli.workers), and the Go client's connections for the
+    # gateway cases: the kernel spreads connections over the processes, so N > 1 needs several.
+    gateway_processes: int = 1
+    connections: int = 1
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -168,17 +172,19 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         log(f"starting the gateway (`chimera serve` of {opts.gateway_tree or 'this tree'}, separate "
             "process) with a 90/10 split ...")
         gateway = GatewayProcess(url, tree_ray.address if tree_ray else bench_ray.gcs_address(), workdir,
-                                 admin_token=uuid.uuid4().hex, tree=opts.gateway_tree)
+                                 admin_token=uuid.uuid4().hex, tree=opts.gateway_tree,
+                                 processes=opts.gateway_processes)
         gateway.wait_serving()
-        scrape = MetricsScrape(gateway.metrics_port)
-        chimera = replace(base, target=f"127.0.0.1:{gateway.port}", model=model)
+        scrape = MetricsScrape(gateway.metrics_ports)
+        chimera = replace(base, target=f"127.0.0.1:{gateway.port}", model=model,
+                          connections=opts.connections)
         report["gateway"] = {"pid": gateway.pid, "rss_mb_after_start": rss_mb(gateway.pid)}
 
         def measure(name: str, title: str, spec: LoadSpec) -> LoadResult:
             assert gateway is not None
             drain_s = scrape.wait_log_drained()
             before = scrape.sample()
-            cpu_before = cpu_seconds(gateway.pid)
+            cpu_before = tree_cpu_seconds(gateway.pid)
             prof = None
             if name == opts.profile_case and opts.profile_s > 0:
                 out = opts.profile_path or workdir / "gateway-profile.svg"
@@ -191,7 +197,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             cases[name].update(MetricsScrape.delta(before, scrape.sample()))
             cases[name]["log_drain_before_s"] = round(drain_s, 2)
             cases[name].update(gateway_cpu(before, scrape.wait_log_settled(),
-                                           cpu_seconds(gateway.pid) - cpu_before))
+                                           tree_cpu_seconds(gateway.pid) - cpu_before))
             log(line(name, cases[name]))
             return res
 
@@ -266,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="a prebuilt loadtest/goload binary (default: build it when missing or stale)")
     p.add_argument("--gateway-tree", type=Path, default=None,
                    help="measure the `chimera serve` of this checkout (its own .venv) instead of this tree's")
+    p.add_argument("--gateway-processes", type=int, default=1,
+                   help="run the gateway as `chimera serve --processes N` (several processes, one port)")
+    p.add_argument("--connections", type=int, default=1,
+                   help="Go client connections for the gateway cases (the kernel spreads connections "
+                        "over gateway processes; default 1, as a Go service with one ClientConn)")
     p.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.echo_server:
@@ -274,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = BenchOptions(json_path=a.json, duration_s=a.duration, warmup_s=a.warmup, soak_s=a.soak,
                         quick=a.quick, named_features=a.named, registry_url=a.registry_url,
                         profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case,
-                        client=a.client, go_binary=a.go_bin, gateway_tree=a.gateway_tree)
+                        client=a.client, go_binary=a.go_bin, gateway_tree=a.gateway_tree,
+                        gateway_processes=a.gateway_processes, connections=a.connections)
     report = run_bench(opts)
     print(format_table(report), flush=True)
     if opts.json_path is not None:

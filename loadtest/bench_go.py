@@ -70,12 +70,14 @@ def command(binary: Path, spec: LoadSpec, rows_path: Path) -> list[str]:
         cmd += ["-metadata", ",".join(f"{k}={v}" for k, v in spec.metadata)]
     if spec.rate > 0:
         cmd += ["-rate", str(spec.rate)]
+    if spec.connections > 1:
+        cmd += ["-conns", str(spec.connections)]
     return cmd
 
 
 def run_go(spec: LoadSpec, binary: Path) -> LoadResult:
-    """One closed-loop measurement by the Go client (one process, `spec.concurrency` goroutines on one
-    connection; `spec.processes` does not apply)."""
+    """One closed-loop measurement by the Go client (one process, `spec.concurrency` goroutines on
+    `spec.connections` connections; `spec.processes` does not apply)."""
     with tempfile.TemporaryDirectory(prefix="chimera-goload-") as tmp:
         rows_path = Path(tmp) / "rows.json"
         rows_path.write_text(json.dumps({"rows": [list(r) for r in spec.rows],
@@ -100,5 +102,5 @@ def run_go(spec: LoadSpec, binary: Path) -> LoadResult:
         window_s=float(out["window_s"]), rps=float(out["rps"]), rows_per_s=float(out["rows_per_s"]),
         p50_ms=ms("p50_ms"), p90_ms=ms("p90_ms"), p99_ms=ms("p99_ms"), max_ms=ms("max_ms"),
         extra={"client": "go", "go": out.get("go"), "connect_ms": out.get("connect_ms"),
-               "unmeasured_calls": out.get("unmeasured_calls")},
+               "unmeasured_calls": out.get("unmeasured_calls"), "conns": out.get("conns")},
     )

@@ -38,6 +38,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` of a process and of its live descendants (`chimera serve --processes N`: the
+    supervisor and its workers). A descendant that ends between two reads takes its CPU with it."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive loopback ports that were all free a moment ago (worker i of
+    `chimera serve --processes N` serves its metrics on --metrics-port + i)."""
+    if n == 1:
+        return free_port()
+    for _ in range(100):
+        base = free_port()
+        held: list[socket.socket] = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 # --------------------------------------------------------------------------- grpc.aio echo (ceiling)
 def echo_server_main(port: int) -> None:
     """A bare grpc.aio server answering Predict with a constant: the most any Python gRPC server can
@@ -178,14 +216,16 @@ class GatewayProcess:
     of another checkout (`tree`, with its own .venv)."""
 
     def __init__(self, registry_url: str, ray_address: str, workdir: Path, admin_token: str,
-                 tree: Path | None = None) -> None:
+                 tree: Path | None = None, processes: int = 1) -> None:
         self.port = free_port()
-        self.metrics_port = free_port()
+        self.metrics_port = free_ports(processes)
+        self.metrics_ports = [self.metrics_port + i for i in range(processes)]  # one per worker
         self.log_path = workdir / "gateway.log"
         exe = Path(sys.executable).with_name("chimera") if tree is None else tree_python(tree, "chimera")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "chimera"]
         cmd += ["serve", "--port", str(self.port), "--host", "127.0.0.1", "--metrics-port",
                 str(self.metrics_port), "--controller-interval", "0", "--grace", "5"]
+        cmd += ["--processes", str(processes)] if processes > 1 else []
         env = dict(os.environ, CHIMERA_REGISTRY_URL=registry_url, RAY_ADDRESS=ray_address,
                    CHIMERA_ADMIN_TOKEN=admin_token, RAY_USAGE_STATS_ENABLED="0")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -207,12 +247,25 @@ class GatewayProcess:
                 try:
                     r = stub.Check(health_pb2.HealthCheckRequest(service="chimera.v1.PredictionService"),
                                    timeout=2)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    if r.status == health_pb2.HealthCheckResponse.SERVING and self._all_workers_up():
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.5)
         raise RuntimeError(f"gateway not serving after {timeout:.0f} s; see {self.log_path}:\n" + self.tail())
+
+    def _all_workers_up(self) -> bool:
+        """Every worker answers on its metrics port (with --processes, the others start after worker 0
+        serves; connections made before they listen would all land on worker 0)."""
+        import urllib.request
+
+        for port in self.metrics_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
+                    pass
+            except OSError:
+                return False
+        return True
 
     def tail(self, n: int = 30) -> str:
         try:

@@ -4,6 +4,7 @@ call, prediction-log counters) before and after each case, and how many predicti
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 SCRAPED = ("chimera_batch_size_rows_sum", "chimera_batch_size_rows_count",
@@ -14,27 +15,27 @@ SCRAPED = ("chimera_batch_size_rows_sum", "chimera_batch_size_rows_count",
 class MetricsScrape:
     """Reads the gateway's Prometheus endpoint: rows per Ray call and prediction-log counters."""
 
-    def __init__(self, port: int | None) -> None:
-        self.port = port
+    def __init__(self, ports: int | Sequence[int] | None) -> None:
+        # Several ports: the workers of `chimera serve --processes N`, whose counters are summed.
+        self.ports = [] if not ports else [ports] if isinstance(ports, int) else list(ports)
 
     def sample(self) -> dict[str, float]:
-        if not self.port:
-            return {}
         import urllib.request
 
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return {}
         out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            name, value = line.rsplit(" ", 1)
-            base = name.split("{", 1)[0]
-            if base in SCRAPED:
-                out[base] = out.get(base, 0.0) + float(value)
+        for port in self.ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                return {}  # a worker not answering: no sample rather than a partial sum
+            for line in text.splitlines():
+                if line.startswith("#") or " " not in line:
+                    continue
+                name, value = line.rsplit(" ", 1)
+                base = name.split("{", 1)[0]
+                if base in SCRAPED:
+                    out[base] = out.get(base, 0.0) + float(value)
         return out
 
     def wait_log_drained(self, below: float = 2048, timeout_s: float = 120.0) -> float:

@@ -56,6 +56,9 @@ class LoadSpec:
     n_keys: int = 100_000  # routing keys cycle through user-0..user-{n_keys-1}
     seed: int = 0
     rate: float = 0.0  # > 0: callers pace themselves to this total rate (requests/s); 0: flat out
+    # Go client: connections (ClientConns) the callers share round-robin; the Python client has one
+    # channel per worker process. Several gateway processes on one port are spread by connection.
+    connections: int = 1
 
 
 @dataclass

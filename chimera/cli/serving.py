@@ -55,6 +55,13 @@ def serve(
                            "with predictions/outcomes open, because something in front terminates TLS or "
                            "authenticates callers (logged as a warning at start)")
     ] = False,
+    processes: Annotated[
+        int, typer.Option(help="gateway processes sharing the port (SO_REUSEPORT; the kernel spreads "
+                          "connections, not calls); more than 1 pays only with the cores for them")
+    ] = 1,
+    worker: Annotated[
+        int | None, typer.Option(hidden=True, help="set by --processes: this worker's index")
+    ] = None,
 ) -> None:
     """Deploy replicas for every weighted version and run the gateway until Ctrl-C / SIGTERM.
     CHIMERA_PREDICT_TOKEN, when set, is required on every PredictionService call;
@@ -73,8 +80,18 @@ def serve(
             parse_log_features_sample(log_features_sample, "--log-features-sample")
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if processes < 1:
+        raise typer.BadParameter(f"--processes must be at least 1, got {processes}")
+    if processes > 1 and (worker is not None or port == 0):
+        raise typer.BadParameter("--processes needs a fixed --port (not 0) and sets --worker itself")
     settings = load_settings()
     _check_security(settings, host, insecure)
+    if processes > 1:
+        options = {"--port": port, "--host": host, "--grace": grace, "--drain-delay": drain_delay,
+                   "--loop": event_loop, "--replica-cpus": replica_cpus,
+                   "--promotion-loadtest-max-age": promotion_loadtest_max_age,
+                   "--log-features-sample": log_features_sample}
+        sys.exit(_supervise(settings, processes, options, metrics_port, controller_interval, insecure))
     import asyncio
 
     from gateway.server import GatewayConfig, ensure_ray, serve_forever
@@ -92,6 +109,8 @@ def serve(
         "replica_cpus": replica_cpus,
         "promotion_loadtest_max_age_s": promotion_loadtest_max_age,
         "log_features_sample": log_features_sample,
+        "worker": worker,
+        "reuse_port": True if worker is not None else None,
     }
     # Options left unset (None) fall back to the settings; replica_cpus 0 did too, as it always has.
     config = GatewayConfig.from_settings(settings, **{k: v for k, v in options.items()
@@ -103,6 +122,34 @@ def serve(
         uvloop.run(main)
     else:
         asyncio.run(main)
+
+
+def _supervise(settings: Settings, processes: int, options: dict[str, Any], metrics_port: int,
+               controller_interval: float, insecure: bool) -> int:
+    """`--processes N`: run N workers (chimera.cli.workers) with these options; the registry's schema is
+    upgraded once here, and a local Ray (no RAY_ADDRESS) is started here for all of them to join."""
+    from chimera.cli.workers import Workers
+    from gateway.server import ensure_ray
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    open_registry(settings).upgrade()
+    env = dict(os.environ)
+    if not settings.ray.address:
+        import ray
+
+        ensure_ray(None, settings.ray.num_cpus)
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+    def command(i: int) -> list[str]:
+        argv = [sys.executable, "-m", "chimera", "serve", "--worker", str(i),
+                "--metrics-port", str(metrics_port + i if metrics_port else 0),
+                "--controller-interval", str(controller_interval if i == 0 else 0)]
+        for flag, value in options.items():
+            if value is not None:
+                argv += [flag, str(value)]
+        return argv + (["--insecure"] if insecure else [])
+
+    return Workers(processes, command, env, stop_timeout_s=float(options["--grace"]) + EXIT_WAIT_S + 5).run()
 
 
 EXIT_WAIT_S = 2.0  # once the gateway has stopped, the longest the process waits for leftover threads

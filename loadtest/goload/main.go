@@ -72,6 +72,7 @@ func codeName(err error) string {
 type options struct {
 	target, kind, model, rowsPath, metadata string
 	concurrency, batchRows, nKeys, seed     int
+	conns                                   int
 	duration, warmup, timeout               time.Duration
 	named                                   bool
 	rate                                    float64
@@ -100,6 +101,7 @@ type result struct {
 	MaxMs        *float64       `json:"max_ms"`
 	Unmeasured   int            `json:"unmeasured_calls"`
 	ConnectMs    float64        `json:"connect_ms"`
+	Conns        int            `json:"conns"`
 	GoMaxProcs   int            `json:"gomaxprocs"`
 	BadResponses int            `json:"bad_responses"`
 }
@@ -304,7 +306,8 @@ func parseFlags() (*options, error) {
 	o := &options{}
 	flag.StringVar(&o.target, "target", "127.0.0.1:50051", "host:port of the server")
 	flag.StringVar(&o.kind, "kind", "predict", "predict, batch, packed or stream")
-	flag.IntVar(&o.concurrency, "c", 1, "concurrent callers (goroutines) on the one connection")
+	flag.IntVar(&o.concurrency, "c", 1, "concurrent callers (goroutines), spread over the connections")
+	flag.IntVar(&o.conns, "conns", 1, "connections (ClientConns); caller g uses connection g mod conns")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured window")
 	flag.DurationVar(&o.warmup, "warmup", 2*time.Second, "unmeasured time before the window")
 	flag.StringVar(&o.model, "model", "", "model name in every request")
@@ -379,16 +382,26 @@ func main() {
 		}
 	}
 
-	connectStart := time.Now()
-	dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
-	conn, err := grpc.DialContext(dctx, o.target, grpc.WithInsecure(), grpc.WithBlock(),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))
-	dcancel()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "chimera-goload: connect %s: %v\n", o.target, err)
-		os.Exit(1)
+	if o.conns < 1 {
+		fmt.Fprintln(os.Stderr, "chimera-goload: -conns must be at least 1")
+		os.Exit(2)
 	}
-	defer conn.Close()
+	// Several connections (one ClientConn each, as a Go service with a pool has): behind one port
+	// shared by several gateway processes (SO_REUSEPORT), the kernel spreads connections, not calls.
+	connectStart := time.Now()
+	conns := make([]*grpc.ClientConn, o.conns)
+	for i := range conns {
+		dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+		conn, err := grpc.DialContext(dctx, o.target, grpc.WithInsecure(), grpc.WithBlock(),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))
+		dcancel()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "chimera-goload: connect %s: %v\n", o.target, err)
+			os.Exit(1)
+		}
+		defer conn.Close()
+		conns[i] = conn
+	}
 	connectMs := float64(time.Since(connectStart).Microseconds()) / 1e3
 
 	start := time.Now()
@@ -400,6 +413,7 @@ func main() {
 		wg.Add(1)
 		go func(g int) {
 			defer wg.Done()
+			conn := conns[g%len(conns)]
 			if o.kind == "stream" {
 				streamCaller(ctx, conn, o, w, g, predicts, callers[g])
 			} else {
@@ -410,7 +424,7 @@ func main() {
 	wg.Wait()
 
 	res := result{Client: "go", Go: runtime.Version(), Kind: o.kind, Concurrency: o.concurrency,
-		ErrorCodes: map[string]int{}, WindowS: o.duration.Seconds(), ConnectMs: connectMs,
+		ErrorCodes: map[string]int{}, WindowS: o.duration.Seconds(), ConnectMs: connectMs, Conns: o.conns,
 		GoMaxProcs: runtime.GOMAXPROCS(0)}
 	var all []int64
 	for _, c := range callers {

@@ -1,0 +1,137 @@
+"""`chimera serve --processes 2` (chimera.cli.workers) as an operator runs it: two gateway processes on one
+port, each answering the connections the kernel gives it, each with its own metrics port; a worker
+SIGKILLed under load is restarted by the supervisor while the other keeps answering; SIGTERM to the
+supervisor drains both. Every answered row is stored once, except what README's durability bound lets a
+SIGKILL lose (rows answered by the killed worker within its last LOSS_WINDOW_S). On both backends: two
+processes write one registry, and on SQLite that is two writers on one file."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chimera.v1 import prediction_pb2 as pb
+from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from loadtest.bench_procs import free_ports
+from tests.conftest import BACKENDS, fresh_registry_url
+from tests.harness import wait_for
+from tests.integration.test_hung_postgres import FEATURES, publish, stored, undeploy
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+LOSS_WINDOW_S = 1.0  # README, Failure modes, Durability (as test_gateway_kill.py holds it)
+CLIENTS = 8
+
+
+def predict_calls(port: int) -> float:
+    """Predict calls answered OK by the worker whose metrics are on `port` (0 when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("chimera_requests_total{") and 'method="Predict"' in line
+               and 'code="OK"' in line)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
+                                                                request: pytest.FixtureRequest,
+                                                                backend: str) -> None:
+    import ray
+
+    url = fresh_registry_url(backend, request, tmp_path)
+    model = publish(url)
+    port, metrics = free_ports(1), free_ports(2)  # worker i's metrics: metrics + i
+    env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "CHIMERA_REPLICA_NUM_CPUS": "0.1",
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    for name in ("CHIMERA_PREDICT_TOKEN", "CHIMERA_OUTCOMES_TOKEN", "CHIMERA_ADMIN_TOKEN"):
+        env.pop(name, None)
+    out = tmp_path / "serve.log"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chimera", "serve", "--processes", "2", "--port", str(port),
+             "--metrics-port", str(metrics), "--controller-interval", "0", "--grace", "8", "--drain-delay",
+             "0.5"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    answered: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        # Its own connection (a local subchannel pool): the kernel spreads connections over the workers.
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        stub = pb_grpc.PredictionServiceStub(channel)
+        while not stop.is_set():
+            rid = f"w{i}-{uuid.uuid4().hex[:12]}"
+            try:
+                stub.Predict(pb.PredictRequest(model=model, request_id=rid, routing_key=rid, dense=FEATURES),
+                             timeout=10)
+            except grpc.RpcError:
+                time.sleep(0.05)  # its worker was killed: the call failed and the client was told
+                continue
+            answered.append((time.monotonic(), rid))
+        channel.close()
+
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    try:
+        wait_for(lambda: "2 workers listening" in out.read_text(errors="replace") or proc.poll() is not None,
+                 240, "both workers listening")
+        assert proc.poll() is None, out.read_text(errors="replace")[-4000:]
+        pids = {int(i): int(p) for i, p in re.findall(r"worker (\d) started \(pid (\d+)\)", out.read_text())}
+        assert set(pids) == {0, 1}
+        for c in clients:
+            c.start()
+        wait_for(lambda: predict_calls(metrics) > 20 and predict_calls(metrics + 1) > 20, 60,
+                 "calls answered by both workers")
+
+        killed_at = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)  # a single fault: one worker dies (an OOM kill)
+        wait_for(lambda: len(re.findall(r"worker 1 started", out.read_text())) == 2, 30,
+                 "worker 1 restarted by the supervisor")
+        after_kill = len(answered)
+        wait_for(lambda: len(answered) > after_kill + 100, 30, "calls still answered after the kill")
+        # The clients reconnected while worker 1 was down, so their connections are all on worker 0:
+        # the kernel spreads connections, not calls. New connections reach the new worker 1.
+        wait_for(lambda: "[worker 1] chimera gateway listening on"
+                 in out.read_text(errors="replace").split("worker 1 started")[-1], 120,
+                 "the new worker 1 listening")
+        more = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS, 2 * CLIENTS)]
+        clients += more
+        for c in more:
+            c.start()
+        wait_for(lambda: predict_calls(metrics + 1) > 20, 60, "the new worker 1 answering new connections")
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(15)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the supervisor: both workers drain and flush their logs
+        try:
+            code = proc.wait(40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            undeploy(model)
+    text = out.read_text(errors="replace")
+    assert code == 0, text[-4000:]
+    assert "worker 0 started" in text and "[worker 1] chimera gateway listening on" in text
+    for pid in pids.values():  # nothing left running
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+    counts, _ = stored(url, model)
+    assert all(n == 1 for n in counts.values())  # nothing stored twice
+    must = [rid for t, rid in answered if t < killed_at - LOSS_WINDOW_S or t > killed_at + 0.5]
+    missing = [rid for rid in must if rid not in counts]
+    assert not missing, f"{len(missing)} of {len(must)} answered rows missing, e.g. {missing[:3]}"
+    assert len(answered) > 200
