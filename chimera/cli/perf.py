@@ -90,12 +90,19 @@ def bench(
     profile_out: Annotated[Path | None, typer.Option(help="profile file (.svg, .json, .txt)")] = None,
     profile_case: Annotated[str, typer.Option(help="the case to profile")] = "chimera_c64",
     client: Annotated[str, typer.Option(help="load client: go (loadtest/goload) or python")] = "go",
+    gateway_processes: Annotated[
+        int, typer.Option(help="measure `chimera serve --processes N` (several processes, one port)")
+    ] = 1,
+    connections: Annotated[
+        int, typer.Option(help="Go client connections for the gateway cases (spread over the processes)")
+    ] = 1,
 ) -> None:
     """Raw onnxruntime vs Ray Serve's gRPC proxy vs the Chimera gateway, same model, one run."""
     from loadtest.bench import main as bench_main
 
     argv = ["--duration", str(duration), "--warmup", str(warmup), "--soak", str(soak),
-            "--profile", str(profile), "--profile-case", profile_case, "--client", client]
+            "--profile", str(profile), "--profile-case", profile_case, "--client", client,
+            "--gateway-processes", str(gateway_processes), "--connections", str(connections)]
     argv += ["--json", str(json_path)] if json_path else []
     argv += ["--profile-out", str(profile_out)] if profile_out else []
     argv += ["--quick"] if quick else []
