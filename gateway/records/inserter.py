@@ -2,12 +2,13 @@
 INSERT through the driver's fastest path. Split from gateway.records.prediction_log (the queue, the
 writer thread, spill and replay), which is the only user.
 
-SQLite: `executemany` of one prepared INSERT (a C loop). PostgreSQL with psycopg2: one
-`INSERT ... SELECT * FROM unnest($1::varchar[], $2::varchar[], ...)` per batch, each column sent as ONE
-array literal built with str.join (issue 17: ~4 us a row of client CPU where execute_values' per-row
-mogrify cost ~11, and less server CPU than parsing a 1000-row VALUES list). Both with ON CONFLICT
-(request_id) DO NOTHING, so duplicates behave as before. Other drivers fall back to
-`Registry.insert_predictions`.
+SQLite: `executemany` of one prepared INSERT ... ON CONFLICT (request_id) DO NOTHING (a C loop).
+PostgreSQL with psycopg2: one `INSERT ... SELECT ... FROM unnest($1::varchar[], $2::varchar[], ...)` per
+statement, each column sent as ONE array literal (gateway.records.pg_arrays; issue 17: ~4 us a row of
+client CPU where execute_values' per-row mogrify cost ~11, and less server CPU than parsing a 1000-row
+VALUES list); without ON CONFLICT until an id is taken (see _CONFLICT_MODE_S), so duplicates behave as
+before; batches of 2,000+ rows as two halves on two connections committed together
+(gateway.records.paired_tx). Other drivers fall back to `Registry.insert_predictions`.
 
 Why not COPY: psycopg2 refuses COPY while a wait callback is installed ("copy_expert cannot be used
 with an asynchronous callback"), and registry.engine installs one process-wide: it is what bounds
@@ -17,11 +18,11 @@ execute_values ~45-52 us, this unnest ~31 us, COPY csv (in a process without the
 So the array insert gives COPY's cost and keeps the deadlines and the duplicate rule.
 Feature rows: packed little-endian float32 vectors (`matrix_f32`) on both backends: SQLite keeps them in
 its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (the unnest insert sends them
-as a bytea[] of hex elements). The column type, registry.models.FeatureVector, reads packed vectors and
-JSON text back as the same lists of floats. Spill and dead-letter lines (`portable`) carry JSON arrays of
-float32-exact numbers: with orjson, a whole matrix is encoded in one call (~0.6 us a row); without it,
-with 9 significant digits through %-formatting (~5 us a row); a replayed JSON row is packed again on
-PostgreSQL."""
+as one bytea sliced by start and length arrays, pg_arrays.bytea_blob). The column type,
+registry.models.FeatureVector, reads packed vectors and JSON text back as the same lists of floats.
+Spill and dead-letter lines (`portable`) carry JSON arrays of float32-exact numbers: with orjson, a
+whole matrix is encoded in one call (~0.6 us a row); without it, with 9 significant digits through
+%-formatting (~5 us a row); a replayed JSON row is packed again on PostgreSQL."""
 
 from __future__ import annotations
 

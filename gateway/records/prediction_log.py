@@ -8,8 +8,9 @@ Costs, because this runs for every prediction:
   no I/O, no formatting. It never blocks and never raises.
 - writer thread: rows become DB-API parameter tuples and go through the driver's fastest batched path,
   bypassing ORM/Core per-row processing: SQLite `executemany` of one prepared INSERT (a C loop),
-  PostgreSQL `psycopg2.extras.execute_values` (multi-row VALUES, 1000 rows per statement). Both with
-  ON CONFLICT (request_id) DO NOTHING. Other drivers fall back to `Registry.insert_predictions`.
+  PostgreSQL one INSERT ... SELECT FROM unnest(one array per column) per statement, big batches as two
+  halves on two connections (gateway.records.inserter). Duplicated request ids are skipped as with ON
+  CONFLICT (request_id) DO NOTHING. Other drivers fall back to `Registry.insert_predictions`.
 - back-pressure: the queue is bounded by `max_queue` rows. When the writer finds more than that
   waiting (the database is slower than the traffic), it moves the excess to the spill file in bulk
   (much cheaper than inserting) and counts it in `stats.backpressure`; the rows come back through the
@@ -24,9 +25,9 @@ Costs, because this runs for every prediction:
   dropping anything; `stop()` never waits
   on a hung database: when the writer makes no progress for `stall_s` it spills the queue itself.
 - feature rows (when sampled by the predictor) are written, a whole block's matrix in one call, as
-  packed float32 vectors on SQLite and as JSON arrays of float32-exact numbers elsewhere (with orjson
-  ~0.6 us a row; without it ~5 us; json.dumps of the doubles costs ~40 us); spill lines always carry
-  the JSON text (gateway.records.inserter.portable).
+  packed float32 vectors on both backends (PostgreSQL: a bytea column since migration 0008); spill
+  lines carry JSON arrays of float32-exact numbers (gateway.records.inserter.portable; with orjson
+  ~0.6 us a row; without it ~5 us; json.dumps of the doubles costs ~40 us).
 The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations
