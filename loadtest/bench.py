@@ -86,6 +86,9 @@ class BenchOptions:
     # gateway cases: the kernel spreads connections over the processes, so N > 1 needs several.
     gateway_processes: int = 1
     connections: int = 1
+    # The rollout controller in the measured gateway (0: off, as in the throughput cases): issue 17's
+    # soak runs with it (it reads the prediction log the load writes).
+    controller_interval_s: float = 0.0
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -173,7 +176,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "process) with a 90/10 split ...")
         gateway = GatewayProcess(url, tree_ray.address if tree_ray else bench_ray.gcs_address(), workdir,
                                  admin_token=uuid.uuid4().hex, tree=opts.gateway_tree,
-                                 processes=opts.gateway_processes)
+                                 processes=opts.gateway_processes,
+                                 controller_interval_s=opts.controller_interval_s)
         gateway.wait_serving()
         scrape = MetricsScrape(gateway.metrics_ports)
         chimera = replace(base, target=f"127.0.0.1:{gateway.port}", model=model,
@@ -277,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=1,
                    help="Go client connections for the gateway cases (the kernel spreads connections "
                         "over gateway processes; default 1, as a Go service with one ClientConn)")
+    p.add_argument("--controller-interval", type=float, default=0.0,
+                   help="run the rollout controller in the measured gateway every S seconds (0: off)")
     p.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.echo_server:
@@ -286,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                         quick=a.quick, named_features=a.named, registry_url=a.registry_url,
                         profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case,
                         client=a.client, go_binary=a.go_bin, gateway_tree=a.gateway_tree,
-                        gateway_processes=a.gateway_processes, connections=a.connections)
+                        gateway_processes=a.gateway_processes, connections=a.connections,
+                        controller_interval_s=a.controller_interval)
     report = run_bench(opts)
     print(format_table(report), flush=True)
     if opts.json_path is not None:

@@ -216,7 +216,7 @@ class GatewayProcess:
     of another checkout (`tree`, with its own .venv)."""
 
     def __init__(self, registry_url: str, ray_address: str, workdir: Path, admin_token: str,
-                 tree: Path | None = None, processes: int = 1) -> None:
+                 tree: Path | None = None, processes: int = 1, controller_interval_s: float = 0.0) -> None:
         self.port = free_port()
         self.metrics_port = free_ports(processes)
         self.metrics_ports = [self.metrics_port + i for i in range(processes)]  # one per worker
@@ -224,7 +224,7 @@ class GatewayProcess:
         exe = Path(sys.executable).with_name("chimera") if tree is None else tree_python(tree, "chimera")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "chimera"]
         cmd += ["serve", "--port", str(self.port), "--host", "127.0.0.1", "--metrics-port",
-                str(self.metrics_port), "--controller-interval", "0", "--grace", "5"]
+                str(self.metrics_port), "--controller-interval", f"{controller_interval_s:g}", "--grace", "5"]
         cmd += ["--processes", str(processes)] if processes > 1 else []
         env = dict(os.environ, CHIMERA_REGISTRY_URL=registry_url, RAY_ADDRESS=ray_address,
                    CHIMERA_ADMIN_TOKEN=admin_token, RAY_USAGE_STATS_ENABLED="0")

@@ -24,6 +24,8 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
      "PredictBatch(256, packed) rows/s / raw onnxruntime batch-256's", ">=", 0.5),
     ("predictbatch_packed_p99_ms", "PredictBatch(256, packed) p99 (ms)", "<=", 100.0),
     ("soak_rss_growth", "gateway RSS at the end of the soak / RSS after 1 minute - 1", "<=", 0.10),
+    ("soak_errors", "calls that failed during the soak", "<=", 0),
+    ("soak_p99_last_over_first", "soak p99, last 5 minutes / first 5 (thirds if shorter)", "<=", 1.5),
 )
 
 
@@ -65,6 +67,8 @@ def targets(cases: dict[str, Any], soak: dict[str, Any] | None) -> tuple[dict[st
             ratio(packed["rows_per_s"], cases[f"onnx_batch{BATCH_ROWS}"]["rows_per_s"]),
         "predictbatch_packed_p99_ms": finite(packed["p99_ms"]),
         "soak_rss_growth": soak.get("rss_growth") if soak else None,
+        "soak_errors": float(soak["errors"]) if soak else None,
+        "soak_p99_last_over_first": finite(soak.get("p99_last_over_first")) if soak else None,
     }
     out: dict[str, Any] = {}
     for key, what, op, bound in TARGETS:

@@ -96,13 +96,21 @@ def bench(
     connections: Annotated[
         int, typer.Option(help="Go client connections for the gateway cases (spread over the processes)")
     ] = 1,
+    controller_interval: Annotated[
+        float, typer.Option(help="run the rollout controller in the measured gateway (s; 0: off)")
+    ] = 0.0,
+    registry_url: Annotated[
+        str | None, typer.Option(help="registry for the gateway, e.g. PostgreSQL (default: a temp SQLite)")
+    ] = None,
 ) -> None:
     """Raw onnxruntime vs Ray Serve's gRPC proxy vs the Chimera gateway, same model, one run."""
     from loadtest.bench import main as bench_main
 
     argv = ["--duration", str(duration), "--warmup", str(warmup), "--soak", str(soak),
             "--profile", str(profile), "--profile-case", profile_case, "--client", client,
-            "--gateway-processes", str(gateway_processes), "--connections", str(connections)]
+            "--gateway-processes", str(gateway_processes), "--connections", str(connections),
+            "--controller-interval", str(controller_interval)]
+    argv += ["--registry-url", registry_url] if registry_url else []
     argv += ["--json", str(json_path)] if json_path else []
     argv += ["--profile-out", str(profile_out)] if profile_out else []
     argv += ["--quick"] if quick else []

@@ -15,7 +15,7 @@ CASES = ["onnx_batch1", "onnx_batch256", "echo_c1", "echo_c64", "ray_c1", "ray_c
          "chimera_stream_c64"]
 RATIOS = ["chimera_rps_c64_over_echo_rps_c64", "chimera_p99_c64_over_echo_p99_c64",
           "chimera_p50_c1_minus_echo_p50_c1_ms", "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
-          "predictbatch_packed_p99_ms", "soak_rss_growth"]
+          "predictbatch_packed_p99_ms", "soak_rss_growth", "soak_errors", "soak_p99_last_over_first"]
 
 
 def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
@@ -48,6 +48,7 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
         assert isinstance(report["ratios"][key], float), key
         assert report["targets"][key]["pass"] in (True, False)
     assert report["soak"]["rss_mb_end"] > 0 and report["gateway"]["predictions_logged"] > 0
+    assert len(report["soak"]["segments"]) == 3  # a short soak: thirds, the first and last compared
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the table was printed
 
 
