@@ -131,3 +131,15 @@ def database_down_switch(log: Any) -> threading.Event:
 
     log.insert_rows = flaky
     return down
+
+
+def alembic_downgrade(reg: Any, revision: str) -> None:
+    """Downgrade `reg`'s database to an Alembic `revision` (migration tests: upgrade, data, downgrade)."""
+    from alembic import command
+
+    from registry.migrate import alembic_config
+
+    cfg = alembic_config(reg.url)
+    with reg.engine.connect() as conn, conn.begin():
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import insert
 
-from gateway.records.paired_tx import halves, write_both
+from gateway.records.paired_tx import end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
 from registry import Registry
 from registry.models import Prediction, RequestError, ShadowPrediction
@@ -295,22 +295,8 @@ class Inserter:
     def _in_transaction(self, write: Callable[[Any], int]) -> int:
         """Run `write(cursor)` on a raw DB-API connection of the registry's engine, committed as one
         transaction (rolled back and re-raised on any error)."""
-        raw = self.registry.engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                inserted = write(cur)
-            finally:
-                cur.close()
-            raw.commit()
-        except BaseException:
-            try:
-                raw.rollback()
-            except Exception:
-                pass
-            raise
-        finally:
-            raw.close()
+        conn, inserted = written(self.registry.engine.raw_connection, write)
+        end(conn, commit=True)
         return inserted
 
 

@@ -38,31 +38,32 @@ def write_both(connect: Callable[[], Any], write_a: Callable[[Any], int], write_
                pool: Executor) -> int:
     """Run write_a(cursor) here and write_b(cursor) on `pool`, each on its own connection from `connect`;
     commit both if both succeed (returns the sum of their counts), else roll both back and raise."""
-    other = pool.submit(_written, connect, write_b)
+    other = pool.submit(written, connect, write_b)
     try:
-        conn_a, n_a = _written(connect, write_a)
+        conn_a, n_a = written(connect, write_a)
     except BaseException:
         try:
-            _end(other.result()[0], commit=False)
+            end(other.result()[0], commit=False)
         except BaseException:
             pass  # it failed too: already rolled back and closed
         raise
     try:
         conn_b, n_b = other.result()
     except BaseException:
-        _end(conn_a, commit=False)
+        end(conn_a, commit=False)
         raise
     try:
-        _end(conn_a, commit=True)
+        end(conn_a, commit=True)
     except BaseException:
-        _end(conn_b, commit=False)
+        end(conn_b, commit=False)
         raise
-    _end(conn_b, commit=True)
+    end(conn_b, commit=True)
     return n_a + n_b
 
 
-def _written(connect: Callable[[], Any], write: Callable[[Any], int]) -> tuple[Any, int]:
-    """A connection with `write` done in an open transaction (rolled back and closed if it raises)."""
+def written(connect: Callable[[], Any], write: Callable[[Any], int]) -> tuple[Any, int]:
+    """A connection with `write(cursor)` done in an open transaction (rolled back and closed if it
+    raises); `end` it. Also the prediction log's single-connection write (gateway.records.inserter)."""
     conn = connect()
     try:
         cur = conn.cursor()
@@ -71,12 +72,12 @@ def _written(connect: Callable[[], Any], write: Callable[[Any], int]) -> tuple[A
         finally:
             cur.close()
     except BaseException:
-        _end(conn, commit=False)
+        end(conn, commit=False)
         raise
     return conn, n
 
 
-def _end(conn: Any, *, commit: bool) -> None:
+def end(conn: Any, *, commit: bool) -> None:
     """Commit (re-raising its error after a rollback) or roll back; the connection is closed either way."""
     try:
         if commit:

@@ -14,6 +14,7 @@ from registry import Registry
 from registry.migrate import upgrade
 from registry.models import Prediction
 from registry.repository import PredictionRow
+from tests.harness import alembic_downgrade
 
 # What a 0007 database held: JSON arrays (FiniteJSON wrote NaN as null), a JSON null document (an old
 # writer's None), an empty row, values at and beyond float32's range, and SQL NULL.
@@ -37,17 +38,6 @@ AFTER = {
 def _features(reg: Registry) -> dict[str, object]:
     with reg.session() as s:
         return dict(s.execute(select(Prediction.request_id, Prediction.features)).tuples().all())
-
-
-def _downgrade(reg: Registry, revision: str) -> None:
-    from alembic import command
-
-    from registry.migrate import alembic_config
-
-    cfg = alembic_config(reg.url)
-    with reg.engine.connect() as conn, conn.begin():
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
 
 
 def test_json_rows_become_packed_and_come_back(registry_url: str) -> None:
@@ -83,7 +73,7 @@ def test_json_rows_become_packed_and_come_back(registry_url: str) -> None:
                 q = "SELECT DISTINCT pg_typeof(features)::text FROM predictions"
                 assert set(c.execute(text(q)).scalars()) == {"bytea"}
 
-        _downgrade(reg, "0007")
+        alembic_downgrade(reg, "0007")
         if pg:  # back to json: the shortest decimal of each float32, NaN/inf as null
             with reg.engine.connect() as c:
                 q = "SELECT request_id, features::text FROM predictions"

@@ -10,6 +10,7 @@ from sqlalchemy import text
 from registry import AlreadyExistsError, ConflictError, NotFoundError, Registry, ValidationError
 from registry.migrate import alembic_config, current_revision
 from registry.repository import PredictionRow, sha256_hex
+from tests.harness import alembic_downgrade
 
 
 def _publish(reg: Registry, model: str = "m", payload: bytes = b"onnx-bytes-1") -> int:
@@ -162,15 +163,6 @@ def test_a_request_keeps_one_mirror_score_per_version(registry: Registry) -> Non
     assert registry.count_shadow_predictions("m") == {1: 4, 3: 4}
 
 
-def _downgrade(reg: Registry, revision: str) -> None:
-    from alembic import command
-
-    cfg = alembic_config(reg.url)
-    with reg.engine.connect() as conn, conn.begin():
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
-
-
 def test_migration_0007_keeps_every_mirror_row_and_ids_keep_counting(registry_url: str) -> None:
     """Upgrading a 0006 database rebuilds shadow_predictions with every row and id kept, and new rows
     get fresh ids (PostgreSQL's sequence is moved past the copied ones); downgrading keeps one row per
@@ -196,7 +188,7 @@ def test_migration_0007_keeps_every_mirror_row_and_ids_keep_counting(registry_ur
         assert [tuple(r[:2]) for r in after[:5]] == [tuple(r) for r in before]
         assert after[5][1:] == ("o0", 1) and after[5][0] > before[-1][0]
         assert reg.count_shadow_predictions("m") == {1: 1, 2: 5}
-        _downgrade(reg, "0006")  # the earliest row per request id is kept
+        alembic_downgrade(reg, "0006")  # the earliest row per request id is kept
         with reg.engine.connect() as c:
             assert c.execute(text("SELECT COUNT(*) FROM shadow_predictions")).scalar() == 5
     finally:
