@@ -1,11 +1,11 @@
 """`chimera` command line (Typer): the composition root. Commands are thin: they read settings, parse
 options and call the packages. One module per family of commands:
 
-    registry.py  db upgrade, models list|show         serving.py   serve
+    registry.py  db upgrade, models list|show         serving.py   serve (workers.py: --processes N)
     rollout.py   canary set|shadow, rollout status, promote, rollback, analyze, simulate
     training.py  train, retrain, drift, scheduler      perf.py      loadtest, bench
     demo.py      demo (the job itself is chimera.demo, which never imports this package)
-    shadow.py    shadow report
+    shadow.py    shadow report                         log.py       log bench|prune|export
     shared.py    settings, registry, admin RPC          views.py     console, errors, table cells
 
 Commands are registered here, in the order `chimera --help` lists them."""
