@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import insert
 
-from gateway.records.paired_tx import end, halves, write_both, written
+from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
 from registry import Registry
 from registry.models import Prediction, RequestError, ShadowPrediction
@@ -185,7 +184,7 @@ class Inserter:
         else:
             self.shadow_sql = ""
         self._last: tuple[float, str] = (-1.0, "")
-        self._executor: ThreadPoolExecutor | None = None  # writes the second half (_pool)
+        self._executor: DaemonThreads | None = None  # writes the second half (_pool)
         self._conflicts_until = 0.0  # monotonic time until which PostgreSQL batches use ON CONFLICT
         errors = RequestError.__table__.name
         marks = ", ".join("?" * len(_ERROR_COLUMNS)) if self.dialect == "sqlite" else \
@@ -257,10 +256,10 @@ class Inserter:
         return write_both(self.registry.engine.raw_connection, lambda cur: write(cur, first),
                           lambda cur: self._write(cur, sql, second, _TEXT_COLUMNS, _FEATURES), self._pool())
 
-    def _pool(self) -> ThreadPoolExecutor:
-        """The thread that writes the second half (made on first use; a daemon-like worker that idles)."""
+    def _pool(self) -> DaemonThreads:
+        """Where the second half is written: a daemon thread per batch (paired_tx.DaemonThreads)."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="chimera-log-pair")
+            self._executor = DaemonThreads("chimera-log-pair")
         return self._executor
 
     def insert_shadow(self, rows: Sequence[ShadowRow]) -> int | None:

@@ -18,11 +18,38 @@ until the deadline."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+class DaemonThreads(Executor):
+    """Each task on a fresh daemon thread. Why not ThreadPoolExecutor: concurrent.futures joins its
+    worker threads at interpreter exit, so a half stuck in a call to a hung PostgreSQL held the
+    gateway's exit after SIGTERM for the whole query timeout (65.8 s against the 23 s bound of
+    tests/integration/test_hung_postgres.py's SIGTERM test; the log's stop() had already spilled those
+    rows). A daemon thread is abandoned at exit like the writer thread it helps. One thread start per
+    batch of 2,000+ rows costs ~0.1 ms against the ~20 ms the batch takes to write."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        fut: Future[T] = Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name=self.name, daemon=True).start()
+        return fut
 
 
 def halves(rows: Sequence[T], key: Callable[[T], Any]) -> tuple[list[T], list[T]]:

@@ -4,12 +4,11 @@ failure in either rolls both back, and equal keys always share a half."""
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from gateway.records.paired_tx import halves, write_both
+from gateway.records.paired_tx import DaemonThreads, halves, write_both
 
 
 class _Cursor:
@@ -50,19 +49,18 @@ def _boom(_cur: Any) -> int:
 
 
 @pytest.fixture
-def pool():  # noqa: ANN201
-    with ThreadPoolExecutor(1) as p:
-        yield p
+def pool() -> DaemonThreads:
+    return DaemonThreads("test-pair")  # what the prediction log uses
 
 
-def test_both_written_then_both_committed(pool: ThreadPoolExecutor) -> None:
+def test_both_written_then_both_committed(pool: DaemonThreads) -> None:
     log: list[str] = []
     assert write_both(_connect(log), lambda _c: 3, lambda _c: 4, pool) == 7
     assert log.count("a commit") + log.count("b commit") == 2 and "a rollback" not in log
 
 
 @pytest.mark.parametrize("failing", ["first", "second"])
-def test_a_failing_half_rolls_both_back(pool: ThreadPoolExecutor, failing: str) -> None:
+def test_a_failing_half_rolls_both_back(pool: DaemonThreads, failing: str) -> None:
     log: list[str] = []
     a, b = (_boom, lambda _c: 1) if failing == "first" else (lambda _c: 1, _boom)
     with pytest.raises(ValueError):
@@ -72,7 +70,7 @@ def test_a_failing_half_rolls_both_back(pool: ThreadPoolExecutor, failing: str) 
     assert sorted(e for e in log if e.endswith("close")) == ["a close", "b close"]
 
 
-def test_a_failed_first_commit_rolls_the_second_back(pool: ThreadPoolExecutor) -> None:
+def test_a_failed_first_commit_rolls_the_second_back(pool: DaemonThreads) -> None:
     log: list[str] = []
     with pytest.raises(OSError):
         write_both(_connect(log, fail_commit="a"), lambda _c: 1, lambda _c: 1, pool)
@@ -85,3 +83,24 @@ def test_halves_keep_equal_keys_together_and_order() -> None:
     assert not {r[0] for r in first} & {r[0] for r in second}
     assert sorted(first + second, key=lambda r: r[1]) == rows
     assert first == sorted(first, key=lambda r: r[1]) and 0 < len(first) < 1000
+
+
+def test_a_half_stuck_in_a_call_cannot_hold_the_process_exit() -> None:
+    """The second half runs on a daemon thread: one stuck in a hung database call is abandoned at
+    interpreter exit (a ThreadPoolExecutor worker would be joined, for the whole query timeout)."""
+    release = threading.Event()
+    seen: list[threading.Thread] = []
+
+    def stuck() -> int:
+        seen.append(threading.current_thread())
+        release.wait(10)
+        return 1
+
+    fut = DaemonThreads("test-pair").submit(stuck)
+    try:
+        while not seen:
+            release.wait(0.01)
+        assert seen[0].daemon and seen[0].name == "test-pair"
+    finally:
+        release.set()
+    assert fut.result(5) == 1
