@@ -53,7 +53,6 @@ class _Worker:
         self.index = index
         self.proc: subprocess.Popen[str] | None = None
         self.listening = threading.Event()
-        self.ever_listened = False
         self.restart_at: float | None = None
         self.backoff_s = RESTART_MIN_S
         self.restarts = 0
@@ -107,8 +106,6 @@ class Workers:
                     self.say(f"chimera serve: worker {w.index} exited with status {code} before it listened")
                     return code or 1
             if all(w.listening.is_set() for w in ws):
-                for w in ws:
-                    w.ever_listened = True
                 return None
             time.sleep(POLL_S)
         return None
