@@ -11,13 +11,16 @@ loadtest.bench_scrape.gateway_cpu), which moves far less between runs than rows/
 costs more per row shows it there even when the machine's noise hides it in the throughput.
 
 The earlier revision is checked out with `git worktree` into the output directory and installed there
-by its own `make install` (its own .venv). Every run is this tree's `chimera bench` with the Go client
+by its own `make install` (its own .venv); so is the later one when `--new REV` names it (default: this
+tree as it is), which measures one change on its own, without what landed after it.
+
+Every run is this tree's `chimera bench` with the Go client
 (as Chimera's Go callers see it; the grpc.aio client spends much of the two cores itself and varied
 more between runs than the change being judged), given `--gateway-tree`: the old revision's checkout
 on the "old" side, this one on the "new" side. The gateway it measures is then that tree's
 `chimera serve`, on a registry that tree's code made, with replicas on a Ray that tree's Python started
 (the same way on both sides). Everything else (client, model, the reference cases) is the same code on
-both sides, so only the serving code differs. The worktree is removed at the end; only processes this
+both sides, so only the serving code differs. The worktrees are removed at the end; only processes this
 command started are stopped (each bench stops its own Ray and gateway)."""
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench-compare", description=__doc__.splitlines()[0])
     p.add_argument("--old", default=None, help="the earlier revision (commit, tag or branch)")
+    p.add_argument("--new", default=None,
+                   help="the later revision (default: this tree as it is); with it, the change between two "
+                        "commits is measured on its own, without what landed after it")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (old, new) runs (default 3)")
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--warmup", type=float, default=1.0)
@@ -144,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--old is required")
     out = args.out or Path(tempfile.mkdtemp(prefix="chimera-bench-compare-"))
     out.mkdir(parents=True, exist_ok=True)
-    old_tree = out / "old-tree"
-    subprocess.run(["git", "worktree", "add", "--force", "--detach", str(old_tree), args.old], cwd=ROOT,
-                   check=True)
+    checkouts = {"old": (args.old, out / "old-tree")}
+    if args.new is not None:
+        checkouts["new"] = (args.new, out / "new-tree")
+    trees = {"new": ROOT}
     try:
-        subprocess.run(["make", "install"], cwd=old_tree, check=True)
-        trees = {"old": old_tree, "new": ROOT}
+        for side, (rev, tree) in checkouts.items():
+            subprocess.run(["git", "worktree", "add", "--force", "--detach", str(tree), rev], cwd=ROOT,
+                           check=True)
+            subprocess.run(["make", "install"], cwd=tree, check=True)
+            trees[side] = tree
         runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
         for i, side in enumerate(order(args.rounds)):
             path = out / f"run{i + 1}-{side}.json"
@@ -158,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                            check=True, stdout=subprocess.DEVNULL)
             runs[side].append(json.loads(path.read_text()))
         summary = summarize(runs)
-        (out / "summary.json").write_text(json.dumps({"old": args.old, "order": order(args.rounds),
-                                                     "cases": summary}, indent=2))
+        meta = {"old": args.old, "new": args.new or "this tree", "order": order(args.rounds)}
+        (out / "summary.json").write_text(json.dumps({**meta, "cases": summary}, indent=2))
         print(format_table(summary))
         print(f"every run and the summary: {out}")
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, check=False)
+        for _, tree in checkouts.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     return 0
 
 
