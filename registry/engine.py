@@ -47,6 +47,17 @@ def postgres_connect_args(settings: RegistrySettings,
     return args
 
 
+def driver_url(url: str) -> str:
+    """The registry URL with Chimera's PostgreSQL driver named: `postgresql://...` and `postgres://...`
+    become `postgresql+psycopg2://...`. SQLAlchemy 2.1 maps a driverless `postgresql://` to psycopg 3,
+    which Chimera does not install (the engine's hung-server deadlines are psycopg2's wait callback),
+    and does not know `postgres://` at all; both are what operators and hosted databases commonly
+    write. Any other URL (SQLite, an explicit driver) is returned as it is."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    return make_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
 def make_engine(url: str, *, statement_timeout_ms: int | None = None,
                 settings: RegistrySettings | None = None) -> Engine:
     """Engine with the settings both backends need. SQLite gets WAL and a busy timeout so the gateway's
@@ -55,6 +66,7 @@ def make_engine(url: str, *, statement_timeout_ms: int | None = None,
     jobs: none); CHIMERA_DB_STATEMENT_TIMEOUT_S, when set, overrides it. `settings` default to the
     environment's registry section."""
     cfg = settings or RegistrySettings.from_env()
+    url = driver_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": cfg.sqlite_busy_timeout_s,
                                                   "check_same_thread": False})

@@ -21,6 +21,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, text
 
+from registry.engine import driver_url
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK = "chimera-migrations"
 # How long a second migrator waits for the first: a real migration of this schema takes seconds.
@@ -34,7 +36,7 @@ class MigrationLockTimeout(TimeoutError):
 def alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", driver_url(url).replace("%", "%%"))
     return cfg
 
 
@@ -42,7 +44,7 @@ def upgrade(url: str, engine: Engine | None = None, revision: str = "head", *,
             lock_wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
     """Migrate to `revision` under the migration lock (see the module docstring)."""
     own = engine is None
-    eng = engine if engine is not None else create_engine(url)
+    eng = engine if engine is not None else create_engine(driver_url(url))
     cfg = alembic_config(url)
     try:
         if eng.dialect.name == "postgresql":

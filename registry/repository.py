@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from chimera.jsonsafe import nan_to_none
 from chimera.settings import RegistrySettings
-from registry.engine import make_engine, postgres_connect_args
+from registry.engine import driver_url, make_engine, postgres_connect_args
 from registry.errors import AlreadyExistsError, ConflictError, NotFoundError, ValidationError
 from registry.models import Decision as DecisionRow
 from registry.models import (
@@ -144,8 +144,8 @@ class Registry:
     per call)."""
 
     def __init__(self, url: str, engine: Engine | None = None) -> None:
-        self.url = url
-        self.engine = engine or make_engine(url)
+        self.url = driver_url(url)
+        self.engine = engine or make_engine(self.url)
         self._pooled_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._bound = threading.local()
 

@@ -243,3 +243,28 @@ def test_nan_to_none_is_recursive_and_leaves_the_rest_alone() -> None:
              "e": "nan", 3: None}
     assert nan_to_none(value) == {"a": None, "b": [1, [2.5, None]], "c": 0.5, "d": 7, "e": "nan", 3: None}
     assert nan_to_none(float("-inf")) is None and nan_to_none(1.5) == 1.5
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_driverless_postgres_urls_use_psycopg2(postgres, scheme: str) -> None:  # noqa: ANN001
+    """`postgresql://` (SQLAlchemy 2.1 maps it to psycopg 3, not installed: ModuleNotFoundError) and
+    `postgres://` (unknown to SQLAlchemy) are what operators write; both reach the same database through
+    psycopg2 with the engine's deadlines, and migrations run on them."""
+    url = postgres.create_database().replace("postgresql+psycopg2://", f"{scheme}://")
+    reg = Registry(url)
+    try:
+        reg.upgrade()
+        _publish(reg)
+        assert reg.get_split("m").revision == 0
+        assert reg.url.startswith("postgresql+psycopg2://") and reg.engine.dialect.driver == "psycopg2"
+        assert current_revision(reg.engine) is not None
+    finally:
+        reg.dispose()
+
+
+def test_other_urls_are_left_as_given() -> None:
+    from registry.engine import driver_url
+
+    for url in ("sqlite:///x.db", "postgresql+psycopg2://u:p%40ss@h:5432/d", "sqlite://"):
+        assert driver_url(url) == url
+    assert driver_url("postgres://u:p%40ss@h:5432/d") == "postgresql+psycopg2://u:p%40ss@h:5432/d"
