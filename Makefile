@@ -80,7 +80,8 @@ bench: install sysdeps
 	$(BIN)/chimera bench $(BENCH_ARGS)
 
 # The same bench cases on an earlier revision and on this tree, interleaved (loadtest/bench_compare.py),
-# e.g. make bench-compare OLD=7f7a5b2 COMPARE_ARGS="--rounds 3 --out /tmp/cmp"
+# e.g. make bench-compare OLD=7f7a5b2 COMPARE_ARGS="--rounds 3 --out /tmp/cmp" (--new <rev>: that revision
+# instead of this tree, e.g. issue 13's redesign alone: OLD=7f7a5b2 COMPARE_ARGS="--new 29a5124 --rounds 10")
 bench-compare: install sysdeps
 	@test -n "$(OLD)" || { echo "OLD=<revision> is required"; exit 2; }
 	$(BIN)/python -m loadtest.bench_compare --old $(OLD) $(COMPARE_ARGS)
