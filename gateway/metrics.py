@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rollout.loop import ControllerLoop
 from rollout.shadow_gate import SHADOW_ACTIONS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
@@ -163,6 +164,15 @@ class Metrics:
                  "stop_spilled")):
             Gauge(f"chimera_prediction_log_{name}_rows", doc, registry=r).set_function(
                 lambda attr=attr: getattr(stats, attr))
+
+    def watch_controller(self, loop: ControllerLoop) -> None:
+        """The rollout controller's pace, read at scrape time: how long its last round of looks took and
+        how long it waits before the next (longer than its interval while looks are slow: rollout.loop)."""
+        Gauge("chimera_rollout_round_seconds", "how long the rollout controller's last round of looks took",
+              registry=self.registry).set_function(lambda: loop.last_round_s)
+        Gauge("chimera_rollout_wait_seconds", "the rollout controller's wait before its next round of looks "
+              "(its interval, or longer so that looking takes at most 10 % of the time)",
+              registry=self.registry).set_function(lambda: loop.wait_s)
 
     def observe_decision(self, model: str, version: int, action: str, p_value: float | None,
                          srm: bool = False) -> None:

@@ -109,6 +109,7 @@ class Gateway:
                 model, shadow, f"shadow_{d.action}", min(d.p_worse, d.p_not_worse)))
         self.controller_loop = ControllerLoop(self.controller.run_once, self._canaried,
                                               config.controller_interval_s)
+        self.metrics.watch_controller(self.controller_loop)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)
