@@ -171,7 +171,7 @@ class Metrics:
         Gauge("chimera_rollout_round_seconds", "how long the rollout controller's last round of looks took",
               registry=self.registry).set_function(lambda: loop.last_round_s)
         Gauge("chimera_rollout_wait_seconds", "the rollout controller's wait before its next round of looks "
-              "(its interval, or longer so that looking takes at most 10 % of the time)",
+              "(its interval; after a round over 1 s, long enough that looking is at most 10 % of the time)",
               registry=self.registry).set_function(lambda: loop.wait_s)
 
     def observe_decision(self, model: str, version: int, action: str, p_value: float | None,

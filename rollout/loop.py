@@ -7,9 +7,11 @@ A look reads every routed request since the canary started (registry.rollouts.lo
 grows with the rollout: on PostgreSQL at ~1,100 req/s, 7 minutes into a rollout, one look took ~20 s
 (the bench's PostgreSQL soak, docs/performance.md). The look runs in the serving process, whose event
 loop shares the GIL with it, so the loop keeps the controller's share of the time at most `max_duty`
-(10 %): after a round of looks that took T seconds it waits max(interval, T * (1 - max_duty) / max_duty)
-before the next. Fewer looks change no guarantee (the tests are always-valid, whatever the look
-schedule: docs/statistics.md); they only make a long rollout's decisions later."""
+(10 %): after a round of looks that took T seconds, T over `min_stretch_s` (1 s), it waits
+max(interval, T * (1 - max_duty) / max_duty) before the next. A round under a second keeps the
+operator's interval (a young rollout, or a small one, looks as often as asked: a failing canary is
+still rolled back within seconds). Fewer looks change no guarantee (the tests are always-valid,
+whatever the look schedule: docs/statistics.md); they only make a long rollout's decisions later."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 MAX_DUTY = 0.1  # share of the time the controller may spend looking (module docstring)
+MIN_STRETCH_S = 1.0  # rounds of looks shorter than this keep the interval
 
 
 class ControllerLoop:
@@ -27,13 +30,14 @@ class ControllerLoop:
     (read lazily, between looks: a model whose canary ended meanwhile is not looked at)."""
 
     def __init__(self, run_once: Callable[[str], object], models: Callable[[], Iterable[str]],
-                 interval_s: float, max_duty: float = MAX_DUTY) -> None:
+                 interval_s: float, max_duty: float = MAX_DUTY, min_stretch_s: float = MIN_STRETCH_S) -> None:
         if not 0 < max_duty <= 1:
             raise ValueError(f"max_duty: {max_duty} is not in (0, 1]")
         self.run_once = run_once
         self.models = models
         self.interval_s = interval_s
         self.max_duty = max_duty
+        self.min_stretch_s = min_stretch_s
         self.last_round_s = 0.0  # how long the last round of looks took (chimera_rollout_round_seconds)
         self.wait_s = interval_s  # the wait before the next round (chimera_rollout_wait_seconds)
         self._task: asyncio.Task[None] | None = None
@@ -53,7 +57,7 @@ class ControllerLoop:
     def next_wait(self, round_s: float) -> float:
         """The wait after a round of looks that took `round_s`: the interval, or longer so that looking
         takes at most `max_duty` of the time. Logs when the stretch starts and ends."""
-        stretched = round_s * (1.0 - self.max_duty) / self.max_duty
+        stretched = round_s * (1.0 - self.max_duty) / self.max_duty if round_s > self.min_stretch_s else 0.0
         wait = max(self.interval_s, stretched)
         if wait > self.interval_s and self.wait_s <= self.interval_s:
             log.warning("rollout controller: a round of looks took %.1f s; looking every %.1f s instead of "

@@ -12,10 +12,13 @@ import pytest
 from rollout.loop import ControllerLoop
 
 
-def test_fast_looks_keep_the_interval() -> None:
-    loop = ControllerLoop(lambda m: None, lambda: [], interval_s=2.0)
-    assert loop.next_wait(0.05) == 2.0
-    assert loop.next_wait(0.2) == 2.0  # 0.2 s of 2.2 s: under 10 %
+def test_rounds_under_a_second_keep_the_interval() -> None:
+    """A young or small rollout looks as often as the operator asked (a failing canary must still be
+    rolled back within seconds), even when that is more than 10 % of the time."""
+    loop = ControllerLoop(lambda m: None, lambda: [], interval_s=0.5)
+    assert loop.next_wait(0.05) == 0.5
+    assert loop.next_wait(0.9) == 0.5
+    assert loop.next_wait(1.5) == pytest.approx(13.5)  # over a second: capped at 10 %
 
 
 def test_slow_looks_stretch_the_wait_to_the_duty_cap_and_come_back(caplog: pytest.LogCaptureFixture) -> None:
@@ -49,7 +52,8 @@ def test_running_loop_spaces_slow_looks() -> None:
         time.sleep(0.1)
 
     async def main() -> None:
-        loop = ControllerLoop(run_once, lambda: ["m", "broken"], interval_s=0.01, max_duty=0.5)
+        loop = ControllerLoop(run_once, lambda: ["m", "broken"], interval_s=0.01, max_duty=0.5,
+                              min_stretch_s=0.0)
         loop.start()
         await asyncio.sleep(1.0)
         loop.cancel()
