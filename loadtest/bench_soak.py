@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -62,7 +63,7 @@ def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float, log: Callable
     out = {"seconds": seconds, "target_rps": rate,
            "achieved_rps": sum(s.requests for s in segments) / window if window else 0.0,
            "p99_ms": max(s.p99_ms for s in segments), "errors": sum(s.errors for s in segments),
-           "error_codes": {k: v for s in segments for k, v in s.error_codes.items()},
+           "error_codes": dict(sum((Counter(s.error_codes) for s in segments), Counter())),
            "segments": [{"rps": s.rps, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "errors": s.errors}
                         for s in segments],
            "segment_s": segment_s, "p99_first_ms": first.p99_ms, "p99_last_ms": last.p99_ms,

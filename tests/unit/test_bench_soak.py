@@ -25,15 +25,16 @@ def test_a_soak_is_judged_on_its_last_segment_against_its_first_and_on_every_err
                     rows=((1.0,),))
     seen: list[LoadSpec] = []
 
-    def runner(s: LoadSpec) -> LoadResult:  # p99 doubles each segment; one error in the middle one
+    def runner(s: LoadSpec) -> LoadResult:  # p99 doubles each segment; errors in the later ones
         seen.append(s)
-        return _result(s, p99=10.0 * 2 ** (len(seen) - 1), errors=1 if len(seen) == 2 else 0)
+        return _result(s, p99=10.0 * 2 ** (len(seen) - 1), errors=len(seen) - 1)  # 0, 1, 2 errors
 
     out = soak(os.getpid(), spec, max_rps=100.0, seconds=0.3, log=lambda _: None, runner=runner)
     assert len(seen) == 3
     assert all(abs(s.duration_s - 0.1) < 1e-9 and s.rate == 70.0 and s.concurrency == 64 for s in seen)
     assert [s["p99_ms"] for s in out["segments"]] == [10.0, 20.0, 40.0]
-    assert out["p99_last_over_first"] == 4.0 and out["errors"] == 1 and out["p99_ms"] == 40.0
+    assert out["p99_last_over_first"] == 4.0 and out["errors"] == 3 and out["p99_ms"] == 40.0
+    assert out["error_codes"] == {"UNAVAILABLE": 3}  # summed over the segments, not the last one's
 
     names = ("chimera_c64", "echo_c64", "chimera_c1", "echo_c1", "chimera_packed256", "onnx_batch256")
     cases = {n: {"rps": 1.0, "rows_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 1.0} for n in names}
