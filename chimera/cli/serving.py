@@ -34,7 +34,8 @@ def serve(
         float, typer.Option(help="seconds new calls are still taken after health turns NOT_SERVING")
     ] = 1.0,
     controller_interval: Annotated[
-        float, typer.Option(help="seconds between rollout-controller looks (0: no controller here)")
+        float, typer.Option(help="seconds between rollout-controller looks; after a round of looks over 1 s, "
+                            "long enough that looking is at most 10 % of the time (0: no controller here)")
     ] = 2.0,
     event_loop: Annotated[
         str, typer.Option("--loop", help="event loop: asyncio, or uvloop (~10 % more req/s here, but a "
