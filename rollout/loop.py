@@ -60,11 +60,11 @@ class ControllerLoop:
         stretched = round_s * (1.0 - self.max_duty) / self.max_duty if round_s > self.min_stretch_s else 0.0
         wait = max(self.interval_s, stretched)
         if wait > self.interval_s and self.wait_s <= self.interval_s:
-            log.warning("rollout controller: a round of looks took %.1f s; looking every %.1f s instead of "
-                        "every %.1f s so that it takes at most %.0f %% of the time", round_s, wait,
+            log.warning("rollout controller: a round of looks took %.1f s; waiting %.1f s between rounds "
+                        "instead of %.1f s so that looking takes at most %.0f %% of the time", round_s, wait,
                         self.interval_s, self.max_duty * 100)
         elif wait <= self.interval_s < self.wait_s:
-            log.info("rollout controller: looks take %.2f s again; back to every %.1f s", round_s, wait)
+            log.info("rollout controller: a round took %.2f s; back to waiting %.1f s", round_s, wait)
         self.last_round_s, self.wait_s = round_s, wait
         return wait
 

@@ -29,8 +29,8 @@ def test_slow_looks_stretch_the_wait_to_the_duty_cap_and_come_back(caplog: pytes
         assert loop.next_wait(0.1) == 2.0
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2  # one when the stretch starts, one when it ends; none in between
-    assert "took 20.0 s" in messages[0] and "every 180.0 s" in messages[0]
-    assert "back to every 2.0 s" in messages[1]
+    assert "took 20.0 s" in messages[0] and "waiting 180.0 s" in messages[0]
+    assert "back to waiting 2.0 s" in messages[1]
     assert (loop.last_round_s, loop.wait_s) == (0.1, 2.0)
 
 
