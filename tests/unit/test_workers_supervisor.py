@@ -67,9 +67,12 @@ def test_a_worker_that_dies_after_listening_is_restarted_with_its_index(tmp_path
     workers = Workers(2, lambda i: [sys.executable, "-c", SCRIPT, str(i), str(marker)], {}, stop_timeout_s=10,
                       out=out)
     _stop_when(workers, lambda: workers.workers[1].restarts == 1 and workers.workers[1].listening.is_set())
+    # What run() must put back is whatever was there before: Python's default_int_handler, or SIG_IGN when
+    # the suite was started in the background by a shell (`make test &` ignores SIGINT for its children).
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     assert workers.run() == 0
     text = out.getvalue()
     assert "worker 1 (pid" in text and "exited with status 1; restarting it in 1 s" in text
     assert text.count("worker 1 started") == 2 and text.count("worker 0 started") == 1
     assert workers.workers[1].restarts == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # its handlers are put back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers put back
