@@ -63,6 +63,10 @@ class GatewayConfig:
     spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES  # bound on each local spill (predictions, outcomes)
     # Rollout controller: seconds between looks (0 disables it in this gateway).
     controller_interval_s: float = 2.0
+    # Where the controller's looks run: True, a child process (rollout.lookprocess); False, a thread of
+    # this process; None (default), a child process on PostgreSQL and a thread on SQLite (see
+    # `looks_in_child`).
+    controller_process: bool | None = None
     # Promotion needs a passing load test of the version at most this old (None: no such gate).
     promotion_loadtest_max_age_s: float | None = DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S
     # TLS: server certificate and key (PEM files); a client CA on top requires client certificates
@@ -73,6 +77,15 @@ class GatewayConfig:
     # OpenTelemetry spans (chimera.tracing): none | console | otlp | memory. The replicas this gateway
     # deploys get the same exporter as an init argument.
     traces_exporter: str = DEFAULT_TRACES_EXPORTER
+
+    def looks_in_child(self) -> bool:
+        """Whether the controller's looks run in a child process. By default on PostgreSQL, the backend
+        of production volumes, where one look reads millions of rows (docs/performance.md, "The
+        PostgreSQL soak with the controller"); on SQLite, the embedded default, a thread (no process to
+        start, and an in-memory SQLite database cannot be shared with another process)."""
+        if self.controller_process is not None:
+            return self.controller_process
+        return self.registry_url.startswith(("postgresql", "postgres:"))
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> GatewayConfig:

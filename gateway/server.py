@@ -12,8 +12,8 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,7 +42,8 @@ from gateway.serving.shadow import ShadowMirror
 from gateway.serving.split_watch import SplitWatcher
 from registry import Registry
 from registry.repository import make_engine
-from rollout.controller import PromotionGate, RolloutController
+from rollout.controller import RolloutController, loadtest_gate
+from rollout.lookprocess import LookProcess
 from rollout.loop import ControllerLoop
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,20 @@ class Gateway:
         self.outcomes_auth = (TokenAuth(config.outcomes_token, config.admin_token,
                                         what="CHIMERA_OUTCOMES_TOKEN")
                               if config.outcomes_token else self.predict_auth)
-        self.controller = RolloutController(
-            self.registry, promotion_gate=self._promotion_gate(),
-            on_decision=lambda model, canary, d: self.metrics.observe_decision(
+        observe = self.metrics.observe_decision
+        hooks: dict[str, Any] = {
+            "on_decision": lambda model, canary, d: observe(
                 model, canary, d.action, d.p_value if math.isfinite(d.p_value) else None, srm=d.srm),
-            on_shadow=lambda model, shadow, d: self.metrics.observe_decision(
-                model, shadow, f"shadow_{d.action}", min(d.p_worse, d.p_not_worse)))
-        self.controller_loop = ControllerLoop(self.controller.run_once, self._canaried,
-                                              config.controller_interval_s)
+            "on_shadow": lambda model, shadow, d: observe(
+                model, shadow, f"shadow_{d.action}", min(d.p_worse, d.p_not_worse)),
+        }
+        max_age = config.promotion_loadtest_max_age_s
+        self.controller = RolloutController(self.registry, promotion_gate=loadtest_gate(max_age), **hooks)
+        # The looks run here or in a child process (rollout.lookprocess; GatewayConfig.looks_in_child).
+        self.look_process = (LookProcess(config.registry_url, gate_max_age_s=max_age, **hooks)
+                             if config.looks_in_child() else None)
+        run_once = self.look_process.run_once if self.look_process else self.controller.run_once
+        self.controller_loop = ControllerLoop(run_once, self._canaried, config.controller_interval_s)
         self.metrics.watch_controller(self.controller_loop)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -211,18 +218,6 @@ class Gateway:
             root_certificates=Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None,
             require_client_auth=c.tls_client_ca is not None)
 
-    def _promotion_gate(self) -> PromotionGate | None:
-        max_age = self.config.promotion_loadtest_max_age_s
-        if max_age is None:
-            return None
-
-        def gate(registry: Registry, model: str, version: int) -> None:
-            from registry.loadtests import require_passing_loadtest
-
-            require_passing_loadtest(registry, model, version, timedelta(seconds=max_age))
-
-        return gate
-
     def _failed_batches(self, model: str, version: int) -> int:
         """Requests (rows) the version failed to score in this gateway, including those then scored by
         its fallback (in-process only: tests/integration/test_replica_faults.py reads it; the rollout
@@ -270,6 +265,8 @@ class Gateway:
         deadline = time.monotonic() + grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.controller_loop.cancel()
+        if self.look_process is not None:
+            self.look_process.close()
         drain = max(0.0, min(self.config.drain_delay_s, grace / 4))
         if self.server is not None and drain > 0:
             await asyncio.sleep(drain)

@@ -31,6 +31,30 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def spawned_children(pid: int) -> list[int]:
+    """Children of `pid` started by multiprocessing's spawn (the gateway's rollout look process,
+    rollout.lookprocess), found through /proc: their command line runs `spawn_main`."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                with open(f"/proc/{kid}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():
+                        out.append(kid)
+            except OSError:
+                continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds a process (all its threads) has used so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:

@@ -139,5 +139,7 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("soak"):
         s = report["soak"]
         lines.append(f"soak: {s['seconds']:.0f} s at {s['target_rps']:.0f} req/s; "
-                     f"RSS {s['rss_mb_first']} MiB -> {s['rss_mb_end']:.1f} MiB")
+                     f"RSS {s['rss_mb_first']} MiB -> {s['rss_mb_end']:.1f} MiB"
+                     + (f" (look process peak {s['look_process_rss_mb_max']:.0f} MiB)"
+                        if s.get("look_process_rss_mb_max") else ""))
     return "\n".join(lines)

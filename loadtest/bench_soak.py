@@ -1,8 +1,10 @@
 """`chimera bench --soak S`: Predict at 70 % of the measured c=64 throughput for S seconds while the
-gateway's resident memory is sampled. Issue 17's soak targets: no error, RSS growth from the first
-minute to the end, and p99 stable (the last 5 minutes within 1.5x the first 5). For the last one the
-load runs as back-to-back segments (5 minutes each in a soak of 15 minutes or more, else thirds), each
-one run of the load client with its own percentiles; the gap between two is the client's start-up."""
+gateway's resident memory is sampled (and, apart, that of its rollout look process, rollout.lookprocess,
+when the looks run in one: the target is the serving process's; the look process's peak is reported).
+Issue 17's soak targets: no error, RSS growth from the first minute to the end, and p99 stable (the last
+5 minutes within 1.5x the first 5). For the last one the load runs as back-to-back segments (5 minutes
+each in a soak of 15 minutes or more, else thirds), each one run of the load client with its own
+percentiles; the gap between two is the client's start-up."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from loadtest.bench_procs import rss_mb
+from loadtest.bench_procs import rss_mb, spawned_children
 from loadtest.closed_loop import LoadResult, LoadSpec, run
 
 SEGMENT_S = 300.0
@@ -31,6 +33,7 @@ def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float, log: Callable
     soak_spec = replace(spec, concurrency=64, rate=rate, duration_s=segment_s, warmup_s=0.0, timeout_s=10.0)
     segments: list[LoadResult] = []
     samples: list[tuple[float, float]] = []
+    look_rss: list[tuple[float, float]] = []  # the look process's RSS (MiB), when there is one
 
     def load() -> None:
         for i in range(n_segments):
@@ -51,6 +54,9 @@ def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float, log: Callable
         except (OSError, RuntimeError):
             break
         samples.append((round(elapsed, 1), round(rss, 1)))
+        kids = spawned_children(pid)
+        if kids:
+            look_rss.append((round(elapsed, 1), round(sum(_rss_or_zero(k) for k in kids), 1)))
         if rss_first is None and elapsed >= first_at + startup:
             rss_first = rss
     rss_end = rss_mb(pid)
@@ -68,8 +74,18 @@ def soak(pid: int, spec: LoadSpec, max_rps: float, seconds: float, log: Callable
                         for s in segments],
            "segment_s": segment_s, "p99_first_ms": first.p99_ms, "p99_last_ms": last.p99_ms,
            "p99_last_over_first": p99_ratio, "rss_mb_first": rss_first, "rss_first_at_s": first_at,
-           "rss_mb_end": rss_end, "rss_growth": growth, "rss_samples": samples}
+           "rss_mb_end": rss_end, "rss_growth": growth, "rss_samples": samples,
+           "look_process_rss_mb_max": max((r for _, r in look_rss), default=None),
+           "look_process_rss_samples": look_rss}
     log(f"soak: rss {rss_first} MiB at {first_at:.0f} s -> {rss_end:.1f} MiB at the end "
         f"({(growth or 0) * 100:+.1f} %), {out['achieved_rps']:.0f} req/s, {out['errors']} errors, p99 first "
-        f"{first.p99_ms:.1f} ms -> last {last.p99_ms:.1f} ms")
+        f"{first.p99_ms:.1f} ms -> last {last.p99_ms:.1f} ms"
+        + (f"; look process peak {out['look_process_rss_mb_max']:.0f} MiB" if look_rss else ""))
     return out
+
+
+def _rss_or_zero(pid: int) -> float:
+    try:
+        return rss_mb(pid)
+    except (OSError, RuntimeError):  # exited between listing and reading
+        return 0.0

@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
 from chimera.jsonsafe import nan_to_none
 from registry import ConflictError, ModelInfo, Registry
+from registry.loadtests import require_passing_loadtest
 from registry.locks import fenced_lock
 from registry.rollouts import LookRows, decisions, look_rows, record_decision, rollout_start, split_periods
 from rollout import splits
@@ -40,6 +41,18 @@ PromotionGate = Callable[[Registry, str, int], None]
 DecisionHook = Callable[[str, int, Decision], None]
 # (model, shadow version, paired decision) of each shadow-stage look: for metrics; must not raise.
 ShadowHook = Callable[[str, int, PairedDecision], None]
+
+
+def loadtest_gate(max_age_s: float | None) -> PromotionGate | None:
+    """The promotion gate of a gateway configured with ``promotion_loadtest_max_age_s``: a canary is
+    promoted only with a passing load test of it no older than that (None: no gate)."""
+    if max_age_s is None:
+        return None
+
+    def gate(registry: Registry, model: str, version: int) -> None:
+        require_passing_loadtest(registry, model, version, timedelta(seconds=max_age_s))
+
+    return gate
 
 
 def policy_for(info: ModelInfo, config: dict[str, Any] | None = None) -> RolloutPolicy:

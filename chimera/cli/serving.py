@@ -37,6 +37,12 @@ def serve(
         float, typer.Option(help="seconds between rollout-controller looks; after a round of looks over 1 s, "
                             "long enough that looking is at most 10 % of the time (0: no controller here)")
     ] = 2.0,
+    controller_process: Annotated[
+        bool | None, typer.Option("--controller-process/--controller-in-process",
+                                  help="run the rollout controller's looks in a child process, or in a "
+                                  "thread of the gateway (default: a child process on PostgreSQL, a thread "
+                                  "on SQLite)")
+    ] = None,
     event_loop: Annotated[
         str, typer.Option("--loop", help="event loop: asyncio, or uvloop (~10 % more req/s here, but a "
                           "call arriving as shutdown starts can be CANCELLED instead of drained)")
@@ -92,6 +98,8 @@ def serve(
                    "--loop": event_loop, "--replica-cpus": replica_cpus,
                    "--promotion-loadtest-max-age": promotion_loadtest_max_age,
                    "--log-features-sample": log_features_sample}
+        if controller_process is not None:
+            options["--controller-process" if controller_process else "--controller-in-process"] = True
         sys.exit(_supervise(settings, processes, options, metrics_port, controller_interval, insecure))
     import asyncio
 
@@ -107,6 +115,7 @@ def serve(
         "grace_period_s": grace,
         "drain_delay_s": drain_delay,
         "controller_interval_s": controller_interval,
+        "controller_process": controller_process,
         "replica_cpus": replica_cpus,
         "promotion_loadtest_max_age_s": promotion_loadtest_max_age,
         "log_features_sample": log_features_sample,
@@ -146,7 +155,9 @@ def _supervise(settings: Settings, processes: int, options: dict[str, Any], metr
                 "--metrics-port", str(metrics_port + i if metrics_port else 0),
                 "--controller-interval", str(controller_interval if i == 0 else 0)]
         for flag, value in options.items():
-            if value is not None:
+            if value is True:  # a flag without a value
+                argv.append(flag)
+            elif value is not None:
                 argv += [flag, str(value)]
         return argv + (["--insecure"] if insecure else [])
 

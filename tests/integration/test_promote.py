@@ -269,7 +269,7 @@ def _blocked(d) -> bool:  # noqa: ANN001
 
 def test_controller_holds_a_winning_canary_without_a_run_and_promotes_it_with_one(backend) -> None:
     gw, reg = backend
-    assert gw.gateway.controller.promotion_gate is not None  # built by Gateway._promotion_gate
+    assert gw.gateway.controller.promotion_gate is not None  # built by rollout.controller.loadtest_gate
     model = "ctl" + uuid.uuid4().hex[:8]
     b1, names = small_onnx(seed=1)
     b2, _ = small_onnx(seed=2)
