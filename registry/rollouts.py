@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, or_, select
+from sqlalchemy import BigInteger, cast, extract, func, insert, or_, select
 
 from registry.models import Decision, Outcome, Prediction, RequestError, ShadowPrediction, SplitAudit, as_utc
 from registry.repository import Registry
@@ -73,19 +73,52 @@ def _epoch(dt: datetime | None) -> float:
     return as_utc(dt).timestamp() if dt is not None else float("nan")
 
 
+def _epoch_column(column: Any, postgres: bool) -> Any:
+    """A time column as the database's own count of microseconds since the epoch (PostgreSQL: exact,
+    and no datetime object per row for the driver to build), or the column itself (SQLite: text that
+    SQLAlchemy parses; `_epochs` converts)."""
+    if not postgres:
+        return column
+    return cast(func.round(extract("epoch", column) * 1_000_000), BigInteger)
+
+
+def _epochs(values: tuple[Any, ...], postgres: bool) -> np.ndarray:
+    """Epoch seconds of a fetched time column, each equal to `_epoch` of its datetime (microseconds
+    over 10**6, correctly rounded either way); None -> NaN."""
+    if postgres:
+        return np.array(values, dtype=np.float64) / 1e6  # integers below 2**53: exact, None -> NaN
+    if any(v is not None and v.tzinfo is not None for v in values[:1]):
+        return np.array([_epoch(v) for v in values], dtype=np.float64)
+    us = np.array(values, dtype="datetime64[us]")  # naive UTC, as SQLite's rows come back
+    out = us.astype(np.int64) / 1e6
+    out[np.isnat(us)] = np.nan
+    return out
+
+
+def _ints(values: tuple[Any, ...], missing: int) -> np.ndarray:
+    return np.array([missing if v is None else v for v in values], dtype=np.int64)
+
+
 def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: datetime,
               until: datetime, covariate_version: int | None = None) -> LookRows:
     """The rows a rollout look reads (see LookRows); pinned (load-test) traffic is left out here.
     ``covariate_version``: whose score is the rows' covariate; default the first of ``versions`` (the
     baseline of a (baseline, canary) pair). Only mirror scores stored by ``until`` count, so re-reading
-    a window returns the same covariates."""
+    a window returns the same covariates.
+
+    Columns, not row objects: a look reads every request since the canary started (millions of rows
+    into a long rollout, docs/performance.md), so the rows are transposed once and every column is
+    converted by numpy; times come from PostgreSQL as integer microseconds. The result is the one the
+    row-by-row reading gave (tests/integration/test_rollout_rows.py compares the two)."""
     cov_v = versions[0] if covariate_version is None else covariate_version
+    pg = registry.is_postgres
     with registry.session() as s:
-        preds = s.execute(
-            select(Prediction.id, Prediction.version, Prediction.failed_version, Prediction.split_revision,
-                   Prediction.routing_key, Prediction.request_id, Prediction.created_at,
-                   Prediction.latency_ms, Prediction.score, Outcome.value, Outcome.created_at,
-                   ShadowPrediction.score)
+        conn = s.connection()  # Core rows: no ORM row processing for millions of tuples
+        preds = conn.execute(
+            select(Prediction.version, Prediction.failed_version, Prediction.split_revision,
+                   Prediction.routing_key, Prediction.request_id, _epoch_column(Prediction.created_at, pg),
+                   Prediction.latency_ms, Prediction.score, Outcome.value,
+                   _epoch_column(Outcome.created_at, pg), ShadowPrediction.score)
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
                   isouter=True)
             .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
@@ -96,32 +129,45 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
                    or_(Prediction.failed_version.in_(versions),
                        Prediction.failed_version.is_(None) & Prediction.version.in_(versions)))
             .order_by(Prediction.id)).all()
-        errs = s.execute(
+        errs = conn.execute(
             select(RequestError.version, RequestError.split_revision, RequestError.routing_key,
-                   RequestError.request_id, RequestError.id, RequestError.created_at, RequestError.latency_ms)
+                   RequestError.request_id, RequestError.id, _epoch_column(RequestError.created_at, pg),
+                   RequestError.latency_ms)
             .where(RequestError.model == model, RequestError.created_at >= since,
                    RequestError.created_at <= until, RequestError.pinned.is_(False),
                    RequestError.version.in_(versions))
             .order_by(RequestError.id)).all()
-    rows: list[tuple[Any, ...]] = []
     nan = float("nan")
-    for (_id, version, failed_version, rev, key, rid, created, lat, score, value, out_at, mirrored) in preds:
-        routed = failed_version if failed_version is not None else version
-        cov = score if version == cov_v else (nan if mirrored is None else mirrored)
-        rows.append((_epoch(created), 0, routed, -1 if rev is None else rev, key or f"r:{rid}", lat,
-                     failed_version is not None, score, nan if value is None else value,
-                     _epoch(out_at), cov))
-    for version, rev, key, rid, eid, created, lat in errs:
-        rows.append((_epoch(created), 1, version, -1 if rev is None else rev, key or f"e:{rid or eid}",
-                     nan if lat is None else lat, True, nan, nan, nan, nan))
-    rows.sort(key=lambda r: (r[0], r[1]))  # log order; stable for equal times
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 11
-    return LookRows(
-        routed=np.array(cols[2], dtype=np.int64), revision=np.array(cols[3], dtype=np.int64),
-        unit=list(cols[4]), created=np.array(cols[0], dtype=np.float64),
-        latency_ms=np.array(cols[5], dtype=np.float64), failed=np.array(cols[6], dtype=bool),
-        score=np.array(cols[7], dtype=np.float64), value=np.array(cols[8], dtype=np.float64),
-        outcome_at=np.array(cols[9], dtype=np.float64), covariate=np.array(cols[10], dtype=np.float64))
+    p_cols = list(zip(*preds, strict=True)) if preds else [()] * 11
+    e_cols = list(zip(*errs, strict=True)) if errs else [()] * 7
+    version, failed_version, rev, key, rid, created, lat, score, value, out_at, mirrored = p_cols
+    failed_v = _ints(failed_version, -1)
+    served = np.array(version, dtype=np.int64)
+    p_score = np.array(score, dtype=np.float64)
+    routed = np.concatenate([np.where(failed_v >= 0, failed_v, served),
+                             np.array(e_cols[0], dtype=np.int64)])
+    units = ([k or f"r:{r}" for k, r in zip(key, rid, strict=True)]
+             + [k or f"e:{r or i}" for k, r, i in zip(e_cols[2], e_cols[3], e_cols[4], strict=True)])
+    created_at = np.concatenate([_epochs(created, pg), _epochs(e_cols[5], pg)])
+    n_e = len(errs)
+    # The covariate: the row's own score when the covariate version answered it, else its mirror score.
+    cov = np.where(served == cov_v, p_score, np.array(mirrored, dtype=np.float64))
+    cols = {
+        "routed": routed,
+        "revision": np.concatenate([_ints(rev, -1), _ints(e_cols[1], -1)]),
+        "created": created_at,
+        "latency_ms": np.concatenate([np.array(lat, dtype=np.float64),
+                                      np.array(e_cols[6], dtype=np.float64)]),
+        "failed": np.concatenate([failed_v >= 0, np.ones(n_e, dtype=bool)]),
+        "score": np.concatenate([p_score, np.full(n_e, nan)]),
+        "value": np.concatenate([np.array(value, dtype=np.float64), np.full(n_e, nan)]),
+        "outcome_at": np.concatenate([_epochs(out_at, pg), np.full(n_e, nan)]),
+        "covariate": np.concatenate([cov, np.full(n_e, nan)]),
+    }
+    # Log order: by time, predictions before request errors at the same time, each table in id order.
+    kind = np.concatenate([np.zeros(len(preds), dtype=np.int8), np.ones(n_e, dtype=np.int8)])
+    order = np.lexsort((kind, created_at))  # stable: equal keys keep the id order above
+    return LookRows(unit=[units[i] for i in order.tolist()], **{k: v[order] for k, v in cols.items()})
 
 
 def split_periods(registry: Registry, model: str, until: datetime) -> list[tuple[int, dict[int, int], float]]:

@@ -278,15 +278,15 @@ class LookBuilder:
     def _latencies(self, p: _Period, arm: np.ndarray, lat: np.ndarray) -> None:
         """Walk the period's latencies in log order, block by block (see the class docstring); the
         result does not depend on how the rows were split into calls."""
+        is_base_all = arm == BASELINE
+        cum_all = np.cumsum(is_base_all)  # once per call: per block it made a long call quadratic
         start = 0
         while start < lat.size:
-            seg_arm, seg_lat = arm[start:], lat[start:]
-            is_base = seg_arm == BASELINE
-            need = self.latency_calibration - p.lat_block_n
-            cum = np.cumsum(is_base)
-            full = int(np.searchsorted(cum, need))  # index of the baseline row that completes the block
-            end = seg_lat.size if full >= seg_lat.size else full + 1
-            seg_arm, seg_lat, is_base = seg_arm[:end], seg_lat[:end], is_base[:end]
+            need = self.latency_calibration - p.lat_block_n  # >= 1: a full block was closed below
+            before_start = int(cum_all[start - 1]) if start else 0
+            full = int(np.searchsorted(cum_all, before_start + need))  # the row that completes the block
+            end = lat.size if full >= lat.size else full + 1
+            seg_arm, seg_lat, is_base = arm[start:end], lat[start:end], is_base_all[start:end]
             if not math.isnan(p.lat_threshold):
                 # Window of each row: baseline latencies logged before it in the period, // window.
                 before = p.lat_base_seen + np.cumsum(is_base) - is_base
@@ -315,7 +315,7 @@ class LookBuilder:
                 p.lat_threshold = float(np.quantile(block, self.latency_quantile))
                 self.latency_thresholds[str(p.revision)] = p.lat_threshold
                 p.lat_block, p.lat_block_n = [], 0
-            start += end
+            start = end
 
     def add_outcomes(self, revision: int, weight: int, arm: np.ndarray, units: np.ndarray,
                      values: np.ndarray, scores: np.ndarray | None = None) -> None:

@@ -8,9 +8,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+from sqlalchemy import insert, or_, select
 
 from registry import Registry
-from registry.rollouts import decisions, insert_rollout_rows
+from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc
+from registry.rollouts import decisions, insert_rollout_rows, look_rows
 from rollout.analysis import recompute
 from rollout.controller import RolloutController
 
@@ -116,3 +118,89 @@ def test_outcome_delay_uses_the_same_cutoff_for_both_arms(registry: Registry) ->
     assert d is not None and d.n_baseline == d.n_canary == 0 and "collecting" in d.reason
     later = RolloutController(registry, clock=lambda: now + timedelta(seconds=61)).run_once(model)
     assert later is not None and later.n_baseline + later.n_canary == 1_500
+
+
+def _rows_one_by_one(registry: Registry, model: str, versions: tuple[int, int], since: datetime,
+                     until: datetime) -> dict[str, list]:
+    """The specification of registry.rollouts.look_rows, as it was written before it read columns: every
+    row through the ORM, times from the datetimes, sorted by (time, predictions before errors)."""
+    nan = float("nan")
+    with registry.session() as s:
+        preds = s.execute(
+            select(Prediction.version, Prediction.failed_version, Prediction.split_revision,
+                   Prediction.routing_key, Prediction.request_id, Prediction.created_at,
+                   Prediction.latency_ms, Prediction.score, Outcome.value, Outcome.created_at,
+                   ShadowPrediction.score)
+            .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
+                  isouter=True)
+            .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
+                  & (ShadowPrediction.model == model) & (ShadowPrediction.version == versions[0])
+                  & (ShadowPrediction.created_at <= until), isouter=True)
+            .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at <= until,
+                   Prediction.pinned.is_(False),
+                   or_(Prediction.failed_version.in_(versions),
+                       Prediction.failed_version.is_(None) & Prediction.version.in_(versions)))
+            .order_by(Prediction.id)).all()
+        errs = s.execute(
+            select(RequestError.version, RequestError.split_revision, RequestError.routing_key,
+                   RequestError.request_id, RequestError.id, RequestError.created_at, RequestError.latency_ms)
+            .where(RequestError.model == model, RequestError.created_at >= since,
+                   RequestError.created_at <= until, RequestError.pinned.is_(False),
+                   RequestError.version.in_(versions))
+            .order_by(RequestError.id)).all()
+
+    def t(dt: datetime | None) -> float:
+        return as_utc(dt).timestamp() if dt is not None else nan
+
+    rows = []
+    for version, failed, rev, key, rid, created, lat, score, value, out_at, mirrored in preds:
+        cov = score if version == versions[0] else (nan if mirrored is None else mirrored)
+        rows.append((t(created), 0, failed if failed is not None else version, -1 if rev is None else rev,
+                     key or f"r:{rid}", lat, failed is not None, score, nan if value is None else value,
+                     t(out_at), cov))
+    for version, rev, key, rid, eid, created, lat in errs:
+        rows.append((t(created), 1, version, -1 if rev is None else rev, key or f"e:{rid or eid}",
+                     nan if lat is None else lat, True, nan, nan, nan, nan))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    names = ("created", "kind", "routed", "revision", "unit", "latency_ms", "failed", "score", "value",
+             "outcome_at", "covariate")
+    return {name: [r[i] for r in rows] for i, name in enumerate(names)}
+
+
+def test_look_rows_are_the_rows_read_one_by_one(registry: Registry) -> None:
+    """look_rows reads columns (numpy, epoch microseconds from PostgreSQL) for speed; it must return
+    exactly what the row-by-row reading returned: every column, in the same log order, to the bit."""
+    model = _model(registry)
+    rng = np.random.default_rng(11)
+    base = datetime.now(UTC) - timedelta(seconds=100)
+    preds, errs = [], []
+    for i in range(400):
+        at = base + timedelta(microseconds=int(rng.integers(0, 50_000_000)))
+        p = _prediction(model, int(rng.choice([1, 1, 2, 3])), None if i % 17 == 0 else 2,
+                        failed_version=2 if i % 23 == 0 else None, pinned=i % 29 == 0,
+                        latency_ms=float(rng.gamma(2.0, 3.0)), key=f"k{i % 7}" if i % 3 == 0 else "")
+        p["created_at"], p["score"] = at, float(rng.random())
+        preds.append(p)
+        if i % 9 == 0:  # a request error at exactly the same time as a prediction
+            errs.append({"request_id": "" if i % 2 else uuid.uuid4().hex, "model": model, "version": 2,
+                         "split_revision": 2, "routing_key": "", "pinned": False, "error": "boom",
+                         "latency_ms": None if i % 4 else 3.5, "created_at": at})
+    insert_rollout_rows(registry, preds, errs)
+    assert all(e is None for e in registry.record_outcomes(
+        [(p["request_id"], float(rng.random() < 0.5)) for p in preds[::2]]))
+    with registry.session() as s:  # mirror scores of the covariate version (1) for canary rows
+        s.execute(insert(ShadowPrediction), [
+            {"request_id": p["request_id"], "model": model, "version": 1, "score": float(rng.random()),
+             "latency_ms": 1.0, "created_at": p["created_at"]} for p in preds[1::3] if p["version"] == 2])
+        s.commit()
+    until = datetime.now(UTC)
+    registry.record_outcomes([(p["request_id"], 1.0) for p in preds[1::4]])  # after until: left out
+    got = look_rows(registry, model, (1, 2), base - timedelta(seconds=1), until)
+    want = _rows_one_by_one(registry, model, (1, 2), base - timedelta(seconds=1), until)
+    assert len(want["routed"]) > 300 and got.unit == want["unit"]
+    for name in ("created", "routed", "revision", "latency_ms", "failed", "score", "value", "outcome_at",
+                 "covariate"):
+        np.testing.assert_array_equal(getattr(got, name), np.array(want[name]), err_msg=name)
+    assert np.isfinite(got.covariate).sum() > np.isfinite(got.score[got.routed == 1]).sum()  # mirrors read
+    empty = look_rows(registry, model, (1, 2), until + timedelta(seconds=1), until + timedelta(seconds=2))
+    assert empty.routed.size == 0 and empty.unit == []
