@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rollout.lookprocess import LookProcess
 from rollout.loop import ControllerLoop
 from rollout.shadow_gate import SHADOW_ACTIONS
 
@@ -165,14 +166,21 @@ class Metrics:
             Gauge(f"chimera_prediction_log_{name}_rows", doc, registry=r).set_function(
                 lambda attr=attr: getattr(stats, attr))
 
-    def watch_controller(self, loop: ControllerLoop) -> None:
+    def watch_controller(self, loop: ControllerLoop, looks: LookProcess | None = None) -> None:
         """The rollout controller's pace, read at scrape time: how long its last round of looks took and
-        how long it waits before the next (longer than its interval while looks are slow: rollout.loop)."""
+        how long it waits before the next (longer than its interval while looks are slow: rollout.loop);
+        and its look process (rollout.lookprocess): memory and starts (0 while looks run in a thread)."""
         Gauge("chimera_rollout_round_seconds", "how long the rollout controller's last round of looks took",
               registry=self.registry).set_function(lambda: loop.last_round_s)
         Gauge("chimera_rollout_wait_seconds", "the rollout controller's wait before its next round of looks "
               "(its interval; after a round over 1 s, long enough that looking is at most 10 % of the time)",
               registry=self.registry).set_function(lambda: loop.wait_s)
+        Gauge("chimera_rollout_look_process_resident_bytes", "resident memory of the process the rollout "
+              "controller's looks run in (0: none, looks in a thread)",
+              registry=self.registry).set_function(lambda: looks.resident_bytes() if looks else 0)
+        Gauge("chimera_rollout_look_process_starts", "look processes started so far (more than 1: one hung "
+              "or died and was replaced)",
+              registry=self.registry).set_function(lambda: looks.started if looks else 0)
 
     def observe_decision(self, model: str, version: int, action: str, p_value: float | None,
                          srm: bool = False) -> None:

@@ -116,7 +116,7 @@ class Gateway:
                              if config.looks_in_child() else None)
         run_once = self.look_process.run_once if self.look_process else self.controller.run_once
         self.controller_loop = ControllerLoop(run_once, self._canaried, config.controller_interval_s)
-        self.metrics.watch_controller(self.controller_loop)
+        self.metrics.watch_controller(self.controller_loop, self.look_process)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)

@@ -95,6 +95,21 @@ class LookProcess:
         """The child's pid while it runs (None before the first look and after close)."""
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
+    def resident_bytes(self) -> int:
+        """The child's resident memory (Linux /proc), 0 when there is none: a look holds its rows in
+        memory, so this peaks during looks and grows with the rollout (the gateway exports it)."""
+        pid = self.pid
+        if pid is None:
+            return 0
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
     def _ensure(self) -> Connection:
         if self._proc is not None and self._proc.is_alive() and self._conn is not None:
             return self._conn

@@ -4,14 +4,16 @@ look reads the database). The advisory lock inside the controller's run_once let
 at a time, so every gateway may run this loop.
 
 A look reads every routed request since the canary started (registry.rollouts.look_rows), so its cost
-grows with the rollout: on PostgreSQL at ~1,100 req/s, 7 minutes into a rollout, one look took ~20 s
-(the bench's PostgreSQL soak, docs/performance.md). The look runs in the serving process, whose event
-loop shares the GIL with it, so the loop keeps the controller's share of the time at most `max_duty`
-(10 %): after a round of looks that took T seconds, T over `min_stretch_s` (1 s), it waits
-max(interval, T * (1 - max_duty) / max_duty) before the next. A round under a second keeps the
-operator's interval (a young rollout, or a small one, looks as often as asked: a failing canary is
-still rolled back within seconds). Fewer looks change no guarantee (the tests are always-valid,
-whatever the look schedule: docs/statistics.md); they only make a long rollout's decisions later."""
+grows with the rollout: on PostgreSQL at ~1,400 req/s, half an hour into a rollout, one look took ~50 s
+(the bench's PostgreSQL soak, docs/performance.md). On PostgreSQL the looks run in a child process
+(rollout.lookprocess), on SQLite in a thread of the serving process, whose event loop shares the GIL
+with it; either way they share the machine's cores with serving, so the loop keeps the controller's
+share of the time at most `max_duty` (10 %): after a round of looks that took T seconds, T over
+`min_stretch_s` (1 s), it waits max(interval, T * (1 - max_duty) / max_duty) before the next. A round
+under a second keeps the operator's interval (a young rollout, or a small one, looks as often as asked:
+a failing canary is still rolled back within seconds). Fewer looks change no guarantee (the tests are
+always-valid, whatever the look schedule: docs/statistics.md); they only make a long rollout's
+decisions later."""
 
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ def test_a_worse_canary_is_rolled_back_by_a_look_in_a_child_process(registry: Re
         # Every look's hook ran here, in the parent, with the canary version.
         assert fired and fired[-1] == (model, 2, "rollback") and {v for _, v, _ in fired} == {2}
         assert looks.started == 1
+        assert looks.resident_bytes() > 20 * 2**20  # the child's own memory, as the gateway exports it
         # The decisions the child stored are the ones `chimera analyze` recomputes from the rows.
         for row in decisions(registry, model):
             assert max(recompute(registry, row["id"]).differences().values()) <= 1e-9
@@ -54,6 +55,7 @@ def test_a_failing_look_raises_in_the_parent_naming_the_model(registry: Registry
     finally:
         looks.close()
     assert looks.pid is None and looks.run_once("no-such-model") is None  # closed: no more looks
+    assert looks.resident_bytes() == 0
 
 
 def test_a_hung_or_killed_look_process_is_replaced(registry: Registry) -> None:
