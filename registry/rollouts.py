@@ -87,7 +87,8 @@ def _epochs(values: tuple[Any, ...], postgres: bool) -> np.ndarray:
     over 10**6, correctly rounded either way); None -> NaN."""
     if postgres:
         return np.array(values, dtype=np.float64) / 1e6  # integers below 2**53: exact, None -> NaN
-    if any(v is not None and v.tzinfo is not None for v in values[:1]):
+    first = next((v for v in values if v is not None), None)
+    if first is not None and first.tzinfo is not None:  # not SQLite's naive UTC: one by one
         return np.array([_epoch(v) for v in values], dtype=np.float64)
     us = np.array(values, dtype="datetime64[us]")  # naive UTC, as SQLite's rows come back
     out = us.astype(np.int64) / 1e6
