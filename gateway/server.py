@@ -265,13 +265,13 @@ class Gateway:
         deadline = time.monotonic() + grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.controller_loop.cancel()
-        if self.look_process is not None:
-            self.look_process.close()
         drain = max(0.0, min(self.config.drain_delay_s, grace / 4))
         if self.server is not None and drain > 0:
             await asyncio.sleep(drain)
         if self.server is not None:
             await close_and_stop(self.server, self.admission, self.inflight, deadline)
+        if self.look_process is not None:  # after the calls: its close may wait a second or two
+            await asyncio.to_thread(self.look_process.close)
         await self.watcher.stop()
         await self.pool.close()
         await self.shadow.close()
