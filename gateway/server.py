@@ -41,7 +41,7 @@ from gateway.serving.replica_pool import ReplicaPool
 from gateway.serving.shadow import ShadowMirror
 from gateway.serving.split_watch import SplitWatcher
 from registry import Registry
-from registry.repository import make_engine
+from registry.engine import SERVING_STATEMENT_TIMEOUT_MS, make_engine
 from rollout.controller import RolloutController, loadtest_gate
 from rollout.lookprocess import LookProcess
 from rollout.loop import ControllerLoop
@@ -63,8 +63,8 @@ class Gateway:
         # First: a bad exporter setting (e.g. otlp without its package) fails before anything starts.
         self.tracing = Tracing(config.traces_exporter, service_name="chimera-gateway")
         # A statement that runs longer than 30 s fails instead of holding a worker thread (PostgreSQL).
-        self.registry = Registry(config.registry_url,
-                                 engine=make_engine(config.registry_url, statement_timeout_ms=30_000))
+        engine = make_engine(config.registry_url, statement_timeout_ms=SERVING_STATEMENT_TIMEOUT_MS)
+        self.registry = Registry(config.registry_url, engine=engine)
         self.catalog = Catalog(self.registry)
         self.version_health = VersionHealth(metrics=self.metrics)
         self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,

@@ -58,6 +58,11 @@ def driver_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
+# The statement timeout of the serving processes (a gateway and its rollout look process): no statement of
+# theirs may hold a connection longer than this; batch jobs run without one.
+SERVING_STATEMENT_TIMEOUT_MS = 30_000
+
+
 def make_engine(url: str, *, statement_timeout_ms: int | None = None,
                 settings: RegistrySettings | None = None) -> Engine:
     """Engine with the settings both backends need. SQLite gets WAL and a busy timeout so the gateway's

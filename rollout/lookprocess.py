@@ -32,12 +32,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from registry import Registry
-from registry.engine import make_engine
+from registry.engine import SERVING_STATEMENT_TIMEOUT_MS, make_engine
 from rollout.controller import ACTOR, DecisionHook, RolloutController, ShadowHook, loadtest_gate
 
 log = logging.getLogger(__name__)
-LOOK_TIMEOUT_S = 300.0  # ten statement timeouts: a look that takes longer is stuck, not slow
-STATEMENT_TIMEOUT_MS = 30_000  # as the gateway's own registry engine (gateway.server)
+# Ten statement timeouts (300 s): a look that takes longer is stuck, not slow.
+LOOK_TIMEOUT_S = 10 * SERVING_STATEMENT_TIMEOUT_MS / 1000
 
 
 def _child(conn: Connection, registry_url: str, gate_max_age_s: float | None, actor: str,
@@ -46,7 +46,7 @@ def _child(conn: Connection, registry_url: str, gate_max_age_s: float | None, ac
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s [look process]: %(message)s")
-    engine = make_engine(registry_url, statement_timeout_ms=STATEMENT_TIMEOUT_MS)
+    engine = make_engine(registry_url, statement_timeout_ms=SERVING_STATEMENT_TIMEOUT_MS)
     registry = Registry(registry_url, engine=engine)
     fired: list[tuple[str, str, int, Any]] = []
     controller = RolloutController(
