@@ -6,8 +6,9 @@ What a user of the canary machinery would notice (issue 14):
   before its first request;
 - a canary whose replica is about 2x slower is rolled back by the latency guardrail;
 - an A/A canary (outcomes independent of the version) under a pinned load test of the canary, stepped
-  up 10 -> 50 % with SetTrafficSplit while the base rate falls 0.6 -> 0.5 for everyone, is not rolled
-  back (the controller looks all along and sees the outcomes of both periods);
+  up 10 -> 50 % with SetTrafficSplit while the base rate falls 0.8 -> 0.3 for everyone, is not rolled
+  back at alpha 0.001 and its last estimate is even, where pooling the periods says "worse" at z < -4
+  (the controller looks all along and sees the outcomes of both periods);
 - the rows the controller reads are what the gateway logged: split revision, pinned, failed version,
   request errors, and RecordOutcome refuses a value outside the model's metric domain.
 The prediction log's row format (new fields, old spill lines) is checked without Ray at the end."""
