@@ -21,7 +21,7 @@ What is measured, and how:
   so a tick's rows are committed once the cumulative committed count passes the tick's cumulative
   submitted count; the latency is that commit time minus the tick's *first* submit (an upper bound).
 - RSS (VmRSS) sampled every second; the process's CPU and the writer thread's CPU per row; the
-  machine's busy share (/proc/stat) so a run on two shared cores says what else was running.
+  machine's busy share (all cores, psutil) so a run on two shared cores says what else was running.
 
 Request ids are random 32-hex strings (as uuid4 ids are): sequential ids would flatter the unique index."""
 
@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import psutil
 
 MODEL = "bench-log"
 
@@ -127,39 +128,27 @@ class _Commits:
 
 
 def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float(psutil.Process().memory_info().rss) / 2**20
 
 
 def _thread_cpu_s(native_id: int | None) -> float:
-    """utime+stime of one thread of this process (Linux), 0 when unknown."""
+    """user + system CPU seconds of one thread of this process, 0 when unknown."""
     if native_id is None:
         return 0.0
     try:
-        with open(f"/proc/self/task/{native_id}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+        for t in psutil.Process().threads():
+            if t.id == native_id:
+                return float(t.user_time + t.system_time)
+    except psutil.Error:
+        pass
+    return 0.0
 
 
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all cores since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            parts = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
-    return sum(parts) - idle, sum(parts)
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds over all cores since boot (idle and I/O wait are not busy)."""
+    t = psutil.cpu_times()
+    total = float(sum(t))
+    return total - t.idle - getattr(t, "iowait", 0.0), total
 
 
 class _Rows:
@@ -222,7 +211,7 @@ def run_log_bench(writer: LogWriter, spec: LogBenchSpec, backend: str,
     while now < w1:
         if not window and now >= w0:
             window.update(submitted=submitted, cpu=time.process_time(), wcpu=_thread_cpu_s(writer_tid),
-                          jiffies=_machine_jiffies())
+                          jiffies=_machine_cpu())
         if spec.rate > 0:
             due = int(spec.rate * (now - t0)) - submitted
         else:
@@ -246,9 +235,9 @@ def run_log_bench(writer: LogWriter, spec: LogBenchSpec, backend: str,
         time.sleep(max(0.0, spec.tick_s - (time.monotonic() - now)))
         now = time.monotonic()
     end = {"submitted": submitted, "cpu": time.process_time(), "wcpu": _thread_cpu_s(writer_tid),
-           "jiffies": _machine_jiffies(), "committed": commits.committed_by(w1)}
+           "jiffies": _machine_cpu(), "committed": commits.committed_by(w1)}
     if not window:  # no warm-up tick happened (duration too short to matter)
-        window.update(submitted=0, cpu=0.0, wcpu=0.0, jiffies=(0, 0))
+        window.update(submitted=0, cpu=0.0, wcpu=0.0, jiffies=(0.0, 0.0))
     t_last = time.monotonic()
     flushed = writer.flush(spec.drain_timeout_s)
     result.drain_s = time.monotonic() - t_last

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,58 +25,48 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident set size of a process in MiB (Linux /proc)."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident set size of a process in MiB."""
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 def spawned_children(pid: int) -> list[int]:
     """Children of `pid` started by multiprocessing's spawn (the gateway's rollout look process,
-    rollout.lookprocess), found through /proc: their command line runs `spawn_main`."""
+    rollout.lookprocess): their command line runs `spawn_main`."""
     out: list[int] = []
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+        kids = psutil.Process(pid).children()
+    except psutil.Error:
         return out
-    for tid in tasks:
+    for kid in kids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
+            if any("spawn_main" in arg for arg in kid.cmdline()):
+                out.append(kid.pid)
+        except psutil.Error:
             continue
-        for kid in kids:
-            try:
-                with open(f"/proc/{kid}/cmdline", "rb") as f:
-                    if b"spawn_main" in f.read():
-                        out.append(kid)
-            except OSError:
-                continue
     return out
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds a process (all its threads) has used so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    """User plus system CPU seconds a process (all its threads) has used so far."""
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """`cpu_seconds` of a process and of its live descendants (`chimera serve --processes N`: the
     supervisor and its workers). A descendant that ends between two reads takes its CPU with it."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
         try:
-            total += cpu_seconds(p)
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
+            t = p.cpu_times()
+        except psutil.Error:
             continue
+        total += t.user + t.system
     return total
 
 

@@ -31,6 +31,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
+
 from registry import Registry
 from registry.engine import SERVING_STATEMENT_TIMEOUT_MS, make_engine
 from rollout.controller import ACTOR, DecisionHook, RolloutController, ShadowHook, loadtest_gate
@@ -96,19 +98,15 @@ class LookProcess:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def resident_bytes(self) -> int:
-        """The child's resident memory (Linux /proc), 0 when there is none: a look holds its rows in
-        memory, so this peaks during looks and grows with the rollout (the gateway exports it)."""
+        """The child's resident memory, 0 when there is none: a look holds its rows in memory, so this
+        peaks during looks and grows with the rollout (the gateway exports it)."""
         pid = self.pid
         if pid is None:
             return 0
         try:
-            with open(f"/proc/{pid}/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+            return int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:  # ended since
+            return 0
 
     def _ensure(self) -> Connection:
         if self._proc is not None and self._proc.is_alive() and self._conn is not None:
