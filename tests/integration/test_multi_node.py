@@ -214,7 +214,10 @@ def test_two_gateways_on_a_three_node_cluster_survive_a_lost_node_and_a_drained_
         during = load.since(sigterm_at)
         print(f"gw1 drained and exited in {drained_in:.1f} s; {len(during)} calls since SIGTERM, "
               f"{Counter(c.code for c in during)}")
-        assert during and all(c.code == "OK" for c in during), Counter(c.code for c in during)
+        assert during and all(c.code == "OK" for c in during), (
+            Counter(c.code for c in during), drained_in,
+            [(round(c.started - sigterm_at, 3), round(c.ended - sigterm_at, 3), c.code) for c in during
+             if c.code != "OK"])
         assert sum(c.started > sigterm_at + drained_in for c in during) > 50, "no calls after gw1 exited"
 
         # No replica, in any state, was ever seen on the head, in any report of the whole run.
