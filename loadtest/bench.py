@@ -158,6 +158,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             res = load(replace(native, concurrency=c))
             cases[f"ray_c{c}"] = case(f"Ray Serve gRPC proxy, Predict, c={c}", res)
             log(line(f"ray_c{c}", cases[f"ray_c{c}"]))
+        # The c=1 anchor: one bare Ray Serve handle call, the gateway's handle options, no proxy.
+        from chimera.v1 import prediction_pb2 as pb
+
+        cases["ray_handle_c1"] = {**bench_ray.handle_c1(
+            pb.PredictRequest(model=MODEL, dense=list(rows[0])), opts.duration_s, opts.warmup_s),
+            "title": "Ray Serve handle call from a Python process (the gateway's options), c=1",
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+        log(line("ray_handle_c1", cases["ray_handle_c1"]))
         bench_ray.delete_native_app()
 
         # (c) Chimera gateway ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 from loadtest.bench_procs import free_port
 
 NATIVE_APP = "ray-native-bench"
+_handle_loop: Any = None  # handle_c1's event loop (asyncio.AbstractEventLoop), closed by stop_ray_serve
 
 
 def start_ray() -> None:
@@ -43,12 +44,22 @@ def gcs_address() -> str:
 
 
 def stop_ray_serve() -> None:
+    import asyncio
+
     import ray
     from ray import serve
 
+    global _handle_loop
     try:
         serve.shutdown()
+        if _handle_loop is not None:  # let the routers' shutdowns that serve.shutdown scheduled run
+            pending = asyncio.all_tasks(_handle_loop)
+            if pending:
+                _handle_loop.run_until_complete(asyncio.wait(pending, timeout=5))
     finally:
+        if _handle_loop is not None:
+            _handle_loop.close()
+            _handle_loop = None
         ray.shutdown()
 
 
@@ -56,6 +67,44 @@ def run_native_app(onnx_bytes: bytes, feature_names: list[str]) -> None:
     from ray import serve
 
     serve.run(native_deployment(onnx_bytes, feature_names), name=NATIVE_APP, route_prefix=f"/{NATIVE_APP}")
+
+
+def handle_c1(request: Any, seconds: float, warmup_s: float) -> dict[str, Any]:
+    """One Ray Serve handle call at a time from this process to the native app's replica, with the
+    handle options the gateway uses (its router on the caller's event loop, Serve's direct gRPC
+    transport to the replica; gateway.serving.replica_pool): what one Ray call costs with no gRPC
+    server, routing or logging around it. The anchor of the c=1 target: Chimera's c=1 p50 minus the
+    do-nothing server's cannot be below this call's p50."""
+    import asyncio
+    import time
+
+    from ray import serve
+
+    from loadtest.bench_onnx import percentiles_ms
+
+    async def run() -> dict[str, Any]:
+        handle = serve.get_app_handle(NATIVE_APP)
+        handle._init(_run_router_in_separate_loop=False)  # must run inside the loop it will use
+        method = handle.Predict.options(_by_reference=False)
+        end = time.perf_counter() + warmup_s
+        while time.perf_counter() < end:
+            await method.remote(request)
+        lat: list[float] = []
+        started = time.perf_counter()
+        end = started + seconds
+        while (t0 := time.perf_counter()) < end:
+            await method.remote(request)
+            lat.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        p50, p99 = percentiles_ms(lat)
+        return {"kind": "Ray Serve handle call, c=1", "requests": len(lat), "rps": len(lat) / elapsed,
+                "rows_per_s": len(lat) / elapsed, "p50_ms": p50, "p99_ms": p99}
+
+    # The handle is cached by Serve and its router lives on this loop, so the loop stays open until
+    # `stop_ray_serve`, whose serve.shutdown schedules the router's own shutdown on it.
+    global _handle_loop
+    _handle_loop = _handle_loop or asyncio.new_event_loop()
+    return _handle_loop.run_until_complete(run())
 
 
 def delete_native_app() -> None:

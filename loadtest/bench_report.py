@@ -91,6 +91,9 @@ def reference(cases: dict[str, Any], stream_concurrency: int) -> dict[str, float
         "echo_rps_c64_over_ray_rps_c64": ratio(cases["echo_c64"]["rps"], r64["rps"]),
         "chimera_stream_rps_over_chimera_rps_c64": ratio(
             cases[f"chimera_stream_c{stream_concurrency}"]["rps"], c64["rps"]),
+        # What one bare Ray Serve handle call costs (c=1 p50), next to the c=1 target's budget (1.0 ms
+        # over the do-nothing server): the gateway makes one such call per idle request.
+        "ray_handle_p50_c1_ms": finite(cases.get("ray_handle_c1", {}).get("p50_ms")),
     }
 
 

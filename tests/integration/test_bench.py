@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ["onnx_batch1", "onnx_batch256", "echo_c1", "echo_c64", "ray_c1", "ray_c8", "ray_c64", "chimera_c1",
-         "chimera_c8", "chimera_c64", "chimera_named_c64", "chimera_batch256", "chimera_packed256",
-         "chimera_stream_c64"]
+CASES = ["onnx_batch1", "onnx_batch256", "echo_c1", "echo_c64", "ray_c1", "ray_c8", "ray_c64",
+         "ray_handle_c1", "chimera_c1", "chimera_c8", "chimera_c64", "chimera_named_c64", "chimera_batch256",
+         "chimera_packed256", "chimera_stream_c64"]
 RATIOS = ["chimera_rps_c64_over_echo_rps_c64", "chimera_p99_c64_over_echo_p99_c64",
           "chimera_p50_c1_minus_echo_p50_c1_ms", "predictbatch_rows_per_s_over_onnx_batch256_rows_per_s",
           "predictbatch_packed_p99_ms", "soak_rss_growth", "soak_errors", "soak_p99_last_over_first"]
@@ -42,7 +42,9 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
         assert case["rows_logged"] >= case["rows"], (name, case)  # warm-up rows are logged too
         assert 0 < case["gateway_cpu_us_per_row"] < 1e5, (name, case)
     assert report["client"]["name"] == "go"  # the default: every gRPC case by loadtest/goload
-    assert {report["cases"][n]["extra"]["client"] for n in CASES if not n.startswith("onnx")} == {"go"}
+    in_process = ("onnx_batch1", "onnx_batch256", "ray_handle_c1")  # measured by the bench itself, no client
+    assert {report["cases"][n]["extra"]["client"] for n in CASES if n not in in_process} == {"go"}
+    assert isinstance(report["reference"]["ray_handle_p50_c1_ms"], float)
     assert set(RATIOS) == set(report["ratios"]) == set(report["targets"])
     for key in RATIOS:
         assert isinstance(report["ratios"][key], float), key
