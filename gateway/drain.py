@@ -56,6 +56,7 @@ SETTLE_S = 0.05  # after the shutdown began, before held calls are answered: tim
 POLL_S = 0.001
 DEADLINE_MARGIN_S = 0.005  # a held call is answered this long before its deadline at the latest
 STALL_S = 0.02  # a poll that took longer than this: the event loop did not run (see close_and_stop)
+SEARCH_MAX_S = 2.0  # stalls extend the search for a quiet gap, never past this much wall time
 HOLD_BACKSTOP_S = 0.5  # a held call waits at most this long past the planned release
 REFUSAL = "gateway is shutting down; retry on another instance"
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ async def close_and_stop(server: grpc.aio.Server, admission: Admission, inflight
                 # search (and the hold) get the lost time back, within the deadline.
                 stalls += 1
                 stalled_at = now
-                give_up = min(deadline, give_up + (now - last))
+                give_up = min(deadline, t_idle + SEARCH_MAX_S, give_up + (now - last))
                 admission.hold(min(deadline, give_up + SETTLE_S) + HOLD_BACKSTOP_S)
             last = now
             quiet = (now - max(admission.last_refused, stalled_at) >= QUIET_S
@@ -155,6 +156,6 @@ async def close_and_stop(server: grpc.aio.Server, admission: Admission, inflight
         admission.release()
     log.info("drain: in-flight calls done in %.3f s, %s after %.3f s more (%d loop stalls; %d calls held, "
              "%d refused in all); stopping the server", t_idle - t0,
-             "quiet gap found" if quiet else "NO quiet gap (calls kept arriving)", t_stop - t_idle, stalls,
-             admission.held, admission.refused)
+             "quiet gap found" if quiet else "NO quiet gap (calls kept arriving or the loop kept stalling)",
+             t_stop - t_idle, stalls, admission.held, admission.refused)
     await stopping

@@ -204,3 +204,28 @@ def test_stop_with_a_stalled_loop_behind_round_robin_clients_cancels_nothing() -
         other.close()
     assert codes["OK"] > 0
     assert set(codes) == {"OK"}, codes
+
+
+def test_a_loop_that_keeps_stalling_still_stops_within_the_search_bound() -> None:
+    """Stalls give the search for a quiet gap its lost time back, but never past SEARCH_MAX_S of wall
+    time: a gateway whose loop keeps stalling (50 ms in every 60) still stops, well before its grace."""
+    from gateway.drain import SEARCH_MAX_S, SETTLE_S
+
+    async def scenario() -> float:
+        admission, server = Admission(), _RecordingServer()
+        loop = asyncio.get_running_loop()
+        until = time.monotonic() + 10.0
+
+        def block() -> None:
+            time.sleep(0.05)
+            if time.monotonic() < until:
+                loop.call_later(0.01, block)
+
+        loop.call_later(0.0, block)
+        t0 = time.monotonic()
+        await close_and_stop(server, admission, {}, t0 + 30.0)  # type: ignore[arg-type]
+        assert server.stopped_at is not None
+        return time.monotonic() - t0
+
+    took = asyncio.run(scenario())
+    assert took <= SEARCH_MAX_S + SETTLE_S + 0.2, took
