@@ -73,8 +73,9 @@ def handle_c1(request: Any, seconds: float, warmup_s: float) -> dict[str, Any]:
     """One Ray Serve handle call at a time from this process to the native app's replica, with the
     handle options the gateway uses (its router on the caller's event loop, Serve's direct gRPC
     transport to the replica; gateway.serving.replica_pool): what one Ray call costs with no gRPC
-    server, routing or logging around it. The anchor of the c=1 target: Chimera's c=1 p50 minus the
-    do-nothing server's cannot be below this call's p50."""
+    server, routing or logging around it. The anchor of the c=1 target: the gateway makes one such
+    call per idle request, so its c=1 p50 over the do-nothing server's is read against this call's p50
+    (measured from the bench's own process, so an approximation of the gateway's call, not a bound)."""
     import asyncio
     import time
 
