@@ -46,15 +46,10 @@ def spawned_children(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds a process (all its threads) has used so far."""
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
-
-
 def tree_cpu_seconds(pid: int) -> float:
-    """`cpu_seconds` of a process and of its live descendants (`chimera serve --processes N`: the
-    supervisor and its workers). A descendant that ends between two reads takes its CPU with it."""
+    """User plus system CPU seconds a process (all its threads) and its live descendants have used so
+    far (`chimera serve --processes N`: the supervisor and its workers). A descendant that ends between
+    two reads takes its CPU with it."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]

@@ -3,6 +3,7 @@ loop, and talk to it over loopback gRPC like a customer."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -27,6 +28,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# What a Go service sets in its service config: round robin over every resolved address, and retry of
+# UNAVAILABLE (the status the gateway answers while it drains, and when a version has no replica that
+# answers: a call that was refused, never scored), with backoff. grpc-go applies the same JSON.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "chimera.v1.PredictionService"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
+
+
+def round_robin_channel(ports: list[int]) -> grpc.Channel:
+    """One channel over several local gateways, configured as a Go client would be (SERVICE_CONFIG)."""
+    return grpc.insecure_channel("ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports), options=[
+        ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG))])
 
 
 def poll_until(predicate: Callable[[], object], timeout: float, every: float = 0.05) -> bool:

@@ -20,6 +20,7 @@ from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.api.wire import register
 from gateway.drain import Admission, close_and_stop
+from tests.harness import round_robin_channel
 
 ROUNDS = 8  # per client kind: 16 stops in all
 CLIENTS = 12
@@ -140,16 +141,8 @@ def test_a_stalled_event_loop_restarts_the_quiet_gap() -> None:
 
 def _round_robin(ports: list[int], stop: threading.Event, codes: Counter[str]) -> list[threading.Thread]:
     """Six client threads on one channel over two gateways, round robin, UNAVAILABLE retried (as a Go
-    service configured for several gateways; tests/integration/test_multi_node.py's client)."""
-    import json
-
-    config = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [{
-        "name": [{"service": "chimera.v1.PredictionService"}],
-        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}
-    channel = grpc.insecure_channel("ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports), options=[
-        ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(config))])
+    service configured for several gateways; tests.harness.round_robin_channel)."""
+    channel = round_robin_channel(ports)
     stub = pb_grpc.PredictionServiceStub(channel)
 
     def run() -> None:

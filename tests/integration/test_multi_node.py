@@ -15,7 +15,6 @@ never joins it: gRPC to the gateways, SQL to PostgreSQL, the observer's reports 
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -32,7 +31,7 @@ from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from registry import Registry
 from registry.models import Prediction
-from tests.harness import small_onnx
+from tests.harness import round_robin_channel, small_onnx
 from tests.multinode import Cluster, Gateway, Observer, replica_nodes
 from tests.pg import PostgresServer
 
@@ -41,17 +40,6 @@ CONCURRENCY = 6  # client threads, each with at most one call in flight (2 share
 PAUSE_S = 0.02  # between one thread's calls: steady, not flat out
 REPLICAS = 2
 FEATURES = [0.1, 0.2, 0.3, 0.4]
-# What a Go service sets in its service config: round robin over every resolved address, and retry of
-# UNAVAILABLE (the status the gateway answers while it drains, and when a version has no replica that
-# answers: a call that was refused, never scored), with backoff. grpc-go applies the same JSON.
-SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": "chimera.v1.PredictionService"}],
-        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-}
 
 
 @dataclass(frozen=True)
@@ -66,10 +54,7 @@ class Load:
     """CONCURRENCY threads calling Predict over one channel to both gateways; every call recorded."""
 
     def __init__(self, ports: list[int], model: str) -> None:
-        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(SERVICE_CONFIG))])
+        self.channel = round_robin_channel(ports)
         self.stub = pb_grpc.PredictionServiceStub(self.channel)
         self.model = model
         self.calls: list[Call] = []
