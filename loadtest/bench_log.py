@@ -295,6 +295,23 @@ def _latencies(ticks_t: list[float], ticks_total: list[int], commits: _Commits, 
             "max": round(float(a.max()), 1), "ticks": float(len(a))}
 
 
+# Issue 17's ingest target: at least this many rows/s sustained for at least this long, on PostgreSQL.
+TARGET_PG_ROWS_PER_S = 100_000
+TARGET_DURATION_S = 60.0
+
+
+def target_line(r: LogBenchResult) -> str | None:
+    """The issue's verdict for a PostgreSQL run (None on other backends): met only when the rate was
+    sustained at or above the target over a window at least as long as the target's."""
+    if r.backend != "postgresql":
+        return None
+    long_enough = r.spec["duration_s"] >= TARGET_DURATION_S
+    met = r.sustained and long_enough and r.sustained_rps >= TARGET_PG_ROWS_PER_S
+    why = "" if long_enough else f" (the run is shorter than {TARGET_DURATION_S:.0f} s)"
+    return (f"  target: >= {TARGET_PG_ROWS_PER_S:,} rows/s sustained for {TARGET_DURATION_S:.0f} s on "
+            f"PostgreSQL: {'met' if met else 'NOT met'}{why}")
+
+
 def format_result(r: LogBenchResult) -> str:
     lat = r.latency_ms
     lat_text = (f"enqueue-to-commit p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms"
@@ -311,5 +328,7 @@ def format_result(r: LogBenchResult) -> str:
         f"  submitted {r.submitted:,}, committed {r.committed:,} in {r.batches:,} batches, spilled "
         f"{r.spilled:,}, dead-lettered {r.dead_letter:,}",
     ]
+    target = target_line(r)
+    lines += [target] if target else []
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)

@@ -3,19 +3,16 @@ INSERT through the driver's fastest path. Split from gateway.records.prediction_
 writer thread, spill and replay), which is the only user.
 
 SQLite: `executemany` of one prepared INSERT ... ON CONFLICT (request_id) DO NOTHING (a C loop).
-PostgreSQL with psycopg2: one `INSERT ... SELECT ... FROM unnest($1::varchar[], $2::varchar[], ...)` per
-statement, each column sent as ONE array literal (gateway.records.pg_arrays; issue 17: ~4 us a row of
-client CPU where execute_values' per-row mogrify cost ~11, and less server CPU than parsing a 1000-row
-VALUES list); without ON CONFLICT until an id is taken (see _CONFLICT_MODE_S), so duplicates behave as
-before; batches of 2,000+ rows as two halves on two connections committed together
-(gateway.records.paired_tx). Other drivers fall back to `Registry.insert_predictions`.
+PostgreSQL with psycopg2 (the engine's driver): binary COPY on psycopg 3 connections
+(gateway.records.pg_copy, bounded by registry.copy_conn) until a request id is taken (see
+_CONFLICT_MODE_S); then `INSERT ... SELECT ... FROM unnest($1::varchar[], ...) ON CONFLICT (request_id)
+DO NOTHING` on the engine's connections, each column sent as ONE array literal (gateway.records.pg_arrays),
+so duplicates behave as before. Batches of 2,000+ rows go as two halves on two connections committed
+together (gateway.records.paired_tx). Other drivers fall back to `Registry.insert_predictions`.
 
-Why not COPY: psycopg2 refuses COPY while a wait callback is installed ("copy_expert cannot be used
-with an asynchronous callback"), and registry.engine installs one process-wide: it is what bounds
-every call on a hung PostgreSQL (issue 15). COPY also cannot skip conflicting ids. Measured on this
-machine (50k rows, 32 JSON features, today's four indexes; CPU per row, client + server):
-execute_values ~45-52 us, this unnest ~31 us, COPY csv (in a process without the callback) ~32 us.
-So the array insert gives COPY's cost and keeps the deadlines and the duplicate rule.
+Measured on this machine (server CPU a row, 32 features, the table's indexes): execute_values ~45-52 us
+client + server, the unnest INSERT 11.8-13.6 us server, binary COPY 9.0 us server; over 60 s with two
+connections, 81k rows/s for the unnest INSERT and 106k for COPY (docs/performance.md).
 Feature rows: packed little-endian float32 vectors (`matrix_f32`) on both backends: SQLite keeps them in
 its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (the unnest insert sends them
 as one bytea sliced by start and length arrays, pg_arrays.bytea_blob). The column type,
@@ -38,7 +35,9 @@ from sqlalchemy import insert
 
 from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
+from gateway.records.pg_copy import Timestamps, copy_rows, copy_sql
 from registry import Registry
+from registry.copy_conn import CopyConnections, deadline
 from registry.models import Prediction, RequestError, ShadowPrediction
 from registry.repository import PredictionRow
 
@@ -66,8 +65,8 @@ _PG_ARRAY_TYPES = ("varchar", "varchar", "int", "varchar", "float8", "float8", "
 _TEXT_COLUMNS = frozenset({0, 1, 3, 6})
 _FEATURES = 7  # the bytea column (migration 0008): see pg_arrays
 _PG_ROWS_PER_STATEMENT = 10_000
-# PostgreSQL: batches go in as a plain INSERT; ON CONFLICT DO NOTHING costs ~2 us a row of server CPU
-# even when nothing conflicts (a unique-index probe before each row's speculative insert; measured
+# PostgreSQL: batches go in by COPY (like a plain INSERT); ON CONFLICT DO NOTHING costs ~2 us a row of
+# server CPU even when nothing conflicts (a unique-index probe before each row's speculative insert; measured
 # on 5,000-row statements: 11.9 -> 13.9 us a row). A unique violation (23505) rolls the batch back and
 # it is written again with ON CONFLICT, as is every batch for the next _CONFLICT_MODE_S seconds.
 _UNIQUE_VIOLATION = "23505"
@@ -155,7 +154,7 @@ class Inserter:
         self._fast_ts = self._ts is not None and _same_format(self._ts)
         self._second: tuple[int, str] = (-1, "")
         cols = ", ".join(COLUMNS)
-        self.plain_sql = ""  # PostgreSQL: the statement without ON CONFLICT (see _CONFLICT_MODE_S)
+        self._copy: CopyConnections | None = None  # PostgreSQL: the plain path (see _CONFLICT_MODE_S)
         if self.dialect == "sqlite":
             marks = ", ".join("?" * len(COLUMNS))
             self.sql = (f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) "
@@ -167,9 +166,11 @@ class Inserter:
             picks = [*names[:_FEATURES], f"substr(%s::bytea, {names[_FEATURES]}, {names[_FEATURES + 1]})",
                      *names[_FEATURES + 2:]]
             arrays = ", ".join(f"%s::{t}[]" for t in types)
-            self.plain_sql = (f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(picks)} "
-                              f"FROM unnest({arrays}) AS r({', '.join(names)})")
-            self.sql = self.plain_sql + " ON CONFLICT (request_id) DO NOTHING"
+            self.sql = (f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(picks)} "
+                        f"FROM unnest({arrays}) AS r({', '.join(names)}) ON CONFLICT (request_id) DO NOTHING")
+            self._copy = CopyConnections(registry.url)
+            self.copy_sql = copy_sql(table.name, COLUMNS)
+            self._when = Timestamps()
         else:
             self.sql = ""
         shadow, shadow_cols = ShadowPrediction.__table__.name, ", ".join(SHADOW_COLUMNS)
@@ -230,16 +231,39 @@ class Inserter:
             self._insert_orm(params, errors)
             return None
 
-        if self.dialect == "postgresql" and time.monotonic() >= self._conflicts_until:
+        if self._copy is not None and time.monotonic() >= self._conflicts_until:
             try:
-                return self._insert_rows(self.plain_sql, params, errors)
+                return self._copy_rows(params, errors)
             except Exception as exc:
-                if getattr(exc, "pgcode", None) != _UNIQUE_VIOLATION:
+                if (getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)) != _UNIQUE_VIOLATION:
                     raise
                 # A request id is taken (a replay, a reused client id): this batch again, and the next
                 # ones for a while, with ON CONFLICT, so ids reused on purpose cost one retry a minute.
                 self._conflicts_until = time.monotonic() + _CONFLICT_MODE_S
         return self._insert_rows(self.sql, params, errors)
+
+    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
+        """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) in one transaction, or
+        two halves on two connections committed together (gateway.records.paired_tx)."""
+        copy = self._copy
+        assert copy is not None
+        timeout = copy.query_timeout_s
+
+        def write(cur: Any, part: Sequence[Row] = params) -> int:
+            written_rows = copy_rows(cur, self.copy_sql, part, self._when, timeout)
+            if errors:  # rare (a failing version)
+                with deadline(cur.connection, timeout):
+                    cur.executemany(self.error_sql, errors)
+            return written_rows
+
+        if len(params) < 2 * _PG_PAIR_MIN_ROWS:
+            conn, n = written(copy.connect, write)
+            end(conn, commit=True)
+            return n
+        first, second = halves(params, itemgetter(0))
+        return write_both(copy.connect, lambda cur: write(cur, first),
+                          lambda cur: copy_rows(cur, self.copy_sql, second, self._when, timeout),
+                          self._pool())
 
     def _insert_rows(self, sql: str, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
         """One transaction; on PostgreSQL, a batch of at least 2 x _PG_PAIR_MIN_ROWS predictions as two

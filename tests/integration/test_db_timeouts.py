@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def timed(call) -> tuple[float, BaseException | None]:  # noqa: ANN001
     except Exception as exc:  # noqa: BLE001 - returned for the assertions
         return time.monotonic() - t0, exc
     return time.monotonic() - t0, None
+
+
+def timed_in_thread(call, limit: float) -> tuple[float, BaseException | None]:  # noqa: ANN001
+    """`timed` on a daemon thread given `limit` seconds: a call that never returns fails the test
+    (instead of hanging the session with the server stopped)."""
+    out: list[tuple[float, BaseException | None]] = []
+    worker = threading.Thread(target=lambda: out.append(timed(call)), daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert out, f"the call was still blocked after {limit:.0f} s with the server hung"
+    return out[0]
 
 
 def test_hung_postgres_fails_registry_calls_within_the_timeouts(own_postgres: PostgresServer,
@@ -107,6 +119,57 @@ def test_hung_postgres_fails_registry_calls_within_the_timeouts(own_postgres: Po
     reg.dispose()
 
 
+def test_prediction_log_copy_on_a_hung_postgres_fails_within_the_timeouts_then_writes_again(
+        own_postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log's bulk path (binary COPY on psycopg 3 connections, registry.copy_conn) has the same
+    bounds as the engine: a batch to a hung server fails within the query timeout (a pooled connection)
+    or the connect timeout (a new one), never blocks the writer, and the same Inserter writes again once
+    the server is continued. The failed batches stored nothing (the writer keeps and retries them)."""
+    monkeypatch.setenv("CHIMERA_DB_QUERY_TIMEOUT_S", str(QUERY_TIMEOUT_S))
+    monkeypatch.setenv("CHIMERA_DB_CONNECT_TIMEOUT_S", str(CONNECT_TIMEOUT_S))
+    from gateway.records.inserter import Inserter
+
+    url = own_postgres.create_database()
+    reg = registry_for(url)
+    reg.upgrade()
+    ins = Inserter(reg)
+    ts = ins.timestamp(time.time())
+
+    def rows(tag: str, n: int) -> list[tuple]:
+        return [(f"{tag}-{i}", "m", 1, "k", 0.5, 1.0, ts, b"\0\0\0\0", None, False, None) for i in range(n)]
+
+    assert ins.insert(rows("before", 4000)) == 4000  # two pooled COPY connections exist now
+    pids = own_postgres.pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for tag, n, bound in (("paired", 4000, QUERY_TIMEOUT_S + CONNECT_TIMEOUT_S + 3.0),
+                              ("single", 10, CONNECT_TIMEOUT_S + QUERY_TIMEOUT_S + 3.0)):
+            elapsed, exc = timed_in_thread(lambda tag=tag, n=n: ins.insert(rows(tag, n)), bound + 5)
+            assert exc is not None and type(exc).__name__ in {"OperationalError", "ConnectionTimeout"}, exc
+            assert elapsed < bound, f"{tag} COPY took {elapsed:.1f} s with the server hung"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert ins.insert(rows("after", 4000)) == 4000
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with reg.session() as s:
+        stored = dict(s.execute(text("SELECT split_part(request_id, '-', 1), count(*) FROM predictions "
+                                     "GROUP BY 1")).all())
+    assert stored == {"before": 4000, "after": 4000}
+    reg.dispose()
+
+
 def test_statement_and_lock_timeouts_are_set_on_postgres(postgres: PostgresServer) -> None:
     """The server-side bounds reach every connection: a slow statement is cancelled, a lock wait ends."""
     url = postgres.create_database()
@@ -117,6 +180,18 @@ def test_statement_and_lock_timeouts_are_set_on_postgres(postgres: PostgresServe
                  ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")}
     assert shown == {"statement_timeout": "1s", "lock_timeout": "500ms",
                      "idle_in_transaction_session_timeout": "1min"}
+    # The prediction log's COPY connections (registry.copy_conn) get the same server-side bounds.
+    from registry.copy_conn import CopyConnections
+
+    copy_settings = RegistrySettings(url=url, statement_timeout_s=1.0, lock_timeout_s=0.5)
+    copies = CopyConnections(url, settings=copy_settings)
+    lease = copies.connect()
+    with lease.cursor() as cur:
+        copy_shown = {k: cur.execute(f"SHOW {k}").fetchone()[0] for k in shown}
+    lease.rollback()
+    lease.close()
+    copies.close()
+    assert copy_shown == shown
     elapsed, exc = timed(lambda: reg.session().execute(text("SELECT pg_sleep(10)")))
     assert isinstance(exc, DBAPIError) and "statement timeout" in str(exc), exc
     assert elapsed < 5

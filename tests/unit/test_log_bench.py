@@ -66,3 +66,19 @@ def test_as_fast_as_taken_keeps_the_queue_bounded(tmp_path: Path) -> None:
         assert r.spilled == 0
     finally:
         reg.dispose()
+
+
+def test_the_postgresql_target_is_met_only_by_a_sustained_run_of_60_s_at_100k() -> None:
+    """What the operator reads after `chimera log bench` on PostgreSQL: issue 17's verdict, which a short
+    run, an unsustained run or a slower one never gets as "met"; other backends have no such line."""
+    from loadtest.bench_log import LogBenchResult, target_line
+
+    def result(backend: str, rps: float, duration: float, sustained: bool = True) -> LogBenchResult:
+        return LogBenchResult(backend=backend, spec={"duration_s": duration}, sustained_rps=rps,
+                              sustained=sustained)
+
+    assert target_line(result("postgresql", 102_645, 60)).endswith(": met")
+    assert target_line(result("postgresql", 99_999, 60)).endswith("NOT met")
+    assert target_line(result("postgresql", 150_000, 60, sustained=False)).endswith("NOT met")
+    assert "shorter than 60 s" in target_line(result("postgresql", 150_000, 20))
+    assert target_line(result("sqlite", 150_000, 60)) is None

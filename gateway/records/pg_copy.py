@@ -1,0 +1,67 @@
+"""The prediction log's plain PostgreSQL insert as binary COPY (issue 17), on psycopg 3 connections bounded
+by registry.copy_conn.
+
+Why: COPY in binary format hands the server each value in its wire form, so the server does not lex a
+statement or parse array, hex and timestamp literals; its CPU a row fell from 11.8-13.6 us (the unnest
+INSERT, gateway.records.pg_arrays) to 9.0 us over 20 s, and the writer's rate on this 2-core machine
+from 81k to 106k rows/s over 60 s (two connections each; docs/performance.md "Prediction-log ingest").
+
+What stays as before: COPY is only the *plain* path. A unique violation (a request id already stored)
+aborts the COPY like the plain INSERT, and gateway.records.inserter writes the batch again with the
+unnest INSERT ... ON CONFLICT DO NOTHING on the engine's connections (and the next batches for a while).
+A value the server refuses (a NUL byte, an over-long id) raises psycopg's DataError, which the log's
+bisection (gateway.records.spill.is_data_error) knows by name; anything else means the database is away
+and the rows are kept.
+
+The element types must be the columns' own (binary COPY has no casts): the predictions table after
+migration 0008 (varchar, varchar, int4, varchar, float8, float8, timestamptz, bytea, int8, bool, int4);
+tests/integration/test_log_insert.py writes through this path on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from registry.copy_conn import deadline
+from registry.models import list_to_packed
+
+COPY_TYPES = ("text", "text", "int4", "text", "float8", "float8", "timestamptz", "bytea", "int8", "bool",
+              "int4")
+
+
+def copy_sql(table: str, columns: Sequence[str]) -> str:
+    return f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+
+
+class Timestamps:
+    """created_at text (ISO 8601 with offset, as the writer's rows and spill lines carry it) to the
+    datetime binary COPY needs; the rows of one batch share a handful of values, so the last is kept."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, datetime | None] = (None, None)
+
+    def __call__(self, value: Any) -> datetime:
+        text, dt = self._last
+        if value == text and dt is not None:
+            return dt
+        dt = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+        self._last = (value, dt)
+        return dt
+
+
+def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps,
+              timeout_s: float | None) -> int:
+    """COPY `rows` (the prediction log's COLUMNS, in order) on `cur`'s connection within `timeout_s`.
+    Returns the rows written. Numbers are coerced to the column's Python type (a numpy scalar would
+    otherwise fail the dump, which the log would take for bad data); features go as packed float32
+    (JSON text or lists from unary rows and spill lines are packed here)."""
+    with deadline(cur.connection, timeout_s), cur.copy(sql) as cp:
+        cp.set_types(COPY_TYPES)
+        write = cp.write_row
+        for r in rows:
+            f = r[7]
+            write((r[0], r[1], int(r[2]), r[3], float(r[4]), float(r[5]), when(r[6]),
+                   f if f is None or type(f) is bytes else list_to_packed(f),
+                   None if r[8] is None else int(r[8]), bool(r[9]), None if r[10] is None else int(r[10])))
+    return len(rows)
