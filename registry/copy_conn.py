@@ -53,20 +53,25 @@ def deadline(conn: Any, seconds: float | None) -> Iterator[None]:
         yield
         return
     fired = threading.Event()
+    state = threading.Lock()  # the call's end and the timer's firing exclude each other
+    done = False
 
     def fire() -> None:
-        fired.set()
-        try:
-            fd = os.dup(conn.fileno())
-        except (OSError, psycopg.Error):
-            return  # already closed: the call has failed by itself
-        s = socket.socket(fileno=fd)
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            s.close()
+        with state:
+            if done:
+                return  # the call ended first: its connection may already be lent to someone else
+            fired.set()
+            try:
+                fd = os.dup(conn.fileno())
+            except (OSError, psycopg.Error):
+                return  # already closed: the call has failed by itself
+            s = socket.socket(fileno=fd)
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                s.close()
 
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
@@ -81,7 +86,9 @@ def deadline(conn: Any, seconds: float | None) -> Iterator[None]:
         raise
     finally:
         timer.cancel()
-    if fired.is_set():  # fired just as the call finished: the socket may be half shut, do not reuse it
+        with state:
+            done = True
+    if fired.is_set():  # fired just as the call finished: the socket is shut, do not reuse it
         conn.close()
 
 
