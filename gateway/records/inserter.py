@@ -280,6 +280,11 @@ class Inserter:
         return write_both(self.registry.engine.raw_connection, lambda cur: write(cur, first),
                           lambda cur: self._write(cur, sql, second, _TEXT_COLUMNS, _FEATURES), self._pool())
 
+    def close(self) -> None:
+        """Close the idle COPY connections (PostgreSQL); a later insert opens new ones."""
+        if self._copy is not None:
+            self._copy.close()
+
     def _pool(self) -> DaemonThreads:
         """Where the second half is written: a daemon thread per batch (paired_tx.DaemonThreads)."""
         if self._executor is None:

@@ -94,6 +94,7 @@ class DurableWriter:
                 self._take_over()
                 break
         self._thread = None
+        self._inserter.close()  # its idle COPY connections (a writer still stuck keeps its own)
 
     def _progress_mark(self) -> int:
         """What stop() calls progress: database answers. Not rows taken or spilled: a writer that fails
