@@ -22,7 +22,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from chimera.settings import RegistrySettings
 from registry import Registry
 from registry.engine import make_engine
-from tests.pg import PostgresServer
+from tests.harness import wait_for
+from tests.pg import PostgresServer, continue_all
 
 # Python 3.11.7's AST validator can raise a false "AST constructor recursion depth mismatch" when
 # hypothesis' pytest plugin first imports this module (assertion-rewritten) in its terminal summary, after
@@ -149,20 +150,19 @@ def test_prediction_log_copy_on_a_hung_postgres_fails_within_the_timeouts_then_w
             assert exc is not None and type(exc).__name__ in {"OperationalError", "ConnectionTimeout"}, exc
             assert elapsed < bound, f"{tag} COPY took {elapsed:.1f} s with the server hung"
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 30
-    while True:
+        continue_all(pids)
+    after: list[int] = []
+
+    def written_after() -> bool:
         try:
-            assert ins.insert(rows("after", 4000)) == 4000
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            after.append(ins.insert(rows("after", 4000)) or 0)
+        except Exception:  # noqa: BLE001 - the server is still waking: the writer would retry too
+            return False
+        return True
+
+    wait_for(written_after, timeout=30, what="the same Inserter writing once the server is continued",
+             every=0.5)
+    assert after == [4000]
     with reg.session() as s:
         stored = dict(s.execute(text("SELECT split_part(request_id, '-', 1), count(*) FROM predictions "
                                      "GROUP BY 1")).all())
