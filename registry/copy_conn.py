@@ -2,12 +2,13 @@
 
 Why a second driver: the prediction log's bulk path is binary COPY, which takes ~25 % less server CPU a
 row than the unnest INSERT (no SQL to lex, no array or hex literals to parse: 9.0 against 11.8-13.6 us a
-row; 106k against 81k rows/s over 60 s on this machine, two connections each, measured 2026-12-05). The
+row; 103-107k against 75k rows/s over 60 s through the writer on this machine, two connections each,
+measured 2026-12-05, docs/performance.md). The
 engine's psycopg2 connections cannot COPY: psycopg2 refuses COPY in the "green" mode whose wait callback
 bounds every call on a hung server (registry.engine). psycopg 3 can, and its connect honours
 `connect_timeout` itself, but it has no client-side bound on a statement's answer either.
 
-The bound here: `Deadline` arms a timer around each call; when it fires it shuts the connection's socket
+The bound here: `deadline` arms a timer around each call; when it fires it shuts the connection's socket
 down (shutdown(2) on a duplicate of its descriptor), which wakes the thread waiting on the server with
 an error whether the server is gone, wedged or SIGSTOPped (the kernel still acknowledges every byte of a
 stopped server, so neither keepalives nor the server's timeouts help, as for the engine). The call then

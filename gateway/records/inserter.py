@@ -12,7 +12,7 @@ together (gateway.records.paired_tx). Other drivers fall back to `Registry.inser
 
 Measured on this machine (server CPU a row, 32 features, the table's indexes): execute_values ~45-52 us
 client + server, the unnest INSERT 11.8-13.6 us server, binary COPY 9.0 us server; over 60 s with two
-connections, 81k rows/s for the unnest INSERT and 106k for COPY (docs/performance.md).
+connections, 75k rows/s for the unnest INSERT and 103-107k for COPY (docs/performance.md).
 Feature rows: packed little-endian float32 vectors (`matrix_f32`) on both backends: SQLite keeps them in
 its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (the unnest insert sends them
 as one bytea sliced by start and length arrays, pg_arrays.bytea_blob). The column type,

@@ -4,7 +4,7 @@ by registry.copy_conn.
 Why: COPY in binary format hands the server each value in its wire form, so the server does not lex a
 statement or parse array, hex and timestamp literals; its CPU a row fell from 11.8-13.6 us (the unnest
 INSERT, gateway.records.pg_arrays) to 9.0 us over 20 s, and the writer's rate on this 2-core machine
-from 81k to 106k rows/s over 60 s (two connections each; docs/performance.md "Prediction-log ingest").
+from 75k to 103-107k rows/s over 60 s (two connections each; docs/performance.md "Prediction-log ingest").
 
 What stays as before: COPY is only the *plain* path. A unique violation (a request id already stored)
 aborts the COPY like the plain INSERT, and gateway.records.inserter writes the batch again with the
