@@ -20,7 +20,7 @@ tests/integration/test_log_insert.py writes through this path on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from registry.copy_conn import deadline
@@ -36,7 +36,9 @@ def copy_sql(table: str, columns: Sequence[str]) -> str:
 
 class Timestamps:
     """created_at text (ISO 8601 with offset, as the writer's rows and spill lines carry it) to the
-    datetime binary COPY needs; the rows of one batch share a handful of values, so the last is kept."""
+    datetime binary COPY needs; the rows of one batch share a handful of values, so the last is kept.
+    Text without an offset is UTC: psycopg refuses a naive datetime for timestamptz with a TypeError,
+    which the log would take for a bad row and dead-letter."""
 
     def __init__(self) -> None:
         self._last: tuple[Any, datetime | None] = (None, None)
@@ -46,6 +48,8 @@ class Timestamps:
         if value == text and dt is not None:
             return dt
         dt = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+        if dt.tzinfo is None:  # SQLite's text (a spill line of a gateway on SQLite): UTC
+            dt = dt.replace(tzinfo=UTC)
         self._last = (value, dt)
         return dt
 

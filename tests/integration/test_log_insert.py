@@ -6,7 +6,7 @@ as a data error (so the row store bisects it out)."""
 from __future__ import annotations
 
 import time
-from datetime import UTC
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -48,6 +48,18 @@ def test_rows_round_trip_exactly_and_duplicates_are_skipped(registry) -> None:  
     # JSON text is stored as it is on SQLite; PostgreSQL's bytea column (0008) packs it to float32 first.
     big = 3.40282347e38 if registry.engine.dialect.name == "sqlite" else 3.4028235e38
     assert got["edge-4"].score == 1e-300 and got["edge-4"].features == [big, 0]
+
+
+def test_a_time_without_offset_is_stored_as_that_utc_time(registry) -> None:  # noqa: ANN001
+    """A spill line written by a gateway on SQLite carries created_at as SQLite's text, UTC without an
+    offset; replayed into PostgreSQL (the registry moved) it is stored at that UTC time, not refused as
+    a bad row (binary COPY needs an aware time)."""
+    ins = Inserter(registry)
+    assert ins.insert([("naive-1", "m", 1, "k", 0.5, 1.0, "2026-01-02 03:04:05.678901", None, None, False,
+                        None)]) == 1
+    with registry.session() as s:
+        got = s.scalar(select(Prediction.created_at).where(Prediction.request_id == "naive-1"))
+    assert got.replace(tzinfo=got.tzinfo or UTC) == datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("bad", [
