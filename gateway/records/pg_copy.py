@@ -9,7 +9,7 @@ from 75k to 103-107k rows/s over 60 s (two connections each; docs/performance.md
 What stays as before: COPY is only the *plain* path. A unique violation (a request id already stored)
 aborts the COPY like the plain INSERT, and gateway.records.inserter writes the batch again with the
 unnest INSERT ... ON CONFLICT DO NOTHING on the engine's connections (and the next batches for a while).
-A value the server refuses (a NUL byte, an over-long id) raises psycopg's DataError, which the log's
+A value the server refuses (a NUL byte, an over-long routing key) raises psycopg's DataError, which the log's
 bisection (gateway.records.spill.is_data_error) knows by name; anything else means the database is away
 and the rows are kept.
 
