@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -120,27 +121,48 @@ class Lease:
 
 class CopyConnections:
     """A few psycopg 3 connections kept open for one writer (at most `size` idle; more are opened when
-    asked and closed when given back). Thread-safe: the paired writes lease two at once."""
+    asked and closed when given back). Thread-safe: the paired writes lease two at once.
+
+    A connection idle for `ping_after_s` is pinged (SELECT 1, bounded) before it is lent, and
+    replaced when the server does not answer: after a PostgreSQL restart or failover, the first batch
+    would otherwise fail on a dead socket and be spilled for a later replay (the engine's pool does the
+    same with pre_ping). Under load the writer never waits that long between batches, so no ping runs."""
 
     def __init__(self, url: str, *, settings: RegistrySettings | None = None,
-                 statement_timeout_ms: int | None = SERVING_STATEMENT_TIMEOUT_MS, size: int = 2) -> None:
+                 statement_timeout_ms: int | None = SERVING_STATEMENT_TIMEOUT_MS, size: int = 2,
+                 ping_after_s: float = 5.0) -> None:
         cfg = settings or RegistrySettings.from_env()
         self.args = conninfo(url, cfg, statement_timeout_ms)
         self.query_timeout_s = cfg.query_timeout_s or None
         self.size = size
-        self._idle: list[Any] = []
+        self.ping_after_s = ping_after_s
+        self._idle: list[tuple[Any, float]] = []  # (connection, monotonic time it was given back)
         self._lock = threading.Lock()
 
     def connect(self) -> Lease:
-        """An idle connection, or a new one (connect_timeout bounds it; psycopg raises
+        """An idle connection that answers, or a new one (connect_timeout bounds it; psycopg raises
         OperationalError when the server is away)."""
         import psycopg
 
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = psycopg.connect(**self.args)
-        return Lease(self, conn)
+        while True:
+            with self._lock:
+                conn, since = self._idle.pop() if self._idle else (None, 0.0)
+            if conn is None:
+                return Lease(self, psycopg.connect(**self.args))
+            if time.monotonic() - since < self.ping_after_s or self._answers(conn):
+                return Lease(self, conn)
+            conn.close()
+
+    def _answers(self, conn: Any) -> bool:
+        import psycopg
+
+        try:
+            with deadline(conn, self.query_timeout_s):
+                conn.execute("SELECT 1")
+                conn.rollback()
+        except psycopg.Error:
+            return False
+        return not conn.closed
 
     def give_back(self, conn: Any) -> None:
         from psycopg.pq import TransactionStatus
@@ -148,12 +170,12 @@ class CopyConnections:
         whole = not conn.closed and not conn.broken and conn.info.transaction_status == TransactionStatus.IDLE
         with self._lock:
             if whole and len(self._idle) < self.size:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()

@@ -202,3 +202,28 @@ def test_copy_types_are_the_predictions_columns_own(registry) -> None:  # noqa: 
             "timestamptz": {"timestamp with time zone"}}
     wrong = {c: (t, types[c]) for c, t in zip(COLUMNS, COPY_TYPES, strict=True) if types[c] not in same[t]}
     assert wrong == {}
+
+
+def test_copy_connections_dropped_by_the_server_are_replaced_before_the_next_batch(registry) -> None:  # noqa: ANN001
+    """After a PostgreSQL restart or failover the log's idle COPY connections are dead sockets; the next
+    batch must be written on fresh ones, not fail and go to the spill file for a later replay."""
+    if registry.engine.dialect.name != "postgresql":
+        pytest.skip("binary COPY is PostgreSQL's path")
+    from sqlalchemy import text
+
+    ins = Inserter(registry)
+    assert ins._copy is not None
+    ins._copy.ping_after_s = 0.0  # the writer pings connections idle for 5 s; here, every one
+    ts = ins.timestamp(time.time())
+
+    def rows(tag: str) -> list[tuple]:
+        return [(f"{tag}-{i}", "m", 1, "k", 0.5, 1.0, ts, None, None, False, None) for i in range(3000)]
+
+    assert ins.insert(rows("first")) == 3000  # two COPY connections, now idle in the pool
+    with registry.engine.connect() as c:  # what a restart does to them
+        ended = c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                               "pid <> pg_backend_pid() AND datname = current_database() AND "
+                               "application_name = '' AND state = 'idle'")).scalar()
+    assert ended >= 2
+    assert ins.insert(rows("second")) == 3000
+    ins.close()
