@@ -1,7 +1,7 @@
-"""The prediction log's bulk insert on both backends (issue 17: PostgreSQL sends each column as one
-array and unnests it server-side): what is stored is exactly what was logged, whatever the text holds,
-ids already stored are skipped and counted, and a row the database refuses fails the whole statement
-as a data error (so the row store bisects it out)."""
+"""The prediction log's bulk insert on both backends (issue 17: on PostgreSQL binary COPY until an id is
+taken, then each column as one array unnested server-side with ON CONFLICT): what is stored is exactly
+what was logged, whatever the text holds, ids already stored are skipped and counted, and a row the
+database refuses fails the whole statement as a data error (so the row store bisects it out)."""
 
 from __future__ import annotations
 
