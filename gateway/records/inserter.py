@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
@@ -35,7 +36,7 @@ from sqlalchemy import insert
 
 from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
-from gateway.records.pg_copy import Timestamps, copy_rows, copy_sql
+from gateway.records.pg_copy import COLUMN_TYPES, Timestamps, copy_rows, copy_sql
 from registry import Registry
 from registry.copy_conn import CopyConnections, deadline
 from registry.models import Prediction, RequestError, ShadowPrediction
@@ -59,9 +60,6 @@ _OLD_FIELDS = 8  # rows spilled before migration 0005
 _ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms", "created_at",
                   "split_revision", "pinned", "error")
 _FORMATS: dict[int, str] = {}
-# PostgreSQL element types of COLUMNS, in order, for the unnest insert.
-_PG_ARRAY_TYPES = ("varchar", "varchar", "int", "varchar", "float8", "float8", "timestamptz", "bytea",
-                   "bigint", "bool", "int")
 _TEXT_COLUMNS = frozenset({0, 1, 3, 6})
 _FEATURES = 7  # the bytea column (migration 0008): see pg_arrays
 _PG_ROWS_PER_STATEMENT = 10_000
@@ -161,7 +159,7 @@ class Inserter:
                         "ON CONFLICT (request_id) DO NOTHING")
         elif self.dialect == "postgresql" and self.driver == "psycopg2":
             # The features column arrives as one bytea and two int arrays (bytea_blob).
-            types = [*_PG_ARRAY_TYPES[:_FEATURES], "int", "int", *_PG_ARRAY_TYPES[_FEATURES + 1:]]
+            types = [*COLUMN_TYPES[:_FEATURES], "int", "int", *COLUMN_TYPES[_FEATURES + 1:]]
             names = [f"c{i}" for i in range(len(types))]
             picks = [*names[:_FEATURES], f"substr(%s::bytea, {names[_FEATURES]}, {names[_FEATURES + 1]})",
                      *names[_FEATURES + 2:]]
@@ -243,42 +241,39 @@ class Inserter:
         return self._insert_rows(self.sql, params, errors)
 
     def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
-        """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) in one transaction, or
-        two halves on two connections committed together (gateway.records.paired_tx)."""
+        """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) on the COPY connections,
+        each half's statements bounded by registry.copy_conn.deadline."""
         copy = self._copy
         assert copy is not None
-        timeout = copy.query_timeout_s
-
-        def write(cur: Any, part: Sequence[Row] = params) -> int:
-            written_rows = copy_rows(cur, self.copy_sql, part, self._when, timeout)
-            if errors:  # rare (a failing version)
-                with deadline(cur.connection, timeout):
-                    cur.executemany(self.error_sql, errors)
-            return written_rows
-
-        if len(params) < 2 * _PG_PAIR_MIN_ROWS:
-            conn, n = written(copy.connect, write)
-            end(conn, commit=True)
-            return n
-        first, second = halves(params, itemgetter(0))
-        return write_both(copy.connect, lambda cur: write(cur, first),
-                          lambda cur: copy_rows(cur, self.copy_sql, second, self._when, timeout),
-                          self._pool())
+        return self._batch(copy.connect, params, errors,
+                           lambda cur, part: copy_rows(cur, self.copy_sql, part, self._when),
+                           bound=lambda cur: deadline(cur.connection, copy.query_timeout_s))
 
     def _insert_rows(self, sql: str, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
-        """One transaction; on PostgreSQL, a batch of at least 2 x _PG_PAIR_MIN_ROWS predictions as two
-        halves on two connections, committed together (gateway.records.paired_tx)."""
-        def write(cur: Any, part: Sequence[Row] = params) -> int:
-            inserted = self._write(cur, sql, part, _TEXT_COLUMNS, _FEATURES)
-            if errors:  # rare (a failing version): a plain executemany is fast enough
-                cur.executemany(self.error_sql, errors)
-            return inserted
+        """`sql` (SQLite: executemany; PostgreSQL: the unnest INSERT) on the engine's connections."""
+        return self._batch(self.registry.engine.raw_connection, params, errors,
+                           lambda cur, part: self._write(cur, sql, part, _TEXT_COLUMNS, _FEATURES))
+
+    def _batch(self, connect: Callable[[], Any], params: Sequence[Row], errors: list[tuple[Any, ...]],
+               write_part: Callable[[Any, Sequence[Row]], int],
+               bound: Callable[[Any], AbstractContextManager[Any]] = lambda cur: nullcontext()) -> int:
+        """One transaction on a connection from `connect`: `write_part(cursor, rows)`, then the error
+        rows; on PostgreSQL a batch of at least 2 x _PG_PAIR_MIN_ROWS predictions as two halves on two
+        connections, committed together (gateway.records.paired_tx). `bound(cursor)` wraps each half's
+        statements (the COPY connections' deadline; the engine's connections are bounded by its wait
+        callback)."""
+        def write(cur: Any, part: Sequence[Row] = params, with_errors: bool = True) -> int:
+            with bound(cur):
+                n = write_part(cur, part)
+                if errors and with_errors:  # rare (a failing version): a plain executemany is fast enough
+                    cur.executemany(self.error_sql, errors)
+            return n
 
         if self.dialect != "postgresql" or len(params) < 2 * _PG_PAIR_MIN_ROWS:
-            return self._in_transaction(write)
+            return self._in_transaction(write, connect)
         first, second = halves(params, itemgetter(0))
-        return write_both(self.registry.engine.raw_connection, lambda cur: write(cur, first),
-                          lambda cur: self._write(cur, sql, second, _TEXT_COLUMNS, _FEATURES), self._pool())
+        return write_both(connect, lambda cur: write(cur, first),
+                          lambda cur: write(cur, second, with_errors=False), self._pool())
 
     def close(self) -> None:
         """Close the idle COPY connections (PostgreSQL); a later insert opens new ones."""
@@ -320,10 +315,10 @@ class Inserter:
             inserted += cur.rowcount
         return inserted
 
-    def _in_transaction(self, write: Callable[[Any], int]) -> int:
-        """Run `write(cursor)` on a raw DB-API connection of the registry's engine, committed as one
-        transaction (rolled back and re-raised on any error)."""
-        conn, inserted = written(self.registry.engine.raw_connection, write)
+    def _in_transaction(self, write: Callable[[Any], int], connect: Callable[[], Any] | None = None) -> int:
+        """Run `write(cursor)` on a connection from `connect` (default: a raw DB-API connection of the
+        registry's engine), committed as one transaction (rolled back and re-raised on any error)."""
+        conn, inserted = written(connect or self.registry.engine.raw_connection, write)
         end(conn, commit=True)
         return inserted
 

@@ -13,9 +13,8 @@ A value the server refuses (a NUL byte, an over-long routing key) raises psycopg
 bisection (gateway.records.spill.is_data_error) knows by name; anything else means the database is away
 and the rows are kept.
 
-The element types must be the columns' own (binary COPY has no casts): the predictions table after
-migration 0008 (varchar, varchar, int4, varchar, float8, float8, timestamptz, bytea, int8, bool, int4);
-tests/integration/test_log_insert.py writes through this path on PostgreSQL."""
+The element types must be the columns' own (binary COPY has no casts): `COLUMN_TYPES`, which
+tests/integration/test_log_insert.py checks against the table on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -23,11 +22,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from registry.copy_conn import deadline
 from registry.models import list_to_packed
 
-COPY_TYPES = ("text", "text", "int4", "text", "float8", "float8", "timestamptz", "bytea", "int8", "bool",
-              "int4")
+# The predictions columns' own PostgreSQL types, in COLUMNS order: binary COPY sends each value in exactly
+# this form, and the unnest INSERT (gateway.records.inserter) casts its arrays to them.
+COLUMN_TYPES = ("varchar", "varchar", "int4", "varchar", "float8", "float8", "timestamptz", "bytea", "int8",
+                "bool", "int4")
 
 
 def copy_sql(table: str, columns: Sequence[str]) -> str:
@@ -54,14 +54,13 @@ class Timestamps:
         return dt
 
 
-def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps,
-              timeout_s: float | None) -> int:
-    """COPY `rows` (the prediction log's COLUMNS, in order) on `cur`'s connection within `timeout_s`.
-    Returns the rows written. Numbers are coerced to the column's Python type (a numpy scalar would
-    otherwise fail the dump, which the log would take for bad data); features go as packed float32
-    (JSON text or lists from unary rows and spill lines are packed here)."""
-    with deadline(cur.connection, timeout_s), cur.copy(sql) as cp:
-        cp.set_types(COPY_TYPES)
+def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
+    """COPY `rows` (the prediction log's COLUMNS, in order) on `cur`'s connection (the caller bounds it
+    with registry.copy_conn.deadline). Returns the rows written. Numbers are coerced to the column's
+    Python type (a numpy scalar would otherwise fail the dump, which the log would take for bad data);
+    features go as packed float32 (JSON text or lists from unary rows and spill lines are packed here)."""
+    with cur.copy(sql) as cp:
+        cp.set_types(COLUMN_TYPES)
         write = cp.write_row
         for r in rows:
             f = r[7]

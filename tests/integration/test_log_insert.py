@@ -185,22 +185,22 @@ def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(regi
 def test_copy_types_are_the_predictions_columns_own(registry) -> None:  # noqa: ANN001
     """Binary COPY has no casts: an element type that is not the column's own makes the server refuse
     every row as bad data (22P03), and the log would dead-letter them all. So a migration that changes a
-    column's type must change gateway.records.pg_copy.COPY_TYPES too; this keeps them together."""
+    column's type must change gateway.records.pg_copy.COLUMN_TYPES too; this keeps them together."""
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("binary COPY is PostgreSQL's path")
     from sqlalchemy import text
 
     from gateway.records.inserter import COLUMNS
-    from gateway.records.pg_copy import COPY_TYPES
+    from gateway.records.pg_copy import COLUMN_TYPES
 
     with registry.session() as s:
         types = dict(s.execute(text(
             "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
             "WHERE attrelid = 'predictions'::regclass AND attnum > 0 AND NOT attisdropped")).all())
-    same = {"text": {"character varying", "text"}, "int4": {"integer"}, "int8": {"bigint"},
+    same = {"varchar": {"character varying"}, "int4": {"integer"}, "int8": {"bigint"},
             "float8": {"double precision"}, "bool": {"boolean"}, "bytea": {"bytea"},
             "timestamptz": {"timestamp with time zone"}}
-    wrong = {c: (t, types[c]) for c, t in zip(COLUMNS, COPY_TYPES, strict=True) if types[c] not in same[t]}
+    wrong = {c: (t, types[c]) for c, t in zip(COLUMNS, COLUMN_TYPES, strict=True) if types[c] not in same[t]}
     assert wrong == {}
 
 
