@@ -84,6 +84,15 @@ def _parsed(env: Env, name: str, parse: Callable[[str], T], default: T, what: st
         raise ValueError(f"{name}: {raw!r} is not {what}") from None
 
 
+def _switch(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(raw)
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -334,11 +343,14 @@ class GatewaySettings:
     """Fraction of predictions logged with their scored feature row (retraining, drift checks); the cap
     on calls handled at once (CHIMERA_MAX_CONCURRENT_CALLS; beyond it RESOURCE_EXHAUSTED at once; 0: no
     cap); the bound on each local spill (CHIMERA_SPILL_MAX_BYTES; beyond it new rows are refused with
-    RESOURCE_EXHAUSTED rather than filling the disk)."""
+    RESOURCE_EXHAUSTED rather than filling the disk); whether scoring calls may use the local channel of
+a replica on the gateway's own Ray node (CHIMERA_LOCAL_REPLICA_CHANNEL, on by default; 0 or off: every
+call through Ray Serve; gateway.serving.local_path)."""
 
     log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS
     spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES
+    local_replica_channel: bool = True
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -351,7 +363,8 @@ class GatewaySettings:
         spill = _parsed(e, "CHIMERA_SPILL_MAX_BYTES", int, DEFAULT_SPILL_MAX_BYTES, "a whole number of bytes")
         if spill <= 0:
             raise ValueError(f"CHIMERA_SPILL_MAX_BYTES: {spill} is not a positive number of bytes")
-        return cls(parse_log_features_sample(e.get(name), name), cap, spill)
+        local = _parsed(e, "CHIMERA_LOCAL_REPLICA_CHANNEL", _switch, True, "on/off (1/0)")
+        return cls(parse_log_features_sample(e.get(name), name), cap, spill, local)
 
 
 

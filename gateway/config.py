@@ -106,5 +106,6 @@ class GatewayConfig:
             "tls_key": settings.tls.key,
             "tls_client_ca": settings.tls.client_ca,
             "traces_exporter": settings.tracing.exporter,
+            "batch": BatchConfig(local_channel=settings.gateway.local_replica_channel),
         }
         return cls(**{**values, **overrides})

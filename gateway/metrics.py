@@ -40,6 +40,10 @@ class Metrics:
                                     ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.ray_call = Histogram("chimera_ray_call_latency_seconds", "Ray Serve call latency per batch",
                                   ["model", "version", "ok"], buckets=LATENCY_BUCKETS, registry=r)
+        self.replica_calls = Counter(
+            "chimera_replica_calls", "scoring calls by how they reached the replicas: local (a replica's "
+            "local channel on this node), serve (a Ray Serve call), local_broken (the local channel broke "
+            "and the call went through Serve)", ["model", "version", "path"], registry=r)
         self.split_weight = Gauge("chimera_split_weight_percent", "traffic split weight per version",
                                   ["model", "version"], registry=r)
         self.split_revision = Gauge("chimera_split_revision", "current split revision", ["model"], registry=r)
@@ -236,6 +240,11 @@ class _BatchMetrics:
         self.ok = m.ray_call.labels(model, version, "true")
         self.failed = m.ray_call.labels(model, version, "false")
         self.rows = m.rows.labels(model, version)
+        self.paths = {p: m.replica_calls.labels(model, version, p)
+                      for p in ("local", "serve", "local_broken")}
+
+    def on_call_path(self, path: str) -> None:
+        self.paths[path].inc()
 
     def on_batch(self, size: int, queue_wait_s: float, call_s: float, ok: bool) -> None:
         self.size.observe(size)

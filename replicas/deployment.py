@@ -37,6 +37,7 @@ context arrives with the rows."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -48,6 +49,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from chimera.settings import ReplicaScaling
+from replicas.local_channel import LocalServer
 from replicas.scorer import OnnxScorer
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ class VersionReplica:
         self.model = model
         self.version = version
         self.scorer = OnnxScorer(data, sha)
+        self._local: LocalServer | None = None  # the local channel, started by the first local_endpoint
+        self._local_lock = asyncio.Lock()
 
     async def score(self, rows: np.ndarray, trace_carrier: Mapping[str, str] | None = None) -> np.ndarray:
         """One batch from a gateway's micro-batcher. Each gateway keeps at most a few calls in flight
@@ -145,6 +149,18 @@ class VersionReplica:
             span.set_attribute("chimera.inference_ms", (time.perf_counter() - t0) * 1e3)
             return scores
 
+    async def local_endpoint(self) -> dict[str, Any]:
+        """Where a gateway on this Ray node reaches this replica's local channel (replicas.local_channel),
+        started on first use on the replica's own event loop: its node, loopback port and key. Only
+        callers Ray lets through the Serve handle get the key."""
+        import ray
+
+        async with self._local_lock:
+            if self._local is None:
+                self._local = await LocalServer(self.scorer.score).start()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "port": self._local.port,
+                "key": self._local.key}
+
     def finished_spans(self) -> list[dict[str, Any]]:
         """The spans this replica finished, as plain dicts (the `memory` exporter only; else [])."""
         return self.tracing.finished_spans()
@@ -154,6 +170,9 @@ class VersionReplica:
         tracing = getattr(self, "tracing", None)
         if tracing is not None:
             tracing.shutdown()
+        local = getattr(self, "_local", None)
+        if local is not None:
+            local.close()
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         """Serve's user_config: only the deployment's fingerprint (see the module docstring)."""

@@ -84,6 +84,11 @@ class BatchObserver:
     def on_batch(self, size: int, queue_wait_s: float, call_s: float, ok: bool) -> None:
         """Default: nothing."""
 
+    def on_call_path(self, path: str) -> None:
+        """How a scoring call reached the replicas: `local` (a replica's local channel), `serve` (a Ray
+        Serve call) or `local_broken` (the local channel broke; the call then went through Serve).
+        Default: nothing."""
+
 
 class DeadlineExceeded(TimeoutError):
     """The caller's deadline passed before its rows were scored (gRPC DEADLINE_EXCEEDED)."""
