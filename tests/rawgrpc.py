@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import grpc
 
@@ -45,9 +46,11 @@ def map_entry(number: int, key: bytes, value: float) -> bytes:
 
 
 def raw_h2_call(port: int, path: str, message: bytes, headers: list[tuple[bytes, bytes]],
-                timeout: float = 10.0) -> dict[bytes, bytes]:
+                timeout: float = 10.0, body_delay_s: float = 0.0) -> dict[bytes, bytes]:
     """One unary gRPC call over plaintext HTTP/2 with arbitrary header bytes. Returns the response
-    headers and trailers (grpc-status, grpc-message), or {b"_reset": ...} when the stream was reset."""
+    headers and trailers (grpc-status, grpc-message), or {b"_reset": ...} when the stream was reset.
+    `body_delay_s`: send the headers, wait this long, then the message (a deadline that runs out
+    between the two has surely passed when the server reads the message)."""
     import h2.config
     import h2.connection
     import h2.events
@@ -62,6 +65,9 @@ def raw_h2_call(port: int, path: str, message: bytes, headers: list[tuple[bytes,
     conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
                             (b":authority", f"127.0.0.1:{port}".encode()),
                             (b"content-type", b"application/grpc"), (b"te", b"trailers"), *headers])
+    if body_delay_s:
+        sock.sendall(conn.data_to_send())
+        time.sleep(body_delay_s)
     conn.send_data(sid, b"\x00" + struct.pack(">I", len(message)) + message, end_stream=True)
     sock.sendall(conn.data_to_send())
     out: dict[bytes, bytes] = {}

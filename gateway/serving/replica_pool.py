@@ -286,7 +286,13 @@ class ReplicaPool:
                 endpoint = handle.local_endpoint
                 if self.batch.direct_transport:
                     endpoint = endpoint.options(_by_reference=False)
-                local = LocalPath(lambda: endpoint.remote(), this_node_id(), f"{model} v{version}")
+                def slots() -> int:
+                    """All calls in flight for one fixed replica; one at a time otherwise (local_path)."""
+                    scaling = self.applied.get(key)
+                    lone = scaling is not None and not scaling.autoscaled and scaling.min_replicas == 1
+                    return self.batch.max_inflight if lone else 1
+
+                local = LocalPath(lambda: endpoint.remote(), this_node_id(), f"{model} v{version}", slots)
                 local.start()
                 self._local_paths.append(local)
 
@@ -349,10 +355,11 @@ class ReplicaPool:
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
         await self.health.close()
-        paths, self._local_paths = self._local_paths, []
-        await asyncio.gather(*(p.close() for p in paths), return_exceptions=True)
         await asyncio.gather(*(b.close() for b in self._batchers.values()), return_exceptions=True)
         self._batchers.clear()
+        # After the batchers: their calls in flight have given their channels back.
+        paths, self._local_paths = self._local_paths, []
+        await asyncio.gather(*(p.close() for p in paths), return_exceptions=True)
         # Routers that run on this loop are shut down on it (Ray warns about a best-effort
         # synchronous shutdown otherwise).
         handles, self._handles = self._handles, []

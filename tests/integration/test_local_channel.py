@@ -73,6 +73,29 @@ def test_idle_calls_take_the_local_channel_and_score_what_onnxruntime_scores(ser
     assert calls(gw, model, "serve") == before_serve
 
 
+def test_a_version_with_one_fixed_replica_gets_every_call_over_the_channel_under_load(served) -> None:
+    gw, model, _ = served
+    predict(gw, model, np.zeros(4))
+    wait_for(lambda: len(gw.gateway.pool._local_paths[0]._idle) == gw.gateway.pool.batch.max_inflight, 30,
+             "a connection per call in flight")
+    before_local, before_serve = calls(gw, model, "local"), calls(gw, model, "serve")
+    rows = np.random.default_rng(9).normal(size=(8, 50, 4))
+
+    def caller(block: np.ndarray) -> list[float]:
+        return [predict(gw, model, row).score for row in block]
+
+    threads_out: list[list[float]] = [[] for _ in rows]
+    threads = [threading.Thread(target=lambda i=i: threads_out.__setitem__(i, caller(rows[i])))
+               for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(len(o) for o in threads_out) == rows.shape[0] * rows.shape[1]
+    assert calls(gw, model, "serve") == before_serve  # one replica, fixed: Serve is never needed
+    assert calls(gw, model, "local") > before_local
+
+
 def test_the_replicas_channel_is_loopback_only_and_refuses_a_caller_without_its_key(served) -> None:
     from ray import serve
 

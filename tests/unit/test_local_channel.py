@@ -233,3 +233,57 @@ def test_a_replica_on_another_node_is_never_called_through_the_channel() -> None
         server.close()
 
     run(go())
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("on", True), ("0", False),
+                                           ("off", False), ("false", False)])
+def test_chimera_serve_takes_the_channel_switch_from_the_environment(value: str | None, on: bool) -> None:
+    from chimera.settings import Settings
+    from gateway.config import GatewayConfig
+
+    env = {} if value is None else {"CHIMERA_LOCAL_REPLICA_CHANNEL": value}
+    assert GatewayConfig.from_settings(Settings.from_env(env)).batch.local_channel is on
+
+
+def test_a_bad_channel_switch_is_refused_naming_the_variable() -> None:
+    from chimera.settings import Settings
+
+    with pytest.raises(ValueError, match="CHIMERA_LOCAL_REPLICA_CHANNEL: 'maybe' is not on/off"):
+        Settings.from_env({"CHIMERA_LOCAL_REPLICA_CHANNEL": "maybe"})
+
+
+def test_the_path_carries_as_many_calls_as_its_slots_and_follows_a_change_of_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.serving import local_path
+
+    monkeypatch.setattr(local_path, "RECHECK_S", 0.05)
+
+    async def go() -> None:
+        server = await LocalServer(weights_score).start()
+        slots = [3]
+
+        async def discover() -> Mapping[str, Any]:
+            return {"node_id": "n1", "port": server.port, "key": server.key}
+
+        path = LocalPath(discover, "n1", "m v1", lambda: slots[0])
+        path.start()
+        for _ in range(100):
+            if len(path._idle) == 3:
+                break
+            await asyncio.sleep(0.02)
+        taken = [path.take() for _ in range(4)]
+        assert all(taken[:3]) and taken[3] is None  # three slots: three calls at once, the fourth via Serve
+        rows = np.ones((2, 3), dtype=np.float32)
+        answers = await asyncio.gather(*(ch.call(rows) for ch in taken[:3]))  # type: ignore[union-attr]
+        for a in answers:
+            np.testing.assert_array_equal(a, weights_score(rows))
+        for ch in taken[:3]:
+            path.give_back(ch, healthy=True)  # type: ignore[arg-type]
+        slots[0] = 1  # e.g. the version became autoscaled: one call at a time
+        one = path.take()
+        assert one is not None and path.take() is None
+        path.give_back(one, healthy=True)
+        await path.close()
+        server.close()
+
+    run(go())
