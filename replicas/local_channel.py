@@ -4,8 +4,8 @@ connection, without Ray Serve's per-call machinery.
 Why it exists: one Ray Serve handle call costs ~1.7 ms here (router, request metadata, cloudpickle,
 Serve's replica wrapper), more than the whole 1.0 ms a request may add over a do-nothing gRPC server
 (issue 17, docs/performance.md "The c=1 target and one Ray Serve call"). A grpc.aio call between two
-Python processes costs ~0.55 ms at p50 on this machine, an asyncio stream round trip ~0.14 ms
-(`/work` measurements in docs/performance.md). So this is a small protocol of our own over asyncio
+Python processes costs ~0.55 ms at p50 on the 2-core machine, an asyncio stream round trip ~0.14 ms
+(docs/performance.md, "A local channel to the replicas"). So this is a small protocol of our own over asyncio
 streams; no library offers a cheaper authenticated request/response between two asyncio processes.
 
 What Ray Serve still owns: which replicas run, their health checks and restarts, autoscaling, and every

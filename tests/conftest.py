@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,32 @@ def fresh_registry_url(kind: str, request: pytest.FixtureRequest, directory: Pat
         return f"sqlite:///{directory / 'registry.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database()
+
+
+def one_version_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, prefix: str,
+                        seed: int, **overrides: Any) -> Iterator[tuple[Any, str, bytes]]:
+    """For module fixtures parametrised over BACKENDS: a fresh registry of `request.param` with one
+    model (named `prefix` + random hex, one small ONNX version at 100 %) behind a running gateway
+    (`overrides`: GatewayConfig fields). Yields (gateway, model, the version's ONNX bytes)."""
+    import uuid
+
+    from registry import Registry
+    from tests.harness import GatewayThread, small_onnx
+
+    tmp = tmp_path_factory.mktemp(prefix)
+    url = fresh_registry_url(request.param, request, tmp)
+    reg = Registry(url)
+    reg.upgrade()
+    model = prefix + uuid.uuid4().hex[:8]
+    onnx, names = small_onnx(seed=seed)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    gw = GatewayThread(url, tmp, **overrides).start()
+    try:
+        yield gw, model, onnx
+    finally:
+        gw.stop()
+        reg.dispose()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 
 import grpc
@@ -18,9 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.api.prediction import MAX_OUTCOMES_PER_CALL
-from registry import Registry
-from tests.conftest import BACKENDS, fresh_registry_url
-from tests.harness import GatewayThread, small_onnx
+from tests.conftest import BACKENDS, one_version_gateway
+from tests.harness import GatewayThread
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 C = grpc.StatusCode
@@ -30,18 +28,9 @@ CAP = 200  # small, so 5,000 calls certainly cross it on 2 cores
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("shed")
-    url = fresh_registry_url(request.param, request, tmp)
-    reg = Registry(url)
-    reg.upgrade()
-    model = "shed" + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=7)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
-    gw = GatewayThread(url, tmp, controller_interval_s=0, max_concurrent_calls=CAP).start()
-    yield gw, model
-    gw.stop()
-    reg.dispose()
+    overrides = {"controller_interval_s": 0, "max_concurrent_calls": CAP}
+    for gw, model, _ in one_version_gateway(request, tmp_path_factory, "shed", seed=7, **overrides):
+        yield gw, model
 
 
 def still_serving(gw: GatewayThread, model: str) -> None:

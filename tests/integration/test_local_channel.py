@@ -19,10 +19,9 @@ import psutil
 import pytest
 
 from chimera.v1 import prediction_pb2 as pb
-from registry import Registry
 from replicas.local_channel import LocalChannel, LocalChannelError
-from tests.conftest import BACKENDS, fresh_registry_url
-from tests.harness import GatewayThread, replica_pids, small_onnx, wait_for
+from tests.conftest import BACKENDS, one_version_gateway
+from tests.harness import GatewayThread, replica_pids, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -30,18 +29,7 @@ pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 @pytest.fixture(scope="module", params=BACKENDS)
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """A one-version model behind a running gateway (one gateway per backend: replicas cost seconds)."""
-    tmp = tmp_path_factory.mktemp(request.param)
-    url = fresh_registry_url(request.param, request, tmp)
-    reg = Registry(url)
-    reg.upgrade()
-    model = "lc" + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=3)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
-    gw = GatewayThread(url, tmp).start()
-    yield gw, model, onnx
-    gw.stop()
-    reg.dispose()
+    yield from one_version_gateway(request, tmp_path_factory, "lc", seed=3)
 
 
 def calls(gw: GatewayThread, model: str, path: str) -> float:

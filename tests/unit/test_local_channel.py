@@ -29,6 +29,15 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+async def until(predicate: Any, what: str, timeout_s: float = 5.0) -> None:
+    """Await `predicate()` becoming true (the path's background task connecting), or fail naming it."""
+    for _ in range(int(timeout_s / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def test_a_caller_with_the_key_gets_the_scorers_answers_and_a_refusal_keeps_the_channel() -> None:
     async def go() -> None:
         server = await LocalServer(weights_score).start()
@@ -193,17 +202,11 @@ def test_the_path_uses_one_call_at_a_time_and_finds_the_channel_again_after_a_br
 
         path = LocalPath(discover, "n1", "m v1")
         path.start()
-        for _ in range(100):
-            if path.status == "connected":
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: path.status == "connected", "the channel")
         ch = path.take()
         assert ch is not None and path.take() is None  # its one call is out
         path.give_back(ch, healthy=False)  # broke mid-answer: closed, found again
-        for _ in range(100):
-            if path.status == "connected" and len(asked) == 2:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: path.status == "connected" and len(asked) == 2, "the channel found again")
         again = path.take()
         assert again is not None and again is not ch
         rows = np.ones((2, 3), dtype=np.float32)
@@ -224,10 +227,7 @@ def test_a_replica_on_another_node_is_never_called_through_the_channel() -> None
 
         path = LocalPath(discover, "mine", "m v1")
         path.start()
-        for _ in range(100):
-            if path.status == "remote":
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: path.status == "remote", "the remote verdict")
         assert path.status == "remote" and path.take() is None
         await path.close()
         server.close()
@@ -267,10 +267,7 @@ def test_the_path_carries_as_many_calls_as_its_slots_and_follows_a_change_of_the
 
         path = LocalPath(discover, "n1", "m v1", lambda: slots[0])
         path.start()
-        for _ in range(100):
-            if len(path._idle) == 3:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: len(path._idle) == 3, "three connections")
         taken = [path.take() for _ in range(4)]
         assert all(taken[:3]) and taken[3] is None  # three slots: three calls at once, the fourth via Serve
         rows = np.ones((2, 3), dtype=np.float32)
