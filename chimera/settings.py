@@ -343,9 +343,9 @@ class GatewaySettings:
     """Fraction of predictions logged with their scored feature row (retraining, drift checks); the cap
     on calls handled at once (CHIMERA_MAX_CONCURRENT_CALLS; beyond it RESOURCE_EXHAUSTED at once; 0: no
     cap); the bound on each local spill (CHIMERA_SPILL_MAX_BYTES; beyond it new rows are refused with
-    RESOURCE_EXHAUSTED rather than filling the disk); whether scoring calls may use the local channel of
-a replica on the gateway's own Ray node (CHIMERA_LOCAL_REPLICA_CHANNEL, on by default; 0 or off: every
-call through Ray Serve; gateway.serving.local_path)."""
+    RESOURCE_EXHAUSTED rather than filling the disk); whether scoring calls may use the local channel
+    of a replica on the gateway's own Ray node (CHIMERA_LOCAL_REPLICA_CHANNEL, on by default; 0 or off:
+    every call through Ray Serve; gateway.serving.local_path)."""
 
     log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS

@@ -38,7 +38,8 @@ class Metrics:
         self.queue_wait = Histogram("chimera_batch_queue_wait_seconds",
                                     "time the oldest row waited in the batcher",
                                     ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ray_call = Histogram("chimera_ray_call_latency_seconds", "Ray Serve call latency per batch",
+        self.ray_call = Histogram("chimera_ray_call_latency_seconds",
+                                  "scoring call latency per batch (Ray Serve or a replica's local channel)",
                                   ["model", "version", "ok"], buckets=LATENCY_BUCKETS, registry=r)
         self.replica_calls = Counter(
             "chimera_replica_calls", "scoring calls by how they reached the replicas: local (a replica's "

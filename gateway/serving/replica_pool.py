@@ -105,9 +105,10 @@ class BatchConfig:
     `direct_transport` uses Ray Serve's gRPC transport to the replica instead of actor calls (about
     half the CPU per call); `router_on_gateway_loop` runs the handle's router on the gateway's own
     event loop instead of Ray's router thread (no cross-thread hand-off per call: c=1 p50 ~4 ms
-    instead of ~6 ms, and ~1.5x the throughput at c=64); `local_channel` sends one call at a time
-    per version over a replica's local channel when one runs on this node (gateway.serving.local_path:
-    ~0.15 ms instead of a ~1.7 ms Serve call; CHIMERA_LOCAL_REPLICA_CHANNEL=0 turns it off)."""
+    instead of ~6 ms, and ~1.5x the throughput at c=64); `local_channel` sends calls over the local
+    channel of a replica on this node (gateway.serving.local_path: every call in flight for a version
+    with one fixed replica, else one at a time; ~0.15 ms instead of a ~1.7 ms Serve call;
+    CHIMERA_LOCAL_REPLICA_CHANNEL=0 turns it off)."""
 
     max_batch: int = 2048
     max_wait_us: int = 20_000
