@@ -114,17 +114,18 @@ class LocalPath:
             self._idle.append(channel)
             return
         channel.close()
+        self._close_idle()
+        self.status = "retrying"
+        self._wake.set()
+
+    def _close_idle(self) -> None:
         for idle in self._idle:
             idle.close()
         self._idle.clear()
-        self.status = "retrying"
-        self._wake.set()
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for idle in self._idle:
-            idle.close()
-        self._idle.clear()
+        self._close_idle()

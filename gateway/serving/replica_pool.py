@@ -273,9 +273,11 @@ class ReplicaPool:
             if self.batch.router_on_gateway_loop:
                 handle._init(_run_router_in_separate_loop=False)
             self._handles.append(handle)
-            method = handle.score
-            if self.batch.direct_transport:
-                method = method.options(_by_reference=False)
+            def transport(m: Any) -> Any:
+                """Serve's direct gRPC transport to the replica when configured (BatchConfig)."""
+                return m.options(_by_reference=False) if self.batch.direct_transport else m
+
+            method = transport(handle.score)
             call_timeout = min(self.batch.call_timeout_s, self.batch.stall_timeout_s)
             health = self.health
             width = [0]
@@ -284,9 +286,7 @@ class ReplicaPool:
             observer = self._observer_factory(model, version) if self._observer_factory else BatchObserver()
             local = None
             if self.batch.local_channel and tracer is None:  # traced calls carry their context through Serve
-                endpoint = handle.local_endpoint
-                if self.batch.direct_transport:
-                    endpoint = endpoint.options(_by_reference=False)
+                endpoint = transport(handle.local_endpoint)
                 def slots() -> int:
                     """All calls in flight for one fixed replica; one at a time otherwise (local_path)."""
                     scaling = self.applied.get(key)
