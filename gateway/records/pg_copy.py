@@ -1,5 +1,5 @@
 """The prediction log's plain PostgreSQL insert as binary COPY (issue 17), on psycopg 3 connections bounded
-by registry.copy_conn.
+by registry.copy_conn; mirror scores (shadow_predictions) go the same way.
 
 Why: COPY in binary format hands the server each value in its wire form, so the server does not lex a
 statement or parse array, hex and timestamp literals; its CPU a row fell from 11.8-13.6 us (the unnest
@@ -28,6 +28,9 @@ from registry.models import list_to_packed
 # this form, and the unnest INSERT (gateway.records.inserter) casts its arrays to them.
 COLUMN_TYPES = ("varchar", "varchar", "int4", "varchar", "float8", "float8", "timestamptz", "bytea", "int8",
                 "bool", "int4")
+# shadow_predictions' (gateway.records.inserter.SHADOW_COLUMNS): request_id, model, version, score,
+# latency_ms, created_at.
+SHADOW_COLUMN_TYPES = ("varchar", "varchar", "int4", "float8", "float8", "timestamptz")
 
 
 def copy_sql(table: str, columns: Sequence[str]) -> str:
@@ -53,6 +56,15 @@ class Timestamps:
         self._last = (value, dt)
         return dt
 
+    def epoch(self, value: float) -> datetime:
+        """The same for epoch seconds (mirror scores carry their time so)."""
+        text, dt = self._last
+        if value == text and dt is not None:
+            return dt
+        dt = datetime.fromtimestamp(value, UTC)
+        self._last = (value, dt)
+        return dt
+
 
 def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
     """COPY `rows` (the prediction log's COLUMNS, in order) on `cur`'s connection (the caller bounds it
@@ -67,4 +79,15 @@ def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamp
             write((r[0], r[1], int(r[2]), r[3], float(r[4]), float(r[5]), when(r[6]),
                    f if f is None or type(f) is bytes else list_to_packed(f),
                    None if r[8] is None else int(r[8]), bool(r[9]), None if r[10] is None else int(r[10])))
+    return len(rows)
+
+
+def copy_shadow_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
+    """COPY mirror scores (gateway.records.inserter.ShadowRow: created_at as epoch seconds) into
+    shadow_predictions on `cur`'s connection. Returns the rows written."""
+    with cur.copy(sql) as cp:
+        cp.set_types(SHADOW_COLUMN_TYPES)
+        write = cp.write_row
+        for r in rows:
+            write((r[0], r[1], int(r[2]), float(r[3]), float(r[4]), when.epoch(r[5])))
     return len(rows)

@@ -91,6 +91,8 @@ def test_mirror_scores_round_trip_per_version_and_replays_are_skipped(registry) 
             ('s-"2\\', "m", 1, 1e-300, 0.0, now)]
     assert ins.insert_shadow(rows) == 3
     assert ins.insert_shadow(rows) == 0
+    if registry.engine.dialect.name == "postgresql":  # the lane went in by COPY, the repeat by ON CONFLICT
+        assert ins._shadow_conflicts_until > time.monotonic()
     assert ins.insert_shadow([("s-1", "m", 1, 0.5, 1.0, now), ("s-3", "m", 3, 0.5, 1.0, now)]) == 1
     with registry.session() as s:
         got = {(r.request_id, r.version): r for r in s.scalars(select(ShadowPrediction))}
@@ -182,25 +184,29 @@ def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(regi
     assert len(got) == 2500 and got["h-2499"] == [9996.0, 9997.0, 9998.0, 9999.0]
 
 
-def test_copy_types_are_the_predictions_columns_own(registry) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("table", ["predictions", "shadow_predictions"])
+def test_copy_types_are_the_columns_own(registry, table: str) -> None:  # noqa: ANN001
     """Binary COPY has no casts: an element type that is not the column's own makes the server refuse
     every row as bad data (22P03), and the log would dead-letter them all. So a migration that changes a
-    column's type must change gateway.records.pg_copy.COLUMN_TYPES too; this keeps them together."""
+    column's type must change gateway.records.pg_copy.COLUMN_TYPES (or SHADOW_COLUMN_TYPES) too; this
+    keeps them together."""
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("binary COPY is PostgreSQL's path")
     from sqlalchemy import text
 
-    from gateway.records.inserter import COLUMNS
-    from gateway.records.pg_copy import COLUMN_TYPES
+    from gateway.records.inserter import COLUMNS, SHADOW_COLUMNS
+    from gateway.records.pg_copy import COLUMN_TYPES, SHADOW_COLUMN_TYPES
 
+    columns, column_types = ((COLUMNS, COLUMN_TYPES) if table == "predictions"
+                             else (SHADOW_COLUMNS, SHADOW_COLUMN_TYPES))
     with registry.session() as s:
         types = dict(s.execute(text(
             "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
-            "WHERE attrelid = 'predictions'::regclass AND attnum > 0 AND NOT attisdropped")).all())
+            f"WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped")).all())
     same = {"varchar": {"character varying"}, "int4": {"integer"}, "int8": {"bigint"},
             "float8": {"double precision"}, "bool": {"boolean"}, "bytea": {"bytea"},
             "timestamptz": {"timestamp with time zone"}}
-    wrong = {c: (t, types[c]) for c, t in zip(COLUMNS, COLUMN_TYPES, strict=True) if types[c] not in same[t]}
+    wrong = {c: (t, types[c]) for c, t in zip(columns, column_types, strict=True) if types[c] not in same[t]}
     assert wrong == {}
 
 
