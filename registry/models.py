@@ -139,7 +139,7 @@ def packed_to_list(value: bytes | bytearray | memoryview) -> list[float]:
     """A packed float32 vector as the list its JSON text would read back as: the shortest decimal that
     round-trips each float32 (orjson, as the log writes JSON), so 0.1f reads 0.1 in both forms rather
     than 0.10000000149011612 from one and 0.1 from the other. Without orjson, the writer's own
-    fallback format (9 significant digits, gateway.records.inserter.features_json)."""
+    fallback format (9 significant digits, gateway.records.feature_rows.features_json)."""
     arr = np.frombuffer(value, dtype="<f4")
     if _orjson is not None:
         return _orjson.loads(_orjson.dumps(arr, option=_orjson.OPT_SERIALIZE_NUMPY))  # type: ignore[no-any-return]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import insert
 
+from gateway.records.feature_rows import features_json, matrix_f32, matrix_json
 from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
 from gateway.records.pg_copy import COLUMN_TYPES, Timestamps, copy_rows, copy_shadow_rows, copy_sql
@@ -61,7 +62,6 @@ ERROR_FIELDS = len(COLUMNS) + 1
 _OLD_FIELDS = 8  # rows spilled before migration 0005
 _ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms", "created_at",
                   "split_revision", "pinned", "error")
-_FORMATS: dict[int, str] = {}
 _TEXT_COLUMNS = frozenset({0, 1, 3, 6})
 _FEATURES = 7  # the bytea column (migration 0008): see pg_arrays
 _PG_ROWS_PER_STATEMENT = 10_000
@@ -82,46 +82,6 @@ ShadowRow = tuple[str, str, int, float, float, float]
 SHADOW_COLUMNS = ("request_id", "model", "version", "score", "latency_ms", "created_at")
 _PG_SHADOW_TYPES = ("varchar", "varchar", "int", "float8", "float8", "timestamptz")
 _SHADOW_TEXT_COLUMNS = frozenset({0, 1, 5})
-
-try:  # optional speed-up: orjson encodes a float32 matrix in C with the shortest exact digits
-    import orjson
-
-    _ORJSON_NUMPY: int | None = orjson.OPT_SERIALIZE_NUMPY
-except ImportError:  # pragma: no cover - depends on the environment
-    orjson = None  # type: ignore[assignment]
-    _ORJSON_NUMPY = None
-
-
-def features_json(values: Sequence[float]) -> str:
-    """A JSON array of float32-exact numbers (9 significant digits)."""
-    n = len(values)
-    fmt = _FORMATS.get(n)
-    if fmt is None:
-        fmt = _FORMATS[n] = "[" + ",".join(["%.9g"] * n) + "]"
-    return fmt % tuple(values)
-
-
-def matrix_json(m: np.ndarray) -> list[str]:
-    """One JSON array per row of a float32 matrix [n, w] (float32-exact numbers)."""
-    n = len(m)
-    if n == 0:
-        return []
-    if _ORJSON_NUMPY is not None and m.shape[1] > 0:
-        text = orjson.dumps(np.ascontiguousarray(m, dtype=np.float32), option=_ORJSON_NUMPY).decode()
-        return text[1:-1].replace("],[", "]\n[").split("\n")  # "[[a,b],[c,d]]" -> ["[a,b]", "[c,d]"]
-    return [features_json(row) for row in m.tolist()]
-
-
-def matrix_f32(m: np.ndarray) -> list[bytes]:
-    """One packed little-endian float32 vector per row of a matrix [n, w] (SQLite's feature rows:
-    registry.models.FeatureVector reads them back as lists of floats)."""
-    n = len(m)
-    if n == 0:
-        return []
-    data = np.ascontiguousarray(m, dtype="<f4").tobytes()
-    step = len(data) // n
-    return [data[i:i + step] for i in range(0, len(data), step)] if step else [b""] * n
-
 
 def portable(rows: Sequence[Row]) -> list[Row]:
     """`rows` with packed feature vectors (bytes) turned back into the JSON text other paths carry:

@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.records.inserter import COLUMNS, Inserter, Row, features_json, matrix_json
+from gateway.records.feature_rows import features_json, matrix_json
+from gateway.records.inserter import COLUMNS, Inserter, Row
 from gateway.records.log_durability import _STOP, DurableWriter, LogStats, _Barrier
 from gateway.records.rowstore import RowStore
 from gateway.records.spill import DEFAULT_SEGMENT_BYTES, DEFAULT_SPILL_MAX_BYTES, SpillFiles, SpillUnavailable

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from gateway.records.prediction_log import PredictionLog, features_json, matrix_json
+from gateway.records.feature_rows import features_json, matrix_json
+from gateway.records.prediction_log import PredictionLog
 from registry import Registry
 from registry.models import Prediction
 from registry.repository import PredictionRow

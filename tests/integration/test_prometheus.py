@@ -127,7 +127,8 @@ def test_dashboard_panels_cover_the_issue() -> None:
     for metric in ("chimera_request_latency_seconds_bucket", "chimera_requests_total",
                    "chimera_split_weight_percent", "chimera_canary_p_value", "chimera_batch_size_rows",
                    "chimera_prediction_log_queue_depth", "chimera_feature_psi", "chimera_score_psi",
-                   "chimera_drift_flagged_features", "chimera_replicas{", "chimera_replicas_bound"):
+                   "chimera_drift_flagged_features", "chimera_replicas{", "chimera_replicas_bound",
+                   "chimera_replica_calls_total"):
         assert metric in exprs, metric
     for q in ("histogram_quantile(0.5,", "histogram_quantile(0.95,", "histogram_quantile(0.99,"):
         assert q in exprs

@@ -9,7 +9,7 @@ on SQLite this revision changes nothing.
 
 Upgrade converts every stored JSON array in SQL (no round trip through Python: the table can be big),
 each element to the float32 PostgreSQL's real type rounds it to, packed little-endian: what
-gateway.records.inserter.matrix_f32 writes. JSON null elements (FiniteJSON's NaN/inf) become NaN, which
+gateway.records.feature_rows.matrix_f32 writes. JSON null elements (FiniteJSON's NaN/inf) become NaN, which
 reads back as null again; values beyond float32's range become +-Infinity, as numpy's cast would; a
 JSON null document (an old writer's None) becomes SQL NULL. The ALTER rewrites the table (an exclusive
 lock for its duration: plan it like any rewrite of a big table; prune first).
