@@ -5,8 +5,18 @@ releases and takes back the GIL around every step, so the writer thread and the 
 to each other once a row. One `INSERT ... VALUES (...), (...), ...` of up to `MAX_ROWS` rows binds the
 same values in one call and steps once. Measured on this machine (300k rows of 11 columns into the
 predictions table's schema and indexes, 5,000-row transactions, WAL): executemany 3.89 us of CPU a row,
-100 rows a statement 2.82 us, 500 rows 2.74 us (/work/sim/sqcost.py at the time; the `make bench`
-packed case is the end-to-end measurement, docs/performance.md).
+100 rows a statement 2.82 us, 500 rows 2.74 us (a standalone sqlite3 loop; the `make bench` packed
+case is the end-to-end measurement, docs/performance.md).
+
+Which rows go that way: the measurement depends on where the keys land in the unique index. Ids that
+arrive in increasing order (the gateway's own, time-prefixed: gateway.serving.rows.RequestIds) are
+appended at the index's right edge, and there many rows a statement win as above. Ids chosen by clients
+are often random (UUIDs), and there a statement of many rows costs more than one a row once the index is
+larger than SQLite's page cache: 2M random 32-hex ids in 5,120-row batches, 16.35 us a row with
+executemany, 15.69 with executemany in key order, 18.03 with many rows a statement in key order. So each
+call sorts its rows by their first column (the log's request id, the unique index's leading column: the
+index then takes a batch page by page, +0.15 us a row to sort), and uses many rows a statement when at
+least half of them sort after the largest key of its previous call, executemany otherwise.
 
 What stays the same: the statement text is the single-row INSERT with its conflict clause, repeated;
 `ON CONFLICT ... DO NOTHING` skips a taken id in a multi-row statement as it does row by row (also a
@@ -20,11 +30,14 @@ insert builds its statement with Python per row (slower than executemany)."""
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 MAX_ROWS = 256  # rows a statement: 2.74-2.82 us a row between 100 and 500 rows, so a round number
+_FIRST = itemgetter(0)
 
 
 class MultiRowInsert:
@@ -38,6 +51,7 @@ class MultiRowInsert:
         self.tail = f" {tail}" if tail else ""
         self.columns = len(columns)
         self._statements: dict[int, str] = {}
+        self._edge: Any = None  # the largest first-column value of the previous call
 
     @property
     def single(self) -> str:
@@ -62,18 +76,25 @@ class MultiRowInsert:
         return max(1, min(MAX_ROWS, limit // self.columns))
 
     def __call__(self, cur: Any, rows: Sequence[Sequence[Any]]) -> int:
-        """Insert `rows` (tuples in column order) on `cur`; returns the rows inserted."""
-        inserted = 0
+        """Insert `rows` (tuples in column order) on `cur`, in the order of their first column; returns
+        the rows inserted."""
+        if not rows:
+            return 0
         width = self.columns
+        if set(map(len, rows)) != {width}:  # a row of the wrong width would shift every value after it
+            raise ValueError(f"rows: expected {width} values each")
+        rows = sorted(rows, key=_FIRST)
+        edge, self._edge = self._edge, rows[-1][0]
+        if edge is not None and 2 * (len(rows) - bisect_right(rows, edge, key=_FIRST)) < len(rows):
+            cur.executemany(self.single, rows)  # mostly inside the index: row by row (module docstring)
+            return int(cur.rowcount)
+        inserted = 0
         step = self.max_rows(cur)
         i, n = 0, len(rows)
         while i < n:
             k = min(step, n - i)
             k = 1 << (k.bit_length() - 1)  # the largest power of two that fits
-            values = list(chain.from_iterable(rows[i:i + k]))
-            if len(values) != k * width:  # a row of the wrong width would shift every value after it
-                raise ValueError(f"rows {i}..{i + k - 1}: expected {width} values each")
-            cur.execute(self.statement(k), values)
+            cur.execute(self.statement(k), list(chain.from_iterable(rows[i:i + k])))
             inserted += cur.rowcount
             i += k
         return inserted
