@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
+from functools import partial
 from operator import itemgetter
 from typing import Any
 
@@ -147,8 +148,8 @@ class Inserter:
             self.shadow_sql = ""
         self._last: tuple[float, str] = (-1.0, "")
         self._executor: DaemonThreads | None = None  # writes the second half (_pool)
-        self._conflicts_until = 0.0  # monotonic time until which PostgreSQL batches use ON CONFLICT
-        self._shadow_conflicts_until = 0.0  # the same for shadow_predictions
+        self._conflicts = TakenWindow()  # PostgreSQL: predictions by COPY unless an id was taken lately
+        self._shadow_conflicts = TakenWindow()  # the same for shadow_predictions
         errors = RequestError.__table__.name
         marks = ", ".join("?" * len(_ERROR_COLUMNS)) if self.dialect == "sqlite" else \
             ", ".join(["%s"] * len(_ERROR_COLUMNS))
@@ -199,16 +200,10 @@ class Inserter:
             self._insert_orm(params, errors)
             return None
 
-        if self._copy is not None and time.monotonic() >= self._conflicts_until:
-            try:
-                return self._copy_rows(params, errors)
-            except Exception as exc:
-                if not _taken(exc):
-                    raise
-                # A request id is taken (a replay, a reused client id): this batch again, and the next
-                # ones for a while, with ON CONFLICT, so ids reused on purpose cost one retry a minute.
-                self._conflicts_until = time.monotonic() + _CONFLICT_MODE_S
-        return self._insert_rows(self.sql, params, errors)
+        plain = partial(self._insert_rows, self.sql, params, errors)
+        if self._copy is None:
+            return plain()
+        return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), plain)
 
     def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
         """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) on the COPY connections,
@@ -267,23 +262,21 @@ class Inserter:
                 PredictionRow(request_id=r[0], model=r[1], version=r[2], score=r[3], latency_ms=r[4],
                               created_at=datetime.fromtimestamp(r[5], UTC)) for r in rows])
             return None
+        def plain() -> int:
+            params = [(r[0], r[1], r[2], r[3], r[4], ts(r[5])) for r in rows]
+            sql = self.shadow_sql
+            return self._in_transaction(lambda cur: self._write(cur, sql, params, _SHADOW_TEXT_COLUMNS))
+
         copy = self._copy
-        if copy is not None and time.monotonic() >= self._shadow_conflicts_until:
-            # Binary COPY as for predictions (~9 against ~12-14 us of server CPU a row); a (request id,
-            # version) already stored (a lane written twice) rolls it back and the unnest INSERT ... ON
-            # CONFLICT below writes it, as it does every lane for the next _CONFLICT_MODE_S seconds.
-            def write(cur: Any) -> int:
-                with deadline(cur.connection, copy.query_timeout_s):
-                    return copy_shadow_rows(cur, self.shadow_copy_sql, rows, self._shadow_when)
-            try:
-                return self._in_transaction(write, copy.connect)
-            except Exception as exc:
-                if not _taken(exc):
-                    raise
-                self._shadow_conflicts_until = time.monotonic() + _CONFLICT_MODE_S
-        params = [(r[0], r[1], r[2], r[3], r[4], ts(r[5])) for r in rows]
-        sql = self.shadow_sql
-        return self._in_transaction(lambda cur: self._write(cur, sql, params, _SHADOW_TEXT_COLUMNS))
+        if copy is None:
+            return plain()
+
+        # Binary COPY as for predictions (~9 against ~12-14 us of server CPU a row); a (request id,
+        # version) already stored (a lane written twice) is written by the unnest INSERT ... ON CONFLICT.
+        def write(cur: Any) -> int:
+            with deadline(cur.connection, copy.query_timeout_s):
+                return copy_shadow_rows(cur, self.shadow_copy_sql, rows, self._shadow_when)
+        return self._shadow_conflicts.copy_first(lambda: self._in_transaction(write, copy.connect), plain)
 
     def _write(self, cur: Any, sql: str, params: Sequence[tuple[Any, ...]],
                text_columns: frozenset[int], bytea_column: int | None = None) -> int:
@@ -339,9 +332,24 @@ def pg_insert_ignore(table: Any, session: Any) -> Any:
     return dialect_insert(table).on_conflict_do_nothing(index_elements=["request_id"])
 
 
-def _taken(exc: BaseException) -> bool:
-    """A unique violation: the row's key is stored already (psycopg's sqlstate, psycopg2's pgcode)."""
-    return (getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)) == _UNIQUE_VIOLATION
+class TakenWindow:
+    """PostgreSQL's rule for one table: COPY first; a unique violation (a key stored already: a replay, a
+    reused client id, a lane written twice) rolls the COPY back, and that batch and every batch for the
+    next _CONFLICT_MODE_S seconds go through the plain INSERT ... ON CONFLICT DO NOTHING, so keys reused
+    on purpose cost one retry a minute."""
+
+    def __init__(self) -> None:
+        self.until = 0.0  # monotonic time until which batches skip COPY
+
+    def copy_first(self, copy: Callable[[], int], plain: Callable[[], int]) -> int:
+        if time.monotonic() >= self.until:
+            try:
+                return copy()
+            except Exception as exc:
+                if (getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)) != _UNIQUE_VIOLATION:
+                    raise
+                self.until = time.monotonic() + _CONFLICT_MODE_S
+        return plain()
 
 
 def widen(row: Sequence[Any]) -> Row:

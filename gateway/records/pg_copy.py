@@ -38,10 +38,10 @@ def copy_sql(table: str, columns: Sequence[str]) -> str:
 
 
 class Timestamps:
-    """created_at text (ISO 8601 with offset, as the writer's rows and spill lines carry it) to the
-    datetime binary COPY needs; the rows of one batch share a handful of values, so the last is kept.
-    Text without an offset is UTC: psycopg refuses a naive datetime for timestamptz with a TypeError,
-    which the log would take for a bad row and dead-letter."""
+    """created_at text (ISO 8601 with offset, as the writer's rows and spill lines carry it) or epoch
+    seconds (mirror scores) to the datetime binary COPY needs; the rows of one batch share a handful of
+    values, so the last is kept. Text without an offset is UTC: psycopg refuses a naive datetime for
+    timestamptz with a TypeError, which the log would take for a bad row and dead-letter."""
 
     def __init__(self) -> None:
         self._last: tuple[Any, datetime | None] = (None, None)
@@ -50,18 +50,14 @@ class Timestamps:
         text, dt = self._last
         if value == text and dt is not None:
             return dt
-        dt = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+        if isinstance(value, datetime):
+            dt = value
+        elif isinstance(value, float):  # epoch seconds: mirror scores carry their time so
+            dt = datetime.fromtimestamp(value, UTC)
+        else:
+            dt = datetime.fromisoformat(value)
         if dt.tzinfo is None:  # SQLite's text (a spill line of a gateway on SQLite): UTC
             dt = dt.replace(tzinfo=UTC)
-        self._last = (value, dt)
-        return dt
-
-    def epoch(self, value: float) -> datetime:
-        """The same for epoch seconds (mirror scores carry their time so)."""
-        text, dt = self._last
-        if value == text and dt is not None:
-            return dt
-        dt = datetime.fromtimestamp(value, UTC)
         self._last = (value, dt)
         return dt
 
@@ -89,5 +85,5 @@ def copy_shadow_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Ti
         cp.set_types(SHADOW_COLUMN_TYPES)
         write = cp.write_row
         for r in rows:
-            write((r[0], r[1], int(r[2]), float(r[3]), float(r[4]), when.epoch(r[5])))
+            write((r[0], r[1], int(r[2]), float(r[3]), float(r[4]), when(float(r[5]))))
     return len(rows)

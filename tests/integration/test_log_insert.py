@@ -92,7 +92,7 @@ def test_mirror_scores_round_trip_per_version_and_replays_are_skipped(registry) 
     assert ins.insert_shadow(rows) == 3
     assert ins.insert_shadow(rows) == 0
     if registry.engine.dialect.name == "postgresql":  # the lane went in by COPY, the repeat by ON CONFLICT
-        assert ins._shadow_conflicts_until > time.monotonic()
+        assert ins._shadow_conflicts.until > time.monotonic()
     assert ins.insert_shadow([("s-1", "m", 1, 0.5, 1.0, now), ("s-3", "m", 3, 0.5, 1.0, now)]) == 1
     with registry.session() as s:
         got = {(r.request_id, r.version): r for r in s.scalars(select(ShadowPrediction))}
@@ -150,16 +150,16 @@ def test_postgresql_batches_skip_on_conflict_until_an_id_is_taken(registry) -> N
     conflicts); a taken id rolls it back and writes it again with ON CONFLICT, as every batch for a
     while after, so the answer is the same as ON CONFLICT's and a reused id costs one retry a minute."""
     if registry.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite always uses ON CONFLICT (its executemany has no such cost to save)")
+        pytest.skip("SQLite always uses ON CONFLICT (the plain-COPY window is PostgreSQL's)")
     ins = Inserter(registry)
     ts = ins.timestamp(time.time())
     row = ("c-1", "m", 1, "k", 0.5, 1.0, ts, None, None, False, None)
-    assert ins.insert([row]) == 1 and ins._conflicts_until == 0.0
+    assert ins.insert([row]) == 1 and ins._conflicts.until == 0.0
     assert ins.insert([row, (*row[:1], "m", 1, "k", 0.5, 1.0, ts, None, None, False, None)]) == 0
-    assert ins._conflicts_until > time.monotonic() + 30
+    assert ins._conflicts.until > time.monotonic() + 30
     assert ins.insert([("c-2", *row[1:]), ("c-2", *row[1:])]) == 1  # a batch's own repeat is skipped too
     fresh = Inserter(registry)
-    assert fresh.insert([("c-3", *row[1:]), ("c-3", *row[1:])]) == 1 and fresh._conflicts_until > 0
+    assert fresh.insert([("c-3", *row[1:]), ("c-3", *row[1:])]) == 1 and fresh._conflicts.until > 0
 
 
 def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(registry) -> None:  # noqa: ANN001
