@@ -15,6 +15,11 @@ Policy, and why:
   every call goes through Serve and the check is repeated every REMOTE_RECHECK_S.
 - A channel that breaks is closed and found again in the background (backoff to MAX_BACKOFF_S):
   meanwhile every call goes through Serve, which owns replica failure (restarts, health checks).
+- Nothing before the first call: the search starts at the first `take`, not when the version is
+  deployed. `discover` is a Serve call, and Serve's autoscaler counts it as load like any other: made
+  at start-up, while the controller was still busy deploying the next version, it sat queued at the
+  handle for a second and an idle version with target_ongoing_requests 0.5 was scaled from 1 to 2
+  replicas (Serve controller log, fresh-clone make test 2026-12-05). An idle gateway makes no call.
 
 Write-up with the measurements: docs/performance.md ("A local channel to the replicas")."""
 
@@ -59,6 +64,7 @@ class LocalPath:
         self.status = "starting"  # connected | remote | retrying: for logs, tests and the operator
 
     def start(self) -> None:
+        """Begin looking for the channel (the first `take` does this; tests call it directly)."""
         if self._task is None and self._node_id is not None:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._keep(), name=f"local-path {self._label}")
@@ -99,7 +105,10 @@ class LocalPath:
 
     def take(self) -> LocalChannel | None:
         """A channel for one call, or None (not connected, or its `slots()` calls are in flight): then
-        call through Serve. Every channel taken goes back through `give_back`."""
+        call through Serve. Every channel taken goes back through `give_back`. The first call starts the
+        search for the channel (module docstring: nothing before the first call)."""
+        if self._task is None:
+            self.start()
         if not self._idle or self._busy >= self._slots():
             return None
         self._busy += 1

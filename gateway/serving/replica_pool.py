@@ -293,8 +293,8 @@ class ReplicaPool:
                     lone = scaling is not None and not scaling.autoscaled and scaling.min_replicas == 1
                     return self.batch.max_inflight if lone else 1
 
+                # Not started here: the first call starts it (local_path: an idle gateway makes no call).
                 local = LocalPath(lambda: endpoint.remote(), this_node_id(), f"{model} v{version}", slots)
-                local.start()
                 self._local_paths.append(local)
 
             async def probe() -> None:

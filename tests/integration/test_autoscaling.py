@@ -168,6 +168,11 @@ def test_per_model_policy_bounds_canary_and_production_and_changes_at_run_time_i
     try:
         assert (serve_bounds(model, 1), serve_bounds(model, 2)) == ((1, 3), (1, 2))
         assert poll_until(lambda: gauge(1) == 1 and gauge(2) == 1, 30), (gauge(1), gauge(2))
+        # Idle: the gateway has made no Serve call of its own (the local channel is looked for at the first
+        # call), so Serve's autoscaler has seen no load and no version has grown. Before this rule, the
+        # start-up discovery call scaled v1 to 2 here under a loaded machine (fresh clone, 2026-12-05).
+        time.sleep(3.0)  # > upscale_delay_s + Serve's metrics push: time for a wrong upscale to show
+        assert {p.status for p in gw.gateway.pool._local_paths} == {"starting"}
         before = {1: replica_pids(model, 1), 2: replica_pids(model, 2)}
         assert all(len(p) == 1 for p in before.values()), before
         thread.start()

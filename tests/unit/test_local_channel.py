@@ -218,6 +218,32 @@ def test_the_path_uses_one_call_at_a_time_and_finds_the_channel_again_after_a_br
     run(go())
 
 
+def test_an_idle_path_makes_no_call_until_the_first_one_asks_for_the_channel() -> None:
+    """Discovery is a Ray Serve call, which Serve's autoscaler counts as load: made at deploy time it
+    scaled an idle version up (local_path's docstring), so it waits for the first real call."""
+    async def go() -> None:
+        server = await LocalServer(weights_score).start()
+        asked: list[int] = []
+
+        async def discover() -> Mapping[str, Any]:
+            asked.append(1)
+            return {"node_id": "n1", "port": server.port, "key": server.key}
+
+        path = LocalPath(discover, "n1", "m v1")
+        await asyncio.sleep(0.3)
+        assert asked == [] and path.status == "starting"
+        assert path.take() is None  # the first call goes through Serve and starts the search
+        await until(lambda: path.status == "connected", "the channel")
+        assert asked == [1]
+        ch = path.take()
+        assert ch is not None
+        path.give_back(ch, healthy=True)
+        await path.close()
+        server.close()
+
+    run(go())
+
+
 def test_a_replica_on_another_node_is_never_called_through_the_channel() -> None:
     async def go() -> None:
         server = await LocalServer(weights_score).start()
