@@ -231,7 +231,10 @@ class ReplicaScaling:
             "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-            "look_back_period_s": self.look_back_s, "metrics_interval_s": min(10.0, self.look_back_s or 10.0),
+            # Serve needs look_back_period_s > metrics_interval_s (equal: a FutureWarning now, an error in a
+            # later Ray), so a short look-back gets metrics at half its length, at least two per window.
+            "look_back_period_s": self.look_back_s,
+            "metrics_interval_s": min(10.0, (self.look_back_s or 20.0) / 2),
         }}
 
     @classmethod

@@ -40,6 +40,10 @@ def test_scaling_settings_from_the_environment() -> None:
     assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"],
             config["downscale_delay_s"], config["upscale_delay_s"]) == (2, 6, 1.5, 60.0, 30.0)
     assert Settings.from_env({"CHIMERA_REPLICAS_MIN": "3"}).ray.scaling.serve_options() == {"num_replicas": 3}
+    # Serve wants look_back_period_s > metrics_interval_s (equal warns, and a later Ray refuses it).
+    for look_back in (0.5, 2.0, 10.0, 30.0, 600.0):
+        auto = ReplicaScaling(max_replicas=2, look_back_s=look_back).serve_options()["autoscaling_config"]
+        assert 0 < auto["metrics_interval_s"] < auto["look_back_period_s"], auto
     for env, named in [({"CHIMERA_REPLICAS_MIN": "3", "CHIMERA_REPLICAS_MAX": "2"}, "CHIMERA_REPLICAS_MAX"),
                        ({"CHIMERA_REPLICAS_MIN": "0"}, "CHIMERA_REPLICAS_MIN"),
                        ({"CHIMERA_REPLICAS_MAX": "many"}, "CHIMERA_REPLICAS_MAX"),
