@@ -191,16 +191,21 @@ def test_a_killed_replica_process_breaks_the_channel_with_the_channel_error() ->
         child.join(10)
 
 
+def counted_path(server: LocalServer) -> tuple[LocalPath, list[int]]:
+    """A LocalPath on node n1 whose discovery finds `server` on n1, and the list it appends to per call."""
+    asked: list[int] = []
+
+    async def discover() -> Mapping[str, Any]:
+        asked.append(1)
+        return {"node_id": "n1", "port": server.port, "key": server.key}
+
+    return LocalPath(discover, "n1", "m v1"), asked
+
+
 def test_the_path_uses_one_call_at_a_time_and_finds_the_channel_again_after_a_break() -> None:
     async def go() -> None:
         server = await LocalServer(weights_score).start()
-        asked: list[int] = []
-
-        async def discover() -> Mapping[str, Any]:
-            asked.append(1)
-            return {"node_id": "n1", "port": server.port, "key": server.key}
-
-        path = LocalPath(discover, "n1", "m v1")
+        path, asked = counted_path(server)
         path.start()
         await until(lambda: path.status == "connected", "the channel")
         ch = path.take()
@@ -223,13 +228,7 @@ def test_an_idle_path_makes_no_call_until_the_first_one_asks_for_the_channel() -
     scaled an idle version up (local_path's docstring), so it waits for the first real call."""
     async def go() -> None:
         server = await LocalServer(weights_score).start()
-        asked: list[int] = []
-
-        async def discover() -> Mapping[str, Any]:
-            asked.append(1)
-            return {"node_id": "n1", "port": server.port, "key": server.key}
-
-        path = LocalPath(discover, "n1", "m v1")
+        path, asked = counted_path(server)
         await asyncio.sleep(0.3)
         assert asked == [] and path.status == "starting"
         assert path.take() is None  # the first call goes through Serve and starts the search
