@@ -49,6 +49,9 @@ DEFAULT_SQLITE_FILE = "chimera.db"
 TRACES_EXPORTERS = ("none", "console", "otlp", "memory")  # see chimera.tracing
 DEFAULT_RAY_NUM_CPUS = 2
 DEFAULT_REPLICA_NUM_CPUS = 0.25
+# A stopping replica waits this long before it first counts its calls in flight (Ray Serve's
+# graceful_shutdown_wait_loop_s and its default): the time Serve's routers get to learn it is going.
+DEFAULT_REPLICA_SHUTDOWN_WAIT_S = 2.0
 DEFAULT_TRACES_EXPORTER = "none"
 DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S = 24 * 3600.0
 DEFAULT_LOG_FEATURES_SAMPLE = 1.0
@@ -254,12 +257,19 @@ class ReplicaScaling:
 @dataclass(frozen=True)
 class RaySettings:
     """RAY_ADDRESS (None: start a local Ray with `num_cpus`); CPUs reserved per model replica; how many
-    replicas each version runs (`scaling`)."""
+    replicas each version runs (`scaling`); how long a stopping replica waits before it counts its calls in
+    flight (`replica_shutdown_wait_s`: Serve's graceful_shutdown_wait_loop_s)."""
 
     address: str | None = None
     num_cpus: int = DEFAULT_RAY_NUM_CPUS
     replica_num_cpus: float = DEFAULT_REPLICA_NUM_CPUS
     scaling: ReplicaScaling = field(default_factory=ReplicaScaling)
+    replica_shutdown_wait_s: float = DEFAULT_REPLICA_SHUTDOWN_WAIT_S
+
+    def __post_init__(self) -> None:
+        if not self.replica_shutdown_wait_s > 0:
+            raise ValueError(f"CHIMERA_REPLICA_SHUTDOWN_WAIT_S: {self.replica_shutdown_wait_s} must be > 0 "
+                             "(seconds)")
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RaySettings:
@@ -270,6 +280,8 @@ class RaySettings:
             replica_num_cpus=_parsed(e, "CHIMERA_REPLICA_NUM_CPUS", float, DEFAULT_REPLICA_NUM_CPUS,
                                      "a number of CPUs"),
             scaling=ReplicaScaling.from_env(e),
+            replica_shutdown_wait_s=_parsed(e, "CHIMERA_REPLICA_SHUTDOWN_WAIT_S", float,
+                                            DEFAULT_REPLICA_SHUTDOWN_WAIT_S, "seconds"),
         )
 
 

@@ -12,6 +12,7 @@ from chimera.settings import (
     DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S,
     DEFAULT_REPLICA_NUM_CPUS,
+    DEFAULT_REPLICA_SHUTDOWN_WAIT_S,
     DEFAULT_SPILL_MAX_BYTES,
     DEFAULT_TRACES_EXPORTER,
     AuthSettings,
@@ -36,6 +37,9 @@ class GatewayConfig:
     admin_token: str | None = field(default=AuthSettings.admin_token, repr=False)
     replica_cpus: float = DEFAULT_REPLICA_NUM_CPUS
     replica_scaling: ReplicaScaling = field(default_factory=ReplicaScaling)  # fixed, or Serve autoscaling
+    # A stopping replica (undeployed, scaled down) sleeps this long before it first counts its calls in
+    # flight, so that Serve's routers have stopped sending to it (Ray Serve's graceful_shutdown_wait_loop_s).
+    replica_shutdown_wait_s: float = DEFAULT_REPLICA_SHUTDOWN_WAIT_S
     batch: BatchConfig = field(default_factory=BatchConfig)
     spill_dir: Path = Path(".chimera")
     # `chimera serve --processes N` (chimera.cli.workers): this process's index among the workers that
@@ -99,6 +103,7 @@ class GatewayConfig:
             "max_concurrent_calls": settings.gateway.max_concurrent_calls,
             "replica_cpus": settings.ray.replica_num_cpus,
             "replica_scaling": settings.ray.scaling,
+            "replica_shutdown_wait_s": settings.ray.replica_shutdown_wait_s,
             "log_features_sample": settings.gateway.log_features_sample,
             "spill_max_bytes": settings.gateway.spill_max_bytes,
             "promotion_loadtest_max_age_s": settings.rollout.promotion_loadtest_max_age_s,

@@ -70,7 +70,8 @@ class Gateway:
         self.pool = ReplicaPool(config.registry_url, replica_cpus=config.replica_cpus, batch=config.batch,
                                 observer_factory=self.metrics.observer, health=self.version_health,
                                 tracer=self.tracing.tracer, traces_exporter=self.tracing.exporter,
-                                scaling=config.replica_scaling, registry=self.registry)
+                                scaling=config.replica_scaling, registry=self.registry,
+                                shutdown_wait_s=config.replica_shutdown_wait_s)
         spill = f"{config.port}" + (f"-{config.worker}" if config.worker else "")
         self.log = PredictionLog(self.registry, Path(config.spill_dir) / f"predictions-{spill}.spill",
                                  spill_max_bytes=config.spill_max_bytes)

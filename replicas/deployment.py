@@ -203,17 +203,22 @@ def fingerprint(*parts: Any) -> str:
 
 
 def version_app(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
-                scaling: ReplicaScaling | None = None, traces_exporter: str = "none") -> Application:
+                scaling: ReplicaScaling | None = None, traces_exporter: str = "none",
+                shutdown_wait_s: float | None = None) -> Application:
     """The Ray Serve application of one version (not deployed). The registry URL goes in without its
     password (`actor_registry_url`); `user_config` carries the fingerprint (module docstring);
-    `scaling`: a fixed replica count or Ray Serve's autoscaler (chimera.settings.ReplicaScaling)."""
+    `scaling`: a fixed replica count or Ray Serve's autoscaler (chimera.settings.ReplicaScaling);
+    `shutdown_wait_s`: Serve's graceful_shutdown_wait_loop_s (None: Serve's default), left out of the
+    fingerprint: it only changes how fast a stopping replica goes, so a gateway with another value uses
+    the running application as it is."""
     args = (actor_registry_url(registry_url), model, version, traces_exporter)
     replicas = (scaling or ReplicaScaling()).serve_options()
+    shutdown = {} if shutdown_wait_s is None else {"graceful_shutdown_wait_loop_s": shutdown_wait_s}
     return VersionReplica.options(
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         user_config={"fingerprint": fingerprint(args, num_cpus, replicas)},
         version=code_version(args, num_cpus), _internal=True,  # a scaling change restarts nothing
-        **replicas,
+        **replicas, **shutdown,
     ).bind(*args)
 
 
@@ -252,13 +257,13 @@ def _running_fingerprint(name: str, *, timeout_s: float = 120.0, poll_s: float =
 
 def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
                    scaling: ReplicaScaling | None = None, traces_exporter: str = "none",
-                   wait: bool = True) -> DeploymentHandle | None:
+                   wait: bool = True, shutdown_wait_s: float | None = None) -> DeploymentHandle | None:
     """Use the version's application if one runs with the same fingerprint (another gateway deployed
     it), else deploy it; either way wait until it is ready. `wait=False` (a scaling change of a running
     application): hand Serve the new config and return None at once; the replicas that run keep
     serving while Serve adds or removes replicas."""
     app = version_app(registry_url, model, version, num_cpus=num_cpus, scaling=scaling,
-                      traces_exporter=traces_exporter)
+                      traces_exporter=traces_exporter, shutdown_wait_s=shutdown_wait_s)
     name = app_name(model, version)
     wanted = app._bound_deployment._deployment_config.user_config["fingerprint"]
     if _running_fingerprint(name, timeout_s=120.0 if wait else 0.0) == wanted:

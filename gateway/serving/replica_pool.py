@@ -125,8 +125,9 @@ class ReplicaPool:
                  observer_factory: Callable[[str, int], BatchObserver] | None = None,
                  health: VersionHealth | None = None, tracer: Tracer | None = None,
                  traces_exporter: str = "none", scaling: ReplicaScaling | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, shutdown_wait_s: float | None = None) -> None:
         self.registry_url = registry_url
+        self.shutdown_wait_s = shutdown_wait_s  # None: Ray Serve's default
         # Replicas per version when the model's policy does not say (fixed, or autoscaled by Serve).
         self.scaling = scaling or ReplicaScaling()
         self.registry = registry  # None: every version scales by `scaling` (no per-model policy)
@@ -170,7 +171,7 @@ class ReplicaPool:
         scaling = plan.scaling if plan is not None else self.scaling
         log.info("deploying replicas for %s v%d (%s)", model, version, describe(scaling))
         deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus, scaling=scaling,
-                       traces_exporter=self.traces_exporter)
+                       traces_exporter=self.traces_exporter, shutdown_wait_s=self.shutdown_wait_s)
         self.applied[(model, version)] = scaling
 
     def wanted(self, model: str) -> dict[int, VersionPlan]:
@@ -185,7 +186,7 @@ class ReplicaPool:
 
         log.info("model %s v%d: replicas now %s", model, version, describe(scaling))
         deploy_version(self.registry_url, model, version, num_cpus=self.replica_cpus, scaling=scaling,
-                       traces_exporter=self.traces_exporter, wait=False)
+                       traces_exporter=self.traces_exporter, shutdown_wait_s=self.shutdown_wait_s, wait=False)
         self.applied[(model, version)] = scaling
 
     async def apply_scaling(self, model: str | None = None) -> list[tuple[str, int]]:

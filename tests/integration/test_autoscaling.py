@@ -47,7 +47,8 @@ def test_scaling_settings_from_the_environment() -> None:
     for env, named in [({"CHIMERA_REPLICAS_MIN": "3", "CHIMERA_REPLICAS_MAX": "2"}, "CHIMERA_REPLICAS_MAX"),
                        ({"CHIMERA_REPLICAS_MIN": "0"}, "CHIMERA_REPLICAS_MIN"),
                        ({"CHIMERA_REPLICAS_MAX": "many"}, "CHIMERA_REPLICAS_MAX"),
-                       ({"CHIMERA_REPLICA_TARGET_ONGOING": "0"}, "CHIMERA_REPLICA_TARGET_ONGOING")]:
+                       ({"CHIMERA_REPLICA_TARGET_ONGOING": "0"}, "CHIMERA_REPLICA_TARGET_ONGOING"),
+                       ({"CHIMERA_REPLICA_SHUTDOWN_WAIT_S": "0"}, "CHIMERA_REPLICA_SHUTDOWN_WAIT_S")]:
         with pytest.raises(ValueError, match=named):
             Settings.from_env(env)
     # The scaling is part of the fingerprint: a gateway with other scaling redeploys, one with the same
@@ -56,6 +57,18 @@ def test_scaling_settings_from_the_environment() -> None:
     scaled = version_app("sqlite:////tmp/x.db", "m", 1, scaling=ReplicaScaling(max_replicas=3))
     prints = [a._bound_deployment._deployment_config.user_config["fingerprint"] for a in (fixed, scaled)]
     assert prints[0] != prints[1]
+
+
+def test_replica_shutdown_wait_is_serves_wait_loop_and_not_part_of_the_fingerprint() -> None:
+    """CHIMERA_REPLICA_SHUTDOWN_WAIT_S: Serve's default (2 s) unless set; it reaches the deployment as
+    graceful_shutdown_wait_loop_s and leaves the fingerprint alone (a gateway with another value uses
+    the running application instead of replacing it)."""
+    assert Settings.from_env({}).ray.replica_shutdown_wait_s == 2.0
+    assert Settings.from_env({"CHIMERA_REPLICA_SHUTDOWN_WAIT_S": "0.5"}).ray.replica_shutdown_wait_s == 0.5
+    default, quick = (version_app("sqlite:////tmp/x.db", "m", 1, shutdown_wait_s=w)._bound_deployment
+                      ._deployment_config for w in (None, 0.2))
+    assert (default.graceful_shutdown_wait_loop_s, quick.graceful_shutdown_wait_loop_s) == (2.0, 0.2)
+    assert default.user_config["fingerprint"] == quick.user_config["fingerprint"]
 
 
 def running_replicas(model: str, version: int) -> int:
