@@ -91,7 +91,9 @@ class GatewayThread(BackgroundGateway):
     def __init__(self, registry_url: str, tmp: Path, **overrides: Any) -> None:
         overrides.setdefault("drain_delay_s", 0.0)  # no load balancer to tell in tests
         # A test's versions are undeployed after its gateway (their only router) has stopped: nothing is
-        # left to learn that they go, and Serve's 2 s first wait cost every test ~2 s a teardown.
+        # left to learn that they go, and Serve's 2 s first wait cost every test ~2 s a teardown. Versions
+        # retired or scaled down while the gateway runs stop with the same short wait: the harder case
+        # for the tests that assert no failed call (test_autoscaling's scale-down, the rollbacks).
         overrides.setdefault("replica_shutdown_wait_s", 0.2)
         super().__init__(GatewayConfig(registry_url=registry_url, port=0, admin_token=ADMIN_TOKEN,
                                        replica_cpus=0.1, spill_dir=tmp / "spill",
