@@ -133,6 +133,9 @@ class LocalPath:
         self._idle.clear()
 
     async def close(self) -> None:
+        """Stop keeping the channel and close it; for good: a `take` after this never searches again
+        (no node to look on, as for a gateway outside the Ray cluster)."""
+        self._node_id = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

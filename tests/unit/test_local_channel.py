@@ -238,6 +238,10 @@ def test_an_idle_path_makes_no_call_until_the_first_one_asks_for_the_channel() -
         assert ch is not None
         path.give_back(ch, healthy=True)
         await path.close()
+        # Closed for good: a late call goes through Serve and starts no new search.
+        assert path.take() is None
+        await asyncio.sleep(0.3)
+        assert asked == [1]
         server.close()
 
     run(go())
