@@ -8,7 +8,8 @@ for the naive datetimes SQLite hands back) and JSON columns never hold NaN/inf (
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime
 from typing import Any, overload
 
 import numpy as np
@@ -21,6 +22,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Dialect,
     Float,
@@ -196,7 +198,31 @@ class TrafficSplit(Base):
     weight: Mapped[int] = mapped_column(Integer, nullable=False)
 
 
+def created_day(context: Any) -> date:
+    """predictions.day when a writer gives none: the UTC date of the row's created_at (now without one).
+    Migration 0009 says why the log needs the day as a column (PostgreSQL partitions by it)."""
+    created = context.get_current_parameters().get("created_at") if context is not None else None
+    if not isinstance(created, datetime):
+        created = utcnow()
+    return (created if created.tzinfo is None else created.astimezone(UTC)).date()
+
+
+# The names of predictions' partitions on PostgreSQL (migration 0009, registry.partitions): one table a
+# UTC day, the first (the table before 0009) and the DEFAULT one. Not declared here: they are the parent's.
+PREDICTION_PARTITION = re.compile(r"predictions_(?:\d{8}|upto_\d{8}|default)")
+
+
+def prediction_key(dialect: str) -> list[str]:
+    """The columns a request id is unique with in predictions, for ON CONFLICT: (request_id, day) on
+    PostgreSQL, where the table is partitioned by day (migration 0009), request_id alone on SQLite."""
+    return ["request_id", "day"] if dialect == "postgresql" else ["request_id"]
+
+
 class Prediction(Base):
+    """One answered prediction. On PostgreSQL the table is partitioned by `day` (migration 0009), so its
+    keys there are PRIMARY KEY (id, day) and UNIQUE (request_id, day) instead of the two declared here
+    (which are SQLite's); tests/integration/test_registry.py::test_models_match_the_migrations knows."""
+
     __tablename__ = "predictions"
     # One index for every range read (rollout looks, retraining, retention): model = ? AND created_at in
     # a range (migration 0006, which says why it replaced created_at and (model, version)).
@@ -219,6 +245,8 @@ class Prediction(Base):
     split_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     pinned: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     failed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The UTC date of created_at (migration 0009): PostgreSQL's partition key, filled by every writer.
+    day: Mapped[date] = mapped_column(Date, nullable=False, default=created_day)
 
 
 class RequestError(Base):

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
-from functools import partial
 from operator import itemgetter
 from typing import Any
 
@@ -40,11 +39,21 @@ from sqlalchemy import insert
 from gateway.records.feature_rows import features_json, matrix_f32, matrix_json
 from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
-from gateway.records.pg_copy import COLUMN_TYPES, Timestamps, copy_rows, copy_shadow_rows, copy_sql
+from gateway.records.pg_copy import (
+    COLUMN_TYPES,
+    DAY_COLUMN,
+    EARLY,
+    LATE,
+    NearMidnight,
+    Timestamps,
+    copy_rows,
+    copy_shadow_rows,
+    copy_sql,
+)
 from gateway.records.sqlite_rows import MultiRowInsert
 from registry import Registry
 from registry.copy_conn import CopyConnections, deadline
-from registry.models import Prediction, RequestError, ShadowPrediction
+from registry.models import Prediction, RequestError, ShadowPrediction, prediction_key
 from registry.repository import PredictionRow
 
 COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features",
@@ -118,8 +127,9 @@ class Inserter:
         cols = ", ".join(COLUMNS)
         self._copy: CopyConnections | None = None  # PostgreSQL: the plain path (see _CONFLICT_MODE_S)
         self._multi: dict[str, MultiRowInsert] = {}  # SQLite: the statements' many-row forms, by text
-        if self.dialect == "sqlite":
-            self.sql = self._many_rows(table.name, COLUMNS, "ON CONFLICT (request_id) DO NOTHING")
+        if self.dialect == "sqlite":  # day: the date part of created_at's text (UTC, SQLAlchemy's format)
+            self.sql = self._many_rows(table.name, COLUMNS, "ON CONFLICT (request_id) DO NOTHING",
+                                       {DAY_COLUMN: "substr({created_at}, 1, 10)"})
         elif self.dialect == "postgresql" and self.driver == "psycopg2":
             # The features column arrives as one bytea and two int arrays (bytea_blob).
             types = [*COLUMN_TYPES[:_FEATURES], "int", "int", *COLUMN_TYPES[_FEATURES + 1:]]
@@ -127,10 +137,9 @@ class Inserter:
             picks = [*names[:_FEATURES], f"substr(%s::bytea, {names[_FEATURES]}, {names[_FEATURES + 1]})",
                      *names[_FEATURES + 2:]]
             arrays = ", ".join(f"%s::{t}[]" for t in types)
-            self.sql = (f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(picks)} "
-                        f"FROM unnest({arrays}) AS r({', '.join(names)}) ON CONFLICT (request_id) DO NOTHING")
+            self.sql = _pg_insert_sql(table.name, cols, picks, arrays, names)
             self._copy = CopyConnections(registry.url)
-            self.copy_sql = copy_sql(table.name, COLUMNS)
+            self.copy_sql = copy_sql(table.name, (*COLUMNS, DAY_COLUMN))
             self.shadow_copy_sql = copy_sql(ShadowPrediction.__table__.name, SHADOW_COLUMNS)
             self._when = Timestamps()
             self._shadow_when = Timestamps()  # its own cache: shadow rows are written from another thread
@@ -155,9 +164,10 @@ class Inserter:
             ", ".join(["%s"] * len(_ERROR_COLUMNS))
         self.error_sql = f"INSERT INTO {errors} ({', '.join(_ERROR_COLUMNS)}) VALUES ({marks})"
 
-    def _many_rows(self, table: str, columns: Sequence[str], tail: str) -> str:
+    def _many_rows(self, table: str, columns: Sequence[str], tail: str,
+                   computed: dict[str, str] | None = None) -> str:
         """SQLite: the single-row statement's text, its many-row form kept for `_write`."""
-        multi = MultiRowInsert(table, columns, tail)
+        multi = MultiRowInsert(table, columns, tail, computed)
         self._multi[multi.single] = multi
         return multi.single
 
@@ -200,10 +210,16 @@ class Inserter:
             self._insert_orm(params, errors)
             return None
 
-        plain = partial(self._insert_rows, self.sql, params, errors)
         if self._copy is None:
+            return self._insert_rows(self.sql, params, errors)
+        # One statement cannot see its own rows in NOT EXISTS: the same id twice in a batch across
+        # midnight is kept once here (the first, as ON CONFLICT keeps it within a day).
+        def plain() -> int:
+            return self._insert_rows(self.sql, first_of_each_id(params), errors)
+        try:
+            return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), plain)
+        except NearMidnight:  # ids are checked against the neighbouring day (pg_copy.SAME_ID_WINDOW_MIN)
             return plain()
-        return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), plain)
 
     def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
         """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) on the COPY connections,
@@ -329,7 +345,23 @@ def pg_insert_ignore(table: Any, session: Any) -> Any:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     else:
         return insert(table)
-    return dialect_insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=prediction_key(name))
+
+
+def _pg_insert_sql(table: str, cols: str, picks: Sequence[str], arrays: str, names: Sequence[str]) -> str:
+    """The unnest INSERT on PostgreSQL (migration 0009: partitioned by day). Each row's day is its
+    created_at's UTC date; ON CONFLICT takes a request id already stored on that day, and a row within
+    pg_copy.SAME_ID_WINDOW_MIN minutes of midnight is also skipped when its id is stored on the
+    neighbouring day (a retry that crossed 00:00 UTC, in either order). The names are the unnest's
+    columns: c0 the request id, c6 created_at."""
+    rid, ts = names[0], names[6]
+    return (f"INSERT INTO {table} ({cols}, {DAY_COLUMN}) SELECT {', '.join(picks)}, d "
+            f"FROM (SELECT *, ({ts} AT TIME ZONE 'UTC')::date AS d, ({ts} AT TIME ZONE 'UTC')::time AS t "
+            f"FROM unnest({arrays}) AS u({', '.join(names)})) AS r "
+            f"WHERE (t >= '{EARLY}' AND t < '{LATE}') OR NOT EXISTS (SELECT 1 FROM {table} p "
+            f"WHERE p.request_id = r.{rid} "
+            f"AND p.{DAY_COLUMN} = CASE WHEN t < '{EARLY}' THEN d - 1 ELSE d + 1 END) "
+            f"ON CONFLICT (request_id, {DAY_COLUMN}) DO NOTHING")
 
 
 class TakenWindow:
@@ -350,6 +382,15 @@ class TakenWindow:
                     raise
                 self.until = time.monotonic() + _CONFLICT_MODE_S
         return plain()
+
+
+def first_of_each_id(rows: Sequence[Row]) -> Sequence[Row]:
+    """`rows` without the later rows of a request id that occurs more than once (as they were when none
+    does)."""
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r[0], r)
+    return rows if len(firsts) == len(rows) else list(firsts.values())
 
 
 def widen(row: Sequence[Any]) -> Row:

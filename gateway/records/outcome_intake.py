@@ -44,6 +44,7 @@ from gateway.records.outcome_log import OutcomeLog, database_unavailable
 from gateway.records.prediction_log import PredictionLog
 from registry import AlreadyExistsError, NotFoundError, Registry, ValidationError
 from registry.models import Model, Prediction
+from registry.repository import by_request_ids
 from rollout.stats import check_outcome
 
 MAX_REQUEST_ID = 128
@@ -178,9 +179,9 @@ class OutcomeIntake:
     def _metrics(self, request_ids: list[str]) -> dict[str, str]:
         """The metric of each known prediction's model, by request id."""
         with self.registry.session() as s:
-            rows = s.execute(select(Prediction.request_id, Model.metric)
-                             .join(Model, Model.name == Prediction.model)
-                             .where(Prediction.request_id.in_(request_ids))).all()
+            rows = by_request_ids(s, select(Prediction.request_id, Model.metric)
+                                  .join(Model, Model.name == Prediction.model), request_ids,
+                                  self.registry.is_postgres)
         return {rid: metric for rid, metric in rows}
 
     async def _flush_predictions(self) -> bool:

@@ -19,7 +19,7 @@ tests/integration/test_log_insert.py checks against the table on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from registry.models import list_to_packed
@@ -28,6 +28,28 @@ from registry.models import list_to_packed
 # this form, and the unnest INSERT (gateway.records.inserter) casts its arrays to them.
 COLUMN_TYPES = ("varchar", "varchar", "int4", "varchar", "float8", "float8", "timestamptz", "bytea", "int8",
                 "bool", "int4")
+# COPY also writes predictions.day (migration 0009: PostgreSQL's partition key), the UTC date of created_at.
+DAY_COLUMN = "day"
+COPY_TYPES = (*COLUMN_TYPES, "date")
+# Request ids are unique per day (UNIQUE (request_id, day)) and, across midnight, within this window: a row
+# answered this close to 00:00 UTC is written by the INSERT that also looks for its id on the neighbouring
+# day (gateway.records.inserter), so a client's retry that crosses midnight is logged once.
+SAME_ID_WINDOW_MIN = 15
+EARLY, LATE = time(0, SAME_ID_WINDOW_MIN), time(23, 60 - SAME_ID_WINDOW_MIN)  # a day's own stretch
+
+
+class NearMidnight(Exception):  # noqa: N818 - a routing signal, not a failure
+    """copy_rows met a row within SAME_ID_WINDOW_MIN minutes of 00:00 UTC: nothing is written (the COPY
+    is aborted and rolled back); the caller writes the batch by the INSERT that checks the neighbouring
+    day."""
+
+
+def near_midnight(dt: datetime) -> bool:
+    """True when `dt` (aware) is within SAME_ID_WINDOW_MIN minutes of a UTC midnight."""
+    t = dt.astimezone(UTC).time()
+    return t < EARLY or t >= LATE
+
+
 # shadow_predictions' (gateway.records.inserter.SHADOW_COLUMNS): request_id, model, version, score,
 # latency_ms, created_at.
 SHADOW_COLUMN_TYPES = ("varchar", "varchar", "int4", "float8", "float8", "timestamptz")
@@ -45,6 +67,17 @@ class Timestamps:
 
     def __init__(self) -> None:
         self._last: tuple[Any, datetime | None] = (None, None)
+        self._dated: tuple[Any, datetime | None, date | None, bool] = (None, None, None, False)
+
+    def dated(self, value: Any) -> tuple[datetime, date, bool]:
+        """(the datetime, its UTC date, whether it is near_midnight), cached like __call__."""
+        text, dt, day, edge = self._dated
+        if value == text and dt is not None and day is not None:
+            return dt, day, edge
+        dt = self(value)
+        day, edge = dt.astimezone(UTC).date(), near_midnight(dt)
+        self._dated = (value, dt, day, edge)
+        return dt, day, edge
 
     def __call__(self, value: Any) -> datetime:
         text, dt = self._last
@@ -63,18 +96,24 @@ class Timestamps:
 
 
 def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
-    """COPY `rows` (the prediction log's COLUMNS, in order) on `cur`'s connection (the caller bounds it
-    with registry.copy_conn.deadline). Returns the rows written. Numbers are coerced to the column's
-    Python type (a numpy scalar would otherwise fail the dump, which the log would take for bad data);
-    features go as packed float32 (JSON text or lists from unary rows and spill lines are packed here)."""
+    """COPY `rows` (the prediction log's COLUMNS, in order, then their day) on `cur`'s connection (the
+    caller bounds it with registry.copy_conn.deadline). Returns the rows written. Numbers are coerced to
+    the column's Python type (a numpy scalar would otherwise fail the dump, which the log would take for
+    bad data); features go as packed float32 (JSON text or lists from unary rows and spill lines are
+    packed here). Raises NearMidnight, having written nothing that commits, for a row near 00:00 UTC."""
+    dated = when.dated
     with cur.copy(sql) as cp:
-        cp.set_types(COLUMN_TYPES)
+        cp.set_types(COPY_TYPES)
         write = cp.write_row
         for r in rows:
             f = r[7]
-            write((r[0], r[1], int(r[2]), r[3], float(r[4]), float(r[5]), when(r[6]),
+            dt, day, edge = dated(r[6])
+            if edge:
+                raise NearMidnight(r[6])
+            write((r[0], r[1], int(r[2]), r[3], float(r[4]), float(r[5]), dt,
                    f if f is None or type(f) is bytes else list_to_packed(f),
-                   None if r[8] is None else int(r[8]), bool(r[9]), None if r[10] is None else int(r[10])))
+                   None if r[8] is None else int(r[8]), bool(r[9]), None if r[10] is None else int(r[10]),
+                   day))
     return len(rows)
 
 

@@ -45,9 +45,15 @@ class MultiRowInsert:
     statements of a power-of-two row count (at most log2(MAX_ROWS) + 1 distinct statements, so the
     connection's statement cache keeps them all prepared)."""
 
-    def __init__(self, table: str, columns: Sequence[str], tail: str = "") -> None:
-        self.head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-        self.row = "(" + ", ".join("?" * len(columns)) + ")"
+    def __init__(self, table: str, columns: Sequence[str], tail: str = "",
+                 computed: dict[str, str] | None = None) -> None:
+        """`computed`: more columns, each an SQL expression of the row's values, `{column}` standing for
+        one of `columns` (the prediction log's day from created_at). Parameters are numbered (?NNN), so
+        an expression reuses a value without the caller binding it twice."""
+        computed = computed or {}
+        self.head = f"INSERT INTO {table} ({', '.join([*columns, *computed])}) VALUES "
+        self._computed = list(computed.values())
+        self._names = list(columns)
         self.tail = f" {tail}" if tail else ""
         self.columns = len(columns)
         self._statements: dict[int, str] = {}
@@ -61,8 +67,13 @@ class MultiRowInsert:
     def statement(self, rows: int) -> str:
         sql = self._statements.get(rows)
         if sql is None:
-            sql = self._statements[rows] = self.head + ", ".join([self.row] * rows) + self.tail
+            sql = self._statements[rows] = self.head + ", ".join(map(self._row, range(rows))) + self.tail
         return sql
+
+    def _row(self, k: int) -> str:
+        """Row `k`'s value list: its parameters ?(k * columns + 1) on, then the computed columns."""
+        marks = {name: f"?{k * self.columns + i + 1}" for i, name in enumerate(self._names)}
+        return "(" + ", ".join([*marks.values(), *(e.format(**marks) for e in self._computed)]) + ")"
 
     def max_rows(self, cur: Any) -> int:
         """MAX_ROWS, or fewer when this SQLite binds fewer variables a statement (999 before 3.32)."""

@@ -195,9 +195,9 @@ def test_copy_types_are_the_columns_own(registry, table: str) -> None:  # noqa: 
     from sqlalchemy import text
 
     from gateway.records.inserter import COLUMNS, SHADOW_COLUMNS
-    from gateway.records.pg_copy import COLUMN_TYPES, SHADOW_COLUMN_TYPES
+    from gateway.records.pg_copy import COPY_TYPES, DAY_COLUMN, SHADOW_COLUMN_TYPES
 
-    columns, column_types = ((COLUMNS, COLUMN_TYPES) if table == "predictions"
+    columns, column_types = (((*COLUMNS, DAY_COLUMN), COPY_TYPES) if table == "predictions"
                              else (SHADOW_COLUMNS, SHADOW_COLUMN_TYPES))
     with registry.session() as s:
         types = dict(s.execute(text(
@@ -205,7 +205,7 @@ def test_copy_types_are_the_columns_own(registry, table: str) -> None:  # noqa: 
             f"WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped")).all())
     same = {"varchar": {"character varying"}, "int4": {"integer"}, "int8": {"bigint"},
             "float8": {"double precision"}, "bool": {"boolean"}, "bytea": {"bytea"},
-            "timestamptz": {"timestamp with time zone"}}
+            "timestamptz": {"timestamp with time zone"}, "date": {"date"}}
     wrong = {c: (t, types[c]) for c, t in zip(columns, column_types, strict=True) if types[c] not in same[t]}
     assert wrong == {}
 

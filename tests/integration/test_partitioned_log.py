@@ -1,0 +1,165 @@
+"""The prediction log by day (migration 0009), on both backends: every writer stores a row's day as the
+UTC date of its answer time, so on PostgreSQL it lands in that day's partition; a request id is stored
+once per day and once across midnight (a retry that crosses 00:00 UTC), in whichever order the rows
+come; rows stored before the migration keep their ids and their own day, so a replay of one is not
+stored twice; the downgrade gives one plain table back. Partition upkeep and pruning:
+tests/integration/test_partitions.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+from sqlalchemy import text
+
+from gateway.records.inserter import Inserter, Row
+from registry import Registry
+from registry.migrate import upgrade
+from registry.repository import PredictionRow
+from tests.harness import alembic_downgrade
+
+TODAY = datetime.now(UTC).date()
+TOMORROW = TODAY + timedelta(days=1)
+
+
+def _at(day: date, hh: int, mm: int) -> float:
+    return datetime.combine(day, time(hh, mm), UTC).timestamp()
+
+
+def _row(ins: Inserter, rid: str, epoch: float) -> Row:
+    return (rid, "m", 1, "", 0.5, 1.0, ins.timestamp(epoch), None, None, False, None)
+
+
+def _stored(reg: Registry) -> list[tuple[str, date, str]]:
+    """(request id, day, the table it is in) of every row, in id order."""
+    pg = reg.engine.dialect.name == "postgresql"
+    where = "tableoid::regclass::text" if pg else "'predictions'"
+    with reg.engine.connect() as c:
+        rows = c.execute(text(f"SELECT request_id, day, {where} FROM predictions ORDER BY id")).all()
+    return [(r, d if isinstance(d, date) else date.fromisoformat(d), t) for r, d, t in rows]
+
+
+def _table(reg: Registry, day: date) -> str:
+    return f"predictions_{day:%Y%m%d}" if reg.engine.dialect.name == "postgresql" else "predictions"
+
+
+def test_every_writer_stores_the_answer_day_and_postgres_files_the_row_under_it(registry: Registry) -> None:
+    ins = Inserter(registry)
+    try:
+        assert ins.insert([_row(ins, "log-noon", _at(TOMORROW, 12, 0)),
+                           _row(ins, "log-late", _at(TOMORROW, 23, 40))]) == 2
+    finally:
+        ins.close()
+    yesterday = datetime.combine(TODAY - timedelta(days=1), time(13, 0), UTC)
+    registry.insert_predictions([PredictionRow("orm", "m", 1, 0.5, 1.0, created_at=yesterday)])
+    got = {rid: (day, table) for rid, day, table in _stored(registry)}
+    first = f"predictions_upto_{TOMORROW:%Y%m%d}" if registry.engine.dialect.name == "postgresql" \
+        else "predictions"
+    assert got == {"log-noon": (TOMORROW, _table(registry, TOMORROW)),
+                   "log-late": (TOMORROW, _table(registry, TOMORROW)),
+                   "orm": (yesterday.date(), first)}
+
+
+def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_again_on_postgres(
+        registry: Registry) -> None:
+    """Ids are unique per UTC day and within 15 minutes across midnight (gateway.records.pg_copy); on
+    SQLite, one table, an id is unique while its row is kept, as before 0009."""
+    pg = registry.engine.dialect.name == "postgresql"
+    late, early = _at(TODAY, 23, 55), _at(TOMORROW, 0, 5)
+    ins = Inserter(registry)
+    try:
+        assert ins.insert([_row(ins, "a", late)]) == 1
+        assert ins.insert([_row(ins, "a", early)]) == 0  # the retry after midnight: the first row stays
+        assert ins.insert([_row(ins, "b", early)]) == 1
+        assert ins.insert([_row(ins, "b", late)]) == 0  # a replayed row from before midnight, after
+        # Both in one batch (one statement cannot see its own rows): still once, the first kept.
+        assert ins.insert([_row(ins, "c", late), _row(ins, "c", early), _row(ins, "d", early)]) == 2
+        # Past the window the day decides (PostgreSQL): an id reused the next noon is a new row.
+        assert ins.insert([_row(ins, "a", _at(TOMORROW, 12, 0))]) == (1 if pg else 0)
+        # The same row twice (a spill replay) is stored once, by COPY's retry with ON CONFLICT.
+        assert ins.insert([_row(ins, "e", _at(TOMORROW, 13, 0))]) == 1
+        assert ins.insert([_row(ins, "e", _at(TOMORROW, 13, 0))]) == 0
+    finally:
+        ins.close()
+    rows = _stored(registry)
+    want = [("a", TODAY), ("b", TOMORROW), ("c", TODAY), ("d", TOMORROW)] + \
+        ([("a", TOMORROW)] if pg else []) + [("e", TOMORROW)]
+    assert [(r, d) for r, d, _ in rows] == want
+
+
+def test_rows_from_before_the_migration_keep_their_ids_and_get_their_own_day(registry_url: str) -> None:
+    reg = Registry(registry_url)
+    pg = reg.engine.dialect.name == "postgresql"
+    old = {"old-3d": datetime.combine(TODAY - timedelta(days=3), time(10, 0), UTC),
+           "old-now": datetime.combine(TODAY, time(0, 20), UTC),
+           "skewed": datetime.combine(TODAY + timedelta(days=5), time(10, 0), UTC)}
+    try:
+        upgrade(registry_url, reg.engine, revision="0008")
+        with reg.engine.begin() as c:
+            c.execute(text("INSERT INTO predictions (request_id, model, version, routing_key, score, "
+                           "latency_ms, created_at) VALUES (:r, 'm', 1, '', 0.5, 1.0, :t)"),
+                      [{"r": r, "t": t if pg else f"{t:%Y-%m-%d %H:%M:%S.%f}"} for r, t in old.items()])
+            ids = dict(c.execute(text("SELECT request_id, id FROM predictions")).tuples().all())
+        upgrade(registry_url, reg.engine)
+
+        rows = {r: (d, t) for r, d, t in _stored(reg)}
+        first = f"predictions_upto_{TOMORROW:%Y%m%d}" if pg else "predictions"
+        # A row's own day; one from a clock ahead of the migration gets the migration's day on
+        # PostgreSQL, which the first partition's bound needs (SQLite has no bound).
+        assert rows == {"old-3d": (TODAY - timedelta(days=3), first), "old-now": (TODAY, first),
+                        "skewed": ((TODAY if pg else TODAY + timedelta(days=5)), first)}
+        with reg.engine.connect() as c:
+            assert dict(c.execute(text("SELECT request_id, id FROM predictions")).tuples().all()) == ids
+
+        ins = Inserter(reg)
+        try:  # a spilled row answered before the migration, replayed after it: not stored twice
+            assert ins.insert([_row(ins, "old-3d", old["old-3d"].timestamp())]) == 0
+            assert ins.insert([_row(ins, "new", _at(TOMORROW, 12, 0))]) == 1
+        finally:
+            ins.close()
+        with reg.engine.connect() as c:
+            new_id = c.execute(text("SELECT id FROM predictions WHERE request_id = 'new'")).scalar_one()
+        assert new_id > max(ids.values())  # the id sequence carried on
+        if pg:
+            with reg.engine.connect() as c:
+                parts = set(c.execute(text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = 'predictions'::regclass")).scalars())
+            assert parts == {first, "predictions_default", _table(reg, TOMORROW),
+                             _table(reg, TOMORROW + timedelta(days=1))}
+
+        alembic_downgrade(reg, "0008")
+        with reg.engine.connect() as c:
+            back = dict(c.execute(text("SELECT request_id, id FROM predictions")).tuples().all())
+            cols = {r[1] for r in c.execute(text(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_name = 'predictions'")).all()} if pg else \
+                {r[1] for r in c.execute(text("PRAGMA table_info(predictions)")).all()}
+        assert back == {**ids, "new": new_id} and "day" not in cols
+        if pg:
+            with reg.engine.connect() as c:
+                kind = c.execute(text("SELECT relkind FROM pg_class WHERE relname = 'predictions'")).scalar()
+                assert kind == "r"
+                assert c.execute(text("SELECT count(*) FROM pg_class WHERE relname LIKE 'predictions_2%' "
+                                      "OR relname LIKE 'predictions_upto%'")).scalar() == 0
+        upgrade(registry_url, reg.engine)  # and up again: the upgrade runs on a table that was downgraded
+        assert {r for r, _, _ in _stored(reg)} == {*ids, "new"}
+    finally:
+        reg.dispose()
+
+
+def test_outcomes_find_their_prediction_on_any_day(registry: Registry) -> None:
+    """Outcome intake looks today's and yesterday's partitions up first (registry.repository.by_request_ids);
+    a late outcome for an older prediction is still stored, an unknown id still NOT_FOUND."""
+    from registry import NotFoundError
+
+    registry.publish_version("m", b"x", ["a"])
+    old = datetime.combine(TODAY - timedelta(days=5), time(9, 0), UTC)
+    registry.insert_predictions([PredictionRow("old", "m", 1, 0.5, 1.0, created_at=old),
+                                 PredictionRow("new", "m", 1, 0.5, 1.0, created_at=datetime.now(UTC)),
+                                 PredictionRow("single", "m", 1, 0.5, 1.0, created_at=old)])
+    got = registry.record_outcomes([("old", 1.0), ("new", 0.0), ("nobody", 1.0)])
+    assert got[:2] == [None, None] and isinstance(got[2], NotFoundError)
+    assert registry.record_outcome("single", 1.0) is True
+    with registry.engine.connect() as c:
+        assert dict(c.execute(text("SELECT request_id, value FROM outcomes")).tuples().all()) == {
+            "old": 1.0, "new": 0.0, "single": 1.0}
