@@ -131,7 +131,7 @@ class Metrics:
         chimera_spill_rotations{log}, chimera_spill_write_failures{log,reason} (full, limit, io),
         chimera_prediction_log_held_rows, chimera_prediction_log_refused_rows,
         chimera_prediction_log_dropped_rows, chimera_prediction_log_stop_spilled_rows,
-        chimera_outcomes_spill_torn_lines."""
+        chimera_prediction_log_partition_failures, chimera_outcomes_spill_torn_lines."""
         r = self.registry
         store, stats, files = predictions.store, predictions.stats, predictions.files
         dead = Gauge("chimera_prediction_log_dead_letter_rows", "prediction rows moved to the dead-letter "
@@ -170,6 +170,9 @@ class Metrics:
                  "stop_spilled")):
             Gauge(f"chimera_prediction_log_{name}_rows", doc, registry=r).set_function(
                 lambda attr=attr: getattr(stats, attr))
+        Gauge("chimera_prediction_log_partition_failures", "attempts since start to make the next days' "
+              "partitions of the prediction log that failed (PostgreSQL; each logged with its reason)",
+              registry=r).set_function(lambda: stats.partition_failures)
 
     def watch_controller(self, loop: ControllerLoop, looks: LookProcess | None = None) -> None:
         """The rollout controller's pace, read at scrape time: how long its last round of looks took and

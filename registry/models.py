@@ -221,7 +221,8 @@ def prediction_key(dialect: str) -> list[str]:
 class Prediction(Base):
     """One answered prediction. On PostgreSQL the table is partitioned by `day` (migration 0009), so its
     keys there are PRIMARY KEY (id, day) and UNIQUE (request_id, day) instead of the two declared here
-    (which are SQLite's); tests/integration/test_registry.py::test_models_match_the_migrations knows."""
+    (which are SQLite's), with CHECK (day = created_at's UTC date);
+    tests/integration/test_registry.py::test_models_match_the_migrations knows."""
 
     __tablename__ = "predictions"
     # One index for every range read (rollout looks, retraining, retention): model = ? AND created_at in

@@ -7,7 +7,7 @@ statement when its ids land at the unique index's right edge (the gateway's own 
 less CPU a row), executemany's statement a row otherwise (gateway.records.sqlite_rows says why).
 PostgreSQL with psycopg2 (the engine's driver): binary COPY on psycopg 3 connections
 (gateway.records.pg_copy, bounded by registry.copy_conn) until a request id is taken (see
-_CONFLICT_MODE_S); then `INSERT ... SELECT ... FROM unnest($1::varchar[], ...) ON CONFLICT (request_id)
+gateway.records.pg_ids); then `INSERT ... SELECT ... FROM unnest($1::varchar[], ...) ON CONFLICT (request_id)
 DO NOTHING` on the engine's connections, each column sent as ONE array literal (gateway.records.pg_arrays),
 so duplicates behave as before. Batches of 2,000+ rows go as two halves on two connections committed
 together (gateway.records.paired_tx). Other drivers fall back to `Registry.insert_predictions`.
@@ -42,14 +42,12 @@ from gateway.records.pg_arrays import pg_arrays
 from gateway.records.pg_copy import (
     COLUMN_TYPES,
     DAY_COLUMN,
-    EARLY,
-    LATE,
-    NearMidnight,
     Timestamps,
     copy_rows,
     copy_shadow_rows,
     copy_sql,
 )
+from gateway.records.pg_ids import TakenWindow, first_of_each_id, pg_insert_sql
 from gateway.records.sqlite_rows import MultiRowInsert
 from registry import Registry
 from registry.copy_conn import CopyConnections, deadline
@@ -76,15 +74,9 @@ _ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms",
 _TEXT_COLUMNS = frozenset({0, 1, 3, 6})
 _FEATURES = 7  # the bytea column (migration 0008): see pg_arrays
 _PG_ROWS_PER_STATEMENT = 10_000
-# PostgreSQL: batches go in by COPY (like a plain INSERT); ON CONFLICT DO NOTHING costs ~2 us a row of
-# server CPU even when nothing conflicts (a unique-index probe before each row's speculative insert; measured
-# on 5,000-row statements: 11.9 -> 13.9 us a row). A unique violation (23505) rolls the batch back and
-# it is written again with ON CONFLICT, as is every batch for the next _CONFLICT_MODE_S seconds.
-_UNIQUE_VIOLATION = "23505"
 # PostgreSQL: a batch of at least twice this many predictions is written as two halves at once
 # (gateway.records.paired_tx: both cores busy, one serial chain of encode then insert otherwise).
 _PG_PAIR_MIN_ROWS = 1_000
-_CONFLICT_MODE_S = 60.0
 # A mirror score (gateway.serving.shadow) on its way to shadow_predictions: (request_id, model, version,
 # score, latency_ms, created_at as epoch seconds). The same fast paths as predictions: at a 10 % canary
 # with the covariate on, one row in ten of the traffic is also one of these, and through SQLAlchemy's
@@ -137,7 +129,7 @@ class Inserter:
             picks = [*names[:_FEATURES], f"substr(%s::bytea, {names[_FEATURES]}, {names[_FEATURES + 1]})",
                      *names[_FEATURES + 2:]]
             arrays = ", ".join(f"%s::{t}[]" for t in types)
-            self.sql = _pg_insert_sql(table.name, cols, picks, arrays, names)
+            self.sql = pg_insert_sql(table.name, cols, picks, arrays, names)
             self._copy = CopyConnections(registry.url)
             self.copy_sql = copy_sql(table.name, (*COLUMNS, DAY_COLUMN))
             self.shadow_copy_sql = copy_sql(ShadowPrediction.__table__.name, SHADOW_COLUMNS)
@@ -216,10 +208,7 @@ class Inserter:
         # midnight is kept once here (the first, as ON CONFLICT keeps it within a day).
         def plain() -> int:
             return self._insert_rows(self.sql, first_of_each_id(params), errors)
-        try:
-            return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), plain)
-        except NearMidnight:  # ids are checked against the neighbouring day (pg_copy.SAME_ID_WINDOW_MIN)
-            return plain()
+        return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), plain)
 
     def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
         """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) on the COPY connections,
@@ -346,51 +335,6 @@ def pg_insert_ignore(table: Any, session: Any) -> Any:
     else:
         return insert(table)
     return dialect_insert(table).on_conflict_do_nothing(index_elements=prediction_key(name))
-
-
-def _pg_insert_sql(table: str, cols: str, picks: Sequence[str], arrays: str, names: Sequence[str]) -> str:
-    """The unnest INSERT on PostgreSQL (migration 0009: partitioned by day). Each row's day is its
-    created_at's UTC date; ON CONFLICT takes a request id already stored on that day, and a row within
-    pg_copy.SAME_ID_WINDOW_MIN minutes of midnight is also skipped when its id is stored on the
-    neighbouring day (a retry that crossed 00:00 UTC, in either order). The names are the unnest's
-    columns: c0 the request id, c6 created_at."""
-    rid, ts = names[0], names[6]
-    return (f"INSERT INTO {table} ({cols}, {DAY_COLUMN}) SELECT {', '.join(picks)}, d "
-            f"FROM (SELECT *, ({ts} AT TIME ZONE 'UTC')::date AS d, ({ts} AT TIME ZONE 'UTC')::time AS t "
-            f"FROM unnest({arrays}) AS u({', '.join(names)})) AS r "
-            f"WHERE (t >= '{EARLY}' AND t < '{LATE}') OR NOT EXISTS (SELECT 1 FROM {table} p "
-            f"WHERE p.request_id = r.{rid} "
-            f"AND p.{DAY_COLUMN} = CASE WHEN t < '{EARLY}' THEN d - 1 ELSE d + 1 END) "
-            f"ON CONFLICT (request_id, {DAY_COLUMN}) DO NOTHING")
-
-
-class TakenWindow:
-    """PostgreSQL's rule for one table: COPY first; a unique violation (a key stored already: a replay, a
-    reused client id, a lane written twice) rolls the COPY back, and that batch and every batch for the
-    next _CONFLICT_MODE_S seconds go through the plain INSERT ... ON CONFLICT DO NOTHING, so keys reused
-    on purpose cost one retry a minute."""
-
-    def __init__(self) -> None:
-        self.until = 0.0  # monotonic time until which batches skip COPY
-
-    def copy_first(self, copy: Callable[[], int], plain: Callable[[], int]) -> int:
-        if time.monotonic() >= self.until:
-            try:
-                return copy()
-            except Exception as exc:
-                if (getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)) != _UNIQUE_VIOLATION:
-                    raise
-                self.until = time.monotonic() + _CONFLICT_MODE_S
-        return plain()
-
-
-def first_of_each_id(rows: Sequence[Row]) -> Sequence[Row]:
-    """`rows` without the later rows of a request id that occurs more than once (as they were when none
-    does)."""
-    firsts = {}
-    for r in rows:
-        firsts.setdefault(r[0], r)
-    return rows if len(firsts) == len(rows) else list(firsts.values())
 
 
 def widen(row: Sequence[Any]) -> Row:

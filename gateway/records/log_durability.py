@@ -41,6 +41,7 @@ class LogStats:
     held: int = 0  # rows the writer holds in memory now because neither the database nor the disk took them
     dropped: int = 0  # rows lost: stop() could not spill them, or no writer ran and the disk refused
     stop_spilled: int = 0  # rows stop() spilled itself because the database was hung or down
+    partition_failures: int = 0  # day-partition upkeep attempts that failed (PostgreSQL; each logged)
 
 
 class _Barrier:

@@ -28,6 +28,11 @@ Costs, because this runs for every prediction:
   packed float32 vectors on both backends (PostgreSQL: a bytea column since migration 0008); spill
   lines carry JSON arrays of float32-exact numbers (gateway.records.inserter.portable; with orjson
   ~0.6 us a row; without it ~5 us; json.dumps of the doubles costs ~40 us).
+- PostgreSQL's day partitions (migration 0009): at start and then every `partition_interval_s` (an hour)
+  the writer makes the tables of today and the next two days (registry.partitions.ensure_days) between
+  batches; a failure (e.g. the parent's lock not had within `partition_lock_timeout_s`) is logged, counted
+  in `stats.partition_failures` and tried again at the next check. Rows never wait for it: a day without
+  its table still takes rows (predictions_default).
 The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ from gateway.records.log_durability import _STOP, DurableWriter, LogStats, _Barr
 from gateway.records.rowstore import RowStore
 from gateway.records.spill import DEFAULT_SEGMENT_BYTES, DEFAULT_SPILL_MAX_BYTES, SpillFiles, SpillUnavailable
 from registry import Registry
+from registry.partitions import ensure_days
 from registry.repository import PredictionRow
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,9 @@ class PredictionLog(DurableWriter):
         self._inflight_lock = threading.Lock()
         self._abandoned = False  # stop() took over from a hung writer
         self._refusing_until = 0.0  # monotonic time until which check_accepting refuses (spill failed)
+        self.partition_interval_s = 3600.0  # PostgreSQL: how often the writer makes the next days' tables
+        self.partition_lock_timeout_s = 2.0  # the longest one attempt may hold the writer (and the table) up
+        self._next_partition_check = 0.0  # monotonic
 
     # -------------------------------------------------------------- request path
     def log_one(self, request_id: str, model: str, version: int, routing_key: str, score: float,
@@ -230,6 +240,27 @@ class PredictionLog(DurableWriter):
             if self.has_spill and self.depth < self.batch_size and \
                     time.monotonic() - self._last_replay_try > self.replay_interval_s:
                 self._replay_spill()
+            if time.monotonic() >= self._next_partition_check:  # the first round, then hourly
+                self._keep_partitions()
+
+    def _keep_partitions(self) -> None:
+        """PostgreSQL: make today's and the next two days' partitions if missing (registry.partitions).
+        Never raises: a failure is logged with its reason and tried again at the next check. One attempt
+        holds the writer up by a catalog read and at most partition_lock_timeout_s for a CREATE (one that
+        times out ends the attempt); a hung database holds it up as long as it would hold up an insert."""
+        if not self.registry.is_postgres:
+            self._next_partition_check = float("inf")  # SQLite: one table, nothing to keep
+            return
+        self._next_partition_check = time.monotonic() + self.partition_interval_s
+        try:
+            made = ensure_days(self.registry, datetime.now(UTC).date(), 3, self.partition_lock_timeout_s)
+        except Exception as exc:  # the database down, a lock not had in time, a day refused: rows go on
+            self.stats.partition_failures += 1
+            log.warning("prediction log: partition upkeep failed, trying again in %g s: %s",
+                        self.partition_interval_s, exc)
+            return
+        if made:
+            log.info("prediction log: made partitions %s", ", ".join(made))
 
     def _drain(self) -> bool:
         """Write everything queued now. True when the stop marker was reached."""

@@ -32,6 +32,7 @@ from gateway.records.inserter import portable
 from gateway.records.spill import SpillFiles, dead_letter, is_data_error, read_lines
 from registry import Registry
 from registry.models import Prediction
+from registry.repository import by_request_ids
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_REASONS = ("invalid", "duplicate", "torn")
@@ -96,17 +97,18 @@ class RowStore:
         """Some rows were skipped on conflict: dead-letter those that are not the stored prediction."""
         preds = [r for r in rows if len(r) != _PREDICTION_FIELDS + 1]
         ids = list({r[0] for r in preds})
-        stored: dict[str, tuple[Any, ...]] = {}
+        # Every stored prediction of each id: on PostgreSQL an id is unique per day (migration 0009), so
+        # a row of this batch may be stored on its own day while an older day holds another under its id.
+        stored: dict[str, set[tuple[Any, ...]]] = {}
+        q = select(Prediction.request_id, Prediction.model, Prediction.version, Prediction.routing_key,
+                   Prediction.score)
         with self.registry.session() as s:
             for i in range(0, len(ids), 500):
-                q = select(Prediction.request_id, Prediction.model, Prediction.version,
-                           Prediction.routing_key, Prediction.score
-                           ).where(Prediction.request_id.in_(ids[i:i + 500]))
-                for rid, *content in s.execute(q):
-                    stored[rid] = tuple(content)
+                for rid, *content in by_request_ids(s, q, ids[i:i + 500], self.registry.is_postgres):
+                    stored.setdefault(rid, set()).add(tuple(content))
         # A different prediction under a stored id. Identical copies (a replay of a stored row, or a row
         # spilled at shutdown while its insert was still running) are the same prediction: fine.
-        dupes = [r for r in preds if r[0] in stored and (r[1], r[2], r[3], r[4]) != stored[r[0]]]
+        dupes = [r for r in preds if r[0] in stored and (r[1], r[2], r[3], r[4]) not in stored[r[0]]]
         if dupes:
             self._dead(dupes, "duplicate", "request_id already stored with another prediction; the first "
                        "one keeps the id")

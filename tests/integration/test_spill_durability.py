@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from gateway.records.outcome_log import OutcomeLog
 from gateway.records.prediction_log import PredictionLog
@@ -108,6 +108,32 @@ def test_a_taken_client_id_is_dead_lettered_as_duplicate(registry: Registry, tmp
     wait_for(lambda: not log.has_spill and log.stats.replayed >= 1)
     assert log.store.dead_letter["duplicate"] == 2 and log.stats.replayed == 1
     log.stop()
+
+
+def test_an_id_reused_days_later_is_a_new_row_on_postgres_and_a_duplicate_on_sqlite(
+        registry: Registry, tmp_path: Path) -> None:
+    """On PostgreSQL the log is partitioned by day and an id is taken for its day (and 15 minutes across
+    midnight: tests/integration/test_partitioned_log.py); a row stored under an id another day already
+    holds is stored and must not be reported as a duplicate. SQLite, one table, keeps the first row."""
+    from datetime import UTC, datetime, timedelta
+
+    from registry.repository import PredictionRow
+
+    pg = registry.engine.dialect.name == "postgresql"
+    registry.insert_predictions([
+        PredictionRow("reuse", "d", 1, 0.25, 1.0, routing_key="k",
+                      created_at=datetime.now(UTC) - timedelta(days=3)),
+        PredictionRow("again", "d", 2, 0.5, 1.0, routing_key="a", created_at=datetime.now(UTC))])
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05)
+    log.start()
+    # One record: "again" is a copy of a stored row (skipped, so the writer checks what it skipped).
+    log.log_many(["reuse", "again"], "d", 2, ["a", "a"], [0.5, 0.5], 1.0)
+    assert log.flush()
+    log.stop()
+    with registry.engine.connect() as c:
+        rows = c.execute(text("SELECT request_id, version FROM predictions ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [("reuse", 1), ("again", 2)] + ([("reuse", 2)] if pg else [])
+    assert log.store.dead_letter["duplicate"] == (0 if pg else 1)
 
 
 def test_spill_is_bounded_rotated_and_holds_rows_when_full(registry: Registry, tmp_path: Path) -> None:

@@ -15,7 +15,11 @@ to the writer (2-10 % of the COPY rate) and gives the design; the points that sh
   VALUES FROM (MINVALUE): no copy of its rows into a new table. Its rows get their own day (one UPDATE
   of every row, a rewrite like 0008's: plan it, prune first), so a spilled row answered before the
   migration and replayed after it hits the same (request_id, day) key and is not stored twice. Rows
-  whose created_at lies in the future (a skewed clock) get the migration's day, so they fit the bound.
+  whose created_at lies after the migration's day (a skewed clock) are moved out of it into the
+  parent, where they land in their day's table or the DEFAULT one.
+- CHECK (day = created_at's UTC date), on every partition: what lets `chimera log prune` drop a whole
+  partition whose upper bound is at or before the cutoff's day without looking at its rows (every row in
+  it was created before that day's midnight), whatever wrote the row.
 - Its (model, created_at) index is kept and attached; the (id, day) and (request_id, day) indexes are
   built on it by the ALTER TABLE (one index build each).
 - A DEFAULT partition takes any day without a table (a clock far ahead, a replay older than the first
@@ -46,6 +50,8 @@ branch_labels = None
 depends_on = None
 
 _SEQ = "predictions_id_seq"
+_CHECK = "ck_predictions_day"
+_UTC_DAY = "(created_at AT TIME ZONE 'UTC')::date"
 
 
 def _day_table(day: date) -> str:
@@ -63,13 +69,17 @@ def upgrade() -> None:
     upper = today + timedelta(days=1)
     first = f"predictions_upto_{upper:%Y%m%d}"
     op.execute("ALTER TABLE predictions ADD COLUMN day date")
-    op.execute(f"UPDATE predictions SET day = LEAST((created_at AT TIME ZONE 'UTC')::date, DATE '{today}')")
+    op.execute(f"UPDATE predictions SET day = {_UTC_DAY}")
     op.execute("ALTER TABLE predictions ALTER COLUMN day SET NOT NULL")
+    op.execute(f"ALTER TABLE predictions ADD CONSTRAINT {_CHECK} CHECK (day = {_UTC_DAY})")
+    op.execute(f"CREATE TABLE predictions_skewed AS SELECT * FROM predictions WHERE day > DATE '{today}'")
+    op.execute(f"DELETE FROM predictions WHERE day > DATE '{today}'")
     op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_pkey")
     op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_request_id_key")
     op.execute(f"ALTER TABLE predictions RENAME TO {first}")
     op.execute(f"ALTER INDEX ix_predictions_model_created RENAME TO {first}_model_created")
-    op.execute(f"CREATE TABLE predictions (LIKE {first} INCLUDING DEFAULTS) PARTITION BY RANGE (day)")
+    op.execute(f"CREATE TABLE predictions (LIKE {first} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
+               "PARTITION BY RANGE (day)")
     op.execute(f"ALTER SEQUENCE {_SEQ} OWNED BY predictions.id")
     op.execute(f"ALTER TABLE predictions ATTACH PARTITION {first} FOR VALUES FROM (MINVALUE) TO ('{upper}')")
     op.execute("ALTER TABLE predictions ADD CONSTRAINT predictions_pkey PRIMARY KEY (id, day)")
@@ -79,6 +89,8 @@ def upgrade() -> None:
     for day in (upper, upper + timedelta(days=1)):
         op.execute(f"CREATE TABLE {_day_table(day)} PARTITION OF predictions "
                    f"FOR VALUES FROM ('{day}') TO ('{day + timedelta(days=1)}')")
+    op.execute("INSERT INTO predictions SELECT * FROM predictions_skewed")
+    op.execute("DROP TABLE predictions_skewed")
 
 
 def downgrade() -> None:
@@ -93,7 +105,7 @@ def downgrade() -> None:
     op.execute("DROP TABLE predictions")  # the partitioned parent and every partition
     op.execute("ALTER TABLE predictions_plain RENAME TO predictions")
     op.execute(f"ALTER SEQUENCE {_SEQ} OWNED BY predictions.id")
-    op.execute("ALTER TABLE predictions DROP COLUMN day")
+    op.execute("ALTER TABLE predictions DROP COLUMN day")  # (its CHECK was not copied: LIKE without it)
     op.execute("ALTER TABLE predictions ADD CONSTRAINT predictions_pkey PRIMARY KEY (id)")
     op.execute("ALTER TABLE predictions ADD CONSTRAINT predictions_request_id_key UNIQUE (request_id)")
     op.execute("CREATE INDEX ix_predictions_model_created ON predictions (model, created_at)")

@@ -1,0 +1,228 @@
+"""The prediction log's day partitions on PostgreSQL (migration 0009): which exist, making the next days
+before their rows arrive, and dropping whole old days for retention. SQLite keeps `predictions` as one
+plain table: there every function here does nothing and returns an empty list.
+
+Layout (migration 0009): `predictions` is PARTITION BY RANGE (day); the table from before the migration is
+the first partition, `predictions_upto_YYYYMMDD`, FROM (MINVALUE) TO its day; one table a day,
+`predictions_YYYYMMDD`; and `predictions_default`, the DEFAULT partition, which takes any day without a
+table, so no row is ever refused for its day.
+
+Why days are made ahead (`ensure_days`, called by the prediction log's writer about hourly): once the
+DEFAULT partition holds rows of a day, PostgreSQL refuses to make that day's table (the rows would have
+to move first, which nothing here does), and every row of that day then stays in DEFAULT, where only
+row-by-row deletes can prune it.
+
+Why every CREATE and DETACH is its own short transaction under `SET LOCAL lock_timeout` (and an equal
+statement_timeout): both take an ACCESS EXCLUSIVE lock on `predictions` (and on predictions_default, which
+PostgreSQL also scans on CREATE to check that none of its rows belongs to the new day). While such a lock
+waits for a long reader (a rollout look, an export), every insert and read of the log queues behind it;
+giving up after `lock_timeout_s` bounds that stall, and the days made ahead make a missed attempt
+harmless. A give-up raises PartitionError, which says what was done before it."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from registry.errors import PartitionError
+from registry.repository import Registry
+
+log = logging.getLogger(__name__)
+
+PARENT = "predictions"
+DEFAULT_PARTITION = "predictions_default"
+# SQLSTATEs: lock_not_available, query_canceled (the statement_timeout), check_violation (DEFAULT holds
+# rows of the day), duplicate_table (the name is taken), invalid_object_definition (the range overlaps).
+_TIMED_OUT = {"55P03", "57014"}
+_DEFAULT_HAS_ROWS = "23514"
+_TAKEN = {"42P07", "42P17"}
+_BOUND = re.compile(r"FOR VALUES FROM \((?P<lower>[^)]*)\) TO \((?P<upper>[^)]*)\)")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition of `predictions`: it holds the days lower <= day < upper (None: MINVALUE / MAXVALUE);
+    the DEFAULT partition has no bounds and holds every day no other partition covers."""
+
+    name: str
+    lower: date | None
+    upper: date | None
+    is_default: bool
+
+    def covers(self, day: date) -> bool:
+        """True when rows of `day` land here by its bounds (never for the DEFAULT partition)."""
+        return (not self.is_default and (self.lower is None or self.lower <= day)
+                and (self.upper is None or day < self.upper))
+
+
+def day_table(day: date) -> str:
+    """The name of `day`'s own partition."""
+    return f"{PARENT}_{day:%Y%m%d}"
+
+
+def prediction_partitions(registry: Registry) -> list[Partition]:
+    """Every partition of `predictions`, the bounded ones by lower bound (MINVALUE first), the DEFAULT one
+    last; [] on SQLite and on a PostgreSQL database before migration 0009."""
+    if not registry.is_postgres:
+        return []
+    with registry.engine.begin() as conn:
+        return _partitions(conn) or []
+
+
+def ensure_days(registry: Registry, first: date, days: int = 3, lock_timeout_s: float = 2.0) -> list[str]:
+    """Make `predictions_YYYYMMDD` for each day in [first, first + days) that no partition covers yet (the
+    first partition covers every day below its upper bound), each in its own transaction bounded by
+    `lock_timeout_s`. Returns the names made, in day order; [] on SQLite.
+
+    Raises PartitionError (its `done`: the tables made before) when a CREATE timed out (the remaining days
+    are not tried: they would wait for the same lock), or, after trying every other day, when PostgreSQL
+    refused a day: predictions_default holds rows of it, or its name is taken by a table that is not its
+    partition. A day another session made meanwhile counts as covered. Other database errors (the server
+    down) propagate as SQLAlchemy raises them."""
+    if not registry.is_postgres or days <= 0:
+        return []
+    _check_timeout(lock_timeout_s)
+    with registry.engine.begin() as conn:
+        parts = _partitions(conn)
+    if parts is None:
+        return []
+    made: list[str] = []
+    refused: list[str] = []
+    for day in (first + timedelta(days=i) for i in range(days)):
+        if any(p.covers(day) for p in parts):
+            continue
+        name = day_table(day)
+        try:
+            with registry.engine.begin() as conn:
+                _bound(conn, lock_timeout_s)
+                conn.execute(text(f"CREATE TABLE {_quote(registry, name)} PARTITION OF {PARENT} "
+                                  f"FOR VALUES FROM ('{day.isoformat()}') TO ('{day + timedelta(days=1)}')"))
+        except DBAPIError as exc:
+            code = _sqlstate(exc)
+            if code in _TIMED_OUT:
+                raise PartitionError(
+                    f"{PARENT}: {name} not made: no lock on {PARENT} within {lock_timeout_s:g} s (another "
+                    f"session holds it, e.g. a long read) or {DEFAULT_PARTITION} took longer to check; "
+                    f"days from {day} on are tried again later", made) from exc
+            if code == _DEFAULT_HAS_ROWS:
+                refused.append(f"{day}: {DEFAULT_PARTITION} holds rows of that day, so PostgreSQL cannot "
+                               f"make {name} (its rows stay in {DEFAULT_PARTITION}; they are not moved)")
+                continue
+            if code in _TAKEN:
+                with registry.engine.begin() as conn:
+                    parts = _partitions(conn) or []
+                if any(p.covers(day) for p in parts):
+                    continue  # another session (another gateway's writer) made it meanwhile
+                refused.append(f"{day}: {_first_line(exc)}")
+                continue
+            raise
+        made.append(name)
+        parts.append(Partition(name, day, day + timedelta(days=1), False))
+    if refused:
+        raise PartitionError(f"{PARENT}: no partition made for " + "; ".join(refused), made)
+    return made
+
+
+def drop_before(registry: Registry, cutoff: date, lock_timeout_s: float = 2.0) -> list[str]:
+    """Detach and drop every partition but DEFAULT whose upper bound is <= `cutoff`: each holds only days
+    before the cutoff day. Returns the names dropped; [] on SQLite. See `drop_counted`."""
+    return list(drop_counted(registry, cutoff, lock_timeout_s))
+
+
+def drop_counted(registry: Registry, cutoff: date, lock_timeout_s: float = 2.0) -> dict[str, int]:
+    """`drop_before`, with the rows each dropped table held (`chimera log prune` reports them as deleted).
+
+    Per partition, one transaction: count its rows, then DETACH and DROP it under `lock_timeout_s` (the
+    count runs before, so `predictions` is locked only for the DETACH and DROP; rows of that old day
+    written while it is counted, a spill replay that old, are dropped uncounted). No row is looked at to
+    decide: migration 0009's CHECK (day = created_at's UTC date) means a partition whose days are all
+    before the cutoff's holds only rows created before it. A DETACH that times out raises
+    PartitionError; its `done` lists the tables dropped before."""
+    if not registry.is_postgres:
+        return {}
+    _check_timeout(lock_timeout_s)
+    with registry.engine.begin() as conn:
+        parts = _partitions(conn) or []
+    dropped: dict[str, int] = {}
+    for p in parts:
+        if p.is_default or p.upper is None or p.upper > cutoff:
+            continue
+        table = _quote(registry, p.name)
+        bounded = False  # a timeout of the count (the engine's own statement timeout) is not ours to explain
+        try:
+            with registry.engine.begin() as conn:
+                rows = conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                _bound(conn, lock_timeout_s)
+                bounded = True
+                conn.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {table}"))
+                conn.execute(text(f"DROP TABLE {table}"))
+        except DBAPIError as exc:
+            if bounded and _sqlstate(exc) in _TIMED_OUT:
+                so_far = ", ".join(f"{n} ({c} rows)" for n, c in dropped.items()) or "none"
+                raise PartitionError(
+                    f"{PARENT}: {p.name} not dropped: no lock on {PARENT} within {lock_timeout_s:g} s "
+                    f"(another session holds it, e.g. a long read); dropped before it: {so_far}",
+                    list(dropped)) from exc
+            raise
+        dropped[p.name] = int(rows)
+    return dropped
+
+
+def _partitions(conn: Connection) -> list[Partition] | None:
+    """The partitions of `predictions` (sorted as prediction_partitions says), or None when it is not a
+    partitioned table. Bounds are read in ISO DateStyle (pg_get_expr prints dates in the session's)."""
+    kind = conn.scalar(text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"), {"t": PARENT})
+    if kind != "p":
+        return None
+    conn.execute(text("SET LOCAL DateStyle = ISO"))
+    rows = conn.execute(text(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:t)"), {"t": PARENT}).all()
+    return sorted((_partition(name, bound) for name, bound in rows),
+                  key=lambda p: (p.is_default, p.lower is not None, p.lower or date.min))
+
+
+def _partition(name: str, bound: str) -> Partition:
+    if bound == "DEFAULT":
+        return Partition(name, None, None, True)
+    m = _BOUND.fullmatch(bound)
+    if m is None:
+        raise ValueError(f"{PARENT}: partition {name} has bounds {bound!r}, not a range of days")
+    return Partition(name, _day(m["lower"], name), _day(m["upper"], name), False)
+
+
+def _day(value: str, name: str) -> date | None:
+    if value in ("MINVALUE", "MAXVALUE"):
+        return None
+    m = re.fullmatch(r"'(\d{4}-\d{2}-\d{2})'", value)
+    if m is None:
+        raise ValueError(f"{PARENT}: partition {name} has bound {value}, not a day")
+    return date.fromisoformat(m[1])
+
+
+def _bound(conn: Connection, seconds: float) -> None:
+    ms = max(1, round(seconds * 1000))
+    conn.execute(text(f"SET LOCAL lock_timeout = {ms}"))
+    conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
+
+
+def _check_timeout(seconds: float) -> None:
+    if not seconds > 0:  # 0 would mean "wait forever" to PostgreSQL
+        raise ValueError(f"lock_timeout_s: must be positive, got {seconds}")
+
+
+def _quote(registry: Registry, name: str) -> str:
+    return registry.engine.dialect.identifier_preparer.quote(name)
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    return getattr(exc.orig, "pgcode", None)
+
+
+def _first_line(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)

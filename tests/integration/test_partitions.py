@@ -1,0 +1,279 @@
+"""The prediction log's day partitions (registry.partitions, migration 0009) as a user meets them, on both
+backends: on PostgreSQL the writer keeps today and the next two days as tables and rows land in their
+day's table; `chimera log prune` drops whole old days, deletes the cutoff's own day and the DEFAULT
+partition's old rows one by one, and counts both; a held lock or a refused day is a clear error, never a
+stuck writer. On SQLite (one plain table) the same calls do nothing and the same prune leaves the same
+rows."""
+
+from __future__ import annotations
+
+import logging
+import time as clock
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, select, text
+from sqlalchemy.exc import IntegrityError
+from typer.testing import CliRunner
+
+from chimera.cli import app
+from chimera.cli import log as log_cli
+from chimera.cli.log import prune_rows
+from gateway.records.prediction_log import PredictionLog
+from registry import Registry, partitions
+from registry.errors import PartitionError
+from registry.models import Prediction
+from registry.partitions import day_table, drop_before, ensure_days, prediction_partitions
+from registry.rollouts import insert_rollout_rows
+from tests.harness import wait_for
+
+DAY = timedelta(days=1)
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
+def _at(day: date, hour: int) -> datetime:
+    return datetime.combine(day, time(hour), tzinfo=UTC)
+
+
+def _insert(registry: Registry, stamps: dict[str, datetime], model: str = "m", **extra: object) -> None:
+    insert_rollout_rows(registry, [{"request_id": rid, "model": model, "version": 1, "score": 0.5,
+                                    "latency_ms": 1.0, "created_at": at, **extra}
+                                   for rid, at in stamps.items()])
+
+
+def _ids(registry: Registry) -> set[str]:
+    with registry.session() as s:
+        return set(s.scalars(select(Prediction.request_id)))
+
+
+def _tables(registry: Registry) -> dict[str, str]:
+    """PostgreSQL: the partition each row is stored in, by request id."""
+    with registry.session() as s:
+        rows = s.execute(text("SELECT request_id, tableoid::regclass::text FROM predictions"))
+        return dict(rows.tuples().all())
+
+
+def _covering(registry: Registry, day: date) -> str | None:
+    return next((p.name for p in prediction_partitions(registry) if p.covers(day)), None)
+
+
+@contextmanager
+def _reader(registry: Registry) -> Iterator[None]:
+    """Another session reading predictions (a long rollout look or export): it holds ACCESS SHARE, which
+    every CREATE ... PARTITION OF and DETACH must wait for."""
+    with registry.engine.connect() as conn:
+        tx = conn.begin()
+        conn.execute(text("LOCK TABLE predictions IN ACCESS SHARE MODE"))
+        try:
+            yield
+        finally:
+            tx.rollback()
+
+
+def test_upkeep_makes_the_next_days_and_rows_land_in_their_day(registry: Registry) -> None:
+    today = _today()
+    if not registry.is_postgres:  # one plain table: nothing to keep
+        assert prediction_partitions(registry) == []
+        assert ensure_days(registry, today, 5) == [] and drop_before(registry, today + 30 * DAY) == []
+        _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
+        assert _ids(registry) == {f"r{i}" for i in range(5)}
+        return
+    parts = prediction_partitions(registry)
+    assert [p.name for p in parts if p.is_default] == ["predictions_default"]
+    assert parts[0].lower is None and parts[0].name.startswith("predictions_upto_")
+    ensure_days(registry, today, 3)  # what the writer does at start (the migration made them already)
+    assert all(_covering(registry, today + i * DAY) for i in range(3))
+    missing = [today + i * DAY for i in range(5) if _covering(registry, today + i * DAY) is None]
+    assert len(missing) >= 2  # the migration made its day + 2 at most
+    assert ensure_days(registry, today, 5) == [day_table(d) for d in missing]
+    assert ensure_days(registry, today, 5) == []  # made once
+    _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
+    stored = _tables(registry)
+    for i in range(5):
+        assert stored[f"r{i}"] == _covering(registry, today + i * DAY) != "predictions_default"
+    for d in missing:
+        assert day_table(d) in stored.values()
+
+
+def test_a_day_whose_rows_are_in_default_is_reported_and_the_others_made(registry: Registry) -> None:
+    later = _today() + 20 * DAY
+    _insert(registry, {"stray": _at(later, 9)})  # no table for that day yet: it lands in DEFAULT
+    if not registry.is_postgres:
+        assert ensure_days(registry, later - DAY, 3) == []
+        return
+    assert _tables(registry)["stray"] == "predictions_default"
+    with pytest.raises(PartitionError) as err:
+        ensure_days(registry, later - DAY, 3)
+    assert str(later) in str(err.value) and "predictions_default holds rows" in str(err.value)
+    assert err.value.done == [day_table(later - DAY), day_table(later + DAY)]
+    assert _covering(registry, later) is None and _tables(registry)["stray"] == "predictions_default"
+
+
+def test_a_held_lock_gives_up_quickly_with_a_clear_error(registry: Registry) -> None:
+    later = _today() + 40 * DAY
+    if not registry.is_postgres:
+        assert ensure_days(registry, later, 2, lock_timeout_s=0.3) == []
+        return
+    before = prediction_partitions(registry)
+    with _reader(registry):
+        t0 = clock.monotonic()
+        with pytest.raises(PartitionError, match="no lock on predictions within 0.3 s") as err:
+            ensure_days(registry, later, 2, lock_timeout_s=0.3)
+        assert clock.monotonic() - t0 < 2.0 and err.value.done == []  # the second day was not tried
+        with pytest.raises(PartitionError, match="not dropped") as err:
+            drop_before(registry, _today() + 3 * DAY, lock_timeout_s=0.3)
+        assert err.value.done == []
+    assert prediction_partitions(registry) == before
+    assert ensure_days(registry, later, 2) == [day_table(later), day_table(later + DAY)]
+
+
+def test_prune_drops_whole_old_days_and_deletes_the_rest_by_rows(registry: Registry) -> None:
+    t = _today()
+    ensure_days(registry, t, 4)  # tables up to t + 3
+    ensure_days(registry, t + 6 * DAY, 3)  # t + 6 .. t + 8; t + 4 and t + 5 are left to DEFAULT
+    _insert(registry, {"a": _at(t - 3 * DAY, 12), "b": _at(t, 1), "c": _at(t + DAY, 12),
+                       "d": _at(t + 2 * DAY, 12), "e": _at(t + 4 * DAY, 10), "f": _at(t + 5 * DAY, 20),
+                       "k": _at(t + 6 * DAY, 0), "h": _at(t + 7 * DAY, 6), "i": _at(t + 7 * DAY, 18),
+                       "j": _at(t + 8 * DAY, 12), "g": _at(t + 30 * DAY, 12)})
+    _insert(registry, {"n3": _at(t + 3 * DAY, 23)}, model="n")  # another model: its old days go too
+    insert_rollout_rows(registry, [], [{"request_id": "err", "model": "m", "version": 1, "error": "x",
+                                        "created_at": _at(t - DAY, 12)}])
+    cutoff = _at(t + 7 * DAY, 12)
+    if registry.is_postgres:
+        in_default = {rid for rid, table in _tables(registry).items() if table == "predictions_default"}
+        assert in_default == {"e", "f", "g"}
+        old = [p.name for p in prediction_partitions(registry)
+               if not p.is_default and p.upper is not None and p.upper <= cutoff.date()]
+        assert old[0].startswith("predictions_upto_") and day_table(t + 6 * DAY) in old and len(old) >= 4
+
+    done = prune_rows(registry, cutoff, batch=2)
+
+    assert _ids(registry) == {"i", "j", "g"}  # the cutoff's day after 12:00, later days, DEFAULT's future
+    assert done["predictions"] == 9 and done["request_errors"] == 1
+    if not registry.is_postgres:
+        assert done["partitions_dropped"] == []
+        return
+    assert done["partitions_dropped"] == old
+    left = [p.name for p in prediction_partitions(registry)]
+    assert left == [day_table(t + 7 * DAY), day_table(t + 8 * DAY), "predictions_default"]
+    assert prune_rows(registry, cutoff) == {"predictions": 0, "request_errors": 0, "partitions_dropped": []}
+    _insert(registry, {"after": _at(t + 8 * DAY, 1)})  # the first partition gone, the log still takes rows
+    assert _tables(registry)["after"] == day_table(t + 8 * DAY)
+
+
+def test_a_day_made_meanwhile_by_another_writer_counts_as_made(registry: Registry,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    later = _today() + 50 * DAY
+    if not registry.is_postgres:
+        assert ensure_days(registry, later, 1) == []
+        return
+    read = partitions._partitions
+    reads: list[int] = []
+
+    def then_another_gateway_makes_it(conn: Connection) -> list[partitions.Partition] | None:
+        parts = read(conn)
+        reads.append(1)
+        if len(reads) == 1:  # right after the first read, before our CREATE
+            conn.execute(text(f"CREATE TABLE {day_table(later)} PARTITION OF predictions "
+                              f"FOR VALUES FROM ('{later}') TO ('{later + DAY}')"))
+        return parts
+
+    monkeypatch.setattr(partitions, "_partitions", then_another_gateway_makes_it)
+    assert ensure_days(registry, later, 2) == [day_table(later + DAY)]  # no error, and only ours named
+    assert len(reads) == 2  # the CREATE found the name taken and read the partitions again
+    monkeypatch.undo()
+    assert _covering(registry, later) == day_table(later)
+
+
+def test_prune_of_one_model_drops_no_partition(registry: Registry) -> None:
+    t = _today()
+    _insert(registry, {"m-old": _at(t - 2 * DAY, 12), "m-new": _at(t + 2 * DAY, 12)})
+    _insert(registry, {"n-old": _at(t - 2 * DAY, 12)}, model="n")
+    before = prediction_partitions(registry)
+    done = prune_rows(registry, _at(t + 5 * DAY, 0), model="m")
+    assert done == {"predictions": 2, "request_errors": 0, "partitions_dropped": []}
+    assert _ids(registry) == {"n-old"} and prediction_partitions(registry) == before
+
+
+def test_postgres_refuses_a_row_whose_day_is_not_its_created_at_s(registry: Registry) -> None:
+    """Dropping a whole partition whose upper bound is at or before the cutoff's day is right only if every
+    row in it was created before that day: migration 0009's CHECK keeps day = created_at's UTC date for
+    whatever writes the row (SQLite, one table pruned by created_at, has no such rule)."""
+    if not registry.is_postgres:
+        pytest.skip("the partitions' CHECK is PostgreSQL's")
+    t = _today()
+    with pytest.raises(IntegrityError, match="ck_predictions_day"):
+        _insert(registry, {"future": _at(t + 20 * DAY, 12)}, day=t)
+    assert _ids(registry) == set()
+
+
+def test_the_log_writer_keeps_the_days_and_writes_through_a_failed_attempt(
+        registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    t = _today()
+    if registry.is_postgres:  # as if the day after tomorrow had never been made
+        with registry.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {day_table(t + 2 * DAY)}"))
+        assert _covering(registry, t + 2 * DAY) is None
+    log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05)
+    log.start()
+    try:
+        log.log_one("w1", "m", 1, "", 0.5, 1.0)
+        assert log.flush()
+        if registry.is_postgres:  # made in the writer's first round
+            wait_for(lambda: _covering(registry, t + 2 * DAY) == day_table(t + 2 * DAY), 10, "the day")
+    finally:
+        log.stop()
+    assert log.stats.partition_failures == 0 and _ids(registry) == {"w1"}
+    if not registry.is_postgres:
+        return
+
+    with registry.engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {day_table(t + 2 * DAY)}"))
+    log = PredictionLog(registry, tmp_path / "q.spill", flush_interval_s=0.05)
+    log.partition_lock_timeout_s = 0.3
+    log.partition_interval_s = 0.5
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.records.prediction_log"), _reader(registry):
+            log.start()
+            wait_for(lambda: log.stats.partition_failures >= 1, 10, "a failed upkeep attempt")
+            t0 = clock.monotonic()
+            log.log_many([f"x{i}" for i in range(100)], "m", 1, [""] * 100, [0.5] * 100, 1.0)
+            assert log.flush(10)
+            assert clock.monotonic() - t0 < 3.0  # an attempt holds rows up by its lock timeout at most
+            assert len(_ids(registry)) == 101 and log.stats.spilled == 0
+        assert any("partition upkeep failed" in r.getMessage() and "no lock on predictions" in r.getMessage()
+                   for r in caplog.records)
+        # The reader is gone: the next check makes the day.
+        wait_for(lambda: _covering(registry, t + 2 * DAY) == day_table(t + 2 * DAY), 10, "the retried day")
+    finally:
+        log.stop()
+
+
+def test_cli_prune_reports_the_partitions_it_dropped(registry: Registry,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    t = _today()
+    ensure_days(registry, t, 4)
+    _insert(registry, {"a": _at(t - DAY, 12), "b": _at(t + 2 * DAY, 12), "c": _at(t + 5 * DAY, 12)})
+    monkeypatch.setenv("CHIMERA_REGISTRY_URL", registry.url)
+    monkeypatch.setattr(log_cli, "_cutoff", lambda _text: _at(t + 3 * DAY, 12))
+    runner = CliRunner()
+    if registry.is_postgres:
+        with _reader(registry):
+            r = runner.invoke(app, ["log", "prune", "--older-than", "1d"])
+        said = " ".join(r.output.split())  # the console wraps long lines
+        assert r.exit_code == 1 and "not dropped" in said and "run prune again" in said, r.output
+        assert _ids(registry) == {"a", "b", "c"}
+    r = runner.invoke(app, ["log", "prune", "--older-than", "1d"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "deleted 2 predictions" in said
+    assert ("whole partitions dropped" in said) == registry.is_postgres
+    if registry.is_postgres:
+        assert day_table(t + 2 * DAY) in said
+    assert _ids(registry) == {"c"}
