@@ -61,6 +61,15 @@ def poll_until(predicate: Callable[[], object], timeout: float, every: float = 0
     return bool(predicate())
 
 
+def midday() -> float:
+    """Today's 12:00 UTC as epoch seconds: a created_at for rows that must take the prediction log's COPY
+    path on PostgreSQL whatever the hour the suite runs (batches within 15 minutes of 00:00 UTC go by the
+    INSERT that checks the neighbouring day instead: gateway.records.pg_ids)."""
+    from datetime import UTC, datetime, time
+
+    return datetime.combine(datetime.now(UTC).date(), time(12), UTC).timestamp()
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "the condition",
              every: float = 0.05) -> None:
     """`poll_until`, failing the test with what was awaited when the time runs out."""

@@ -7,10 +7,12 @@ statement when its ids land at the unique index's right edge (the gateway's own 
 less CPU a row), executemany's statement a row otherwise (gateway.records.sqlite_rows says why).
 PostgreSQL with psycopg2 (the engine's driver): binary COPY on psycopg 3 connections
 (gateway.records.pg_copy, bounded by registry.copy_conn) until a request id is taken (see
-gateway.records.pg_ids); then `INSERT ... SELECT ... FROM unnest($1::varchar[], ...) ON CONFLICT (request_id)
-DO NOTHING` on the engine's connections, each column sent as ONE array literal (gateway.records.pg_arrays),
-so duplicates behave as before. Batches of 2,000+ rows go as two halves on two connections committed
-together (gateway.records.paired_tx). Other drivers fall back to `Registry.insert_predictions`.
+gateway.records.pg_ids, which also says how ids stay unique across days); then `INSERT ... SELECT ...
+FROM unnest($1::varchar[], ...) ON CONFLICT (request_id, day) DO NOTHING` on the engine's connections,
+each column sent as ONE array literal (gateway.records.pg_arrays), so duplicates behave as before.
+Every path writes predictions.day, created_at's UTC date (migration 0009). Batches of 2,000+ rows go as
+two halves on two connections committed together (gateway.records.paired_tx). Other drivers fall back to
+`Registry.insert_predictions`.
 
 Measured on this machine (server CPU a row, 32 features, the table's indexes): execute_values ~45-52 us
 client + server, the unnest INSERT 11.8-13.6 us server, binary COPY 9.0 us server; over 60 s with two
@@ -117,7 +119,7 @@ class Inserter:
         self._fast_ts = self._ts is not None and _same_format(self._ts)
         self._second: tuple[int, str] = (-1, "")
         cols = ", ".join(COLUMNS)
-        self._copy: CopyConnections | None = None  # PostgreSQL: the plain path (see _CONFLICT_MODE_S)
+        self._copy: CopyConnections | None = None  # PostgreSQL: the plain path (see pg_ids.TakenWindow)
         self._multi: dict[str, MultiRowInsert] = {}  # SQLite: the statements' many-row forms, by text
         if self.dialect == "sqlite":  # day: the date part of created_at's text (UTC, SQLAlchemy's format)
             self.sql = self._many_rows(table.name, COLUMNS, "ON CONFLICT (request_id) DO NOTHING",

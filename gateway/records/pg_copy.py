@@ -33,7 +33,7 @@ DAY_COLUMN = "day"
 COPY_TYPES = (*COLUMN_TYPES, "date")
 # Request ids are unique per day (UNIQUE (request_id, day)) and, across midnight, within this window: a row
 # answered this close to 00:00 UTC is written by the INSERT that also looks for its id on the neighbouring
-# day (gateway.records.inserter), so a client's retry that crosses midnight is logged once.
+# day (gateway.records.pg_ids), so a client's retry that crosses midnight is logged once.
 SAME_ID_WINDOW_MIN = 15
 EARLY, LATE = time(0, SAME_ID_WINDOW_MIN), time(23, 60 - SAME_ID_WINDOW_MIN)  # a day's own stretch
 

@@ -28,11 +28,13 @@ Costs, because this runs for every prediction:
   packed float32 vectors on both backends (PostgreSQL: a bytea column since migration 0008); spill
   lines carry JSON arrays of float32-exact numbers (gateway.records.inserter.portable; with orjson
   ~0.6 us a row; without it ~5 us; json.dumps of the doubles costs ~40 us).
-- PostgreSQL's day partitions (migration 0009): at start and then every `partition_interval_s` (an hour)
-  the writer makes the tables of today and the next two days (registry.partitions.ensure_days) between
-  batches; a failure (e.g. the parent's lock not had within `partition_lock_timeout_s`) is logged, counted
-  in `stats.partition_failures` and tried again at the next check. Rows never wait for it: a day without
-  its table still takes rows (predictions_default).
+- PostgreSQL's day partitions (migration 0009): at start, before the spill replay and the first batch
+  (a row written before its day's table exists lands in DEFAULT, and then PostgreSQL refuses to make that
+  table), and then every `partition_interval_s` (an hour) the writer makes the tables of today and the
+  next two days (registry.partitions.ensure_days) between batches; a failure (e.g. the parent's lock not
+  had within `partition_lock_timeout_s`, the database away) is logged, counted in
+  `stats.partition_failures` and tried again after `partition_retry_s` (5 minutes). Rows never wait for
+  it: a day without its table still takes rows (predictions_default).
 The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class PredictionLog(DurableWriter):
         self._refusing_until = 0.0  # monotonic time until which check_accepting refuses (spill failed)
         self.partition_interval_s = 3600.0  # PostgreSQL: how often the writer makes the next days' tables
         self.partition_lock_timeout_s = 2.0  # the longest one attempt may hold the writer (and the table) up
+        self.partition_retry_s = 300.0  # after a failed attempt (the database away at start, a lock)
         self._next_partition_check = 0.0  # monotonic
 
     # -------------------------------------------------------------- request path
@@ -224,6 +227,7 @@ class PredictionLog(DurableWriter):
 
     # -------------------------------------------------------------- writer thread
     def _loop(self) -> None:
+        self._keep_partitions()  # first: rows written before their day's table exists stay in DEFAULT
         self._replay_spill()
         while True:
             self._wake.wait(self.flush_interval_s)
@@ -240,7 +244,7 @@ class PredictionLog(DurableWriter):
             if self.has_spill and self.depth < self.batch_size and \
                     time.monotonic() - self._last_replay_try > self.replay_interval_s:
                 self._replay_spill()
-            if time.monotonic() >= self._next_partition_check:  # the first round, then hourly
+            if time.monotonic() >= self._next_partition_check:  # hourly; after a failure, sooner
                 self._keep_partitions()
 
     def _keep_partitions(self) -> None:
@@ -256,8 +260,9 @@ class PredictionLog(DurableWriter):
             made = ensure_days(self.registry, datetime.now(UTC).date(), 3, self.partition_lock_timeout_s)
         except Exception as exc:  # the database down, a lock not had in time, a day refused: rows go on
             self.stats.partition_failures += 1
+            self._next_partition_check = time.monotonic() + self.partition_retry_s
             log.warning("prediction log: partition upkeep failed, trying again in %g s: %s",
-                        self.partition_interval_s, exc)
+                        self.partition_retry_s, exc)
             return
         if made:
             log.info("prediction log: made partitions %s", ", ".join(made))

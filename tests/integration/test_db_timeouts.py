@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from chimera.settings import RegistrySettings
 from registry import Registry
 from registry.engine import make_engine
-from tests.harness import wait_for
+from tests.harness import midday, wait_for
 from tests.pg import PostgresServer, continue_all
 
 # Python 3.11.7's AST validator can raise a false "AST constructor recursion depth mismatch" when
@@ -134,7 +134,7 @@ def test_prediction_log_copy_on_a_hung_postgres_fails_within_the_timeouts_then_w
     reg = registry_for(url)
     reg.upgrade()
     ins = Inserter(reg)
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
 
     def rows(tag: str, n: int) -> list[tuple]:
         return [(f"{tag}-{i}", "m", 1, "k", 0.5, 1.0, ts, b"\0\0\0\0", None, False, None) for i in range(n)]

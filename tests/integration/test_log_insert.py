@@ -15,6 +15,7 @@ from sqlalchemy import select
 from gateway.records.inserter import Inserter
 from gateway.records.spill import is_data_error
 from registry.models import Prediction
+from tests.harness import midday
 
 
 def _rows(ts: str, numpy: bool) -> list[tuple]:
@@ -31,7 +32,7 @@ def _rows(ts: str, numpy: bool) -> list[tuple]:
 
 def test_rows_round_trip_exactly_and_duplicates_are_skipped(registry) -> None:  # noqa: ANN001
     ins = Inserter(registry)
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
     rows = _rows(ts, numpy=registry.engine.dialect.name == "postgresql")
     assert ins.insert(rows) == 4
     assert ins.insert(rows) == 0  # every id taken: skipped, counted as not inserted
@@ -70,7 +71,7 @@ def test_a_refused_row_fails_its_statement_as_a_data_error(registry, bad: tuple)
     ins = Inserter(registry)
     if registry.engine.dialect.name == "sqlite":
         pytest.skip("SQLite stores NUL and ignores VARCHAR lengths")
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
     good = ("good-1", "m", 1, "k", 0.5, 1.0, ts, None, None, False, None)
     with pytest.raises(Exception) as err:
         ins.insert([good, (*bad[:6], ts, *bad[7:])])
@@ -117,7 +118,7 @@ def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None: 
     x = np.array([[0.1, -2.5, 3.4028235e38, -0.0], [0.0, 1e-7, 7.0, 123456.79]], dtype=np.float32)
     encoded = ins.encode_matrix(x)
     assert all(isinstance(e, bytes) for e in encoded)
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
     rows = [(f"f-{i}", "m", 1, "", 0.5, 1.0, ts, encoded[i], None, False, None) for i in range(2)]
     rows.append(("f-json", "m", 1, "", 0.5, 1.0, ts, "[1.5,2]", None, False, None))  # older rows: text
     assert ins.insert(rows) == 3
@@ -152,7 +153,7 @@ def test_postgresql_batches_skip_on_conflict_until_an_id_is_taken(registry) -> N
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("SQLite always uses ON CONFLICT (the plain-COPY window is PostgreSQL's)")
     ins = Inserter(registry)
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
     row = ("c-1", "m", 1, "k", 0.5, 1.0, ts, None, None, False, None)
     assert ins.insert([row]) == 1 and ins._conflicts.until == 0.0
     assert ins.insert([row, (*row[:1], "m", 1, "k", 0.5, 1.0, ts, None, None, False, None)]) == 0
@@ -169,7 +170,7 @@ def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(regi
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("SQLite: one connection writes")
     ins = Inserter(registry)
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
     feats = ins.encode_matrix(np.arange(2500 * 4, dtype=np.float32).reshape(2500, 4))
     rows = [(f"h-{i}", "m", 1, "k", 0.5, 1.0, ts, feats[i], None, False, None) for i in range(2500)]
     bad = [*rows[:1200], ("h-bad", "m", 1, "a\x00b", 0.5, 1.0, ts, None, None, False, None), *rows[1200:]]
@@ -220,7 +221,7 @@ def test_copy_connections_dropped_by_the_server_are_replaced_before_the_next_bat
     ins = Inserter(registry)
     assert ins._copy is not None
     ins._copy.ping_after_s = 0.0  # the writer pings connections idle for 5 s; here, every one
-    ts = ins.timestamp(time.time())
+    ts = ins.timestamp(midday())
 
     def rows(tag: str) -> list[tuple]:
         return [(f"{tag}-{i}", "m", 1, "k", 0.5, 1.0, ts, None, None, False, None) for i in range(3000)]

@@ -17,8 +17,10 @@ from registry.migrate import upgrade
 from registry.repository import PredictionRow
 from tests.harness import alembic_downgrade
 
-TODAY = datetime.now(UTC).date()
-TOMORROW = TODAY + timedelta(days=1)
+
+def _today() -> date:
+    """Read in each test (not at import): a suite that runs across midnight must not shift the days."""
+    return datetime.now(UTC).date()
 
 
 def _at(day: date, hh: int, mm: int) -> float:
@@ -43,19 +45,21 @@ def _table(reg: Registry, day: date) -> str:
 
 
 def test_every_writer_stores_the_answer_day_and_postgres_files_the_row_under_it(registry: Registry) -> None:
+    today = _today()
+    tomorrow = today + timedelta(days=1)
     ins = Inserter(registry)
     try:
-        assert ins.insert([_row(ins, "log-noon", _at(TOMORROW, 12, 0)),
-                           _row(ins, "log-late", _at(TOMORROW, 23, 40))]) == 2
+        assert ins.insert([_row(ins, "log-noon", _at(tomorrow, 12, 0)),
+                           _row(ins, "log-late", _at(tomorrow, 23, 40))]) == 2
     finally:
         ins.close()
-    yesterday = datetime.combine(TODAY - timedelta(days=1), time(13, 0), UTC)
+    yesterday = datetime.combine(today - timedelta(days=1), time(13, 0), UTC)
     registry.insert_predictions([PredictionRow("orm", "m", 1, 0.5, 1.0, created_at=yesterday)])
     got = {rid: (day, table) for rid, day, table in _stored(registry)}
-    first = f"predictions_upto_{TOMORROW:%Y%m%d}" if registry.engine.dialect.name == "postgresql" \
+    first = f"predictions_upto_{tomorrow:%Y%m%d}" if registry.engine.dialect.name == "postgresql" \
         else "predictions"
-    assert got == {"log-noon": (TOMORROW, _table(registry, TOMORROW)),
-                   "log-late": (TOMORROW, _table(registry, TOMORROW)),
+    assert got == {"log-noon": (tomorrow, _table(registry, tomorrow)),
+                   "log-late": (tomorrow, _table(registry, tomorrow)),
                    "orm": (yesterday.date(), first)}
 
 
@@ -63,8 +67,10 @@ def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_agai
         registry: Registry) -> None:
     """Ids are unique per UTC day and within 15 minutes across midnight (gateway.records.pg_copy); on
     SQLite, one table, an id is unique while its row is kept, as before 0009."""
+    today = _today()
+    tomorrow = today + timedelta(days=1)
     pg = registry.engine.dialect.name == "postgresql"
-    late, early = _at(TODAY, 23, 55), _at(TOMORROW, 0, 5)
+    late, early = _at(today, 23, 55), _at(tomorrow, 0, 5)
     ins = Inserter(registry)
     try:
         assert ins.insert([_row(ins, "a", late)]) == 1
@@ -74,24 +80,26 @@ def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_agai
         # Both in one batch (one statement cannot see its own rows): still once, the first kept.
         assert ins.insert([_row(ins, "c", late), _row(ins, "c", early), _row(ins, "d", early)]) == 2
         # Past the window the day decides (PostgreSQL): an id reused the next noon is a new row.
-        assert ins.insert([_row(ins, "a", _at(TOMORROW, 12, 0))]) == (1 if pg else 0)
+        assert ins.insert([_row(ins, "a", _at(tomorrow, 12, 0))]) == (1 if pg else 0)
         # The same row twice (a spill replay) is stored once, by COPY's retry with ON CONFLICT.
-        assert ins.insert([_row(ins, "e", _at(TOMORROW, 13, 0))]) == 1
-        assert ins.insert([_row(ins, "e", _at(TOMORROW, 13, 0))]) == 0
+        assert ins.insert([_row(ins, "e", _at(tomorrow, 13, 0))]) == 1
+        assert ins.insert([_row(ins, "e", _at(tomorrow, 13, 0))]) == 0
     finally:
         ins.close()
     rows = _stored(registry)
-    want = [("a", TODAY), ("b", TOMORROW), ("c", TODAY), ("d", TOMORROW)] + \
-        ([("a", TOMORROW)] if pg else []) + [("e", TOMORROW)]
+    want = [("a", today), ("b", tomorrow), ("c", today), ("d", tomorrow)] + \
+        ([("a", tomorrow)] if pg else []) + [("e", tomorrow)]
     assert [(r, d) for r, d, _ in rows] == want
 
 
 def test_rows_from_before_the_migration_keep_their_ids_and_get_their_own_day(registry_url: str) -> None:
+    today = _today()
+    tomorrow = today + timedelta(days=1)
     reg = Registry(registry_url)
     pg = reg.engine.dialect.name == "postgresql"
-    old = {"old-3d": datetime.combine(TODAY - timedelta(days=3), time(10, 0), UTC),
-           "old-now": datetime.combine(TODAY, time(0, 20), UTC),
-           "skewed": datetime.combine(TODAY + timedelta(days=5), time(10, 0), UTC)}
+    old = {"old-3d": datetime.combine(today - timedelta(days=3), time(10, 0), UTC),
+           "old-now": datetime.combine(today, time(0, 20), UTC),
+           "skewed": datetime.combine(today + timedelta(days=5), time(10, 0), UTC)}
     try:
         upgrade(registry_url, reg.engine, revision="0008")
         with reg.engine.begin() as c:
@@ -102,18 +110,18 @@ def test_rows_from_before_the_migration_keep_their_ids_and_get_their_own_day(reg
         upgrade(registry_url, reg.engine)
 
         rows = {r: (d, t) for r, d, t in _stored(reg)}
-        first = f"predictions_upto_{TOMORROW:%Y%m%d}" if pg else "predictions"
+        first = f"predictions_upto_{tomorrow:%Y%m%d}" if pg else "predictions"
         # Every row its own day; on PostgreSQL one from a clock ahead of the migration is moved out of the
         # first partition to the day it belongs to (no table for that day yet: the DEFAULT one).
-        assert rows == {"old-3d": (TODAY - timedelta(days=3), first), "old-now": (TODAY, first),
-                        "skewed": (TODAY + timedelta(days=5), "predictions_default" if pg else first)}
+        assert rows == {"old-3d": (today - timedelta(days=3), first), "old-now": (today, first),
+                        "skewed": (today + timedelta(days=5), "predictions_default" if pg else first)}
         with reg.engine.connect() as c:
             assert dict(c.execute(text("SELECT request_id, id FROM predictions")).tuples().all()) == ids
 
         ins = Inserter(reg)
         try:  # a spilled row answered before the migration, replayed after it: not stored twice
             assert ins.insert([_row(ins, "old-3d", old["old-3d"].timestamp())]) == 0
-            assert ins.insert([_row(ins, "new", _at(TOMORROW, 12, 0))]) == 1
+            assert ins.insert([_row(ins, "new", _at(tomorrow, 12, 0))]) == 1
         finally:
             ins.close()
         with reg.engine.connect() as c:
@@ -124,8 +132,8 @@ def test_rows_from_before_the_migration_keep_their_ids_and_get_their_own_day(reg
                 parts = set(c.execute(text(
                     "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                     "WHERE i.inhparent = 'predictions'::regclass")).scalars())
-            assert parts == {first, "predictions_default", _table(reg, TOMORROW),
-                             _table(reg, TOMORROW + timedelta(days=1))}
+            assert parts == {first, "predictions_default", _table(reg, tomorrow),
+                             _table(reg, tomorrow + timedelta(days=1))}
 
         alembic_downgrade(reg, "0008")
         with reg.engine.connect() as c:
@@ -152,8 +160,10 @@ def test_outcomes_find_their_prediction_on_any_day(registry: Registry) -> None:
     a late outcome for an older prediction is still stored, an unknown id still NOT_FOUND."""
     from registry import NotFoundError
 
+    today = _today()
+
     registry.publish_version("m", b"x", ["a"])
-    old = datetime.combine(TODAY - timedelta(days=5), time(9, 0), UTC)
+    old = datetime.combine(today - timedelta(days=5), time(9, 0), UTC)
     registry.insert_predictions([PredictionRow("old", "m", 1, 0.5, 1.0, created_at=old),
                                  PredictionRow("new", "m", 1, 0.5, 1.0, created_at=datetime.now(UTC)),
                                  PredictionRow("single", "m", 1, 0.5, 1.0, created_at=old)])
