@@ -10,13 +10,13 @@ to the writer (2-10 % of the COPY rate) and gives the design; the points that sh
   (gateway.records.pg_copy, gateway.records.inserter, the ORM default in registry.models). PostgreSQL
   partitions by a column, not an expression, and refuses a unique index without the partition key, so
   the keys become PRIMARY KEY (id, day) and UNIQUE (request_id, day): a request id is unique per day
-  (plus a 15-minute window across midnight, kept by the writer's INSERT; see gateway.records.inserter).
+  (plus a 15-minute window across midnight, kept by the writer's INSERT; see gateway.records.pg_ids).
 - The existing table becomes the first partition, `predictions_upto_<day after the migration>`, FOR
-  VALUES FROM (MINVALUE): no copy of its rows into a new table. Its rows get their own day (one UPDATE
-  of every row, a rewrite like 0008's: plan it, prune first), so a spilled row answered before the
-  migration and replayed after it hits the same (request_id, day) key and is not stored twice. Rows
-  whose created_at lies after the migration's day (a skewed clock) are moved out of it into the
-  parent, where they land in their day's table or the DEFAULT one.
+  VALUES FROM (MINVALUE): no copy of its rows into a new table. Its rows get their own day (one
+  rewrite of the table, ALTER COLUMN ... TYPE ... USING, like 0008's: plan it, prune first), so a
+  spilled row answered before the migration and replayed after it hits the same (request_id, day) key
+  and is not stored twice. Rows whose created_at lies after the migration's day (a skewed clock) are
+  moved out of it into the parent, where they land in their day's table or the DEFAULT one.
 - CHECK (day = created_at's UTC date), on every partition: what lets `chimera log prune` drop a whole
   partition whose upper bound is at or before the cutoff's day without looking at its rows (every row in
   it was created before that day's midnight), whatever wrote the row.
@@ -68,14 +68,17 @@ def upgrade() -> None:
     today = datetime.now(UTC).date()
     upper = today + timedelta(days=1)
     first = f"predictions_upto_{upper:%Y%m%d}"
+    # The keys go first: the rewrite below then rebuilds only the (model, created_at) index.
+    op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_pkey")
+    op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_request_id_key")
     op.execute("ALTER TABLE predictions ADD COLUMN day date")
-    op.execute(f"UPDATE predictions SET day = {_UTC_DAY}")
+    # ALTER ... TYPE ... USING rewrites the table into new files (as 0008 did) where an UPDATE would leave
+    # a dead version of every row behind for VACUUM.
+    op.execute(f"ALTER TABLE predictions ALTER COLUMN day TYPE date USING {_UTC_DAY}")
     op.execute("ALTER TABLE predictions ALTER COLUMN day SET NOT NULL")
     op.execute(f"ALTER TABLE predictions ADD CONSTRAINT {_CHECK} CHECK (day = {_UTC_DAY})")
     op.execute(f"CREATE TABLE predictions_skewed AS SELECT * FROM predictions WHERE day > DATE '{today}'")
     op.execute(f"DELETE FROM predictions WHERE day > DATE '{today}'")
-    op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_pkey")
-    op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_request_id_key")
     op.execute(f"ALTER TABLE predictions RENAME TO {first}")
     op.execute(f"ALTER INDEX ix_predictions_model_created RENAME TO {first}_model_created")
     op.execute(f"CREATE TABLE predictions (LIKE {first} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
