@@ -26,7 +26,8 @@ import re
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from sqlalchemy import Connection, text
+from psycopg2 import sql as psql
+from sqlalchemy import Connection, func, select, table, text
 from sqlalchemy.exc import DBAPIError
 
 from registry.errors import PartitionError
@@ -100,8 +101,8 @@ def ensure_days(registry: Registry, first: date, days: int = 3, lock_timeout_s: 
         try:
             with registry.engine.begin() as conn:
                 _bound(conn, lock_timeout_s)
-                conn.execute(text(f"CREATE TABLE {_quote(registry, name)} PARTITION OF {PARENT} "
-                                  f"FOR VALUES FROM ('{day.isoformat()}') TO ('{day + timedelta(days=1)}')"))
+                _ddl(conn, "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM (%(lo)s) TO (%(hi)s)", name,
+                     PARENT, lo=day, hi=day + timedelta(days=1))
         except DBAPIError as exc:
             code = _sqlstate(exc)
             if code in _TIMED_OUT:
@@ -152,15 +153,14 @@ def drop_counted(registry: Registry, cutoff: date, lock_timeout_s: float = 2.0) 
     for p in parts:
         if p.is_default or p.upper is None or p.upper > cutoff:
             continue
-        table = _quote(registry, p.name)
         bounded = False  # a timeout of the count (the engine's own statement timeout) is not ours to explain
         try:
             with registry.engine.begin() as conn:
-                rows = conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                rows = conn.scalar(select(func.count()).select_from(table(p.name)))
                 _bound(conn, lock_timeout_s)
                 bounded = True
-                conn.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {table}"))
-                conn.execute(text(f"DROP TABLE {table}"))
+                _ddl(conn, "ALTER TABLE {} DETACH PARTITION {}", PARENT, p.name)
+                _ddl(conn, "DROP TABLE {}", p.name)
         except DBAPIError as exc:
             if bounded and _sqlstate(exc) in _TIMED_OUT:
                 so_far = ", ".join(f"{n} ({c} rows)" for n, c in dropped.items()) or "none"
@@ -207,8 +207,8 @@ def _day(value: str, name: str) -> date | None:
 
 def _bound(conn: Connection, seconds: float) -> None:
     ms = max(1, round(seconds * 1000))
-    conn.execute(text(f"SET LOCAL lock_timeout = {ms}"))
-    conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
+    conn.execute(text("SELECT set_config('lock_timeout', :ms, true), "
+                      "set_config('statement_timeout', :ms, true)"), {"ms": str(ms)})
 
 
 def _check_timeout(seconds: float) -> None:
@@ -216,8 +216,13 @@ def _check_timeout(seconds: float) -> None:
         raise ValueError(f"lock_timeout_s: must be positive, got {seconds}")
 
 
-def _quote(registry: Registry, name: str) -> str:
-    return registry.engine.dialect.identifier_preparer.quote(name)
+def _ddl(conn: Connection, query: str, *names: str, **values: date) -> None:
+    """Run DDL on `conn`: `{}` in `query` stands for each of `names`, quoted as identifiers by psycopg2.sql;
+    `%(x)s` for the dates in `values`, which psycopg2 binds client-side (PostgreSQL takes no server-side
+    parameters in DDL). The statement is composed by the driver's own library, never by formatting."""
+    raw = conn.connection.driver_connection
+    statement = psql.SQL(query).format(*map(psql.Identifier, names)).as_string(raw)
+    conn.exec_driver_sql(statement, values or None)
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:

@@ -49,15 +49,6 @@ down_revision = "0008"
 branch_labels = None
 depends_on = None
 
-_SEQ = "predictions_id_seq"
-_CHECK = "ck_predictions_day"
-_UTC_DAY = "(created_at AT TIME ZONE 'UTC')::date"
-
-
-def _day_table(day: date) -> str:
-    return f"predictions_{day:%Y%m%d}"
-
-
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         op.add_column("predictions", sa.Column("day", sa.Date(), nullable=True))
@@ -74,26 +65,42 @@ def upgrade() -> None:
     op.execute("ALTER TABLE predictions ADD COLUMN day date")
     # ALTER ... TYPE ... USING rewrites the table into new files (as 0008 did) where an UPDATE would leave
     # a dead version of every row behind for VACUUM.
-    op.execute(f"ALTER TABLE predictions ALTER COLUMN day TYPE date USING {_UTC_DAY}")
+    op.execute("ALTER TABLE predictions ALTER COLUMN day TYPE date "
+               "USING (created_at AT TIME ZONE 'UTC')::date")
     op.execute("ALTER TABLE predictions ALTER COLUMN day SET NOT NULL")
-    op.execute(f"ALTER TABLE predictions ADD CONSTRAINT {_CHECK} CHECK (day = {_UTC_DAY})")
-    op.execute(f"CREATE TABLE predictions_skewed AS SELECT * FROM predictions WHERE day > DATE '{today}'")
-    op.execute(f"DELETE FROM predictions WHERE day > DATE '{today}'")
-    op.execute(f"ALTER TABLE predictions RENAME TO {first}")
-    op.execute(f"ALTER INDEX ix_predictions_model_created RENAME TO {first}_model_created")
-    op.execute(f"CREATE TABLE predictions (LIKE {first} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
-               "PARTITION BY RANGE (day)")
-    op.execute(f"ALTER SEQUENCE {_SEQ} OWNED BY predictions.id")
-    op.execute(f"ALTER TABLE predictions ATTACH PARTITION {first} FOR VALUES FROM (MINVALUE) TO ('{upper}')")
+    op.execute("ALTER TABLE predictions ADD CONSTRAINT ck_predictions_day "
+               "CHECK (day = (created_at AT TIME ZONE 'UTC')::date)")
+    _ddl("CREATE TABLE predictions_skewed AS SELECT * FROM predictions WHERE day > %(today)s", today=today)
+    _ddl("DELETE FROM predictions WHERE day > %(today)s", today=today)
+    _ddl("ALTER TABLE predictions RENAME TO {}", first)
+    _ddl("ALTER INDEX ix_predictions_model_created RENAME TO {}", f"{first}_model_created")
+    _ddl("CREATE TABLE predictions (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
+         "PARTITION BY RANGE (day)", first)
+    op.execute("ALTER SEQUENCE predictions_id_seq OWNED BY predictions.id")
+    _ddl("ALTER TABLE predictions ATTACH PARTITION {} FOR VALUES FROM (MINVALUE) TO (%(upper)s)", first,
+         upper=upper)
     op.execute("ALTER TABLE predictions ADD CONSTRAINT predictions_pkey PRIMARY KEY (id, day)")
     op.execute("ALTER TABLE predictions ADD CONSTRAINT uq_predictions_request_day UNIQUE (request_id, day)")
     op.execute("CREATE INDEX ix_predictions_model_created ON predictions (model, created_at)")
     op.execute("CREATE TABLE predictions_default PARTITION OF predictions DEFAULT")
     for day in (upper, upper + timedelta(days=1)):
-        op.execute(f"CREATE TABLE {_day_table(day)} PARTITION OF predictions "
-                   f"FOR VALUES FROM ('{day}') TO ('{day + timedelta(days=1)}')")
+        _ddl("CREATE TABLE {} PARTITION OF predictions FOR VALUES FROM (%(lo)s) TO (%(hi)s)",
+             f"predictions_{day:%Y%m%d}", lo=day, hi=day + timedelta(days=1))
     op.execute("INSERT INTO predictions SELECT * FROM predictions_skewed")
     op.execute("DROP TABLE predictions_skewed")
+
+
+def _ddl(query: str, *names: str, **values: date) -> None:
+    """Run `query` with `{}` standing for each of `names`, quoted as identifiers by psycopg2.sql, and
+    `%(x)s` for the dates in `values`, which psycopg2 binds client-side (PostgreSQL takes no server-side
+    parameters in DDL). Kept here rather than imported (registry.partitions has the same): a migration
+    does not change when the application's code does."""
+    from psycopg2 import sql
+
+    conn = op.get_bind()
+    raw = conn.connection.driver_connection
+    statement = sql.SQL(query).format(*map(sql.Identifier, names)).as_string(raw)
+    conn.exec_driver_sql(statement, values or None)
 
 
 def downgrade() -> None:
@@ -104,10 +111,10 @@ def downgrade() -> None:
     op.execute("CREATE TABLE predictions_plain (LIKE predictions INCLUDING DEFAULTS)")
     op.execute("INSERT INTO predictions_plain SELECT DISTINCT ON (request_id) * FROM predictions "
                "ORDER BY request_id, id")
-    op.execute(f"ALTER SEQUENCE {_SEQ} OWNED BY NONE")
+    op.execute("ALTER SEQUENCE predictions_id_seq OWNED BY NONE")
     op.execute("DROP TABLE predictions")  # the partitioned parent and every partition
     op.execute("ALTER TABLE predictions_plain RENAME TO predictions")
-    op.execute(f"ALTER SEQUENCE {_SEQ} OWNED BY predictions.id")
+    op.execute("ALTER SEQUENCE predictions_id_seq OWNED BY predictions.id")
     op.execute("ALTER TABLE predictions DROP COLUMN day")  # (its CHECK was not copied: LIKE without it)
     op.execute("ALTER TABLE predictions ADD CONSTRAINT predictions_pkey PRIMARY KEY (id)")
     op.execute("ALTER TABLE predictions ADD CONSTRAINT predictions_request_id_key UNIQUE (request_id)")
