@@ -1,6 +1,6 @@
 """The prediction log's day partitions on PostgreSQL (migration 0009): which exist, making the next days
 before their rows arrive, and dropping whole old days for retention. SQLite keeps `predictions` as one
-plain table: there every function here does nothing and returns an empty list.
+plain table: there every function here does nothing and returns an empty list (or dict).
 
 Layout (migration 0009): `predictions` is PARTITION BY RANGE (day); the table from before the migration is
 the first partition, `predictions_upto_YYYYMMDD`, FROM (MINVALUE) TO its day; one table a day,
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 from psycopg2 import sql as psql
-from sqlalchemy import Connection, func, select, table, text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from registry.errors import PartitionError
@@ -129,48 +129,78 @@ def ensure_days(registry: Registry, first: date, days: int = 3, lock_timeout_s: 
     return made
 
 
-def drop_before(registry: Registry, cutoff: date, lock_timeout_s: float = 2.0) -> list[str]:
+def partitions_before(registry: Registry, cutoff: date) -> list[tuple[str, int | None]]:
+    """The partitions `drop_partitions_before(registry, cutoff)` would drop now (every one but DEFAULT whose
+    upper bound is <= `cutoff`), in day order, each with the planner's estimate of its rows (`_estimate`;
+    None: not estimated). Read-only, and reads the catalog only: no row of any partition is looked at
+    (`chimera log prune --dry-run`). [] on SQLite."""
+    if not registry.is_postgres:
+        return []
+    with registry.engine.begin() as conn:
+        return [(p.name, _estimate(conn, p.name)) for p in _before(conn, cutoff)]
+
+
+def drop_partitions_before(registry: Registry, cutoff: date,
+                           lock_timeout_s: float = 2.0) -> dict[str, int | None]:
     """Detach and drop every partition but DEFAULT whose upper bound is <= `cutoff`: each holds only days
-    before the cutoff day. Returns the names dropped; [] on SQLite. See `drop_counted`."""
-    return list(drop_counted(registry, cutoff, lock_timeout_s))
+    before the cutoff day. Returns name -> the planner's estimate of the rows it held (None: not
+    estimated), in day order; {} on SQLite. `chimera log prune` reports the estimates, never as deleted
+    rows.
 
+    Why an estimate: an exact count(*) reads the whole partition, and a day of the log holds hundreds of
+    millions of rows, so the count alone could outlast the client's statement timeout
+    (CHIMERA_DB_QUERY_TIMEOUT_S) and stop the prune for a number only used in a report. The estimate is
+    one catalog read (`_estimate`); no row is looked at, to count or to decide: migration 0009's CHECK
+    (day = created_at's UTC date) means a partition whose days are all before the cutoff's holds only
+    rows created before it.
 
-def drop_counted(registry: Registry, cutoff: date, lock_timeout_s: float = 2.0) -> dict[str, int]:
-    """`drop_before`, with the rows each dropped table held (`chimera log prune` reports them as deleted).
-
-    Per partition, one transaction: count its rows, then DETACH and DROP it under `lock_timeout_s` (the
-    count runs before, so `predictions` is locked only for the DETACH and DROP; rows of that old day
-    written while it is counted, a spill replay that old, are dropped uncounted). No row is looked at to
-    decide: migration 0009's CHECK (day = created_at's UTC date) means a partition whose days are all
-    before the cutoff's holds only rows created before it. A DETACH that times out raises
+    Per partition, one transaction: read its estimate, then DETACH and DROP it under `lock_timeout_s`
+    (`predictions` is locked only for the DETACH and DROP). A DETACH that times out raises
     PartitionError; its `done` lists the tables dropped before."""
     if not registry.is_postgres:
         return {}
     _check_timeout(lock_timeout_s)
     with registry.engine.begin() as conn:
-        parts = _partitions(conn) or []
-    dropped: dict[str, int] = {}
+        parts = _before(conn, cutoff)
+    dropped: dict[str, int | None] = {}
     for p in parts:
-        if p.is_default or p.upper is None or p.upper > cutoff:
-            continue
-        bounded = False  # a timeout of the count (the engine's own statement timeout) is not ours to explain
+        bounded = False  # a timeout of the estimate's read (the engine's own timeout) is not ours to explain
         try:
             with registry.engine.begin() as conn:
-                rows = conn.scalar(select(func.count()).select_from(table(p.name)))
+                rows = _estimate(conn, p.name)
                 _bound(conn, lock_timeout_s)
                 bounded = True
                 _ddl(conn, "ALTER TABLE {} DETACH PARTITION {}", PARENT, p.name)
                 _ddl(conn, "DROP TABLE {}", p.name)
         except DBAPIError as exc:
             if bounded and _sqlstate(exc) in _TIMED_OUT:
-                so_far = ", ".join(f"{n} ({c} rows)" for n, c in dropped.items()) or "none"
+                so_far = ", ".join(f"{n} ({_rows(c)})" for n, c in dropped.items()) or "none"
                 raise PartitionError(
                     f"{PARENT}: {p.name} not dropped: no lock on {PARENT} within {lock_timeout_s:g} s "
                     f"(another session holds it, e.g. a long read); dropped before it: {so_far}",
                     list(dropped)) from exc
             raise
-        dropped[p.name] = int(rows)
+        dropped[p.name] = rows
     return dropped
+
+
+def _before(conn: Connection, cutoff: date) -> list[Partition]:
+    """The partitions holding only days before `cutoff`: not DEFAULT, upper bound <= `cutoff`."""
+    return [p for p in _partitions(conn) or []
+            if not p.is_default and p.upper is not None and p.upper <= cutoff]
+
+
+def _estimate(conn: Connection, name: str) -> int | None:
+    """The planner's estimate of `name`'s rows: pg_class.reltuples, kept by VACUUM, ANALYZE (autovacuum
+    runs both) and CREATE INDEX; exact right after ANALYZE of a table small enough to be read whole, an
+    estimate otherwise. A catalog read: never a scan of the table. None when the table was never vacuumed
+    or analyzed (reltuples is -1 then, PostgreSQL 14 and later): unknown is not 0 rows."""
+    tuples = conn.scalar(text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"), {"t": name})
+    return None if tuples is None or tuples < 0 else round(tuples)
+
+
+def _rows(estimate: int | None) -> str:
+    return "rows not estimated" if estimate is None else f"~{estimate} rows"
 
 
 def _partitions(conn: Connection) -> list[Partition] | None:

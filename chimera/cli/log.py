@@ -6,8 +6,10 @@
   short transaction (so the gateway's inserts and the controller's reads never wait behind one huge
   delete), model by model through the (model, created_at) index (migration 0006); request_errors too.
   On PostgreSQL, pruning every model first drops the whole day partitions before the cutoff's day
-  (registry.partitions.drop_before: the same cost for a million rows as for ten); the batches then take
-  the rest (the cutoff's own day, predictions_default, one --model).
+  (registry.partitions.drop_partitions_before: the same cost for a million rows as for ten, reported with
+  the planner's estimate of their rows, never counted by a scan); the batches then take the rest (the
+  cutoff's own day, predictions_default, one --model). --dry-run lists those partitions and counts
+  exactly the rows the batches would delete.
   Pruned rows can no longer be recomputed by `chimera analyze`: export first.
 - export: the old rows as Parquet for retraining and archive, one file per model and UTC day
   (DIR/<model>/<YYYY-MM-DD>.parquet), every column of the log plus the outcome joined by request id
@@ -22,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +34,8 @@ from chimera.cli import views
 from chimera.cli.shared import load_settings, open_registry
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from registry import Registry
 
 log_app = typer.Typer(help="The prediction log: ingest bench, retention, export.", no_args_is_help=True)
@@ -94,7 +98,9 @@ ModelOpt = Annotated[str | None, typer.Option(help="only this model (default: ev
 @log_app.command("prune")
 def prune(older_than: OlderThan, model: ModelOpt = None,
           batch: Annotated[int, typer.Option(help="rows deleted per transaction")] = 10_000,
-          dry_run: Annotated[bool, typer.Option(help="count, delete nothing")] = False) -> None:
+          dry_run: Annotated[bool, typer.Option(help="delete nothing: list the whole day partitions that "
+                                                "would be dropped (estimated rows) and count the rows the "
+                                                "batches would delete")] = False) -> None:
     """Delete prediction-log rows (and request errors) older than --older-than, in batches."""
     from registry.errors import PartitionError
 
@@ -105,7 +111,8 @@ def prune(older_than: OlderThan, model: ModelOpt = None,
             counts = count_rows(reg, cutoff, model=model)
             views.console.print(f"would delete {counts['predictions']:,} predictions and "
                                 f"{counts['request_errors']:,} request errors created before "
-                                f"{cutoff.isoformat(timespec='seconds')}")
+                                f"{cutoff.isoformat(timespec='seconds')} in batches"
+                                + _partitions_said("drop", dict(counts["partitions"])))
             return
         try:
             done = prune_rows(reg, cutoff, model=model, batch=batch)
@@ -113,11 +120,26 @@ def prune(older_than: OlderThan, model: ModelOpt = None,
             views.fail(f"{exc}; nothing else was deleted: run prune again")
     finally:
         reg.dispose()
-    dropped = done["partitions_dropped"]
     views.console.print(f"deleted {done['predictions']:,} predictions and {done['request_errors']:,} request "
                         f"errors created before {cutoff.isoformat(timespec='seconds')}"
-                        + (f" ({len(dropped)} whole partitions dropped: {', '.join(dropped)})" if dropped
-                           else ""))
+                        + _partitions_said("dropped", done["partitions_dropped"]))
+
+
+def _partitions_said(verb: str, parts: dict[str, int | None]) -> str:
+    """" and dropped 2 whole day partitions (~M rows by the planner's estimate: a ~x, b ~y)"; a partition
+    whose table was never analyzed (no estimate) is named apart, not counted as 0; "" for none."""
+    if not parts:
+        return ""
+    known = {name: rows for name, rows in parts.items() if rows is not None}
+    said = []
+    if known:
+        said.append(f"~{sum(known.values()):,} rows by the planner's estimate: "
+                    + ", ".join(f"{name} ~{rows:,}" for name, rows in known.items()))
+    if len(known) < len(parts):
+        said.append("rows not estimated (table never analyzed): "
+                    + ", ".join(name for name, rows in parts.items() if rows is None))
+    plural = "s" if len(parts) != 1 else ""
+    return f" and {verb} {len(parts)} whole day partition{plural} ({'; '.join(said)})"
 
 
 @log_app.command("export")
@@ -160,37 +182,73 @@ def log_models(reg: Registry) -> list[str]:
     return sorted(set(found) | set(errors))
 
 
-def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> dict[str, int]:
+def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> dict[str, Any]:
+    """What prune_rows(reg, cutoff, model=model) would do now, deleting nothing: "partitions", the
+    (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
+    model; registry.partitions.partitions_before, no scan), and the exact rows its batches would delete:
+    "predictions" (so not the rows of those partitions) and "request_errors"."""
     from sqlalchemy import func, select
 
-    from registry.models import Prediction, RequestError
+    from registry.models import Prediction, RequestError, as_utc
+    from registry.partitions import partitions_before
 
-    out = {"predictions": 0, "request_errors": 0}
+    parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
+    kept_from = _first_day_kept(reg, {name for name, _rows in parts})
+    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "partitions": parts}
     with reg.session() as s:
         for m in [model] if model else log_models(reg):
-            for key, table in (("predictions", Prediction), ("request_errors", RequestError)):
-                out[key] += int(s.scalar(select(func.count()).select_from(table).where(
-                    table.model == m, table.created_at < cutoff)) or 0)
+            out["request_errors"] += int(s.scalar(select(func.count()).select_from(RequestError).where(
+                RequestError.model == m, RequestError.created_at < cutoff)) or 0)
+            old = [Prediction.model == m, Prediction.created_at < cutoff]
+            if kept_from is not None:  # rows of the partitions that stay; DEFAULT's older days apart
+                old.append(Prediction.day >= kept_from)
+                out["predictions"] += _older_in_default(s, m, kept_from)
+            out["predictions"] += int(s.scalar(select(func.count()).select_from(Prediction).where(*old)) or 0)
     return out
+
+
+def _first_day_kept(reg: Registry, dropped: set[str]) -> date | None:
+    """The first day of the partitions that stay when `dropped` go (the highest upper bound among them):
+    no partition that stays but DEFAULT holds an earlier day (ranges do not overlap). None: none dropped."""
+    from registry.partitions import prediction_partitions
+
+    if not dropped:
+        return None
+    return max((p.upper for p in prediction_partitions(reg) if p.name in dropped and p.upper), default=None)
+
+
+def _older_in_default(s: Session, model: str, before: date) -> int:
+    """PostgreSQL: `model`'s rows in predictions_default of days before `before` (days that had no table
+    of their own; the batches delete them)."""
+    from sqlalchemy import Date, String, column, func, select, table
+
+    from registry.partitions import DEFAULT_PARTITION
+
+    default = table(DEFAULT_PARTITION, column("model", String), column("day", Date))
+    return int(s.scalar(select(func.count()).select_from(default).where(
+        default.c.model == model, default.c.day < before)) or 0)
 
 
 def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
                batch: int = 10_000) -> dict[str, Any]:
-    """Delete rows created before `cutoff`, `batch` rows per transaction. Returns rows deleted per table
-    ("predictions" counts the rows of dropped partitions too) and "partitions_dropped": the names of the
-    whole partitions dropped first (PostgreSQL, every model; [] otherwise). A partition that could not be
-    dropped in time raises registry.errors.PartitionError before any row is deleted (those dropped
-    before it stay dropped)."""
+    """Delete rows created before `cutoff`, `batch` rows per transaction. Returns the rows the batches
+    deleted per table ("predictions", "request_errors": exact), "partitions_dropped": name -> the
+    planner's estimate of its rows (None: not estimated) of each whole partition dropped first
+    (PostgreSQL, every model; {} otherwise), and "partition_rows_estimate": the sum of the known
+    estimates (registry.partitions.drop_partitions_before says why they are not counted). A partition
+    that could not be dropped in time raises registry.errors.PartitionError before any row is deleted
+    (those dropped before it stay dropped)."""
     from sqlalchemy import delete, select
 
     from registry.models import Prediction, RequestError, as_utc
-    from registry.partitions import drop_counted
+    from registry.partitions import drop_partitions_before
 
-    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "partitions_dropped": []}
+    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "partitions_dropped": {},
+                           "partition_rows_estimate": 0}
     if model is None:  # each of these holds only days before the cutoff's UTC day: all older than cutoff
-        dropped = drop_counted(reg, as_utc(cutoff).date())
-        out["partitions_dropped"] = list(dropped)
-        out["predictions"] += sum(dropped.values())
+        dropped = drop_partitions_before(reg, as_utc(cutoff).date())
+        out["partitions_dropped"] = dropped
+        out["partition_rows_estimate"] = sum(rows for rows in dropped.values() if rows is not None)
     for m in [model] if model else log_models(reg):
         for key, table in (("predictions", Prediction), ("request_errors", RequestError)):
             while True:

@@ -61,7 +61,8 @@ def test_export_then_prune_moves_old_rows_to_parquet(registry, tmp_path: Path) -
     assert got[old_ids[2]]["created_at"].tzinfo is not None and got[old_ids[2]]["split_revision"] == 3
 
     done = prune_rows(registry, cutoff, model="m", batch=3)  # several batches
-    assert done == {"predictions": 7, "request_errors": 1, "partitions_dropped": []}  # one model: no drop
+    assert done == {"predictions": 7, "request_errors": 1, "partitions_dropped": {},
+                    "partition_rows_estimate": 0}  # one model: no drop
     with registry.session() as s:
         left = set(s.scalars(select(Prediction.request_id).where(Prediction.model == "m")))
     assert left == set(new_ids)

@@ -1,9 +1,10 @@
 """The prediction log's day partitions (registry.partitions, migration 0009) as a user meets them, on both
 backends: on PostgreSQL the writer keeps today and the next two days as tables and rows land in their
-day's table; `chimera log prune` drops whole old days, deletes the cutoff's own day and the DEFAULT
-partition's old rows one by one, and counts both; a held lock or a refused day is a clear error, never a
-stuck writer. On SQLite (one plain table) the same calls do nothing and the same prune leaves the same
-rows."""
+day's table; `chimera log prune` drops whole old days (reporting the planner's estimate of their rows,
+never a count that scans them), deletes the cutoff's own day and the DEFAULT partition's old rows one by
+one and counts those exactly, and its dry run lists the days it would drop; a held lock or a refused day
+is a clear error, never a stuck writer. On SQLite (one plain table) the same calls do nothing and the
+same prune leaves the same rows."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, event, select, text
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
@@ -26,7 +27,13 @@ from gateway.records.prediction_log import PredictionLog
 from registry import Registry, partitions
 from registry.errors import PartitionError
 from registry.models import Prediction
-from registry.partitions import day_table, drop_before, ensure_days, prediction_partitions
+from registry.partitions import (
+    day_table,
+    drop_partitions_before,
+    ensure_days,
+    partitions_before,
+    prediction_partitions,
+)
 from registry.rollouts import insert_rollout_rows
 from tests.harness import wait_for
 
@@ -80,7 +87,8 @@ def test_upkeep_makes_the_next_days_and_rows_land_in_their_day(registry: Registr
     today = _today()
     if not registry.is_postgres:  # one plain table: nothing to keep
         assert prediction_partitions(registry) == []
-        assert ensure_days(registry, today, 5) == [] and drop_before(registry, today + 30 * DAY) == []
+        assert ensure_days(registry, today, 5) == [] and partitions_before(registry, today + 30 * DAY) == []
+        assert drop_partitions_before(registry, today + 30 * DAY) == {}
         _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
         assert _ids(registry) == {f"r{i}" for i in range(5)}
         return
@@ -127,7 +135,7 @@ def test_a_held_lock_gives_up_quickly_with_a_clear_error(registry: Registry) -> 
             ensure_days(registry, later, 2, lock_timeout_s=0.3)
         assert clock.monotonic() - t0 < 2.0 and err.value.done == []  # the second day was not tried
         with pytest.raises(PartitionError, match="not dropped") as err:
-            drop_before(registry, _today() + 3 * DAY, lock_timeout_s=0.3)
+            drop_partitions_before(registry, _today() + 3 * DAY, lock_timeout_s=0.3)
         assert err.value.done == []
     assert prediction_partitions(registry) == before
     assert ensure_days(registry, later, 2) == [day_table(later), day_table(later + DAY)]
@@ -155,14 +163,16 @@ def test_prune_drops_whole_old_days_and_deletes_the_rest_by_rows(registry: Regis
     done = prune_rows(registry, cutoff, batch=2)
 
     assert _ids(registry) == {"i", "j", "g"}  # the cutoff's day after 12:00, later days, DEFAULT's future
-    assert done["predictions"] == 9 and done["request_errors"] == 1
+    assert done["request_errors"] == 1
     if not registry.is_postgres:
-        assert done["partitions_dropped"] == []
+        assert done["predictions"] == 9 and done["partitions_dropped"] == {}
         return
-    assert done["partitions_dropped"] == old
+    # The batches deleted e, f (DEFAULT) and h (the cutoff's day); the other six went with their tables.
+    assert done["predictions"] == 3 and list(done["partitions_dropped"]) == old
     left = [p.name for p in prediction_partitions(registry)]
     assert left == [day_table(t + 7 * DAY), day_table(t + 8 * DAY), "predictions_default"]
-    assert prune_rows(registry, cutoff) == {"predictions": 0, "request_errors": 0, "partitions_dropped": []}
+    assert prune_rows(registry, cutoff) == {"predictions": 0, "request_errors": 0, "partitions_dropped": {},
+                                            "partition_rows_estimate": 0}
     _insert(registry, {"after": _at(t + 8 * DAY, 1)})  # the first partition gone, the log still takes rows
     assert _tables(registry)["after"] == day_table(t + 8 * DAY)
 
@@ -197,7 +207,8 @@ def test_prune_of_one_model_drops_no_partition(registry: Registry) -> None:
     _insert(registry, {"n-old": _at(t - 2 * DAY, 12)}, model="n")
     before = prediction_partitions(registry)
     done = prune_rows(registry, _at(t + 5 * DAY, 0), model="m")
-    assert done == {"predictions": 2, "request_errors": 0, "partitions_dropped": []}
+    assert done == {"predictions": 2, "request_errors": 0, "partitions_dropped": {},
+                    "partition_rows_estimate": 0}
     assert _ids(registry) == {"n-old"} and prediction_partitions(registry) == before
 
 
@@ -293,8 +304,154 @@ def test_cli_prune_reports_the_partitions_it_dropped(registry: Registry,
     r = runner.invoke(app, ["log", "prune", "--older-than", "1d"])
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())
-    assert "deleted 2 predictions" in said
-    assert ("whole partitions dropped" in said) == registry.is_postgres
+    # PostgreSQL: a and b went with their day's tables (dropped, not deleted row by row).
+    assert f"deleted {0 if registry.is_postgres else 2} predictions" in said
+    assert ("whole day partitions" in said) == registry.is_postgres
     if registry.is_postgres:
         assert day_table(t + 2 * DAY) in said
     assert _ids(registry) == {"c"}
+
+
+def _analyze(registry: Registry, name: str) -> None:
+    with registry.engine.begin() as conn:
+        conn.execute(text(f"ANALYZE {name}"))
+
+
+def _old_days_with_rows(registry: Registry) -> tuple[date, dict[str, int]]:
+    """Tables for t + 10 and t + 11 (t: today) with 5 and 3 rows, one row of t + 12 (no table: DEFAULT on
+    PostgreSQL) and one of t + 14; the day after: a cutoff that drops the first two days' tables. Returns
+    (t, rows by request id prefix)."""
+    t = _today()
+    ensure_days(registry, t + 10 * DAY, 2)
+    _insert(registry, {f"a{i}": _at(t + 10 * DAY, i) for i in range(5)})
+    _insert(registry, {f"b{i}": _at(t + 11 * DAY, i) for i in range(3)})
+    _insert(registry, {"c0": _at(t + 12 * DAY, 1), "d0": _at(t + 14 * DAY, 1)})
+    return t, {"a": 5, "b": 3, "c": 1, "d": 1}
+
+
+def test_prune_reports_the_planners_estimate_of_each_dropped_day_and_none_when_never_analyzed(
+        registry: Registry) -> None:
+    """After ANALYZE of a small table pg_class.reltuples is its exact row count, so the estimate of the
+    analyzed day must be 5; the other day's table was never analyzed (a few rows: autovacuum leaves it
+    alone), so its estimate is unknown: None, not -1 and not 0. "predictions" counts only the row the
+    batches deleted (c0, in DEFAULT on PostgreSQL)."""
+    t, _rows = _old_days_with_rows(registry)
+    cutoff = _at(t + 12 * DAY, 12)
+    if registry.is_postgres:
+        _analyze(registry, day_table(t + 10 * DAY))
+        listed = dict(partitions_before(registry, cutoff.date()))
+        assert listed[day_table(t + 10 * DAY)] == 5 and listed[day_table(t + 11 * DAY)] is None
+        assert len(_ids(registry)) == 10  # listing drops nothing
+
+    done = prune_rows(registry, cutoff)
+
+    assert _ids(registry) == {"d0"}
+    if not registry.is_postgres:
+        assert done == {"predictions": 9, "request_errors": 0, "partitions_dropped": {},
+                        "partition_rows_estimate": 0}
+        return
+    dropped = done["partitions_dropped"]
+    assert list(dropped) == list(listed)  # the dry run's list is the drop's
+    assert dropped[day_table(t + 10 * DAY)] == 5 and dropped[day_table(t + 11 * DAY)] is None
+    assert done["partition_rows_estimate"] == sum(n for n in dropped.values() if n is not None) >= 5
+    assert done["predictions"] == 1 and done["request_errors"] == 0
+
+
+def test_dropping_and_listing_old_days_send_no_statement_that_reads_their_rows(registry: Registry) -> None:
+    """The old report counted each partition before dropping it (`SELECT count(*) FROM predictions_YYYYMMDD`,
+    a scan of a whole day, which could outlast CHIMERA_DB_QUERY_TIMEOUT_S). Every statement the engine
+    sends while listing and dropping is recorded here: the day's table is named only by its DETACH and
+    DROP, and its estimate is one catalog read with the name bound as a value. A client-side proof (what
+    was sent): PostgreSQL keeps no per-statement record of a table that no longer exists, and any lock
+    that would stop a reader of the partition stops its DETACH too."""
+    t, _rows = _old_days_with_rows(registry)
+    if not registry.is_postgres:
+        assert partitions_before(registry, t + 12 * DAY) == [] and drop_partitions_before(registry, t) == {}
+        return
+    name = day_table(t + 10 * DAY)
+    sent: list[tuple[str, object]] = []
+
+    def record(_conn: object, _cursor: object, statement: str, parameters: object, *_args: object) -> None:
+        sent.append((statement, parameters))
+
+    event.listen(registry.engine, "before_cursor_execute", record)
+    try:
+        listed = partitions_before(registry, t + 12 * DAY)
+        dropped = drop_partitions_before(registry, t + 12 * DAY)
+    finally:
+        event.remove(registry.engine, "before_cursor_execute", record)
+    assert name in dict(listed) and list(dropped) == [n for n, _e in listed]
+    assert [s for s, _p in sent if name in s] == [f'ALTER TABLE "predictions" DETACH PARTITION "{name}"',
+                                                  f'DROP TABLE "{name}"']
+    assert not [s for s, _p in sent if "count(" in s.lower()]
+    estimates = [s for s, p in sent if isinstance(p, dict) and p.get("t") == name]
+    assert len(estimates) == 2 and all("reltuples" in s for s in estimates)  # when listed, when dropped
+
+
+def test_cli_prune_prints_the_estimate_or_says_it_is_not_estimated(registry: Registry,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    t, _rows = _old_days_with_rows(registry)
+    monkeypatch.setenv("CHIMERA_REGISTRY_URL", registry.url)
+    monkeypatch.setattr(log_cli, "_cutoff", lambda _text: _at(t + 12 * DAY, 12))
+    if registry.is_postgres:
+        _analyze(registry, day_table(t + 10 * DAY))
+    r = CliRunner().invoke(app, ["log", "prune", "--older-than", "1d"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    if not registry.is_postgres:
+        assert "deleted 9 predictions" in said and "partition" not in said
+        return
+    assert "deleted 1 predictions and 0 request errors created before" in said
+    assert "whole day partitions (~" in said and "rows by the planner's estimate: " in said
+    assert f"{day_table(t + 10 * DAY)} ~5" in said
+    unknown = said.split("rows not estimated (table never analyzed): ")[1]
+    assert day_table(t + 11 * DAY) in unknown and day_table(t + 10 * DAY) not in unknown
+
+
+def test_cli_dry_run_lists_the_days_it_would_drop_and_counts_only_the_batches_rows(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dry run deletes nothing; it names each partition the prune would drop with its estimate, and its
+    exact count is of the rows the batches would delete: on PostgreSQL not the rows of those partitions
+    (the cutoff's own day, and DEFAULT's older days, here e and f, which sit before a dropped day), so it
+    equals what the prune then reports as deleted. With --model no partition is dropped: it counts as the
+    batches of that model would."""
+    t = _today()
+    ensure_days(registry, t, 4)
+    ensure_days(registry, t + 6 * DAY, 3)  # t + 4 and t + 5 are left to DEFAULT
+    _insert(registry, {"a": _at(t - 3 * DAY, 12), "c": _at(t + DAY, 12), "e": _at(t + 4 * DAY, 10),
+                       "f": _at(t + 5 * DAY, 20), "k": _at(t + 6 * DAY, 0), "k2": _at(t + 6 * DAY, 1),
+                       "h": _at(t + 7 * DAY, 6), "i": _at(t + 7 * DAY, 18), "g": _at(t + 30 * DAY, 12)})
+    _insert(registry, {"n3": _at(t + 3 * DAY, 23), "n7": _at(t + 7 * DAY, 1)}, model="n")
+    insert_rollout_rows(registry, [], [{"request_id": "err", "model": "m", "version": 1, "error": "x",
+                                        "created_at": _at(t - DAY, 12)}])
+    cutoff = _at(t + 7 * DAY, 12)
+    monkeypatch.setenv("CHIMERA_REGISTRY_URL", registry.url)
+    monkeypatch.setattr(log_cli, "_cutoff", lambda _text: cutoff)
+    if registry.is_postgres:
+        _analyze(registry, day_table(t + 6 * DAY))
+    before, parts = _ids(registry), prediction_partitions(registry)
+    runner = CliRunner()
+
+    r = runner.invoke(app, ["log", "prune", "--older-than", "1d", "--dry-run"])
+
+    assert r.exit_code == 0, r.output
+    assert _ids(registry) == before and prediction_partitions(registry) == parts  # nothing deleted
+    said = " ".join(r.output.split())
+    batches = 4 if registry.is_postgres else 9  # PostgreSQL: e, f (DEFAULT), h, n7 (the cutoff's day)
+    assert f"would delete {batches} predictions and 1 request errors created before" in said
+    if registry.is_postgres:
+        old = [p.name for p in parts if not p.is_default and p.upper is not None and p.upper <= cutoff.date()]
+        assert day_table(t + 6 * DAY) in old and len(old) >= 4
+        assert f"and drop {len(old)} whole day partitions (~" in said
+        assert f"{day_table(t + 6 * DAY)} ~2" in said and all(name in said for name in old)
+    else:
+        assert "partition" not in said
+    r = runner.invoke(app, ["log", "prune", "--older-than", "1d", "--dry-run", "--model", "n"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "would delete 2 predictions and 0 request errors" in said
+    assert "partition" not in said
+
+    done = prune_rows(registry, cutoff, batch=2)
+
+    assert done["predictions"] == batches and _ids(registry) == {"i", "g"}
+    assert list(done["partitions_dropped"]) == (old if registry.is_postgres else [])
