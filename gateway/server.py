@@ -197,12 +197,15 @@ class Gateway:
             Gauge(name, text, registry=r).set_function(fn)
 
     async def _sync_models(self) -> None:
-        """Deploy every model, one at a time: one with no startable version (e.g. a corrupted artifact)
-        is logged, counted and answered UNAVAILABLE with the reason; the others serve regardless."""
-        for model in await asyncio.to_thread(self.catalog.all_model_names):
-            try:
-                await self.watcher.sync_model(model)
-            except Exception as exc:
+        """Deploy every model, all at once (the port opens when all are ready or failed): one with no
+        startable version (e.g. a corrupted artifact) is logged, counted and answered UNAVAILABLE with
+        the reason; the others serve regardless."""
+        models = await asyncio.to_thread(self.catalog.all_model_names)
+        results = await asyncio.gather(*map(self.watcher.sync_model, models), return_exceptions=True)
+        for model, exc in zip(models, results, strict=True):
+            if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+                raise exc  # cancelled: the gateway is stopping
+            if isinstance(exc, Exception):
                 self.failed_models[model] = why = f"{type(exc).__name__}: {exc}"[:500]
                 log.error("model %s: not served, no version could start: %s", model, why)
 

@@ -277,12 +277,17 @@ def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: flo
     return serve.run(app, name=name, route_prefix=None, blocking=False)
 
 
+def serve_running() -> bool:
+    """Whether Ray Serve's controller runs on the cluster (this process then holds a client of it)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
+
+
 def replica_counts(names: list[str]) -> dict[str, int]:
     """RUNNING replicas of each named application per Serve's status (one controller call); an
     application Serve does not know is left out. Empty when Serve is not running."""
-    from ray.serve.context import _get_global_client
-
-    if _get_global_client(raise_if_no_controller_running=False) is None:
+    if not serve_running():
         return {}
     apps = serve.status().applications
     counts: dict[str, int] = {}

@@ -145,6 +145,10 @@ class ReplicaPool:
         self.tracer = tracer  # None: tracing off
         self.traces_exporter = traces_exporter  # what the replicas this pool deploys trace with
         self._declared: set[tuple[str, int]] = set()
+        # Ray Serve's start is not thread-safe (ray.serve._private.api.serve_start): until Serve is known
+        # to run, deploys go one at a time; after that, versions deploy in parallel (WatchSplits).
+        self._serve_up = False
+        self._first_deploy = asyncio.Lock()
 
     def is_declared(self, model: str, version: int) -> bool:
         """The version's application was declared by the cluster's Serve config: not ours to delete."""
@@ -153,6 +157,20 @@ class ReplicaPool:
     def owned_versions(self) -> list[tuple[str, int]]:
         """Versions whose applications this pool deployed itself (the ones to undeploy)."""
         return [k for k in self.ready_versions() if k not in self._declared]
+
+    async def _deploy(self, model: str, version: int) -> None:
+        """`_deploy_or_adopt` in a worker thread; alone while Serve may still have to be started."""
+        from replicas.deployment import serve_running
+
+        if not self._serve_up:
+            async with self._first_deploy:
+                if not self._serve_up:
+                    self._serve_up = await asyncio.to_thread(serve_running)
+                    if not self._serve_up:
+                        await asyncio.to_thread(self._deploy_or_adopt, model, version)
+                        self._serve_up = True
+                        return
+        await asyncio.to_thread(self._deploy_or_adopt, model, version)
 
     def _deploy_or_adopt(self, model: str, version: int) -> None:
         """Runs in a worker thread: use the declared application, or deploy one and wait for it."""
@@ -266,7 +284,7 @@ class ReplicaPool:
 
             from replicas.deployment import app_name
 
-            await asyncio.to_thread(self._deploy_or_adopt, model, version)
+            await self._deploy(model, version)
             cached = serve.get_app_handle(app_name(model, version))
             # A handle of this pool's own: Serve caches one per process, and its router belongs to the
             # event loop that first used it (a second gateway in the process must not share it).

@@ -48,23 +48,25 @@ class SplitWatcher:
         return retry[2] if retry is not None else 0.0
 
     async def sync_model(self, model: str) -> ModelEntry:
-        """Deploy replicas for every weighted version first, then swap the routing table, so a
-        version never gets traffic before it can answer."""
+        """Deploy replicas for every weighted version (and the shadow) first, all at once (each is its own
+        Serve application: a canary's start no longer waits for the baseline's), then swap the routing
+        table, so a version never gets traffic before it can answer."""
         entry = await asyncio.to_thread(self.catalog.load, model)
-        failed: dict[int, str] = {}
-        for version in entry.router.versions:
-            try:
-                await self.pool.ensure(model, version)
-            except Exception as exc:  # e.g. tampered artifact: the replica refuses to load it
-                failed[version] = f"{type(exc).__name__}: {exc}"[:500]
+        versions = list(entry.router.versions)
+        shadow = [entry.shadow] if entry.shadow is not None else []
+        results = await asyncio.gather(*(self.pool.ensure(model, v) for v in versions + shadow),
+                                       return_exceptions=True)
+        for r in results:  # cancelled, or the process is stopping: not a version's failure
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+        failed = {v: f"{type(r).__name__}: {r}"[:500] for v, r in zip(versions, results, strict=False)
+                  if isinstance(r, Exception)}  # e.g. tampered artifact: the replica refuses to load it
         if failed:
             entry = await self._drop_failed(entry, failed)
-        if entry.shadow is not None:
-            try:
-                await self.pool.ensure(model, entry.shadow)
-            except Exception:  # a broken mirror must never affect served traffic
-                log.exception("model %s: shadow v%d cannot start; not mirroring", model, entry.shadow)
-                entry = dataclasses.replace(entry, shadow=None)
+        if shadow and isinstance(results[-1], Exception):  # a broken mirror must never affect served traffic
+            log.error("model %s: shadow v%d cannot start; not mirroring", model, shadow[0],
+                      exc_info=results[-1])
+            entry = dataclasses.replace(entry, shadow=None)
         self.catalog.install(entry)
         if self.metrics is not None:
             self.metrics.split_revision.labels(model).set(entry.revision)

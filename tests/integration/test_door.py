@@ -246,3 +246,54 @@ def test_startup_isolates_a_model_with_no_startable_version(tmp_path: Path) -> N
     finally:
         gw.stop()
         reg.dispose()
+
+
+def test_startup_deploys_every_version_of_every_model_at_once(tmp_path: Path) -> None:
+    """The port opens once every weighted version of every model is ready, and the gateway starts them
+    together (each version is its own Serve application), so a canary or a second model no longer adds
+    its replica's start to the gateway's: while the gateway starts, Serve shows several of its
+    applications deploying at the same time. Started one after the other (as before), a version's
+    application was created only once the one before it ran: never two deploying at once. (The first
+    deploy of a process goes alone when Serve itself has to be started: its start is not thread-safe.)"""
+    import threading
+
+    from ray import serve
+
+    from replicas.deployment import app_name, serve_running
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    canaried, plain = "pair" + uuid.uuid4().hex[:6], "solo" + uuid.uuid4().hex[:6]
+    for m, weights in ((canaried, {1: 90, 2: 10}), (plain, {1: 100})):
+        for seed in weights:
+            onnx, names = small_onnx(seed=seed)
+            reg.publish_version(m, onnx, names)
+        reg.set_split(m, weights, expected_revision=0, actor="test")
+    apps = {app_name(canaried, 1), app_name(canaried, 2), app_name(plain, 1)}
+    most = [0]
+    started = threading.Event()
+
+    def watch() -> None:
+        while not started.is_set():
+            if serve_running():
+                states = serve.status().applications
+                deploying = sum(1 for name in apps if name in states
+                                and str(states[name].status).upper().endswith("DEPLOYING"))
+                most[0] = max(most[0], deploying)
+            started.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0)
+    try:
+        gw.start()
+        started.set()
+        watcher.join(10)
+        for m in (canaried, plain):
+            assert 0 < gw.predict.Predict(pb.PredictRequest(model=m, dense=GOOD), timeout=30).score < 1
+        assert most[0] >= 2, f"at most {most[0]} of the gateway's applications were seen deploying at once"
+    finally:
+        started.set()
+        gw.stop()
+        reg.dispose()
