@@ -59,8 +59,15 @@ def upgrade(url: str, engine: Engine | None = None, revision: str = "head", *,
 
 
 def _migrate(cfg: Config, conn: Connection, revision: str) -> None:
+    """Run Alembic on `conn`. PostgreSQL: the run's one transaction is Alembic's own (env.py's
+    begin_transaction), not one begun here, because a revision may step out of it (autocommit_block:
+    0010's CREATE INDEX CONCURRENTLY), which Alembic cannot do in a transaction its caller began.
+    SQLite: begun here, as always (Alembic would otherwise commit revision by revision there)."""
+    cfg.attributes["connection"] = conn
+    if conn.dialect.name == "postgresql":
+        command.upgrade(cfg, revision)
+        return
     with conn.begin():
-        cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 
 

@@ -175,6 +175,10 @@ def alembic_downgrade(reg: Any, revision: str) -> None:
     from registry.migrate import alembic_config
 
     cfg = alembic_config(reg.url)
-    with reg.engine.connect() as conn, conn.begin():
+    with reg.engine.connect() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
+        if conn.dialect.name == "postgresql":  # Alembic's own transaction, as registry.migrate._migrate says
+            command.downgrade(cfg, revision)
+            return
+        with conn.begin():
+            command.downgrade(cfg, revision)

@@ -2,14 +2,10 @@
 
 - bench: the writer's ingest rate on a registry (loadtest.bench_log drives a real
   gateway.records.PredictionLog, built here because loadtest sits below the gateway's floor).
-- prune: retention. Deletes rows older than a cutoff in batches of `--batch` rows, each batch its own
-  short transaction (so the gateway's inserts and the controller's reads never wait behind one huge
-  delete), model by model through the (model, created_at) index (migration 0006); request_errors too.
-  On PostgreSQL, pruning every model first drops the whole day partitions before the cutoff's day
-  (registry.partitions.drop_partitions_before: the same cost for a million rows as for ten, reported with
-  the planner's estimate of their rows, never counted by a scan); the batches then take the rest (the
-  cutoff's own day, predictions_default, one --model). --dry-run lists those partitions and counts
-  exactly the rows the batches would delete.
+- prune: retention of predictions, request_errors, shadow_predictions and outcomes, in batches of
+  `--batch` rows, each batch its own short transaction; on PostgreSQL whole day partitions first
+  (chimera.cli.log_retention says which rows of which table, and the outcome and --model rules).
+  --dry-run lists those partitions and counts exactly the rows the batches would delete.
   Pruned rows can no longer be recomputed by `chimera analyze`: export first.
 - export: the old rows as Parquet for retraining and archive, one file per model and UTC day
   (DIR/<model>/<YYYY-MM-DD>.parquet), every column of the log plus the outcome joined by request id
@@ -24,18 +20,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from chimera.cli import views
+from chimera.cli.log_retention import count_rows, log_models, prune_rows
 from chimera.cli.shared import load_settings, open_registry
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from registry import Registry
 
 log_app = typer.Typer(help="The prediction log: ingest bench, retention, export.", no_args_is_help=True)
@@ -101,7 +96,8 @@ def prune(older_than: OlderThan, model: ModelOpt = None,
           dry_run: Annotated[bool, typer.Option(help="delete nothing: list the whole day partitions that "
                                                 "would be dropped (estimated rows) and count the rows the "
                                                 "batches would delete")] = False) -> None:
-    """Delete prediction-log rows (and request errors) older than --older-than, in batches."""
+    """Delete prediction-log rows, request errors, shadow scores and outcomes (without --model) older
+    than --older-than, in batches."""
     from registry.errors import PartitionError
 
     cutoff = _cutoff(older_than)
@@ -109,10 +105,9 @@ def prune(older_than: OlderThan, model: ModelOpt = None,
     try:
         if dry_run:
             counts = count_rows(reg, cutoff, model=model)
-            views.console.print(f"would delete {counts['predictions']:,} predictions and "
-                                f"{counts['request_errors']:,} request errors created before "
+            views.console.print(f"would delete {_rows_said(counts, model)} created before "
                                 f"{cutoff.isoformat(timespec='seconds')} in batches"
-                                + _partitions_said("drop", dict(counts["partitions"])))
+                                + _partitions_said("drop", dict(counts["partitions"])) + _kept_said(model))
             return
         try:
             done = prune_rows(reg, cutoff, model=model, batch=batch)
@@ -120,9 +115,23 @@ def prune(older_than: OlderThan, model: ModelOpt = None,
             views.fail(f"{exc}; nothing else was deleted: run prune again")
     finally:
         reg.dispose()
-    views.console.print(f"deleted {done['predictions']:,} predictions and {done['request_errors']:,} request "
-                        f"errors created before {cutoff.isoformat(timespec='seconds')}"
-                        + _partitions_said("dropped", done["partitions_dropped"]))
+    views.console.print(f"deleted {_rows_said(done, model)} created before "
+                        f"{cutoff.isoformat(timespec='seconds')}"
+                        + _partitions_said("dropped", done["partitions_dropped"]) + _kept_said(model))
+
+
+def _rows_said(rows: dict[str, Any], model: str | None) -> str:
+    """"N predictions, M request errors, S shadow scores and O outcomes" (without outcomes for a model)."""
+    said = [f"{rows['predictions']:,} predictions", f"{rows['request_errors']:,} request errors",
+            f"{rows['shadow_predictions']:,} shadow scores"]
+    if model is None:
+        said.append(f"{rows['outcomes']:,} outcomes")
+    return ", ".join(said[:-1]) + " and " + said[-1]
+
+
+def _kept_said(model: str | None) -> str:
+    """With --model, that outcomes were left (they carry no model); "" without."""
+    return "" if model is None else "; outcomes kept (they carry no model: prune without --model prunes them)"
 
 
 def _partitions_said(verb: str, parts: dict[str, int | None]) -> str:
@@ -167,100 +176,7 @@ def _cutoff(older_than: str) -> datetime:
         views.fail(f"--older-than: {exc}", 2)
 
 
-# ------------------------------------------------------------------ retention and export (no CLI here)
-def log_models(reg: Registry) -> list[str]:
-    """Every model with rows in the log, by a loose index scan over (model, created_at): one index probe
-    per model instead of reading the table (SELECT DISTINCT would, on PostgreSQL)."""
-    from sqlalchemy import text
-
-    q = text("WITH RECURSIVE m(model) AS (SELECT min(model) FROM predictions UNION ALL "
-             "SELECT (SELECT min(p.model) FROM predictions p WHERE p.model > m.model) FROM m "
-             "WHERE m.model IS NOT NULL) SELECT model FROM m WHERE model IS NOT NULL")
-    with reg.session() as s:
-        found = [r[0] for r in s.execute(q)]
-        errors = [r[0] for r in s.execute(text("SELECT DISTINCT model FROM request_errors"))]
-    return sorted(set(found) | set(errors))
-
-
-def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> dict[str, Any]:
-    """What prune_rows(reg, cutoff, model=model) would do now, deleting nothing: "partitions", the
-    (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
-    model; registry.partitions.partitions_before, no scan), and the exact rows its batches would delete:
-    "predictions" (so not the rows of those partitions) and "request_errors"."""
-    from sqlalchemy import func, select
-
-    from registry.models import Prediction, RequestError, as_utc
-    from registry.partitions import partitions_before
-
-    parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
-    kept_from = _first_day_kept(reg, {name for name, _rows in parts})
-    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "partitions": parts}
-    with reg.session() as s:
-        for m in [model] if model else log_models(reg):
-            out["request_errors"] += int(s.scalar(select(func.count()).select_from(RequestError).where(
-                RequestError.model == m, RequestError.created_at < cutoff)) or 0)
-            old = [Prediction.model == m, Prediction.created_at < cutoff]
-            if kept_from is not None:  # rows of the partitions that stay; DEFAULT's older days apart
-                old.append(Prediction.day >= kept_from)
-                out["predictions"] += _older_in_default(s, m, kept_from)
-            out["predictions"] += int(s.scalar(select(func.count()).select_from(Prediction).where(*old)) or 0)
-    return out
-
-
-def _first_day_kept(reg: Registry, dropped: set[str]) -> date | None:
-    """The first day of the partitions that stay when `dropped` go (the highest upper bound among them):
-    no partition that stays but DEFAULT holds an earlier day (ranges do not overlap). None: none dropped."""
-    from registry.partitions import prediction_partitions
-
-    if not dropped:
-        return None
-    return max((p.upper for p in prediction_partitions(reg) if p.name in dropped and p.upper), default=None)
-
-
-def _older_in_default(s: Session, model: str, before: date) -> int:
-    """PostgreSQL: `model`'s rows in predictions_default of days before `before` (days that had no table
-    of their own; the batches delete them)."""
-    from sqlalchemy import Date, String, column, func, select, table
-
-    from registry.partitions import DEFAULT_PARTITION
-
-    default = table(DEFAULT_PARTITION, column("model", String), column("day", Date))
-    return int(s.scalar(select(func.count()).select_from(default).where(
-        default.c.model == model, default.c.day < before)) or 0)
-
-
-def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
-               batch: int = 10_000) -> dict[str, Any]:
-    """Delete rows created before `cutoff`, `batch` rows per transaction. Returns the rows the batches
-    deleted per table ("predictions", "request_errors": exact), "partitions_dropped": name -> the
-    planner's estimate of its rows (None: not estimated) of each whole partition dropped first
-    (PostgreSQL, every model; {} otherwise), and "partition_rows_estimate": the sum of the known
-    estimates (registry.partitions.drop_partitions_before says why they are not counted). A partition
-    that could not be dropped in time raises registry.errors.PartitionError before any row is deleted
-    (those dropped before it stay dropped)."""
-    from sqlalchemy import delete, select
-
-    from registry.models import Prediction, RequestError, as_utc
-    from registry.partitions import drop_partitions_before
-
-    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "partitions_dropped": {},
-                           "partition_rows_estimate": 0}
-    if model is None:  # each of these holds only days before the cutoff's UTC day: all older than cutoff
-        dropped = drop_partitions_before(reg, as_utc(cutoff).date())
-        out["partitions_dropped"] = dropped
-        out["partition_rows_estimate"] = sum(rows for rows in dropped.values() if rows is not None)
-    for m in [model] if model else log_models(reg):
-        for key, table in (("predictions", Prediction), ("request_errors", RequestError)):
-            while True:
-                ids = select(table.id).where(table.model == m, table.created_at < cutoff).limit(batch)
-                with reg.transaction() as s:
-                    n = s.execute(delete(table).where(table.id.in_(ids.scalar_subquery()))).rowcount
-                out[key] += n
-                if n < batch:
-                    break
-    return out
-
-
+# ------------------------------------------------------------------ export (no CLI here)
 _SCHEMA_FIELDS = (("request_id", "string"), ("model", "string"), ("version", "int32"),
                   ("routing_key", "string"), ("score", "float64"), ("latency_ms", "float64"),
                   ("created_at", "timestamp"), ("features", "list<float32>"), ("split_revision", "int64"),

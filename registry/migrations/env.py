@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from alembic import context
 from sqlalchemy import create_engine
 
@@ -20,7 +22,8 @@ def run() -> None:
             context.run_migrations()
         return
     engine = create_engine(config.get_main_option("sqlalchemy.url"))
-    with engine.begin() as conn:
+    # PostgreSQL: Alembic's own transaction, as in registry.migrate._migrate (which says why).
+    with engine.connect() as conn, nullcontext() if conn.dialect.name == "postgresql" else conn.begin():
         context.configure(connection=conn, target_metadata=target_metadata,
                           render_as_batch=conn.dialect.name == "sqlite")
         with context.begin_transaction():

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from chimera.cli import app
 from chimera.cli import log as log_cli
-from chimera.cli.log import prune_rows
+from chimera.cli.log_retention import prune_rows
 from gateway.records.prediction_log import PredictionLog
 from registry import Registry, partitions
 from registry.errors import PartitionError
@@ -171,7 +171,8 @@ def test_prune_drops_whole_old_days_and_deletes_the_rest_by_rows(registry: Regis
     assert done["predictions"] == 3 and list(done["partitions_dropped"]) == old
     left = [p.name for p in prediction_partitions(registry)]
     assert left == [day_table(t + 7 * DAY), day_table(t + 8 * DAY), "predictions_default"]
-    assert prune_rows(registry, cutoff) == {"predictions": 0, "request_errors": 0, "partitions_dropped": {},
+    assert prune_rows(registry, cutoff) == {"predictions": 0, "request_errors": 0, "shadow_predictions": 0,
+                                            "outcomes": 0, "partitions_dropped": {},
                                             "partition_rows_estimate": 0}
     _insert(registry, {"after": _at(t + 8 * DAY, 1)})  # the first partition gone, the log still takes rows
     assert _tables(registry)["after"] == day_table(t + 8 * DAY)
@@ -207,8 +208,8 @@ def test_prune_of_one_model_drops_no_partition(registry: Registry) -> None:
     _insert(registry, {"n-old": _at(t - 2 * DAY, 12)}, model="n")
     before = prediction_partitions(registry)
     done = prune_rows(registry, _at(t + 5 * DAY, 0), model="m")
-    assert done == {"predictions": 2, "request_errors": 0, "partitions_dropped": {},
-                    "partition_rows_estimate": 0}
+    assert done == {"predictions": 2, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
+                    "partitions_dropped": {}, "partition_rows_estimate": 0}
     assert _ids(registry) == {"n-old"} and prediction_partitions(registry) == before
 
 
@@ -347,8 +348,8 @@ def test_prune_reports_the_planners_estimate_of_each_dropped_day_and_none_when_n
 
     assert _ids(registry) == {"d0"}
     if not registry.is_postgres:
-        assert done == {"predictions": 9, "request_errors": 0, "partitions_dropped": {},
-                        "partition_rows_estimate": 0}
+        assert done == {"predictions": 9, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
+                        "partitions_dropped": {}, "partition_rows_estimate": 0}
         return
     dropped = done["partitions_dropped"]
     assert list(dropped) == list(listed)  # the dry run's list is the drop's
@@ -401,7 +402,7 @@ def test_cli_prune_prints_the_estimate_or_says_it_is_not_estimated(registry: Reg
     if not registry.is_postgres:
         assert "deleted 9 predictions" in said and "partition" not in said
         return
-    assert "deleted 1 predictions and 0 request errors created before" in said
+    assert "deleted 1 predictions, 0 request errors, 0 shadow scores and 0 outcomes created before" in said
     assert "whole day partitions (~" in said and "rows by the planner's estimate: " in said
     assert f"{day_table(t + 10 * DAY)} ~5" in said
     unknown = said.split("rows not estimated (table never analyzed): ")[1]
@@ -438,7 +439,8 @@ def test_cli_dry_run_lists_the_days_it_would_drop_and_counts_only_the_batches_ro
     assert _ids(registry) == before and prediction_partitions(registry) == parts  # nothing deleted
     said = " ".join(r.output.split())
     batches = 4 if registry.is_postgres else 9  # PostgreSQL: e, f (DEFAULT), h, n7 (the cutoff's day)
-    assert f"would delete {batches} predictions and 1 request errors created before" in said
+    assert (f"would delete {batches} predictions, 1 request errors, 0 shadow scores and 0 outcomes created "
+            "before") in said
     if registry.is_postgres:
         old = [p.name for p in parts if not p.is_default and p.upper is not None and p.upper <= cutoff.date()]
         assert day_table(t + 6 * DAY) in old and len(old) >= 4
@@ -448,7 +450,7 @@ def test_cli_dry_run_lists_the_days_it_would_drop_and_counts_only_the_batches_ro
         assert "partition" not in said
     r = runner.invoke(app, ["log", "prune", "--older-than", "1d", "--dry-run", "--model", "n"])
     said = " ".join(r.output.split())
-    assert r.exit_code == 0 and "would delete 2 predictions and 0 request errors" in said
+    assert r.exit_code == 0 and "would delete 2 predictions, 0 request errors and 0 shadow scores" in said
     assert "partition" not in said
 
     done = prune_rows(registry, cutoff, batch=2)

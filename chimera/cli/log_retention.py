@@ -1,0 +1,159 @@
+"""Retention of the prediction log (`chimera log prune`, chimera/cli/log.py): which models have rows,
+what a prune would delete (count_rows, for --dry-run) and the prune itself (prune_rows).
+
+Four tables grow with traffic, and prune bounds all four:
+- predictions and request_errors: model by model, rows created before the cutoff, through their
+  (model, created_at) indexes (migrations 0006, 0005). On PostgreSQL, pruning every model first drops
+  the whole day partitions before the cutoff's day (registry.partitions.drop_partitions_before: the same
+  cost for a million rows as for ten, reported with the planner's estimate of their rows, never counted by
+  a scan); the batches then take the rest (the cutoff's own day, predictions_default, one --model).
+- shadow_predictions (mirror scores: a shadow version's, a canary's production covariate): model by
+  model, rows created before the cutoff, through (model, created_at) (migration 0010).
+- outcomes: rows created before the cutoff whose request id has no row left in predictions (NOT EXISTS,
+  by predictions' request_id key; the outcomes side by created_at, migration 0010). An outcome whose
+  prediction is still stored is never deleted, however old: the rollout's decisions and `chimera
+  analyze` join outcomes to stored predictions, and deleting one would change what they compute.
+  Outcomes carry no model, so they are pruned only when prune runs for every model; with a model
+  (--model) they are left as they are.
+Every delete goes in batches of `batch` rows, each batch its own short transaction, so the gateway's
+inserts and the controller's reads never wait behind one huge delete. Pruned rows can no longer be
+recomputed by `chimera analyze`: export first (`chimera log export`)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from registry import Registry
+
+
+def log_models(reg: Registry) -> list[str]:
+    """Every model with rows in predictions, request_errors or shadow_predictions (a model that only
+    mirrors has shadow rows alone), each table read by a loose index scan over its (model, ...) index."""
+    from registry.models import Prediction, RequestError, ShadowPrediction
+
+    with reg.session() as s:
+        found = {m for table in (Prediction, RequestError, ShadowPrediction) for m in _models_in(s, table)}
+    return sorted(found)
+
+
+def _models_in(s: Session, table: Any) -> list[str]:
+    """The distinct models of `table` by a loose index scan over an index that starts with model: one
+    index probe per model (WITH RECURSIVE: min(model), then min(model) > the previous one) instead of
+    reading the table, which SELECT DISTINCT would do on PostgreSQL."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import aliased
+
+    nxt = aliased(table)
+    m = select(func.min(table.model).label("model")).cte("m", recursive=True)
+    m = m.union_all(select(select(func.min(nxt.model)).where(nxt.model > m.c.model).scalar_subquery())
+                    .where(m.c.model.is_not(None)))
+    return list(s.scalars(select(m.c.model).where(m.c.model.is_not(None))))
+
+
+def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> dict[str, Any]:
+    """What prune_rows(reg, cutoff, model=model) would do now, deleting nothing: "partitions", the
+    (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
+    model; registry.partitions.partitions_before, no scan), and the exact rows its batches would delete:
+    "predictions" (so not the rows of those partitions), "request_errors", "shadow_predictions" and
+    "outcomes" (every model only: those created before the cutoff whose request id has no prediction
+    created at or after it, which is what stays once the predictions are pruned; 0 with a model)."""
+    from sqlalchemy import exists, func, select
+
+    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc
+    from registry.partitions import partitions_before
+
+    parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
+    kept_from = _first_day_kept(reg, {name for name, _rows in parts})
+    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
+                           "partitions": parts}
+    with reg.session() as s:
+        for m in [model] if model else log_models(reg):
+            for key, table in (("request_errors", RequestError), ("shadow_predictions", ShadowPrediction)):
+                out[key] += int(s.scalar(select(func.count()).select_from(table).where(
+                    table.model == m, table.created_at < cutoff)) or 0)
+            old = [Prediction.model == m, Prediction.created_at < cutoff]
+            if kept_from is not None:  # rows of the partitions that stay; DEFAULT's older days apart
+                old.append(Prediction.day >= kept_from)
+                out["predictions"] += _older_in_default(s, m, kept_from)
+            out["predictions"] += int(s.scalar(select(func.count()).select_from(Prediction).where(*old)) or 0)
+        if model is None:
+            kept = exists().where(Prediction.request_id == Outcome.request_id,
+                                  Prediction.created_at >= cutoff)
+            out["outcomes"] = int(s.scalar(select(func.count()).select_from(Outcome).where(
+                Outcome.created_at < cutoff, ~kept)) or 0)
+    return out
+
+
+def _first_day_kept(reg: Registry, dropped: set[str]) -> date | None:
+    """The first day of the partitions that stay when `dropped` go (the highest upper bound among them):
+    no partition that stays but DEFAULT holds an earlier day (ranges do not overlap). None: none dropped."""
+    from registry.partitions import prediction_partitions
+
+    if not dropped:
+        return None
+    return max((p.upper for p in prediction_partitions(reg) if p.name in dropped and p.upper), default=None)
+
+
+def _older_in_default(s: Session, model: str, before: date) -> int:
+    """PostgreSQL: `model`'s rows in predictions_default of days before `before` (days that had no table
+    of their own; the batches delete them)."""
+    from sqlalchemy import Date, String, column, func, select, table
+
+    from registry.partitions import DEFAULT_PARTITION
+
+    default = table(DEFAULT_PARTITION, column("model", String), column("day", Date))
+    return int(s.scalar(select(func.count()).select_from(default).where(
+        default.c.model == model, default.c.day < before)) or 0)
+
+
+def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
+               batch: int = 10_000) -> dict[str, Any]:
+    """Delete rows created before `cutoff`, `batch` rows per transaction (the module docstring says which
+    rows of which table). Returns the rows the batches deleted per table ("predictions",
+    "request_errors", "shadow_predictions", "outcomes": exact; "outcomes" is 0 with a `model`: an outcome
+    carries no model, and one whose prediction is still stored is never deleted), "partitions_dropped":
+    name -> the planner's estimate of its rows (None: not estimated) of each whole partition dropped
+    first (PostgreSQL, every model; {} otherwise), and "partition_rows_estimate": the sum of the known
+    estimates (registry.partitions.drop_partitions_before says why they are not counted). A partition
+    that could not be dropped in time raises registry.errors.PartitionError before any row is deleted
+    (those dropped before it stay dropped)."""
+    from sqlalchemy import exists
+
+    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc
+    from registry.partitions import drop_partitions_before
+
+    out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
+                           "partitions_dropped": {}, "partition_rows_estimate": 0}
+    if model is None:  # each of these holds only days before the cutoff's UTC day: all older than cutoff
+        dropped = drop_partitions_before(reg, as_utc(cutoff).date())
+        out["partitions_dropped"] = dropped
+        out["partition_rows_estimate"] = sum(rows for rows in dropped.values() if rows is not None)
+    for m in [model] if model else log_models(reg):
+        for key, table in (("predictions", Prediction), ("request_errors", RequestError),
+                           ("shadow_predictions", ShadowPrediction)):
+            out[key] += _delete_batches(reg, table, table.id, batch,
+                                        table.model == m, table.created_at < cutoff)
+    if model is None:  # after every model's predictions: an outcome of a pruned prediction has none left
+        stored = exists().where(Prediction.request_id == Outcome.request_id)
+        out["outcomes"] = _delete_batches(reg, Outcome, Outcome.request_id, batch,
+                                          Outcome.created_at < cutoff, ~stored)
+    return out
+
+
+def _delete_batches(reg: Registry, table: Any, key: Any, batch: int, *where: Any) -> int:
+    """Delete the rows of `table` matching `where`, `batch` rows (picked by their `key`) per transaction,
+    until a batch finds fewer; returns the rows deleted."""
+    from sqlalchemy import delete, select
+
+    deleted = 0
+    while True:
+        keys = select(key).where(*where).limit(batch)
+        with reg.transaction() as s:
+            n = s.execute(delete(table).where(key.in_(keys.scalar_subquery()))).rowcount
+        deleted += n
+        if n < batch:
+            return deleted
