@@ -22,7 +22,7 @@ Downgrade drops both (CONCURRENTLY on PostgreSQL).
 
 Revision ID: 0010
 Revises: 0009
-Create Date: 2026-12-07
+Create Date: 2026-12-06
 """
 
 from __future__ import annotations
