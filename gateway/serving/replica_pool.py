@@ -146,7 +146,7 @@ class ReplicaPool:
         self.traces_exporter = traces_exporter  # what the replicas this pool deploys trace with
         self._declared: set[tuple[str, int]] = set()
         # Ray Serve's start is not thread-safe (ray.serve._private.api.serve_start): until Serve is known
-        # to run, deploys go one at a time; after that, versions deploy in parallel (WatchSplits).
+        # to run, deploys go one at a time; after that, versions deploy in parallel (SplitWatcher.sync_model).
         self._serve_up = False
         self._first_deploy = asyncio.Lock()
 
