@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,16 +59,21 @@ def upgrade(url: str, engine: Engine | None = None, revision: str = "head", *,
 
 
 def _migrate(cfg: Config, conn: Connection, revision: str) -> None:
-    """Run Alembic on `conn`. PostgreSQL: the run's one transaction is Alembic's own (env.py's
-    begin_transaction), not one begun here, because a revision may step out of it (autocommit_block:
-    0010's CREATE INDEX CONCURRENTLY), which Alembic cannot do in a transaction its caller began.
-    SQLite: begun here, as always (Alembic would otherwise commit revision by revision there)."""
+    run_alembic(cfg, conn, command.upgrade, revision)
+
+
+def run_alembic(cfg: Config, conn: Connection, step: Callable[[Config, str], None], revision: str) -> None:
+    """Run an Alembic command (`command.upgrade` or `command.downgrade`) to `revision` on `conn`.
+    PostgreSQL: the run's one transaction is Alembic's own (env.py's begin_transaction), not one begun
+    here, because a revision may step out of it (autocommit_block: 0010's CREATE INDEX CONCURRENTLY),
+    which Alembic cannot do in a transaction its caller began. SQLite: begun here, as always (Alembic
+    would otherwise commit revision by revision there)."""
     cfg.attributes["connection"] = conn
     if conn.dialect.name == "postgresql":
-        command.upgrade(cfg, revision)
+        step(cfg, revision)
         return
     with conn.begin():
-        command.upgrade(cfg, revision)
+        step(cfg, revision)
 
 
 @contextmanager

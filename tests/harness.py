@@ -172,13 +172,7 @@ def alembic_downgrade(reg: Any, revision: str) -> None:
     """Downgrade `reg`'s database to an Alembic `revision` (migration tests: upgrade, data, downgrade)."""
     from alembic import command
 
-    from registry.migrate import alembic_config
+    from registry.migrate import alembic_config, run_alembic
 
-    cfg = alembic_config(reg.url)
     with reg.engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        if conn.dialect.name == "postgresql":  # Alembic's own transaction, as registry.migrate._migrate says
-            command.downgrade(cfg, revision)
-            return
-        with conn.begin():
-            command.downgrade(cfg, revision)
+        run_alembic(alembic_config(reg.url), conn, command.downgrade, revision)

@@ -164,12 +164,11 @@ class ReplicaPool:
 
         if not self._serve_up:
             async with self._first_deploy:
-                if not self._serve_up:
-                    self._serve_up = await asyncio.to_thread(serve_running)
-                    if not self._serve_up:
-                        await asyncio.to_thread(self._deploy_or_adopt, model, version)
-                        self._serve_up = True
-                        return
+                if not self._serve_up and not await asyncio.to_thread(serve_running):
+                    await asyncio.to_thread(self._deploy_or_adopt, model, version)  # starts Serve
+                    self._serve_up = True
+                    return
+                self._serve_up = True
         await asyncio.to_thread(self._deploy_or_adopt, model, version)
 
     def _deploy_or_adopt(self, model: str, version: int) -> None:

@@ -59,7 +59,8 @@ class SplitWatcher:
         for r in results:  # cancelled, or the process is stopping: not a version's failure
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
-        failed = {v: f"{type(r).__name__}: {r}"[:500] for v, r in zip(versions, results, strict=False)
+        failed = {v: f"{type(r).__name__}: {r}"[:500]
+                  for v, r in zip(versions, results[:len(versions)], strict=True)
                   if isinstance(r, Exception)}  # e.g. tampered artifact: the replica refuses to load it
         if failed:
             entry = await self._drop_failed(entry, failed)
