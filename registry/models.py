@@ -39,7 +39,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.sql.expression import false
+from sqlalchemy.sql.expression import ColumnElement, false
 
 from chimera.jsonsafe import nan_to_none
 
@@ -251,6 +251,32 @@ class Prediction(Base):
     failed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # The UTC date of created_at (migration 0009): PostgreSQL's partition key, filled by every writer.
     day: Mapped[date] = mapped_column(Date, nullable=False, default=created_day)
+
+
+def logged_between(postgres: bool, since: datetime | None = None, until: datetime | None = None, *,
+                   before: datetime | None = None) -> list[ColumnElement[bool]]:
+    """The conditions that select predictions logged in [since, until], or [since, before) with `before`
+    (a bound left None is open): the range on created_at, and on PostgreSQL the same range in days.
+
+    Why the days: PostgreSQL prunes partitions by the partition key only. A range on created_at alone is
+    planned against every day's table (with 90 days kept, 90 index probes and 90 plan nodes for a rollout
+    look that reads one day), the day range lets the planner leave the other days out. It selects no fewer
+    rows: every partition has CHECK (day = created_at's UTC date), migration 0009. SQLite keeps one table
+    and has no such CHECK, so there the created_at range stands alone: a condition whose truth would rest
+    on every writer's care is not added where it buys nothing."""
+    conds: list[ColumnElement[bool]] = []
+    if since is not None:
+        conds.append(Prediction.created_at >= since)
+        if postgres:
+            conds.append(Prediction.day >= as_utc(since).date())
+    if until is not None:
+        conds.append(Prediction.created_at <= until)
+    if before is not None:
+        conds.append(Prediction.created_at < before)
+    last = until if until is not None else before
+    if postgres and last is not None:
+        conds.append(Prediction.day <= as_utc(last).date())
+    return conds
 
 
 class RequestError(Base):

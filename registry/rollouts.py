@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 from sqlalchemy import BigInteger, cast, extract, func, insert, or_, select
 
-from registry.models import Decision, Outcome, Prediction, RequestError, ShadowPrediction, SplitAudit, as_utc
+from registry.models import (
+    Decision,
+    Outcome,
+    Prediction,
+    RequestError,
+    ShadowPrediction,
+    SplitAudit,
+    as_utc,
+    logged_between,
+)
 from registry.repository import Registry
 
 
@@ -29,7 +38,7 @@ class ArmRows:
 def arm_rows(registry: Registry, model: str, version: int, since: datetime, until: datetime) -> ArmRows:
     with registry.session() as s:
         window = (Prediction.model == model, Prediction.version == version,
-                  Prediction.created_at >= since, Prediction.created_at <= until)
+                  *logged_between(registry.is_postgres, since, until))
         requests = int(s.scalar(select(func.count()).select_from(Prediction).where(*window)) or 0)
         latencies = np.array(s.scalars(select(Prediction.latency_ms).where(*window)).all(), dtype=float)
         joined = s.execute(
@@ -125,8 +134,7 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
             .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
                   & (ShadowPrediction.model == model) & (ShadowPrediction.version == cov_v)
                   & (ShadowPrediction.created_at <= until), isouter=True)
-            .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at <= until,
-                   Prediction.pinned.is_(False),
+            .where(Prediction.model == model, *logged_between(pg, since, until), Prediction.pinned.is_(False),
                    or_(Prediction.failed_version.in_(versions),
                        Prediction.failed_version.is_(None) & Prediction.version.in_(versions)))
             .order_by(Prediction.id)).all()

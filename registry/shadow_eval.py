@@ -16,7 +16,7 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import select
 
-from registry.models import Outcome, Prediction, ShadowPrediction, SplitAudit, as_utc
+from registry.models import Outcome, Prediction, ShadowPrediction, SplitAudit, as_utc, logged_between
 from registry.repository import Registry
 
 
@@ -58,7 +58,7 @@ def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, sin
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until))
             .where(Prediction.model == model, Prediction.version == served,
                    Prediction.failed_version.is_(None), Prediction.pinned.is_(False),
-                   Prediction.created_at >= since, Prediction.created_at <= until)
+                   *logged_between(registry.is_postgres, since, until))
             .order_by(Prediction.id)).all()
     if not rows:
         empty = np.empty(0, dtype=np.float64)

@@ -18,7 +18,7 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import select
 
-from registry.models import Model, ModelVersion, Outcome, Prediction, ShadowPrediction
+from registry.models import Model, ModelVersion, Outcome, Prediction, ShadowPrediction, logged_between
 from registry.repository import Registry
 
 
@@ -42,11 +42,8 @@ def shadow_rows(registry: Registry, model: str, version: int, *, since: datetime
          .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
                & (ShadowPrediction.model == model) & (ShadowPrediction.version == version))
          .outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
-         .where(Prediction.model == model, Prediction.failed_version.is_(None), Prediction.pinned.is_(False)))
-    if since is not None:
-        q = q.where(Prediction.created_at >= since)
-    if until is not None:
-        q = q.where(Prediction.created_at <= until)
+         .where(Prediction.model == model, Prediction.failed_version.is_(None), Prediction.pinned.is_(False),
+                *logged_between(registry.is_postgres, since, until)))
     with registry.session() as s:
         rows = s.execute(q.order_by(Prediction.id)).all()
         served_versions = sorted({r[0] for r in rows})

@@ -33,6 +33,7 @@ from registry.models import (
     Prediction,
     TrainingRun,
     as_utc,
+    logged_between,
     utcnow,
 )
 from registry.repository import Registry
@@ -236,7 +237,7 @@ def served_rows(
          .where(Prediction.model == model, Prediction.features.is_not(None),
                 # Python None goes into a JSON column as the JSON text 'null', not SQL NULL.
                 cast(Prediction.features, Text) != "null",
-                Prediction.created_at >= since_utc, Prediction.created_at < until_utc)
+                *logged_between(registry.is_postgres, since_utc, before=until_utc))
          .order_by(Prediction.created_at, Prediction.id))
     if with_outcome:
         q = q.join(Outcome, Outcome.request_id == Prediction.request_id)

@@ -216,11 +216,11 @@ def _safe_name(model: str) -> str:
 def _days(reg: Registry, model: str, cutoff: datetime) -> Iterator[datetime]:
     from sqlalchemy import func, select
 
-    from registry.models import Prediction, as_utc
+    from registry.models import Prediction, as_utc, logged_between
 
     with reg.session() as s:
-        first = s.scalar(select(func.min(Prediction.created_at)).where(Prediction.model == model,
-                                                                         Prediction.created_at < cutoff))
+        first = s.scalar(select(func.min(Prediction.created_at)).where(
+            Prediction.model == model, *logged_between(reg.is_postgres, before=cutoff)))
     if first is None:
         return
     day = as_utc(first).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -236,7 +236,7 @@ def _export_day(reg: Registry, model: str, since: datetime, until: datetime, pat
     import pyarrow.parquet as pq
     from sqlalchemy import select
 
-    from registry.models import Outcome, Prediction
+    from registry.models import Outcome, Prediction, logged_between
 
     schema = _arrow_schema()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ def _export_day(reg: Registry, model: str, since: datetime, until: datetime, pat
             Prediction.split_revision, Prediction.pinned, Prediction.failed_version, Outcome.value,
             Outcome.created_at]
     q = (select(*cols).outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
-         .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at < until)
+         .where(Prediction.model == model, *logged_between(reg.is_postgres, since, before=until))
          .order_by(Prediction.created_at, Prediction.id))
     with pq.ParquetWriter(tmp, schema) as writer:
         if path.exists():  # a day exported before (and maybe pruned since): keep every row it has

@@ -21,6 +21,7 @@ recomputed by `chimera analyze`: export first (`chimera log export`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,7 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
     created at or after it, which is what stays once the predictions are pruned; 0 with a model)."""
     from sqlalchemy import exists, func, select
 
-    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc
+    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
     from registry.partitions import partitions_before
 
     parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
@@ -75,14 +76,14 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
             for key, table in (("request_errors", RequestError), ("shadow_predictions", ShadowPrediction)):
                 out[key] += int(s.scalar(select(func.count()).select_from(table).where(
                     table.model == m, table.created_at < cutoff)) or 0)
-            old = [Prediction.model == m, Prediction.created_at < cutoff]
+            old = [Prediction.model == m, *logged_between(reg.is_postgres, before=cutoff)]
             if kept_from is not None:  # rows of the partitions that stay; DEFAULT's older days apart
                 old.append(Prediction.day >= kept_from)
                 out["predictions"] += _older_in_default(s, m, kept_from)
             out["predictions"] += int(s.scalar(select(func.count()).select_from(Prediction).where(*old)) or 0)
         if model is None:
             kept = exists().where(Prediction.request_id == Outcome.request_id,
-                                  Prediction.created_at >= cutoff)
+                                  *logged_between(reg.is_postgres, cutoff))
             out["outcomes"] = int(s.scalar(select(func.count()).select_from(Outcome).where(
                 Outcome.created_at < cutoff, ~kept)) or 0)
     return out
@@ -123,7 +124,7 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
     (those dropped before it stay dropped)."""
     from sqlalchemy import exists
 
-    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc
+    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
     from registry.partitions import drop_partitions_before
 
     out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
@@ -133,8 +134,9 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
         out["partitions_dropped"] = dropped
         out["partition_rows_estimate"] = sum(rows for rows in dropped.values() if rows is not None)
     for m in [model] if model else log_models(reg):
-        for key, table in (("predictions", Prediction), ("request_errors", RequestError),
-                           ("shadow_predictions", ShadowPrediction)):
+        out["predictions"] += _delete_batches(reg, Prediction, Prediction.id, batch, Prediction.model == m,
+                                              narrow=logged_between(reg.is_postgres, before=cutoff))
+        for key, table in (("request_errors", RequestError), ("shadow_predictions", ShadowPrediction)):
             out[key] += _delete_batches(reg, table, table.id, batch,
                                         table.model == m, table.created_at < cutoff)
     if model is None:  # after every model's predictions: an outcome of a pruned prediction has none left
@@ -144,16 +146,20 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
     return out
 
 
-def _delete_batches(reg: Registry, table: Any, key: Any, batch: int, *where: Any) -> int:
-    """Delete the rows of `table` matching `where`, `batch` rows (picked by their `key`) per transaction,
-    until a batch finds fewer; returns the rows deleted."""
+def _delete_batches(reg: Registry, table: Any, key: Any, batch: int, *where: Any,
+                    narrow: Sequence[Any] = ()) -> int:
+    """Delete the rows of `table` matching `where` and `narrow`, `batch` rows (picked by their `key`) per
+    transaction, until a batch finds fewer; returns the rows deleted. The DELETE itself repeats `narrow`
+    (predictions' day range, registry.models.logged_between): a DELETE on a partitioned table is planned
+    against only the partitions its own conditions allow, so without it every batch would probe every
+    day's table for the keys the batch picked."""
     from sqlalchemy import delete, select
 
     deleted = 0
     while True:
-        keys = select(key).where(*where).limit(batch)
+        keys = select(key).where(*where, *narrow).limit(batch)
         with reg.transaction() as s:
-            n = s.execute(delete(table).where(key.in_(keys.scalar_subquery()))).rowcount
+            n = s.execute(delete(table).where(key.in_(keys.scalar_subquery()), *narrow)).rowcount
         deleted += n
         if n < batch:
             return deleted
