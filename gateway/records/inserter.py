@@ -6,20 +6,22 @@ SQLite: INSERT ... ON CONFLICT (request_id) DO NOTHING, a batch in request-id or
 statement when its ids land at the unique index's right edge (the gateway's own time-prefixed ids: ~1 us
 less CPU a row), executemany's statement a row otherwise (gateway.records.sqlite_rows says why).
 PostgreSQL with psycopg2 (the engine's driver): binary COPY on psycopg 3 connections
-(gateway.records.pg_copy, bounded by registry.copy_conn) until a request id is taken (see
-gateway.records.pg_ids, which also says how ids stay unique across days); then `INSERT ... SELECT ...
-FROM unnest($1::varchar[], ...) ON CONFLICT (request_id, day) DO NOTHING` on the engine's connections,
-each column sent as ONE array literal (gateway.records.pg_arrays), so duplicates behave as before.
+(gateway.records.pg_copy, bounded by registry.copy_conn) until a request id is taken or a row is near
+midnight (see gateway.records.pg_ids, which also says how ids stay unique across days); then, on the
+same connections, binary COPY into the connection's TEMP staging table and `INSERT ... SELECT ... FROM
+it ON CONFLICT (request_id, day) DO NOTHING` (pg_copy.stage_rows), so duplicates behave as before.
 Every path writes predictions.day, created_at's UTC date (migration 0009). Batches of 2,000+ rows go as
 two halves on two connections committed together (gateway.records.paired_tx). Other drivers fall back to
 `Registry.insert_predictions`.
 
 Measured on this machine (server CPU a row, 32 features, the table's indexes): execute_values ~45-52 us
 client + server, the unnest INSERT 11.8-13.6 us server, binary COPY 9.0 us server; over 60 s with two
-connections, 75k rows/s for the unnest INSERT and 103-107k for COPY (docs/performance.md).
+connections, 75k rows/s for the unnest INSERT (the INSERT that checks ids until 2026-12-06) and 103-107k
+for COPY; near midnight the staged INSERT 92.6k against the unnest INSERT's 85.5k, with ~30 % less of
+the writer's CPU a row (docs/performance.md).
 Feature rows: packed little-endian float32 vectors (`matrix_f32`) on both backends: SQLite keeps them in
-its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (the unnest insert sends them
-as one bytea sliced by start and length arrays, pg_arrays.bytea_blob). The column type,
+its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (binary COPY sends each as
+it is). The column type,
 registry.models.FeatureVector, reads packed vectors and JSON text back as the same lists of floats.
 Spill and dead-letter lines (`portable`) carry JSON arrays of float32-exact numbers: with orjson, a
 whole matrix is encoded in one call (~0.6 us a row); without it, with 9 significant digits through
@@ -42,12 +44,14 @@ from gateway.records.feature_rows import features_json, matrix_f32, matrix_json
 from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
 from gateway.records.pg_arrays import pg_arrays
 from gateway.records.pg_copy import (
-    COLUMN_TYPES,
     DAY_COLUMN,
+    STAGE_NAMES,
+    STAGE_TABLE,
     Timestamps,
     copy_rows,
     copy_shadow_rows,
     copy_sql,
+    stage_rows,
 )
 from gateway.records.pg_ids import TakenWindow, first_of_each_id, pg_insert_sql
 from gateway.records.sqlite_rows import MultiRowInsert
@@ -74,7 +78,6 @@ _OLD_FIELDS = 8  # rows spilled before migration 0005
 _ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms", "created_at",
                   "split_revision", "pinned", "error")
 _TEXT_COLUMNS = frozenset({0, 1, 3, 6})
-_FEATURES = 7  # the bytea column (migration 0008): see pg_arrays
 _PG_ROWS_PER_STATEMENT = 10_000
 # PostgreSQL: a batch of at least twice this many predictions is written as two halves at once
 # (gateway.records.paired_tx: both cores busy, one serial chain of encode then insert otherwise).
@@ -125,13 +128,8 @@ class Inserter:
             self.sql = self._many_rows(table.name, COLUMNS, "ON CONFLICT (request_id) DO NOTHING",
                                        {DAY_COLUMN: "substr({created_at}, 1, 10)"})
         elif self.dialect == "postgresql" and self.driver == "psycopg2":
-            # The features column arrives as one bytea and two int arrays (bytea_blob).
-            types = [*COLUMN_TYPES[:_FEATURES], "int", "int", *COLUMN_TYPES[_FEATURES + 1:]]
-            names = [f"c{i}" for i in range(len(types))]
-            picks = [*names[:_FEATURES], f"substr(%s::bytea, {names[_FEATURES]}, {names[_FEATURES + 1]})",
-                     *names[_FEATURES + 2:]]
-            arrays = ", ".join(f"%s::{t}[]" for t in types)
-            self.sql = pg_insert_sql(table.name, cols, picks, arrays, names)
+            # The INSERT that checks ids reads the batch from the connection's staging table (pg_copy).
+            self.sql = pg_insert_sql(table.name, cols, STAGE_NAMES[:len(COLUMNS)], STAGE_TABLE, STAGE_NAMES)
             self._copy = CopyConnections(registry.url)
             self.copy_sql = copy_sql(table.name, (*COLUMNS, DAY_COLUMN))
             self.shadow_copy_sql = copy_sql(ShadowPrediction.__table__.name, SHADOW_COLUMNS)
@@ -208,23 +206,29 @@ class Inserter:
             return self._insert_rows(self.sql, params, errors)
         # One statement cannot see its own rows in NOT EXISTS: the same id twice in a batch across
         # midnight is kept once here (the first, as ON CONFLICT keeps it within a day).
-        def plain() -> int:
-            return self._insert_rows(self.sql, first_of_each_id(params), errors)
-        return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), plain)
+        def checked() -> int:
+            return self._copy_rows(first_of_each_id(params), errors, staged=True)
+        return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), checked)
 
-    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
-        """The plain path on PostgreSQL: binary COPY (gateway.records.pg_copy) on the COPY connections,
-        each half's statements bounded by registry.copy_conn.deadline."""
+    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]], staged: bool = False) -> int:
+        """PostgreSQL, on the COPY connections, each half's statements bounded by
+        registry.copy_conn.deadline: the plain path, binary COPY into predictions; `staged`, the INSERT
+        that checks ids, fed by binary COPY into the connection's staging table (gateway.records.pg_copy,
+        stage_rows)."""
         copy = self._copy
         assert copy is not None
-        return self._batch(copy.connect, params, errors,
-                           lambda cur, part: copy_rows(cur, self.copy_sql, part, self._when),
+
+        def write(cur: Any, part: Sequence[Row]) -> int:
+            if staged:
+                return stage_rows(cur, self.sql, part, self._when)
+            return copy_rows(cur, self.copy_sql, part, self._when)
+        return self._batch(copy.connect, params, errors, write,
                            bound=lambda cur: deadline(cur.connection, copy.query_timeout_s))
 
     def _insert_rows(self, sql: str, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
-        """`sql` (SQLite: its many-row form; PostgreSQL: the unnest INSERT) on the engine's connections."""
+        """SQLite: `sql` in its many-row form on the engine's connections."""
         return self._batch(self.registry.engine.raw_connection, params, errors,
-                           lambda cur, part: self._write(cur, sql, part, _TEXT_COLUMNS, _FEATURES))
+                           lambda cur, part: self._write(cur, sql, part, _TEXT_COLUMNS))
 
     def _batch(self, connect: Callable[[], Any], params: Sequence[Row], errors: list[tuple[Any, ...]],
                write_part: Callable[[Any, Sequence[Row]], int],
@@ -286,7 +290,7 @@ class Inserter:
         return self._shadow_conflicts.copy_first(lambda: self._in_transaction(write, copy.connect), plain)
 
     def _write(self, cur: Any, sql: str, params: Sequence[tuple[Any, ...]],
-               text_columns: frozenset[int], bytea_column: int | None = None) -> int:
+               text_columns: frozenset[int]) -> int:
         """SQLite: statements of many rows each (gateway.records.sqlite_rows); PostgreSQL: one unnest
         statement per _PG_ROWS_PER_STATEMENT rows."""
         if not params:
@@ -295,7 +299,7 @@ class Inserter:
             return self._multi[sql](cur, params)
         inserted = 0
         for i in range(0, len(params), _PG_ROWS_PER_STATEMENT):
-            cur.execute(sql, pg_arrays(params[i:i + _PG_ROWS_PER_STATEMENT], text_columns, bytea_column))
+            cur.execute(sql, pg_arrays(params[i:i + _PG_ROWS_PER_STATEMENT], text_columns))
             inserted += cur.rowcount
         return inserted
 

@@ -1,6 +1,6 @@
 """The prediction log's bulk insert on both backends (issue 17: on PostgreSQL binary COPY until an id is
-taken, then each column as one array unnested server-side with ON CONFLICT): what is stored is exactly
-what was logged, whatever the text holds, ids already stored are skipped and counted, and a row the
+taken, then binary COPY into a staging table and INSERT ... SELECT with ON CONFLICT): what is stored is
+exactly what was logged, whatever the text holds, ids already stored are skipped and counted, and a row the
 database refuses fails the whole statement as a data error (so the row store bisects it out)."""
 
 from __future__ import annotations
@@ -136,16 +136,6 @@ def test_feature_rows_read_back_as_the_scored_float32_values(registry) -> None: 
     assert lines[0][:7] == rows[0][:7] and lines[0][8:] == rows[0][8:]
 
 
-def test_bytea_blob_places_each_vector_and_packs_json_text() -> None:
-    """PostgreSQL's feature column travels as one bytea plus 1-based starts and lengths (NULL: no row);
-    JSON text is packed to float32 on the way, an empty vector is an empty slice."""
-    from gateway.records.pg_arrays import bytea_blob
-
-    blob, starts, lengths = bytea_blob([b"ab", None, b"", "[1]", b"c"])
-    assert bytes(blob.adapted) == b"ab" + np.array([1], dtype="<f4").tobytes() + b"c"
-    assert starts == "{1,3,3,3,7}" and lengths == "{2,NULL,0,4,1}"
-
-
 def test_postgresql_batches_skip_on_conflict_until_an_id_is_taken(registry) -> None:  # noqa: ANN001
     """PostgreSQL: a batch goes in as a plain INSERT (ON CONFLICT costs ~2 us a row even when nothing
     conflicts); a taken id rolls it back and writes it again with ON CONFLICT, as every batch for a
@@ -163,22 +153,28 @@ def test_postgresql_batches_skip_on_conflict_until_an_id_is_taken(registry) -> N
     assert fresh.insert([("c-3", *row[1:]), ("c-3", *row[1:])]) == 1 and fresh._conflicts.until > 0
 
 
-def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(registry) -> None:  # noqa: ANN001
+# 12:00 UTC goes by COPY; 23:55 UTC by the INSERT that checks the neighbouring day, fed through the
+# connection's staging table (gateway.records.pg_copy.stage_rows).
+@pytest.mark.parametrize("path", ["copy", "staged insert"])
+def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(registry, path: str) -> None:  # noqa: ANN001
     """PostgreSQL writes a batch of 2,000+ rows as two halves on two connections, committed together
     (gateway.records.paired_tx): all rows stored with their features; a refused row in either half
-    stores nothing (a data error, so the row store bisects it out); a repeated id shares its half."""
+    (a NUL byte; a routing key longer than its column, which the staging table's own column does not
+    refuse, the INSERT from it does) stores nothing (a data error, so the row store bisects it out); a
+    repeated id shares its half."""
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("SQLite: one connection writes")
     ins = Inserter(registry)
-    ts = ins.timestamp(midday())
+    ts = ins.timestamp(midday() + (0 if path == "copy" else 11 * 3600 + 55 * 60))
     feats = ins.encode_matrix(np.arange(2500 * 4, dtype=np.float32).reshape(2500, 4))
     rows = [(f"h-{i}", "m", 1, "k", 0.5, 1.0, ts, feats[i], None, False, None) for i in range(2500)]
-    bad = [*rows[:1200], ("h-bad", "m", 1, "a\x00b", 0.5, 1.0, ts, None, None, False, None), *rows[1200:]]
-    with pytest.raises(Exception) as err:
-        ins.insert(bad)
-    assert is_data_error(err.value)
-    with registry.session() as s:
-        assert s.scalar(select(Prediction.id).where(Prediction.model == "m").limit(1)) is None
+    for at, key in ((1200, "a\x00b"), (2400, "k" * 300)):
+        bad = [*rows[:at], ("h-bad", "m", 1, key, 0.5, 1.0, ts, None, None, False, None), *rows[at:]]
+        with pytest.raises(Exception) as err:
+            ins.insert(bad)
+        assert is_data_error(err.value), err.value
+        with registry.session() as s:
+            assert s.scalar(select(Prediction.id).where(Prediction.model == "m").limit(1)) is None
     assert ins.insert([*rows, rows[7]]) == 2500
     with registry.session() as s:
         got = dict(s.execute(select(Prediction.request_id, Prediction.features)).tuples().all())
@@ -234,3 +230,42 @@ def test_copy_connections_dropped_by_the_server_are_replaced_before_the_next_bat
     assert ended >= 2
     assert ins.insert(rows("second")) == 3000
     ins.close()
+
+
+def test_without_the_temporary_privilege_only_the_checked_insert_fails_and_as_the_database_not_the_rows(
+        registry) -> None:  # noqa: ANN001
+    """PostgreSQL: the INSERT that checks ids reads its batch from a TEMP table of the connection
+    (gateway.records.pg_copy.stage_rows), so the registry's role needs the TEMPORARY privilege on the
+    database (PUBLIC has it unless revoked; README, PostgreSQL). Without it, batches by COPY are stored as
+    before, and a batch that needs the check fails with PostgreSQL's "permission denied" named — as the
+    database refusing, not as bad rows: the log keeps such rows (spill) instead of dead-lettering them."""
+    if registry.engine.dialect.name != "postgresql":
+        pytest.skip("TEMP tables and their privilege are PostgreSQL's")
+    from sqlalchemy import make_url, text
+
+    from registry import Registry
+
+    role = "chimera_no_temp"
+    db = make_url(registry.url).database
+    with registry.engine.begin() as conn:
+        conn.execute(text(f'REVOKE TEMPORARY ON DATABASE "{db}" FROM PUBLIC'))
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}"))
+        conn.execute(text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    limited = Registry(make_url(registry.url).set(username=role).render_as_string(hide_password=False))
+    ins = Inserter(limited)
+    try:
+        noon, late = ins.timestamp(midday()), ins.timestamp(midday() + 11 * 3600 + 55 * 60)
+        assert ins.insert([("t-1", "m", 1, "k", 0.5, 1.0, noon, None, None, False, None)]) == 1
+        with pytest.raises(Exception) as err:
+            ins.insert([("t-2", "m", 1, "k", 0.5, 1.0, late, None, None, False, None)])
+        assert "permission denied" in str(err.value) and "temporary" in str(err.value), err.value
+        assert not is_data_error(err.value)
+    finally:
+        ins.close()
+        limited.dispose()
+        with registry.engine.begin() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+    with registry.session() as s:
+        assert set(s.scalars(select(Prediction.request_id))) == {"t-1"}
