@@ -42,9 +42,9 @@ from sqlalchemy import insert
 
 from gateway.records.feature_rows import features_json, matrix_f32, matrix_json
 from gateway.records.paired_tx import DaemonThreads, end, halves, write_both, written
-from gateway.records.pg_arrays import pg_arrays
 from gateway.records.pg_copy import (
     DAY_COLUMN,
+    SHADOW_STAGE_TABLE,
     STAGE_NAMES,
     STAGE_TABLE,
     Timestamps,
@@ -52,6 +52,7 @@ from gateway.records.pg_copy import (
     copy_shadow_rows,
     copy_sql,
     stage_rows,
+    stage_shadow_rows,
 )
 from gateway.records.pg_ids import TakenWindow, first_of_each_id, pg_insert_sql
 from gateway.records.sqlite_rows import MultiRowInsert
@@ -77,8 +78,6 @@ ERROR_FIELDS = len(COLUMNS) + 1
 _OLD_FIELDS = 8  # rows spilled before migration 0005
 _ERROR_COLUMNS = ("request_id", "model", "version", "routing_key", "latency_ms", "created_at",
                   "split_revision", "pinned", "error")
-_TEXT_COLUMNS = frozenset({0, 1, 3, 6})
-_PG_ROWS_PER_STATEMENT = 10_000
 # PostgreSQL: a batch of at least twice this many predictions is written as two halves at once
 # (gateway.records.paired_tx: both cores busy, one serial chain of encode then insert otherwise).
 _PG_PAIR_MIN_ROWS = 1_000
@@ -88,8 +87,6 @@ _PG_PAIR_MIN_ROWS = 1_000
 # executemany of dicts they cost the gateway ~10 % of its CPU on packed batches (measured, py-spy).
 ShadowRow = tuple[str, str, int, float, float, float]
 SHADOW_COLUMNS = ("request_id", "model", "version", "score", "latency_ms", "created_at")
-_PG_SHADOW_TYPES = ("varchar", "varchar", "int", "float8", "float8", "timestamptz")
-_SHADOW_TEXT_COLUMNS = frozenset({0, 1, 5})
 
 def portable(rows: Sequence[Row]) -> list[Row]:
     """`rows` with packed feature vectors (bytes) turned back into the JSON text other paths carry:
@@ -142,8 +139,7 @@ class Inserter:
             self.shadow_sql = self._many_rows(shadow, SHADOW_COLUMNS,
                                               "ON CONFLICT (request_id, version) DO NOTHING")
         elif self.sql:
-            arrays = ", ".join(f"%s::{t}[]" for t in _PG_SHADOW_TYPES)
-            self.shadow_sql = (f"INSERT INTO {shadow} ({shadow_cols}) SELECT * FROM unnest({arrays}) "
+            self.shadow_sql = (f"INSERT INTO {shadow} ({shadow_cols}) SELECT * FROM {SHADOW_STAGE_TABLE} "
                                "ON CONFLICT (request_id, version) DO NOTHING")
         else:
             self.shadow_sql = ""
@@ -228,7 +224,7 @@ class Inserter:
     def _insert_rows(self, sql: str, params: Sequence[Row], errors: list[tuple[Any, ...]]) -> int:
         """SQLite: `sql` in its many-row form on the engine's connections."""
         return self._batch(self.registry.engine.raw_connection, params, errors,
-                           lambda cur, part: self._write(cur, sql, part, _TEXT_COLUMNS))
+                           lambda cur, part: self._write(cur, sql, part))
 
     def _batch(self, connect: Callable[[], Any], params: Sequence[Row], errors: list[tuple[Any, ...]],
                write_part: Callable[[Any, Sequence[Row]], int],
@@ -273,35 +269,26 @@ class Inserter:
                 PredictionRow(request_id=r[0], model=r[1], version=r[2], score=r[3], latency_ms=r[4],
                               created_at=datetime.fromtimestamp(r[5], UTC)) for r in rows])
             return None
-        def plain() -> int:
-            params = [(r[0], r[1], r[2], r[3], r[4], ts(r[5])) for r in rows]
-            sql = self.shadow_sql
-            return self._in_transaction(lambda cur: self._write(cur, sql, params, _SHADOW_TEXT_COLUMNS))
-
         copy = self._copy
-        if copy is None:
-            return plain()
+        if copy is None:  # SQLite
+            params = [(r[0], r[1], r[2], r[3], r[4], ts(r[5])) for r in rows]
+            return self._in_transaction(lambda cur: self._write(cur, self.shadow_sql, params))
 
         # Binary COPY as for predictions (~9 against ~12-14 us of server CPU a row); a (request id,
-        # version) already stored (a lane written twice) is written by the unnest INSERT ... ON CONFLICT.
-        def write(cur: Any) -> int:
+        # version) already stored (a lane written twice) goes by the INSERT ... ON CONFLICT, fed by COPY
+        # into the connection's staging table (pg_copy.stage_shadow_rows).
+        def write(cur: Any, staged: bool = False) -> int:
             with deadline(cur.connection, copy.query_timeout_s):
+                if staged:
+                    return stage_shadow_rows(cur, self.shadow_sql, rows, self._shadow_when)
                 return copy_shadow_rows(cur, self.shadow_copy_sql, rows, self._shadow_when)
-        return self._shadow_conflicts.copy_first(lambda: self._in_transaction(write, copy.connect), plain)
+        return self._shadow_conflicts.copy_first(
+            lambda: self._in_transaction(write, copy.connect),
+            lambda: self._in_transaction(lambda cur: write(cur, staged=True), copy.connect))
 
-    def _write(self, cur: Any, sql: str, params: Sequence[tuple[Any, ...]],
-               text_columns: frozenset[int]) -> int:
-        """SQLite: statements of many rows each (gateway.records.sqlite_rows); PostgreSQL: one unnest
-        statement per _PG_ROWS_PER_STATEMENT rows."""
-        if not params:
-            return 0
-        if self.dialect == "sqlite":
-            return self._multi[sql](cur, params)
-        inserted = 0
-        for i in range(0, len(params), _PG_ROWS_PER_STATEMENT):
-            cur.execute(sql, pg_arrays(params[i:i + _PG_ROWS_PER_STATEMENT], text_columns))
-            inserted += cur.rowcount
-        return inserted
+    def _write(self, cur: Any, sql: str, params: Sequence[tuple[Any, ...]]) -> int:
+        """SQLite: statements of many rows each (gateway.records.sqlite_rows)."""
+        return self._multi[sql](cur, params) if params else 0
 
     def _in_transaction(self, write: Callable[[Any], int], connect: Callable[[], Any] | None = None) -> int:
         """Run `write(cursor)` on a connection from `connect` (default: a raw DB-API connection of the

@@ -3,13 +3,15 @@ by registry.copy_conn; mirror scores (shadow_predictions) go the same way.
 
 Why: COPY in binary format hands the server each value in its wire form, so the server does not lex a
 statement or parse array, hex and timestamp literals; its CPU a row fell from 11.8-13.6 us (the unnest
-INSERT, gateway.records.pg_arrays) to 9.0 us over 20 s, and the writer's rate on this 2-core machine
-from 75k to 103-107k rows/s over 60 s (two connections each; docs/performance.md "Prediction-log ingest").
+INSERT of array literals, removed 2026-12-06) to 9.0 us over 20 s, and the writer's rate on this 2-core
+machine from 75k to 103-107k rows/s over 60 s (two connections each; docs/performance.md "Prediction-log
+ingest").
 
 What stays as before: COPY is only the *plain* path. A unique violation (a request id already stored)
 aborts the COPY like the plain INSERT, and gateway.records.inserter writes the batch again with the
 INSERT ... ON CONFLICT DO NOTHING (and the next batches for a while), which since 2026-12-06 reads the
-batch from a TEMP staging table filled by the same binary COPY (`stage_rows`) instead of unnest arrays.
+batch from a TEMP staging table filled by the same binary COPY (`stage_rows`; mirror scores
+`stage_shadow_rows`) instead of unnest arrays.
 A value the server refuses (a NUL byte, an over-long routing key) raises psycopg's DataError, which the log's
 bisection (gateway.records.spill.is_data_error) knows by name; anything else means the database is away
 and the rows are kept.
@@ -120,12 +122,17 @@ def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamp
     return len(rows)
 
 
-# The staged INSERT's table (stage_rows): TEMP, so one per connection, without indexes or WAL, and emptied
-# by every commit. Its columns are COPY_TYPES: copy_rows writes it as it writes predictions.
+def _stage(table: str, types: Sequence[str]) -> tuple[str, str]:
+    """(CREATE, COPY) statements of a staging table for a staged INSERT: TEMP, so one per connection,
+    without indexes or WAL, and emptied by every commit; its columns c0, c1, ... of `types`."""
+    columns = ", ".join(f"c{i} {t}" for i, t in enumerate(types))
+    return (f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS",
+            f"COPY {table} FROM STDIN (FORMAT BINARY)")
+
+
+# The prediction log's (stage_rows): COPY_TYPES, so copy_rows writes it as it writes predictions.
 STAGE_TABLE = "chimera_log_stage"
-_STAGE_DDL = (f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} ("
-              + ", ".join(f"c{i} {t}" for i, t in enumerate(COPY_TYPES)) + ") ON COMMIT DELETE ROWS")
-_STAGE_COPY = f"COPY {STAGE_TABLE} FROM STDIN (FORMAT BINARY)"
+_STAGE_DDL, _STAGE_COPY = _stage(STAGE_TABLE, COPY_TYPES)
 STAGE_NAMES = tuple(f"c{i}" for i in range(len(COPY_TYPES)))  # its columns, for the INSERT ... SELECT
 
 
@@ -157,3 +164,18 @@ def copy_shadow_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Ti
         for r in rows:
             write((r[0], r[1], int(r[2]), float(r[3]), float(r[4]), when(float(r[5]))))
     return len(rows)
+
+
+# Mirror scores' (stage_shadow_rows): SHADOW_COLUMN_TYPES, in shadow_predictions' SHADOW_COLUMNS order.
+SHADOW_STAGE_TABLE = "chimera_shadow_stage"
+_SHADOW_STAGE_DDL, _SHADOW_STAGE_COPY = _stage(SHADOW_STAGE_TABLE, SHADOW_COLUMN_TYPES)
+
+
+def stage_shadow_rows(cur: Any, insert_sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
+    """Mirror scores by `insert_sql` (INSERT ... SELECT * FROM SHADOW_STAGE_TABLE ON CONFLICT (request_id,
+    version) DO NOTHING: the path after a (request id, version) already stored, a lane written twice),
+    fed by binary COPY into the connection's staging table as stage_rows is. Returns the rows inserted."""
+    cur.execute(_SHADOW_STAGE_DDL)
+    copy_shadow_rows(cur, _SHADOW_STAGE_COPY, rows, when)
+    cur.execute(insert_sql)
+    return int(cur.rowcount)
