@@ -122,18 +122,21 @@ def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamp
     return len(rows)
 
 
-def _stage(table: str, types: Sequence[str]) -> tuple[str, str]:
-    """(CREATE, COPY) statements of a staging table for a staged INSERT: TEMP, so one per connection,
-    without indexes or WAL, and emptied by every commit; its columns c0, c1, ... of `types`."""
-    columns = ", ".join(f"c{i} {t}" for i, t in enumerate(types))
+def _stage(table: str, types: Sequence[str]) -> tuple[str, str, tuple[str, ...]]:
+    """(CREATE, COPY, column names) of a staging table for a staged INSERT: TEMP, so one per connection,
+    without indexes or WAL, and emptied by every commit; its columns c0, c1, ... of `types`. The CREATE
+    runs before each staged batch (IF NOT EXISTS: a catalog lookup), so a connection the pool replaced
+    gets its table without any bookkeeping here."""
+    names = tuple(f"c{i}" for i in range(len(types)))
+    columns = ", ".join(f"{n} {t}" for n, t in zip(names, types, strict=True))
     return (f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS",
-            f"COPY {table} FROM STDIN (FORMAT BINARY)")
+            copy_sql(table, names), names)
 
 
 # The prediction log's (stage_rows): COPY_TYPES, so copy_rows writes it as it writes predictions.
+# STAGE_NAMES: its columns, for the INSERT ... SELECT.
 STAGE_TABLE = "chimera_log_stage"
-_STAGE_DDL, _STAGE_COPY = _stage(STAGE_TABLE, COPY_TYPES)
-STAGE_NAMES = tuple(f"c{i}" for i in range(len(COPY_TYPES)))  # its columns, for the INSERT ... SELECT
+_STAGE_DDL, _STAGE_COPY, STAGE_NAMES = _stage(STAGE_TABLE, COPY_TYPES)
 
 
 def stage_rows(cur: Any, insert_sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
@@ -168,7 +171,7 @@ def copy_shadow_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Ti
 
 # Mirror scores' (stage_shadow_rows): SHADOW_COLUMN_TYPES, in shadow_predictions' SHADOW_COLUMNS order.
 SHADOW_STAGE_TABLE = "chimera_shadow_stage"
-_SHADOW_STAGE_DDL, _SHADOW_STAGE_COPY = _stage(SHADOW_STAGE_TABLE, SHADOW_COLUMN_TYPES)
+_SHADOW_STAGE_DDL, _SHADOW_STAGE_COPY, _ = _stage(SHADOW_STAGE_TABLE, SHADOW_COLUMN_TYPES)
 
 
 def stage_shadow_rows(cur: Any, insert_sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
