@@ -130,7 +130,14 @@ class Gateway:
         self._metrics_server: object | None = None
 
     async def start(self) -> int:
-        """Deploy replicas for every weighted version, then open the port. Returns the bound port."""
+        """Open /metrics, deploy replicas for every weighted version, then open the port. Returns the
+        bound port.
+
+        /metrics opens first: a metrics port already taken stops the gateway before it has deployed a
+        replica, opened its gRPC port or said SERVING (it used to fail after, once it could already have
+        been sent calls), and an SRE can scrape a gateway that is still deploying."""
+        if self.config.metrics_port is not None:
+            self._start_metrics()
         self.log.start()
         self.outcomes.start()
         self.shadow.start()
@@ -180,8 +187,6 @@ class Gateway:
         await server.start()
         self.server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        if self.config.metrics_port is not None:
-            self._start_metrics()
         if self.config.controller_interval_s > 0:
             await self.start_controller()
         log.info("gateway listening on %s:%d", self.config.host, self.port)
@@ -251,8 +256,12 @@ class Gateway:
         m.log_inserted.set_function(lambda: log_.stats.inserted)
         m.log_spilled.set_function(lambda: log_.stats.spilled)
         m.log_replayed.set_function(lambda: log_.stats.replayed)
-        self._metrics_server = start_http_server(self.config.metrics_port or 0, addr=self.config.host,
-                                                 registry=m.registry)
+        try:
+            self._metrics_server = start_http_server(self.config.metrics_port or 0, addr=self.config.host,
+                                                     registry=m.registry)
+        except OSError as exc:  # EADDRINUSE, mostly: say which setting to change
+            raise RuntimeError(f"metrics_port: cannot listen on {self.config.host}:{self.config.metrics_port}"
+                               f" for /metrics: {exc.strerror or exc}") from exc
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):

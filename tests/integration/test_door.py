@@ -297,3 +297,38 @@ def test_startup_deploys_every_version_of_every_model_at_once(tmp_path: Path) ->
         started.set()
         gw.stop()
         reg.dispose()
+
+
+def test_a_taken_metrics_port_stops_the_gateway_before_it_deploys_or_takes_a_call(
+        registry_url: str, tmp_path: Path) -> None:
+    """Another process holds the metrics port: the gateway's start fails at once with an error naming
+    metrics_port and the address, before it has deployed a replica, opened its gRPC port or told a health
+    check SERVING. (It used to open /metrics last: a gateway could deploy, say SERVING, take calls and
+    only then die; CI saw one whose metrics port a Ray worker had taken meanwhile.)"""
+    import socket
+
+    from ray import serve
+
+    from replicas.deployment import app_name, serve_running
+
+    reg = Registry(registry_url)
+    reg.upgrade()
+    model = "mport" + uuid.uuid4().hex[:6]
+    onnx, names = small_onnx(seed=3)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        gw = GatewayThread(registry_url, tmp_path, controller_interval_s=0, metrics_port=port)
+        try:
+            with pytest.raises(RuntimeError, match=f"metrics_port: cannot listen on 127.0.0.1:{port}"):
+                gw.start(timeout=60)
+            assert gw.gateway.server is None, "the gRPC port was opened (so a health check could be answered)"
+            assert not (serve_running() and app_name(model, 1) in serve.status().applications), \
+                "a replica was deployed"
+        finally:
+            gw.loop.call_soon_threadsafe(gw.loop.stop)
+            gw._thread.join(10)
+            reg.dispose()
