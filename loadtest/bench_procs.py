@@ -8,7 +8,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +16,7 @@ from typing import Any
 
 import psutil
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from loadtest.ports import free_port, free_ports
 
 
 def rss_mb(pid: int) -> float:
@@ -63,28 +58,6 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         total += t.user + t.system
     return total
-
-
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive loopback ports that were all free a moment ago (worker i of
-    `chimera serve --processes N` serves its metrics on --metrics-port + i)."""
-    if n == 1:
-        return free_port()
-    for _ in range(100):
-        base = free_port()
-        held: list[socket.socket] = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 # --------------------------------------------------------------------------- grpc.aio echo (ceiling)

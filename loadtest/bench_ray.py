@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.bench_procs import free_port
+from loadtest.ports import free_port
 
 NATIVE_APP = "ray-native-bench"
 _handle_loop: Any = None  # handle_c1's event loop (asyncio.AbstractEventLoop), closed by stop_ray_serve

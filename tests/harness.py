@@ -4,7 +4,6 @@ loop, and talk to it over loopback gRPC like a customer."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,47 +19,6 @@ from gateway.server import GatewayConfig
 from gateway.serving.replica_pool import BatchConfig
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min-worker-port/--max-worker-port
-_handed_out: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free now and that no other process is handed before the server this
-    test starts binds it (seconds later, for a gateway that first deploys its replicas).
-
-    Asking the OS (bind to port 0) gives a port from the ephemeral range, which the OS gives again to
-    anything else that binds port 0 or connects out: Ray's workers, raylets and agents do so all the
-    time, and CI saw a Ray worker's gRPC server take a gateway's metrics port that way. So the port is
-    drawn at random between Ray's worker ports and the ephemeral range (20000-32767 on Linux's
-    defaults), where only a process that asks for that number gets it; checked free by binding it,
-    and never handed out twice by this process. Where the ephemeral range leaves no such gap, the OS
-    picks, as before."""
-    import random
-
-    low, high = RAY_WORKER_PORTS.stop, _ephemeral_low()
-    for _ in range(200 if high - low > 1000 else 0):
-        port = random.randrange(low, high)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # What a Go service sets in its service config: round robin over every resolved address, and retry of

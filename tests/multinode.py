@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.harness import free_port
+from loadtest.ports import free_port
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"  # the venv's, as in make test
 HEAD_IP = "127.0.0.2"  # a loopback address Ray takes as it is (module docstring)

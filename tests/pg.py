@@ -31,7 +31,7 @@ class PostgresServer:
         self.datadir = self.root / "data"
         # Imported here, not at the top: conftest imports this module, and the harness pulls in the
         # gateway (~2 s), which sessions that never start PostgreSQL should not pay for.
-        from tests.harness import free_port
+        from loadtest.ports import free_port
 
         self.port = free_port()
         self.as_root = os.geteuid() == 0

@@ -35,9 +35,10 @@ from sqlalchemy import select
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from loadtest.ports import free_port
 from registry import Registry
 from registry.models import Outcome, Prediction
-from tests.harness import free_port, replica_pids, small_onnx, wait_for
+from tests.harness import replica_pids, small_onnx, wait_for
 from tests.pg import PostgresServer
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]

@@ -32,9 +32,10 @@ from sqlalchemy import func, select
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from loadtest.ports import free_port
 from registry import Registry
 from registry.models import Outcome, Prediction
-from tests.harness import free_port, small_onnx, wait_for
+from tests.harness import small_onnx, wait_for
 from tests.integration.test_spill_durability import tiny_disk
 from tests.pg import PostgresServer, continue_all
 

@@ -16,10 +16,10 @@ import pytest
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from chimera.v1 import rollout_pb2 as rpb
+from loadtest.ports import free_port as _free_port
 from registry import Registry
 from tests.conftest import NODE_DB, NODE_DB_PASSWORD, node_registry_url
 from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, small_onnx, wait_for
-from tests.harness import free_port as _free_port
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DB_PASSWORD = NODE_DB_PASSWORD

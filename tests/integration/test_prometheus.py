@@ -41,9 +41,10 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from chimera.v1 import prediction_pb2 as pb
+from loadtest.ports import free_port
 from registry import Registry
 from registry.rollouts import decisions
-from tests.harness import GatewayThread, free_port
+from tests.harness import GatewayThread
 from training.drift import PSI_THRESHOLD, DriftReport, drift_report, export_drift_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,9 +20,9 @@ from sqlalchemy import select
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
+from loadtest.ports import free_port as _free_port
 from registry import Registry
 from registry.models import Prediction
-from tests.harness import free_port as _free_port
 from tests.harness import small_onnx
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from chimera import cli
 from chimera.cli import views
+from loadtest.ports import free_port as _free_port
 from registry import Registry
 from registry.training_runs import list_runs
-from tests.harness import free_port as _free_port
 from tests.integration.test_feedback import log_served, new_model_name, publish_production, shifted_stream
 from training.datasets import TIMESTAMP
 from training.drift import psi

@@ -23,7 +23,7 @@ import pytest
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
-from loadtest.bench_procs import free_ports
+from loadtest.ports import free_ports
 from tests.conftest import BACKENDS, fresh_registry_url
 from tests.harness import wait_for
 from tests.integration.test_hung_postgres import FEATURES, publish, stored, undeploy
