@@ -12,12 +12,23 @@ DEFAULT partition holds rows of a day, PostgreSQL refuses to make that day's tab
 to move first, which nothing here does), and every row of that day then stays in DEFAULT, where only
 row-by-row deletes can prune it.
 
-Why every CREATE and DETACH is its own short transaction under `SET LOCAL lock_timeout` (and an equal
-statement_timeout): both take an ACCESS EXCLUSIVE lock on `predictions` (and on predictions_default, which
-PostgreSQL also scans on CREATE to check that none of its rows belongs to the new day). While such a lock
-waits for a long reader (a rollout look, an export), every insert and read of the log queues behind it;
-giving up after `lock_timeout_s` bounds that stall, and the days made ahead make a missed attempt
-harmless. A give-up raises PartitionError, which says what was done before it."""
+How a day's table is made, and why not by CREATE TABLE ... PARTITION OF: that statement takes an ACCESS
+EXCLUSIVE lock on `predictions`, so while it waited for any reader of the log (a rollout look, an export:
+measured, a 2 s wait for a reader of today's table), every insert of the log queued behind it, for the
+whole wait. A day is made instead as a plain table (LIKE `predictions`: its columns, defaults, CHECK,
+storage) then ATTACHed, which takes only SHARE UPDATE EXCLUSIVE on `predictions`: inserts and reads go on
+beside it, and a reader of some days does not delay it. It still takes ACCESS EXCLUSIVE on the new table
+and on predictions_default, which it scans (an empty one, normally) to check that none of its rows belongs
+to the new day: a session reading predictions_default (a read of days with no table of their own, a
+whole-log export) makes it wait, and only such sessions queue behind it. The ATTACH builds the
+partition's indexes and keys as CREATE ... PARTITION OF did (the same names, checked by
+tests/integration/test_partitions.py).
+
+DETACH (retention) still takes ACCESS EXCLUSIVE on `predictions`: DETACH ... CONCURRENTLY is refused while
+a DEFAULT partition exists. So every CREATE+ATTACH and every DETACH is its own short transaction under
+`SET LOCAL lock_timeout` (and an equal statement_timeout): giving up after `lock_timeout_s` bounds the
+stall, and the days made ahead make a missed attempt harmless. A give-up raises PartitionError, which says
+what was done before it."""
 
 from __future__ import annotations
 
@@ -101,14 +112,17 @@ def ensure_days(registry: Registry, first: date, days: int = 3, lock_timeout_s: 
         try:
             with registry.engine.begin() as conn:
                 _bound(conn, lock_timeout_s)
-                _ddl(conn, "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM (%(lo)s) TO (%(hi)s)", name,
-                     PARENT, lo=day, hi=day + timedelta(days=1))
+                _ddl(conn, "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+                     "INCLUDING STORAGE INCLUDING COMPRESSION)", name, PARENT)
+                _ddl(conn, "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM (%(lo)s) TO (%(hi)s)", PARENT,
+                     name, lo=day, hi=day + timedelta(days=1))
         except DBAPIError as exc:
             code = _sqlstate(exc)
             if code in _TIMED_OUT:
                 raise PartitionError(
-                    f"{PARENT}: {name} not made: no lock on {PARENT} within {lock_timeout_s:g} s (another "
-                    f"session holds it, e.g. a long read) or {DEFAULT_PARTITION} took longer to check; "
+                    f"{PARENT}: {name} not made: no lock on {PARENT} or {DEFAULT_PARTITION} within "
+                    f"{lock_timeout_s:g} s (another session holds it, e.g. a long read) or "
+                    f"{DEFAULT_PARTITION} took longer to check; "
                     f"days from {day} on are tried again later", made) from exc
             if code == _DEFAULT_HAS_ROWS:
                 refused.append(f"{day}: {DEFAULT_PARTITION} holds rows of that day, so PostgreSQL cannot "

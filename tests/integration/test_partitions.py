@@ -131,7 +131,8 @@ def test_a_held_lock_gives_up_quickly_with_a_clear_error(registry: Registry) -> 
     before = prediction_partitions(registry)
     with _reader(registry):
         t0 = clock.monotonic()
-        with pytest.raises(PartitionError, match="no lock on predictions within 0.3 s") as err:
+        held = "no lock on predictions or predictions_default within 0.3 s"
+        with pytest.raises(PartitionError, match=held) as err:
             ensure_days(registry, later, 2, lock_timeout_s=0.3)
         assert clock.monotonic() - t0 < 2.0 and err.value.done == []  # the second day was not tried
         with pytest.raises(PartitionError, match="not dropped") as err:
@@ -139,6 +140,84 @@ def test_a_held_lock_gives_up_quickly_with_a_clear_error(registry: Registry) -> 
         assert err.value.done == []
     assert prediction_partitions(registry) == before
     assert ensure_days(registry, later, 2) == [day_table(later), day_table(later + DAY)]
+
+
+def _shape(registry: Registry, table: str) -> dict[str, list[tuple[object, ...]]]:
+    """What a partition is made of, with its own name taken out: indexes, constraints, columns."""
+    with registry.engine.connect() as conn:
+        def rows(sql: str) -> list[tuple[object, ...]]:
+            return sorted(tuple(str(v).replace(table, "T") for v in r)
+                          for r in conn.execute(text(sql), {"t": table}))
+        return {
+            "indexes": rows("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"),
+            "constraints": rows("SELECT conname, pg_get_constraintdef(oid), conislocal, coninhcount "
+                                "FROM pg_constraint WHERE conrelid = to_regclass(:t)"),
+            "columns": rows("SELECT attname, attnum, atttypid, attnotnull, attstorage, attcompression, "
+                            "pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a LEFT JOIN pg_attrdef d "
+                            "ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+                            "WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0 AND NOT a.attisdropped"),
+        }
+
+
+def _waiting_for(registry: Registry, table: str) -> bool:
+    with registry.engine.connect() as conn:
+        return bool(conn.scalar(text("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                                     "WHERE NOT l.granted AND c.relname = :t"), {"t": table}))
+
+
+def test_a_day_is_made_beside_readers_and_inserts_not_in_front_of_them(registry: Registry) -> None:
+    """A day's table is made by CREATE (LIKE) + ATTACH, which takes SHARE UPDATE EXCLUSIVE on predictions
+    (registry.partitions says why). A session reading today's table (what a rollout look holds) no longer
+    delays it: it is made at once. A session reading predictions_default still makes it wait, but the
+    log's inserts of today's rows go on meanwhile: under CREATE ... PARTITION OF (ACCESS EXCLUSIVE on
+    predictions while it waited for predictions_default) an insert queued for the whole wait, and this
+    test's insert, bounded to 0.5 s, failed. The table made has the same indexes, keys, CHECK and columns
+    as the days migration 0009 made with CREATE ... PARTITION OF."""
+    import threading
+
+    today = _today()
+    later = today + 60 * DAY
+    if not registry.is_postgres:
+        assert ensure_days(registry, later, 2, lock_timeout_s=0.5) == []
+        return
+    _insert(registry, {"seen": _at(today, 0)})
+    with registry.engine.connect() as look:  # reads one day: holds predictions and today's table
+        tx = look.begin()
+        assert look.scalar(text("SELECT count(*) FROM predictions WHERE day = :d"), {"d": today}) >= 1
+        assert ensure_days(registry, later, 1, lock_timeout_s=0.5) == [day_table(later)]
+        tx.rollback()
+    # The same table as CREATE ... PARTITION OF makes (as migration 0009 did for its days).
+    reference = later + 30 * DAY
+    with registry.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {day_table(reference)} PARTITION OF predictions "
+                          f"FOR VALUES FROM ('{reference}') TO ('{reference + DAY}')"))
+    assert _shape(registry, day_table(later)) == _shape(registry, day_table(reference))
+
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            ensure_days(registry, later + DAY, 1, lock_timeout_s=3.0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with registry.engine.connect() as reader, registry.engine.connect() as writer:
+        tx = reader.begin()
+        reader.execute(text("LOCK TABLE predictions_default IN ACCESS SHARE MODE"))  # a read of DEFAULT
+        maker = threading.Thread(target=make)
+        maker.start()
+        wait_for(lambda: _waiting_for(registry, "predictions_default"), 10, "the ATTACH to wait")
+        with writer.begin():
+            writer.execute(text("SET LOCAL lock_timeout = '500ms'"))
+            writer.execute(text(
+                "INSERT INTO predictions (request_id, model, version, routing_key, score, latency_ms, "
+                "created_at, pinned, day) VALUES ('during', 'm', 1, '', 0.5, 1.0, :at, false, :d)"),
+                {"at": _at(today, 1), "d": today})
+        tx.rollback()
+        maker.join(10)
+    assert not errors, errors  # the reader let go within the 3 s: the day was made after it
+    assert _tables(registry)["during"] == _covering(registry, today)
+    assert _covering(registry, later + DAY) == day_table(later + DAY)
 
 
 def test_prune_drops_whole_old_days_and_deletes_the_rest_by_rows(registry: Registry) -> None:
