@@ -161,8 +161,11 @@ def _shape(registry: Registry, table: str) -> dict[str, list[tuple[object, ...]]
 
 def _waiting_for(registry: Registry, table: str) -> bool:
     with registry.engine.connect() as conn:
-        return bool(conn.scalar(text("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                                     "WHERE NOT l.granted AND c.relname = :t"), {"t": table}))
+        return bool(conn.scalar(text(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE NOT l.granted "
+            "AND c.relname = :t "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+            {"t": table}))
 
 
 def test_a_day_is_made_beside_readers_and_inserts_not_in_front_of_them(registry: Registry) -> None:
