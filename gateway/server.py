@@ -135,7 +135,11 @@ class Gateway:
 
         /metrics opens first: a metrics port already taken stops the gateway before it has deployed a
         replica, opened its gRPC port or said SERVING (it used to fail after, once it could already have
-        been sent calls), and an SRE can scrape a gateway that is still deploying."""
+        been sent calls), and an SRE can scrape a gateway that is still deploying. The gRPC port is
+        checked free first too (check_port_free), but bound only once the replicas are ready: a port that
+        listens while nothing answers would hold callers' connections instead of refusing them."""
+        if not self.config.reuse_port:  # workers of `--processes N` share the port on purpose
+            check_port_free(self.config.host, self.config.port)
         if self.config.metrics_port is not None:
             self._start_metrics()
         self.log.start()
@@ -260,8 +264,8 @@ class Gateway:
             self._metrics_server = start_http_server(self.config.metrics_port or 0, addr=self.config.host,
                                                      registry=m.registry)
         except OSError as exc:  # EADDRINUSE, mostly: say which setting to change
-            raise RuntimeError(f"metrics_port: cannot listen on {self.config.host}:{self.config.metrics_port}"
-                               f" for /metrics: {exc.strerror or exc}") from exc
+            raise PortTaken(f"metrics_port: cannot listen on {self.config.host}:{self.config.metrics_port}"
+                            f" for /metrics: {exc.strerror or exc}") from exc
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -296,6 +300,41 @@ class Gateway:
             if server is not None:
                 server.shutdown()
         self.registry.dispose()
+
+
+class PortTaken(RuntimeError):
+    """A port the gateway must listen on is taken: the operator's to fix (the message names the setting
+    and the address), so `chimera serve` reports it as one line, without a traceback."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortTaken naming `port` when another process listens on host:port (port 0: nothing to
+    check). Why: the gRPC port is bound only after every replica is ready, which can take minutes; an
+    operator who started a second gateway on a taken port (the old one still running) would wait that
+    long for the error, and the deploy would be for nothing. A probe bind with SO_REUSEADDR, as grpc
+    binds: a listener refuses it, connections left in TIME_WAIT by a gateway that just stopped do not.
+    Not a reservation: a process that takes the port between this check and the bind still makes the
+    bind fail, with the error it always gave."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # a host grpc cannot resolve either: its bind reports it
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:  # e.g. no IPv6 here: grpc binds what it can, as before
+                    continue
+                raise PortTaken(f"port: cannot listen on {host}:{port} for gRPC: "
+                                f"{exc.strerror or exc}") from exc
 
 
 _frozen = False

@@ -95,7 +95,8 @@ class GatewayThread(BackgroundGateway):
         # retired or scaled down while the gateway runs stop with the same short wait: the harder case
         # for the tests that assert no failed call (test_autoscaling's scale-down, the rollbacks).
         overrides.setdefault("replica_shutdown_wait_s", 0.2)
-        super().__init__(GatewayConfig(registry_url=registry_url, port=0, admin_token=ADMIN_TOKEN,
+        super().__init__(GatewayConfig(registry_url=registry_url, port=overrides.pop("port", 0),
+                                       admin_token=ADMIN_TOKEN,
                                        replica_cpus=0.1, spill_dir=tmp / "spill",
                                        batch=overrides.pop("batch", BatchConfig()), **overrides))
 

@@ -103,7 +103,7 @@ def serve(
         sys.exit(_supervise(settings, processes, options, metrics_port, controller_interval, insecure))
     import asyncio
 
-    from gateway.server import GatewayConfig, ensure_ray, serve_forever
+    from gateway.server import GatewayConfig, PortTaken, ensure_ray, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     open_registry(settings).upgrade()
@@ -126,12 +126,15 @@ def serve(
     config = GatewayConfig.from_settings(settings, **{k: v for k, v in options.items()
                                                       if v is not None and (k != "replica_cpus" or v)})
     main = _exit_when_stopped(serve_forever(config))
-    if event_loop == "uvloop":
-        import uvloop
+    try:
+        if event_loop == "uvloop":
+            import uvloop
 
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
+    except PortTaken as exc:
+        views.fail(str(exc), 1)
 
 
 def _supervise(settings: Settings, processes: int, options: dict[str, Any], metrics_port: int,
@@ -182,8 +185,13 @@ async def _exit_when_stopped(main: Coroutine[Any, Any, None]) -> None:
     try:
         await main
         code = 0
-    except BaseException:
-        log.exception("the gateway stopped with an error")
+    except BaseException as exc:
+        from gateway.server import PortTaken  # loaded already: main is serve_forever's
+
+        if isinstance(exc, PortTaken):  # the operator's to fix: serve() prints it as one line
+            log.error("the gateway did not start: %s", exc)
+        else:
+            log.exception("the gateway stopped with an error")
         raise
     finally:
         threading.Thread(target=_exit_after, args=(EXIT_WAIT_S, code), name="chimera-exit-watchdog",

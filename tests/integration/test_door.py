@@ -299,16 +299,19 @@ def test_startup_deploys_every_version_of_every_model_at_once(tmp_path: Path) ->
         reg.dispose()
 
 
-def test_a_taken_metrics_port_stops_the_gateway_before_it_deploys_or_takes_a_call(
-        registry_url: str, tmp_path: Path) -> None:
-    """Another process holds the metrics port: the gateway's start fails at once with an error naming
-    metrics_port and the address, before it has deployed a replica, opened its gRPC port or told a health
-    check SERVING. (It used to open /metrics last: a gateway could deploy, say SERVING, take calls and
-    only then die; CI saw one whose metrics port a Ray worker had taken meanwhile.)"""
+@pytest.mark.parametrize("setting", ["port", "metrics_port"])
+def test_a_taken_port_stops_the_gateway_before_it_deploys_or_takes_a_call(
+        registry_url: str, tmp_path: Path, setting: str) -> None:
+    """Another process listens on the gateway's gRPC port or its metrics port: the gateway's start fails
+    at once with an error naming the setting and the address, before it has deployed a replica, opened
+    its gRPC port or told a health check SERVING. (/metrics used to open last: a gateway could deploy,
+    say SERVING, take calls and only then die; CI saw one whose metrics port a Ray process had taken
+    meanwhile. A taken gRPC port was found only after every replica had been deployed.)"""
     import socket
 
     from ray import serve
 
+    from gateway.server import PortTaken
     from replicas.deployment import app_name, serve_running
 
     reg = Registry(registry_url)
@@ -321,9 +324,9 @@ def test_a_taken_metrics_port_stops_the_gateway_before_it_deploys_or_takes_a_cal
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        gw = GatewayThread(registry_url, tmp_path, controller_interval_s=0, metrics_port=port)
+        gw = GatewayThread(registry_url, tmp_path, controller_interval_s=0, **{setting: port})
         try:
-            with pytest.raises(RuntimeError, match=f"metrics_port: cannot listen on 127.0.0.1:{port}"):
+            with pytest.raises(PortTaken, match=f"^{setting}: cannot listen on 127.0.0.1:{port}"):
                 gw.start(timeout=60)
             assert gw.gateway.server is None, "the gRPC port was opened (so a health check could be answered)"
             assert not (serve_running() and app_name(model, 1) in serve.status().applications), \
@@ -332,3 +335,28 @@ def test_a_taken_metrics_port_stops_the_gateway_before_it_deploys_or_takes_a_cal
             gw.loop.call_soon_threadsafe(gw.loop.stop)
             gw._thread.join(10)
             reg.dispose()
+
+
+def test_chimera_serve_on_a_taken_port_exits_1_with_one_line_naming_it(tmp_path: Path) -> None:
+    """What the operator sees: `chimera serve` on a port another process listens on ends with exit 1 and
+    `error: port: cannot listen on 127.0.0.1:PORT ...`, without a traceback, and before any deploy."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import ray
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        argv = ["serve", "--port", str(port), "--metrics-port", "0", "--host", "127.0.0.1"]
+        done = subprocess.run([sys.executable, "-m", "chimera", *argv], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert f"error: port: cannot listen on 127.0.0.1:{port} for gRPC" in " ".join(out.split()), out[-3000:]
+    assert "Traceback" not in out and "deploying replicas" not in out, out[-3000:]
