@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+from loadtest.ports import free_port  # stdlib only: cheap for conftest to import
+
 
 def _pg_bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -29,10 +31,6 @@ class PostgresServer:
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="chimera-pg-"))
         self.datadir = self.root / "data"
-        # Imported here, not at the top: conftest imports this module, and the harness pulls in the
-        # gateway (~2 s), which sessions that never start PostgreSQL should not pay for.
-        from loadtest.ports import free_port
-
         self.port = free_port()
         self.as_root = os.geteuid() == 0
         if self.as_root:
