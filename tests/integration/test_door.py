@@ -348,6 +348,13 @@ def test_chimera_serve_on_a_taken_port_exits_1_with_one_line_naming_it(tmp_path:
     import ray
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    onnx, names = small_onnx(seed=4)
+    model = "cli" + uuid.uuid4().hex[:6]
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")  # a version it would deploy
+    reg.dispose()
     env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
