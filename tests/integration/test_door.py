@@ -32,6 +32,18 @@ def refused(call, field: str) -> None:  # noqa: ANN001
     assert field in err.value.details() and "NUL" in err.value.details(), err.value.details()
 
 
+def _served(url: str, prefix: str, seed: int) -> tuple[Registry, str]:
+    """A migrated registry at `url` with one model (named `prefix` + random hex) whose only version takes
+    100 % of the traffic: what a gateway started on it deploys."""
+    reg = Registry(url)
+    reg.upgrade()
+    model = prefix + uuid.uuid4().hex[:8]
+    onnx, names = small_onnx(seed=seed)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    return reg, model
+
+
 def spill_files(tmp: Path) -> list[Path]:
     return [p for p in (tmp / "spill").glob("*") if p.stat().st_size > 0] if (tmp / "spill").exists() else []
 
@@ -169,12 +181,7 @@ def test_outcomes_token_and_internal_errors(tmp_path: Path, caplog: pytest.LogCa
     import secrets
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url)
-    reg.upgrade()
-    model = "otok" + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=6)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    reg, model = _served(url, "otok", seed=6)
     token = secrets.token_hex(24)
     gw = GatewayThread(url, tmp_path, controller_interval_s=0, outcomes_token=token).start()
     try:
@@ -314,12 +321,7 @@ def test_a_taken_port_stops_the_gateway_before_it_deploys_or_takes_a_call(
     from gateway.server import PortTaken
     from replicas.deployment import app_name, serve_running
 
-    reg = Registry(registry_url)
-    reg.upgrade()
-    model = "mport" + uuid.uuid4().hex[:6]
-    onnx, names = small_onnx(seed=3)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    reg, model = _served(registry_url, "mport", seed=3)
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -348,12 +350,7 @@ def test_chimera_serve_on_a_taken_port_exits_1_with_one_line_naming_it(tmp_path:
     import ray
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url)
-    reg.upgrade()
-    onnx, names = small_onnx(seed=4)
-    model = "cli" + uuid.uuid4().hex[:6]
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")  # a version it would deploy
+    reg, _model = _served(url, "cli", seed=4)  # a version it would deploy
     reg.dispose()
     env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with socket.socket() as held:
