@@ -19,7 +19,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -52,32 +53,52 @@ def bench(
     max_queue: Annotated[int, typer.Option(help="the writer's queue bound (rows)")] = 100_000,
     keep: Annotated[bool, typer.Option(help="keep the bench's rows")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the result as JSON here")] = None,
+    answered_at: Annotated[str | None, typer.Option(
+        help="HH:MM (UTC): time the rows' answers from this time today on, e.g. 23:50 for the half hour "
+             "around midnight, where PostgreSQL's writer also looks each id up on the neighbouring day "
+             "(default: the real clock)")] = None,
 ) -> None:
     """Prediction-log ingest: rows/s sustained, enqueue-to-commit p99 and RSS (exit 3 when not sustained)."""
     from gateway.records.prediction_log import PredictionLog
     from loadtest.bench_log import MODEL, LogBenchSpec, format_result, run_log_bench
     from registry import Registry
 
+    clock = _answer_clock(answered_at)
     tmp = Path(tempfile.mkdtemp(prefix="chimera-log-bench-"))
     url = registry_url or f"sqlite:///{tmp / 'registry.db'}"
     reg = Registry(url)
     try:
         reg.upgrade()
         backend = reg.engine.dialect.name
-        writer = PredictionLog(reg, tmp / "spill.jsonl", max_queue=max_queue, batch_size=batch_size)
+        writer = PredictionLog(reg, tmp / "spill.jsonl", max_queue=max_queue, batch_size=batch_size,
+                               clock=clock)
         spec = LogBenchSpec(rate=rate, duration_s=duration, warmup_s=warmup, block=block, features=features)
+        when = f", answers timed from {answered_at} UTC today" if answered_at else ""
         views.console.print(f"log bench on {backend} ({views.safe_url(url)}): {duration:.0f} s after "
-                            f"{warmup:.0f} s warm-up")
+                            f"{warmup:.0f} s warm-up{when}")
         result = run_log_bench(writer, spec, backend, progress=views.console.print)
         views.console.print(format_result(result), highlight=False, soft_wrap=True)
         if json_path is not None:
-            json_path.write_text(json.dumps(result.as_dict(), indent=2))
+            json_path.write_text(json.dumps({**result.as_dict(), "answered_at": answered_at}, indent=2))
         if registry_url and not keep:
             _delete_model_rows(reg, MODEL)
     finally:
         reg.dispose()
         shutil.rmtree(tmp, ignore_errors=True)
     raise typer.Exit(0 if result.sustained else 3)
+
+
+def _answer_clock(answered_at: str | None) -> Callable[[], float]:
+    """The writer's answer clock: the real one, or one that reads `answered_at` (HH:MM, UTC) today at
+    the start and runs at the real clock's pace from there."""
+    if answered_at is None:
+        return time.time
+    try:
+        at = datetime.strptime(answered_at, "%H:%M").time()
+    except ValueError:
+        raise typer.BadParameter(f"{answered_at!r} is not HH:MM", param_hint="--answered-at") from None
+    offset = datetime.combine(datetime.now(UTC).date(), at, UTC).timestamp() - time.time()
+    return lambda: time.time() + offset
 
 
 def _delete_model_rows(reg: Registry, model: str) -> None:

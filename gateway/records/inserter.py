@@ -6,10 +6,11 @@ SQLite: INSERT ... ON CONFLICT (request_id) DO NOTHING, a batch in request-id or
 statement when its ids land at the unique index's right edge (the gateway's own time-prefixed ids: ~1 us
 less CPU a row), executemany's statement a row otherwise (gateway.records.sqlite_rows says why).
 PostgreSQL with psycopg2 (the engine's driver): binary COPY on psycopg 3 connections
-(gateway.records.pg_copy, bounded by registry.copy_conn) until a request id is taken or a row is near
-midnight (see gateway.records.pg_ids, which also says how ids stay unique across days); then, on the
-same connections, binary COPY into the connection's TEMP staging table and `INSERT ... SELECT ... FROM
-it ON CONFLICT (request_id, day) DO NOTHING` (pg_copy.stage_rows), so duplicates behave as before.
+(gateway.records.pg_copy, bounded by registry.copy_conn); near midnight, after one look-up of the
+batch's ids on the neighbouring day (gateway.records.pg_ids, which also says how ids stay unique across
+days). Once a request id is taken, on the same connections, binary COPY into the connection's TEMP
+staging table and `INSERT ... SELECT ... FROM it ON CONFLICT (request_id, day) DO NOTHING`
+(pg_copy.stage_rows), so duplicates behave as before.
 Every path writes predictions.day, created_at's UTC date (migration 0009). Batches of 2,000+ rows go as
 two halves on two connections committed together (gateway.records.paired_tx). Other drivers fall back to
 `Registry.insert_predictions`.
@@ -17,8 +18,8 @@ two halves on two connections committed together (gateway.records.paired_tx). Ot
 Measured on this machine (server CPU a row, 32 features, the table's indexes): execute_values ~45-52 us
 client + server, the unnest INSERT 11.8-13.6 us server, binary COPY 9.0 us server; over 60 s with two
 connections, 75k rows/s for the unnest INSERT (the INSERT that checks ids until 2026-12-06) and 103-107k
-for COPY; near midnight the staged INSERT 92.6k against the unnest INSERT's 85.5k, with ~30 % less of
-the writer's CPU a row (docs/performance.md).
+for COPY; in the half hour around midnight, COPY after the look-up 106-133k against 78-102k for the
+staged INSERT that took those batches before (docs/performance.md).
 Feature rows: packed little-endian float32 vectors (`matrix_f32`) on both backends: SQLite keeps them in
 its JSON-typed column, PostgreSQL's column is bytea since migration 0008 (binary COPY sends each as
 it is). The column type,
@@ -54,7 +55,13 @@ from gateway.records.pg_copy import (
     stage_rows,
     stage_shadow_rows,
 )
-from gateway.records.pg_ids import TakenWindow, first_of_each_id, pg_insert_sql
+from gateway.records.pg_ids import (
+    TakenWindow,
+    first_of_each_id,
+    pg_insert_sql,
+    taken_across_midnight,
+    taken_sql,
+)
 from gateway.records.sqlite_rows import MultiRowInsert
 from registry import Registry
 from registry.copy_conn import CopyConnections, deadline
@@ -129,6 +136,7 @@ class Inserter:
             self.sql = pg_insert_sql(table.name, cols, STAGE_NAMES[:len(COLUMNS)], STAGE_TABLE, STAGE_NAMES)
             self._copy = CopyConnections(registry.url)
             self.copy_sql = copy_sql(table.name, (*COLUMNS, DAY_COLUMN))
+            self.taken_sql = taken_sql(table.name)
             self.shadow_copy_sql = copy_sql(ShadowPrediction.__table__.name, SHADOW_COLUMNS)
             self._when = Timestamps()
             self._shadow_when = Timestamps()  # its own cache: shadow rows are written from another thread
@@ -200,23 +208,31 @@ class Inserter:
 
         if self._copy is None:
             return self._insert_rows(self.sql, params, errors)
-        # One statement cannot see its own rows in NOT EXISTS: the same id twice in a batch across
-        # midnight is kept once here (the first, as ON CONFLICT keeps it within a day).
-        def checked() -> int:
-            return self._copy_rows(first_of_each_id(params), errors, staged=True)
-        return self._conflicts.copy_first(lambda: self._copy_rows(params, errors), checked)
+        # Neither a statement's NOT EXISTS nor the neighbouring day's look-up sees the batch's own rows:
+        # the same id twice in a batch across midnight is kept once here (the first, as ON CONFLICT
+        # keeps it within a day).
+        return self._conflicts.copy_first(
+            lambda: self._copy_rows(params, errors),
+            lambda: self._copy_rows(first_of_each_id(params), errors, how="staged"),
+            lambda: self._copy_rows(first_of_each_id(params), errors, how="midnight"))
 
-    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]], staged: bool = False) -> int:
+    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]], how: str = "copy") -> int:
         """PostgreSQL, on the COPY connections, each half's statements bounded by
-        registry.copy_conn.deadline: the plain path, binary COPY into predictions; `staged`, the INSERT
-        that checks ids, fed by binary COPY into the connection's staging table (gateway.records.pg_copy,
-        stage_rows)."""
+        registry.copy_conn.deadline. `how`: "copy", the plain path, binary COPY into predictions;
+        "midnight", the same COPY without the rows whose ids the neighbouring day stores
+        (pg_ids.taken_across_midnight, in the same transaction); "staged", the INSERT that checks ids,
+        fed by binary COPY into the connection's staging table (gateway.records.pg_copy.stage_rows)."""
         copy = self._copy
         assert copy is not None
 
         def write(cur: Any, part: Sequence[Row]) -> int:
-            if staged:
+            if how == "staged":
                 return stage_rows(cur, self.sql, part, self._when)
+            if how == "midnight":
+                taken = taken_across_midnight(cur, self.taken_sql, part, self._when)
+                if taken:
+                    part = [r for r in part if r[0] not in taken]
+                return copy_rows(cur, self.copy_sql, part, self._when, midnight_ok=True)
             return copy_rows(cur, self.copy_sql, part, self._when)
         return self._batch(copy.connect, params, errors, write,
                            bound=lambda cur: deadline(cur.connection, copy.query_timeout_s))

@@ -22,7 +22,7 @@ tests/integration/test_log_insert.py checks against the table on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from registry.models import list_to_packed
@@ -34,23 +34,33 @@ COLUMN_TYPES = ("varchar", "varchar", "int4", "varchar", "float8", "float8", "ti
 # COPY also writes predictions.day (migration 0009: PostgreSQL's partition key), the UTC date of created_at.
 DAY_COLUMN = "day"
 COPY_TYPES = (*COLUMN_TYPES, "date")
-# Request ids are unique per day (UNIQUE (request_id, day)) and, across midnight, within this window: a row
-# answered this close to 00:00 UTC is written by the INSERT that also looks for its id on the neighbouring
-# day (gateway.records.pg_ids), so a client's retry that crosses midnight is logged once.
+# Request ids are unique per day (UNIQUE (request_id, day)) and, across midnight, within this window: the
+# id of a row answered this close to 00:00 UTC is also looked up on the neighbouring day before the row is
+# written (gateway.records.pg_ids), so a client's retry that crosses midnight is logged once.
 SAME_ID_WINDOW_MIN = 15
 EARLY, LATE = time(0, SAME_ID_WINDOW_MIN), time(23, 60 - SAME_ID_WINDOW_MIN)  # a day's own stretch
 
 
 class NearMidnight(Exception):  # noqa: N818 - a routing signal, not a failure
     """copy_rows met a row within SAME_ID_WINDOW_MIN minutes of 00:00 UTC: nothing is written (the COPY
-    is aborted and rolled back); the caller writes the batch by the INSERT that checks the neighbouring
-    day."""
+    is aborted and rolled back); the caller looks the batch's ids up on the neighbouring day and writes it
+    again (gateway.records.pg_ids)."""
 
 
-def near_midnight(dt: datetime) -> bool:
-    """True when `dt` (aware) is within SAME_ID_WINDOW_MIN minutes of a UTC midnight."""
-    t = dt.astimezone(UTC).time()
-    return t < EARLY or t >= LATE
+_ONE_DAY = timedelta(days=1)
+
+
+def neighbour_day(dt: datetime) -> date | None:
+    """The UTC day on which a row answered at `dt` (aware) must also look for its request id: the day
+    before when `dt` is within SAME_ID_WINDOW_MIN minutes after a UTC midnight, the day after when within
+    them before one, None otherwise (the rest of the day: its own day's unique key is the whole rule)."""
+    u = dt.astimezone(UTC)
+    t = u.time()
+    if t < EARLY:
+        return u.date() - _ONE_DAY
+    if t >= LATE:
+        return u.date() + _ONE_DAY
+    return None
 
 
 # shadow_predictions' (gateway.records.inserter.SHADOW_COLUMNS): request_id, model, version, score,
@@ -70,17 +80,18 @@ class Timestamps:
 
     def __init__(self) -> None:
         self._last: tuple[Any, datetime | None] = (None, None)
-        self._dated: tuple[Any, datetime | None, date | None, bool] = (None, None, None, False)
+        self._dated: tuple[Any, datetime | None, date | None, date | None] = (None, None, None, None)
 
-    def dated(self, value: Any) -> tuple[datetime, date, bool]:
-        """(the datetime, its UTC date, whether it is near_midnight), cached like __call__."""
-        text, dt, day, edge = self._dated
+    def dated(self, value: Any) -> tuple[datetime, date, date | None]:
+        """(the datetime, its UTC date, its neighbour_day: None unless near midnight), cached like
+        __call__."""
+        text, dt, day, other = self._dated
         if value == text and dt is not None and day is not None:
-            return dt, day, edge
+            return dt, day, other
         dt = self(value)
-        day, edge = dt.astimezone(UTC).date(), near_midnight(dt)
-        self._dated = (value, dt, day, edge)
-        return dt, day, edge
+        day, other = dt.astimezone(UTC).date(), neighbour_day(dt)
+        self._dated = (value, dt, day, other)
+        return dt, day, other
 
     def __call__(self, value: Any) -> datetime:
         text, dt = self._last
@@ -105,15 +116,17 @@ def copy_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamp
     the column's Python type (a numpy scalar would otherwise fail the dump, which the log would take for
     bad data); features go as packed float32 (JSON text or lists from unary rows and spill lines are
     packed here). Raises NearMidnight, having written nothing that commits, for a row near 00:00 UTC,
-    unless `midnight_ok` (the staged INSERT's table, which checks the neighbouring day: stage_rows)."""
+    unless `midnight_ok`: the caller has checked those rows' ids against the neighbouring day
+    (gateway.records.pg_ids.taken_across_midnight), or writes the staged INSERT's table, which does
+    (stage_rows)."""
     dated = when.dated
     with cur.copy(sql) as cp:
         cp.set_types(COPY_TYPES)
         write = cp.write_row
         for r in rows:
             f = r[7]
-            dt, day, edge = dated(r[6])
-            if edge and not midnight_ok:
+            dt, day, other = dated(r[6])
+            if other is not None and not midnight_ok:
                 raise NearMidnight(r[6])
             write((r[0], r[1], int(r[2]), r[3], float(r[4]), float(r[5]), dt,
                    f if f is None or type(f) is bytes else list_to_packed(f),

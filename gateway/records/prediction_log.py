@@ -102,8 +102,12 @@ class PredictionLog(DurableWriter):
         spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES,
         spill_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         dead_letter_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock`: the answer time of each row, epoch seconds (`chimera log bench --answered-at` sets
+        it near midnight, where PostgreSQL's writer looks ids up on the neighbouring day)."""
         self.registry = registry
+        self._clock = clock
         self.spill_path = Path(spill_path)
         self.max_queue = max_queue
         self.batch_size = batch_size
@@ -140,7 +144,7 @@ class PredictionLog(DurableWriter):
                 failed_version: int | None = None) -> None:
         """Queue one prediction. `features`: the scored row in the version's schema order, or None;
         `split_revision`, `pinned`, `failed_version`: see gateway.records.inserter.Row."""
-        self._append((request_id, model, version, routing_key, score, latency_ms, time.time(), features,
+        self._append((request_id, model, version, routing_key, score, latency_ms, self._clock(), features,
                       split_revision, pinned, failed_version), 1)
 
     def log_many(self, request_ids: list[str], model: str, version: int, routing_keys: list[str],
@@ -151,19 +155,19 @@ class PredictionLog(DurableWriter):
         choosing which rows keep theirs (True: all, False: none, or a boolean array);
         `failed_version` one for all rows or a list with one per row."""
         if request_ids:
-            self._append(_Block(request_ids, model, version, routing_keys, scores, latency_ms, time.time(),
+            self._append(_Block(request_ids, model, version, routing_keys, scores, latency_ms, self._clock(),
                                 features, mask, split_revision, pinned, failed_version), len(request_ids))
 
     def log_error(self, request_id: str, model: str, version: int, routing_key: str, latency_ms: float,
                   error: str, split_revision: int | None = None, pinned: bool = False) -> None:
         """Queue a request that failed entirely on `version` (a request_errors row: the rollout's error
         guardrail counts it against that version)."""
-        self._append((request_id, model, version, routing_key, 0.0, latency_ms, time.time(), None,
+        self._append((request_id, model, version, routing_key, 0.0, latency_ms, self._clock(), None,
                       split_revision, pinned, None, error[:1000]), 1)
 
     def submit(self, row: PredictionRow) -> None:
         """Queue one PredictionRow (the general form; the gateway uses log_one/log_many)."""
-        created = row.created_at.timestamp() if row.created_at else time.time()
+        created = row.created_at.timestamp() if row.created_at else self._clock()
         self._append((row.request_id, row.model, row.version, row.routing_key, row.score, row.latency_ms,
                       created, row.features, None, False, None), 1)
 

@@ -153,9 +153,10 @@ def test_postgresql_batches_skip_on_conflict_until_an_id_is_taken(registry) -> N
     assert fresh.insert([("c-3", *row[1:]), ("c-3", *row[1:])]) == 1 and fresh._conflicts.until > 0
 
 
-# 12:00 UTC goes by COPY; 23:55 UTC by the INSERT that checks the neighbouring day, fed through the
-# connection's staging table (gateway.records.pg_copy.stage_rows).
-@pytest.mark.parametrize("path", ["copy", "staged insert"])
+# 12:00 UTC goes by COPY; 23:55 UTC by COPY after a look-up of the neighbouring day
+# (gateway.records.pg_ids.taken_across_midnight); after a replayed id, by the INSERT that checks ids, fed
+# through the connection's staging table (gateway.records.pg_copy.stage_rows).
+@pytest.mark.parametrize("path", ["copy", "near midnight", "staged insert"])
 def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(registry, path: str) -> None:  # noqa: ANN001
     """PostgreSQL writes a batch of 2,000+ rows as two halves on two connections, committed together
     (gateway.records.paired_tx): all rows stored with their features; a refused row in either half
@@ -165,7 +166,10 @@ def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(regi
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("SQLite: one connection writes")
     ins = Inserter(registry)
-    ts = ins.timestamp(midday() + (0 if path == "copy" else 11 * 3600 + 55 * 60))
+    ts = ins.timestamp(midday() + (11 * 3600 + 55 * 60 if path == "near midnight" else 0))
+    if path == "staged insert":  # a replay: the next minute's batches go by the staged INSERT
+        replay = ("replayed", "other", 1, "k", 0.5, 1.0, ts, None, None, False, None)
+        assert ins.insert([replay]) == 1 and ins.insert([replay]) == 0
     feats = ins.encode_matrix(np.arange(2500 * 4, dtype=np.float32).reshape(2500, 4))
     rows = [(f"h-{i}", "m", 1, "k", 0.5, 1.0, ts, feats[i], None, False, None) for i in range(2500)]
     for at, key in ((1200, "a\x00b"), (2400, "k" * 300)):
@@ -177,7 +181,8 @@ def test_a_big_postgresql_batch_in_two_halves_is_stored_whole_or_not_at_all(regi
             assert s.scalar(select(Prediction.id).where(Prediction.model == "m").limit(1)) is None
     assert ins.insert([*rows, rows[7]]) == 2500
     with registry.session() as s:
-        got = dict(s.execute(select(Prediction.request_id, Prediction.features)).tuples().all())
+        got = dict(s.execute(select(Prediction.request_id, Prediction.features)
+                             .where(Prediction.model == "m")).tuples().all())
     assert len(got) == 2500 and got["h-2499"] == [9996.0, 9997.0, 9998.0, 9999.0]
 
 
@@ -237,7 +242,8 @@ def test_without_the_temporary_privilege_only_the_checked_insert_fails_and_as_th
     """PostgreSQL: the INSERT that checks ids reads its batch from a TEMP table of the connection
     (gateway.records.pg_copy.stage_rows), so the registry's role needs the TEMPORARY privilege on the
     database (PUBLIC has it unless revoked; README, PostgreSQL). Without it, batches by COPY are stored as
-    before, and a batch that needs the check fails with PostgreSQL's "permission denied" named — as the
+    before, near midnight too (COPY after a look-up of the neighbouring day), and a batch that needs the
+    check (an id already stored: a replay) fails with PostgreSQL's "permission denied" named — as the
     database refusing, not as bad rows: the log keeps such rows (spill) instead of dead-lettering them."""
     if registry.engine.dialect.name != "postgresql":
         pytest.skip("TEMP tables and their privilege are PostgreSQL's")
@@ -257,8 +263,10 @@ def test_without_the_temporary_privilege_only_the_checked_insert_fails_and_as_th
     try:
         noon, late = ins.timestamp(midday()), ins.timestamp(midday() + 11 * 3600 + 55 * 60)
         assert ins.insert([("t-1", "m", 1, "k", 0.5, 1.0, noon, None, None, False, None)]) == 1
+        assert ins.insert([("t-2", "m", 1, "k", 0.5, 1.0, late, None, None, False, None)]) == 1
         with pytest.raises(Exception) as err:
-            ins.insert([("t-2", "m", 1, "k", 0.5, 1.0, late, None, None, False, None)])
+            ins.insert([("t-1", "m", 1, "k", 0.5, 1.0, noon, None, None, False, None),
+                        ("t-3", "m", 1, "k", 0.5, 1.0, noon, None, None, False, None)])
         assert "permission denied" in str(err.value) and "temporary" in str(err.value), err.value
         assert not is_data_error(err.value)
     finally:
@@ -268,4 +276,4 @@ def test_without_the_temporary_privilege_only_the_checked_insert_fails_and_as_th
             conn.execute(text(f"DROP OWNED BY {role}"))
             conn.execute(text(f"DROP ROLE {role}"))
     with registry.session() as s:
-        assert set(s.scalars(select(Prediction.request_id))) == {"t-1"}
+        assert set(s.scalars(select(Prediction.request_id))) == {"t-1", "t-2"}

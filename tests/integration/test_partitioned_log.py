@@ -8,9 +8,12 @@ tests/integration/test_partitions.py."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
+import pytest
 from sqlalchemy import text
 
+from gateway.records import inserter
 from gateway.records.inserter import Inserter, Row
 from registry import Registry
 from registry.migrate import upgrade
@@ -64,9 +67,18 @@ def test_every_writer_stores_the_answer_day_and_postgres_files_the_row_under_it(
 
 
 def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_again_on_postgres(
-        registry: Registry) -> None:
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ids are unique per UTC day and within 15 minutes across midnight (gateway.records.pg_copy); on
-    SQLite, one table, an id is unique while its row is kept, as before 0009."""
+    SQLite, one table, an id is unique while its row is kept, as before 0009. On PostgreSQL the batches
+    near midnight go by COPY after a look-up of the neighbouring day (gateway.records.pg_ids), not by the
+    slower staged INSERT, which only a row stored twice on one day sends them to."""
+    staged: list[int] = []
+    real_stage_rows = inserter.stage_rows
+
+    def counted(*args: Any) -> int:
+        staged.append(len(args[2]))
+        return real_stage_rows(*args)
+    monkeypatch.setattr(inserter, "stage_rows", counted)
     today = _today()
     tomorrow = today + timedelta(days=1)
     pg = registry.engine.dialect.name == "postgresql"
@@ -79,17 +91,54 @@ def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_agai
         assert ins.insert([_row(ins, "b", late)]) == 0  # a replayed row from before midnight, after
         # Both in one batch (one statement cannot see its own rows): still once, the first kept.
         assert ins.insert([_row(ins, "c", late), _row(ins, "c", early), _row(ins, "d", early)]) == 2
+        # An id holding the look-up's separator (any character but NUL is a valid id), an empty one.
+        for odd in ("g\x1fh", ""):
+            assert ins.insert([_row(ins, odd, late)]) == 1
+            assert ins.insert([_row(ins, odd, early)]) == 0
         # Past the window the day decides (PostgreSQL): an id reused the next noon is a new row.
         assert ins.insert([_row(ins, "a", _at(tomorrow, 12, 0))]) == (1 if pg else 0)
+        assert staged == []
         # The same row twice (a spill replay) is stored once, by COPY's retry with ON CONFLICT.
         assert ins.insert([_row(ins, "e", _at(tomorrow, 13, 0))]) == 1
         assert ins.insert([_row(ins, "e", _at(tomorrow, 13, 0))]) == 0
+        assert staged == ([1] if pg else [])
+        # Near midnight again, inside the minute after that: the staged INSERT's own check of the
+        # neighbouring day.
+        assert ins.insert([_row(ins, "f", early), _row(ins, "d", late)]) == 1
     finally:
         ins.close()
     rows = _stored(registry)
-    want = [("a", today), ("b", tomorrow), ("c", today), ("d", tomorrow)] + \
-        ([("a", tomorrow)] if pg else []) + [("e", tomorrow)]
+    want = [("a", today), ("b", tomorrow), ("c", today), ("d", tomorrow),
+            ("g\x1fh", today), ("", today)] + \
+        ([("a", tomorrow)] if pg else []) + [("e", tomorrow), ("f", tomorrow)]
     assert [(r, d) for r, d, _ in rows] == want
+
+
+def test_log_bench_answered_at_times_the_rows_near_midnight_and_stores_every_one(registry: Registry) -> None:
+    """`chimera log bench --answered-at 23:50` (how the half hour around midnight is measured on
+    PostgreSQL, docs/performance.md): the rows are answered from 23:50 UTC today on, stored under today,
+    all of them; a time that is not HH:MM is refused by name."""
+    from typer.testing import CliRunner
+
+    from chimera.cli import app
+    from loadtest.bench_log import MODEL
+
+    args = ["log", "bench", "--registry-url", registry.url, "--duration", "1", "--warmup", "0.2",
+            "--rate", "3000", "--block", "64", "--keep", "--answered-at", "23:50"]
+    today = _today()  # before the bench reads it
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "answers timed from 23:50 UTC today" in res.output
+    with registry.engine.connect() as c:
+        rows = c.execute(text("SELECT created_at, day FROM predictions WHERE model = :m"), {"m": MODEL}).all()
+    assert len(rows) >= 2000
+    for created, day in rows:
+        at = created if isinstance(created, datetime) else datetime.fromisoformat(created)
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        assert at.date() == today and time(23, 50) <= at.time() < time(23, 52), at
+        assert (day if isinstance(day, date) else date.fromisoformat(day)) == today
+    bad = CliRunner().invoke(app, [*args[:-1], "25:99"])
+    assert bad.exit_code == 2 and "--answered-at" in bad.output, bad.output
 
 
 def test_rows_from_before_the_migration_keep_their_ids_and_get_their_own_day(registry_url: str) -> None:

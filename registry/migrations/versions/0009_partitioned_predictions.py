@@ -10,7 +10,7 @@ to the writer (2-10 % of the COPY rate) and gives the design; the points that sh
   (gateway.records.pg_copy, gateway.records.inserter, the ORM default in registry.models). PostgreSQL
   partitions by a column, not an expression, and refuses a unique index without the partition key, so
   the keys become PRIMARY KEY (id, day) and UNIQUE (request_id, day): a request id is unique per day
-  (plus a 15-minute window across midnight, kept by the writer's INSERT; see gateway.records.pg_ids).
+  (plus a 15-minute window across midnight, kept by the writer; see gateway.records.pg_ids).
 - The existing table becomes the first partition, `predictions_upto_<day after the migration>`, FOR
   VALUES FROM (MINVALUE): no copy of its rows into a new table. Its rows get their own day (one
   rewrite of the table, ALTER COLUMN ... TYPE ... USING, like 0008's: plan it, prune first), so a
