@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from operator import itemgetter
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import insert
@@ -216,7 +216,8 @@ class Inserter:
             lambda: self._copy_rows(first_of_each_id(params), errors, how="staged"),
             lambda: self._copy_rows(first_of_each_id(params), errors, how="midnight"))
 
-    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]], how: str = "copy") -> int:
+    def _copy_rows(self, params: Sequence[Row], errors: list[tuple[Any, ...]],
+                   how: Literal["copy", "midnight", "staged"] = "copy") -> int:
         """PostgreSQL, on the COPY connections, each half's statements bounded by
         registry.copy_conn.deadline. `how`: "copy", the plain path, binary COPY into predictions;
         "midnight", the same COPY without the rows whose ids the neighbouring day stores

@@ -63,7 +63,7 @@ def taken_sql(table: str) -> tuple[str, str]:
     """The look-ups of `taken_across_midnight`: which request ids `table` stores on one day (its
     partition's (request_id, day) index); the ids as one text joined by _SEP, and as a list."""
     head = f"SELECT request_id FROM {table} WHERE {DAY_COLUMN} = %s AND request_id = ANY("
-    return head + "string_to_array(%s, chr(31)))", head + "%s)"
+    return head + f"string_to_array(%s, chr({ord(_SEP)})))", head + "%s)"
 
 
 def taken_across_midnight(cur: Any, sql: tuple[str, str], rows: Sequence[Sequence[Any]],
