@@ -51,19 +51,11 @@ def one_version_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest
     """For module fixtures parametrised over BACKENDS: a fresh registry of `request.param` with one
     model (named `prefix` + random hex, one small ONNX version at 100 %) behind a running gateway
     (`overrides`: GatewayConfig fields). Yields (gateway, model, the version's ONNX bytes)."""
-    import uuid
-
-    from registry import Registry
-    from tests.harness import GatewayThread, small_onnx
+    from tests.harness import GatewayThread, served_model
 
     tmp = tmp_path_factory.mktemp(prefix)
     url = fresh_registry_url(request.param, request, tmp)
-    reg = Registry(url)
-    reg.upgrade()
-    model = prefix + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=seed)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    reg, model, onnx = served_model(url, prefix, seed)
     gw = GatewayThread(url, tmp, **overrides).start()
     try:
         yield gw, model, onnx

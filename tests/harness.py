@@ -130,6 +130,23 @@ class BackgroundLoad:
             t.join(30)
 
 
+def served_model(url: str, prefix: str, seed: int) -> tuple[Any, str, bytes]:
+    """A migrated registry at `url` with one model (named `prefix` + random hex) whose only version, a
+    small_onnx(seed=seed), takes 100 % of the traffic: what a gateway started on it deploys. Returns
+    (the Registry, the model's name, the version's ONNX bytes); the caller disposes of the registry."""
+    import uuid
+
+    from registry import Registry
+
+    reg = Registry(url)
+    reg.upgrade()
+    model = prefix + uuid.uuid4().hex[:8]
+    onnx, names = small_onnx(seed=seed)
+    reg.publish_version(model, onnx, names)
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    return reg, model, onnx
+
+
 def replica_pids(model: str, version: int) -> set[int]:
     """Pids of the version's live Ray Serve replica actors (GCS actor table; no dashboard needed)."""
     from ray._private import state

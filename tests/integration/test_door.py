@@ -17,7 +17,7 @@ import pytest
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import rollout_pb2 as rpb
 from registry import NotFoundError, Registry
-from tests.harness import ADMIN_MD, GatewayThread, small_onnx, wait_for
+from tests.harness import ADMIN_MD, GatewayThread, served_model, small_onnx, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 C = grpc.StatusCode
@@ -30,18 +30,6 @@ def refused(call, field: str) -> None:  # noqa: ANN001
         call()
     assert err.value.code() == C.INVALID_ARGUMENT, (field, err.value.code(), err.value.details())
     assert field in err.value.details() and "NUL" in err.value.details(), err.value.details()
-
-
-def _served(url: str, prefix: str, seed: int) -> tuple[Registry, str]:
-    """A migrated registry at `url` with one model (named `prefix` + random hex) whose only version takes
-    100 % of the traffic: what a gateway started on it deploys."""
-    reg = Registry(url)
-    reg.upgrade()
-    model = prefix + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=seed)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
-    return reg, model
 
 
 def spill_files(tmp: Path) -> list[Path]:
@@ -137,12 +125,7 @@ def test_long_input_is_not_echoed_whole_and_nan_scores_are_never_ok(tmp_path: Pa
     """A 100 KB model or feature name: refused, with a message of bounded size that names the field.
     A NaN score from the model: UNAVAILABLE (counted), never OK."""
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url)
-    reg.upgrade()
-    model = "long" + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=5)
-    reg.publish_version(model, onnx, names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    reg, model, onnx = served_model(url, "long", seed=5)
     gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
     try:
         huge = "m" * 100_000
@@ -181,7 +164,7 @@ def test_outcomes_token_and_internal_errors(tmp_path: Path, caplog: pytest.LogCa
     import secrets
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg, model = _served(url, "otok", seed=6)
+    reg, model, _onnx = served_model(url, "otok", seed=6)
     token = secrets.token_hex(24)
     gw = GatewayThread(url, tmp_path, controller_interval_s=0, outcomes_token=token).start()
     try:
@@ -321,7 +304,7 @@ def test_a_taken_port_stops_the_gateway_before_it_deploys_or_takes_a_call(
     from gateway.server import PortTaken
     from replicas.deployment import app_name, serve_running
 
-    reg, model = _served(registry_url, "mport", seed=3)
+    reg, model, _onnx = served_model(registry_url, "mport", seed=3)
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -350,7 +333,7 @@ def test_chimera_serve_on_a_taken_port_exits_1_with_one_line_naming_it(tmp_path:
     import ray
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg, _model = _served(url, "cli", seed=4)  # a version it would deploy
+    reg, _model, _onnx = served_model(url, "cli", seed=4)  # a version it would deploy
     reg.dispose()
     env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with socket.socket() as held:
