@@ -39,7 +39,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.sql.expression import ColumnElement, false
+from sqlalchemy.sql.expression import ColumnElement, and_, false
 
 from chimera.jsonsafe import nan_to_none
 
@@ -202,23 +202,31 @@ class TrafficSplit(Base):
 
 
 def created_day(context: Any) -> date:
-    """predictions.day when a writer gives none: the UTC date of the row's created_at (now without one).
-    Migration 0009 says why the log needs the day as a column (PostgreSQL partitions by it)."""
+    """predictions.day (and shadow_predictions.day) when a writer gives none: the UTC date of the row's
+    created_at (now without one). Migrations 0009 and 0011 say why the log needs the day as a column
+    (PostgreSQL partitions by it)."""
     created = context.get_current_parameters().get("created_at") if context is not None else None
     if not isinstance(created, datetime):
         created = utcnow()
     return (created if created.tzinfo is None else created.astimezone(UTC)).date()
 
 
-# The names of predictions' partitions on PostgreSQL (migration 0009, registry.partitions): one table a
-# UTC day, the first (the table before 0009) and the DEFAULT one. Not declared here: they are the parent's.
-PREDICTION_PARTITION = re.compile(r"predictions_(?:\d{8}|upto_\d{8}|default)")
+# The names of the day partitions of predictions (migration 0009) and shadow_predictions (0011) on
+# PostgreSQL (registry.partitions): one table a UTC day, the first (the table before the migration) and the
+# DEFAULT one. Not declared here: they are the parent's.
+LOG_PARTITION = re.compile(r"(?:shadow_)?predictions_(?:\d{8}|upto_\d{8}|default)")
 
 
 def prediction_key(dialect: str) -> list[str]:
     """The columns a request id is unique with in predictions, for ON CONFLICT: (request_id, day) on
     PostgreSQL, where the table is partitioned by day (migration 0009), request_id alone on SQLite."""
     return ["request_id", "day"] if dialect == "postgresql" else ["request_id"]
+
+
+def shadow_key(dialect: str) -> list[str]:
+    """The columns a mirror score is unique with in shadow_predictions, for ON CONFLICT: (request_id,
+    version, day) on PostgreSQL, partitioned by day (migration 0011), (request_id, version) on SQLite."""
+    return ["request_id", "version", "day"] if dialect == "postgresql" else ["request_id", "version"]
 
 
 class Prediction(Base):
@@ -369,7 +377,10 @@ class LoadTestRun(Base):
 class ShadowPrediction(Base):
     """A mirror version's score for a live request (same request id as the served prediction): the
     shadow version's, or production's for a canary row (its covariate); one row per (request id,
-    version), migration 0007."""
+    version), migration 0007. On PostgreSQL the table is partitioned by `day` like predictions
+    (migration 0011): its keys there are PRIMARY KEY (id, day) and UNIQUE (request_id, version, day), with
+    CHECK (day = created_at's UTC date). A mirror score pairs with its request's prediction only on the
+    same day (`mirrored_with`), which is what keeps a retry that crossed midnight from pairing twice."""
 
     __tablename__ = "shadow_predictions"
     __table_args__ = (Index("ix_shadow_predictions_model_version", "model", "version"),
@@ -384,6 +395,31 @@ class ShadowPrediction(Base):
     score: Mapped[float] = mapped_column(Float, nullable=False)
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # The UTC date of created_at (migration 0011): PostgreSQL's partition key, filled by every writer.
+    day: Mapped[date] = mapped_column(Date, nullable=False, default=created_day)
+
+
+def mirrored_with(postgres: bool, model: str, version: int, since: datetime | None = None,
+                  until: datetime | None = None) -> ColumnElement[bool]:
+    """The join condition that pairs a served prediction (logged in [since, until], as `logged_between`
+    selects it) with `version`'s mirror score of the same request: same model, request id and day.
+
+    Why the day (migration 0011): on PostgreSQL a (request id, version) is unique per day, as a request id
+    is in predictions, so a client's retry that crossed midnight can leave a mirror score on both days
+    while the log keeps one prediction (gateway.records.pg_ids). Only the one of the kept prediction's day
+    pairs with it: no request is counted twice. The same rule holds on SQLite, where the retry's score is
+    refused instead. A mirror score written after 00:00 UTC for a request answered just before it (the
+    mirror's milliseconds) pairs with nothing and the row has no mirror score, as when a mirror fails.
+    On PostgreSQL the same day range as the predictions' is added, so the planner reads only those days'
+    partitions of shadow_predictions."""
+    conds: list[ColumnElement[bool]] = [
+        ShadowPrediction.request_id == Prediction.request_id, ShadowPrediction.day == Prediction.day,
+        ShadowPrediction.model == model, ShadowPrediction.version == version]
+    if postgres and since is not None:
+        conds.append(ShadowPrediction.day >= as_utc(since).date())
+    if postgres and until is not None:
+        conds.append(ShadowPrediction.day <= as_utc(until).date())
+    return and_(*conds)
 
 
 class TrainingRun(Base):

@@ -1,11 +1,14 @@
-"""The prediction log's day partitions on PostgreSQL (migration 0009): which exist, making the next days
-before their rows arrive, and dropping whole old days for retention. SQLite keeps `predictions` as one
-plain table: there every function here does nothing and returns an empty list (or dict).
+"""The prediction log's day partitions on PostgreSQL: which exist, making the next days before their rows
+arrive, and dropping whole old days for retention. Two tables are partitioned alike (PARENTS):
+`predictions` (migration 0009) and `shadow_predictions`, the mirror scores (migration 0011); every
+function takes the parents it works on and defaults to both, except `partitions_of`, which lists one.
+SQLite keeps both as plain tables: there every function here does nothing and returns an empty list (or
+dict).
 
-Layout (migration 0009): `predictions` is PARTITION BY RANGE (day); the table from before the migration is
-the first partition, `predictions_upto_YYYYMMDD`, FROM (MINVALUE) TO its day; one table a day,
-`predictions_YYYYMMDD`; and `predictions_default`, the DEFAULT partition, which takes any day without a
-table, so no row is ever refused for its day.
+Layout (migration 0009; 0011 the same for shadow_predictions): `predictions` is PARTITION BY RANGE (day);
+the table from before the migration is the first partition, `predictions_upto_YYYYMMDD`, FROM (MINVALUE)
+TO its day; one table a day, `predictions_YYYYMMDD`; and `predictions_default`, the DEFAULT partition,
+which takes any day without a table, so no row is ever refused for its day.
 
 Why days are made ahead (`ensure_days`, called by the prediction log's writer about hourly): once the
 DEFAULT partition holds rows of a day, PostgreSQL refuses to make that day's table (the rows would have
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -47,7 +51,8 @@ from registry.repository import Registry
 log = logging.getLogger(__name__)
 
 PARENT = "predictions"
-DEFAULT_PARTITION = "predictions_default"
+SHADOW_PARENT = "shadow_predictions"
+PARENTS = (PARENT, SHADOW_PARENT)
 # SQLSTATEs: lock_not_available, query_canceled (the statement_timeout), check_violation (DEFAULT holds
 # rows of the day), duplicate_table (the name is taken), invalid_object_definition (the range overlaps).
 _TIMED_OUT = {"55P03", "57014"}
@@ -56,10 +61,15 @@ _TAKEN = {"42P07", "42P17"}
 _BOUND = re.compile(r"FOR VALUES FROM \((?P<lower>[^)]*)\) TO \((?P<upper>[^)]*)\)")
 
 
+def default_partition(parent: str = PARENT) -> str:
+    """The name of `parent`'s DEFAULT partition."""
+    return f"{parent}_default"
+
+
 @dataclass(frozen=True)
 class Partition:
-    """One partition of `predictions`: it holds the days lower <= day < upper (None: MINVALUE / MAXVALUE);
-    the DEFAULT partition has no bounds and holds every day no other partition covers."""
+    """One partition of a parent in PARENTS: it holds the days lower <= day < upper (None: MINVALUE /
+    MAXVALUE); the DEFAULT partition has no bounds and holds every day no other partition covers."""
 
     name: str
     lower: date | None
@@ -72,125 +82,139 @@ class Partition:
                 and (self.upper is None or day < self.upper))
 
 
-def day_table(day: date) -> str:
-    """The name of `day`'s own partition."""
-    return f"{PARENT}_{day:%Y%m%d}"
+def day_table(day: date, parent: str = PARENT) -> str:
+    """The name of `day`'s own partition of `parent`."""
+    return f"{parent}_{day:%Y%m%d}"
 
 
-def prediction_partitions(registry: Registry) -> list[Partition]:
-    """Every partition of `predictions`, the bounded ones by lower bound (MINVALUE first), the DEFAULT one
-    last; [] on SQLite and on a PostgreSQL database before migration 0009."""
+def partitions_of(registry: Registry, parent: str = PARENT) -> list[Partition]:
+    """Every partition of `parent`, the bounded ones by lower bound (MINVALUE first), the DEFAULT one
+    last; [] on SQLite and on a PostgreSQL database before the migration that partitioned it."""
     if not registry.is_postgres:
         return []
     with registry.engine.begin() as conn:
-        return _partitions(conn) or []
+        return _partitions(conn, parent) or []
 
 
-def ensure_days(registry: Registry, first: date, days: int = 3, lock_timeout_s: float = 2.0) -> list[str]:
-    """Make `predictions_YYYYMMDD` for each day in [first, first + days) that no partition covers yet (the
-    first partition covers every day below its upper bound), each in its own transaction bounded by
-    `lock_timeout_s`. Returns the names made, in day order; [] on SQLite.
+def ensure_days(registry: Registry, first: date, days: int = 3, lock_timeout_s: float = 2.0,
+                parents: Sequence[str] = PARENTS) -> list[str]:
+    """Make `<parent>_YYYYMMDD` for each of `parents` and each day in [first, first + days) that no
+    partition of it covers yet (the first partition covers every day below its upper bound), each in its
+    own transaction bounded by `lock_timeout_s`. Returns the names made, parent by parent in day order; []
+    on SQLite.
 
     Raises PartitionError (its `done`: the tables made before) when a CREATE timed out (the remaining days
-    are not tried: they would wait for the same lock), or, after trying every other day, when PostgreSQL
-    refused a day: predictions_default holds rows of it, or its name is taken by a table that is not its
-    partition. A day another session made meanwhile counts as covered. Other database errors (the server
-    down) propagate as SQLAlchemy raises them."""
+    and parents are not tried: they would wait for the same kind of lock), or, after trying every other
+    day, when PostgreSQL refused a day: the parent's DEFAULT partition holds rows of it, or its name is
+    taken by a table that is not its partition. A day another session made meanwhile counts as covered.
+    Other database errors (the server down) propagate as SQLAlchemy raises them."""
     if not registry.is_postgres or days <= 0:
         return []
     _check_timeout(lock_timeout_s)
+    made: list[str] = []
+    refused: list[str] = []
+    for parent in parents:
+        refused += _ensure_parent(registry, parent, first, days, lock_timeout_s, made)
+    if refused:
+        raise PartitionError("no partition made for " + "; ".join(refused), made)
+    return made
+
+
+def _ensure_parent(registry: Registry, parent: str, first: date, days: int, lock_timeout_s: float,
+                   made: list[str]) -> list[str]:
+    """ensure_days for one parent: appends the names made to `made`, returns why days were refused."""
     with registry.engine.begin() as conn:
-        parts = _partitions(conn)
+        parts = _partitions(conn, parent)
     if parts is None:
         return []
-    made: list[str] = []
+    default = default_partition(parent)
     refused: list[str] = []
     for day in (first + timedelta(days=i) for i in range(days)):
         if any(p.covers(day) for p in parts):
             continue
-        name = day_table(day)
+        name = day_table(day, parent)
         try:
             with registry.engine.begin() as conn:
                 _bound(conn, lock_timeout_s)
                 _ddl(conn, "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
-                     "INCLUDING STORAGE INCLUDING COMPRESSION)", name, PARENT)
-                _ddl(conn, "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM (%(lo)s) TO (%(hi)s)", PARENT,
+                     "INCLUDING STORAGE INCLUDING COMPRESSION)", name, parent)
+                _ddl(conn, "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM (%(lo)s) TO (%(hi)s)", parent,
                      name, lo=day, hi=day + timedelta(days=1))
         except DBAPIError as exc:
             code = _sqlstate(exc)
             if code in _TIMED_OUT:
                 raise PartitionError(
-                    f"{PARENT}: {name} not made: no lock on {PARENT} or {DEFAULT_PARTITION} within "
+                    f"{parent}: {name} not made: no lock on {parent} or {default} within "
                     f"{lock_timeout_s:g} s (another session holds it, e.g. a long read) or "
-                    f"{DEFAULT_PARTITION} took longer to check; "
+                    f"{default} took longer to check; "
                     f"days from {day} on are tried again later", made) from exc
             if code == _DEFAULT_HAS_ROWS:
-                refused.append(f"{day}: {DEFAULT_PARTITION} holds rows of that day, so PostgreSQL cannot "
-                               f"make {name} (its rows stay in {DEFAULT_PARTITION}; they are not moved)")
+                refused.append(f"{parent} {day}: {default} holds rows of that day, so PostgreSQL cannot "
+                               f"make {name} (its rows stay in {default}; they are not moved)")
                 continue
             if code in _TAKEN:
                 with registry.engine.begin() as conn:
-                    parts = _partitions(conn) or []
+                    parts = _partitions(conn, parent) or []
                 if any(p.covers(day) for p in parts):
                     continue  # another session (another gateway's writer) made it meanwhile
-                refused.append(f"{day}: {_first_line(exc)}")
+                refused.append(f"{parent} {day}: {_first_line(exc)}")
                 continue
             raise
         made.append(name)
         parts.append(Partition(name, day, day + timedelta(days=1), False))
-    if refused:
-        raise PartitionError(f"{PARENT}: no partition made for " + "; ".join(refused), made)
-    return made
+    return refused
 
 
-def partitions_before(registry: Registry, cutoff: date) -> list[tuple[str, int | None]]:
-    """The partitions `drop_partitions_before(registry, cutoff)` would drop now (every one but DEFAULT whose
-    upper bound is <= `cutoff`), in day order, each with the planner's estimate of its rows (`_estimate`;
-    None: not estimated). Read-only, and reads the catalog only: no row of any partition is looked at
-    (`chimera log prune --dry-run`). [] on SQLite."""
+def partitions_before(registry: Registry, cutoff: date,
+                      parents: Sequence[str] = PARENTS) -> list[tuple[str, int | None]]:
+    """The partitions `drop_partitions_before(registry, cutoff, parents=parents)` would drop now (every one
+    but DEFAULT whose upper bound is <= `cutoff`), parent by parent in day order, each with the planner's
+    estimate of its rows (`_estimate`; None: not estimated). Read-only, and reads the catalog only: no row
+    of any partition is looked at (`chimera log prune --dry-run`). [] on SQLite."""
     if not registry.is_postgres:
         return []
     with registry.engine.begin() as conn:
-        return [(p.name, _estimate(conn, p.name)) for p in _before(conn, cutoff)]
+        return [(p.name, _estimate(conn, p.name))
+                for parent in parents for p in _before(conn, parent, cutoff)]
 
 
-def drop_partitions_before(registry: Registry, cutoff: date,
-                           lock_timeout_s: float = 2.0) -> dict[str, int | None]:
-    """Detach and drop every partition but DEFAULT whose upper bound is <= `cutoff`: each holds only days
-    before the cutoff day. Returns name -> the planner's estimate of the rows it held (None: not
-    estimated), in day order; {} on SQLite. `chimera log prune` reports the estimates, never as deleted
-    rows.
+def drop_partitions_before(registry: Registry, cutoff: date, lock_timeout_s: float = 2.0,
+                           parents: Sequence[str] = PARENTS) -> dict[str, int | None]:
+    """Detach and drop every partition of `parents` but DEFAULT whose upper bound is <= `cutoff`: each
+    holds only days before the cutoff day. Returns name -> the planner's estimate of the rows it held
+    (None: not estimated), parent by parent in day order; {} on SQLite. `chimera log prune` reports the
+    estimates, never as deleted rows.
 
     Why an estimate: an exact count(*) reads the whole partition, and a day of the log holds hundreds of
     millions of rows, so the count alone could outlast the client's statement timeout
     (CHIMERA_DB_QUERY_TIMEOUT_S) and stop the prune for a number only used in a report. The estimate is
-    one catalog read (`_estimate`); no row is looked at, to count or to decide: migration 0009's CHECK
-    (day = created_at's UTC date) means a partition whose days are all before the cutoff's holds only
-    rows created before it.
+    one catalog read (`_estimate`); no row is looked at, to count or to decide: the CHECK (day =
+    created_at's UTC date) of migrations 0009 and 0011 means a partition whose days are all before the
+    cutoff's holds only rows created before it.
 
     Per partition, one transaction: read its estimate, then DETACH and DROP it under `lock_timeout_s`
-    (`predictions` is locked only for the DETACH and DROP). A DETACH that times out raises
-    PartitionError; its `done` lists the tables dropped before."""
+    (the parent is locked only for the DETACH and DROP). A DETACH that times out raises PartitionError;
+    its `done` lists the tables dropped before."""
     if not registry.is_postgres:
         return {}
     _check_timeout(lock_timeout_s)
     with registry.engine.begin() as conn:
-        parts = _before(conn, cutoff)
+        parts = [(parent, p) for parent in parents for p in _before(conn, parent, cutoff)]
     dropped: dict[str, int | None] = {}
-    for p in parts:
+    for parent, p in parts:
         bounded = False  # a timeout of the estimate's read (the engine's own timeout) is not ours to explain
         try:
             with registry.engine.begin() as conn:
                 rows = _estimate(conn, p.name)
                 _bound(conn, lock_timeout_s)
                 bounded = True
-                _ddl(conn, "ALTER TABLE {} DETACH PARTITION {}", PARENT, p.name)
+                _ddl(conn, "ALTER TABLE {} DETACH PARTITION {}", parent, p.name)
                 _ddl(conn, "DROP TABLE {}", p.name)
         except DBAPIError as exc:
             if bounded and _sqlstate(exc) in _TIMED_OUT:
                 so_far = ", ".join(f"{n} ({_rows(c)})" for n, c in dropped.items()) or "none"
                 raise PartitionError(
-                    f"{PARENT}: {p.name} not dropped: no lock on {PARENT} within {lock_timeout_s:g} s "
+                    f"{parent}: {p.name} not dropped: no lock on {parent} within {lock_timeout_s:g} s "
                     f"(another session holds it, e.g. a long read); dropped before it: {so_far}",
                     list(dropped)) from exc
             raise
@@ -198,9 +222,9 @@ def drop_partitions_before(registry: Registry, cutoff: date,
     return dropped
 
 
-def _before(conn: Connection, cutoff: date) -> list[Partition]:
-    """The partitions holding only days before `cutoff`: not DEFAULT, upper bound <= `cutoff`."""
-    return [p for p in _partitions(conn) or []
+def _before(conn: Connection, parent: str, cutoff: date) -> list[Partition]:
+    """The partitions of `parent` holding only days before `cutoff`: not DEFAULT, upper bound <= `cutoff`."""
+    return [p for p in _partitions(conn, parent) or []
             if not p.is_default and p.upper is not None and p.upper <= cutoff]
 
 
@@ -217,35 +241,35 @@ def _rows(estimate: int | None) -> str:
     return "rows not estimated" if estimate is None else f"~{estimate} rows"
 
 
-def _partitions(conn: Connection) -> list[Partition] | None:
-    """The partitions of `predictions` (sorted as prediction_partitions says), or None when it is not a
-    partitioned table. Bounds are read in ISO DateStyle (pg_get_expr prints dates in the session's)."""
-    kind = conn.scalar(text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"), {"t": PARENT})
+def _partitions(conn: Connection, parent: str) -> list[Partition] | None:
+    """The partitions of `parent` (sorted as partitions_of says), or None when it is not a partitioned
+    table. Bounds are read in ISO DateStyle (pg_get_expr prints dates in the session's)."""
+    kind = conn.scalar(text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"), {"t": parent})
     if kind != "p":
         return None
     conn.execute(text("SET LOCAL DateStyle = ISO"))
     rows = conn.execute(text(
         "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
-        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:t)"), {"t": PARENT}).all()
-    return sorted((_partition(name, bound) for name, bound in rows),
+        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:t)"), {"t": parent}).all()
+    return sorted((_partition(parent, name, bound) for name, bound in rows),
                   key=lambda p: (p.is_default, p.lower is not None, p.lower or date.min))
 
 
-def _partition(name: str, bound: str) -> Partition:
+def _partition(parent: str, name: str, bound: str) -> Partition:
     if bound == "DEFAULT":
         return Partition(name, None, None, True)
     m = _BOUND.fullmatch(bound)
     if m is None:
-        raise ValueError(f"{PARENT}: partition {name} has bounds {bound!r}, not a range of days")
-    return Partition(name, _day(m["lower"], name), _day(m["upper"], name), False)
+        raise ValueError(f"{parent}: partition {name} has bounds {bound!r}, not a range of days")
+    return Partition(name, _day(parent, m["lower"], name), _day(parent, m["upper"], name), False)
 
 
-def _day(value: str, name: str) -> date | None:
+def _day(parent: str, value: str, name: str) -> date | None:
     if value in ("MINVALUE", "MAXVALUE"):
         return None
     m = re.fullmatch(r"'(\d{4}-\d{2}-\d{2})'", value)
     if m is None:
-        raise ValueError(f"{PARENT}: partition {name} has bound {value}, not a day")
+        raise ValueError(f"{parent}: partition {name} has bound {value}, not a day")
     return date.fromisoformat(m[1])
 
 

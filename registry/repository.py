@@ -39,6 +39,7 @@ from registry.models import (
     SplitAudit,
     TrafficSplit,
     prediction_key,
+    shadow_key,
     utcnow,
 )
 
@@ -469,7 +470,7 @@ class Registry:
                    "latency_ms": r.latency_ms, "created_at": r.created_at or utcnow()} for r in rows]
         with self._sessions.begin() as s:
             s.execute(dialect_insert(ShadowPrediction).on_conflict_do_nothing(
-                index_elements=["request_id", "version"]), values)
+                index_elements=shadow_key(self.engine.dialect.name)), values)
         return len(values)
 
     def count_shadow_predictions(self, model: str) -> dict[int, int]:

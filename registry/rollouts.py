@@ -22,6 +22,7 @@ from registry.models import (
     SplitAudit,
     as_utc,
     logged_between,
+    mirrored_with,
 )
 from registry.repository import Registry
 
@@ -131,8 +132,7 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
                    _epoch_column(Outcome.created_at, pg), ShadowPrediction.score)
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
                   isouter=True)
-            .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
-                  & (ShadowPrediction.model == model) & (ShadowPrediction.version == cov_v)
+            .join(ShadowPrediction, mirrored_with(pg, model, cov_v, since, until)
                   & (ShadowPrediction.created_at <= until), isouter=True)
             .where(Prediction.model == model, *logged_between(pg, since, until), Prediction.pinned.is_(False),
                    or_(Prediction.failed_version.in_(versions),

@@ -16,7 +16,15 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import select
 
-from registry.models import Outcome, Prediction, ShadowPrediction, SplitAudit, as_utc, logged_between
+from registry.models import (
+    Outcome,
+    Prediction,
+    ShadowPrediction,
+    SplitAudit,
+    as_utc,
+    logged_between,
+    mirrored_with,
+)
 from registry.repository import Registry
 
 
@@ -53,8 +61,7 @@ def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, sin
         rows = s.execute(
             select(Prediction.id, Prediction.score, ShadowPrediction.score, Outcome.value,
                    Prediction.routing_key, Prediction.request_id, Prediction.created_at, Outcome.created_at)
-            .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
-                  & (ShadowPrediction.model == model) & (ShadowPrediction.version == shadow))
+            .join(ShadowPrediction, mirrored_with(registry.is_postgres, model, shadow, since, until))
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until))
             .where(Prediction.model == model, Prediction.version == served,
                    Prediction.failed_version.is_(None), Prediction.pinned.is_(False),

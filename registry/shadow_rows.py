@@ -18,7 +18,15 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import select
 
-from registry.models import Model, ModelVersion, Outcome, Prediction, ShadowPrediction, logged_between
+from registry.models import (
+    Model,
+    ModelVersion,
+    Outcome,
+    Prediction,
+    ShadowPrediction,
+    logged_between,
+    mirrored_with,
+)
 from registry.repository import Registry
 
 
@@ -39,8 +47,7 @@ def shadow_rows(registry: Registry, model: str, version: int, *, since: datetime
     """The pairs of shadow `version` of `model` whose request was logged in [since, until]."""
     q = (select(Prediction.version, Prediction.score, ShadowPrediction.score, Outcome.value,
                 Prediction.features)
-         .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
-               & (ShadowPrediction.model == model) & (ShadowPrediction.version == version))
+         .join(ShadowPrediction, mirrored_with(registry.is_postgres, model, version, since, until))
          .outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
          .where(Prediction.model == model, Prediction.failed_version.is_(None), Prediction.pinned.is_(False),
                 *logged_between(registry.is_postgres, since, until)))

@@ -7,8 +7,10 @@ Four tables grow with traffic, and prune bounds all four:
   the whole day partitions before the cutoff's day (registry.partitions.drop_partitions_before: the same
   cost for a million rows as for ten, reported with the planner's estimate of their rows, never counted by
   a scan); the batches then take the rest (the cutoff's own day, predictions_default, one --model).
-- shadow_predictions (mirror scores: a shadow version's, a canary's production covariate): model by
-  model, rows created before the cutoff, through (model, created_at) (migration 0010).
+- shadow_predictions (mirror scores: a shadow version's, a canary's production covariate): the same way
+  as predictions: on PostgreSQL, pruning every model first drops its whole day partitions before the
+  cutoff's day (migration 0011); the batches then take the rest, model by model, rows created before the
+  cutoff, through (model, created_at) (migration 0010).
 - outcomes: rows created before the cutoff whose request id has no row left in predictions (NOT EXISTS,
   by predictions' request_id key; the outcomes side by created_at, migration 0010). An outcome whose
   prediction is still stored is never deleted, however old: the rollout's decisions and `chimera
@@ -59,28 +61,32 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
     """What prune_rows(reg, cutoff, model=model) would do now, deleting nothing: "partitions", the
     (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
     model; registry.partitions.partitions_before, no scan), and the exact rows its batches would delete:
-    "predictions" (so not the rows of those partitions), "request_errors", "shadow_predictions" and
+    "predictions" and "shadow_predictions" (so not the rows of those partitions), "request_errors" and
     "outcomes" (every model only: those created before the cutoff whose request id has no prediction
     created at or after it, which is what stays once the predictions are pruned; 0 with a model)."""
     from sqlalchemy import exists, func, select
 
     from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
-    from registry.partitions import partitions_before
+    from registry.partitions import PARENT, SHADOW_PARENT, partitions_before
 
     parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
-    kept_from = _first_day_kept(reg, {name for name, _rows in parts})
+    dropped = {name for name, _rows in parts}
+    kept_from = {parent: _first_day_kept(reg, dropped, parent) for parent in (PARENT, SHADOW_PARENT)}
     out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
                            "partitions": parts}
     with reg.session() as s:
         for m in [model] if model else log_models(reg):
-            for key, table in (("request_errors", RequestError), ("shadow_predictions", ShadowPrediction)):
-                out[key] += int(s.scalar(select(func.count()).select_from(table).where(
-                    table.model == m, table.created_at < cutoff)) or 0)
-            old = [Prediction.model == m, *logged_between(reg.is_postgres, before=cutoff)]
-            if kept_from is not None:  # rows of the partitions that stay; DEFAULT's older days apart
-                old.append(Prediction.day >= kept_from)
-                out["predictions"] += _older_in_default(s, m, kept_from)
-            out["predictions"] += int(s.scalar(select(func.count()).select_from(Prediction).where(*old)) or 0)
+            out["request_errors"] += int(s.scalar(select(func.count()).select_from(RequestError).where(
+                RequestError.model == m, RequestError.created_at < cutoff)) or 0)
+            for key, table, where in (
+                    ("predictions", Prediction, logged_between(reg.is_postgres, before=cutoff)),
+                    ("shadow_predictions", ShadowPrediction, _shadow_before(reg, cutoff))):
+                old = [table.model == m, *where]
+                first = kept_from[table.__tablename__]
+                if first is not None:  # rows of the partitions that stay; DEFAULT's older days apart
+                    old.append(table.day >= first)
+                    out[key] += _older_in_default(s, table.__tablename__, m, first)
+                out[key] += int(s.scalar(select(func.count()).select_from(table).where(*old)) or 0)
         if model is None:
             kept = exists().where(Prediction.request_id == Outcome.request_id,
                                   *logged_between(reg.is_postgres, cutoff))
@@ -89,26 +95,39 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
     return out
 
 
-def _first_day_kept(reg: Registry, dropped: set[str]) -> date | None:
-    """The first day of the partitions that stay when `dropped` go (the highest upper bound among them):
-    no partition that stays but DEFAULT holds an earlier day (ranges do not overlap). None: none dropped."""
-    from registry.partitions import prediction_partitions
+def _first_day_kept(reg: Registry, dropped: set[str], parent: str) -> date | None:
+    """The first day of `parent`'s partitions that stay when `dropped` go (the highest upper bound among
+    its partitions in `dropped`): no partition that stays but DEFAULT holds an earlier day (ranges do not
+    overlap). None: none of `parent`'s dropped."""
+    from registry.partitions import partitions_of
 
     if not dropped:
         return None
-    return max((p.upper for p in prediction_partitions(reg) if p.name in dropped and p.upper), default=None)
+    return max((p.upper for p in partitions_of(reg, parent) if p.name in dropped and p.upper), default=None)
 
 
-def _older_in_default(s: Session, model: str, before: date) -> int:
-    """PostgreSQL: `model`'s rows in predictions_default of days before `before` (days that had no table
-    of their own; the batches delete them)."""
+def _older_in_default(s: Session, parent: str, model: str, before: date) -> int:
+    """PostgreSQL: `model`'s rows in `parent`'s DEFAULT partition of days before `before` (days that had
+    no table of their own; the batches delete them)."""
     from sqlalchemy import Date, String, column, func, select, table
 
-    from registry.partitions import DEFAULT_PARTITION
+    from registry.partitions import default_partition
 
-    default = table(DEFAULT_PARTITION, column("model", String), column("day", Date))
+    default = table(default_partition(parent), column("model", String), column("day", Date))
     return int(s.scalar(select(func.count()).select_from(default).where(
         default.c.model == model, default.c.day < before)) or 0)
+
+
+def _shadow_before(reg: Registry, cutoff: datetime) -> list[Any]:
+    """The conditions that select mirror scores created before `cutoff`: on PostgreSQL also the days up to
+    the cutoff's, so that the planner leaves the later days' partitions out (as logged_between does for
+    predictions; every partition has CHECK (day = created_at's UTC date), migration 0011)."""
+    from registry.models import ShadowPrediction, as_utc
+
+    conds: list[Any] = [ShadowPrediction.created_at < cutoff]
+    if reg.is_postgres:
+        conds.append(ShadowPrediction.day <= as_utc(cutoff).date())
+    return conds
 
 
 def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
@@ -136,9 +155,11 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
     for m in [model] if model else log_models(reg):
         out["predictions"] += _delete_batches(reg, Prediction, Prediction.id, batch, Prediction.model == m,
                                               narrow=logged_between(reg.is_postgres, before=cutoff))
-        for key, table in (("request_errors", RequestError), ("shadow_predictions", ShadowPrediction)):
-            out[key] += _delete_batches(reg, table, table.id, batch,
-                                        table.model == m, table.created_at < cutoff)
+        out["shadow_predictions"] += _delete_batches(reg, ShadowPrediction, ShadowPrediction.id, batch,
+                                                     ShadowPrediction.model == m,
+                                                     narrow=_shadow_before(reg, cutoff))
+        out["request_errors"] += _delete_batches(reg, RequestError, RequestError.id, batch,
+                                                 RequestError.model == m, RequestError.created_at < cutoff)
     if model is None:  # after every model's predictions: an outcome of a pruned prediction has none left
         stored = exists().where(Prediction.request_id == Outcome.request_id)
         out["outcomes"] = _delete_batches(reg, Outcome, Outcome.request_id, batch,

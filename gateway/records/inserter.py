@@ -65,7 +65,7 @@ from gateway.records.pg_ids import (
 from gateway.records.sqlite_rows import MultiRowInsert
 from registry import Registry
 from registry.copy_conn import CopyConnections, deadline
-from registry.models import Prediction, RequestError, ShadowPrediction, prediction_key
+from registry.models import Prediction, RequestError, ShadowPrediction, prediction_key, shadow_key
 from registry.repository import PredictionRow
 
 COLUMNS = ("request_id", "model", "version", "routing_key", "score", "latency_ms", "created_at", "features",
@@ -137,18 +137,19 @@ class Inserter:
             self._copy = CopyConnections(registry.url)
             self.copy_sql = copy_sql(table.name, (*COLUMNS, DAY_COLUMN))
             self.taken_sql = taken_sql(table.name)
-            self.shadow_copy_sql = copy_sql(ShadowPrediction.__table__.name, SHADOW_COLUMNS)
+            self.shadow_copy_sql = copy_sql(ShadowPrediction.__table__.name, (*SHADOW_COLUMNS, DAY_COLUMN))
             self._when = Timestamps()
             self._shadow_when = Timestamps()  # its own cache: shadow rows are written from another thread
         else:
             self.sql = ""
         shadow, shadow_cols = ShadowPrediction.__table__.name, ", ".join(SHADOW_COLUMNS)
+        shadow_conflict = f"ON CONFLICT ({', '.join(shadow_key(self.dialect))}) DO NOTHING"
         if self.dialect == "sqlite":
-            self.shadow_sql = self._many_rows(shadow, SHADOW_COLUMNS,
-                                              "ON CONFLICT (request_id, version) DO NOTHING")
+            self.shadow_sql = self._many_rows(shadow, SHADOW_COLUMNS, shadow_conflict,
+                                              {DAY_COLUMN: "substr({created_at}, 1, 10)"})
         elif self.sql:
-            self.shadow_sql = (f"INSERT INTO {shadow} ({shadow_cols}) SELECT * FROM {SHADOW_STAGE_TABLE} "
-                               "ON CONFLICT (request_id, version) DO NOTHING")
+            self.shadow_sql = (f"INSERT INTO {shadow} ({shadow_cols}, {DAY_COLUMN}) "
+                               f"SELECT * FROM {SHADOW_STAGE_TABLE} {shadow_conflict}")
         else:
             self.shadow_sql = ""
         self._last: tuple[float, str] = (-1.0, "")

@@ -64,8 +64,9 @@ def neighbour_day(dt: datetime) -> date | None:
 
 
 # shadow_predictions' (gateway.records.inserter.SHADOW_COLUMNS): request_id, model, version, score,
-# latency_ms, created_at.
+# latency_ms, created_at; then its day (migration 0011), created_at's UTC date, as for predictions.
 SHADOW_COLUMN_TYPES = ("varchar", "varchar", "int4", "float8", "float8", "timestamptz")
+SHADOW_COPY_TYPES = (*SHADOW_COLUMN_TYPES, "date")
 
 
 def copy_sql(table: str, columns: Sequence[str]) -> str:
@@ -172,25 +173,30 @@ def stage_rows(cur: Any, insert_sql: str, rows: Sequence[Sequence[Any]], when: T
 
 
 def copy_shadow_rows(cur: Any, sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
-    """COPY mirror scores (gateway.records.inserter.ShadowRow: created_at as epoch seconds) into
-    shadow_predictions on `cur`'s connection. Returns the rows written."""
+    """COPY mirror scores (gateway.records.inserter.ShadowRow: created_at as epoch seconds) and their day
+    into shadow_predictions on `cur`'s connection. Returns the rows written. No row waits for a look-up
+    near midnight: a (request id, version) is unique per day only, and the readers pair a mirror score
+    with its prediction of the same day (registry.models.mirrored_with)."""
+    dated = when.dated
     with cur.copy(sql) as cp:
-        cp.set_types(SHADOW_COLUMN_TYPES)
+        cp.set_types(SHADOW_COPY_TYPES)
         write = cp.write_row
         for r in rows:
-            write((r[0], r[1], int(r[2]), float(r[3]), float(r[4]), when(float(r[5]))))
+            dt, day, _ = dated(float(r[5]))
+            write((r[0], r[1], int(r[2]), float(r[3]), float(r[4]), dt, day))
     return len(rows)
 
 
-# Mirror scores' (stage_shadow_rows): SHADOW_COLUMN_TYPES, in shadow_predictions' SHADOW_COLUMNS order.
+# Mirror scores' (stage_shadow_rows): SHADOW_COPY_TYPES, in shadow_predictions' SHADOW_COLUMNS order.
 SHADOW_STAGE_TABLE = "chimera_shadow_stage"
-_SHADOW_STAGE_DDL, _SHADOW_STAGE_COPY, _ = _stage(SHADOW_STAGE_TABLE, SHADOW_COLUMN_TYPES)
+_SHADOW_STAGE_DDL, _SHADOW_STAGE_COPY, _ = _stage(SHADOW_STAGE_TABLE, SHADOW_COPY_TYPES)
 
 
 def stage_shadow_rows(cur: Any, insert_sql: str, rows: Sequence[Sequence[Any]], when: Timestamps) -> int:
     """Mirror scores by `insert_sql` (INSERT ... SELECT * FROM SHADOW_STAGE_TABLE ON CONFLICT (request_id,
-    version) DO NOTHING: the path after a (request id, version) already stored, a lane written twice),
-    fed by binary COPY into the connection's staging table as stage_rows is. Returns the rows inserted."""
+    version, day) DO NOTHING: the path after a (request id, version) already stored that day, a lane
+    written twice), fed by binary COPY into the connection's staging table as stage_rows is. Returns the
+    rows inserted."""
     cur.execute(_SHADOW_STAGE_DDL)
     copy_shadow_rows(cur, _SHADOW_STAGE_COPY, rows, when)
     cur.execute(insert_sql)

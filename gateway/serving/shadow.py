@@ -26,8 +26,10 @@ into the baseline's batcher, bounded, counted, dropped rather than queued) and i
 under the baseline's version number. A dropped or failed covariate row only leaves that canary row
 unadjusted: the drop rule depends on load and on the baseline's health, never on the row's content,
 so the rows left without a covariate are a random subset of the canary's (docs/statistics.md).
-shadow_predictions holds one row per (request id, version), so a canary row can have both: the shadow
-version's score and production's.
+shadow_predictions holds one row per (request id, version) (and day, on PostgreSQL: migration 0011), so
+a canary row can have both: the shadow version's score and production's. A score pairs with its row only
+on the row's own UTC day (registry.models.mirrored_with), so one mirrored across midnight is left
+unpaired, like a dropped one.
 
 Exposed as chimera_shadow_rows_total{model, version, result} with result in scored | dropped |
 failed | skipped | unwritten; covariate rows count under the baseline's version."""

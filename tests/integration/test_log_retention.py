@@ -24,7 +24,7 @@ from gateway.records.inserter import Inserter
 from registry import Registry
 from registry.migrate import current_revision, upgrade
 from registry.models import Outcome, Prediction, RequestError, ShadowPrediction
-from registry.partitions import day_table, ensure_days
+from registry.partitions import SHADOW_PARENT, day_table, ensure_days
 from registry.repository import PredictionRow
 from registry.rollouts import insert_rollout_rows
 from tests.harness import alembic_downgrade
@@ -169,6 +169,7 @@ def test_prune_bounds_shadow_scores_and_outcomes_whose_prediction_is_gone(regist
 
     assert _rows(registry) == before  # the dry run deleted nothing
     batches = 1 if registry.is_postgres else 3  # PostgreSQL: m-a and m-b went with their day tables
+    shadow_batches = 2 if registry.is_postgres else 4  # and so did the mirror scores of days t+1 and t+2
 
     done = prune_rows(registry, cutoff, batch=2)  # several batches per table
 
@@ -178,10 +179,13 @@ def test_prune_bounds_shadow_scores_and_outcomes_whose_prediction_is_gone(regist
                      "outcomes": {("m-n",), ("m-b",), ("m-n2",)}}
     gone = {key: len(before[key] - after[key]) for key in before}
     assert gone == {"predictions": 3, "request_errors": 0, "shadow_predictions": 4, "outcomes": 3}
-    assert {k: done[k] for k in gone} == {**gone, "predictions": batches}
+    assert {k: done[k] for k in gone} == {**gone, "predictions": batches,
+                                          "shadow_predictions": shadow_batches}
     assert {k: dry[k] for k in gone} == {k: done[k] for k in gone}
-    if registry.is_postgres:
-        assert {day_table(t + D), day_table(t + 2 * D)} <= set(done["partitions_dropped"])
+    if registry.is_postgres:  # migration 0011: shadow_predictions is partitioned by day too
+        assert {day_table(t + D), day_table(t + 2 * D), day_table(t + D, SHADOW_PARENT),
+                day_table(t + 2 * D, SHADOW_PARENT)} <= set(done["partitions_dropped"])
+        assert {name for name, _rows in dry["partitions"]} == set(done["partitions_dropped"])
     assert prune_rows(registry, cutoff)["outcomes"] == 0  # the kept old outcome stays kept
 
 
@@ -268,7 +272,7 @@ def test_migration_0010_builds_the_retention_indexes_and_downgrade_drops_them(re
         upgrade(registry_url, reg.engine, revision="0009")
         assert _retention_indexes(reg) == {}
         event.listen(reg.engine, "before_cursor_execute", record)
-        upgrade(registry_url, reg.engine)
+        upgrade(registry_url, reg.engine, revision="0010")
         event.remove(reg.engine, "before_cursor_execute", record)
         assert current_revision(reg.engine) == "0010"
         assert _retention_indexes(reg) == {name: columns for name, columns in RETENTION_INDEXES.values()}
@@ -293,7 +297,7 @@ def test_migration_0010_builds_the_retention_indexes_and_downgrade_drops_them(re
                 conn.execute(text("CREATE INDEX ix_shadow_predictions_model_created "
                                   "ON shadow_predictions (model, created_at)"))
             assert "ix_outcomes_created" not in _retention_indexes(reg)  # there, but INVALID
-        upgrade(registry_url, reg.engine)
+        upgrade(registry_url, reg.engine, revision="0010")
         assert current_revision(reg.engine) == "0010"
         assert _retention_indexes(reg) == {name: columns for name, columns in RETENTION_INDEXES.values()}
         with reg.engine.connect() as conn:

@@ -1,4 +1,5 @@
-"""Every range read of the prediction log reads only the days of its range (registry.models.logged_between).
+"""Every range read of the prediction log reads only the days of its range (registry.models.logged_between,
+and for the mirror scores paired with it, registry.models.mirrored_with).
 
 On PostgreSQL `predictions` is one table a UTC day (migration 0009), and the planner prunes partitions by
 the partition key only: a read whose range is on created_at alone is planned against every day kept (90
@@ -7,7 +8,8 @@ tables hold rows, and every reader a user runs — the rollout's look and arm re
 evaluation, the shadow report, retraining's served rows, `chimera log export`, `chimera log prune
 --model` and its dry run — is recorded statement by statement and each statement that reads predictions
 is EXPLAINed with its own values: the plan may name only the partitions whose days meet the read's
-range. The same calls on SQLite (one table) must return the same rows, which is checked on both."""
+range, of predictions and of shadow_predictions (partitioned alike since migration 0011). The same calls
+on SQLite (one table) must return the same rows, which is checked on both."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from chimera.cli.log import export_rows
 from chimera.cli.log_retention import count_rows, prune_rows
 from registry import Registry
 from registry.models import Prediction, ShadowPrediction
-from registry.partitions import ensure_days, prediction_partitions
+from registry.partitions import PARENTS, ensure_days, partitions_of
 from registry.rollouts import arm_rows, insert_rollout_rows, look_rows
 from registry.shadow_eval import paired_rows
 from registry.shadow_rows import shadow_rows
@@ -32,7 +34,8 @@ from registry.training_runs import served_rows
 
 DAY = timedelta(days=1)
 HOURS = (3, 9, 15, 21)
-PARTITION_IN_PLAN = re.compile(r" on (predictions_(?:\d{8}|upto_\d{8}|default))\b")
+PARTITION_IN_PLAN = re.compile(r" on ((?:shadow_)?predictions_(?:\d{8}|upto_\d{8}|default))\b")
+READS_THE_LOG = re.compile(r"\b(?:shadow_)?predictions\b")
 
 
 def _at(day: date, hour: int) -> datetime:
@@ -79,15 +82,17 @@ def _planned_partitions(registry: Registry, statement: str, parameters: Any) -> 
 
 
 def _allowed(registry: Registry, lo: date | None, hi: date) -> set[str]:
-    """The partitions holding days in [lo, hi]: the day tables that meet it, and DEFAULT when one of its days
-    has no table of its own."""
-    parts = prediction_partitions(registry)
-    meets = {p.name for p in parts if not p.is_default
-             and (p.lower is None or p.lower <= hi) and (lo is None or p.upper is None or lo < p.upper)}
-    start = lo if lo is not None else min(p.upper for p in parts if p.upper is not None and p.lower is None)
-    days = [start + i * DAY for i in range((hi - start).days + 1)]
-    if any(not any(p.covers(d) for p in parts) for d in days):
-        meets.add("predictions_default")
+    """The partitions of both tables holding days in [lo, hi]: the day tables that meet it, and a table's
+    DEFAULT when one of its days has no table of its own."""
+    meets: set[str] = set()
+    for parent in PARENTS:
+        parts = partitions_of(registry, parent)
+        meets |= {p.name for p in parts if not p.is_default
+                  and (p.lower is None or p.lower <= hi) and (lo is None or p.upper is None or lo < p.upper)}
+        start = lo if lo is not None else min(p.upper for p in parts if p.upper and p.lower is None)
+        days = [start + i * DAY for i in range((hi - start).days + 1)]
+        if any(not any(p.covers(d) for p in parts) for d in days):
+            meets.add(f"{parent}_default")
     return meets
 
 
@@ -125,7 +130,7 @@ def test_every_range_read_of_the_log_plans_only_the_days_of_its_range(registry: 
         if not registry.is_postgres:
             continue
         allowed = _allowed(registry, lo, hi)
-        reading = [(s, p) for s, p in sent if re.search(r"\bpredictions\b", s)]
+        reading = [(s, p) for s, p in sent if READS_THE_LOG.search(s)]
         planned = [_planned_partitions(registry, s, p) for s, p in reading]
         assert all(planned), (name, [s for (s, _p), got in zip(reading, planned, strict=True) if not got])
         for (statement, _p), names in zip(reading, planned, strict=True):

@@ -28,12 +28,16 @@ from registry import Registry, partitions
 from registry.errors import PartitionError
 from registry.models import Prediction
 from registry.partitions import (
+    PARENT,
+    PARENTS,
+    SHADOW_PARENT,
     day_table,
     drop_partitions_before,
     ensure_days,
     partitions_before,
-    prediction_partitions,
+    partitions_of,
 )
+from registry.repository import PredictionRow
 from registry.rollouts import insert_rollout_rows
 from tests.harness import wait_for
 
@@ -59,15 +63,21 @@ def _ids(registry: Registry) -> set[str]:
         return set(s.scalars(select(Prediction.request_id)))
 
 
-def _tables(registry: Registry) -> dict[str, str]:
-    """PostgreSQL: the partition each row is stored in, by request id."""
+def _tables(registry: Registry, parent: str = PARENT) -> dict[str, str]:
+    """PostgreSQL: the partition each row of `parent` is stored in, by request id."""
     with registry.session() as s:
-        rows = s.execute(text("SELECT request_id, tableoid::regclass::text FROM predictions"))
+        rows = s.execute(text(f"SELECT request_id, tableoid::regclass::text FROM {parent}"))
         return dict(rows.tuples().all())
 
 
-def _covering(registry: Registry, day: date) -> str | None:
-    return next((p.name for p in prediction_partitions(registry) if p.covers(day)), None)
+def _covering(registry: Registry, day: date, parent: str = PARENT) -> str | None:
+    return next((p.name for p in partitions_of(registry, parent) if p.covers(day)), None)
+
+
+def _old(registry: Registry, before: date) -> list[str]:
+    """The partitions of both tables a prune with a cutoff on `before` drops, as it names them."""
+    return [p.name for parent in PARENTS for p in partitions_of(registry, parent)
+            if not p.is_default and p.upper is not None and p.upper <= before]
 
 
 @contextmanager
@@ -86,27 +96,33 @@ def _reader(registry: Registry) -> Iterator[None]:
 def test_upkeep_makes_the_next_days_and_rows_land_in_their_day(registry: Registry) -> None:
     today = _today()
     if not registry.is_postgres:  # one plain table: nothing to keep
-        assert prediction_partitions(registry) == []
+        assert partitions_of(registry) == []
         assert ensure_days(registry, today, 5) == [] and partitions_before(registry, today + 30 * DAY) == []
         assert drop_partitions_before(registry, today + 30 * DAY) == {}
         _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
         assert _ids(registry) == {f"r{i}" for i in range(5)}
         return
-    parts = prediction_partitions(registry)
-    assert [p.name for p in parts if p.is_default] == ["predictions_default"]
-    assert parts[0].lower is None and parts[0].name.startswith("predictions_upto_")
-    ensure_days(registry, today, 3)  # what the writer does at start (the migration made them already)
-    assert all(_covering(registry, today + i * DAY) for i in range(3))
-    missing = [today + i * DAY for i in range(5) if _covering(registry, today + i * DAY) is None]
-    assert len(missing) >= 2  # the migration made its day + 2 at most
-    assert ensure_days(registry, today, 5) == [day_table(d) for d in missing]
+    for parent in PARENTS:  # migrations 0009 and 0011
+        parts = partitions_of(registry, parent)
+        assert [p.name for p in parts if p.is_default] == [f"{parent}_default"]
+        assert parts[0].lower is None and parts[0].name.startswith(f"{parent}_upto_")
+    ensure_days(registry, today, 3)  # what the writer does at start (the migrations made them already)
+    assert all(_covering(registry, today + i * DAY, parent) for i in range(3) for parent in PARENTS)
+    days = [today + i * DAY for i in range(5)]
+    missing = {parent: [d for d in days if _covering(registry, d, parent) is None] for parent in PARENTS}
+    assert all(len(days) >= 2 for days in missing.values())  # the migrations made their day + 2 at most
+    assert ensure_days(registry, today, 5) == [day_table(d, parent) for parent in PARENTS
+                                               for d in missing[parent]]
     assert ensure_days(registry, today, 5) == []  # made once
     _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
-    stored = _tables(registry)
-    for i in range(5):
-        assert stored[f"r{i}"] == _covering(registry, today + i * DAY) != "predictions_default"
-    for d in missing:
-        assert day_table(d) in stored.values()
+    registry.insert_shadow_predictions([PredictionRow(f"r{i}", "m", 2, 0.5, 1.0,
+                                                      created_at=_at(today + i * DAY, 12)) for i in range(5)])
+    for parent in PARENTS:
+        stored = _tables(registry, parent)
+        for i in range(5):
+            assert stored[f"r{i}"] == _covering(registry, today + i * DAY, parent) != f"{parent}_default"
+        for d in missing[parent]:
+            assert day_table(d, parent) in stored.values()
 
 
 def test_a_day_whose_rows_are_in_default_is_reported_and_the_others_made(registry: Registry) -> None:
@@ -119,7 +135,8 @@ def test_a_day_whose_rows_are_in_default_is_reported_and_the_others_made(registr
     with pytest.raises(PartitionError) as err:
         ensure_days(registry, later - DAY, 3)
     assert str(later) in str(err.value) and "predictions_default holds rows" in str(err.value)
-    assert err.value.done == [day_table(later - DAY), day_table(later + DAY)]
+    assert err.value.done == [day_table(later - DAY), day_table(later + DAY),  # shadow_predictions: all three
+                              *(day_table(later + i * DAY, SHADOW_PARENT) for i in (-1, 0, 1))]
     assert _covering(registry, later) is None and _tables(registry)["stray"] == "predictions_default"
 
 
@@ -128,7 +145,7 @@ def test_a_held_lock_gives_up_quickly_with_a_clear_error(registry: Registry) -> 
     if not registry.is_postgres:
         assert ensure_days(registry, later, 2, lock_timeout_s=0.3) == []
         return
-    before = prediction_partitions(registry)
+    before = partitions_of(registry)
     with _reader(registry):
         t0 = clock.monotonic()
         held = "no lock on predictions or predictions_default within 0.3 s"
@@ -138,8 +155,9 @@ def test_a_held_lock_gives_up_quickly_with_a_clear_error(registry: Registry) -> 
         with pytest.raises(PartitionError, match="not dropped") as err:
             drop_partitions_before(registry, _today() + 3 * DAY, lock_timeout_s=0.3)
         assert err.value.done == []
-    assert prediction_partitions(registry) == before
-    assert ensure_days(registry, later, 2) == [day_table(later), day_table(later + DAY)]
+    assert partitions_of(registry) == before
+    assert ensure_days(registry, later, 2) == [day_table(later + i * DAY, parent)
+                                               for parent in PARENTS for i in (0, 1)]
 
 
 def _shape(registry: Registry, table: str) -> dict[str, list[tuple[object, ...]]]:
@@ -187,7 +205,8 @@ def test_a_day_is_made_beside_readers_and_inserts_not_in_front_of_them(registry:
     with registry.engine.connect() as look:  # reads one day: holds predictions and today's table
         tx = look.begin()
         assert look.scalar(text("SELECT count(*) FROM predictions WHERE day = :d"), {"d": today}) >= 1
-        assert ensure_days(registry, later, 1, lock_timeout_s=0.5) == [day_table(later)]
+        assert ensure_days(registry, later, 1, lock_timeout_s=0.5) == [day_table(later),
+                                                                        day_table(later, SHADOW_PARENT)]
         tx.rollback()
     # The same table as CREATE ... PARTITION OF makes (as migration 0009 did for its days).
     reference = later + 30 * DAY
@@ -238,9 +257,11 @@ def test_prune_drops_whole_old_days_and_deletes_the_rest_by_rows(registry: Regis
     if registry.is_postgres:
         in_default = {rid for rid, table in _tables(registry).items() if table == "predictions_default"}
         assert in_default == {"e", "f", "g"}
-        old = [p.name for p in prediction_partitions(registry)
+        old = [p.name for p in partitions_of(registry)
                if not p.is_default and p.upper is not None and p.upper <= cutoff.date()]
         assert old[0].startswith("predictions_upto_") and day_table(t + 6 * DAY) in old and len(old) >= 4
+
+        old = _old(registry, cutoff.date())  # and shadow_predictions' (migration 0011)
 
     done = prune_rows(registry, cutoff, batch=2)
 
@@ -251,7 +272,7 @@ def test_prune_drops_whole_old_days_and_deletes_the_rest_by_rows(registry: Regis
         return
     # The batches deleted e, f (DEFAULT) and h (the cutoff's day); the other six went with their tables.
     assert done["predictions"] == 3 and list(done["partitions_dropped"]) == old
-    left = [p.name for p in prediction_partitions(registry)]
+    left = [p.name for p in partitions_of(registry)]
     assert left == [day_table(t + 7 * DAY), day_table(t + 8 * DAY), "predictions_default"]
     assert prune_rows(registry, cutoff) == {"predictions": 0, "request_errors": 0, "shadow_predictions": 0,
                                             "outcomes": 0, "partitions_dropped": {},
@@ -269,8 +290,8 @@ def test_a_day_made_meanwhile_by_another_writer_counts_as_made(registry: Registr
     read = partitions._partitions
     reads: list[int] = []
 
-    def then_another_gateway_makes_it(conn: Connection) -> list[partitions.Partition] | None:
-        parts = read(conn)
+    def then_another_gateway_makes_it(conn: Connection, parent: str) -> list[partitions.Partition] | None:
+        parts = read(conn, parent)
         reads.append(1)
         if len(reads) == 1:  # right after the first read, before our CREATE
             conn.execute(text(f"CREATE TABLE {day_table(later)} PARTITION OF predictions "
@@ -278,7 +299,7 @@ def test_a_day_made_meanwhile_by_another_writer_counts_as_made(registry: Registr
         return parts
 
     monkeypatch.setattr(partitions, "_partitions", then_another_gateway_makes_it)
-    assert ensure_days(registry, later, 2) == [day_table(later + DAY)]  # no error, and only ours named
+    assert ensure_days(registry, later, 2, parents=[PARENT]) == [day_table(later + DAY)]  # only ours named
     assert len(reads) == 2  # the CREATE found the name taken and read the partitions again
     monkeypatch.undo()
     assert _covering(registry, later) == day_table(later)
@@ -288,11 +309,11 @@ def test_prune_of_one_model_drops_no_partition(registry: Registry) -> None:
     t = _today()
     _insert(registry, {"m-old": _at(t - 2 * DAY, 12), "m-new": _at(t + 2 * DAY, 12)})
     _insert(registry, {"n-old": _at(t - 2 * DAY, 12)}, model="n")
-    before = prediction_partitions(registry)
+    before = partitions_of(registry)
     done = prune_rows(registry, _at(t + 5 * DAY, 0), model="m")
     assert done == {"predictions": 2, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
                     "partitions_dropped": {}, "partition_rows_estimate": 0}
-    assert _ids(registry) == {"n-old"} and prediction_partitions(registry) == before
+    assert _ids(registry) == {"n-old"} and partitions_of(registry) == before
 
 
 def test_postgres_refuses_a_row_whose_day_is_not_its_created_at_s(registry: Registry) -> None:
@@ -464,8 +485,8 @@ def test_dropping_and_listing_old_days_send_no_statement_that_reads_their_rows(r
     finally:
         event.remove(registry.engine, "before_cursor_execute", record)
     assert name in dict(listed) and list(dropped) == [n for n, _e in listed]
-    assert [s for s, _p in sent if name in s] == [f'ALTER TABLE "predictions" DETACH PARTITION "{name}"',
-                                                  f'DROP TABLE "{name}"']
+    assert [s for s, _p in sent if f'"{name}"' in s] == [
+        f'ALTER TABLE "predictions" DETACH PARTITION "{name}"', f'DROP TABLE "{name}"']
     assert not [s for s, _p in sent if "count(" in s.lower()]
     estimates = [s for s, p in sent if isinstance(p, dict) and p.get("t") == name]
     assert len(estimates) == 2 and all("reltuples" in s for s in estimates)  # when listed, when dropped
@@ -487,7 +508,7 @@ def test_cli_prune_prints_the_estimate_or_says_it_is_not_estimated(registry: Reg
     assert "deleted 1 predictions, 0 request errors, 0 shadow scores and 0 outcomes created before" in said
     assert "whole day partitions (~" in said and "rows by the planner's estimate: " in said
     assert f"{day_table(t + 10 * DAY)} ~5" in said
-    unknown = said.split("rows not estimated (table never analyzed): ")[1]
+    unknown = set(said.split("rows not estimated (table never analyzed): ")[1].rstrip(")").split(", "))
     assert day_table(t + 11 * DAY) in unknown and day_table(t + 10 * DAY) not in unknown
 
 
@@ -512,20 +533,20 @@ def test_cli_dry_run_lists_the_days_it_would_drop_and_counts_only_the_batches_ro
     monkeypatch.setattr(log_cli, "_cutoff", lambda _text: cutoff)
     if registry.is_postgres:
         _analyze(registry, day_table(t + 6 * DAY))
-    before, parts = _ids(registry), prediction_partitions(registry)
+    before, parts = _ids(registry), partitions_of(registry)
     runner = CliRunner()
 
     r = runner.invoke(app, ["log", "prune", "--older-than", "1d", "--dry-run"])
 
     assert r.exit_code == 0, r.output
-    assert _ids(registry) == before and prediction_partitions(registry) == parts  # nothing deleted
+    assert _ids(registry) == before and partitions_of(registry) == parts  # nothing deleted
     said = " ".join(r.output.split())
     batches = 4 if registry.is_postgres else 9  # PostgreSQL: e, f (DEFAULT), h, n7 (the cutoff's day)
     assert (f"would delete {batches} predictions, 1 request errors, 0 shadow scores and 0 outcomes created "
             "before") in said
     if registry.is_postgres:
-        old = [p.name for p in parts if not p.is_default and p.upper is not None and p.upper <= cutoff.date()]
-        assert day_table(t + 6 * DAY) in old and len(old) >= 4
+        old = _old(registry, cutoff.date())  # both tables' (migrations 0009 and 0011)
+        assert {day_table(t + 6 * DAY), day_table(t + 6 * DAY, SHADOW_PARENT)} <= set(old) and len(old) >= 8
         assert f"and drop {len(old)} whole day partitions (~" in said
         assert f"{day_table(t + 6 * DAY)} ~2" in said and all(name in said for name in old)
     else:

@@ -201,21 +201,25 @@ def test_models_match_the_migrations(registry: Registry) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from registry.models import PREDICTION_PARTITION, Base
+    from registry.models import LOG_PARTITION, Base
 
     def declared(name: str | None, kind: str, parent: object) -> bool:  # a partition is its parent's
-        return not (kind == "table" and name and PREDICTION_PARTITION.fullmatch(name))
+        return not (kind == "table" and name and LOG_PARTITION.fullmatch(name))
 
     opts = {"compare_type": True, "include_name": declared}
     with registry.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts=opts), Base.metadata)
     if registry.engine.dialect.name == "postgresql":
-        # The partitioned log's keys (migration 0009; registry.models.Prediction says why they differ):
-        # the model's UNIQUE (request_id) is UNIQUE (request_id, day) there, and nothing else differs.
+        # The partitioned log's keys (migrations 0009 and 0011; registry.models.Prediction and
+        # ShadowPrediction say why they differ): the models' UNIQUE (request_id) and (request_id, version)
+        # are UNIQUE (request_id, day) and (request_id, version, day) there, and nothing else differs.
         keys = [d for d in diff if d[0] in ("add_constraint", "remove_constraint")
-                and d[1].table.name == "predictions"]
-        assert sorted((d[0], tuple(c.name for c in d[1].columns)) for d in keys) == [
-            ("add_constraint", ("request_id",)), ("remove_constraint", ("request_id", "day"))]
+                and d[1].table.name in ("predictions", "shadow_predictions")]
+        assert sorted((d[1].table.name, d[0], tuple(c.name for c in d[1].columns)) for d in keys) == [
+            ("predictions", "add_constraint", ("request_id",)),
+            ("predictions", "remove_constraint", ("request_id", "day")),
+            ("shadow_predictions", "add_constraint", ("request_id", "version")),
+            ("shadow_predictions", "remove_constraint", ("request_id", "version", "day"))]
         diff = [d for d in diff if d not in keys]
     assert diff == []
     assert {"training_runs", "model_artifacts", "load_tests"} <= set(Base.metadata.tables)

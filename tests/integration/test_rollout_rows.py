@@ -134,6 +134,7 @@ def _rows_one_by_one(registry: Registry, model: str, versions: tuple[int, int], 
             .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
                   isouter=True)
             .join(ShadowPrediction, (ShadowPrediction.request_id == Prediction.request_id)
+                  & (ShadowPrediction.day == Prediction.day)  # registry.models.mirrored_with's rule
                   & (ShadowPrediction.model == model) & (ShadowPrediction.version == versions[0])
                   & (ShadowPrediction.created_at <= until), isouter=True)
             .where(Prediction.model == model, Prediction.created_at >= since, Prediction.created_at <= until,

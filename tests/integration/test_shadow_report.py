@@ -46,6 +46,9 @@ def _pred(rid: str, version: int, score: float, at: datetime, features: list[flo
             "failed_version": failed_version}
 
 
+MIRROR = timedelta(milliseconds=3)
+
+
 def _populate(registry: Registry) -> dict[str, np.ndarray]:
     """400 paired rows (300 served by v1, 100 by v3), shadow v2 scoring 0.25 higher where age > 70;
     outcomes on the first half; every 10th row without logged features. Plus rows the report must
@@ -66,13 +69,17 @@ def _populate(registry: Registry) -> dict[str, np.ndarray]:
         row = {"age": age[i], "income": income[i], "flag": flag[i]}
         names = V1_NAMES if version[i] == 1 else V3_NAMES
         feats = None if i % 10 == 0 else [float(row[k]) for k in names]
-        preds.append(_pred(f"r{i}", int(version[i]), float(served[i]), now - timedelta(minutes=5), feats))
-        shadows.append(PredictionRow(f"r{i}", MODEL, 2, float(shadow[i]), 2.0))
+        at = now - timedelta(minutes=5)
+        preds.append(_pred(f"r{i}", int(version[i]), float(served[i]), at, feats))
+        # A mirror score is written milliseconds after its request is answered (the same UTC day, which
+        # pairs them: registry.models.mirrored_with).
+        shadows.append(PredictionRow(f"r{i}", MODEL, 2, float(shadow[i]), 2.0, created_at=at + MIRROR))
     for extra in ("pinned", "failed", "other", *(f"old{k}" for k in range(50))):
-        old = extra.startswith("old")
-        preds.append(_pred(extra, 1, 0.1, now - timedelta(days=3 if old else 0), [80.0, 1.0, 1.0],
+        at = now - timedelta(days=3 if extra.startswith("old") else 0)
+        preds.append(_pred(extra, 1, 0.1, at, [80.0, 1.0, 1.0],
                            pinned=extra == "pinned", failed_version=3 if extra == "failed" else None))
-        shadows.append(PredictionRow(extra, MODEL, 4 if extra == "other" else 2, 0.9, 2.0))
+        shadows.append(PredictionRow(extra, MODEL, 4 if extra == "other" else 2, 0.9, 2.0,
+                                     created_at=at + MIRROR))
     insert_rollout_rows(registry, preds)
     registry.insert_shadow_predictions(shadows)
     y = (rng.uniform(size=n) < served).astype(float)
