@@ -211,10 +211,10 @@ def created_day(context: Any) -> date:
     return (created if created.tzinfo is None else created.astimezone(UTC)).date()
 
 
-# The names of the day partitions of predictions (migration 0009) and shadow_predictions (0011) on
-# PostgreSQL (registry.partitions): one table a UTC day, the first (the table before the migration) and the
-# DEFAULT one. Not declared here: they are the parent's.
-LOG_PARTITION = re.compile(r"(?:shadow_)?predictions_(?:\d{8}|upto_\d{8}|default)")
+# The names of the day partitions of predictions (migration 0009), shadow_predictions and request_errors
+# (0011) on PostgreSQL (registry.partitions): one table a UTC day, the first (the table before the
+# migration) and the DEFAULT one. Not declared here: they are the parent's.
+LOG_PARTITION = re.compile(r"(?:predictions|shadow_predictions|request_errors)_(?:\d{8}|upto_\d{8}|default)")
 
 
 def prediction_key(dialect: str) -> list[str]:
@@ -262,34 +262,39 @@ class Prediction(Base):
 
 
 def logged_between(postgres: bool, since: datetime | None = None, until: datetime | None = None, *,
-                   before: datetime | None = None) -> list[ColumnElement[bool]]:
+                   before: datetime | None = None, table: Any = None) -> list[ColumnElement[bool]]:
     """The conditions that select predictions logged in [since, until], or [since, before) with `before`
     (a bound left None is open): the range on created_at, and on PostgreSQL the same range in days.
+    `table`: another table partitioned the same way (ShadowPrediction, RequestError: migration 0011)
+    instead of Prediction.
 
     Why the days: PostgreSQL prunes partitions by the partition key only. A range on created_at alone is
     planned against every day's table (with 90 days kept, 90 index probes and 90 plan nodes for a rollout
     look that reads one day), the day range lets the planner leave the other days out. It selects no fewer
-    rows: every partition has CHECK (day = created_at's UTC date), migration 0009. SQLite keeps one table
-    and has no such CHECK, so there the created_at range stands alone: a condition whose truth would rest
-    on every writer's care is not added where it buys nothing."""
+    rows: every partition has CHECK (day = created_at's UTC date), migrations 0009 and 0011. SQLite keeps
+    one table and has no such CHECK, so there the created_at range stands alone: a condition whose truth
+    would rest on every writer's care is not added where it buys nothing."""
+    t = Prediction if table is None else table
     conds: list[ColumnElement[bool]] = []
     if since is not None:
-        conds.append(Prediction.created_at >= since)
+        conds.append(t.created_at >= since)
         if postgres:
-            conds.append(Prediction.day >= as_utc(since).date())
+            conds.append(t.day >= as_utc(since).date())
     if until is not None:
-        conds.append(Prediction.created_at <= until)
+        conds.append(t.created_at <= until)
     if before is not None:
-        conds.append(Prediction.created_at < before)
+        conds.append(t.created_at < before)
     last = until if until is not None else before
     if postgres and last is not None:
-        conds.append(Prediction.day <= as_utc(last).date())
+        conds.append(t.day <= as_utc(last).date())
     return conds
 
 
 class RequestError(Base):
     """A routed request that failed entirely (no version could answer): counts against `version`, the
-    version it was routed to, in the rollout's error guardrail (migration 0005)."""
+    version it was routed to, in the rollout's error guardrail (migration 0005). On PostgreSQL the table
+    is partitioned by `day` like predictions (migration 0011): PRIMARY KEY (id, day) there, with CHECK
+    (day = created_at's UTC date)."""
 
     __tablename__ = "request_errors"
     __table_args__ = (Index("ix_request_errors_model_created", "model", "created_at"),)
@@ -305,6 +310,8 @@ class RequestError(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # The UTC date of created_at (migration 0011): PostgreSQL's partition key, filled by every writer.
+    day: Mapped[date] = mapped_column(Date, nullable=False, default=created_day)
 
 
 class Outcome(Base):

@@ -1,11 +1,11 @@
 """The prediction log's day partitions on PostgreSQL: which exist, making the next days before their rows
-arrive, and dropping whole old days for retention. Two tables are partitioned alike (PARENTS):
-`predictions` (migration 0009) and `shadow_predictions`, the mirror scores (migration 0011); every
-function takes the parents it works on and defaults to both, except `partitions_of`, which lists one.
-SQLite keeps both as plain tables: there every function here does nothing and returns an empty list (or
-dict).
+arrive, and dropping whole old days for retention. Three tables are partitioned alike (PARENTS):
+`predictions` (migration 0009), `shadow_predictions` (the mirror scores) and `request_errors` (migration
+0011); every function takes the parents it works on and defaults to all three, except `partitions_of`,
+which lists one. SQLite keeps them as plain tables: there every function here does nothing and returns an
+empty list (or dict).
 
-Layout (migration 0009; 0011 the same for shadow_predictions): `predictions` is PARTITION BY RANGE (day);
+Layout (migration 0009; 0011 the same for the other two): `predictions` is PARTITION BY RANGE (day);
 the table from before the migration is the first partition, `predictions_upto_YYYYMMDD`, FROM (MINVALUE)
 TO its day; one table a day, `predictions_YYYYMMDD`; and `predictions_default`, the DEFAULT partition,
 which takes any day without a table, so no row is ever refused for its day.
@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 PARENT = "predictions"
 SHADOW_PARENT = "shadow_predictions"
-PARENTS = (PARENT, SHADOW_PARENT)
+ERRORS_PARENT = "request_errors"
+PARENTS = (PARENT, SHADOW_PARENT, ERRORS_PARENT)
 # SQLSTATEs: lock_not_available, query_canceled (the statement_timeout), check_violation (DEFAULT holds
 # rows of the day), duplicate_table (the name is taken), invalid_object_definition (the range overlaps).
 _TIMED_OUT = {"55P03", "57014"}

@@ -142,9 +142,8 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
             select(RequestError.version, RequestError.split_revision, RequestError.routing_key,
                    RequestError.request_id, RequestError.id, _epoch_column(RequestError.created_at, pg),
                    RequestError.latency_ms)
-            .where(RequestError.model == model, RequestError.created_at >= since,
-                   RequestError.created_at <= until, RequestError.pinned.is_(False),
-                   RequestError.version.in_(versions))
+            .where(RequestError.model == model, *logged_between(pg, since, until, table=RequestError),
+                   RequestError.pinned.is_(False), RequestError.version.in_(versions))
             .order_by(RequestError.id)).all()
     nan = float("nan")
     p_cols = list(zip(*preds, strict=True)) if preds else [()] * 11

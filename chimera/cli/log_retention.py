@@ -2,15 +2,13 @@
 what a prune would delete (count_rows, for --dry-run) and the prune itself (prune_rows).
 
 Four tables grow with traffic, and prune bounds all four:
-- predictions and request_errors: model by model, rows created before the cutoff, through their
-  (model, created_at) indexes (migrations 0006, 0005). On PostgreSQL, pruning every model first drops
-  the whole day partitions before the cutoff's day (registry.partitions.drop_partitions_before: the same
-  cost for a million rows as for ten, reported with the planner's estimate of their rows, never counted by
-  a scan); the batches then take the rest (the cutoff's own day, predictions_default, one --model).
-- shadow_predictions (mirror scores: a shadow version's, a canary's production covariate): the same way
-  as predictions: on PostgreSQL, pruning every model first drops its whole day partitions before the
-  cutoff's day (migration 0011); the batches then take the rest, model by model, rows created before the
-  cutoff, through (model, created_at) (migration 0010).
+- predictions, request_errors and shadow_predictions (mirror scores: a shadow version's, a canary's
+  production covariate): model by model, rows created before the cutoff, through their (model,
+  created_at) indexes (migrations 0006, 0005, 0010). On PostgreSQL, where all three are partitioned by
+  day (migrations 0009, 0011), pruning every model first drops the whole day partitions before the
+  cutoff's day (registry.partitions.drop_partitions_before: the same cost for a million rows as for ten,
+  reported with the planner's estimate of their rows, never counted by a scan); the batches then take the
+  rest (the cutoff's own day, each table's DEFAULT partition, one --model).
 - outcomes: rows created before the cutoff whose request id has no row left in predictions (NOT EXISTS,
   by predictions' request_id key; the outcomes side by created_at, migration 0010). An outcome whose
   prediction is still stored is never deleted, however old: the rollout's decisions and `chimera
@@ -61,31 +59,28 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
     """What prune_rows(reg, cutoff, model=model) would do now, deleting nothing: "partitions", the
     (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
     model; registry.partitions.partitions_before, no scan), and the exact rows its batches would delete:
-    "predictions" and "shadow_predictions" (so not the rows of those partitions), "request_errors" and
+    "predictions", "request_errors" and "shadow_predictions" (so not the rows of those partitions), and
     "outcomes" (every model only: those created before the cutoff whose request id has no prediction
     created at or after it, which is what stays once the predictions are pruned; 0 with a model)."""
     from sqlalchemy import exists, func, select
 
     from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
-    from registry.partitions import PARENT, SHADOW_PARENT, partitions_before
+    from registry.partitions import PARENTS, partitions_before
 
     parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
     dropped = {name for name, _rows in parts}
-    kept_from = {parent: _first_day_kept(reg, dropped, parent) for parent in (PARENT, SHADOW_PARENT)}
+    kept_from = {parent: _first_day_kept(reg, dropped, parent) for parent in PARENTS}
     out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
                            "partitions": parts}
     with reg.session() as s:
         for m in [model] if model else log_models(reg):
-            out["request_errors"] += int(s.scalar(select(func.count()).select_from(RequestError).where(
-                RequestError.model == m, RequestError.created_at < cutoff)) or 0)
-            for key, table, where in (
-                    ("predictions", Prediction, logged_between(reg.is_postgres, before=cutoff)),
-                    ("shadow_predictions", ShadowPrediction, _shadow_before(reg, cutoff))):
-                old = [table.model == m, *where]
-                first = kept_from[table.__tablename__]
+            for table in (Prediction, RequestError, ShadowPrediction):
+                key = table.__tablename__
+                old = [table.model == m, *logged_between(reg.is_postgres, before=cutoff, table=table)]
+                first = kept_from[key]
                 if first is not None:  # rows of the partitions that stay; DEFAULT's older days apart
                     old.append(table.day >= first)
-                    out[key] += _older_in_default(s, table.__tablename__, m, first)
+                    out[key] += _older_in_default(s, key, m, first)
                 out[key] += int(s.scalar(select(func.count()).select_from(table).where(*old)) or 0)
         if model is None:
             kept = exists().where(Prediction.request_id == Outcome.request_id,
@@ -118,18 +113,6 @@ def _older_in_default(s: Session, parent: str, model: str, before: date) -> int:
         default.c.model == model, default.c.day < before)) or 0)
 
 
-def _shadow_before(reg: Registry, cutoff: datetime) -> list[Any]:
-    """The conditions that select mirror scores created before `cutoff`: on PostgreSQL also the days up to
-    the cutoff's, so that the planner leaves the later days' partitions out (as logged_between does for
-    predictions; every partition has CHECK (day = created_at's UTC date), migration 0011)."""
-    from registry.models import ShadowPrediction, as_utc
-
-    conds: list[Any] = [ShadowPrediction.created_at < cutoff]
-    if reg.is_postgres:
-        conds.append(ShadowPrediction.day <= as_utc(cutoff).date())
-    return conds
-
-
 def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
                batch: int = 10_000) -> dict[str, Any]:
     """Delete rows created before `cutoff`, `batch` rows per transaction (the module docstring says which
@@ -153,13 +136,10 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
         out["partitions_dropped"] = dropped
         out["partition_rows_estimate"] = sum(rows for rows in dropped.values() if rows is not None)
     for m in [model] if model else log_models(reg):
-        out["predictions"] += _delete_batches(reg, Prediction, Prediction.id, batch, Prediction.model == m,
-                                              narrow=logged_between(reg.is_postgres, before=cutoff))
-        out["shadow_predictions"] += _delete_batches(reg, ShadowPrediction, ShadowPrediction.id, batch,
-                                                     ShadowPrediction.model == m,
-                                                     narrow=_shadow_before(reg, cutoff))
-        out["request_errors"] += _delete_batches(reg, RequestError, RequestError.id, batch,
-                                                 RequestError.model == m, RequestError.created_at < cutoff)
+        for table in (Prediction, RequestError, ShadowPrediction):
+            out[table.__tablename__] += _delete_batches(
+                reg, table, table.id, batch, table.model == m,
+                narrow=logged_between(reg.is_postgres, before=cutoff, table=table))
     if model is None:  # after every model's predictions: an outcome of a pruned prediction has none left
         stored = exists().where(Prediction.request_id == Outcome.request_id)
         out["outcomes"] = _delete_batches(reg, Outcome, Outcome.request_id, batch,

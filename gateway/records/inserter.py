@@ -34,7 +34,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -156,10 +156,10 @@ class Inserter:
         self._executor: DaemonThreads | None = None  # writes the second half (_pool)
         self._conflicts = TakenWindow()  # PostgreSQL: predictions by COPY unless an id was taken lately
         self._shadow_conflicts = TakenWindow()  # the same for shadow_predictions
-        errors = RequestError.__table__.name
-        marks = ", ".join("?" * len(_ERROR_COLUMNS)) if self.dialect == "sqlite" else \
-            ", ".join(["%s"] * len(_ERROR_COLUMNS))
-        self.error_sql = f"INSERT INTO {errors} ({', '.join(_ERROR_COLUMNS)}) VALUES ({marks})"
+        # request_errors.day (migration 0011: PostgreSQL partitions it by day) goes as the last value.
+        errors, n_marks = RequestError.__table__.name, len(_ERROR_COLUMNS) + 1
+        marks = ", ".join("?" * n_marks) if self.dialect == "sqlite" else ", ".join(["%s"] * n_marks)
+        self.error_sql = f"INSERT INTO {errors} ({', '.join(_ERROR_COLUMNS)}, {DAY_COLUMN}) VALUES ({marks})"
 
     def _many_rows(self, table: str, columns: Sequence[str], tail: str,
                    computed: dict[str, str] | None = None) -> str:
@@ -201,7 +201,7 @@ class Inserter:
         else:
             rows = [widen(r) for r in rows]
             params = [r for r in rows if len(r) == len(COLUMNS)]
-            errors = [(r[0], r[1], r[2], r[3], r[5], r[6], r[8], r[9], r[11]) for r in rows
+            errors = [(r[0], r[1], r[2], r[3], r[5], r[6], r[8], r[9], r[11], utc_day(r[6])) for r in rows
                       if len(r) == ERROR_FIELDS]
         if not self.sql:
             self._insert_orm(params, errors)
@@ -326,9 +326,9 @@ class Inserter:
             d["created_at"] = when(d["created_at"])
             if isinstance(d["features"], str):  # bytes pass as they are: FeatureVector takes both
                 d["features"] = json.loads(d["features"])
-        errs = [dict(zip(_ERROR_COLUMNS, e, strict=True)) for e in errors]
+        errs = [dict(zip((*_ERROR_COLUMNS, DAY_COLUMN), e, strict=True)) for e in errors]
         for d in errs:
-            d["created_at"] = when(d["created_at"])
+            d["created_at"], d["day"] = when(d["created_at"]), date.fromisoformat(d["day"])
         with self.registry.transaction() as s:
             if preds:
                 s.execute(pg_insert_ignore(Prediction, s), preds)
@@ -346,6 +346,13 @@ def pg_insert_ignore(table: Any, session: Any) -> Any:
     else:
         return insert(table)
     return dialect_insert(table).on_conflict_do_nothing(index_elements=prediction_key(name))
+
+
+def utc_day(created_at: str) -> str:
+    """The UTC date (ISO text) of a row's created_at text, as either backend stores it (SQLite: naive
+    UTC; others: ISO 8601 with offset): request_errors.day, which PostgreSQL checks against created_at."""
+    dt = datetime.fromisoformat(created_at)
+    return (dt if dt.tzinfo is None else dt.astimezone(UTC)).date().isoformat()
 
 
 def widen(row: Sequence[Any]) -> Row:

@@ -31,11 +31,11 @@ Costs, because this runs for every prediction:
 - PostgreSQL's day partitions (migrations 0009 and 0011): at start, before the spill replay and the first
   batch (a row written before its day's table exists lands in DEFAULT, and then PostgreSQL refuses to make
   that table), and then every `partition_interval_s` (an hour) the writer makes the tables of today and
-  the next two days, of predictions and of shadow_predictions (registry.partitions.ensure_days), between
-  batches; a failure (e.g. the parent's lock not
-  had within `partition_lock_timeout_s`, the database away) is logged, counted in
-  `stats.partition_failures` and tried again after `partition_retry_s` (5 minutes). Rows never wait for
-  it: a day without its table still takes rows (predictions_default).
+  the next two days, of predictions, shadow_predictions and request_errors
+  (registry.partitions.ensure_days), between batches; a failure (e.g. a parent's lock not had within
+  `partition_lock_timeout_s`, the database away) is logged, counted in `stats.partition_failures` and
+  tried again after `partition_retry_s` (5 minutes). Rows never wait for it: a day without its table
+  still takes rows (its table's DEFAULT partition).
 The row format and the INSERT itself are gateway.records.inserter."""
 
 from __future__ import annotations

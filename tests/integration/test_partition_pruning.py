@@ -8,8 +8,9 @@ tables hold rows, and every reader a user runs — the rollout's look and arm re
 evaluation, the shadow report, retraining's served rows, `chimera log export`, `chimera log prune
 --model` and its dry run — is recorded statement by statement and each statement that reads predictions
 is EXPLAINed with its own values: the plan may name only the partitions whose days meet the read's
-range, of predictions and of shadow_predictions (partitioned alike since migration 0011). The same calls
-on SQLite (one table) must return the same rows, which is checked on both."""
+range, of predictions, shadow_predictions and request_errors (the last two partitioned alike since
+migration 0011). The same calls on SQLite (one table) must return the same rows, which is checked on
+both."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from registry.training_runs import served_rows
 
 DAY = timedelta(days=1)
 HOURS = (3, 9, 15, 21)
-PARTITION_IN_PLAN = re.compile(r" on ((?:shadow_)?predictions_(?:\d{8}|upto_\d{8}|default))\b")
-READS_THE_LOG = re.compile(r"\b(?:shadow_)?predictions\b")
+_TABLES = "(?:predictions|shadow_predictions|request_errors)"
+PARTITION_IN_PLAN = re.compile(rf" on ({_TABLES}_(?:\d{{8}}|upto_\d{{8}}|default))\b")
+READS_THE_LOG = re.compile(rf"\b{_TABLES}\b")
 
 
 def _at(day: date, hour: int) -> datetime:
@@ -82,7 +84,7 @@ def _planned_partitions(registry: Registry, statement: str, parameters: Any) -> 
 
 
 def _allowed(registry: Registry, lo: date | None, hi: date) -> set[str]:
-    """The partitions of both tables holding days in [lo, hi]: the day tables that meet it, and a table's
+    """The partitions of the three tables holding days in [lo, hi]: the day tables that meet it, and a table's
     DEFAULT when one of its days has no table of its own."""
     meets: set[str] = set()
     for parent in PARENTS:

@@ -18,6 +18,7 @@ from gateway.records.inserter import Inserter, Row
 from registry import Registry
 from registry.migrate import upgrade
 from registry.repository import PredictionRow
+from registry.rollouts import insert_rollout_rows
 from tests.harness import alembic_downgrade
 
 
@@ -64,6 +65,32 @@ def test_every_writer_stores_the_answer_day_and_postgres_files_the_row_under_it(
     assert got == {"log-noon": (tomorrow, _table(registry, tomorrow)),
                    "log-late": (tomorrow, _table(registry, tomorrow)),
                    "orm": (yesterday.date(), first)}
+
+
+def test_request_errors_store_their_day_and_postgres_files_them_under_it(registry: Registry) -> None:
+    """A request that failed entirely travels the log's queue as an error row and goes to request_errors,
+    partitioned by day like predictions on PostgreSQL (migration 0011): the writer's statement (in the
+    same transaction as a batch's predictions) and the ORM both store the row's UTC day."""
+    today = _today()
+    tomorrow = today + timedelta(days=1)
+    ins = Inserter(registry)
+    late = datetime.combine(tomorrow, time(23, 59, 59), UTC).timestamp()
+    try:
+        assert ins.insert([_row(ins, "ok", _at(tomorrow, 12, 0)),
+                           (*_row(ins, "failed", late)[:11], "every version failed")]) == 1
+    finally:
+        ins.close()
+    insert_rollout_rows(registry, [], [{"request_id": "orm", "model": "m", "version": 1, "error": "x",
+                                        "created_at": datetime.combine(today, time(13, 0), UTC)}])
+    pg = registry.is_postgres
+    where = "tableoid::regclass::text" if pg else "'request_errors'"
+    with registry.engine.connect() as c:
+        rows = c.execute(text(f"SELECT request_id, day, {where}, error FROM request_errors")).all()
+    got = {r: (d if isinstance(d, date) else date.fromisoformat(d), t, e) for r, d, t, e in rows}
+    first = f"request_errors_upto_{tomorrow:%Y%m%d}" if pg else "request_errors"
+    assert got == {"failed": (tomorrow, f"request_errors_{tomorrow:%Y%m%d}" if pg else first,
+                              "every version failed"),
+                   "orm": (today, first, "x")}
 
 
 def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_again_on_postgres(

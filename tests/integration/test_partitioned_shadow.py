@@ -1,10 +1,12 @@
-"""Mirror scores by day (migration 0011), on both backends: every writer of shadow_predictions stores a
-row's day as the UTC date of its created_at, so on PostgreSQL it lands in that day's partition; a request
-pairs with the mirror score of its own day only, so a retry that crossed midnight (two mirror scores on
-PostgreSQL, where a (request id, version) is unique per day) is paired once, by the rollout look, the
-shadow test and the shadow report alike; rows stored before the migration keep their ids and get their
-day; the downgrade gives one plain table back. Upkeep and pruning of the partitions:
-tests/integration/test_partitions.py and tests/integration/test_log_retention.py."""
+"""Mirror scores by day (migration 0011, which partitions request_errors the same way), on both
+backends: every writer of shadow_predictions stores a row's day as the UTC date of its created_at, so on
+PostgreSQL it lands in that day's partition; a request pairs with the mirror score of its own day only, so
+a retry that crossed midnight (two mirror scores on PostgreSQL, where a (request id, version) is unique per
+day) is paired once, by the rollout look, the shadow test and the shadow report alike; rows of both tables
+stored before the migration keep their ids and get their day; the downgrade gives plain tables back.
+Upkeep and pruning of the partitions: tests/integration/test_partitions.py and
+tests/integration/test_log_retention.py; request errors written by the log:
+tests/integration/test_partitioned_log.py."""
 
 from __future__ import annotations
 
@@ -118,8 +120,20 @@ def test_a_retry_across_midnight_pairs_its_request_with_one_mirror_score(registr
     assert report.shadow.tolist() == [0.5, 0.7] and report.served.tolist() == [0.3, 0.3]
 
 
+def _errors(reg: Registry) -> dict[str, tuple[int, date, str]]:
+    """request id -> (id, day, the table it is in), of every request_errors row."""
+    where = "tableoid::regclass::text" if reg.is_postgres else "'request_errors'"
+    with reg.engine.connect() as c:
+        rows = c.execute(text(f"SELECT request_id, id, day, {where} FROM request_errors"))
+        return {r: (i, d if isinstance(d, date) else date.fromisoformat(d), t) for r, i, d, t in rows}
+
+
 def test_mirror_scores_from_before_the_migration_keep_their_ids_and_get_their_own_day(
         registry_url: str) -> None:
+    """Migration 0011 on shadow_predictions and request_errors holding rows: each row keeps its id and
+    gets its day (a skewed clock's row moved to DEFAULT on PostgreSQL); writes after it are not stored
+    twice and take ids after the old ones; downgrade gives the plain tables with their keys back; an
+    upgrade after that works again."""
     today = _today()
     tomorrow = today + timedelta(days=1)
     reg = Registry(registry_url)
@@ -133,7 +147,23 @@ def test_mirror_scores_from_before_the_migration_keep_their_ids_and_get_their_ow
                            "created_at) VALUES (:r, 'm', 2, 0.5, 1.0, :t)"),
                       [{"r": r, "t": t if pg else f"{t:%Y-%m-%d %H:%M:%S.%f}"} for r, t in old.items()])
             ids = dict(c.execute(text("SELECT request_id, id FROM shadow_predictions")).tuples().all())
+            c.execute(text("INSERT INTO request_errors (request_id, model, version, routing_key, pinned, "
+                           "error, created_at) VALUES (:r, 'm', 2, '', false, 'x', :t)"),
+                      [{"r": r, "t": t if pg else f"{t:%Y-%m-%d %H:%M:%S.%f}"} for r, t in old.items()])
+            error_ids = dict(c.execute(text("SELECT request_id, id FROM request_errors")).tuples().all())
         upgrade(registry_url, reg.engine)
+
+        errors_first = f"request_errors_upto_{tomorrow:%Y%m%d}" if pg else "request_errors"
+        assert _errors(reg) == {
+            "old-3d": (error_ids["old-3d"], today - timedelta(days=3), errors_first),
+            "old-now": (error_ids["old-now"], today, errors_first),
+            "skewed": (error_ids["skewed"], today + timedelta(days=5),
+                       "request_errors_default" if pg else errors_first)}
+        insert_rollout_rows(reg, [], [{"request_id": "new", "model": M, "version": 2, "error": "x",
+                                       "created_at": _at(tomorrow, 12, 0)}])
+        new_error = _errors(reg)["new"]
+        assert new_error[0] > max(error_ids.values()) and new_error[1:] == (
+            tomorrow, f"request_errors_{tomorrow:%Y%m%d}" if pg else "request_errors")
 
         first = f"shadow_predictions_upto_{tomorrow:%Y%m%d}" if pg else "shadow_predictions"
         # Every row its own day; on PostgreSQL one from a clock ahead of the migration is moved out of the
@@ -171,6 +201,12 @@ def test_mirror_scores_from_before_the_migration_keep_their_ids_and_get_their_ow
             primary = table.get_pk_constraint("shadow_predictions")["constrained_columns"]
             indexes = {ix["name"] for ix in table.get_indexes("shadow_predictions")}
         assert back == {**ids, "new": new_id} and "day" not in cols
+        with reg.engine.connect() as c:
+            errors_back = dict(c.execute(text("SELECT request_id, id FROM request_errors")).tuples().all())
+            error_cols = {col["name"] for col in inspect(c).get_columns("request_errors")}
+            error_pk = inspect(c).get_pk_constraint("request_errors")["constrained_columns"]
+        assert errors_back == {**error_ids, "new": new_error[0]} and "day" not in error_cols
+        assert error_pk == ["id"]
         assert unique == [["request_id", "version"]] and primary == ["id"]
         assert {"ix_shadow_predictions_model_version", "ix_shadow_predictions_model_created"} <= indexes
         if pg:
@@ -181,6 +217,6 @@ def test_mirror_scores_from_before_the_migration_keep_their_ids_and_get_their_ow
                                       "'shadow_predictions_2%' OR relname LIKE 'shadow_predictions_upto%'"))
                 assert left.scalar() == 0
         upgrade(registry_url, reg.engine)  # and up again: the upgrade runs on a table that was downgraded
-        assert {k[0] for k in _stored(reg)} == {*ids, "new"}
+        assert {k[0] for k in _stored(reg)} == {*ids, "new"} and set(_errors(reg)) == {*error_ids, "new"}
     finally:
         reg.dispose()
