@@ -177,6 +177,19 @@ def database_down_switch(log: Any) -> threading.Event:
     return down
 
 
+def seed(reg: Any, table: str, insert: str, stamps: dict[str, Any]) -> dict[str, int]:
+    """Rows from before a migration (migration tests): `insert` (raw SQL with :r for the request id and :t
+    for created_at) once per (request id, created_at) of `stamps`, created_at as the backend stores it
+    (SQLite: naive UTC text). Returns request id -> id of every row of `table`."""
+    from sqlalchemy import text
+
+    pg = reg.engine.dialect.name == "postgresql"
+    with reg.engine.begin() as c:
+        c.execute(text(insert), [{"r": r, "t": t if pg else f"{t:%Y-%m-%d %H:%M:%S.%f}"}
+                                 for r, t in stamps.items()])
+        return dict(c.execute(text(f"SELECT request_id, id FROM {table}")).tuples().all())
+
+
 def alembic_downgrade(reg: Any, revision: str) -> None:
     """Downgrade `reg`'s database to an Alembic `revision` (migration tests: upgrade, data, downgrade)."""
     from alembic import command

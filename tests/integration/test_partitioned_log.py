@@ -19,7 +19,7 @@ from registry import Registry
 from registry.migrate import upgrade
 from registry.repository import PredictionRow
 from registry.rollouts import insert_rollout_rows
-from tests.harness import alembic_downgrade
+from tests.harness import alembic_downgrade, seed
 
 
 def _today() -> date:
@@ -178,11 +178,8 @@ def test_rows_from_before_the_migration_keep_their_ids_and_get_their_own_day(reg
            "skewed": datetime.combine(today + timedelta(days=5), time(10, 0), UTC)}
     try:
         upgrade(registry_url, reg.engine, revision="0008")
-        with reg.engine.begin() as c:
-            c.execute(text("INSERT INTO predictions (request_id, model, version, routing_key, score, "
-                           "latency_ms, created_at) VALUES (:r, 'm', 1, '', 0.5, 1.0, :t)"),
-                      [{"r": r, "t": t if pg else f"{t:%Y-%m-%d %H:%M:%S.%f}"} for r, t in old.items()])
-            ids = dict(c.execute(text("SELECT request_id, id FROM predictions")).tuples().all())
+        ids = seed(reg, "predictions", "INSERT INTO predictions (request_id, model, version, routing_key, "
+                   "score, latency_ms, created_at) VALUES (:r, 'm', 1, '', 0.5, 1.0, :t)", old)
         upgrade(registry_url, reg.engine)
 
         rows = {r: (d, t) for r, d, t in _stored(reg)}
