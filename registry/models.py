@@ -202,9 +202,9 @@ class TrafficSplit(Base):
 
 
 def created_day(context: Any) -> date:
-    """predictions.day (and shadow_predictions.day) when a writer gives none: the UTC date of the row's
-    created_at (now without one). Migrations 0009 and 0011 say why the log needs the day as a column
-    (PostgreSQL partitions by it)."""
+    """predictions.day (and that of shadow_predictions and request_errors) when a writer gives none: the
+    UTC date of the row's created_at (now without one). Migrations 0009 and 0011 say why the log needs the
+    day as a column (PostgreSQL partitions by it)."""
     created = context.get_current_parameters().get("created_at") if context is not None else None
     if not isinstance(created, datetime):
         created = utcnow()
