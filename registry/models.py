@@ -278,15 +278,23 @@ def logged_between(postgres: bool, since: datetime | None = None, until: datetim
     conds: list[ColumnElement[bool]] = []
     if since is not None:
         conds.append(t.created_at >= since)
-        if postgres:
-            conds.append(t.day >= as_utc(since).date())
     if until is not None:
         conds.append(t.created_at <= until)
     if before is not None:
         conds.append(t.created_at < before)
-    last = until if until is not None else before
-    if postgres and last is not None:
-        conds.append(t.day <= as_utc(last).date())
+    if postgres:
+        conds += days_between(t, since, until if until is not None else before)
+    return conds
+
+
+def days_between(table: Any, first: datetime | None, last: datetime | None) -> list[ColumnElement[bool]]:
+    """`table`.day from `first`'s UTC date to `last`'s (a bound left None is open): the partition key's
+    range for a read of [first, last] (PostgreSQL; logged_between says why)."""
+    conds: list[ColumnElement[bool]] = []
+    if first is not None:
+        conds.append(table.day >= as_utc(first).date())
+    if last is not None:
+        conds.append(table.day <= as_utc(last).date())
     return conds
 
 
@@ -422,10 +430,8 @@ def mirrored_with(postgres: bool, model: str, version: int, since: datetime | No
     conds: list[ColumnElement[bool]] = [
         ShadowPrediction.request_id == Prediction.request_id, ShadowPrediction.day == Prediction.day,
         ShadowPrediction.model == model, ShadowPrediction.version == version]
-    if postgres and since is not None:
-        conds.append(ShadowPrediction.day >= as_utc(since).date())
-    if postgres and until is not None:
-        conds.append(ShadowPrediction.day <= as_utc(until).date())
+    if postgres:
+        conds += days_between(ShadowPrediction, since, until)
     return and_(*conds)
 
 
