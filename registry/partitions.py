@@ -172,10 +172,17 @@ def partitions_before(registry: Registry, cutoff: date,
     but DEFAULT whose upper bound is <= `cutoff`), parent by parent in day order, each with the planner's
     estimate of its rows (`_estimate`; None: not estimated). Read-only, and reads the catalog only: no row
     of any partition is looked at (`chimera log prune --dry-run`). [] on SQLite."""
+    return [(p.name, rows) for _parent, p, rows in old_partitions(registry, cutoff, parents)]
+
+
+def old_partitions(registry: Registry, cutoff: date,
+                   parents: Sequence[str] = PARENTS) -> list[tuple[str, Partition, int | None]]:
+    """partitions_before with each partition's parent and bounds: (parent, partition, estimate), in one
+    read of the catalog."""
     if not registry.is_postgres:
         return []
     with registry.engine.begin() as conn:
-        return [(p.name, _estimate(conn, p.name))
+        return [(parent, p, _estimate(conn, p.name))
                 for parent in parents for p in _before(conn, parent, cutoff)]
 
 

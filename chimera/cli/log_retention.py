@@ -58,26 +58,30 @@ def _models_in(s: Session, table: Any) -> list[str]:
 def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> dict[str, Any]:
     """What prune_rows(reg, cutoff, model=model) would do now, deleting nothing: "partitions", the
     (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
-    model; registry.partitions.partitions_before, no scan), and the exact rows its batches would delete:
+    model; registry.partitions.old_partitions, no scan), and the exact rows its batches would delete:
     "predictions", "request_errors" and "shadow_predictions" (so not the rows of those partitions), and
     "outcomes" (every model only: those created before the cutoff whose request id has no prediction
     created at or after it, which is what stays once the predictions are pruned; 0 with a model)."""
     from sqlalchemy import exists, func, select
 
     from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
-    from registry.partitions import PARENTS, partitions_before
+    from registry.partitions import old_partitions
 
-    parts = partitions_before(reg, as_utc(cutoff).date()) if model is None else []
-    dropped = {name for name, _rows in parts}
-    kept_from = {parent: _first_day_kept(reg, dropped, parent) for parent in PARENTS}
+    old_parts = old_partitions(reg, as_utc(cutoff).date()) if model is None else []
+    # Per table, the first day of the partitions that stay: the highest upper bound among those dropped
+    # (no partition that stays but DEFAULT holds an earlier day: ranges do not overlap); None: none dropped.
+    kept_from: dict[str, date] = {}
+    for parent, p, _rows in old_parts:
+        if p.upper is not None:
+            kept_from[parent] = max(p.upper, kept_from.get(parent, p.upper))
     out: dict[str, Any] = {"predictions": 0, "request_errors": 0, "shadow_predictions": 0, "outcomes": 0,
-                           "partitions": parts}
+                           "partitions": [(p.name, rows) for _parent, p, rows in old_parts]}
     with reg.session() as s:
         for m in [model] if model else log_models(reg):
             for table in (Prediction, RequestError, ShadowPrediction):
                 key = table.__tablename__
                 old = [table.model == m, *logged_between(reg.is_postgres, before=cutoff, table=table)]
-                first = kept_from[key]
+                first = kept_from.get(key)
                 if first is not None:  # rows of the partitions that stay; DEFAULT's older days apart
                     old.append(table.day >= first)
                     out[key] += _older_in_default(s, key, m, first)
@@ -88,17 +92,6 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
             out["outcomes"] = int(s.scalar(select(func.count()).select_from(Outcome).where(
                 Outcome.created_at < cutoff, ~kept)) or 0)
     return out
-
-
-def _first_day_kept(reg: Registry, dropped: set[str], parent: str) -> date | None:
-    """The first day of `parent`'s partitions that stay when `dropped` go (the highest upper bound among
-    its partitions in `dropped`): no partition that stays but DEFAULT holds an earlier day (ranges do not
-    overlap). None: none of `parent`'s dropped."""
-    from registry.partitions import partitions_of
-
-    if not dropped:
-        return None
-    return max((p.upper for p in partitions_of(reg, parent) if p.name in dropped and p.upper), default=None)
 
 
 def _older_in_default(s: Session, parent: str, model: str, before: date) -> int:
