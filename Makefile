@@ -62,7 +62,7 @@ demo-repeat: install
 
 test: install sysdeps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=40 -m "not acceptance"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=40 -m "not acceptance"
 
 # Full-count acceptance runs that do not fit make test's 30 minutes (make test runs shorter forms):
 # the 1,000-run A/A simulation through the CLI, and every simulation scenario at its full count.

@@ -1,4 +1,12 @@
-"""Session-wide real parts: one PostgreSQL server and one local Ray cluster per test session."""
+"""Session-wide real parts: one PostgreSQL server and one local Ray cluster per test session.
+
+`make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup`): every test that uses
+Ray (the `ray_cluster` fixture, or the `ray` mark for a test that starts a Ray of its own) is put in one
+xdist group, so one worker runs them all, one after another, on the one Ray it starts; the other worker
+runs the rest (unit tests, registry, CLI, partitions: no Ray), each worker with its own PostgreSQL. Why:
+the Ray tests spend much of their time waiting on processes (a 5-minute chaos run, a 30 s hung server),
+so the machine's second core was mostly idle while they ran; two Rays on two cores would instead fight
+over both. Run one file with plain `pytest`: the group changes nothing without xdist."""
 
 from __future__ import annotations
 
@@ -10,6 +18,15 @@ from typing import Any
 import pytest
 
 from tests.pg import PostgresServer
+
+RAY_GROUP = "ray"  # the xdist group of every test that needs Ray (module docstring)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group into each test's id
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_cluster" in item.fixturenames or item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.ray  # `chimera bench` starts a Ray of its own (tests/conftest.py)
 CASES = ["onnx_batch1", "onnx_batch256", "echo_c1", "echo_c64", "ray_c1", "ray_c8", "ray_c64",
          "ray_handle_c1", "chimera_c1", "chimera_c8", "chimera_c64", "chimera_named_c64", "chimera_batch256",
          "chimera_packed256", "chimera_stream_c64"]

@@ -35,7 +35,7 @@ from tests.harness import round_robin_channel, small_onnx
 from tests.multinode import Cluster, Gateway, Observer, replica_nodes
 from tests.pg import PostgresServer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # its own three-node Ray (tests/conftest.py)
 CONCURRENCY = 6  # client threads, each with at most one call in flight (2 shared cores: modest on purpose)
 PAUSE_S = 0.02  # between one thread's calls: steady, not flat out
 REPLICAS = 2

@@ -38,17 +38,19 @@ def test_placeholder_tokens_are_refused(token: str) -> None:
     ("abababababababababab", "distinct"),
     ("aaaaaaaaaaaaaaaaaaaaaaaa", "distinct"),
     ("", "empty"),
-    (GOOD + "\n", "whitespace"),
-    (" " + GOOD, "whitespace"),
-    (GOOD[:20] + "é" + GOOD[20:], "printable ASCII"),
-    (GOOD[:20] + "\x00" + GOOD[20:], "printable ASCII"),
+    # ids of their own: a random token in a test's id differs between xdist's workers (make test)
+    pytest.param(GOOD + "\n", "whitespace", id="good-then-newline"),
+    pytest.param(" " + GOOD, "whitespace", id="space-then-good"),
+    pytest.param(GOOD[:20] + "é" + GOOD[20:], "printable ASCII", id="good-with-e-acute"),
+    pytest.param(GOOD[:20] + "\x00" + GOOD[20:], "printable ASCII", id="good-with-nul"),
 ])
 def test_weak_or_malformed_tokens_are_refused(token: str, why: str) -> None:
     problem = token_problem("CHIMERA_PREDICT_TOKEN", token)
     assert problem is not None and why in problem, problem
 
 
-@pytest.mark.parametrize("token", [GOOD, GOOD2, GOOD3, "Xk9#mQ2$vL7!pR4w"])
+@pytest.mark.parametrize("token", [GOOD, GOOD2, GOOD3, "Xk9#mQ2$vL7!pR4w"],
+                         ids=["hex-32", "urlsafe-24", "hex-16", "symbols-16"])
 def test_strong_tokens_and_unset_pass(token: str) -> None:
     assert len(GOOD3) >= MIN_TOKEN_LENGTH
     assert token_problem("CHIMERA_ADMIN_TOKEN", token) is None
