@@ -109,13 +109,41 @@ def node_registry_url(server: PostgresServer) -> str:
     return server.url(NODE_DB).replace("postgres@", f"postgres:{NODE_DB_PASSWORD}@", 1)
 
 
+def claim_ray(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under xdist, fail a Ray test in any worker but the first to start Ray: the group of the module
+    docstring is what keeps two Rays off two cores, and nothing else would notice it missing (pytest 9
+    with xdist 3.8 silently dropped it: every Ray test then ran, slower, beside a second Ray)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    claim = tmp_path_factory.getbasetemp().parent / "ray-worker"  # shared by the run's workers
+    try:
+        with open(claim, "x") as f:
+            f.write(worker)
+    except FileExistsError:
+        holder = claim.read_text()
+        if holder != worker:
+            pytest.fail(f"worker {worker} would start a second Ray; {holder} holds the Ray tests: "
+                        f"the xdist group '{RAY_GROUP}' was not applied (tests/conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def _own_ray_in_the_ray_worker(request: pytest.FixtureRequest,
+                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same claim for a test that starts a Ray of its own (the `ray` mark)."""
+    if request.node.get_closest_marker("ray") is not None:
+        claim_ray(tmp_path_factory)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(postgres: PostgresServer) -> Iterator[None]:
+def ray_cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One local Ray for the whole session, explicit CPUs (2-core machine), shut down at the end. Its
     node's environment holds CHIMERA_REGISTRY_URL for `NODE_DB` (set only while Ray starts, so the
     tests' own settings never see it)."""
     import ray
     from ray import serve
+
+    claim_ray(tmp_path_factory)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     saved = os.environ.get("CHIMERA_REGISTRY_URL")
