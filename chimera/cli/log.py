@@ -118,7 +118,8 @@ def prune(older_than: OlderThan, model: ModelOpt = None,
                                                 "would be dropped (estimated rows) and count the rows the "
                                                 "batches would delete")] = False) -> None:
     """Delete prediction-log rows, request errors, shadow scores and outcomes (without --model) older
-    than --older-than, in batches."""
+    than --older-than: on PostgreSQL, whole days' partitions are dropped (without --model), the rest is
+    deleted in batches."""
     from registry.errors import PartitionError
 
     cutoff = _cutoff(older_than)
