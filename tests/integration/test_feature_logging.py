@@ -36,10 +36,10 @@ Rows = Sequence[dict[str, float]]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            ray_cluster: None):  # a parameter, not getfixturevalue: the Ray group sees it (tests/conftest.py)
     """One registry per backend with a model at 50/50 whose two versions have different schemas. The
     gateways of this module leave the replicas deployed for the next one; the last removes them."""
-    request.getfixturevalue("ray_cluster")
     tmp = tmp_path_factory.mktemp("features-" + request.param)
     url = fresh_registry_url(request.param, request, tmp)
     reg = Registry(url)

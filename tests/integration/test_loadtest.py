@@ -460,9 +460,9 @@ def test_record_load_test_validates(registry: Registry) -> None:
 
 # ---------------------------------------------------------------- real gateway (Ray Serve replicas)
 @pytest.fixture(scope="module", params=BACKENDS)
-def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            ray_cluster: None):  # a parameter, not getfixturevalue: the Ray group sees it (tests/conftest.py)
     """v1 takes all routed traffic; v2 is a candidate with no weight (deployed on first pinned use)."""
-    request.getfixturevalue("ray_cluster")
     tmp = tmp_path_factory.mktemp("lt-" + request.param)
     url = fresh_registry_url(request.param, request, tmp)
     reg = Registry(url)

@@ -47,10 +47,10 @@ def flat(text: str) -> str:
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            ray_cluster: None):  # a parameter, not getfixturevalue: the Ray group sees it (tests/conftest.py)
     """One registry and one live gateway per backend (deploying replicas costs seconds). The controller
     loop is off: the tests call the gateway's own controller one look at a time."""
-    request.getfixturevalue("ray_cluster")
     tmp = tmp_path_factory.mktemp("promote-" + request.param)
     url = fresh_registry_url(request.param, request, tmp)
     reg = Registry(url)
