@@ -5,9 +5,9 @@ Ray (the `ray_cluster` fixture, or the `ray` mark for a test that starts a Ray o
 xdist group, so one worker runs them all, one after another, on the one Ray it starts; the other worker
 runs the rest (unit tests, registry, CLI, partitions: no Ray), each worker with its own PostgreSQL. Why:
 the Ray tests spend much of their time waiting on processes (a 5-minute chaos run, a 30 s hung server),
-so one test at a time left much of the two cores idle (33m26s serial against 25m12s in two workers, one
-clone each, README); two Rays on two cores would instead fight over both. Run one file with plain
-`pytest`: the group changes nothing without xdist."""
+so one test at a time left much of the two cores idle (33m26s of pytest serial against 26m49s in two
+workers, one fresh clone each, README); two Rays on two cores would instead fight over both. Run one
+file with plain `pytest`: the group changes nothing without xdist."""
 
 from __future__ import annotations
 
