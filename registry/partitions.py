@@ -166,19 +166,12 @@ def _ensure_parent(registry: Registry, parent: str, first: date, days: int, lock
     return refused
 
 
-def partitions_before(registry: Registry, cutoff: date,
-                      parents: Sequence[str] = PARENTS) -> list[tuple[str, int | None]]:
-    """The partitions `drop_partitions_before(registry, cutoff, parents=parents)` would drop now (every one
-    but DEFAULT whose upper bound is <= `cutoff`), parent by parent in day order, each with the planner's
-    estimate of its rows (`_estimate`; None: not estimated). Read-only, and reads the catalog only: no row
-    of any partition is looked at (`chimera log prune --dry-run`). [] on SQLite."""
-    return [(p.name, rows) for _parent, p, rows in old_partitions(registry, cutoff, parents)]
-
-
 def old_partitions(registry: Registry, cutoff: date,
                    parents: Sequence[str] = PARENTS) -> list[tuple[str, Partition, int | None]]:
-    """partitions_before with each partition's parent and bounds: (parent, partition, estimate), in one
-    read of the catalog."""
+    """The partitions `drop_partitions_before(registry, cutoff, parents=parents)` would drop now (every one
+    but DEFAULT whose upper bound is <= `cutoff`), parent by parent in day order, as (parent, partition,
+    the planner's estimate of its rows: `_estimate`, None when not estimated). Read-only, one read of the
+    catalog: no row of any partition is looked at (`chimera log prune --dry-run`). [] on SQLite."""
     if not registry.is_postgres:
         return []
     with registry.engine.begin() as conn:

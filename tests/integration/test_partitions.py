@@ -35,7 +35,7 @@ from registry.partitions import (
     day_table,
     drop_partitions_before,
     ensure_days,
-    partitions_before,
+    old_partitions,
     partitions_of,
 )
 from registry.repository import PredictionRow
@@ -98,7 +98,7 @@ def test_upkeep_makes_the_next_days_and_rows_land_in_their_day(registry: Registr
     today = _today()
     if not registry.is_postgres:  # one plain table: nothing to keep
         assert partitions_of(registry) == []
-        assert ensure_days(registry, today, 5) == [] and partitions_before(registry, today + 30 * DAY) == []
+        assert ensure_days(registry, today, 5) == [] and old_partitions(registry, today + 30 * DAY) == []
         assert drop_partitions_before(registry, today + 30 * DAY) == {}
         _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
         assert _ids(registry) == {f"r{i}" for i in range(5)}
@@ -446,7 +446,7 @@ def test_prune_reports_the_planners_estimate_of_each_dropped_day_and_none_when_n
     cutoff = _at(t + 12 * DAY, 12)
     if registry.is_postgres:
         _analyze(registry, day_table(t + 10 * DAY))
-        listed = dict(partitions_before(registry, cutoff.date()))
+        listed = {p.name: rows for _parent, p, rows in old_partitions(registry, cutoff.date())}
         assert listed[day_table(t + 10 * DAY)] == 5 and listed[day_table(t + 11 * DAY)] is None
         assert len(_ids(registry)) == 10  # listing drops nothing
 
@@ -473,7 +473,7 @@ def test_dropping_and_listing_old_days_send_no_statement_that_reads_their_rows(r
     that would stop a reader of the partition stops its DETACH too."""
     t, _rows = _old_days_with_rows(registry)
     if not registry.is_postgres:
-        assert partitions_before(registry, t + 12 * DAY) == [] and drop_partitions_before(registry, t) == {}
+        assert old_partitions(registry, t + 12 * DAY) == [] and drop_partitions_before(registry, t) == {}
         return
     name = day_table(t + 10 * DAY)
     sent: list[tuple[str, object]] = []
@@ -483,7 +483,7 @@ def test_dropping_and_listing_old_days_send_no_statement_that_reads_their_rows(r
 
     event.listen(registry.engine, "before_cursor_execute", record)
     try:
-        listed = partitions_before(registry, t + 12 * DAY)
+        listed = [(p.name, rows) for _parent, p, rows in old_partitions(registry, t + 12 * DAY)]
         dropped = drop_partitions_before(registry, t + 12 * DAY)
     finally:
         event.remove(registry.engine, "before_cursor_execute", record)
