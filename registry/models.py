@@ -212,9 +212,10 @@ def created_day(context: Any) -> date:
 
 
 # The names of the day partitions of predictions (migration 0009), shadow_predictions and request_errors
-# (0011) on PostgreSQL (registry.partitions): one table a UTC day, the first (the table before the
-# migration) and the DEFAULT one. Not declared here: they are the parent's.
-LOG_PARTITION = re.compile(r"(?:predictions|shadow_predictions|request_errors)_(?:\d{8}|upto_\d{8}|default)")
+# (0011) and outcomes (0012) on PostgreSQL (registry.partitions): one table a UTC day, the first (the table
+# before the migration) and the DEFAULT one. Not declared here: they are the parent's.
+LOG_PARTITION = re.compile(
+    r"(?:predictions|shadow_predictions|request_errors|outcomes)_(?:\d{8}|upto_\d{8}|default)")
 
 
 def prediction_key(dialect: str) -> list[str]:
@@ -322,13 +323,49 @@ class RequestError(Base):
     day: Mapped[date] = mapped_column(Date, nullable=False, default=created_day)
 
 
+def outcome_key(dialect: str) -> list[str]:
+    """The columns an outcome is unique with, for ON CONFLICT: (request_id, day) on PostgreSQL, where
+    outcomes is partitioned by day (migration 0012), request_id alone on SQLite."""
+    return ["request_id", "day"] if dialect == "postgresql" else ["request_id"]
+
+
 class Outcome(Base):
+    """The real-world outcome of one prediction, reported later (RecordOutcome), one per request id.
+
+    `day` is its prediction's day, not the day the outcome came (migration 0012): the newest stored
+    prediction with that request id when the outcome is stored (registry.repository.Registry.record_outcomes).
+    So on PostgreSQL, where outcomes is partitioned by day like the log, an outcome sits in the partition
+    of its prediction's day and `chimera log prune` drops both days together: an outcome is kept exactly
+    as long as its prediction, however late it came. An outcome joins its prediction on request id and
+    day (`outcome_of`). The key there is PRIMARY KEY (request_id, day) instead of the request_id declared
+    here (SQLite's); the registry still stores one outcome per request id (it looks the id up on every
+    day first)."""
+
     __tablename__ = "outcomes"
     __table_args__ = (Index("ix_outcomes_created", "created_at"),)  # retention (`chimera log prune`), 0010
 
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # The day of the prediction it reports on (migration 0012): PostgreSQL's partition key.
+    day: Mapped[date] = mapped_column(Date, nullable=False)
+
+
+def outcome_of(postgres: bool, since: datetime | None = None,
+               until: datetime | None = None) -> ColumnElement[bool]:
+    """The join condition of a prediction (logged in [since, until], as `logged_between` selects it; a
+    bound left None is open) with its outcome: the same request id and the same day.
+
+    Why the day (migration 0012): an outcome carries its prediction's day, the key of both tables'
+    partitions on PostgreSQL. With it, an outcome joins the one prediction it was stored against, also
+    when a request id was logged again on a later day (README, Failure modes), and on PostgreSQL the same
+    day range as the predictions' is added on outcomes: the planner does not carry a range across an
+    equality, so without it every read of a window would probe (or scan) every day's outcomes."""
+    conds: list[ColumnElement[bool]] = [Outcome.request_id == Prediction.request_id,
+                                        Outcome.day == Prediction.day]
+    if postgres:
+        conds += days_between(Outcome, since, until)
+    return and_(*conds)
 
 
 class SplitAudit(Base):

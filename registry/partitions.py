@@ -1,14 +1,14 @@
 """The prediction log's day partitions on PostgreSQL: which exist, making the next days before their rows
-arrive, and dropping whole old days for retention. Three tables are partitioned alike (PARENTS):
-`predictions` (migration 0009), `shadow_predictions` (the mirror scores) and `request_errors` (migration
-0011); every function takes the parents it works on and defaults to all three, except `partitions_of`,
-which lists one. SQLite keeps them as plain tables: there every function here does nothing and returns an
-empty list (or dict).
+arrive, and dropping whole old days for retention. Four tables are partitioned alike (PARENTS):
+`predictions` (migration 0009), `shadow_predictions` (the mirror scores), `request_errors` (migration
+0011) and `outcomes` (0012, by the day of the prediction each reports on); every function takes the
+parents it works on and defaults to all four, except `partitions_of`, which lists one. SQLite keeps them
+as plain tables: there every function here does nothing and returns an empty list (or dict).
 
-Layout (migration 0009; 0011 the same for the other two): `predictions` is PARTITION BY RANGE (day);
-the table from before the migration is the first partition, `predictions_upto_YYYYMMDD`, FROM (MINVALUE)
-TO its day; one table a day, `predictions_YYYYMMDD`; and `predictions_default`, the DEFAULT partition,
-which takes any day without a table, so no row is ever refused for its day.
+Layout (migration 0009; 0011 and 0012 the same for the other three): `predictions` is PARTITION BY
+RANGE (day); the table from before the migration is the first partition, `predictions_upto_YYYYMMDD`,
+FROM (MINVALUE) TO its day; one table a day, `predictions_YYYYMMDD`; and `predictions_default`, the
+DEFAULT partition, which takes any day without a table, so no row is ever refused for its day.
 
 Why days are made ahead (`ensure_days`, called by the prediction log's writer about hourly): once the
 DEFAULT partition holds rows of a day, PostgreSQL refuses to make that day's table (the rows would have
@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 PARENT = "predictions"
 SHADOW_PARENT = "shadow_predictions"
 ERRORS_PARENT = "request_errors"
-PARENTS = (PARENT, SHADOW_PARENT, ERRORS_PARENT)
+OUTCOMES_PARENT = "outcomes"
+# Outcomes last: drop_partitions_before drops in this order and stops at the first table it cannot drop,
+# so a day's outcomes never go while that day's predictions stay.
+PARENTS = (PARENT, SHADOW_PARENT, ERRORS_PARENT, OUTCOMES_PARENT)
 # SQLSTATEs: lock_not_available, query_canceled (the statement_timeout), check_violation (DEFAULT holds
 # rows of the day), duplicate_table (the name is taken), invalid_object_definition (the range overlaps).
 _TIMED_OUT = {"55P03", "57014"}
@@ -191,7 +194,8 @@ def drop_partitions_before(registry: Registry, cutoff: date, lock_timeout_s: flo
     (CHIMERA_DB_QUERY_TIMEOUT_S) and stop the prune for a number only used in a report. The estimate is
     one catalog read (`_estimate`); no row is looked at, to count or to decide: the CHECK (day =
     created_at's UTC date) of migrations 0009 and 0011 means a partition whose days are all before the
-    cutoff's holds only rows created before it.
+    cutoff's holds only rows created before it; an outcome's day is its prediction's (0012), so a day of
+    outcomes holds only outcomes of predictions created before the cutoff, which the prune deletes.
 
     Per partition, one transaction: read its estimate, then DETACH and DROP it under `lock_timeout_s`
     (the parent is locked only for the DETACH and DROP). A DETACH that times out raises PartitionError;

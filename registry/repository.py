@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, event, func, select, text, update
@@ -38,6 +38,8 @@ from registry.models import (
     ShadowPrediction,
     SplitAudit,
     TrafficSplit,
+    outcome_key,
+    outcome_of,
     prediction_key,
     shadow_key,
     utcnow,
@@ -518,17 +520,43 @@ class Registry:
             raise ValidationError(f"value: must be finite, got {value}")
         dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
         with self._sessions.begin() as s:
-            if not by_request_ids(s, select(Prediction.request_id), [request_id], self.is_postgres):
+            day_of, stored = self._outcome_keys(s, [request_id])
+            if request_id not in day_of:
                 raise NotFoundError(f"request_id: no prediction with id {request_id!r}")
-            res = s.execute(dialect_insert(Outcome).values(request_id=request_id, value=value)
-                            .on_conflict_do_nothing(index_elements=["request_id"]))
-            if res.rowcount == 1:
-                return True
-            stored = s.scalar(select(Outcome.value).where(Outcome.request_id == request_id))
-        if stored is not None and stored == value:
+            if request_id not in stored:
+                res = s.execute(dialect_insert(Outcome)
+                                .values(request_id=request_id, value=value, day=day_of[request_id])
+                                .on_conflict_do_nothing(index_elements=outcome_key(self.engine.dialect.name)))
+                if res.rowcount == 1:
+                    return True
+                stored = self._outcome_keys(s, [request_id])[1]  # stored meanwhile by another call
+        prior = stored.get(request_id)
+        if prior is not None and prior == value:
             return False
         raise AlreadyExistsError(
-            f"value: outcome for request_id {request_id!r} already stored as {stored}, got {value}")
+            f"value: outcome for request_id {request_id!r} already stored as {prior}, got {value}")
+
+    def _outcome_keys(self, s: Session, ids: Sequence[str]) -> tuple[dict[str, date], dict[str, float]]:
+        """For these request ids: the day each one's outcome is stored under, that of the newest prediction
+        logged with it (models.Outcome says why; an id with no prediction is left out), and the values of
+        the outcomes already stored for those predictions. On PostgreSQL the outcomes are read from those
+        days' partitions only. One outcome a prediction: where a request id was logged again on a later
+        day (PostgreSQL, README "Failure modes"), the later prediction is the one an outcome reports on."""
+        day_of: dict[str, date] = {}
+        stored: dict[str, float] = {}
+        for i in range(0, len(ids), 5000):
+            chunk = ids[i:i + 5000]
+            for rid, day in by_request_ids(s, select(Prediction.request_id, Prediction.day), chunk,
+                                           self.is_postgres):
+                day_of[rid] = max(day, day_of.get(rid, day))
+            days = sorted({day_of[rid] for rid in chunk if rid in day_of})
+            if days:
+                for rid, value, day in s.execute(
+                        select(Outcome.request_id, Outcome.value, Outcome.day)
+                        .where(Outcome.request_id.in_(chunk), Outcome.day.in_(days))).tuples():
+                    if day == day_of[rid]:  # not an outcome of an earlier prediction with that id
+                        stored[rid] = value
+        return day_of, stored
 
     def record_outcomes(self, items: Sequence[tuple[str, float]]) -> list[BaseException | None]:
         """Bulk form of record_outcome in one transaction: per item None (stored or already stored
@@ -537,21 +565,14 @@ class Registry:
         ids = list({rid for rid, _ in items if rid})
         dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
         with self._sessions.begin() as s:
-            known: set[str] = set()
-            stored: dict[str, float] = {}
-            for i in range(0, len(ids), 5000):
-                chunk = ids[i:i + 5000]
-                known.update(r[0] for r in by_request_ids(s, select(Prediction.request_id), chunk,
-                                                          self.is_postgres))
-                stored.update(s.execute(select(Outcome.request_id, Outcome.value)
-                                        .where(Outcome.request_id.in_(chunk))).tuples().all())
+            day_of, stored = self._outcome_keys(s, ids)
             new: dict[str, float] = {}
             for i, (rid, value) in enumerate(items):
                 if not rid:
                     results[i] = ValidationError(f"outcomes[{i}].request_id: required")
                 elif not math.isfinite(value):
                     results[i] = ValidationError(f"outcomes[{i}].value: must be finite, got {value}")
-                elif rid not in known:
+                elif rid not in day_of:
                     results[i] = NotFoundError(f"outcomes[{i}].request_id: no prediction with id {rid!r}")
                 else:
                     prior = stored.get(rid, new.get(rid))
@@ -562,8 +583,10 @@ class Registry:
                             f"outcomes[{i}].value: outcome for {rid!r} already stored as {prior}, "
                             f"got {value}")
             if new:
-                s.execute(dialect_insert(Outcome).on_conflict_do_nothing(index_elements=["request_id"]),
-                          [{"request_id": k, "value": v, "created_at": utcnow()} for k, v in new.items()])
+                s.execute(dialect_insert(Outcome)
+                          .on_conflict_do_nothing(index_elements=outcome_key(self.engine.dialect.name)),
+                          [{"request_id": k, "value": v, "created_at": utcnow(), "day": day_of[k]}
+                           for k, v in new.items()])
         return results
 
     def count_predictions(self, model: str | None = None) -> dict[int, int]:
@@ -575,9 +598,9 @@ class Registry:
             return dict(s.execute(q).tuples().all())
 
     def outcome_means(self, model: str) -> dict[int, tuple[int, float]]:
-        """Per version: (number of outcomes, mean outcome), joined on request id."""
+        """Per version: (number of outcomes, mean outcome), each outcome with its prediction."""
         with self._sessions() as s:
             q = (select(Prediction.version, func.count(), func.avg(Outcome.value))
-                 .join(Outcome, Outcome.request_id == Prediction.request_id)
+                 .join(Outcome, outcome_of(self.is_postgres))
                  .where(Prediction.model == model).group_by(Prediction.version))
             return {v: (int(n), float(mean)) for v, n, mean in s.execute(q).tuples().all()}

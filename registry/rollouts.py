@@ -23,6 +23,7 @@ from registry.models import (
     as_utc,
     logged_between,
     mirrored_with,
+    outcome_of,
 )
 from registry.repository import Registry
 
@@ -44,7 +45,7 @@ def arm_rows(registry: Registry, model: str, version: int, since: datetime, unti
         latencies = np.array(s.scalars(select(Prediction.latency_ms).where(*window)).all(), dtype=float)
         joined = s.execute(
             select(Outcome.value, Prediction.score)
-            .join(Outcome, Outcome.request_id == Prediction.request_id)
+            .join(Outcome, outcome_of(registry.is_postgres, since, until))
             .where(*window, Outcome.created_at <= until)
             .order_by(Prediction.id)).all()
     outcomes = np.array([r[0] for r in joined], dtype=float)
@@ -130,8 +131,7 @@ def look_rows(registry: Registry, model: str, versions: tuple[int, ...], since: 
                    Prediction.routing_key, Prediction.request_id, _epoch_column(Prediction.created_at, pg),
                    Prediction.latency_ms, Prediction.score, Outcome.value,
                    _epoch_column(Outcome.created_at, pg), ShadowPrediction.score)
-            .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until),
-                  isouter=True)
+            .join(Outcome, outcome_of(pg, since, until) & (Outcome.created_at <= until), isouter=True)
             .join(ShadowPrediction, mirrored_with(pg, model, cov_v, since, until)
                   & (ShadowPrediction.created_at <= until), isouter=True)
             .where(Prediction.model == model, *logged_between(pg, since, until), Prediction.pinned.is_(False),

@@ -24,6 +24,7 @@ from registry.models import (
     as_utc,
     logged_between,
     mirrored_with,
+    outcome_of,
 )
 from registry.repository import Registry
 
@@ -62,7 +63,7 @@ def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, sin
             select(Prediction.id, Prediction.score, ShadowPrediction.score, Outcome.value,
                    Prediction.routing_key, Prediction.request_id, Prediction.created_at, Outcome.created_at)
             .join(ShadowPrediction, mirrored_with(registry.is_postgres, model, shadow, since, until))
-            .join(Outcome, (Outcome.request_id == Prediction.request_id) & (Outcome.created_at <= until))
+            .join(Outcome, outcome_of(registry.is_postgres, since, until) & (Outcome.created_at <= until))
             .where(Prediction.model == model, Prediction.version == served,
                    Prediction.failed_version.is_(None), Prediction.pinned.is_(False),
                    *logged_between(registry.is_postgres, since, until))

@@ -26,6 +26,7 @@ from registry.models import (
     ShadowPrediction,
     logged_between,
     mirrored_with,
+    outcome_of,
 )
 from registry.repository import Registry
 
@@ -48,7 +49,7 @@ def shadow_rows(registry: Registry, model: str, version: int, *, since: datetime
     q = (select(Prediction.version, Prediction.score, ShadowPrediction.score, Outcome.value,
                 Prediction.features)
          .join(ShadowPrediction, mirrored_with(registry.is_postgres, model, version, since, until))
-         .outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
+         .outerjoin(Outcome, outcome_of(registry.is_postgres, since, until))
          .where(Prediction.model == model, Prediction.failed_version.is_(None), Prediction.pinned.is_(False),
                 *logged_between(registry.is_postgres, since, until)))
     with registry.session() as s:

@@ -34,6 +34,7 @@ from registry.models import (
     TrainingRun,
     as_utc,
     logged_between,
+    outcome_of,
     utcnow,
 )
 from registry.repository import Registry
@@ -240,9 +241,9 @@ def served_rows(
                 *logged_between(registry.is_postgres, since_utc, before=until_utc))
          .order_by(Prediction.created_at, Prediction.id))
     if with_outcome:
-        q = q.join(Outcome, Outcome.request_id == Prediction.request_id)
+        q = q.join(Outcome, outcome_of(registry.is_postgres, since_utc, until_utc))
     else:
-        q = q.outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
+        q = q.outerjoin(Outcome, outcome_of(registry.is_postgres, since_utc, until_utc))
     if versions is not None:
         q = q.where(Prediction.version.in_(list(versions)))
     with registry.session() as s:

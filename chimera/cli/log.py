@@ -258,7 +258,7 @@ def _export_day(reg: Registry, model: str, since: datetime, until: datetime, pat
     import pyarrow.parquet as pq
     from sqlalchemy import select
 
-    from registry.models import Outcome, Prediction, logged_between
+    from registry.models import Outcome, Prediction, logged_between, outcome_of
 
     schema = _arrow_schema()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def _export_day(reg: Registry, model: str, since: datetime, until: datetime, pat
             Prediction.score, Prediction.latency_ms, Prediction.created_at, Prediction.features,
             Prediction.split_revision, Prediction.pinned, Prediction.failed_version, Outcome.value,
             Outcome.created_at]
-    q = (select(*cols).outerjoin(Outcome, Outcome.request_id == Prediction.request_id)
+    q = (select(*cols).outerjoin(Outcome, outcome_of(reg.is_postgres, since, until))
          .where(Prediction.model == model, *logged_between(reg.is_postgres, since, before=until))
          .order_by(Prediction.created_at, Prediction.id))
     with pq.ParquetWriter(tmp, schema) as writer:

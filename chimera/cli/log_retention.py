@@ -9,12 +9,14 @@ Four tables grow with traffic, and prune bounds all four:
   cutoff's day (registry.partitions.drop_partitions_before: the same cost for a million rows as for ten,
   reported with the planner's estimate of their rows, never counted by a scan); the batches then take the
   rest (the cutoff's own day, each table's DEFAULT partition, one --model).
-- outcomes: rows created before the cutoff whose request id has no row left in predictions (NOT EXISTS,
-  by predictions' request_id key; the outcomes side by created_at, migration 0010). An outcome whose
-  prediction is still stored is never deleted, however old: the rollout's decisions and `chimera
-  analyze` join outcomes to stored predictions, and deleting one would change what they compute.
-  Outcomes carry no model, so they are pruned only when prune runs for every model; with a model
-  (--model) they are left as they are.
+- outcomes: rows created before the cutoff whose prediction (same request id and day) is no longer
+  stored (NOT EXISTS, by predictions' (request_id, day) key; the outcomes side by created_at, migration
+  0010). An outcome whose prediction is still stored is never deleted, however old: the rollout's
+  decisions and `chimera analyze` join outcomes to stored predictions, and deleting one would change what
+  they compute. On PostgreSQL outcomes are partitioned by their prediction's day (migration 0012), so
+  the whole days dropped with the predictions' take their outcomes too, late ones included; the batches
+  take the rest. Outcomes carry no model, so they are pruned only when prune runs for every model; with
+  a model (--model) they are left as they are.
 Every delete goes in batches of `batch` rows, each batch its own short transaction, so the gateway's
 inserts and the controller's reads never wait behind one huge delete. Pruned rows can no longer be
 recomputed by `chimera analyze`: export first (`chimera log export`)."""
@@ -60,12 +62,13 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
     (name, planner's estimate or None) of each whole partition it would drop first (PostgreSQL, every
     model; registry.partitions.old_partitions, no scan), and the exact rows its batches would delete:
     "predictions", "request_errors" and "shadow_predictions" (so not the rows of those partitions), and
-    "outcomes" (every model only: those created before the cutoff whose request id has no prediction
-    created at or after it, which is what stays once the predictions are pruned; 0 with a model)."""
-    from sqlalchemy import exists, func, select
+    "outcomes" (every model only: those created before the cutoff whose prediction is not one created at
+    or after it, which is what stays once the predictions are pruned, outside the outcome partitions
+    dropped; 0 with a model)."""
+    from sqlalchemy import func, select
 
-    from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
-    from registry.partitions import old_partitions
+    from registry.models import Prediction, RequestError, ShadowPrediction, as_utc, logged_between
+    from registry.partitions import OUTCOMES_PARENT, old_partitions
 
     old_parts = old_partitions(reg, as_utc(cutoff).date()) if model is None else []
     # Per table, the first day of the partitions that stay: the highest upper bound among those dropped
@@ -87,11 +90,32 @@ def count_rows(reg: Registry, cutoff: datetime, *, model: str | None = None) -> 
                     out[key] += _older_in_default(s, key, m, first)
                 out[key] += int(s.scalar(select(func.count()).select_from(table).where(*old)) or 0)
         if model is None:
-            kept = exists().where(Prediction.request_id == Outcome.request_id,
-                                  *logged_between(reg.is_postgres, cutoff))
-            out["outcomes"] = int(s.scalar(select(func.count()).select_from(Outcome).where(
-                Outcome.created_at < cutoff, ~kept)) or 0)
+            out["outcomes"] = _old_outcomes(s, reg.is_postgres, cutoff, kept_from.get(OUTCOMES_PARENT))
     return out
+
+
+def _old_outcomes(s: Session, postgres: bool, cutoff: datetime, first: date | None) -> int:
+    """The outcomes prune's batches would delete: created before `cutoff`, their prediction not one
+    created at or after it; with `first` (PostgreSQL, outcome days before it dropped as partitions) only
+    those of the days that stay, and those of earlier days in the DEFAULT partition."""
+    from sqlalchemy import Date, DateTime, String, column, exists, func, select, table
+
+    from registry.models import Outcome, Prediction, as_utc, logged_between
+    from registry.partitions import OUTCOMES_PARENT, default_partition
+
+    def old(t: Any) -> list[Any]:  # prune_rows' batch, before the predictions are pruned
+        kept = exists().where(Prediction.request_id == t.request_id, Prediction.day == t.day,
+                              *logged_between(postgres, cutoff))
+        return [t.created_at < cutoff, ~kept, *([t.day <= as_utc(cutoff).date()] if postgres else [])]
+
+    if first is None:
+        return int(s.scalar(select(func.count()).select_from(Outcome).where(*old(Outcome))) or 0)
+    default = table(default_partition(OUTCOMES_PARENT), column("request_id", String), column("day", Date),
+                    column("created_at", DateTime(timezone=True)))
+    stays = s.scalar(select(func.count()).select_from(Outcome).where(*old(Outcome), Outcome.day >= first))
+    in_default = s.scalar(select(func.count()).select_from(default).where(*old(default.c),
+                                                                          default.c.day < first))
+    return int(stays or 0) + int(in_default or 0)
 
 
 def _older_in_default(s: Session, parent: str, model: str, before: date) -> int:
@@ -134,26 +158,33 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
                 reg, table, table.id, batch, table.model == m,
                 narrow=logged_between(reg.is_postgres, before=cutoff, table=table))
     if model is None:  # after every model's predictions: an outcome of a pruned prediction has none left
-        stored = exists().where(Prediction.request_id == Outcome.request_id)
-        out["outcomes"] = _delete_batches(reg, Outcome, Outcome.request_id, batch,
-                                          Outcome.created_at < cutoff, ~stored)
+        stored = exists().where(Prediction.request_id == Outcome.request_id, Prediction.day == Outcome.day)
+        # An outcome created before the cutoff reports on a prediction of that day or earlier (its day):
+        # on PostgreSQL the batches read only those days' partitions.
+        days = [Outcome.day <= as_utc(cutoff).date()] if reg.is_postgres else []
+        out["outcomes"] = _delete_batches(reg, Outcome, (Outcome.request_id, Outcome.day), batch,
+                                          Outcome.created_at < cutoff, ~stored, narrow=days)
     return out
 
 
 def _delete_batches(reg: Registry, table: Any, key: Any, batch: int, *where: Any,
                     narrow: Sequence[Any] = ()) -> int:
-    """Delete the rows of `table` matching `where` and `narrow`, `batch` rows (picked by their `key`) per
-    transaction, until a batch finds fewer; returns the rows deleted. The DELETE itself repeats `narrow`
-    (predictions' day range, registry.models.logged_between): a DELETE on a partitioned table is planned
-    against only the partitions its own conditions allow, so without it every batch would probe every
-    day's table for the keys the batch picked."""
-    from sqlalchemy import delete, select
+    """Delete the rows of `table` matching `where` and `narrow`, `batch` rows (picked by their `key`, a
+    column or a tuple of columns) per transaction, until a batch finds fewer; returns the rows deleted.
+    The DELETE itself repeats `narrow` (predictions' day range, registry.models.logged_between): a DELETE
+    on a partitioned table is planned against only the partitions its own conditions allow, so without
+    it every batch would probe every day's table for the keys the batch picked. Outcomes are keyed by
+    (request_id, day): on PostgreSQL a request id logged again on a later day has an outcome a day, and
+    only the batch's own may go."""
+    from sqlalchemy import delete, select, tuple_
 
+    cols = key if isinstance(key, tuple) else (key,)
+    picked = cols[0] if len(cols) == 1 else tuple_(*cols)
     deleted = 0
     while True:
-        keys = select(key).where(*where, *narrow).limit(batch)
+        keys = select(*cols).where(*where, *narrow).limit(batch)
         with reg.transaction() as s:
-            n = s.execute(delete(table).where(key.in_(keys.scalar_subquery()), *narrow)).rowcount
+            n = s.execute(delete(table).where(picked.in_(keys), *narrow)).rowcount
         deleted += n
         if n < batch:
             return deleted

@@ -24,7 +24,7 @@ from gateway.records.inserter import Inserter
 from registry import Registry
 from registry.migrate import current_revision, upgrade
 from registry.models import Outcome, Prediction, RequestError, ShadowPrediction
-from registry.partitions import SHADOW_PARENT, day_table, ensure_days
+from registry.partitions import OUTCOMES_PARENT, SHADOW_PARENT, day_table, ensure_days
 from registry.repository import PredictionRow
 from registry.rollouts import insert_rollout_rows
 from tests.harness import alembic_downgrade
@@ -50,9 +50,8 @@ def test_export_then_prune_moves_old_rows_to_parquet(registry, tmp_path: Path) -
     old_ids = _log(registry, "m", [40.2, 40.1, 35.5, 35.4, 35.3, 31.0, 31.0], "old")
     new_ids = _log(registry, "m", [1.0, 0.5, 0.0], "new")
     _log(registry, "other", [50.0], "oth")
+    _outcomes(registry, {old_ids[0]: datetime.now(UTC)})
     with registry.transaction() as s:
-        s.execute(insert(Outcome), [{"request_id": old_ids[0], "value": 1.0,
-                                     "created_at": datetime.now(UTC)}])
         s.execute(insert(RequestError), [{"request_id": "err-old", "model": "m", "version": 1, "error": "x",
                                           "created_at": datetime.now(UTC) - timedelta(days=45)}])
     assert log_models(registry) == ["m", "other"]
@@ -123,9 +122,15 @@ def _shadow(registry: Registry, model: str, stamps: dict[str, datetime], version
 
 
 def _outcomes(registry: Registry, stamps: dict[str, datetime]) -> None:
+    """Outcomes created at the given times (the registry's intake stamps now), each under its prediction's
+    day as the intake stores it (the newest prediction with its id), or, with none, its own created_at's
+    date (as migration 0012 leaves an outcome whose prediction was gone)."""
     with registry.transaction() as s:
-        s.execute(insert(Outcome), [{"request_id": rid, "value": 1.0, "created_at": at}
-                                    for rid, at in stamps.items()])
+        days = dict(s.execute(select(Prediction.request_id, func.max(Prediction.day))
+                              .where(Prediction.request_id.in_(list(stamps))).group_by(Prediction.request_id))
+                    .tuples().all())
+        s.execute(insert(Outcome), [{"request_id": rid, "value": 1.0, "created_at": at,
+                                     "day": days.get(rid, at.date())} for rid, at in stamps.items()])
 
 
 def _rows(registry: Registry) -> dict[str, set[tuple[str, ...]]]:
@@ -142,8 +147,10 @@ def test_prune_bounds_shadow_scores_and_outcomes_whose_prediction_is_gone(regist
     """Without --model, prune deletes old shadow scores (of every model, one that only has shadow rows too)
     and old outcomes whose prediction is no longer stored, whether its prediction went in this run by a
     batch, with a dropped day partition (PostgreSQL) or never existed; an old outcome whose prediction is
-    still stored, and every newer row, stays. The result counts exactly what left each table, and the dry
-    run counted exactly that beforehand, deleting nothing."""
+    still stored, and every newer row, stays, except on PostgreSQL a newer outcome of a prediction whose
+    day is dropped (migration 0012: it goes with its prediction's day, late as it came). The result
+    counts exactly what the batches deleted, the dry run counted exactly that beforehand, deleting
+    nothing, and the dropped days are listed by both."""
     t = datetime.now(UTC).date()
     ensure_days(registry, t, 8)  # PostgreSQL: m-a and m-b sit in day tables the prune drops whole
     cutoff = _at(t + 5 * D, 12)
@@ -159,7 +166,7 @@ def test_prune_bounds_shadow_scores_and_outcomes_whose_prediction_is_gone(regist
         "m-c": _at(t + 5 * D, 8),    # old, its prediction pruned by a batch: goes
         "ghost": _at(t + D, 0),      # old, no prediction at all: goes
         "m-n": _at(t + 3 * D, 12),   # OLD, but its prediction is new and stays: kept
-        "m-b": _at(t + 6 * D, 0),    # new (its prediction pruned): kept
+        "m-b": _at(t + 6 * D, 0),    # new, its prediction pruned: kept (PostgreSQL: goes with its day)
         "m-n2": _at(t + 6 * D, 14),  # new: kept
     })
     assert log_models(registry) == ["m", "s"]  # "s" has shadow rows only
@@ -170,21 +177,25 @@ def test_prune_bounds_shadow_scores_and_outcomes_whose_prediction_is_gone(regist
     assert _rows(registry) == before  # the dry run deleted nothing
     batches = 1 if registry.is_postgres else 3  # PostgreSQL: m-a and m-b went with their day tables
     shadow_batches = 2 if registry.is_postgres else 4  # and so did the mirror scores of days t+1 and t+2
+    # and the outcomes of those days: m-a's, ghost's (its own day t+1) and the late m-b's
+    outcome_batches = 1 if registry.is_postgres else 3
+    late = set() if registry.is_postgres else {("m-b",)}
 
     done = prune_rows(registry, cutoff, batch=2)  # several batches per table
 
     after = _rows(registry)
     assert after == {"predictions": {("m-n",), ("m-n2",)}, "request_errors": set(),
                      "shadow_predictions": {("m", "m-n"), ("s", "s-3")},
-                     "outcomes": {("m-n",), ("m-b",), ("m-n2",)}}
+                     "outcomes": {("m-n",), ("m-n2",)} | late}
     gone = {key: len(before[key] - after[key]) for key in before}
-    assert gone == {"predictions": 3, "request_errors": 0, "shadow_predictions": 4, "outcomes": 3}
+    assert gone == {"predictions": 3, "request_errors": 0, "shadow_predictions": 4, "outcomes": 4 - len(late)}
     assert {k: done[k] for k in gone} == {**gone, "predictions": batches,
-                                          "shadow_predictions": shadow_batches}
+                                          "shadow_predictions": shadow_batches, "outcomes": outcome_batches}
     assert {k: dry[k] for k in gone} == {k: done[k] for k in gone}
-    if registry.is_postgres:  # migration 0011: shadow_predictions is partitioned by day too
+    if registry.is_postgres:  # migrations 0011 and 0012: shadow_predictions and outcomes by day too
         assert {day_table(t + D), day_table(t + 2 * D), day_table(t + D, SHADOW_PARENT),
-                day_table(t + 2 * D, SHADOW_PARENT)} <= set(done["partitions_dropped"])
+                day_table(t + 2 * D, SHADOW_PARENT), day_table(t + D, OUTCOMES_PARENT),
+                day_table(t + 2 * D, OUTCOMES_PARENT)} <= set(done["partitions_dropped"])
         assert {name for name, _rows in dry["partitions"]} == set(done["partitions_dropped"])
     assert prune_rows(registry, cutoff)["outcomes"] == 0  # the kept old outcome stays kept
 
@@ -289,7 +300,9 @@ def test_migration_0010_builds_the_retention_indexes_and_downgrade_drops_them(re
             # fails after the catalog entry is made): an INVALID index is left; and the other one built.
             same = datetime.now(UTC)
             _log(reg, "m", [1.0, 1.0], "p")
-            _outcomes(reg, {"p-0": same, "p-1": same})
+            with reg.transaction() as s:  # outcomes as 0009 left it: no day column yet (migration 0012)
+                s.execute(text("INSERT INTO outcomes (request_id, value, created_at) "
+                               "VALUES ('p-0', 1.0, :t), ('p-1', 1.0, :t)"), {"t": same})
             with reg.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 with pytest.raises(IntegrityError):
                     conn.execute(text("CREATE UNIQUE INDEX CONCURRENTLY ix_outcomes_created "

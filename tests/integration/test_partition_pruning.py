@@ -9,8 +9,8 @@ evaluation, the shadow report, retraining's served rows, `chimera log export`, `
 --model` and its dry run — is recorded statement by statement and each statement that reads predictions
 is EXPLAINed with its own values: the plan may name only the partitions whose days meet the read's
 range, of predictions, shadow_predictions and request_errors (the last two partitioned alike since
-migration 0011). The same calls on SQLite (one table) must return the same rows, which is checked on
-both."""
+migration 0011) and outcomes (by its prediction's day since 0012, registry.models.outcome_of). The same
+calls on SQLite (one table) must return the same rows, which is checked on both."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from registry.training_runs import served_rows
 
 DAY = timedelta(days=1)
 HOURS = (3, 9, 15, 21)
-_TABLES = "(?:predictions|shadow_predictions|request_errors)"
+_TABLES = "(?:predictions|shadow_predictions|request_errors|outcomes)"
 PARTITION_IN_PLAN = re.compile(rf" on ({_TABLES}_(?:\d{{8}}|upto_\d{{8}}|default))\b")
 READS_THE_LOG = re.compile(rf"\b{_TABLES}\b")
 
@@ -84,7 +84,7 @@ def _planned_partitions(registry: Registry, statement: str, parameters: Any) -> 
 
 
 def _allowed(registry: Registry, lo: date | None, hi: date) -> set[str]:
-    """The partitions of the three tables holding days in [lo, hi]: the day tables that meet it, and a table's
+    """The partitions of the four tables holding days in [lo, hi]: the day tables that meet it, and a table's
     DEFAULT when one of its days has no table of its own."""
     meets: set[str] = set()
     for parent in PARENTS:

@@ -29,6 +29,7 @@ from registry.errors import PartitionError
 from registry.models import Prediction
 from registry.partitions import (
     ERRORS_PARENT,
+    OUTCOMES_PARENT,
     PARENT,
     PARENTS,
     SHADOW_PARENT,
@@ -76,7 +77,7 @@ def _covering(registry: Registry, day: date, parent: str = PARENT) -> str | None
 
 
 def _old(registry: Registry, before: date) -> list[str]:
-    """The partitions of both tables a prune with a cutoff on `before` drops, as it names them."""
+    """The partitions of every table a prune with a cutoff on `before` drops, as it names them."""
     return [p.name for parent in PARENTS for p in partitions_of(registry, parent)
             if not p.is_default and p.upper is not None and p.upper <= before]
 
@@ -103,7 +104,7 @@ def test_upkeep_makes_the_next_days_and_rows_land_in_their_day(registry: Registr
         _insert(registry, {f"r{i}": _at(today + i * DAY, 12) for i in range(5)})
         assert _ids(registry) == {f"r{i}" for i in range(5)}
         return
-    for parent in PARENTS:  # migrations 0009 and 0011
+    for parent in PARENTS:  # migrations 0009, 0011 and 0012
         parts = partitions_of(registry, parent)
         assert [p.name for p in parts if p.is_default] == [f"{parent}_default"]
         assert parts[0].lower is None and parts[0].name.startswith(f"{parent}_upto_")
@@ -120,6 +121,8 @@ def test_upkeep_makes_the_next_days_and_rows_land_in_their_day(registry: Registr
                                                       created_at=_at(today + i * DAY, 12)) for i in range(5)])
     insert_rollout_rows(registry, [], [{"request_id": f"r{i}", "model": "m", "version": 1, "error": "x",
                                         "created_at": _at(today + i * DAY, 12)} for i in range(5)])
+    # An outcome, stored now, lands in the day of the prediction it reports on (migration 0012).
+    assert registry.record_outcomes([(f"r{i}", 1.0) for i in range(5)]) == [None] * 5
     for parent in PARENTS:
         stored = _tables(registry, parent)
         for i in range(5):
@@ -138,7 +141,7 @@ def test_a_day_whose_rows_are_in_default_is_reported_and_the_others_made(registr
     with pytest.raises(PartitionError) as err:
         ensure_days(registry, later - DAY, 3)
     assert str(later) in str(err.value) and "predictions_default holds rows" in str(err.value)
-    others = (SHADOW_PARENT, ERRORS_PARENT)  # their DEFAULT partitions are empty: all three days made
+    others = (SHADOW_PARENT, ERRORS_PARENT, OUTCOMES_PARENT)  # DEFAULT partitions empty: three days made
     assert err.value.done == [day_table(later - DAY), day_table(later + DAY),
                               *(day_table(later + i * DAY, parent) for parent in others for i in (-1, 0, 1))]
     assert _covering(registry, later) is None and _tables(registry)["stray"] == "predictions_default"
