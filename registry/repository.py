@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, event, func, select, text, update
+from sqlalchemy import Connection, Engine, Select, event, func, select, text, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -96,6 +96,11 @@ class PredictionRow:
 
 
 RECENT_DAYS = 2  # outcome lookups on PostgreSQL try today's and yesterday's partitions first
+# Registry._insert_outcomes on PostgreSQL; ON CONFLICT names models.outcome_key("postgresql").
+OUTCOMES_FROM_ARRAYS = text(
+    "INSERT INTO outcomes (request_id, value, created_at, day) SELECT * FROM unnest("
+    "CAST(:ids AS varchar[]), CAST(:vals AS double precision[]), CAST(:times AS timestamptz[]), "
+    "CAST(:days AS date[])) ON CONFLICT (request_id, day) DO NOTHING")
 
 
 def by_request_ids(session: Session, query: Select[Any], ids: Sequence[str], postgres: bool) -> list[Any]:
@@ -520,50 +525,58 @@ class Registry:
             raise ValidationError(f"value: must be finite, got {value}")
         dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
         with self._sessions.begin() as s:
-            day_of, stored = self._outcome_keys(s, [request_id])
+            day_of = self._outcome_keys(s, [request_id], stored=False)[0]
             if request_id not in day_of:
                 raise NotFoundError(f"request_id: no prediction with id {request_id!r}")
-            if request_id not in stored:
-                res = s.execute(dialect_insert(Outcome)
-                                .values(request_id=request_id, value=value, day=day_of[request_id])
-                                .on_conflict_do_nothing(index_elements=outcome_key(self.engine.dialect.name)))
-                if res.rowcount == 1:
-                    return True
-                stored = self._outcome_keys(s, [request_id])[1]  # stored meanwhile by another call
+            # Insert first, read only on a conflict: the (request id, day) key is the outcome's identity.
+            res = s.execute(dialect_insert(Outcome)
+                            .values(request_id=request_id, value=value, day=day_of[request_id])
+                            .on_conflict_do_nothing(index_elements=outcome_key(self.engine.dialect.name)))
+            if res.rowcount == 1:
+                return True
+            stored = self._outcome_keys(s, [request_id])[1]
         prior = stored.get(request_id)
         if prior is not None and prior == value:
             return False
         raise AlreadyExistsError(
             f"value: outcome for request_id {request_id!r} already stored as {prior}, got {value}")
 
-    def _outcome_keys(self, s: Session, ids: Sequence[str]) -> tuple[dict[str, date], dict[str, float]]:
+    def _outcome_keys(self, s: Session, ids: Sequence[str],
+                      stored: bool = True) -> tuple[dict[str, date], dict[str, float]]:
         """For these request ids: the day each one's outcome is stored under, that of the newest prediction
-        logged with it (models.Outcome says why; an id with no prediction is left out), and the values of
-        the outcomes already stored for those predictions. On PostgreSQL the outcomes are read from those
-        days' partitions only. One outcome a prediction: where a request id was logged again on a later
-        day (PostgreSQL, README "Failure modes"), the later prediction is the one an outcome reports on."""
+        logged with it (models.Outcome says why; an id with no prediction is left out), and (with
+        `stored`; else {}) the values of the outcomes already stored for those predictions, read day by
+        day in one statement: on PostgreSQL each branch probes one day's table for that day's ids only,
+        where one read for all the ids probed every one of their days' tables for every id
+        (docs/performance.md, "Time partitioning", point 7). One outcome a prediction: where a request
+        id was logged again on a later day (PostgreSQL, README "Failure modes"), the later prediction is
+        the one an outcome reports on."""
         day_of: dict[str, date] = {}
-        stored: dict[str, float] = {}
+        values: dict[str, float] = {}
         for i in range(0, len(ids), 5000):
             chunk = ids[i:i + 5000]
             for rid, day in by_request_ids(s, select(Prediction.request_id, Prediction.day), chunk,
                                            self.is_postgres):
                 day_of[rid] = max(day, day_of.get(rid, day))
-            days = sorted({day_of[rid] for rid in chunk if rid in day_of})
-            if days:
-                for rid, value, day in s.execute(
-                        select(Outcome.request_id, Outcome.value, Outcome.day)
-                        .where(Outcome.request_id.in_(chunk), Outcome.day.in_(days))).tuples():
-                    if day == day_of[rid]:  # not an outcome of an earlier prediction with that id
-                        stored[rid] = value
-        return day_of, stored
+            if not stored:
+                continue
+            by_day: dict[date, list[str]] = {}
+            for rid in chunk:
+                if rid in day_of:
+                    by_day.setdefault(day_of[rid], []).append(rid)
+            # One statement, a branch a day: each branch reads one day's table (PostgreSQL), its ids only.
+            reads = [select(Outcome.request_id, Outcome.value).where(Outcome.day == day,
+                                                                      Outcome.request_id.in_(rids))
+                     for day, rids in sorted(by_day.items())]
+            if reads:
+                values.update(s.execute(union_all(*reads) if len(reads) > 1 else reads[0]).tuples().all())
+        return day_of, values
 
     def record_outcomes(self, items: Sequence[tuple[str, float]]) -> list[BaseException | None]:
         """Bulk form of record_outcome in one transaction: per item None (stored or already stored
         with the same value) or the error it would have raised."""
         results: list[BaseException | None] = [None] * len(items)
         ids = list({rid for rid, _ in items if rid})
-        dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
         with self._sessions.begin() as s:
             day_of, stored = self._outcome_keys(s, ids)
             new: dict[str, float] = {}
@@ -583,11 +596,23 @@ class Registry:
                             f"outcomes[{i}].value: outcome for {rid!r} already stored as {prior}, "
                             f"got {value}")
             if new:
-                s.execute(dialect_insert(Outcome)
-                          .on_conflict_do_nothing(index_elements=outcome_key(self.engine.dialect.name)),
-                          [{"request_id": k, "value": v, "created_at": utcnow(), "day": day_of[k]}
-                           for k, v in new.items()])
+                self._insert_outcomes(s, new, day_of)
         return results
+
+    def _insert_outcomes(self, s: Session, new: Mapping[str, float], day_of: Mapping[str, date]) -> None:
+        """Store `new` (request id -> value, none stored yet) under their days, skipping one stored
+        meanwhile by another call. PostgreSQL: one statement over four arrays. A list of parameter sets
+        would go to psycopg2's executemany, a round trip a row (~75 % of a 500-outcome call, profiled),
+        and a many-row VALUES costs SQLAlchemy ~75 us an outcome to compile (profiled): the array
+        statement is compiled once. SQLite: executemany, which runs in-process."""
+        now = utcnow()
+        if self.is_postgres:
+            s.execute(OUTCOMES_FROM_ARRAYS, {"ids": list(new), "vals": list(new.values()),
+                                             "times": [now] * len(new), "days": [day_of[k] for k in new]})
+            return
+        s.execute(sqlite.insert(Outcome).on_conflict_do_nothing(index_elements=outcome_key("sqlite")),
+                  [{"request_id": k, "value": v, "created_at": now, "day": day_of[k]}
+                   for k, v in new.items()])
 
     def count_predictions(self, model: str | None = None) -> dict[int, int]:
         """Prediction rows per version (for one model, or all)."""

@@ -18,7 +18,7 @@ from sqlalchemy import inspect, text
 from registry import Registry
 from registry.errors import AlreadyExistsError
 from registry.migrate import upgrade
-from registry.partitions import OUTCOMES_PARENT, ensure_days, partitions_of
+from registry.partitions import OUTCOMES_PARENT, PARENT, ensure_days, partitions_of
 from registry.repository import PredictionRow
 from registry.rollouts import arm_rows, insert_rollout_rows, look_rows
 from tests.harness import alembic_downgrade
@@ -128,20 +128,24 @@ def _seed_outcomes(reg: Registry, rows: dict[str, tuple[float, datetime]]) -> No
 def test_outcomes_from_before_the_migration_get_their_predictions_day(registry_url: str) -> None:
     """Migration 0012 on outcomes holding rows: each keeps its value and time and gets the day of its
     prediction (of the newest one, PostgreSQL keeping an id on two days), or its own date when its
-    prediction is gone; on PostgreSQL each row sits in the partition of that day (a clock ahead of the
-    migration's in DEFAULT). Reports after it are stored once as before; downgrade gives the plain table
-    with its key back and the same rows; an upgrade after that works again."""
+    prediction is gone; on PostgreSQL each row sits in the partition of that day (a day predictions had
+    a table for gets one, a clock ahead of the migration's otherwise goes to DEFAULT). Reports after it
+    are stored once as before; downgrade gives the plain table with its key back and the same rows; an
+    upgrade after that works again."""
     today = _today()
     tomorrow = today + DAY
     reg = Registry(registry_url)
     pg = reg.is_postgres
     try:
         upgrade(registry_url, reg.engine, revision="0011")
+        ensure_days(reg, today + 4 * DAY, 1, parents=(PARENT,))  # a day of predictions made far ahead
         _predict(reg, {"yday": _at(today - DAY, 10), "old": _at(today - 9 * DAY, 10),
-                       "skewed": _at(today + 6 * DAY, 10), "twice": _at(today - 9 * DAY, 11)})
+                       "skewed": _at(today + 6 * DAY, 10), "twice": _at(today - 9 * DAY, 11),
+                       "ahead": _at(today + 4 * DAY, 10)})
         _predict_again(reg, "twice", _at(today - 2 * DAY, 11))  # PostgreSQL: its second day; SQLite: skipped
         seeded = {"yday": (1.0, _at(today, 1)), "old": (0.0, _at(today - 2 * DAY, 1)),
                   "skewed": (1.0, _at(today, 2)), "twice": (0.5, _at(today - DAY, 3)),
+                  "ahead": (1.0, _at(today, 4)),
                   "ghost": (1.0, _at(today - 4 * DAY, 5))}  # its prediction already pruned
         _seed_outcomes(reg, seeded)
 
@@ -152,21 +156,23 @@ def test_outcomes_from_before_the_migration_get_their_predictions_day(registry_u
         assert _outcomes(reg) == {
             "yday": (1.0, today - DAY, first), "old": (0.0, today - 9 * DAY, first),
             "skewed": (1.0, today + 6 * DAY, "outcomes_default" if pg else first),
-            "twice": (0.5, twice, first), "ghost": (1.0, today - 4 * DAY, first)}
+            "twice": (0.5, twice, first), "ghost": (1.0, today - 4 * DAY, first),
+            # the migration made outcomes a table for each day predictions had one for, not DEFAULT
+            "ahead": (1.0, today + 4 * DAY, f"outcomes_{today + 4 * DAY:%Y%m%d}" if pg else first)}
         with reg.engine.connect() as c:
             times = dict(c.execute(text("SELECT request_id, created_at FROM outcomes")).tuples().all())
         stamps = {r: t if isinstance(t, datetime) else datetime.fromisoformat(t) for r, t in times.items()}
         assert {r: t if t.tzinfo else t.replace(tzinfo=UTC) for r, t in stamps.items()} == {
             r: t for r, (_v, t) in seeded.items()}
         if pg:
-            days = {f"outcomes_{tomorrow:%Y%m%d}", f"outcomes_{tomorrow + DAY:%Y%m%d}"}
+            days = {f"outcomes_{d:%Y%m%d}" for d in (tomorrow, tomorrow + DAY, today + 4 * DAY)}
             assert {p.name for p in partitions_of(reg, OUTCOMES_PARENT)} == {first, "outcomes_default", *days}
             with reg.engine.connect() as c:
                 key = inspect(c).get_pk_constraint("outcomes")["constrained_columns"]
             assert key == ["request_id", "day"]
 
         assert reg.record_outcomes([("yday", 1.0), ("twice", 0.5), ("old", 1.0)])[:2] == [None, None]
-        assert _count(reg) == 5  # nothing stored twice, "old" refused (another value)
+        assert _count(reg) == 6  # nothing stored twice, "old" refused (another value)
 
         alembic_downgrade(reg, "0011")
         with reg.engine.connect() as c:
