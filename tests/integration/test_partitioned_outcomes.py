@@ -192,3 +192,29 @@ def test_outcomes_from_before_the_migration_get_their_predictions_day(registry_u
         assert _outcomes(reg)["twice"] == (0.5, twice, first)
     finally:
         reg.dispose()
+
+
+def test_a_bulk_report_sends_its_outcomes_in_one_insert(registry: Registry) -> None:
+    """RecordOutcomes of 300 outcomes sends one INSERT statement on PostgreSQL, not one a row: a list of
+    parameter sets went to psycopg2's executemany, a round trip a row (~75 % of such a call, profiled:
+    docs/performance.md, "Time partitioning", point 7). SQLite's executemany runs in-process; both store
+    every outcome under its prediction's day."""
+    from sqlalchemy import event
+
+    day = _today() + 7 * DAY
+    ensure_days(registry, day, 1)
+    _predict(registry, {f"b{i}": _at(day, 9) for i in range(300)})
+    inserts: list[bool] = []
+
+    def record(_conn: object, _cursor: object, statement: str, _params: object, _ctx: object,
+               many: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO OUTCOMES"):
+            inserts.append(many)
+
+    event.listen(registry.engine, "before_cursor_execute", record)
+    try:
+        assert registry.record_outcomes([(f"b{i}", 1.0) for i in range(300)]) == [None] * 300
+    finally:
+        event.remove(registry.engine, "before_cursor_execute", record)
+    assert inserts == ([False] if registry.is_postgres else [True])
+    assert {r: d for r, (_v, d, _t) in _outcomes(registry).items()} == {f"b{i}": day for i in range(300)}
