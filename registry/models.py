@@ -330,7 +330,7 @@ def outcome_key(dialect: str) -> list[str]:
 
 
 class Outcome(Base):
-    """The real-world outcome of one prediction, reported later (RecordOutcome), one per request id.
+    """The real-world outcome of one prediction, reported later (RecordOutcome), one per prediction.
 
     `day` is its prediction's day, not the day the outcome came (migration 0012): the newest stored
     prediction with that request id when the outcome is stored (registry.repository.Registry.record_outcomes).
@@ -338,8 +338,8 @@ class Outcome(Base):
     of its prediction's day and `chimera log prune` drops both days together: an outcome is kept exactly
     as long as its prediction, however late it came. An outcome joins its prediction on request id and
     day (`outcome_of`). The key there is PRIMARY KEY (request_id, day) instead of the request_id declared
-    here (SQLite's); the registry still stores one outcome per request id (it looks the id up on every
-    day first)."""
+    here (SQLite's): a request id PostgreSQL logged again on a later day (README, Failure modes) is a new
+    prediction, and an outcome reported after that is stored for it (SQLite never logs the id twice)."""
 
     __tablename__ = "outcomes"
     __table_args__ = (Index("ix_outcomes_created", "created_at"),)  # retention (`chimera log prune`), 0010
