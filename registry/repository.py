@@ -525,7 +525,7 @@ class Registry:
             raise ValidationError(f"value: must be finite, got {value}")
         dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
         with self._sessions.begin() as s:
-            day_of = self._outcome_keys(s, [request_id], stored=False)[0]
+            day_of = self._outcome_days(s, [request_id])
             if request_id not in day_of:
                 raise NotFoundError(f"request_id: no prediction with id {request_id!r}")
             # Insert first, read only on a conflict: the (request id, day) key is the outcome's identity.
@@ -534,43 +534,41 @@ class Registry:
                             .on_conflict_do_nothing(index_elements=outcome_key(self.engine.dialect.name)))
             if res.rowcount == 1:
                 return True
-            stored = self._outcome_keys(s, [request_id])[1]
+            stored = self._stored_outcomes(s, day_of)
         prior = stored.get(request_id)
         if prior is not None and prior == value:
             return False
         raise AlreadyExistsError(
             f"value: outcome for request_id {request_id!r} already stored as {prior}, got {value}")
 
-    def _outcome_keys(self, s: Session, ids: Sequence[str],
-                      stored: bool = True) -> tuple[dict[str, date], dict[str, float]]:
-        """For these request ids: the day each one's outcome is stored under, that of the newest prediction
-        logged with it (models.Outcome says why; an id with no prediction is left out), and (with
-        `stored`; else {}) the values of the outcomes already stored for those predictions, read day by
-        day in one statement: on PostgreSQL each branch probes one day's table for that day's ids only,
-        where one read for all the ids probed every one of their days' tables for every id
-        (docs/performance.md, "Time partitioning", point 7). One outcome a prediction: where a request
-        id was logged again on a later day (PostgreSQL, README "Failure modes"), the later prediction is
-        the one an outcome reports on."""
+    def _outcome_days(self, s: Session, ids: Sequence[str]) -> dict[str, date]:
+        """For these request ids, the day each one's outcome is stored under: that of the newest prediction
+        logged with it (models.Outcome says why; an id with no prediction is left out). One outcome a
+        prediction: where a request id was logged again on a later day (PostgreSQL, README "Failure
+        modes"), the later prediction is the one an outcome reports on."""
         day_of: dict[str, date] = {}
-        values: dict[str, float] = {}
         for i in range(0, len(ids), 5000):
-            chunk = ids[i:i + 5000]
-            for rid, day in by_request_ids(s, select(Prediction.request_id, Prediction.day), chunk,
+            for rid, day in by_request_ids(s, select(Prediction.request_id, Prediction.day), ids[i:i + 5000],
                                            self.is_postgres):
                 day_of[rid] = max(day, day_of.get(rid, day))
-            if not stored:
-                continue
+        return day_of
+
+    def _stored_outcomes(self, s: Session, day_of: Mapping[str, date]) -> dict[str, float]:
+        """The values of the outcomes already stored for these predictions (request id -> its day, from
+        `_outcome_days`), read day by day in one statement: on PostgreSQL each branch probes one day's
+        table for that day's ids only, where one read for all the ids probed every one of their days'
+        tables for every id (docs/performance.md, "Time partitioning", point 7)."""
+        values: dict[str, float] = {}
+        items = list(day_of.items())
+        for i in range(0, len(items), 5000):
             by_day: dict[date, list[str]] = {}
-            for rid in chunk:
-                if rid in day_of:
-                    by_day.setdefault(day_of[rid], []).append(rid)
-            # One statement, a branch a day: each branch reads one day's table (PostgreSQL), its ids only.
+            for rid, day in items[i:i + 5000]:
+                by_day.setdefault(day, []).append(rid)
             reads = [select(Outcome.request_id, Outcome.value).where(Outcome.day == day,
                                                                       Outcome.request_id.in_(rids))
                      for day, rids in sorted(by_day.items())]
-            if reads:
-                values.update(s.execute(union_all(*reads) if len(reads) > 1 else reads[0]).tuples().all())
-        return day_of, values
+            values.update(s.execute(union_all(*reads) if len(reads) > 1 else reads[0]).tuples().all())
+        return values
 
     def record_outcomes(self, items: Sequence[tuple[str, float]]) -> list[BaseException | None]:
         """Bulk form of record_outcome in one transaction: per item None (stored or already stored
@@ -578,7 +576,8 @@ class Registry:
         results: list[BaseException | None] = [None] * len(items)
         ids = list({rid for rid, _ in items if rid})
         with self._sessions.begin() as s:
-            day_of, stored = self._outcome_keys(s, ids)
+            day_of = self._outcome_days(s, ids)
+            stored = self._stored_outcomes(s, day_of)
             new: dict[str, float] = {}
             for i, (rid, value) in enumerate(items):
                 if not rid:

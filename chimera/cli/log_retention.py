@@ -98,15 +98,14 @@ def _old_outcomes(s: Session, postgres: bool, cutoff: datetime, first: date | No
     """The outcomes prune's batches would delete: created before `cutoff`, their prediction not one
     created at or after it; with `first` (PostgreSQL, outcome days before it dropped as partitions) only
     those of the days that stay, and those of earlier days in the DEFAULT partition."""
-    from sqlalchemy import Date, DateTime, String, column, exists, func, select, table
+    from sqlalchemy import Date, DateTime, String, column, func, select, table
 
-    from registry.models import Outcome, Prediction, as_utc, logged_between
+    from registry.models import Outcome, logged_between
     from registry.partitions import OUTCOMES_PARENT, default_partition
 
-    def old(t: Any) -> list[Any]:  # prune_rows' batch, before the predictions are pruned
-        kept = exists().where(Prediction.request_id == t.request_id, Prediction.day == t.day,
-                              *logged_between(postgres, cutoff))
-        return [t.created_at < cutoff, ~kept, *([t.day <= as_utc(cutoff).date()] if postgres else [])]
+    def old(t: Any) -> list[Any]:  # prune_rows' batch, its predictions those that stay after the prune
+        where, narrow = _outcome_batch(t, postgres, cutoff, *logged_between(postgres, cutoff))
+        return [*where, *narrow]
 
     if first is None:
         return int(s.scalar(select(func.count()).select_from(Outcome).where(*old(Outcome))) or 0)
@@ -116,6 +115,19 @@ def _old_outcomes(s: Session, postgres: bool, cutoff: datetime, first: date | No
     in_default = s.scalar(select(func.count()).select_from(default).where(*old(default.c),
                                                                           default.c.day < first))
     return int(stays or 0) + int(in_default or 0)
+
+
+def _outcome_batch(t: Any, postgres: bool, cutoff: datetime, *kept: Any) -> tuple[list[Any], list[Any]]:
+    """The rule of prune's outcome batches, for `t` (outcomes or its DEFAULT partition): (where, narrow).
+    where: created before `cutoff`, and no stored prediction with the same request id and day (`kept`:
+    more conditions on that prediction); narrow (PostgreSQL): an outcome created before the cutoff
+    reports on a prediction of that day or earlier (its day), so only those days' partitions are read."""
+    from sqlalchemy import exists
+
+    from registry.models import Prediction, as_utc
+
+    stored = exists().where(Prediction.request_id == t.request_id, Prediction.day == t.day, *kept)
+    return [t.created_at < cutoff, ~stored], [t.day <= as_utc(cutoff).date()] if postgres else []
 
 
 def _older_in_default(s: Session, parent: str, model: str, before: date) -> int:
@@ -141,7 +153,6 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
     estimates (registry.partitions.drop_partitions_before says why they are not counted). A partition
     that could not be dropped in time raises registry.errors.PartitionError before any row is deleted
     (those dropped before it stay dropped)."""
-    from sqlalchemy import exists
 
     from registry.models import Outcome, Prediction, RequestError, ShadowPrediction, as_utc, logged_between
     from registry.partitions import drop_partitions_before
@@ -158,12 +169,9 @@ def prune_rows(reg: Registry, cutoff: datetime, *, model: str | None = None,
                 reg, table, table.id, batch, table.model == m,
                 narrow=logged_between(reg.is_postgres, before=cutoff, table=table))
     if model is None:  # after every model's predictions: an outcome of a pruned prediction has none left
-        stored = exists().where(Prediction.request_id == Outcome.request_id, Prediction.day == Outcome.day)
-        # An outcome created before the cutoff reports on a prediction of that day or earlier (its day):
-        # on PostgreSQL the batches read only those days' partitions.
-        days = [Outcome.day <= as_utc(cutoff).date()] if reg.is_postgres else []
-        out["outcomes"] = _delete_batches(reg, Outcome, (Outcome.request_id, Outcome.day), batch,
-                                          Outcome.created_at < cutoff, ~stored, narrow=days)
+        where, narrow = _outcome_batch(Outcome, reg.is_postgres, cutoff)
+        out["outcomes"] = _delete_batches(reg, Outcome, (Outcome.request_id, Outcome.day), batch, *where,
+                                          narrow=narrow)
     return out
 
 
