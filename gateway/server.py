@@ -376,7 +376,8 @@ async def serve_forever(config: GatewayConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"chimera gateway listening on {config.host}:{gateway.port}"
-          + (f", metrics on :{config.metrics_port}" if config.metrics_port else ""), flush=True)
+          + (f", metrics on :{config.metrics_port}" if config.metrics_port else "")
+          + f", event loop {type(loop).__module__.split('.')[0]}", flush=True)  # asyncio or uvloop
     await stop.wait()
     print("shutting down: draining in-flight calls and flushing the prediction log", flush=True)
     await gateway.stop()

@@ -89,6 +89,9 @@ class BenchOptions:
     # The rollout controller in the measured gateway (0: off, as in the throughput cases): issue 17's
     # soak runs with it (it reads the prediction log the load writes).
     controller_interval_s: float = 0.0
+    # `chimera serve --loop`: None runs the gateway on serve's default loop; "asyncio" or "uvloop" picks
+    # one (the do-nothing reference always runs on asyncio's: the issue's anchor does not move).
+    gateway_loop: str | None = None
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -185,12 +188,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         gateway = GatewayProcess(url, tree_ray.address if tree_ray else bench_ray.gcs_address(), workdir,
                                  admin_token=uuid.uuid4().hex, tree=opts.gateway_tree,
                                  processes=opts.gateway_processes,
-                                 controller_interval_s=opts.controller_interval_s)
+                                 controller_interval_s=opts.controller_interval_s,
+                                 event_loop=opts.gateway_loop)
         gateway.wait_serving()
         scrape = MetricsScrape(gateway.metrics_ports)
         chimera = replace(base, target=f"127.0.0.1:{gateway.port}", model=model,
                           connections=opts.connections)
-        report["gateway"] = {"pid": gateway.pid, "rss_mb_after_start": rss_mb(gateway.pid)}
+        report["gateway"] = {"pid": gateway.pid, "rss_mb_after_start": rss_mb(gateway.pid),
+                             "event_loop": opts.gateway_loop or "serve's default"}
 
         def measure(name: str, title: str, spec: LoadSpec) -> LoadResult:
             assert gateway is not None
@@ -291,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                         "over gateway processes; default 1, as a Go service with one ClientConn)")
     p.add_argument("--controller-interval", type=float, default=0.0,
                    help="run the rollout controller in the measured gateway every S seconds (0: off)")
+    p.add_argument("--gateway-loop", choices=("asyncio", "uvloop"), default=None,
+                   help="the measured gateway's event loop (`chimera serve --loop`; default: serve's own)")
     p.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.echo_server:
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                         profile_s=a.profile, profile_path=a.profile_out, profile_case=a.profile_case,
                         client=a.client, go_binary=a.go_bin, gateway_tree=a.gateway_tree,
                         gateway_processes=a.gateway_processes, connections=a.connections,
-                        controller_interval_s=a.controller_interval)
+                        controller_interval_s=a.controller_interval, gateway_loop=a.gateway_loop)
     report = run_bench(opts)
     print(format_table(report), flush=True)
     if opts.json_path is not None:

@@ -200,7 +200,8 @@ class GatewayProcess:
     of another checkout (`tree`, with its own .venv)."""
 
     def __init__(self, registry_url: str, ray_address: str, workdir: Path, admin_token: str,
-                 tree: Path | None = None, processes: int = 1, controller_interval_s: float = 0.0) -> None:
+                 tree: Path | None = None, processes: int = 1, controller_interval_s: float = 0.0,
+                 event_loop: str | None = None) -> None:
         self.port = free_port()
         self.metrics_port = free_ports(processes)
         self.metrics_ports = [self.metrics_port + i for i in range(processes)]  # one per worker
@@ -210,6 +211,7 @@ class GatewayProcess:
         cmd += ["serve", "--port", str(self.port), "--host", "127.0.0.1", "--metrics-port",
                 str(self.metrics_port), "--controller-interval", f"{controller_interval_s:g}", "--grace", "5"]
         cmd += ["--processes", str(processes)] if processes > 1 else []
+        cmd += ["--loop", event_loop] if event_loop else []
         env = dict(os.environ, CHIMERA_REGISTRY_URL=registry_url, RAY_ADDRESS=ray_address,
                    CHIMERA_ADMIN_TOKEN=admin_token, RAY_USAGE_STATS_ENABLED="0")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -102,6 +102,10 @@ def bench(
     registry_url: Annotated[
         str | None, typer.Option(help="registry for the gateway, e.g. PostgreSQL (default: a temp SQLite)")
     ] = None,
+    gateway_loop: Annotated[
+        str | None, typer.Option(help="the measured gateway's event loop: asyncio or uvloop (default: "
+                                 "`chimera serve`'s)")
+    ] = None,
 ) -> None:
     """Raw onnxruntime vs Ray Serve's gRPC proxy vs the Chimera gateway, same model, one run."""
     from loadtest.bench import main as bench_main
@@ -111,6 +115,7 @@ def bench(
             "--gateway-processes", str(gateway_processes), "--connections", str(connections),
             "--controller-interval", str(controller_interval)]
     argv += ["--registry-url", registry_url] if registry_url else []
+    argv += ["--gateway-loop", gateway_loop] if gateway_loop else []
     argv += ["--json", str(json_path)] if json_path else []
     argv += ["--profile-out", str(profile_out)] if profile_out else []
     argv += ["--quick"] if quick else []

@@ -11,10 +11,12 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
+import uvloop
 
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
@@ -24,6 +26,9 @@ from tests.harness import round_robin_channel
 
 ROUNDS = 8  # per client kind: 16 stops in all
 CLIENTS = 12
+# The gateway runs on either loop (`chimera serve --loop`): the drain must hold on both.
+LOOPS = pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop],
+                                ids=["asyncio", "uvloop"])
 
 
 class _Scorer(pb_grpc.PredictionServiceServicer):
@@ -65,9 +70,11 @@ def _hammer(port: int, stop: threading.Event, codes: Counter[str], pause_s: floa
 
 
 @pytest.mark.slow
+@LOOPS
 @pytest.mark.parametrize("pause_s", [0.0, 0.02], ids=["retry at once", "retry after 20 ms"])
-def test_stop_under_load_refuses_with_unavailable_and_finishes_calls_in_flight(pause_s: float) -> None:
-    loop = asyncio.new_event_loop()
+def test_stop_under_load_refuses_with_unavailable_and_finishes_calls_in_flight(
+        pause_s: float, new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    loop = new_loop()
     runner = threading.Thread(target=loop.run_forever, daemon=True)
     runner.start()
     codes: Counter[str] = Counter()
@@ -163,11 +170,13 @@ def _round_robin(ports: list[int], stop: threading.Event, codes: Counter[str]) -
 
 
 @pytest.mark.slow
-def test_stop_with_a_stalled_loop_behind_round_robin_clients_cancels_nothing() -> None:
+@LOOPS
+def test_stop_with_a_stalled_loop_behind_round_robin_clients_cancels_nothing(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
     """One of two gateways stops while its event loop stalls for 150 ms early in the drain (as on a
     machine whose cores are taken); the clients go on with the other one. Before the stall-aware quiet
     gap, such stops answered CANCELLED in some runs (11 calls in 20 stops in one batch, ad hoc)."""
-    loop, other = asyncio.new_event_loop(), asyncio.new_event_loop()
+    loop, other = new_loop(), new_loop()
     runners = [threading.Thread(target=lp.run_forever, daemon=True) for lp in (loop, other)]
     for r in runners:
         r.start()

@@ -1,6 +1,7 @@
 """SIGTERM (or Ctrl-C's SIGINT) to a `chimera serve` process under load: health turns NOT_SERVING first
 (while calls are still answered), in-flight calls finish, the prediction log is flushed (rows ==
-successful responses), and the process exits within its grace period."""
+successful responses), and the process exits within its grace period. On both event loops `chimera serve`
+offers (`--loop`): uvloop, the default, and asyncio's."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ GRACE_S = 6.0
 DRAIN_S = 1.0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
-def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize(("sig", "loop"), [(signal.SIGTERM, None), (signal.SIGINT, "asyncio")],
+                         ids=["SIGTERM, default loop (uvloop)", "SIGINT (Ctrl-C), asyncio loop"])
+def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: Path, sig: int,
+                                                                      loop: str | None) -> None:
     import ray
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
@@ -50,7 +53,7 @@ def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: 
         proc = subprocess.Popen(
             [sys.executable, "-m", "chimera", "serve", "--port", str(port), "--metrics-port", "0",
              "--host", "127.0.0.1", "--controller-interval", "0", "--grace", str(GRACE_S),
-             "--drain-delay", str(DRAIN_S)],
+             "--drain-delay", str(DRAIN_S), *(["--loop", loop] if loop else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -137,6 +140,7 @@ def test_sigterm_under_load_drains_finishes_flushes_and_exits_in_time(tmp_path: 
         assert stored == answered, (len(stored), len(answered), sorted(answered - stored)[:5])
         text = log_path.read_text()
         assert "shutting down" in text
+        assert f", event loop {loop or 'uvloop'}" in text  # the loop this case is about
     finally:
         channel.close()
         if proc.poll() is None:
