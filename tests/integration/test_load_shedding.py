@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from gateway.api.prediction import MAX_OUTCOMES_PER_CALL
+from gateway.serving.rows import MAX_REQUEST_ID, MAX_ROUTING_KEY
 from tests.conftest import BACKENDS, one_version_gateway
 from tests.harness import GatewayThread
 
@@ -134,12 +135,18 @@ def test_stream_client_that_never_reads_holds_a_bounded_number_of_rows(served) -
         written, stalled = 0, False
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
             call = pb_grpc.PredictionServiceStub(ch).PredictStream()
-            request = pb.PredictRequest(model=model, dense=GOOD)
+            # Rows at the longest routing key and request id the gateway takes (the answers echo the
+            # id): grpc's flow-control windows are sized in bytes, so they fill after fewer rows than
+            # with bare rows (119,086 written and 34,850 scored, 34-40 s each backend, before 2026-12-07)
+            # and the bound is the same number of rows whatever their size.
+            key = "k" * MAX_ROUTING_KEY
             # Write until flow control stops us (the point of the test), not for a fixed time: on a
             # loaded machine 25 s of writing fitted in grpc's windows and proved nothing (2026-12-03).
             deadline = time.monotonic() + 120
             try:
                 while written < total and time.monotonic() < deadline:
+                    request = pb.PredictRequest(model=model, dense=GOOD, routing_key=key,
+                                                request_id=f"{written:x}".rjust(MAX_REQUEST_ID, "r"))
                     await asyncio.wait_for(call.write(request), timeout=3)
                     written += 1
             except TimeoutError:
@@ -156,7 +163,7 @@ def test_stream_client_that_never_reads_holds_a_bounded_number_of_rows(served) -
     # The gateway stops reading once MAX_STREAM_INFLIGHT rows are scored but untaken, so the client's
     # writes stall (flow control) instead of the gateway buffering answers without end; the rows it
     # scored are what fits in grpc's windows (sized by grpc's bandwidth-delay probing) plus that bound.
-    # (Measured on 2 busy cores: 47,121 written, 36,019 scored.)
+    # (Measured 2026-12-07 with the long rows: 25,447-27,674 written, 15,242 scored, ~15 s each backend.)
     assert stalled, f"wrote {written} rows without the gateway ever pushing back (scored {held})"
     assert held <= written and held < 100_000, (written, held)
     still_serving(gw, model)
