@@ -43,6 +43,11 @@ from sqlalchemy.sql.expression import ColumnElement, and_, false
 
 from chimera.jsonsafe import nan_to_none
 
+# The width of every request_id column, and so the longest request id the gateway takes: its checks
+# (gateway.serving.rows for predictions, gateway.records.outcome_intake for outcomes) refuse a longer
+# one with INVALID_ARGUMENT instead of letting PostgreSQL refuse the row later (SQLite would store it).
+MAX_REQUEST_ID = 128
+
 
 def utcnow() -> datetime:
     """Now, timezone-aware in UTC: the default of every created_at and the clock of registry code."""
@@ -243,7 +248,7 @@ class Prediction(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID), nullable=False, unique=True)
     model: Mapped[str] = mapped_column(String(128), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     routing_key: Mapped[str] = mapped_column(String(256), nullable=False, default="")
@@ -310,7 +315,7 @@ class RequestError(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID), nullable=False, default="")
     model: Mapped[str] = mapped_column(String(128), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     split_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -344,7 +349,7 @@ class Outcome(Base):
     __tablename__ = "outcomes"
     __table_args__ = (Index("ix_outcomes_created", "created_at"),)  # retention (`chimera log prune`), 0010
 
-    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID), primary_key=True)
     value: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     # The day of the prediction it reports on (migration 0012): PostgreSQL's partition key.
@@ -441,7 +446,7 @@ class ShadowPrediction(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID), nullable=False)
     model: Mapped[str] = mapped_column(String(128), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     score: Mapped[float] = mapped_column(Float, nullable=False)

@@ -43,11 +43,10 @@ from sqlalchemy import select
 from gateway.records.outcome_log import OutcomeLog, database_unavailable
 from gateway.records.prediction_log import PredictionLog
 from registry import AlreadyExistsError, NotFoundError, Registry, ValidationError
-from registry.models import Model, Prediction
+from registry.models import MAX_REQUEST_ID, Model, Prediction
 from registry.repository import by_request_ids
 from rollout.stats import check_outcome
 
-MAX_REQUEST_ID = 128
 DB_WAIT_S = 2.0  # the longest an outcome call waits on the database when a spill can take it instead,
 DB_WAIT_PER_ITEM_S = 0.001  # plus this per item of a RecordOutcomes (a healthy bulk write takes its time)
 Result = BaseException | None

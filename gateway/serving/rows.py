@@ -17,9 +17,9 @@ import numpy as np
 from gateway.serving.catalog import ModelEntry
 from gateway.serving.features import MAX_BATCH_ROWS, FeatureError, RowLike, Schema
 from registry import NotFoundError
+from registry.models import MAX_REQUEST_ID
 
 MAX_ROUTING_KEY = 256
-MAX_REQUEST_ID = 128
 _model, _version = attrgetter("model"), attrgetter("version")
 
 
