@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loadtest import bench_go, bench_ray
+from loadtest import bench_cpu, bench_go, bench_ray
 from loadtest.bench_onnx import bench_onnx
 from loadtest.bench_procs import (
     EchoProcess,
@@ -139,8 +139,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     try:
         echo.wait_serving()
         for c in (1, 64):
-            res = load(replace(base, target=f"127.0.0.1:{echo.port}", concurrency=c))
-            cases[f"echo_c{c}"] = case(f"do-nothing grpc.aio PredictionService (ceiling), c={c}", res)
+            res, cpu = load_with_cpu(load, replace(base, target=f"127.0.0.1:{echo.port}", concurrency=c),
+                                     echo.proc.pid)
+            cases[f"echo_c{c}"] = {**case(f"do-nothing grpc.aio PredictionService (ceiling), c={c}", res),
+                                   "cpu": cpu}
             log(line(f"echo_c{c}", cases[f"echo_c{c}"]))
     finally:
         echo.stop()
@@ -158,8 +160,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         native = replace(base, target=f"127.0.0.1:{grpc_port}",
                          metadata=(("application", bench_ray.NATIVE_APP),))
         for c in UNARY_CONCURRENCY:
-            res = load(replace(native, concurrency=c))
-            cases[f"ray_c{c}"] = case(f"Ray Serve gRPC proxy, Predict, c={c}", res)
+            res, cpu = load_with_cpu(load, replace(native, concurrency=c), None)
+            cases[f"ray_c{c}"] = {**case(f"Ray Serve gRPC proxy, Predict, c={c}", res), "cpu": cpu}
             log(line(f"ray_c{c}", cases[f"ray_c{c}"]))
         # The c=1 anchor: one bare Ray Serve handle call, the gateway's handle options, no proxy.
         from chimera.v1 import prediction_pb2 as pb
@@ -207,10 +209,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 out = opts.profile_path or workdir / "gateway-profile.svg"
                 prof = start_profile(gateway.pid, min(opts.profile_s, opts.duration_s), out, log)
                 report["profile"] = str(out)
-            res = load(spec)
+            res, cpu = load_with_cpu(load, spec, gateway.pid)
             if prof is not None:
                 prof.wait(60)
-            cases[name] = case(title, res)
+            cases[name] = {**case(title, res), "cpu": cpu}
             cases[name].update(MetricsScrape.delta(before, scrape.sample()))
             cases[name]["log_drain_before_s"] = round(drain_s, 2)
             cases[name].update(gateway_cpu(before, scrape.wait_log_settled(),
@@ -254,6 +256,16 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     report["ratios"], report["targets"] = targets(cases, report.get("soak"))
     report["reference"] = reference(cases, opts.stream_concurrency)
     return report
+
+
+def load_with_cpu(load: Callable[[LoadSpec], LoadResult], spec: LoadSpec,
+                  server_pid: int | None) -> tuple[LoadResult, dict[str, Any]]:
+    """One case's load, and where the machine's cores went while it ran (loadtest.bench_cpu: the
+    server under test, replicas, Ray, client, database; warm-up included, as a steady state)."""
+    before = bench_cpu.snapshot(server_pid)
+    res = load(spec)
+    after = bench_cpu.snapshot(server_pid)
+    return res, bench_cpu.split(before, after, res.as_dict().get("rows_per_s"))
 
 
 def load_client(opts: BenchOptions) -> tuple[Callable[[LoadSpec], LoadResult], dict[str, Any]]:

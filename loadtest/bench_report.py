@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.bench_cpu import describe
 from loadtest.closed_loop import LoadResult
 
 BATCH_ROWS = 256
@@ -43,6 +44,8 @@ def line(name: str, case: dict[str, Any]) -> str:
         extra = f"  rows/Ray call {case['rows_per_ray_call']:.1f}"
     if case.get("errors"):
         extra += f"  errors {case['errors']} {case.get('error_codes')}"
+    if case.get("cpu"):
+        extra += f"\n  {'':22s} {describe(case['cpu'])}"
     return (f"  {name:22s} {case['rps']:>10.0f} req/s {case['rows_per_s']:>10.0f} rows/s "
             f"p50 {case['p50_ms']:8.2f} ms  p99 {case['p99_ms']:8.2f} ms{extra}")
 

@@ -44,6 +44,13 @@ def test_quick_bench_reports_every_case_and_ratio(tmp_path: Path) -> None:
         case = report["cases"][name]
         assert case["rows_logged"] >= case["rows"], (name, case)  # warm-up rows are logged too
         assert 0 < case["gateway_cpu_us_per_row"] < 1e5, (name, case)
+        # Where the cores went: the gateway, its replicas and the Go client each show up by themselves,
+        # and the parts add up to no more than the machine's busy time (plus counter rounding).
+        cores = case["cpu"]["cpu_cores"]
+        assert cores["server"] > 0 and cores["replicas"] > 0 and cores["client"] > 0, (name, case["cpu"])
+        assert sum(cores.values()) <= case["cpu"]["machine_busy_cores"] * 1.1 + 0.05, (name, case["cpu"])
+        assert case["cpu"]["cpu_us_per_row_by_part"]["server"] > 0, (name, case["cpu"])
+    assert report["cases"]["echo_c64"]["cpu"]["cpu_cores"]["replicas"] == 0  # no Ray in the echo case
     assert report["client"]["name"] == "go"  # the default: every gRPC case by loadtest/goload
     in_process = ("onnx_batch1", "onnx_batch256", "ray_handle_c1")  # measured by the bench itself, no client
     assert {report["cases"][n]["extra"]["client"] for n in CASES if n not in in_process} == {"go"}
