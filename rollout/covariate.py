@@ -34,8 +34,17 @@ What keeps the always-valid guarantee:
   power (the test's variance is estimated from the adjusted values themselves). The A/A simulation with
   the adjustment on is what checks the combination.
 
-A row without a covariate (NaN) is given x = c, i.e. left unadjusted; that keeps validity as long as the
-covariate's missingness does not depend on the arm (the balance check sees only rows that have x).
+A row without a covariate (NaN) is given the mean x of the baseline rows logged around it (the same block
+of ``IMPUTE_BLOCK`` rows in log order; the previous block's when it has none; c before any). Why not c:
+only canary rows can lack x (a baseline row's covariate is its own served score; a canary row's comes from
+the mirror, which drops rows under load or while production is down), so missingness always depends on
+the arm. A row given c is left unadjusted while the rows with x are moved by −θ(x̄ − c) on average; when
+x̄ has drifted from the calibration mean (base rates move), that leaves a bias of θ·(share of canary rows
+missing)·(x̄ − c) in the compared difference that does not shrink with n (a review found false rollbacks
+and step-ups from it in A/A checks, 2026-12-07). The local baseline mean has the expectation x has at
+that time, so a missing row's adjustment has the same expectation as a present row's, drift or not:
+tests/unit/test_covariate.py::test_missing_canary_covariates_under_drift_leave_an_aa_unbiased. The
+balance check still sees only rows that have x.
 Success rates: y' is no longer 0/1, so the builder treats it as a continuous mean (domain checks and the
 minimum expected events still apply to the raw outcomes); ``mean_outcome`` keeps its winsorising, which
 is then applied to y' (limits from the first baseline values of y', a fixed function of pre-assignment
@@ -56,6 +65,10 @@ from rollout.stats import msprt_log_lr, msprt_p_value, outcome_in_domain
 # Metrics the adjustment applies to: outcomes of the served version's action. Brier and log-loss are
 # score quality, compared on the same rows by the paired shadow evaluation (rollout.paired) instead.
 ADJUSTABLE_METRICS = frozenset({"success_rate", "mean_outcome"})
+# Rows (in log order) over which a missing covariate's stand-in is averaged from the baseline rows: at a
+# 10 % canary ~460 baseline rows, so the stand-in's noise is ~1/21 of x's spread, while a block spans well
+# under a minute of traffic at the rates a rollout runs at (drift within it is negligible).
+IMPUTE_BLOCK = 512
 # Mixing scale of the balance check, in standard deviations of x. Chance imbalance is what the adjustment
 # corrects; the check is for faults (x computed differently for one arm), which are large, and a scale
 # of a quarter standard deviation catches a fault of half a deviation before the primary metric moves.
@@ -99,6 +112,28 @@ def fit_theta(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return theta, c, math.sqrt(sxx / (x.size - 1))
 
 
+def impute_local(x: np.ndarray, arm: np.ndarray, before: float,
+                 block: int = IMPUTE_BLOCK) -> tuple[np.ndarray, float]:
+    """x with each NaN replaced by the mean x of the baseline rows in its block of ``block`` rows (log
+    order), or of the last earlier block that had some (``before`` for the first), and that last mean
+    (the module docstring says why). Baseline rows count whether or not their outcome has arrived: x is
+    known before assignment."""
+    missing = ~np.isfinite(x)
+    ref = ~missing & (arm == BASELINE)
+    if not missing.any():
+        return x, (float(x[ref][-block:].mean()) if ref.any() else before)
+    out = x.copy()
+    for start in range(0, x.size, block):
+        sl = slice(start, start + block)
+        r = ref[sl]
+        if r.any():
+            before = float(x[sl][r].mean())
+        m = missing[sl]
+        if m.any():
+            out[sl][m] = before
+    return out, before
+
+
 class AdjustedBuilder:
     """A ``LookBuilder`` whose outcomes are adjusted by a pre-assignment covariate (module docstring).
 
@@ -137,6 +172,7 @@ class AdjustedBuilder:
         self._cal_y: list[np.ndarray] = []
         self._cal_n = 0
         self.skipped = 0
+        self._local_x: float | None = None  # the last block's baseline mean of x (impute_local)
 
     @property
     def winsor(self) -> tuple[float, float] | None:
@@ -155,7 +191,8 @@ class AdjustedBuilder:
                      values: np.ndarray, scores: np.ndarray | None = None,
                      covariates: np.ndarray | None = None) -> None:
         """Matured predictions of one period with their outcome (NaN: none arrived) and covariate (NaN
-        or None: unknown, left unadjusted). Held until θ is fixed, then adjusted and passed on."""
+        or None: unknown, given the local baseline mean: impute_local). Held until θ is fixed, then
+        adjusted and passed on."""
         arm = np.asarray(arm, dtype=np.int64)
         units = np.asarray(units)
         y = np.asarray(values, dtype=np.float64)
@@ -192,7 +229,8 @@ class AdjustedBuilder:
                  x: np.ndarray) -> None:
         assert self.theta is not None
         theta, c, _ = self.theta
-        adjusted = y - theta * (np.where(np.isfinite(x), x, c) - c)
+        x_used, self._local_x = impute_local(x, arm, c if self._local_x is None else self._local_x)
+        adjusted = y - theta * (x_used - c)
         self.inner.add_outcomes(revision, weight, arm, units, adjusted)
         seen = np.isfinite(x)
         if seen.any():
