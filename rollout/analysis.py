@@ -19,7 +19,6 @@ from rollout import shadow_gate, splits
 from rollout.controller import build_look_data
 from rollout.decision import Decision, SequentialState, look
 from rollout.paired import PairedDecision
-from rollout.policy import RolloutPolicy
 
 # The numbers a reader would check; each must recompute to within 1e-9.
 CHECKED = ("statistic", "p_value", "p_value_look", "p_value_worse", "p_value_better", "p_errors", "p_latency",
@@ -74,21 +73,6 @@ def _diff(stored: Any, new: float) -> float:
     return abs(float(stored) - float(new))
 
 
-# A latency window this long holds a whole period: one window, so the guardrail falls back to the
-# per-request variance, the rule decisions were made with before time windows existed.
-_ONE_WINDOW = 2**31 - 1
-
-
-def stored_policy(stored: dict) -> RolloutPolicy:
-    """The policy a stored decision was made with. Every field is stored, so a missing one is one the
-    code did not have then: a decision stored before the latency guardrail's time windows (2026-12-03)
-    is recomputed with the per-request rule it used, not with today's defaults."""
-    policy = splits.policy_from_dict(stored)
-    if "latency_window" not in stored:
-        policy = dataclasses.replace(policy, latency_window=_ONE_WINDOW, latency_min_windows=0)
-    return policy
-
-
 def recompute(registry: Registry, decision_id: int) -> Recomputed:
     row = get_decision(registry, decision_id)
     if row is None:
@@ -106,7 +90,7 @@ def recompute(registry: Registry, decision_id: int) -> Recomputed:
     earlier = [r for r in decisions(registry, model, canary=c, since=since, shadow=False)
                if r["id"] < decision_id]
     state = SequentialState.from_dict(earlier[0]["details"]["state"]) if earlier else None
-    policy = stored_policy(details["policy"])
+    policy = splits.stored_policy(details["policy"])
     if not details.get("covariate"):
         # Made without covariate adjustment (before the gateway mirrored canary rows, or a rollout that
         # started unadjusted): recompute it unadjusted, as it was made.

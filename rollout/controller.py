@@ -120,6 +120,13 @@ class RolloutController:
         until = self.clock()
         previous = decisions(self.registry, model, canary=canary, since=since, limit=1, shadow=False)
         state = SequentialState.from_dict(previous[0]["details"].get("state", {})) if previous else None
+        configured = policy
+        if previous and previous[0]["details"].get("policy"):
+            # A rollout keeps the policy of its first look to its last: its running p-values were made
+            # under it, and a level or test chosen after seeing them would void the always-valid
+            # guarantee (raising alpha after p = 0.07). A changed rollout config applies to the next
+            # rollout; each look records it as pending until then.
+            policy = splits.stored_policy(previous[0]["details"]["policy"])
         data = build_look_data(policy, look_rows(self.registry, model, (baseline, canary), since, until),
                                split_periods(self.registry, model, until), baseline, canary,
                                until.timestamp(), weights[canary], state)
@@ -133,6 +140,8 @@ class RolloutController:
             "seen": seen,
             "policy": _policy_dict(policy),
         }
+        if configured != policy:
+            details["policy_pending"] = _policy_dict(configured)
         applied = self._apply(info, baseline, canary, decision, details)
         if self.on_decision is not None:
             try:

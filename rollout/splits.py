@@ -87,3 +87,20 @@ def policy_from_dict(data: Mapping[str, Any] | None, *, metric: str | None = Non
     if metric is not None:
         kwargs["metric"] = metric
     return RolloutPolicy(**kwargs)
+
+
+# A latency window this long holds a whole period: one window, so the guardrail falls back to the
+# per-request variance, the rule decisions were made with before time windows existed.
+_ONE_WINDOW = 2**31 - 1
+
+
+def stored_policy(stored: Mapping[str, Any]) -> RolloutPolicy:
+    """The policy a stored decision was made with (its `details["policy"]`): what `chimera analyze`
+    recomputes with, and what the controller keeps for the rest of a rollout (rollout.controller). Every
+    field is stored, so a missing one is one the code did not have then: a decision stored before the
+    latency guardrail's time windows (2026-12-03) is recomputed with the per-request rule it used, not
+    with today's defaults."""
+    policy = policy_from_dict(stored)
+    if "latency_window" not in stored:
+        policy = dataclasses.replace(policy, latency_window=_ONE_WINDOW, latency_min_windows=0)
+    return policy

@@ -137,3 +137,38 @@ def test_advisory_lock_lets_one_controller_act(registry: Registry) -> None:
             assert first is True
             # PostgreSQL: the second session is refused; SQLite: a no-op, one embedded writer.
             assert second is (not registry.is_postgres)
+
+
+def test_a_rollout_keeps_the_policy_of_its_first_look(registry: Registry) -> None:
+    """An operator loosens the rollout config mid-rollout (alpha 0.05 -> 0.5, another step schedule).
+    The running p-values were made under the first policy; a level chosen after seeing them would void
+    the always-valid guarantee, so the rollout goes on under its first policy, each look records the
+    change as pending, and a new rollout of the model starts under the new config."""
+    model = _setup(registry, [10, 50, 100], 10)
+    ctl = RolloutController(registry)
+    rng = np.random.default_rng(5)
+    _feed(registry, model, 500, {1: 0.5, 2: 0.5}, rng)
+    first = ctl.run_once(model)
+    assert first is not None
+    registry.set_rollout_config(model, {"steps": [10, 20, 100], "min_samples_per_arm": 100,
+                                        "min_canary_samples_per_step": 50, "alpha": 0.5})
+    for _ in range(4):
+        _feed(registry, model, 500, {1: 0.5, 2: 0.5}, rng)
+        ctl.run_once(model)
+    looks = decisions(registry, model, limit=10)
+    assert len(looks) >= 3
+    for d in looks:
+        assert d["details"]["policy"]["alpha"] == 0.05, d["details"]["policy"]
+        assert d["details"]["policy"]["steps"] == [10, 50, 100]
+    assert looks[0]["details"]["policy_pending"]["alpha"] == 0.5  # the newest look says what waits
+    assert "policy_pending" not in looks[-1]["details"]  # the first look ran under the config it read
+    # The next rollout reads the new config.
+    registry.set_split(model, {1: 100}, expected_revision=registry.get_split(model).revision, actor="op",
+                       reason="stop")
+    registry.publish_version(model, b"model-three", ["a"])
+    registry.set_split(model, {1: 90, 3: 10}, expected_revision=registry.get_split(model).revision,
+                       actor="op", reason="new canary")
+    _feed(registry, model, 500, {1: 0.5, 3: 0.5}, rng)
+    ctl.run_once(model)
+    newest = decisions(registry, model, canary=3, limit=1)[0]
+    assert newest["details"]["policy"]["alpha"] == 0.5 and "policy_pending" not in newest["details"]

@@ -15,9 +15,10 @@ import numpy as np
 from registry import Registry
 from registry.repository import PredictionRow
 from registry.rollouts import decisions, insert_rollout_rows, look_rows, split_periods
-from rollout.analysis import recompute, stored_policy
+from rollout.analysis import recompute
 from rollout.controller import RolloutController, build_look_data
 from rollout.decision import SequentialState
+from rollout.splits import stored_policy
 
 CONFIG = {"steps": [10, 50, 100], "min_samples_per_arm": 100, "min_canary_samples_per_step": 50,
           "covariate_calibration": 300}
@@ -112,7 +113,9 @@ def test_controller_adjusts_a_success_rate_canary_and_analyze_recomputes_it(regi
 def test_a_rollout_started_unadjusted_stays_unadjusted_and_recomputes_as_made(registry: Registry) -> None:
     """A decision made without the adjustment (here: the config turned it off, as every decision made
     before the gateway mirrored canary rows) keeps its rollout unadjusted once the policy asks for it,
-    so the sequential p-values test one statistic; analyze recomputes both decisions as they were made."""
+    so the sequential p-values test one statistic: the rollout keeps the policy of its first look, and
+    the new config waits for the next rollout (`policy_pending`); analyze recomputes both decisions as
+    they were made."""
     model = _model(registry, {**CONFIG, "covariate": ""})
     rng = np.random.default_rng(8)
     _traffic(registry, model, 600, rng)
@@ -125,14 +128,16 @@ def test_a_rollout_started_unadjusted_stays_unadjusted_and_recomputes_as_made(re
     assert RolloutController(registry).run_once(model) is not None
     second = decisions(registry, model, limit=1)[0]
     assert second["id"] != first["id"] and second["details"]["covariate"] is None
-    assert second["details"]["policy"]["covariate"] == "production_score"
+    assert second["details"]["policy"]["covariate"] == ""
+    assert second["details"]["policy_pending"]["covariate"] == "production_score"
     for row in (first, second):
         assert max(recompute(registry, row["id"]).differences().values()) <= 1e-9
 
 
-def test_canary_rows_without_a_mirror_score_are_left_unadjusted(registry: Registry) -> None:
-    """Mirror scores dropped (queue full, production down): the canary's rows enter as they are, the
-    baseline's are still adjusted, and the look still decides and recomputes."""
+def test_canary_rows_without_a_mirror_score_still_decide_and_recompute(registry: Registry) -> None:
+    """Mirror scores dropped (queue full, production down): the canary's rows get the local baseline mean
+    of x (rollout.covariate.impute_local), the baseline's are adjusted by their own, and the look still
+    decides and recomputes."""
     model = _model(registry, CONFIG)
     _traffic(registry, model, 900, np.random.default_rng(11), mirror=False)
     assert RolloutController(registry).run_once(model) is not None

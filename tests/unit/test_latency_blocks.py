@@ -132,8 +132,8 @@ def test_a_decision_stored_before_time_windows_is_recomputed_with_its_own_rule()
     was made with (this burst breaches under it), not today's defaults (which would not breach)."""
     import dataclasses
 
-    from rollout.analysis import stored_policy
     from rollout.policy import RolloutPolicy
+    from rollout.splits import stored_policy
 
     today = dataclasses.asdict(RolloutPolicy())
     assert stored_policy(today) == RolloutPolicy()
