@@ -121,7 +121,7 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
         return None
     model = info.name
     since = shadow_started(registry, model, shadow) or info.versions[-1].created_at
-    previous = decisions(registry, model, canary=shadow, since=since, limit=1, shadow=True)
+    previous = same_pair(decisions(registry, model, canary=shadow, since=since, limit=1, shadow=True), served)
     details_before = previous[0]["details"] if previous else {}
     state = PairedState.from_dict(details_before.get("state", {})) if previous else None
     if state is not None and state.verdict is not None:
@@ -154,6 +154,15 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     return decision
 
 
+def same_pair(previous: list[dict[str, Any]], served: int) -> list[dict[str, Any]]:
+    """The shadow's latest look (`previous`, newest first, at most one) if it compared the shadow with
+    the version that serves now, else nothing: a promotion or rollback that changes production starts
+    the shadow's evaluation afresh. Its running p-values and verdict were evidence about the shadow
+    against the earlier production; carried over, they would decide against the new one (docs/
+    statistics.md, "The shadow stage in a rollout", assumption (1))."""
+    return [r for r in previous[:1] if int(r.get("baseline_version", served)) == served]
+
+
 def others_note(others: Iterable[PairedDecision]) -> str:
     """The secondary metrics' standing, appended to the stored reason (what status and the dashboard
     show): "; log_loss (reported, not gating): not_worse, shadow 0.5012 vs served 0.5034, ..."."""
@@ -176,8 +185,8 @@ def recompute(registry: Registry, row: dict[str, Any]) -> tuple[PairedDecision, 
     window = details["window"]
     since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
     model, served, shadow = row["model"], row["baseline_version"], row["canary_version"]
-    earlier = [r for r in decisions(registry, model, canary=shadow, since=since, shadow=True)
-               if r["id"] < row["id"]]
+    earlier = same_pair([r for r in decisions(registry, model, canary=shadow, since=since, shadow=True)
+                         if r["id"] < row["id"]][:1], served)
     state = PairedState.from_dict(earlier[0]["details"]["state"]) if earlier else None
     rows = paired_rows(registry, model, shadow=shadow, served=served, since=since, until=until)
     primary = PairedPolicy.from_dict(details["policy"])

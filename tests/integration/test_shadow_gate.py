@@ -36,7 +36,7 @@ def _model(registry: Registry, config: dict) -> str:
 
 
 def _traffic(registry: Registry, model: str, rng: np.random.Generator, n: int, shadow_noise: float,
-             served_noise: float = 0.1, confident_misses: float = 0.0) -> None:
+             served_noise: float = 0.1, confident_misses: float = 0.0, served_version: int = 1) -> None:
     """n requests served by v1 and mirrored to v2: the outcome is Bernoulli(p); production scores p
     with noise 0.1 on the log-odds, the shadow with `shadow_noise` (0.1: as good; more: worse)."""
     logit = rng.normal(0.0, 1.2, n)
@@ -52,7 +52,7 @@ def _traffic(registry: Registry, model: str, rng: np.random.Generator, n: int, s
     now = datetime.now(UTC)
     revision = registry.get_split(model).revision
     insert_rollout_rows(registry, [
-        {"request_id": rid, "model": model, "version": 1, "routing_key": "", "score": float(s),
+        {"request_id": rid, "model": model, "version": served_version, "routing_key": "", "score": float(s),
          "latency_ms": 2.0, "created_at": now, "split_revision": revision}
         for rid, s in zip(ids, served, strict=True)])
     registry.insert_shadow_predictions([
@@ -173,6 +173,26 @@ def test_without_the_gate_the_verdict_is_stored_and_nothing_moves(registry: Regi
     _traffic(registry, model, np.random.default_rng(9), 250, 1.5)
     RolloutController(registry).run_once(model)
     assert len(decisions(registry, model)) == n  # the evaluation ended; nothing new is stored
+
+
+def test_a_new_production_starts_the_shadows_evaluation_afresh(registry: Registry) -> None:
+    """The shadow was found worse than production v1 (gate off: stored, nothing moved). Then v3 becomes
+    production. That verdict and its running p-values were evidence against v1, not v3: the next look
+    judges the shadow against v3 from a fresh state, and recomputes so."""
+    model = _model(registry, {"steps": [10, 100], "shadow_min_pairs": 200})
+    looks = _run_until_verdict(registry, model, noise=1.5)
+    assert looks[0]["action"] == "shadow_worse" and looks[0]["baseline_version"] == 1
+    data, names = small_onnx(seed=1)
+    registry.publish_version(model, data, names, status="production", metric="brier")
+    registry.set_split(model, {3: 100}, expected_revision=registry.get_split(model).revision, actor="test")
+    assert registry.get_split(model).shadow == 2
+    _traffic(registry, model, np.random.default_rng(11), 250, 0.1, served_version=3)
+    d = RolloutController(registry).run_once(model)
+    newest = decisions(registry, model, shadow=True)[0]
+    assert d is not None and newest["baseline_version"] == 3 and newest["action"] != "shadow_worse", newest
+    assert newest["n_baseline"] == 250  # the pairs with v3 only
+    assert newest["details"]["state"]["looks"] == 1  # not the v1 evaluation's looks
+    assert max(recompute(registry, newest["id"]).differences().values()) <= 1e-9
 
 
 def test_shadow_policy_fields_are_validated() -> None:
