@@ -16,16 +16,19 @@ previous look, and returns the verdict with every statistic and the next state. 
 3. Below ``min_samples_per_arm`` matured outcomes in either arm (or, for winsorised metrics, before the
    winsor limits are fixed): hold.
 4. One-sided always-valid p-value "worse" ≤ the primary alpha: rollback.
-5. One-sided always-valid p-value "better" ≤ the primary alpha (or the non-inferiority bound holds):
+5. One-sided always-valid p-value "better" ≤ ``promote_alpha`` (half the primary alpha by default), or
+   the non-inferiority bound holds (the lower side of the always-valid interval at 2·promote_alpha):
    step up to the next step, or promote from the last; at most one step per
    ``min_canary_samples_per_step`` new canary outcomes.
 6. Otherwise hold.
 
 Error budget. ``alpha`` is the total false-rollback budget of an A/A canary: the primary metric's
 "worse" test gets ``alpha − 2·guardrail_alpha`` and each guardrail ``guardrail_alpha`` (default alpha/50;
-Bonferroni over always-valid p-values, so the sum holds at every look). The "better" test has the same
-primary alpha, so false promotions are bounded by it too. SRM and coverage checks only ever hold, so their
-``srm_alpha`` buys no rollback and is not part of the budget.
+Bonferroni over always-valid p-values, so the sum holds at every look). The "better" test has its own
+``promote_alpha``, which bounds false promotions of a canary that is not better; with a
+non-inferiority margin, a canary worse than the margin can also pass the bound, at most about
+``promote_alpha`` more (docs/statistics.md, "The error budget"). SRM and coverage checks only ever
+hold, so their ``srm_alpha`` buys no rollback and is not part of the budget.
 
 Every p-value is the running minimum of a mixture-SPRT p-value (Ville's inequality), on a statistic
 that combines the split periods by inverse-variance weights with cluster-robust (per routing key)
@@ -316,7 +319,11 @@ def look(
         statistic = max(llr_w, llr_b)
         p_look = min(pw, pb)
         ci = msprt_confidence_interval(effect, var, tau, a_primary)
-        lb = max(lb, ci[0] if hib else -ci[1])
+        # The non-inferiority route promotes, so its bound spends the promotion budget: one side of the
+        # two-sided always-valid interval at 2·promote_alpha (the reported interval by default).
+        a_ni = 2.0 * policy.resolved_promote_alpha
+        ci_ni = ci if math.isclose(a_ni, a_primary) else msprt_confidence_interval(effect, var, tau, a_ni)
+        lb = max(lb, ci_ni[0] if hib else -ci_ni[1])
         looks += 1
 
     new = SequentialState(looks, p_worse, p_better, p_err, p_lat, p_srm, p_cov, lb,

@@ -4,6 +4,7 @@ see: the action, its reason and the statistics stored with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -232,3 +233,22 @@ def test_state_round_trips_through_json():
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):
         RolloutPolicy(**kwargs)
+
+
+def test_the_non_inferiority_bound_spends_the_promotion_alpha():
+    """With a margin, the lower side of the always-valid interval can step a canary up, so it is taken at
+    2·promote_alpha: the primary alpha by default (the reported interval), a stricter level when the
+    operator sets promote_alpha lower. A canary as good as production with a margin between the two
+    bounds steps up under the default and holds under promote_alpha = 0.001."""
+    base, can = _binary(18_000, 0.60, 1), _binary(2_000, 0.60, 2)
+    loose = RolloutPolicy(metric="success_rate", non_inferiority_margin=1.0)
+    strict = RolloutPolicy(metric="success_rate", non_inferiority_margin=1.0, promote_alpha=0.001)
+    d_loose, _ = _decide(base, can, policy=loose)
+    d_strict, _ = _decide(base, can, policy=strict)
+    assert d_loose.improvement_lower_bound == pytest.approx(d_loose.ci_low)  # default: the reported one
+    assert d_strict.improvement_lower_bound < d_loose.improvement_lower_bound
+    margin = -(d_loose.improvement_lower_bound + d_strict.improvement_lower_bound) / 2
+    d_loose, _ = _decide(base, can, policy=dataclasses.replace(loose, non_inferiority_margin=margin))
+    d_strict, _ = _decide(base, can, policy=dataclasses.replace(strict, non_inferiority_margin=margin))
+    assert d_loose.action == "step_up" and "non-inferior" in d_loose.reason, d_loose.reason
+    assert d_strict.action == "hold", d_strict.reason
