@@ -57,12 +57,16 @@ class PairedRows:
 
 def paired_rows(registry: Registry, model: str, *, shadow: int, served: int, since: datetime,
                 until: datetime) -> PairedRows:
-    """The rows of `shadow` paired with what version `served` answered, with outcomes stored by `until`."""
+    """The rows of `shadow` paired with what version `served` answered, with mirror scores and outcomes
+    stored by `until`."""
     with registry.session() as s:
         rows = s.execute(
             select(Prediction.id, Prediction.score, ShadowPrediction.score, Outcome.value,
                    Prediction.routing_key, Prediction.request_id, Prediction.created_at, Outcome.created_at)
-            .join(ShadowPrediction, mirrored_with(registry.is_postgres, model, shadow, since, until))
+            # A mirror score stored after `until` is not part of this look, as an outcome is not: re-reading
+            # the window (`chimera analyze`) must return the rows the look saw.
+            .join(ShadowPrediction, mirrored_with(registry.is_postgres, model, shadow, since, until)
+                  & (ShadowPrediction.created_at <= until))
             .join(Outcome, outcome_of(registry.is_postgres, since, until) & (Outcome.created_at <= until))
             .where(Prediction.model == model, Prediction.version == served,
                    Prediction.failed_version.is_(None), Prediction.pinned.is_(False),

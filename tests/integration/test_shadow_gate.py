@@ -257,3 +257,29 @@ def test_switching_the_gate_on_carries_out_a_stored_verdict(registry: Registry) 
     split = registry.get_split(passed)
     assert dict(split.weights) == {1: 90, 2: 10} and split.shadow is None
     assert registry.get_version(passed, 2).status == "canary"
+
+
+def test_a_mirror_score_stored_after_the_look_is_not_in_its_window(registry: Registry) -> None:
+    """Re-reading a look's window (`chimera analyze`) returns the pairs the look saw: a mirror score
+    written after the look's `until` (the mirror is seconds behind) is left out, as a late outcome is."""
+    from datetime import timedelta
+
+    from registry.shadow_eval import paired_rows
+
+    model = _model(registry, {"steps": [10, 100], "shadow_min_pairs": 200})
+    now = datetime.now(UTC)
+    revision = registry.get_split(model).revision
+    insert_rollout_rows(registry, [
+        {"request_id": f"r{i}", "model": model, "version": 1, "routing_key": "", "score": 0.5,
+         "latency_ms": 2.0, "created_at": now, "split_revision": revision} for i in range(2)])
+    registry.insert_shadow_predictions([
+        PredictionRow(request_id="r0", model=model, version=2, score=0.4, latency_ms=2.0, created_at=now),
+        PredictionRow(request_id="r1", model=model, version=2, score=0.4, latency_ms=2.0,
+                      created_at=now + timedelta(seconds=5))])
+    record_outcomes(registry, [("r0", 1.0), ("r1", 1.0)])
+    until = now + timedelta(seconds=2)
+    rows = paired_rows(registry, model, shadow=2, served=1, since=now - timedelta(seconds=1), until=until)
+    assert rows.outcome.size == 1 and list(rows.unit) == ["r:r0"], rows  # a keyless row is its own unit
+    later = paired_rows(registry, model, shadow=2, served=1, since=now - timedelta(seconds=1),
+                        until=now + timedelta(seconds=10))
+    assert later.outcome.size == 2
