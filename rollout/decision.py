@@ -242,7 +242,14 @@ def _srm(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float, flo
 
 def _coverage(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float, tuple[float, float]]:
     """Two-sided mSPRT of outcome coverage (outcomes / matured predictions), canary vs baseline, per
-    period with the pooled variance; a difference means the arms' outcomes are not comparable."""
+    period around the pooled coverage; a difference means the arms' outcomes are not comparable.
+
+    The variance is cluster-robust over routing keys, as the primary metric's: whether outcomes come
+    back is a property of the client as much as of the row (a client that never reports), so with
+    sticky keys the rows of a key are not independent, and the binomial variance used until 2026-12-07
+    held 9 of 20 A/A canaries as "not comparable" when half the keys never reported
+    (tests/unit/test_decision.py::test_coverage_counts_keys_that_never_report_as_keys: now at most 1).
+    Below two keys in an arm it falls back to the binomial variance."""
     inv = acc = 0.0
     cov = [0, 0, 0, 0]
     for p in data.periods:
@@ -252,6 +259,9 @@ def _coverage(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float
             continue
         pooled = (ob + oc) / (mb + mc)
         v = pooled * (1.0 - pooled) * (1.0 / mb + 1.0 / mc)
+        robust = p.coverage_var[BASELINE] + p.coverage_var[CANARY]
+        if math.isfinite(robust) and robust > 0.0:
+            v = robust
         if v <= 0.0:
             continue
         inv += 1.0 / v

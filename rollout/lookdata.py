@@ -115,6 +115,9 @@ class _Period:
     # Per time window of ``latency_window`` baseline requests: [n_b, slow_b, n_c, slow_c] (judged rows).
     lat_windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     cells: list[_OutcomeCell] = field(default_factory=lambda: [_OutcomeCell(), _OutcomeCell()])
+    # Per arm, each matured prediction as 1 (its outcome arrived) or 0, summed per key: the outcome
+    # coverage's cluster-robust variance (clients that never report outcomes are keys, not rows).
+    coverage: list[_OutcomeCell] = field(default_factory=lambda: [_OutcomeCell(), _OutcomeCell()])
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ class PeriodStats:
     outcomes: tuple[int, int]
     mean: tuple[float, float]
     var_of_mean: tuple[float, float]
+    # Each arm's coverage (outcomes / matured) variance around the period's pooled coverage, cluster-
+    # robust over keys (NaN below two keys in an arm): what the coverage check weighs the period by.
+    coverage_var: tuple[float, float]
     effect: float
     variance: float
     included: bool
@@ -328,10 +334,13 @@ class LookBuilder:
         have = ~np.isnan(y)
         ok = have & outcome_in_domain(self.metric, y)
         self.skipped += int(np.count_nonzero(have & ~ok))
+        arrived = ok.astype(np.float64)
         for a in (BASELINE, CANARY):
             sel = arm == a
             p.matured[a] += int(sel.sum())
             p.outcomes[a] += int((sel & ok).sum())
+            if sel.any():
+                p.coverage[a].add(codes[sel], arrived[sel], self._first_period.size)
         if not ok.any():
             return
         if self.metric in ("brier", "log_loss"):
@@ -405,6 +414,9 @@ class LookBuilder:
                 vb, vc = s2 / cb.n, s2 / cc.n
             eff, var = mc - mb, vb + vc
             lat_k, lat_var = _window_variance(p)
+            kb, kc = p.coverage
+            pooled_cov = (kb.total + kc.total) / (kb.n + kc.n) if kb.n + kc.n else math.nan
+            cov_var = (kb.var_of_mean(pooled_cov), kc.var_of_mean(pooled_cov))
             ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES and math.isfinite(var)
                   and var > 0.0)
             if ok:
@@ -418,7 +430,7 @@ class LookBuilder:
                 latency_threshold_ms=p.lat_threshold, latency_windows=lat_k, latency_window_var=lat_var,
                 matured=(p.matured[0], p.matured[1]),
                 outcomes=(p.outcomes[0], p.outcomes[1]), mean=(mb, mc), var_of_mean=(vb, vc),
-                effect=eff, variance=var, included=ok))
+                coverage_var=cov_var, effect=eff, variance=var, included=ok))
         if inv_var > 0.0:
             effect = weighted / inv_var
             variance = 1.0 / inv_var
