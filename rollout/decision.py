@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from chimera.jsonsafe import nan_to_none
-from rollout.lookdata import BASELINE, CANARY, ROBUST_METRICS, LookData
+from rollout.lookdata import BASELINE, CANARY, MIN_PERIOD_KEYS, MIN_PERIOD_OUTCOMES, ROBUST_METRICS, LookData
 from rollout.policy import RolloutPolicy
 from rollout.stats import (
     Direction,
@@ -313,7 +313,11 @@ def look(
     events_ok = policy.metric != "success_rate" or (
         math.isfinite(pooled)
         and min(pooled, 1.0 - pooled) * min(n_b, n_c) >= policy.min_expected_events)
-    ready = (n_b >= policy.min_samples_per_arm and n_c >= policy.min_samples_per_arm and events_ok
+    # The minimum counts the outcomes the estimate is made of: those of periods that enter it (a period
+    # with fewer than 30 outcomes, or too few keys, in an arm is reported but not used).
+    used_b = sum(p.outcomes[BASELINE] for p in data.periods if p.included)
+    used_c = sum(p.outcomes[CANARY] for p in data.periods if p.included)
+    ready = (used_b >= policy.min_samples_per_arm and used_c >= policy.min_samples_per_arm and events_ok
              and math.isfinite(effect) and math.isfinite(var)
              and (policy.metric not in ROBUST_METRICS or policy.winsor_quantile is None
                   or data.winsor is not None))
@@ -376,7 +380,8 @@ def _rules(
                 None, min(p_srm, p_cov))
     if not ready:
         return ("hold", weight, f"collecting: {n_b} baseline / {n_c} canary matured outcomes, need "
-                f"{policy.min_samples_per_arm} per arm (and {policy.min_expected_events:g} expected "
+                f"{policy.min_samples_per_arm} per arm in periods with {MIN_PERIOD_OUTCOMES} outcomes from "
+                f"{MIN_PERIOD_KEYS} keys in each arm (and {policy.min_expected_events:g} expected "
                 f"successes and failures per arm for a rate)", None, best)
     a = policy.primary_alpha
     if st.p_worse <= a:

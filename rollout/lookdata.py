@@ -38,6 +38,12 @@ ROBUST_METRICS = frozenset({"mean_outcome", "log_loss"})
 # A period enters the combined estimate once both arms have this many outcomes in it: a stratum of
 # three rows has a variance estimate too unstable to weight by.
 MIN_PERIOD_OUTCOMES = 30
+# ... and outcomes from at least this many keys in each arm. The variance is cluster-robust over keys, an
+# estimate that needs clusters: a canary whose outcomes come from one or a few clients (sticky routing)
+# has no estimate of how much a client's mean varies, and the pooled variance would borrow the
+# baseline's, as if the canary's rows were independent. Without keys every request is its own unit, and
+# 30 outcomes are 30 keys.
+MIN_PERIOD_KEYS = 10
 
 
 @dataclass
@@ -417,7 +423,8 @@ class LookBuilder:
             kb, kc = p.coverage
             pooled_cov = (kb.total + kc.total) / (kb.n + kc.n) if kb.n + kc.n else math.nan
             cov_var = (kb.var_of_mean(pooled_cov), kc.var_of_mean(pooled_cov))
-            ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES and math.isfinite(var)
+            ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES
+                  and cb.keys >= MIN_PERIOD_KEYS and cc.keys >= MIN_PERIOD_KEYS and math.isfinite(var)
                   and var > 0.0)
             if ok:
                 inv_var += 1.0 / var

@@ -286,3 +286,40 @@ def test_coverage_counts_keys_that_never_report_as_keys():
     f.rows(1, 10, base, can, keys=keys)
     d, st = look(POLICY, f.data(10), None)
     assert d.srm and d.action == "hold" and st.p_coverage <= POLICY.srm_alpha, d.reason
+
+
+def test_a_canary_of_a_few_clients_is_not_judged_as_many_rows():
+    """Sticky routing at 10 % sent the canary five of fifty clients, 400 outcomes each, all doing worse.
+    With five keys there is no telling the canary from those clients (a client's own rate varies), and
+    the pooled variance would take the 2,000 rows as independent evidence. A period needs outcomes from
+    ten keys in each arm to enter the estimate; below that the canary is collecting, and the reason says
+    so. With forty of four hundred clients the same rates decide."""
+    base, few = _binary(18_000, 0.6, 1), _binary(2_000, 0.3, 2)
+    d, _ = look(POLICY, _keyed(base, few, 5), None)
+    assert d.action == "hold" and "10 keys" in d.reason and not d.periods[0]["included"], d.reason
+    d, _ = look(POLICY, _keyed(base, few, 40), None)
+    assert d.action == "rollback", d.reason
+
+
+def _keyed(base: np.ndarray, can: np.ndarray, canary_keys: int):  # noqa: ANN202
+    """One period at 10 %: the canary's rows spread evenly over `canary_keys` keys, the baseline's over
+    nine times as many (the assignment of keys matches the split)."""
+    f = Feed()
+    base_keys = np.arange(base.size) % (9 * canary_keys)
+    can_keys = 9 * canary_keys + np.arange(can.size) % canary_keys
+    f.rows(1, 10, base, can, keys=np.r_[base_keys, can_keys])
+    return f.data(10)
+
+
+def test_the_minimum_counts_only_outcomes_the_estimate_is_made_of():
+    """A period with 25 canary outcomes is reported but does not enter the estimate (30 needed); its
+    outcomes do not count toward the 200 either: 25 + 190 is still collecting, 25 + 210 decides."""
+    f = Feed()
+    f.rows(1, 10, _binary(225, 0.6, 1), _binary(25, 0.3, 2))
+    f.rows(2, 10, _binary(1710, 0.6, 3), _binary(190, 0.3, 4))
+    d, _ = look(POLICY, f.data(10), None)
+    assert [p["included"] for p in d.periods] == [False, True]
+    assert d.n_canary == 215 and d.action == "hold" and "collecting" in d.reason, d.reason
+    f.rows(2, 10, _binary(180, 0.6, 5), _binary(20, 0.3, 6))
+    d, _ = look(POLICY, f.data(10), None)
+    assert d.action == "rollback", d.reason
