@@ -68,10 +68,18 @@ def test_bad_rows_are_dead_lettered_and_never_block_the_rest(registry: Registry,
     dead = dead_lines(log.dead_letter_path)
     assert sorted(d["row"][0] for d in dead) == sorted(["bad-null"] + (["nul\x00id"] if n_bad == 2 else []))
     assert all(d["reason"] == "invalid" and d["detail"] for d in dead)
-    # Live traffic takes the same path: one bad row in a batch, the others stored.
-    log.log_many(["l-1", "l-2", "l-3"], "m", 1, ["", "", ""], [0.1, 0.2, 0.3], 1.0)
+    # Live traffic takes the same path: bad rows in the writer's batch (a NOT NULL violation, and on
+    # PostgreSQL a NUL byte), the rows around them stored, the bad ones dead-lettered.
+    log.log_many(["l-1", "l-2"], "m", 1, ["", ""], [0.1, 0.2], 1.0)
+    log.log_one("l-bad-null", None, 1, "", 0.5, 1.0)  # type: ignore[arg-type]  # model is NOT NULL
+    if registry.is_postgres:
+        log.log_one("l-nul\x00id", "m", 1, "", 0.5, 1.0)
+    log.log_many(["l-3", "l-4"], "m", 1, ["", ""], [0.3, 0.4], 1.0)
     assert log.flush()
-    assert {"l-1", "l-2", "l-3"} <= set(scores(registry, "m"))
+    assert {"l-1", "l-2", "l-3", "l-4"} <= set(scores(registry, "m"))
+    assert log.store.dead_letter["invalid"] == 2 * n_bad
+    dead_ids = {d["row"][0] for d in dead_lines(log.dead_letter_path)}
+    assert {"l-bad-null"} | ({"l-nul\x00id"} if registry.is_postgres else set()) <= dead_ids, dead_ids
     log.stop()
 
 
