@@ -21,9 +21,10 @@ What keeps the always-valid guarantee:
   another per-row value. It is checked, not assumed: a two-sided mixture SPRT on the difference of x̄
   between arms (per period, cluster-robust over keys, in units of x's standard deviation) holds the
   canary like a sample-ratio mismatch when it falls below ``srm_alpha`` (``p_balance``).
-* **θ and c come from baseline rows only** (the first ``covariate_calibration`` baseline outcomes, or a
-  pre-period passed in), never from canary rows: a θ fitted on both arms would let the canary's effect
-  leak into the adjustment. c = mean of x over those rows; θ = cov(x, y)/var(x) over them.
+* **θ and c come from baseline rows only** (the baseline outcomes in hand when their count first reaches
+  ``covariate_calibration``: all of the batch that crossed it), never from canary rows: a θ fitted on
+  both arms would let the canary's effect leak into the adjustment. c = mean of x over those rows; θ =
+  cov(x, y)/var(x) over them.
 * **θ is fixed once** and stored in the sequential state (as the winsor limits are), so every later look,
   a restarted controller and ``chimera analyze`` use the same θ; nothing is re-estimated between looks.
   Rows are held (not yet counted, in either arm) until θ is fixed; at a 10 % canary the 1,000 baseline
@@ -45,8 +46,9 @@ and step-ups from it in A/A checks, 2026-12-07). The local baseline mean has the
 that time, so a missing row's adjustment has the same expectation as a present row's, drift or not:
 tests/unit/test_covariate.py::test_missing_canary_covariates_under_drift_leave_an_aa_unbiased. The
 balance check still sees only rows that have x.
-Success rates: y' is no longer 0/1, so the builder treats it as a continuous mean (domain checks and the
-minimum expected events still apply to the raw outcomes); ``mean_outcome`` keeps its winsorising, which
+Success rates: y' is no longer 0/1, so the builder treats it as a continuous mean (the domain check still
+applies to the raw outcomes; the minimum expected events is taken at the pooled mean of y', close to the
+raw rate); ``mean_outcome`` keeps its winsorising, which
 is then applied to y' (limits from the first baseline values of y', a fixed function of pre-assignment
 data and the outcome, the same for both arms).
 """
