@@ -56,6 +56,7 @@ class Scenario:
     canary_weight: int = 10
     actual_share: float | None = None  # SRM: the share the canary really receives
     keys: int = 0  # sticky routing over this many keys (0: every request its own unit)
+    key_zipf: float = 0.0  # > 0: a key's share of requests falls as rank^-key_zipf (few large keys)
     icc: float = 0.0  # within-key correlation of outcomes (sticky)
     heavy_tail: bool = False  # lognormal(0, 1.5) - 1 outcomes
     error_rate: float = 0.0
@@ -117,6 +118,10 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
              covariate_r2=0.4),
     Scenario("paired-margin", "paired-margin", "shadow's Brier worse by 0.010, the non-inferiority margin "
              "itself (0.1955 vs 0.1854): 'not worse' would be wrong", metric="brier", shadow_noise=0.76),
+    # Few large clusters (a review, 2026-12-07): appended, so the scenarios above keep their seeds.
+    Scenario("aa-few-keys", "aa", "A/A, sticky routing over 300 keys of Zipf(1.1) sizes (the largest ~20 % "
+             "of requests), within-key correlation 0.05, split 10 -> 50 % halfway (keys change arms)",
+             keys=300, key_zipf=1.1, icc=0.05, step_at=0.5, step_to=50),
 )
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}
 DEFAULT_MAX_REQUESTS = 20_000
@@ -145,7 +150,11 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
     key = np.arange(n, dtype=np.int64)
     p_key = None
     if sc.keys:
-        key = rng.integers(0, sc.keys, n)
+        if sc.key_zipf:
+            share = np.arange(1, sc.keys + 1, dtype=np.float64) ** -sc.key_zipf
+            key = rng.choice(sc.keys, n, p=share / share.sum())
+        else:
+            key = rng.integers(0, sc.keys, n)
         key_u = rng.random(sc.keys)
         u_route = key_u[key]
         if sc.icc > 0.0:  # beta-distributed per-key rate: correlation icc = 1 / (a + b + 1)
