@@ -122,6 +122,9 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
     Scenario("aa-few-keys", "aa", "A/A, sticky routing over 300 keys of Zipf(1.1) sizes (the largest ~20 % "
              "of requests), within-key correlation 0.05, split 10 -> 50 % halfway (keys change arms)",
              keys=300, key_zipf=1.1, icc=0.05, step_at=0.5, step_to=50),
+    Scenario("aa-heavy-sticky-step", "aa", "A/A, heavy tail (as aa-heavy) over 2,000 sticky keys, split "
+             "10 -> 50 % halfway: the cross-period variance on winsorised heavy-tailed outcomes",
+             metric="mean_outcome", heavy_tail=True, policy={"tau": 0.5}, keys=2000, step_at=0.5, step_to=50),
 )
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}
 DEFAULT_MAX_REQUESTS = 20_000

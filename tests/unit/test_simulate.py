@@ -19,7 +19,8 @@ SEED = 2026
 
 
 @pytest.mark.parametrize("name", ["aa", "aa-p10", "aa-rare", "aa-heavy", "aa-sticky", "aa-errors",
-                                  "aa-latency", "aa-bursts", "aa-cold", "aa-step", "aa-delayed", "aa-few-keys"])
+                                  "aa-latency", "aa-bursts", "aa-cold", "aa-step", "aa-delayed",
+                                  "aa-few-keys", "aa-heavy-sticky-step"])
 def test_aa_scenarios_neither_roll_back_nor_promote_beyond_alpha(name):
     """40 runs per scenario (the suite's budget): consistent with <= 5 % (the Wilson interval reaches
     below 5 %) and far from the rates the issue measured before (8.7 % to 97 %). The 1,000-run
