@@ -42,14 +42,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from chimera.jsonsafe import nan_to_none
+from rollout.checks import GuardrailResult, coverage_check, proportion_guardrail, srm_check
 from rollout.lookdata import BASELINE, CANARY, MIN_PERIOD_KEYS, MIN_PERIOD_OUTCOMES, ROBUST_METRICS, LookData
 from rollout.policy import RolloutPolicy
 from rollout.stats import (
     Direction,
     direction_of,
     msprt_confidence_interval,
-    msprt_log_lr,
-    msprt_one_sided_log_lr,
     msprt_p_value,
     msprt_point_mixture_log_lr,
 )
@@ -99,19 +98,6 @@ class SequentialState:
             latency_thresholds={str(k): float(v) for k, v in (data.get("latency_thresholds") or {}).items()},
             covariate=data.get("covariate"), p_balance=p("p_balance"),
         )
-
-
-@dataclass(frozen=True)
-class GuardrailResult:
-    """One sequential guardrail: canary worse than baseline by more than ``margin``?"""
-
-    name: str
-    breached: bool
-    observed: float
-    margin: float
-    p_value: float
-    p_value_look: float
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -175,104 +161,6 @@ class Decision:
         return nan_to_none(asdict(self))
 
 
-# ------------------------------------------------------------------------------------------ tests
-
-
-def _proportion_guardrail(
-    name: str, counts: list[tuple[int, int, int, int]], margin: float, tau: float, prev: float, alpha: float,
-    what: str, window_var: list[tuple[int, float]] | None = None, min_windows: int = 0,
-) -> tuple[GuardrailResult, float]:
-    """One-sided mSPRT that the canary's rate exceeds the baseline's by more than ``margin``, stratified
-    over periods. counts: per period (events_b, n_b, events_c, n_c). Rates are Agresti–Caffo adjusted
-    ((x+1)/(n+2)), so a variance is never zero (a canary failing its first 5 of 5 requests has one).
-    ``window_var``: per period, (time windows, cluster-robust variance of the difference over them); the
-    larger of it and the binomial one is used (the binomial variance alone counts a burst of slow
-    requests from one stalled or warming replica as that many independent pieces of evidence), and a
-    period enters only once it has ``min_windows`` windows (before that, a replica's warm-up of a few
-    seconds looks exactly like a slow version: the windows must show whether it persists)."""
-    inv = 0.0
-    acc = 0.0
-    eb = nb = ec = nc = 0
-    for i, (xb, b, xc, c) in enumerate(counts):
-        eb, nb, ec, nc = eb + xb, nb + b, ec + xc, nc + c
-        if b == 0 or c == 0:
-            continue
-        pb, pc = (xb + 1.0) / (b + 2.0), (xc + 1.0) / (c + 2.0)
-        v = pb * (1.0 - pb) / b + pc * (1.0 - pc) / c
-        if window_var is not None:
-            k, wv = window_var[i]
-            if k < min_windows:
-                continue
-            if math.isfinite(wv):
-                v = max(v, wv)
-        inv += 1.0 / v
-        acc += (pc - pb) / v
-    rate_b = eb / nb if nb else math.nan
-    rate_c = ec / nc if nc else math.nan
-    if inv == 0.0:
-        none = GuardrailResult(name, False, math.nan, margin, prev, 1.0, f"{name}: no canary requests yet")
-        return none, prev
-    effect, var = acc / inv, 1.0 / inv
-    p_look = msprt_p_value(msprt_one_sided_log_lr(effect - margin, var, tau, "greater"))
-    p = min(prev, p_look)
-    breached = p <= alpha
-    reason = (f"{what}: canary {rate_c:.4f} vs baseline {rate_b:.4f} ({nc} / {nb} requests), "
-              f"margin {margin}, always-valid p={p:.3g} {'<=' if breached else '>'} {alpha}")
-    return GuardrailResult(name, breached, rate_c - rate_b, margin, p, p_look, reason), p
-
-
-def _srm(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float, float, float]:
-    """Two-sided mSPRT of observed canary share of assignment units against the configured weight,
-    stratified over periods: Σ(c_s − n_s w_s) has variance Σ n_s w_s (1 − w_s) under correct routing."""
-    dev = info = total = 0.0
-    for p in data.periods:
-        w = p.weight / 100.0
-        n = p.units[BASELINE] + p.units[CANARY]
-        if n == 0 or not 0.0 < w < 1.0:
-            continue
-        dev += p.units[CANARY] - n * w
-        info += n * w * (1.0 - w)
-        total += n
-    if info == 0.0:
-        return prev, 1.0, 0.0
-    llr = msprt_log_lr(dev / total, info / (total * total), policy.srm_tau)
-    p_look = msprt_p_value(llr)
-    return min(prev, p_look), p_look, llr
-
-
-def _coverage(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[float, tuple[float, float]]:
-    """Two-sided mSPRT of outcome coverage (outcomes / matured predictions), canary vs baseline, per
-    period around the pooled coverage; a difference means the arms' outcomes are not comparable.
-
-    The variance is cluster-robust over routing keys, as the primary metric's: whether outcomes come
-    back is a property of the client as much as of the row (a client that never reports), so with
-    sticky keys the rows of a key are not independent, and the binomial variance used until 2026-12-07
-    held 9 of 20 A/A canaries as "not comparable" when half the keys never reported
-    (tests/unit/test_decision.py::test_coverage_counts_keys_that_never_report_as_keys: now at most 1).
-    Below two keys in an arm it falls back to the binomial variance."""
-    inv = acc = 0.0
-    cov = [0, 0, 0, 0]
-    for p in data.periods:
-        ob, mb, oc, mc = p.outcomes[BASELINE], p.matured[BASELINE], p.outcomes[CANARY], p.matured[CANARY]
-        cov = [cov[0] + ob, cov[1] + mb, cov[2] + oc, cov[3] + mc]
-        if mb == 0 or mc == 0:
-            continue
-        pooled = (ob + oc) / (mb + mc)
-        v = pooled * (1.0 - pooled) * (1.0 / mb + 1.0 / mc)
-        robust = p.coverage_var[BASELINE] + p.coverage_var[CANARY]
-        if math.isfinite(robust) and robust > 0.0:
-            v = robust
-        if v <= 0.0:
-            continue
-        inv += 1.0 / v
-        acc += (oc / mc - ob / mb) / v
-    coverage = (cov[0] / cov[1] if cov[1] else math.nan, cov[2] / cov[3] if cov[3] else math.nan)
-    if inv == 0.0:
-        return prev, coverage
-    p_look = msprt_p_value(msprt_log_lr(acc / inv, 1.0 / inv, policy.coverage_tau))
-    return min(prev, p_look), coverage
-
-
 # ------------------------------------------------------------------------------------------ look
 
 
@@ -289,17 +177,17 @@ def look(
     a_primary = policy.primary_alpha
     weight = data.current_weight
 
-    err, p_err = _proportion_guardrail(
+    err, p_err = proportion_guardrail(
         "error_rate", [(p.errors[0], p.requests[0], p.errors[1], p.requests[1]) for p in data.periods],
         policy.max_error_rate_delta, policy.error_tau, prev.p_errors, policy.resolved_guardrail_alpha,
         "error rate")
-    lat, p_lat = _proportion_guardrail(
+    lat, p_lat = proportion_guardrail(
         "latency", [(p.slow[0], p.latency_n[0], p.slow[1], p.latency_n[1]) for p in data.periods],
         policy.max_slow_share_delta, policy.latency_tau, prev.p_latency, policy.resolved_guardrail_alpha,
         f"share slower than the baseline's p{policy.latency_quantile * 100:g}",
         [(p.latency_windows, p.latency_window_var) for p in data.periods], policy.latency_min_windows)
-    p_srm, _, srm_stat = _srm(data, policy, prev.p_srm)
-    p_cov, coverage = _coverage(data, policy, prev.p_coverage)
+    p_srm, _, srm_stat = srm_check(data, policy, prev.p_srm)
+    p_cov, coverage = coverage_check(data, policy, prev.p_coverage)
     cov_rec = data.covariate
     p_bal = min(prev.p_balance, cov_rec["p_balance_look"]) if cov_rec else prev.p_balance
     srm = p_srm <= policy.srm_alpha or p_cov <= policy.srm_alpha or p_bal <= policy.srm_alpha
