@@ -417,3 +417,36 @@ def test_outcome_spill_survives_a_bad_outcome_and_a_torn_line(registry: Registry
     assert olog.stats.dead_letter[reason] == 1 and olog.stats.torn_lines == 1
     dead = dead_lines(olog.dead_letter_path)
     assert {d["reason"] for d in dead} == {reason, "torn"}
+
+
+_APPEND_PAST_A_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+from gateway.records.spill import SpillUnavailable, append_durably
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's default (kill)
+path = Path(sys.argv[1])
+append_durably(path, "first line\\n")
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # the kernel stops writes at 4 KiB
+try:
+    append_durably(path, "x" * 10_000 + "\\n")  # 4 KiB of it get written, then the write fails
+    print("accepted")
+except SpillUnavailable as exc:
+    print("refused", exc.reason, path.stat().st_size)
+append_durably(path, "next line\\n")
+"""
+
+
+def test_a_failed_append_is_cut_back_and_the_next_line_follows_a_whole_one(tmp_path: Path) -> None:
+    """A real partial write: the kernel's file-size limit (RLIMIT_FSIZE, in a child process) lets 4 KiB of
+    a 10 KB line in and fails the rest with EFBIG. The append is refused, the file is cut back to its
+    length before it, and the next line follows the last whole one: no torn line in the middle."""
+    import sys
+
+    path = tmp_path / "p.spill"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", _APPEND_PAST_A_LIMIT, str(path)], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    verdict = out.stdout.split()
+    assert verdict[0] == "refused" and int(verdict[2]) == len("first line\n"), out.stdout
+    assert path.read_text().splitlines() == ["first line", "next line"]
