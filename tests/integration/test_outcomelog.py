@@ -114,3 +114,28 @@ def test_database_unavailable_classification() -> None:
     assert database_unavailable(sa_exc.TimeoutError("pool"))
     assert not database_unavailable(sa_exc.IntegrityError("x", {}, Exception("dup")))
     assert not database_unavailable(ValueError("x"))
+
+
+def test_an_outcome_past_the_spill_bound_is_refused_and_every_accepted_one_is_stored(
+        reg: Registry, tmp_path: Path) -> None:
+    """The database away (no replay runs) and a small spill bound: outcomes are accepted, fsynced, until
+    the next would pass the bound; that one is refused with SpillUnavailable ("limit", counted), which
+    the gateway answers RESOURCE_EXHAUSTED; nothing accepted is dropped, and once the replay runs every
+    accepted outcome is stored, none of the refused."""
+    from gateway.records.spill import SpillUnavailable
+
+    olog = OutcomeLog(reg, tmp_path / "o.spill", spill_max_bytes=400)
+    accepted, refused = [], []
+    for i in range(10):
+        try:
+            olog.accept(f"p{i}", 1.0)
+            accepted.append(f"p{i}")
+        except SpillUnavailable as exc:
+            assert exc.reason == "limit" and "size limit" in str(exc)
+            refused.append(f"p{i}")
+    assert accepted and refused, (accepted, refused)
+    assert (tmp_path / "o.spill").stat().st_size <= 400 and olog.pending() == len(accepted)
+    assert olog.stats.spill_failures["limit"] == len(refused)
+    assert olog.replay() is True
+    assert outcomes(reg) == dict.fromkeys(accepted, 1.0)
+
