@@ -83,6 +83,31 @@ def test_bad_rows_are_dead_lettered_and_never_block_the_rest(registry: Registry,
     log.stop()
 
 
+def test_a_replay_cut_half_way_and_run_again_stores_each_row_once(registry: Registry, tmp_path: Path) -> None:
+    """A replay committed the spill's first line, then the process died before the file was removed: the
+    next start replays the whole file again. The rows already stored are skipped (an identical replay is
+    not a duplicate: nothing dead-lettered), the rest are stored, each row once."""
+    ts = PredictionLog(registry, tmp_path / "x.spill")._inserter.timestamp(time.time())
+    rows = [(f"h-{i}", "half", 1, f"k{i}", i / 1000, 1.0, ts, None, 3, False, None) for i in range(300)]
+    first, second = rows[:150], rows[150:]
+    (tmp_path / "a.spill").write_text(json.dumps(first) + "\n")
+    one = PredictionLog(registry, tmp_path / "a.spill", flush_interval_s=0.05, replay_interval_s=0.1)
+    one.files.rescan()
+    one.start()
+    wait_for(lambda: not one.has_spill, what="the first line replayed")
+    one.stop()
+    assert count(registry, "half") == 150
+    (tmp_path / "b.spill").write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")  # the whole file
+    two = PredictionLog(registry, tmp_path / "b.spill", flush_interval_s=0.05, replay_interval_s=0.1)
+    two.files.rescan()
+    two.start()
+    wait_for(lambda: not two.has_spill, what="the whole file replayed again")
+    two.stop()
+    stored = scores(registry, "half")
+    assert len(stored) == 300 and stored["h-299"] == pytest.approx(0.299)
+    assert two.store.dead_letter["duplicate"] == 0 and not two.dead_letter_path.exists()
+
+
 def test_torn_last_line_is_skipped_and_counted(registry: Registry, tmp_path: Path) -> None:
     log = PredictionLog(registry, tmp_path / "p.spill", flush_interval_s=0.05, replay_interval_s=0.1)
     ts = log._inserter.timestamp(time.time())
