@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 
 from chimera.jsonsafe import nan_to_none
-from rollout.lookdata import _OutcomeCell
+from rollout.lookdata import MIN_PERIOD_KEYS, _OutcomeCell
 from rollout.policy import DEFAULT_TAU, PAIRED_METRICS
 from rollout.stats import (
     msprt_confidence_interval,
@@ -258,7 +258,9 @@ def paired_look(policy: PairedPolicy, data: PairedData,
     prev = state if state is not None else PairedState()
     tau, margin = policy.resolved_tau, policy.resolved_margin
     effect, var, n = data.effect, data.variance, data.n
-    ready = n >= policy.min_pairs and math.isfinite(effect) and math.isfinite(var)
+    # As the canary's primary test: a cluster-robust variance needs clusters (rollout.lookdata).
+    ready = (n >= policy.min_pairs and data.units >= MIN_PERIOD_KEYS and math.isfinite(effect)
+             and math.isfinite(var))
     pw_look = pn_look = 1.0
     ci = (-math.inf, math.inf)
     looks = prev.looks
@@ -283,7 +285,8 @@ def paired_look(policy: PairedPolicy, data: PairedData,
         reason = (f"shadow not worse than served by {margin:g} or more: {ml}, always-valid "
                   f"p={p_nw:.4g} <= {policy.alpha_not_worse:g}")
     elif not ready:
-        reason = f"collecting: {n} pairs, need {policy.min_pairs}"
+        reason = (f"collecting: {n} pairs from {data.units} keys, need {policy.min_pairs} from "
+                  f"{MIN_PERIOD_KEYS} keys")
     else:
         reason = f"no decision yet: {ml}, p_worse={p_worse:.4g}, p_not_worse={p_nw:.4g}"
     new = PairedState(looks, p_worse, p_nw, verdict)

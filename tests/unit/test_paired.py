@@ -145,3 +145,26 @@ def test_method_scenarios_have_their_own_table_and_leave_the_canary_table_alone(
     assert table({"scenarios": [r]}).count("\n") == 1  # header lines only: not a canary row
     md = simulate_methods.table([r])
     assert md.count("\n") == 2 and "paired-worse" in md and "pairs to 'worse'" in md
+
+
+def test_pairs_from_a_few_keys_keep_collecting():
+    """2,000 pairs from five sticky clients, the shadow clearly worse: five keys give no estimate of how
+    much a client's difference varies, so the evaluation keeps collecting (as the canary's primary test
+    does below 10 keys an arm); the same rows over 40 clients decide."""
+    rng = np.random.default_rng(4)
+    n = 2000
+    p = rng.random(n)
+    y = (rng.random(n) < p).astype(float)
+    shadow = np.clip(p + rng.normal(0, 0.35, n), 0, 1)
+    for keys, action in ((5, "continue"), (40, "worse")):
+        data = PairedData(PairedPolicy())
+        data.add(y, p, shadow, [f"client-{i % keys}" for i in range(n)])
+        d, _ = paired_look(PairedPolicy(), data)
+        assert d.action == action and d.units == keys, d.reason
+    assert "10 keys" in paired_look(PairedPolicy(), _few(y, p, shadow))[0].reason
+
+
+def _few(y: np.ndarray, served: np.ndarray, shadow: np.ndarray) -> PairedData:
+    data = PairedData(PairedPolicy())
+    data.add(y, served, shadow, [f"client-{i % 5}" for i in range(y.size)])
+    return data
