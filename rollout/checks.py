@@ -31,9 +31,6 @@ class GuardrailResult:
     reason: str
 
 
-
-
-
 def proportion_guardrail(
     name: str, counts: list[tuple[int, int, int, int]], margin: float, tau: float, prev: float, alpha: float,
     what: str, window_var: list[tuple[int, float]] | None = None, min_windows: int = 0,
@@ -105,7 +102,7 @@ def coverage_check(data: LookData, policy: RolloutPolicy, prev: float) -> tuple[
     sticky keys the rows of a key are not independent, and the binomial variance used until 2026-12-07
     held 9 of 20 A/A canaries as "not comparable" when half the keys never reported
     (tests/unit/test_decision.py::test_coverage_counts_keys_that_never_report_as_keys: now at most 1).
-    Pooled over both arms (rollout.lookdata._coverage_variance), as the primary metric's variance is;
+    Pooled over both arms (rollout.lookdata._pooled_variances), as the primary metric's variance is;
     below three keys it falls back to the binomial variance."""
     inv = acc = 0.0
     cov = [0, 0, 0, 0]

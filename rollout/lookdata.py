@@ -145,7 +145,7 @@ class PeriodStats:
     mean: tuple[float, float]
     var_of_mean: tuple[float, float]
     # Each arm's coverage (outcomes / matured) variance under equal coverage, pooled over both arms'
-    # keys (_coverage_variance; NaN below three keys): what the coverage check weighs the period by.
+    # keys (_pooled_variances; NaN below three keys): what the coverage check weighs the period by.
     coverage_var: tuple[float, float]
     effect: float
     variance: float
@@ -410,17 +410,10 @@ class LookBuilder:
             center = (cb.total + cc.total) / (cb.n + cc.n) if cb.n + cc.n else math.nan
             vb, vc = cb.var_of_mean(center), cc.var_of_mean(center)
             if self.pooled_variance and cb.n and cc.n and cb.keys + cc.keys > 2:
-                # The variance under "no effect" (same distribution in both arms): one residual
-                # variance per unit of outcome from both arms, scaled by each arm's size. The large
-                # baseline dominates it, so a small canary's mean and its variance estimate are not
-                # coupled (with skewed outcomes that coupling alone makes false alarms).
-                ss = cb.sum_sq(center) + cc.sum_sq(center)
-                kk = cb.keys + cc.keys
-                s2 = ss / (cb.n + cc.n) * kk / (kk - 1.0)
-                vb, vc = s2 / cb.n, s2 / cc.n
+                vb, vc = _pooled_variances(cb, cc)
             eff, var = mc - mb, vb + vc
             lat_k, lat_var = _window_variance(p)
-            cov_var = _coverage_variance(p.coverage)
+            cov_var = _pooled_variances(*p.coverage)
             ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES
                   and cb.keys >= MIN_PERIOD_KEYS and cc.keys >= MIN_PERIOD_KEYS and math.isfinite(var)
                   and var > 0.0)
@@ -468,20 +461,21 @@ class LookBuilder:
         return float(np.dot(phi, phi)) * kk / (kk - 1.0)
 
 
-def _coverage_variance(cells: list[_OutcomeCell]) -> tuple[float, float]:
-    """Each arm's coverage variance under "same coverage in both arms", pooled as the primary metric's
-    variance is: one residual variance per matured prediction from both arms' key sums around the pooled
-    coverage, scaled by each arm's size (NaN below three keys in all). Pooled, because a small canary's
-    own residuals are tiny whenever all its few rows have outcomes, which made the per-arm form hold
-    A/A canaries with delayed outcomes (4.6 % of 1,000 runs, against 0.1 % binomial); over keys, because
-    a client that never reports is one unit, not many rows."""
-    kb, kc = cells
-    n, kk = kb.n + kc.n, kb.keys + kc.keys
-    if not kb.n or not kc.n or kk <= 2:
+def _pooled_variances(cb: _OutcomeCell, cc: _OutcomeCell) -> tuple[float, float]:
+    """Each arm's variance of its mean under "no difference" (same distribution in both arms): one
+    residual variance per unit of outcome from both arms' key sums around their pooled mean, scaled by
+    each arm's size; NaN when an arm is empty or there are fewer than three keys in all. The large
+    baseline dominates it, so a small canary's mean and its variance estimate are not coupled (with
+    skewed outcomes that coupling alone made false alarms). The primary metric's variance and the
+    outcome coverage's (each matured prediction 1 or 0) are both this: a per-arm coverage variance
+    held A/A canaries with delayed outcomes (4.6 % of 1,000 runs, against 0.1 % binomial), because a
+    small canary's own residuals are tiny whenever its few rows all have outcomes."""
+    n, kk = cb.n + cc.n, cb.keys + cc.keys
+    if not cb.n or not cc.n or kk <= 2:
         return math.nan, math.nan
-    pooled = (kb.total + kc.total) / n
-    s2 = (kb.sum_sq(pooled) + kc.sum_sq(pooled)) / n * kk / (kk - 1.0)
-    return s2 / kb.n, s2 / kc.n
+    center = (cb.total + cc.total) / n
+    s2 = (cb.sum_sq(center) + cc.sum_sq(center)) / n * kk / (kk - 1.0)
+    return s2 / cb.n, s2 / cc.n
 
 
 def _window_variance(p: _Period) -> tuple[int, float]:
