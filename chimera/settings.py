@@ -20,7 +20,8 @@ Sections and who reads them:
     client_tls  CHIMERA_TLS_CA, CHIMERA_TLS_CLIENT_CERT, CHIMERA_TLS_CLIENT_KEY,
                 CHIMERA_TLS_SERVER_NAME                               how the CLI and loadtest dial
     tracing     CHIMERA_TRACES_EXPORTER                               gateway and replicas
-    gateway     CHIMERA_LOG_FEATURES_SAMPLE, CHIMERA_MAX_CONCURRENT_CALLS, CHIMERA_SPILL_MAX_BYTES
+    gateway     CHIMERA_LOG_FEATURES_SAMPLE, CHIMERA_MAX_CONCURRENT_CALLS, CHIMERA_SPILL_MAX_BYTES,
+                CHIMERA_MAX_CONNECTION_AGE_S
     rollout     CHIMERA_PROMOTION_LOADTEST_MAX_AGE_S                  gateway's promotion gate
     retrain     CHIMERA_CODE_REVISION, CHIMERA_GATEWAY_TARGET, CHIMERA_RETRAIN_LOADTEST_*
     scheduler   CHIMERA_RETRAIN_SCHEDULE, CHIMERA_DRIFT_SCHEDULE, CHIMERA_SCHEDULER_MODELS,
@@ -57,6 +58,9 @@ DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S = 24 * 3600.0
 DEFAULT_LOG_FEATURES_SAMPLE = 1.0
 DEFAULT_SPILL_MAX_BYTES = 1 << 30  # per spill (predictions, outcomes) of one gateway
 DEFAULT_MAX_CONCURRENT_CALLS = 1000  # calls one gateway handles at once (gateway.api.wire sheds beyond)
+# A client connection older than this is asked to reconnect (GOAWAY; its calls in flight finish), so that
+# connections spread again over the gateways behind one address (GatewaySettings says why).
+DEFAULT_MAX_CONNECTION_AGE_S = 30.0
 # The retrain load-test gate (training.retrain.LoadTestGate): 50 req/s for 10 s after 2 s of warm-up,
 # p99 at most 250 ms, at most 1 % errors.
 DEFAULT_RETRAIN_LOADTEST_RPS = 50.0
@@ -360,12 +364,22 @@ class GatewaySettings:
     cap); the bound on each local spill (CHIMERA_SPILL_MAX_BYTES; beyond it new rows are refused with
     RESOURCE_EXHAUSTED rather than filling the disk); whether scoring calls may use the local channel
     of a replica on the gateway's own Ray node (CHIMERA_LOCAL_REPLICA_CHANNEL, on by default; 0 or off:
-    every call through Ray Serve; gateway.serving.local_path)."""
+    every call through Ray Serve; gateway.serving.local_path).
+
+    CHIMERA_MAX_CONNECTION_AGE_S (default 30; 0: never) is how old a client connection may grow before the
+    gateway sends it a GOAWAY. A gRPC client keeps one connection for as long as it lives, and the kernel
+    (`chimera serve --processes N`) or an L4 load balancer (several gateways behind a Service) places
+    connections, not calls: without an age, a worker restarted after a crash, or a gateway added, gets no
+    call from the clients already connected, and a few clients can all land on one worker. The GOAWAY is
+    graceful (grpc's max_connection_age; the gateway sets no grace, so calls and PredictStream streams in
+    flight run to their end); the client opens a new connection for its next call, which the kernel or
+    the balancer places afresh."""
 
     log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS
     spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES
     local_replica_channel: bool = True
+    max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -379,7 +393,12 @@ class GatewaySettings:
         if spill <= 0:
             raise ValueError(f"CHIMERA_SPILL_MAX_BYTES: {spill} is not a positive number of bytes")
         local = _parsed(e, "CHIMERA_LOCAL_REPLICA_CHANNEL", _switch, True, "on/off (1/0)")
-        return cls(parse_log_features_sample(e.get(name), name), cap, spill, local)
+        age = _parsed(e, "CHIMERA_MAX_CONNECTION_AGE_S", float, DEFAULT_MAX_CONNECTION_AGE_S,
+                      "a number of seconds (0: never)")
+        if not (math.isfinite(age) and age >= 0):
+            raise ValueError(f"CHIMERA_MAX_CONNECTION_AGE_S: {age:g} is not a number of seconds >= 0 "
+                             "(0: connections are never asked to reconnect)")
+        return cls(parse_log_features_sample(e.get(name), name), cap, spill, local, age)
 
 
 

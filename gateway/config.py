@@ -10,6 +10,7 @@ from typing import Any
 from chimera.settings import (
     DEFAULT_LOG_FEATURES_SAMPLE,
     DEFAULT_MAX_CONCURRENT_CALLS,
+    DEFAULT_MAX_CONNECTION_AGE_S,
     DEFAULT_PROMOTION_LOADTEST_MAX_AGE_S,
     DEFAULT_REPLICA_NUM_CPUS,
     DEFAULT_REPLICA_SHUTDOWN_WAIT_S,
@@ -60,6 +61,9 @@ class GatewayConfig:
     # (beyond: RESOURCE_EXHAUSTED at once, gateway.api.wire; None/0: no cap).
     outcomes_token: str | None = field(default=AuthSettings.outcomes_token, repr=False)
     max_concurrent_calls: int | None = DEFAULT_MAX_CONCURRENT_CALLS
+    # A client connection older than this gets a GOAWAY and reconnects (0: never), so that connections
+    # spread again over workers and gateways (chimera.settings.GatewaySettings says why).
+    max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S
     # An outcome accepted while the database was down whose request id is still unknown this long
     # after it was accepted goes to the dead-letter file (see gateway.records.outcome_log).
     outcome_unknown_grace_s: float = 300.0
@@ -106,6 +110,7 @@ class GatewayConfig:
             "replica_shutdown_wait_s": settings.ray.replica_shutdown_wait_s,
             "log_features_sample": settings.gateway.log_features_sample,
             "spill_max_bytes": settings.gateway.spill_max_bytes,
+            "max_connection_age_s": settings.gateway.max_connection_age_s,
             "promotion_loadtest_max_age_s": settings.rollout.promotion_loadtest_max_age_s,
             "tls_cert": settings.tls.cert,
             "tls_key": settings.tls.key,

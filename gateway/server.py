@@ -155,6 +155,7 @@ class Gateway:
             # grpc's default (3,000) answers a burst beyond it CANCELLED, not the cap's RESOURCE_EXHAUSTED
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            *connection_age_options(self.config.max_connection_age_s),
         ])
         # Registered through gateway.api.wire: undecodable requests are INVALID_ARGUMENT (not grpc's
         # UNKNOWN), and the Predict token, when set, is checked before the servicer runs.
@@ -302,6 +303,16 @@ class Gateway:
         self.registry.dispose()
 
 
+def connection_age_options(age_s: float) -> list[tuple[str, int]]:
+    """grpc server options for GatewayConfig.max_connection_age_s (0: none). The grace is grpc's "never"
+    on purpose: the age only moves a client's next calls to a new connection, and must never cut a call
+    or a PredictStream stream in flight."""
+    if age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", 2**31 - 1)]
+
+
 class PortTaken(RuntimeError):
     """A port the gateway must listen on is taken: the operator's to fix (the message names the setting
     and the address), so `chimera serve` reports it as one line, without a traceback."""
@@ -377,7 +388,9 @@ async def serve_forever(config: GatewayConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"chimera gateway listening on {config.host}:{gateway.port}"
           + (f", metrics on :{config.metrics_port}" if config.metrics_port else "")
-          + f", event loop {type(loop).__module__.split('.')[0]}", flush=True)  # asyncio or uvloop
+          + f", event loop {type(loop).__module__.split('.')[0]}"  # asyncio or uvloop
+          + (f", connections age out after {age:g} s" if (age := config.max_connection_age_s) > 0
+             else ", connections never age out"), flush=True)
     await stop.wait()
     print("shutting down: draining in-flight calls and flushing the prediction log", flush=True)
     await gateway.stop()

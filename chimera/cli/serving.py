@@ -144,10 +144,19 @@ def serve(
 def _supervise(settings: Settings, processes: int, options: dict[str, Any], metrics_port: int,
                controller_interval: float, insecure: bool) -> int:
     """`--processes N`: run N workers (chimera.cli.workers) with these options; the registry's schema is
-    upgraded once here, and a local Ray (no RAY_ADDRESS) is started here for all of them to join."""
-    from chimera.cli.workers import Workers
-    from gateway.server import ensure_ray
+    upgraded once here, and a local Ray (no RAY_ADDRESS) is started here for all of them to join.
 
+    The port is checked free here, before anything starts: the workers bind it with SO_REUSEPORT, which
+    the kernel grants to any other process of the same user that bound it so too (another `chimera serve
+    --processes N` still running, say). Unchecked, the new workers would silently share the port with it,
+    each answering some of the connections."""
+    from chimera.cli.workers import Workers
+    from gateway.server import PortTaken, check_port_free, ensure_ray
+
+    try:
+        check_port_free(str(options["--host"]), int(options["--port"]))
+    except PortTaken as exc:
+        views.fail(str(exc), 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     open_registry(settings).upgrade()
     env = dict(os.environ)

@@ -219,6 +219,28 @@ def test_registry_and_version_mistakes_are_one_line_errors(tmp_path: Path) -> No
     _assert_clean_failure(tiny, "--synthetic")
 
 
+def test_serve_processes_on_a_port_another_server_shares_exits_1_before_starting_anything(
+        tmp_path: Path) -> None:
+    """`chimera serve --processes 2` on a port another process already listens on *with SO_REUSEPORT*
+    (another `serve --processes` still running) stops with exit 1 naming the port, before Ray, a worker
+    or the registry's upgrade. The workers bind with SO_REUSEPORT themselves, so the kernel would let
+    them share that port silently, each side answering some of the connections."""
+    import socket
+
+    db = tmp_path / "r.db"
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = chimera(["serve", "--processes", "2", "--port", str(port), "--metrics-port", "0"],
+                       _sqlite_url(db), tmp_path, timeout=60, RAY_ADDRESS="127.0.0.1:1")
+    _assert_clean_failure(proc, f"port: cannot listen on 127.0.0.1:{port} for gRPC")
+    assert proc.returncode == 1
+    assert "worker 0 started" not in _out(proc)
+    assert not db.exists(), "the registry was upgraded before the port was checked"
+
+
 # --------------------------------------------------------------------------------------------- models
 def test_models_list_and_show_print_the_published_version(trained: dict) -> None:
     url, model, tmp = trained["url"], trained["model"], trained["tmp"]
