@@ -137,14 +137,14 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     seen = [info.split.revision, rows.outcome.size, rows.last_id]
     if previous and details_before.get("seen") == seen:
         return None  # nothing new since the last look
-    ppolicy = paired_policy(policy)
-    decision, new_state = judge(ppolicy, rows, state, until=until.timestamp(),
-                                outcome_delay_s=policy.outcome_delay_s)
+    ppolicy, delay_s, pending = pinned_policy(policy, details_before)
+    decision, new_state = judge(ppolicy, rows, state, until=until.timestamp(), outcome_delay_s=delay_s)
     secondary = secondary_policies(ppolicy)
     others = judge_others(secondary, rows, details_before.get("others", {}) if previous else {},
-                          until=until.timestamp(), outcome_delay_s=policy.outcome_delay_s)
+                          until=until.timestamp(), outcome_delay_s=delay_s)
     details = {**decision.to_dict(), "state": new_state.to_dict(), "policy": ppolicy.to_dict(),
-               "outcome_delay_s": policy.outcome_delay_s, "gate": policy.shadow_gate,
+               **({"policy_pending": pending} if pending else {}),
+               "outcome_delay_s": delay_s, "gate": policy.shadow_gate,
                "served_version": served, "seen": seen,
                "window": {"since": since.isoformat(), "until": until.isoformat()},
                "others": {m: {**d.to_dict(), "state": st.to_dict(), "policy": secondary[m].to_dict()}
@@ -152,6 +152,25 @@ def shadow_look(registry: Registry, info: ModelInfo, policy: RolloutPolicy, unti
     _apply(registry, info, served, shadow, decision, details, policy, actor,
            others_note(d for d, _ in others.values()))
     return decision
+
+
+def pinned_policy(policy: RolloutPolicy, before: dict[str, Any]) -> tuple[PairedPolicy, float,
+                                                                           dict[str, Any] | None]:
+    """What this look judges with: the paired policy and outcome delay of the evaluation's first look
+    (`before`: the details of the look before this one, empty for a first look), and what the config
+    says now when that differs (stored as `policy_pending`), as the canary keeps its first look's
+    policy (rollout.controller). Why: the running p-values were made under the first look's level,
+    margin and metric; a level raised after seeing p = 0.07 would void the always-valid guarantee. A
+    changed config applies to the shadow's next evaluation. The gate and the first step are what a
+    verdict does, not how it is reached, so they are read from the config at each look."""
+    configured = paired_policy(policy)
+    if not before.get("policy"):
+        return configured, policy.outcome_delay_s, None
+    pinned = PairedPolicy.from_dict(before["policy"])
+    delay_s = float(before.get("outcome_delay_s", policy.outcome_delay_s))
+    if pinned == configured and delay_s == policy.outcome_delay_s:
+        return pinned, delay_s, None
+    return pinned, delay_s, {**configured.to_dict(), "outcome_delay_s": policy.outcome_delay_s}
 
 
 def same_pair(previous: list[dict[str, Any]], served: int) -> list[dict[str, Any]]:

@@ -195,6 +195,32 @@ def test_a_new_production_starts_the_shadows_evaluation_afresh(registry: Registr
     assert max(recompute(registry, newest["id"]).differences().values()) <= 1e-9
 
 
+def test_a_shadow_evaluation_keeps_the_policy_of_its_first_look(registry: Registry) -> None:
+    """The operator raises alpha from 0.05 to 0.5 after the first look, when the running p-value for
+    "not worse" stands between the two: at 0.5 the next look would pass the shadow into the canary on a
+    level chosen after seeing the evidence. The evaluation goes on at its first look's 0.05, the new
+    config is stored as pending (it applies to the next evaluation), and the look recomputes so."""
+    model = _model(registry, GATED)
+    controller = RolloutController(registry)
+    rng = np.random.default_rng(7)
+    _traffic(registry, model, rng, 250, 0.45)  # a little worse than production: no verdict at 0.05 yet
+    controller.run_once(model)
+    first = decisions(registry, model, shadow=True)[0]
+    assert first["action"] == "shadow_continue" and first["details"]["policy"]["alpha_not_worse"] == 0.05
+    assert 0.05 < first["details"]["p_not_worse"] <= 0.5, first["details"]
+    registry.set_rollout_config(model, {**GATED, "alpha": 0.5})
+    _traffic(registry, model, rng, 250, 0.45)
+    controller.run_once(model)
+    second = decisions(registry, model, shadow=True)[0]
+    assert second["id"] != first["id"]
+    assert 0.05 < second["details"]["p_not_worse"] <= 0.5, second["details"]  # 0.5 would have decided
+    assert second["action"] == "shadow_continue", second["reason"]
+    assert second["details"]["policy"] == first["details"]["policy"]
+    assert second["details"]["policy_pending"]["alpha_not_worse"] == 0.5
+    assert dict(registry.get_split(model).weights) == {1: 100} and registry.get_split(model).shadow == 2
+    assert max(recompute(registry, second["id"]).differences().values()) <= 1e-9
+
+
 def test_shadow_policy_fields_are_validated() -> None:
     from rollout.splits import policy_from_dict
 
