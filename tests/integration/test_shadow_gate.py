@@ -266,11 +266,18 @@ def test_pairs_count_only_once_mature_as_the_canary_counts_outcomes(registry: Re
     assert look["action"] == "shadow_continue" and look["details"]["n_pairs"] == 0
     assert look["details"]["outcome_delay_s"] == 3600
     assert max(recompute(registry, look["id"]).differences().values()) <= 1e-9
-    # Without a declared delay the same rows are pairs at once (at the next look with new rows).
+    # The delay dropped mid-evaluation applies to the next evaluation (each keeps its first look's).
     registry.set_rollout_config(model, GATED)
     _traffic(registry, model, np.random.default_rng(4), 100, 0.1)
     RolloutController(registry).run_once(model)
-    assert decisions(registry, model, shadow=True)[0]["details"]["n_pairs"] == 500
+    newest = decisions(registry, model, shadow=True)[0]
+    assert newest["details"]["n_pairs"] == 0 and newest["details"]["outcome_delay_s"] == 3600
+    assert newest["details"]["policy_pending"]["outcome_delay_s"] == 0
+    # Without a declared delay the same kind of rows are pairs at once.
+    fresh = _model(registry, GATED)
+    _traffic(registry, fresh, np.random.default_rng(3), 400, 0.1)
+    RolloutController(registry).run_once(fresh)
+    assert decisions(registry, fresh, shadow=True)[0]["details"]["n_pairs"] == 400
 
 
 def test_switching_the_gate_on_carries_out_a_stored_verdict(registry: Registry) -> None:
