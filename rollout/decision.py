@@ -180,7 +180,8 @@ def look(
     err, p_err = proportion_guardrail(
         "error_rate", [(p.errors[0], p.requests[0], p.errors[1], p.requests[1]) for p in data.periods],
         policy.max_error_rate_delta, policy.error_tau, prev.p_errors, policy.resolved_guardrail_alpha,
-        "error rate")
+        "error rate", [(p.error_windows, p.error_window_var) for p in data.periods] if policy.error_windows
+        else None)
     lat, p_lat = proportion_guardrail(
         "latency", [(p.slow[0], p.latency_n[0], p.slow[1], p.latency_n[1]) for p in data.periods],
         policy.max_slow_share_delta, policy.latency_tau, prev.p_latency, policy.resolved_guardrail_alpha,

@@ -120,6 +120,10 @@ class _Period:
     lat_base_seen: int = 0  # baseline latencies of the period so far (the clock that cuts windows)
     # Per time window of ``latency_window`` baseline requests: [n_b, slow_b, n_c, slow_c] (judged rows).
     lat_windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    # The same for errors, every routed request: [n_b, failed_b, n_c, failed_c]; the clock is the
+    # period's baseline requests so far (req_base_seen).
+    err_windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    req_base_seen: int = 0
     cells: list[_OutcomeCell] = field(default_factory=lambda: [_OutcomeCell(), _OutcomeCell()])
     # Per arm, each matured prediction as 1 (its outcome arrived) or 0, summed per key: the outcome
     # coverage's cluster-robust variance (clients that never report outcomes are keys, not rows).
@@ -140,6 +144,8 @@ class PeriodStats:
     latency_threshold_ms: float
     latency_windows: int
     latency_window_var: float
+    error_windows: int
+    error_window_var: float
     matured: tuple[int, int]
     outcomes: tuple[int, int]
     mean: tuple[float, float]
@@ -284,8 +290,28 @@ class LookBuilder:
             sel = arm == a
             p.requests[a] += int(sel.sum())
             p.errors[a] += int((failed & sel).sum())
+        self._error_windows(p, arm, failed)
         known = np.isfinite(lat)
         self._latencies(p, arm[known], lat[known])
+
+    def _error_windows(self, p: _Period, arm: np.ndarray, failed: np.ndarray) -> None:
+        """Requests and failures per time window (the latency guardrail's windows, every request): a
+        replica down for a few seconds fails every request of its arm in a few windows, one shock, not
+        that many independent pieces of evidence (``PeriodStats.error_window_var``)."""
+        if arm.size == 0:
+            return
+        is_base = arm == BASELINE
+        win = (p.req_base_seen + np.cumsum(is_base) - is_base) // self.latency_window
+        lo, top = int(win[0]), int(win[-1]) + 1
+        if top > p.err_windows.shape[0]:
+            grow = max(top, 2 * p.err_windows.shape[0]) - p.err_windows.shape[0]
+            p.err_windows = np.concatenate([p.err_windows, np.zeros((grow, 4))])
+        for a in (BASELINE, CANARY):
+            sel = arm == a
+            w = win[sel] - lo
+            p.err_windows[lo:top, 2 * a] += np.bincount(w, minlength=top - lo)
+            p.err_windows[lo:top, 2 * a + 1] += np.bincount(w, weights=failed[sel], minlength=top - lo)
+        p.req_base_seen += int(np.count_nonzero(is_base))
 
     def _latencies(self, p: _Period, arm: np.ndarray, lat: np.ndarray) -> None:
         """Walk the period's latencies in log order, block by block (see the class docstring); the
@@ -412,7 +438,8 @@ class LookBuilder:
             if self.pooled_variance and cb.n and cc.n and cb.keys + cc.keys > 2:
                 vb, vc = _pooled_variances(cb, cc)
             eff, var = mc - mb, vb + vc
-            lat_k, lat_var = _window_variance(p)
+            lat_k, lat_var = _window_variance(p.lat_windows)
+            err_k, err_var = _window_variance(p.err_windows)
             cov_var = _pooled_variances(*p.coverage)
             ok = (cb.n >= MIN_PERIOD_OUTCOMES and cc.n >= MIN_PERIOD_OUTCOMES
                   and cb.keys >= MIN_PERIOD_KEYS and cc.keys >= MIN_PERIOD_KEYS and math.isfinite(var)
@@ -426,6 +453,7 @@ class LookBuilder:
                 requests=(p.requests[0], p.requests[1]), errors=(p.errors[0], p.errors[1]),
                 latency_n=(p.lat_n[0], p.lat_n[1]), slow=(p.slow[0], p.slow[1]),
                 latency_threshold_ms=p.lat_threshold, latency_windows=lat_k, latency_window_var=lat_var,
+                error_windows=err_k, error_window_var=err_var,
                 matured=(p.matured[0], p.matured[1]),
                 outcomes=(p.outcomes[0], p.outcomes[1]), mean=(mb, mc), var_of_mean=(vb, vc),
                 coverage_var=cov_var, effect=eff, variance=var, included=ok))
@@ -478,12 +506,12 @@ def _pooled_variances(cb: _OutcomeCell, cc: _OutcomeCell) -> tuple[float, float]
     return s2 / cb.n, s2 / cc.n
 
 
-def _window_variance(p: _Period) -> tuple[int, float]:
-    """Cluster-robust variance of a period's slow-share difference (canary − baseline), time windows
-    as the units: Σ_w φ_w² · K/(K−1), φ_w = (slow_c,w − r_c n_c,w)/N_c − (slow_b,w − r_b n_b,w)/N_b.
-    A window's shock that hits both arms cancels in φ_w; one that hits only the canary's replica counts
-    once, not once per request. NaN below two windows with requests, or when an arm has none."""
-    w = p.lat_windows
+def _window_variance(w: np.ndarray) -> tuple[int, float]:
+    """Cluster-robust variance of a period's difference in a share (slow requests, or failed ones;
+    canary − baseline), time windows as the units: Σ_w φ_w² · K/(K−1), φ_w = (x_c,w − r_c n_c,w)/N_c −
+    (x_b,w − r_b n_b,w)/N_b, from rows [n_b, x_b, n_c, x_c] per window. A window's shock that hits both
+    arms cancels in φ_w; one that hits only the canary's replica counts once, not once per request.
+    NaN below two windows with requests, or when an arm has none."""
     if w.shape[0] == 0:
         return 0, math.nan
     w = w[(w[:, 0] + w[:, 2]) > 0]

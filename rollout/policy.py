@@ -60,6 +60,10 @@ class RolloutPolicy:
     latency_calibration: int = 500
     latency_window: int = 50
     latency_min_windows: int = 10
+    # The error guardrail's variance: the larger of the per-request one and the one over the latency
+    # guardrail's time windows (rollout.lookdata), so a replica down for a few seconds is one shock.
+    # False: per request only, the rule of decisions stored before 2026-12-07 (rollout.splits).
+    error_windows: bool = True
     srm_alpha: float = 0.001
     srm_tau: float = 0.02
     coverage_tau: float = 0.05

@@ -11,10 +11,11 @@ and the outcomes once the policy's outcome window has closed, exactly as the con
 step-up moves the split with ``rollout.splits.step_up`` and starts a new period; a rollback or
 promotion ends the run.
 
-Scenarios (``SCENARIOS``) are the issue's table and its extra cases. A/A scenarios report the false
-rollback and false promotion rates with Wilson 95 % intervals; the worse canaries report the rollback
-rate and the median matured outcomes (both arms) at the rolling-back look; the SRM canary the share of
-runs held by the sample-ratio check. ``acceptance`` applies the issue's thresholds.
+Scenarios (``SCENARIOS``, listed in rollout.scenarios) are the issue's table and its extra cases. A/A
+scenarios report the false rollback and false promotion rates with Wilson 95 % intervals; the worse
+canaries report the rollback rate and the median matured outcomes (both arms) at the rolling-back
+look; the SRM canary the share of runs held by the sample-ratio check. ``acceptance`` applies the
+issue's thresholds.
 
 The scenarios of issue 18 (kinds ``paired-*`` and ``cuped-*``, at the end of the list) run the paired
 shadow evaluation and the covariate-adjusted canary against their unpaired / unadjusted references on
@@ -29,7 +30,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,94 +40,11 @@ from rollout import splits
 from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
 from rollout.policy import RolloutPolicy
+from rollout.scenarios import SCENARIO_LIST, SCENARIOS, Scenario
 
 BASE, CANARY = 1, 2  # version numbers in the simulated split
 
 
-@dataclass(frozen=True)
-class Scenario:
-    """One simulated world. ``kind``: aa (no difference), worse, better, srm, fail, slow."""
-
-    name: str
-    kind: str
-    description: str
-    metric: str = "success_rate"
-    p: float = 0.5
-    p_canary: float | None = None
-    canary_weight: int = 10
-    actual_share: float | None = None  # SRM: the share the canary really receives
-    keys: int = 0  # sticky routing over this many keys (0: every request its own unit)
-    key_zipf: float = 0.0  # > 0: a key's share of requests falls as rank^-key_zipf (few large keys)
-    icc: float = 0.0  # within-key correlation of outcomes (sticky)
-    heavy_tail: bool = False  # lognormal(0, 1.5) - 1 outcomes
-    error_rate: float = 0.0
-    slow_share: float = 0.0  # share of requests (both arms) that are slow_factor x slower
-    slow_factor: float = 5.0
-    canary_latency_factor: float = 1.0
-    stall_s: float = 0.0  # each arm's replica stalls on its own: slots of this length ...
-    stall_prob: float = 0.0  # ... each stalled with this probability (requests in it slow_factor x slower)
-    cold_s: float = 0.0  # the canary's replica is cold for this long after the canary starts ...
-    cold_factor: float = 1.0  # ... and its requests are this much slower meanwhile
-    canary_fails: bool = False
-    step_at: float | None = None  # operator step at this fraction of the run ...
-    step_to: int = 50  # ... to this canary weight ...
-    p_after_step: float | None = None  # ... while the base rate moves to this
-    delay_success_s: float = 0.0  # mean exponential outcome delay of successes / failures
-    delay_failure_s: float = 0.0
-    policy: dict[str, Any] = field(default_factory=dict)
-    shadow_noise: float = 0.5  # paired: the shadow's score noise on the log-odds (0.5: as good as served)
-    covariate_r2: float = 0.0  # cuped: share of the outcome's variance the covariate explains
-    rows: int = 0  # requests per run when the scenario needs its own horizon (0: max_requests)
-
-
-SCENARIO_LIST: tuple[Scenario, ...] = (
-    Scenario("aa", "aa", "A/A, binary p = 0.5"),
-    Scenario("aa-p10", "aa", "A/A, binary p = 0.1", p=0.1),
-    Scenario("aa-rare", "aa", "A/A, rare binary p = 0.02", p=0.02),
-    Scenario("aa-heavy", "aa", "A/A, heavy tail lognormal(0, 1.5) - 1 (mean_outcome, winsorised)",
-             metric="mean_outcome", heavy_tail=True, policy={"tau": 0.5}),
-    Scenario("aa-sticky", "aa", "A/A, sticky routing over 5,000 keys, within-key correlation 0.05",
-             keys=5000, icc=0.05),
-    Scenario("aa-errors", "aa", "A/A, 2 % errors in both arms", error_rate=0.02),
-    Scenario("aa-latency", "aa", "A/A, 1.5 % of requests 5x slower in both arms", slow_share=0.015),
-    Scenario("aa-bursts", "aa", "A/A, each arm's replica stalls on its own (1 s slots, 1 % stalled, 5x "
-             "slower): slow requests come in bursts", stall_s=1.0, stall_prob=0.01),
-    Scenario("aa-cold", "aa", "A/A, the canary's new replica is 4x slower for its first 15 s (warm-up)",
-             cold_s=15.0, cold_factor=4.0),
-    Scenario("aa-step", "aa", "A/A, split 10 -> 50 % while the base rate moves 0.60 -> 0.50",
-             p=0.6, step_at=0.5, step_to=50, p_after_step=0.5),
-    Scenario("aa-delayed", "aa", "A/A, outcomes delayed (mean 60 s successes, 20 s failures; window 120 s)",
-             delay_success_s=60.0, delay_failure_s=20.0, policy={"outcome_delay_s": 120.0}),
-    Scenario("ab-worse", "worse", "canary 0.45 vs baseline 0.50 at 10 %", p=0.5, p_canary=0.45),
-    Scenario("ab-better", "better", "canary 0.55 vs baseline 0.50 at 10 %", p=0.5, p_canary=0.55),
-    Scenario("fail", "fail", "canary fails every request (no outcome ever)", canary_fails=True),
-    Scenario("slow", "slow", "canary 2x slower (every request)", canary_latency_factor=2.0),
-    Scenario("srm", "srm", "10 % canary that actually receives 7 % (A/A outcomes)", actual_share=0.07),
-    # Issue 18 (rollout.simulate_methods); appended, so the scenarios above keep their seeds.
-    Scenario("paired-aa", "paired-aa", "paired shadow A/A, Brier: shadow and served equally good, "
-             "independent errors", metric="brier"),
-    Scenario("paired-aa-logloss", "paired-aa", "paired shadow A/A, log-loss (scores clipped at 1e-4)",
-             metric="log_loss"),
-    Scenario("paired-aa-sticky", "paired-aa", "paired shadow A/A, Brier, 2,000 sticky keys holding half "
-             "the variance of the log-odds and of each model's error", metric="brier", keys=2000, icc=0.5),
-    Scenario("paired-worse", "paired-worse", "shadow's Brier worse by 0.020 (0.205 vs 0.185); reference: "
-             "the same rows through a 10 % Brier canary", metric="brier", shadow_noise=0.96, rows=50_000),
-    Scenario("cuped-aa", "cuped-aa", "A/A at p = 0.5, covariate-adjusted by the production score "
-             "(R^2 = 0.4)", covariate_r2=0.4),
-    Scenario("cuped-worse", "cuped-worse", "canary 0.45 vs 0.50 at 10 %, adjusted by a covariate with "
-             "R^2 = 0.4, against the unadjusted canary on the same rows", p=0.5, p_canary=0.45,
-             covariate_r2=0.4),
-    Scenario("paired-margin", "paired-margin", "shadow's Brier worse by 0.010, the non-inferiority margin "
-             "itself (0.1955 vs 0.1854): 'not worse' would be wrong", metric="brier", shadow_noise=0.76),
-    # Few large clusters (a review, 2026-12-07): appended, so the scenarios above keep their seeds.
-    Scenario("aa-few-keys", "aa", "A/A, sticky routing over 300 keys of Zipf(1.1) sizes (the largest ~20 % "
-             "of requests), within-key correlation 0.05, split 10 -> 50 % halfway (keys change arms)",
-             keys=300, key_zipf=1.1, icc=0.05, step_at=0.5, step_to=50),
-    Scenario("aa-heavy-sticky-step", "aa", "A/A, heavy tail (as aa-heavy) over 2,000 sticky keys, split "
-             "10 -> 50 % halfway: the cross-period variance on winsorised heavy-tailed outcomes",
-             metric="mean_outcome", heavy_tail=True, policy={"tau": 0.5}, keys=2000, step_at=0.5, step_to=50),
-)
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}
 DEFAULT_MAX_REQUESTS = 20_000
 DEFAULT_LOOK_EVERY = 50
 DEFAULT_RATE = 50.0  # requests per second: a look every 50 requests is the controller's 1 s interval
@@ -174,6 +92,10 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
     if sc.stall_prob:  # drawn last, so the other scenarios' random streams are unchanged
         slots = int(t[-1] // sc.stall_s) + 1
         stalled = rng.random((2, slots)) < sc.stall_prob
+    down = None
+    if sc.fail_prob:  # drawn after the stalls, so the other scenarios' random streams are unchanged
+        down = rng.random((2, int(t[-1] // sc.fail_s) + 1)) < sc.fail_prob
+    canary_err = rng.random(n) < sc.canary_error_rate if sc.canary_error_rate else None  # drawn last
     window = policy.outcome_delay_s
 
     builder = LookBuilder(policy.metric, **policy.builder_options())
@@ -204,6 +126,10 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
         a = (u_route[sl] < share).astype(np.int64)
         arm[sl], period[sl] = a, revision
         f = err[sl] | ((a == 1) & sc.canary_fails)
+        if down is not None:
+            f = f | down[a, (t[sl] // sc.fail_s).astype(np.int64)]
+        if canary_err is not None:
+            f = f | ((a == 1) & canary_err[sl])
         failed[sl] = f
         la = lat[sl] * np.where(a == 1, sc.canary_latency_factor, 1.0)
         if stalled is not None:
@@ -346,7 +272,7 @@ def check(result: dict[str, Any]) -> dict[str, bool]:
     if kind == "fail":
         return {"rolled_back_always": rb["rate"] == 1.0, "within_10s": (result["max_seconds_to_rollback"]
                                                                         or math.inf) <= 10.0}
-    if kind == "slow":
+    if kind in ("slow", "errors"):
         return {"rollback_ge_95pct": rb["rate"] >= 0.95}
     return {}
 

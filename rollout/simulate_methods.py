@@ -39,7 +39,7 @@ from rollout.paired import PairedData, PairedPolicy, PairedState, paired_look
 from rollout.policy import RolloutPolicy
 
 if TYPE_CHECKING:
-    from rollout.simulate import Scenario
+    from rollout.scenarios import Scenario
 
 BASE, CANARY = 1, 2
 PAIRED_KINDS = ("paired-aa", "paired-margin", "paired-worse")

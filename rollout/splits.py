@@ -99,8 +99,11 @@ def stored_policy(stored: Mapping[str, Any]) -> RolloutPolicy:
     recomputes with, and what the controller keeps for the rest of a rollout (rollout.controller). Every
     field is stored, so a missing one is one the code did not have then: a decision stored before the
     latency guardrail's time windows (2026-12-03) is recomputed with the per-request rule it used, not
-    with today's defaults."""
+    with today's defaults; one stored before the error guardrail's windows (2026-12-07) with its
+    per-request error variance."""
     policy = policy_from_dict(stored)
     if "latency_window" not in stored:
         policy = dataclasses.replace(policy, latency_window=_ONE_WINDOW, latency_min_windows=0)
+    if "error_windows" not in stored:
+        policy = dataclasses.replace(policy, error_windows=False)
     return policy
