@@ -22,6 +22,7 @@ from chimera.cli.shared import (
     rpc,
 )
 from chimera.cli.views import fmt
+from rollout.scenarios import SCENARIOS
 
 canary_app = typer.Typer(help="Canary traffic.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Rollout state and decisions.", no_args_is_help=True)
@@ -285,9 +286,8 @@ def analyze(
 
 
 def simulate(
-    scenario: Annotated[str, typer.Option(help="one of rollout.simulate.SCENARIOS (aa, aa-p10, aa-rare, "
-                                          "aa-heavy, aa-sticky, aa-errors, aa-latency, aa-step, aa-delayed, "
-                                          "ab-worse, ab-better, fail, slow, srm) or all")] = "all",
+    scenario: Annotated[str, typer.Option(help=f"one of rollout.scenarios ({', '.join(SCENARIOS)}) or "
+                                          "all")] = "all",
     runs: Annotated[int | None, typer.Option(help="runs per scenario (default 1000)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(help="processes (the runs are independent)")] = 1,
