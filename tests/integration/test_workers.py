@@ -27,8 +27,9 @@ import pytest
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from loadtest.ports import free_ports
+from registry import Registry
 from tests.conftest import BACKENDS, fresh_registry_url
-from tests.harness import wait_for
+from tests.harness import small_onnx, wait_for
 from tests.integration.test_hung_postgres import FEATURES, publish, stored, undeploy
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
@@ -40,16 +41,47 @@ CLIENTS = 8
 AGE_S = 2.0
 
 
-def predict_calls(port: int) -> float:
-    """Predict calls answered OK by the worker whose metrics are on `port` (0 when it does not answer)."""
+def _metric(port: int, prefix: str, *labels: str) -> float:
+    """The sum of the samples named `prefix` carrying every label in `labels`, from the worker whose
+    metrics are on `port` (0 when it does not answer)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             text = r.read().decode()
     except OSError:
         return 0.0
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("chimera_requests_total{") and 'method="Predict"' in line
-               and 'code="OK"' in line)
+               if line.startswith(prefix) and all(label in line for label in labels))
+
+
+def predict_calls(port: int) -> float:
+    """Predict calls answered OK by the worker whose metrics are on `port` (0 when it does not answer)."""
+    return _metric(port, "chimera_requests_total{", 'method="Predict"', 'code="OK"')
+
+
+def decisions_made(port: int) -> float:
+    """Rollout decisions the controller of the worker on `port` made (0: it runs none)."""
+    return _metric(port, "chimera_rollout_decisions_total{")
+
+
+def _split(url: str, model: str) -> dict[int, int]:
+    reg = Registry(url)
+    try:
+        return dict(reg.get_split(model).weights)
+    finally:
+        reg.dispose()
+
+
+def add_canary(url: str, model: str) -> None:
+    """v2 (the same ONNX as v1) at 10 %, with guardrail margins no A/A breaches in this test: the
+    controller holds at every look (no outcome is ever recorded), and each hold is counted."""
+    reg = Registry(url)
+    try:
+        reg.publish_version(model, small_onnx(seed=5)[0], [f"f{i}" for i in range(4)], status="staged")
+        reg.set_split(model, {1: 90, 2: 10}, expected_revision=reg.get_split(model).revision, actor="test",
+                      status_changes={2: "canary"})
+        reg.set_rollout_config(model, {"max_error_rate_delta": 0.9, "max_slow_share_delta": 0.9})
+    finally:
+        reg.dispose()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,6 +92,7 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
 
     url = fresh_registry_url(backend, request, tmp_path)
     model = publish(url)
+    add_canary(url, model)
     port, metrics = free_ports(1), free_ports(2)  # worker i's metrics: metrics + i
     env = {**os.environ, "CHIMERA_REGISTRY_URL": url, "CHIMERA_REPLICA_NUM_CPUS": "0.1",
            "CHIMERA_MAX_CONNECTION_AGE_S": str(AGE_S),
@@ -70,7 +103,7 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
     with open(out, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "chimera", "serve", "--processes", "2", "--port", str(port),
-             "--metrics-port", str(metrics), "--controller-interval", "0", "--grace", "8", "--drain-delay",
+             "--metrics-port", str(metrics), "--controller-interval", "0.5", "--grace", "8", "--drain-delay",
              "0.5"],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     answered: list[tuple[float, str]] = []
@@ -114,6 +147,9 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
                 + out.read_text(errors="replace")[-4000:]) from None
         time.sleep(max(0.0, started + 3 * AGE_S - time.monotonic()))  # each connection aged out twice+
         assert not failures, f"calls failed while their connections aged out: {dict(failures)}"
+        # The rollout controller runs in worker 0 only (the supervisor gives the others an interval of 0).
+        wait_for(lambda: decisions_made(metrics) > 0, 60, "a rollout decision by worker 0")
+        assert decisions_made(metrics + 1) == 0
 
         killed_at = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)  # a single fault: one worker dies (an OOM kill)
@@ -128,6 +164,8 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
                  "the new worker 1 listening")
         wait_for(lambda: predict_calls(metrics + 1) > 20, 10 * AGE_S,
                  "the new worker 1 answering the clients already connected")
+        assert decisions_made(metrics + 1) == 0  # restarted, it still runs no controller
+        assert dict(_split(url, model)) == {1: 90, 2: 10}  # held throughout: nothing moved the canary
     finally:
         stop.set()
         for c in clients:
@@ -139,7 +177,10 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
         finally:
             if proc.poll() is None:
                 proc.kill()
+            from replicas.deployment import undeploy_version
+
             undeploy(model)
+            undeploy_version(model, 2)
     text = out.read_text(errors="replace")
     assert code == 0, text[-4000:]
     assert "worker 0 started" in text and "[worker 1] chimera gateway listening on" in text
