@@ -1,10 +1,12 @@
-"""PostgreSQL stopped for 30 s under load: Predict keeps serving from the cached split, prediction and
-outcome rows go to local spill files and are replayed when the database returns (0 lost, 0 duplicated);
-RecordOutcome is accepted meanwhile and never hangs; a gateway restarted while rows sit in the spill
+"""PostgreSQL stopped for 30 s under load: Predict and PredictStream keep serving from the cached split,
+prediction and outcome rows go to local spill files and are replayed when the database returns (0 lost,
+0 duplicated); RecordOutcome is accepted meanwhile and never hangs; the split's LISTEN connection comes
+back and a split changed after the outage is routed; a gateway restarted while rows sit in the spill
 files loses none of them."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from sqlalchemy import func, select
 from chimera.v1 import prediction_pb2 as pb
 from registry import Registry
 from registry.models import Outcome, Prediction
-from tests.harness import BackgroundLoad, GatewayThread, small_onnx
+from tests.harness import BackgroundLoad, GatewayThread, small_onnx, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 OUTAGE_S = 30.0
@@ -84,7 +86,14 @@ def wait_replayed(gw: GatewayThread, timeout: float = 90.0) -> None:
     raise AssertionError(f"not replayed: predictions {g.log.has_spill}, outcomes {g.outcomes.has_spill}")
 
 
-def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_path: Path) -> None:
+def _listens(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the split watcher's LISTEN connection was (re)made (gateway.serving.split_watch)."""
+    return sum("listening for split changes" in r.getMessage() for r in caplog.records)
+
+
+def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.serving.split_watch")
     url = postgres.create_database()
     reg = Registry(url)
     reg.upgrade()
@@ -110,6 +119,11 @@ def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_p
                 gw.predict.RecordOutcome(pb.RecordOutcomeRequest(request_id="no-such-request", value=1.0),
                                          timeout=10)
                 gw.predict.RecordOutcome(pb.RecordOutcomeRequest(request_id="before", value=0.0), timeout=10)
+                # A stream of 40 rows, answered from the cached split and spilled like the rest.
+                stream_ids = [f"s{i}" for i in range(40)]
+                rows = [pb.PredictRequest(model=model, request_id=rid, routing_key=rid,
+                                          dense=[0.1, 0.2, 0.3, 0.4]) for rid in stream_ids]
+                streamed = list(gw.predict.PredictStream(iter(rows), timeout=20))
                 during = len(load.ok)
                 time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - paused_at)))
                 served_while_down = len(load.ok) - during
@@ -118,6 +132,8 @@ def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_p
             time.sleep(3.0)
         assert not load.errors, load.errors[:5]
         assert served_while_down > 100, served_while_down
+        assert [m.request_id for m in streamed] == stream_ids
+        assert all(m.WhichOneof("result") == "prediction" for m in streamed), streamed[:2]
         assert max(load.outcome_latency) < 5.0  # RecordOutcome never hung on the dead database
         g = gw.gateway
         assert g is not None and g.log.stats.spilled > 0 and g.outcomes.stats.spilled > 0
@@ -126,7 +142,7 @@ def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_p
               f"prediction rows and {g.outcomes.stats.spilled} outcomes; max RecordOutcome "
               f"{max(load.outcome_latency) * 1e3:.0f} ms")
         preds, outs, n_preds, n_outs = stored(reg, model)
-        answered = {"before", *load.ok}
+        answered = {"before", *load.ok, *stream_ids}
         assert preds == answered, (len(preds), len(answered), sorted(answered - preds)[:5])
         assert n_preds == len(answered)  # no duplicates (request_id is unique; counted anyway)
         expected = {"before": 1.0, **load.outcomes}
@@ -139,6 +155,25 @@ def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_p
         metrics = g.metrics.registry
         assert metrics.get_sample_value("chimera_outcomes_dead_letter_rows", {"reason": "conflict"}) == 1
         assert metrics.get_sample_value("chimera_outcomes_replayed_rows") == g.outcomes.stats.replayed > 0
+
+        # The split's LISTEN connection was lost with the server and is made again; a split an operator
+        # changes now (v2 at 50 %) reaches the gateway, which deploys v2 and routes to it.
+        wait_for(lambda: _listens(caplog) >= 2, 30, "the split LISTEN connection made again")
+        reg.publish_version(model, onnx, names)
+        reg.set_split(model, {1: 50, 2: 50}, expected_revision=reg.get_split(model).revision, actor="test")
+        after: list[str] = []
+        versions: set[int] = set()
+
+        def routed_to_v2() -> bool:
+            rid = f"after{len(after)}"
+            r = gw.predict.Predict(pb.PredictRequest(model=model, request_id=rid, routing_key=rid,
+                                                     dense=[0.1, 0.2, 0.3, 0.4]), timeout=10)
+            after.append(r.request_id)
+            versions.add(r.version)
+            return 2 in versions
+
+        wait_for(routed_to_v2, 60, "a request routed to v2 after the split change", every=0.1)
+        answered |= set(after)
 
         # Restart while rows sit in the spill files: the new gateway replays them.
         postgres.pause()
@@ -160,6 +195,7 @@ def test_postgres_outage_under_load_loses_and_duplicates_nothing(postgres, tmp_p
         wait_replayed(restarted)
         preds, outs, n_preds, n_outs = stored(reg, model)
         assert set(spilled) <= preds and n_preds == len(answered) + len(spilled)
+        assert set(after) <= preds
         assert all(outs[rid] == 1.0 for rid in spilled) and n_outs == len(expected) + len(spilled)
     finally:
         if restarted is not None:
