@@ -156,6 +156,64 @@ def test_long_input_is_not_echoed_whole_and_nan_scores_are_never_ok(tmp_path: Pa
         reg.dispose()
 
 
+def log_odds_onnx() -> bytes:
+    """A hand-built ONNX model scoring sigmoid(log(f0)) = f0 / (1 + f0) row by row: NaN when f0 < 0 in
+    any batch (small_onnx's LinearClassifier gives NaN for an overflowing row alone but 0/1 for the
+    same row with batch-mates: tests/unit/test_scorer_batches.py)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["col"], value=helper.make_tensor("c", TensorProto.INT64, [], [0])),
+         helper.make_node("Gather", ["X", "col"], ["f0"], axis=1),
+         helper.make_node("Log", ["f0"], ["logit"]),
+         helper.make_node("Sigmoid", ["logit"], ["probabilities"])],
+        "log_odds", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+def test_a_nan_score_fails_only_its_caller_and_its_batch_mates_get_their_scores(tmp_path: Path) -> None:
+    """30 callers at once, one call in flight at a time (max_inflight 1), so they share calls: the caller
+    whose row the model scores NaN is answered UNAVAILABLE, the 29 others get their own scores (as
+    scored one at a time), never a neighbour's (gateway.serving.batcher)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.serving.replica_pool import BatchConfig
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "mates" + uuid.uuid4().hex[:6]
+    reg.publish_version(model, log_odds_onnx(), [f"f{i}" for i in range(4)], status="production")
+    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0, batch=BatchConfig(max_inflight=1)).start()
+    try:
+        rows = [[-1.0 if i == 15 else 0.1 * (i + 1), -0.25, 1.0, 0.0] for i in range(30)]
+
+        def call(row: list[float]) -> float | str:
+            try:
+                return gw.predict.Predict(pb.PredictRequest(model=model, dense=row), timeout=30).score
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+
+        batchers = list(gw.gateway.pool._batchers.values())
+        before = sum(b.stats.batches for b in batchers)
+        with ThreadPoolExecutor(30) as pool:
+            answers = list(pool.map(call, rows))
+        calls = sum(b.stats.batches for b in batchers) - before
+        assert isinstance(answers[15], str) and answers[15].startswith("UNAVAILABLE") \
+            and "non-finite score" in answers[15], answers[15]
+        for i, answer in enumerate(answers):
+            if i != 15:
+                f0 = np.float32(0.1 * (i + 1))
+                assert answer == pytest.approx(float(f0 / (1 + f0)), rel=1e-6), (i, answer)
+        assert 0 < calls < 30, calls  # the callers shared calls: the NaN row had batch-mates
+        assert sum(b.stats.nonfinite for b in batchers) == 1
+    finally:
+        gw.stop()
+        reg.dispose()
+
+
 def test_outcomes_token_and_internal_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With an outcomes token, RecordOutcome(s) need it (or the admin token) while Predict stays as
     configured (open here); an INTERNAL error answers a fixed message with a correlation id that the
