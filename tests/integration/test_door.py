@@ -214,6 +214,43 @@ def test_a_nan_score_fails_only_its_caller_and_its_batch_mates_get_their_scores(
         reg.dispose()
 
 
+def test_a_canarys_nan_score_is_answered_by_the_baseline_and_counted_against_the_canary(
+        tmp_path: Path) -> None:
+    """v2 (the canary, half the traffic) scores rows with f0 < 0 NaN; v1 scores them. Such a row routed
+    to v2 is failed over: answered by v1, counted as v2's failure and a failover from v2 (what the error
+    guardrail reads). v2 is not marked down for it: its other rows are still its own."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url)
+    reg.upgrade()
+    model = "nanfo" + uuid.uuid4().hex[:6]
+    names = [f"f{i}" for i in range(4)]
+    reg.publish_version(model, small_onnx(seed=5)[0], names, status="production")
+    reg.publish_version(model, log_odds_onnx(), names, status="staged")
+    reg.set_split(model, {1: 50, 2: 50}, expected_revision=0, actor="test", status_changes={2: "canary"})
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+
+    def predict(key: str, f0: float) -> pb.PredictResponse:
+        return gw.predict.Predict(pb.PredictRequest(model=model, routing_key=key, dense=[f0, 0.0, 0.0, 0.0]),
+                                  timeout=30)
+
+    try:
+        served = [predict(f"k{i}", -1.0) for i in range(40)]
+        assert {r.version for r in served} == {1}  # every row answered, by the baseline
+        assert all(0.0 < r.score < 1.0 for r in served)
+        g = gw.gateway
+        assert g is not None
+        failovers = g.metrics.registry.get_sample_value("chimera_failovers_total",
+                                                        {"model": model, "from_version": "2"})
+        assert failovers is not None and 5 <= failovers < 40, failovers  # about half were routed to v2
+        assert g.metrics.registry.get_sample_value("chimera_version_failures_total",
+                                                   {"model": model, "version": "2"}) == failovers
+        good = [predict(f"k{i}", 1.0) for i in range(40)]
+        assert {r.version for r in good} == {1, 2}  # v2 still answers its rows: it was not marked down
+    finally:
+        gw.stop()
+        reg.dispose()
+
+
 def test_outcomes_token_and_internal_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With an outcomes token, RecordOutcome(s) need it (or the admin token) while Predict stays as
     configured (open here); an INTERNAL error answers a fixed message with a correlation id that the
