@@ -239,6 +239,14 @@ def test_per_model_policy_bounds_canary_and_production_and_changes_at_run_time_i
         # this gateway's scaling watch within a few seconds.
         reg.set_rollout_config(model, {**reg.rollout_config(model), "replicas_max": 2})
         assert poll_until(lambda: serve_bounds(model, 1) == (1, 2), 20, every=0.25), serve_bounds(model, 1)
+        # A promotion reaches the running deployments: v2, a canary capped at one replica, takes
+        # production's bounds in place (its replica keeps running), under the same trickle of calls.
+        reg.set_rollout_config(model, {**reg.rollout_config(model), "canary_replicas_max": 1})
+        assert poll_until(lambda: serve_bounds(model, 2) == (1, 1), 20, every=0.25), serve_bounds(model, 2)
+        gw.rollout.Promote(rpb.PromoteRequest(model=model, version=2, reason="test", force=True),
+                           metadata=ADMIN_MD, timeout=30)
+        assert poll_until(lambda: serve_bounds(model, 2) == (1, 2), 20, every=0.25), serve_bounds(model, 2)
+        assert replica_pids(model, 2) == before[2]
         time.sleep(1.0)
         trickle.clear()
         thread.join(30)
