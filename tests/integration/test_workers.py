@@ -2,7 +2,9 @@
 port, each answering the connections the kernel gives it, each with its own metrics port; a worker
 SIGKILLed under load is restarted by the supervisor while the other keeps answering, and gets calls
 again from the clients already connected (their connections age out, CHIMERA_MAX_CONNECTION_AGE_S, and
-the kernel places the new ones afresh; no call fails for it); SIGTERM to the supervisor drains both.
+the kernel places the new ones afresh; no call fails for it); only worker 0 makes rollout decisions;
+on PostgreSQL the database is stopped first, so worker 1 dies with rows in its own spill file, which it
+replays once restarted with its index; SIGTERM to the supervisor drains both.
 Every answered row is stored once, except what README's durability bound lets a SIGKILL lose (rows
 answered by the killed worker within its last LOSS_WINDOW_S). On both backends: two processes write one
 registry, and on SQLite that is two writers on one file."""
@@ -61,6 +63,13 @@ def predict_calls(port: int) -> float:
 def decisions_made(port: int) -> float:
     """Rollout decisions the controller of the worker on `port` made (0: it runs none)."""
     return _metric(port, "chimera_rollout_decisions_total{")
+
+
+def spilled_bytes(workdir: Path, port: int, worker: int) -> int:
+    """Bytes in worker `worker`'s prediction spill (`.chimera/predictions-<port>-<i>.spill*` under the
+    command's working directory: gateway.server names it by port and index)."""
+    files = (workdir / ".chimera").glob(f"predictions-{port}-{worker}.spill*")
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _split(url: str, model: str) -> dict[int, int]:
@@ -151,9 +160,22 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
         wait_for(lambda: decisions_made(metrics) > 0, 60, "a rollout decision by worker 0")
         assert decisions_made(metrics + 1) == 0
 
-        killed_at = time.monotonic()
-        os.kill(pids[1], signal.SIGKILL)  # a single fault: one worker dies (an OOM kill)
-        wait_for(lambda: len(re.findall(r"worker 1 started", out.read_text())) == 2, 30,
+        if backend == "postgresql":
+            # The database goes away first: both workers spill what they answer to their own files, and
+            # worker 1 dies with rows in its spill. Restarted with its index, it replays that file.
+            server = request.getfixturevalue("postgres")
+            server.pause()
+            try:
+                wait_for(lambda: spilled_bytes(tmp_path, port, 1) > 0, 30, "worker 1's own spill file")
+                time.sleep(2.0)  # more rows answered well before the kill, on disk by now
+                killed_at = time.monotonic()
+                os.kill(pids[1], signal.SIGKILL)
+            finally:
+                server.resume()
+        else:
+            killed_at = time.monotonic()
+            os.kill(pids[1], signal.SIGKILL)  # a single fault: one worker dies (an OOM kill)
+        wait_for(lambda: len(re.findall(r"worker 1 started", out.read_text())) >= 2, 30,
                  "worker 1 restarted by the supervisor")
         after_kill = len(answered)
         wait_for(lambda: len(answered) > after_kill + 100, 30, "calls still answered after the kill")
@@ -165,6 +187,8 @@ def test_two_workers_share_the_port_and_one_killed_is_restarted(tmp_path: Path,
         wait_for(lambda: predict_calls(metrics + 1) > 20, 10 * AGE_S,
                  "the new worker 1 answering the clients already connected")
         assert decisions_made(metrics + 1) == 0  # restarted, it still runs no controller
+        if backend == "postgresql":  # worker 1's file is read by the restarted worker 1 alone: replayed
+            wait_for(lambda: spilled_bytes(tmp_path, port, 1) == 0, 30, "worker 1's spill replayed")
         assert dict(_split(url, model)) == {1: 90, 2: 10}  # held throughout: nothing moved the canary
     finally:
         stop.set()
