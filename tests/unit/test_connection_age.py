@@ -21,7 +21,7 @@ AGE_S = 0.5
 
 
 def test_the_age_is_read_from_the_environment_and_bad_values_name_the_variable() -> None:
-    assert Settings.from_env({}).gateway.max_connection_age_s == DEFAULT_MAX_CONNECTION_AGE_S == 30.0
+    assert Settings.from_env({}).gateway.max_connection_age_s == DEFAULT_MAX_CONNECTION_AGE_S == 0.0
     assert GatewayConfig.from_settings(Settings.from_env({"CHIMERA_MAX_CONNECTION_AGE_S": "5"})
                                        ).max_connection_age_s == 5.0
     assert connection_age_options(0.0) == []  # 0: connections are never asked to reconnect
