@@ -300,18 +300,8 @@ class LookBuilder:
         that many independent pieces of evidence (``PeriodStats.error_window_var``)."""
         if arm.size == 0:
             return
-        is_base = arm == BASELINE
-        win = (p.req_base_seen + np.cumsum(is_base) - is_base) // self.latency_window
-        lo, top = int(win[0]), int(win[-1]) + 1
-        if top > p.err_windows.shape[0]:
-            grow = max(top, 2 * p.err_windows.shape[0]) - p.err_windows.shape[0]
-            p.err_windows = np.concatenate([p.err_windows, np.zeros((grow, 4))])
-        for a in (BASELINE, CANARY):
-            sel = arm == a
-            w = win[sel] - lo
-            p.err_windows[lo:top, 2 * a] += np.bincount(w, minlength=top - lo)
-            p.err_windows[lo:top, 2 * a + 1] += np.bincount(w, weights=failed[sel], minlength=top - lo)
-        p.req_base_seen += int(np.count_nonzero(is_base))
+        p.err_windows = _count_in_windows(p.err_windows, p.req_base_seen, self.latency_window, arm, failed)
+        p.req_base_seen += int(np.count_nonzero(arm == BASELINE))
 
     def _latencies(self, p: _Period, arm: np.ndarray, lat: np.ndarray) -> None:
         """Walk the period's latencies in log order, block by block (see the class docstring); the
@@ -326,23 +316,13 @@ class LookBuilder:
             end = lat.size if full >= lat.size else full + 1
             seg_arm, seg_lat, is_base = arm[start:end], lat[start:end], is_base_all[start:end]
             if not math.isnan(p.lat_threshold):
-                # Window of each row: baseline latencies logged before it in the period, // window.
-                before = p.lat_base_seen + np.cumsum(is_base) - is_base
-                win = before // self.latency_window
-                top = int(win[-1]) + 1
-                if top > p.lat_windows.shape[0]:
-                    grow = max(top, 2 * p.lat_windows.shape[0]) - p.lat_windows.shape[0]
-                    p.lat_windows = np.concatenate([p.lat_windows, np.zeros((grow, 4))])
-                lo = int(win[0])
+                is_slow = seg_lat > p.lat_threshold
                 for a in (BASELINE, CANARY):
                     sel = seg_arm == a
-                    la = seg_lat[sel]
-                    is_slow = la > p.lat_threshold
-                    p.lat_n[a] += int(la.size)
-                    p.slow[a] += int(np.count_nonzero(is_slow))
-                    w = win[sel] - lo
-                    p.lat_windows[lo:top, 2 * a] += np.bincount(w, minlength=top - lo)
-                    p.lat_windows[lo:top, 2 * a + 1] += np.bincount(w, weights=is_slow, minlength=top - lo)
+                    p.lat_n[a] += int(np.count_nonzero(sel))
+                    p.slow[a] += int(np.count_nonzero(is_slow[sel]))
+                p.lat_windows = _count_in_windows(p.lat_windows, p.lat_base_seen, self.latency_window,
+                                                  seg_arm, is_slow)
             p.lat_base_seen += int(np.count_nonzero(is_base))
             base = seg_lat[is_base]
             if base.size:
@@ -504,6 +484,26 @@ def _pooled_variances(cb: _OutcomeCell, cc: _OutcomeCell) -> tuple[float, float]
     center = (cb.total + cc.total) / n
     s2 = (cb.sum_sq(center) + cc.sum_sq(center)) / n * kk / (kk - 1.0)
     return s2 / cb.n, s2 / cc.n
+
+
+def _count_in_windows(windows: np.ndarray, seen: int, window: int, arm: np.ndarray,
+                      flag: np.ndarray) -> np.ndarray:
+    """Add rows (log order, at least one) to per-window counts [n_b, x_b, n_c, x_c], x counting `flag`
+    (slow, or failed). A row's window is the period's baseline rows before it (`seen` before these)
+    // `window`: a clock made of requests, so the controller, `analyze` and `simulate` cut windows alike
+    however the rows arrive. Returns the array, grown when the rows reach past its end."""
+    is_base = arm == BASELINE
+    win = (seen + np.cumsum(is_base) - is_base) // window
+    lo, top = int(win[0]), int(win[-1]) + 1
+    if top > windows.shape[0]:
+        grow = max(top, 2 * windows.shape[0]) - windows.shape[0]
+        windows = np.concatenate([windows, np.zeros((grow, 4))])
+    for a in (BASELINE, CANARY):
+        sel = arm == a
+        w = win[sel] - lo
+        windows[lo:top, 2 * a] += np.bincount(w, minlength=top - lo)
+        windows[lo:top, 2 * a + 1] += np.bincount(w, weights=flag[sel], minlength=top - lo)
+    return windows
 
 
 def _window_variance(w: np.ndarray) -> tuple[int, float]:
