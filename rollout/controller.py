@@ -119,29 +119,14 @@ class RolloutController:
         since = rollout_start(self.registry, model, canary) or info.versions[-1].created_at
         until = self.clock()
         previous = decisions(self.registry, model, canary=canary, since=since, limit=1, shadow=False)
-        state = SequentialState.from_dict(previous[0]["details"].get("state", {})) if previous else None
-        configured = policy
-        if previous and previous[0]["details"].get("policy"):
-            # A rollout keeps the policy of its first look to its last: its running p-values were made
-            # under it, and a level or test chosen after seeing them would void the always-valid
-            # guarantee (raising alpha after p = 0.07). A changed rollout config applies to the next
-            # rollout; each look records it as pending until then.
-            policy = splits.stored_policy(previous[0]["details"]["policy"])
-        data = build_look_data(policy, look_rows(self.registry, model, (baseline, canary), since, until),
-                               split_periods(self.registry, model, until), baseline, canary,
-                               until.timestamp(), weights[canary], state)
-        seen = [info.split.revision, *data.fingerprint()]
-        if previous and previous[0]["action"] == "hold" and previous[0]["details"].get("seen") == seen:
+        verdict = decide(policy, previous[0] if previous else None,
+                         look_rows(self.registry, model, (baseline, canary), since, until),
+                         split_periods(self.registry, model, until), baseline, canary, until.timestamp(),
+                         weights[canary], info.split.revision)
+        if verdict is None:
             return None  # nothing new since the last look
-        decision, new_state = look(policy, data, state)
-        details = {
-            "state": new_state.to_dict(),
-            "window": {"since": since.isoformat(), "until": until.isoformat()},
-            "seen": seen,
-            "policy": _policy_dict(policy),
-        }
-        if configured != policy:
-            details["policy_pending"] = _policy_dict(configured)
+        decision, details = verdict
+        details["window"] = {"since": since.isoformat(), "until": until.isoformat()}
         applied = self._apply(info, baseline, canary, decision, details)
         if self.on_decision is not None:
             try:
@@ -197,6 +182,36 @@ class RolloutController:
 
 def _policy_dict(policy: RolloutPolicy) -> dict[str, Any]:
     return nan_to_none(dataclasses.asdict(policy))
+
+
+def decide(configured: RolloutPolicy, previous: dict[str, Any] | None, rows: LookRows,
+           periods: list[tuple[int, dict[int, int], float]], baseline: int, canary: int, until: float,
+           current_weight: int, revision: int) -> tuple[Decision, dict[str, Any]] | None:
+    """One look from the rows to a verdict and the details its decision row stores, or None when nothing
+    counted changed since the previous look (a hold). ``previous`` is the rollout's last decision row as
+    the registry returns it (``registry.rollouts.decisions``), None at the first look.
+
+    Everything between the database and ``_apply`` is here, without the database, so that
+    ``chimera simulate --path checked`` runs this very function on its generated rows, with
+    the previous decision read back through JSON as the registry stores it (rollout.controller_mirror).
+    """
+    state = SequentialState.from_dict(previous["details"].get("state", {})) if previous else None
+    policy = configured
+    if previous and previous["details"].get("policy"):
+        # A rollout keeps the policy of its first look to its last: its running p-values were made
+        # under it, and a level or test chosen after seeing them would void the always-valid
+        # guarantee (raising alpha after p = 0.07). A changed rollout config applies to the next
+        # rollout; each look records it as pending until then.
+        policy = splits.stored_policy(previous["details"]["policy"])
+    data = build_look_data(policy, rows, periods, baseline, canary, until, current_weight, state)
+    seen = [revision, *data.fingerprint()]
+    if previous and previous["action"] == "hold" and previous["details"].get("seen") == seen:
+        return None
+    decision, new_state = look(policy, data, state)
+    details: dict[str, Any] = {"state": new_state.to_dict(), "seen": seen, "policy": _policy_dict(policy)}
+    if configured != policy:
+        details["policy_pending"] = _policy_dict(configured)
+    return decision, details
 
 
 def build_look_data(policy: RolloutPolicy, rows: LookRows, periods: list[tuple[int, dict[int, int], float]],

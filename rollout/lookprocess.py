@@ -35,6 +35,7 @@ import psutil
 
 from registry import Registry
 from registry.engine import SERVING_STATEMENT_TIMEOUT_MS, make_engine
+from rollout.blas import one_blas_thread
 from rollout.controller import ACTOR, DecisionHook, RolloutController, ShadowHook, loadtest_gate
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,18 @@ log = logging.getLogger(__name__)
 LOOK_TIMEOUT_S = 10 * SERVING_STATEMENT_TIMEOUT_MS / 1000
 
 
+def prepare_child(log_level: int) -> None:
+    """What the child sets for its life before its first look."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    one_blas_thread()  # no BLAS threads spinning beside the gateway (rollout.blas)
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s [look process]: %(message)s")
+
+
 def _child(conn: Connection, registry_url: str, gate_max_age_s: float | None, actor: str,
            log_level: int) -> None:
     """The child's loop: a model name in, ("ok", result, hooks fired) or ("error", text) out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s [look process]: %(message)s")
+    prepare_child(log_level)
     engine = make_engine(registry_url, statement_timeout_ms=SERVING_STATEMENT_TIMEOUT_MS)
     registry = Registry(registry_url, engine=engine)
     fired: list[tuple[str, str, int, Any]] = []

@@ -42,10 +42,14 @@ class Scenario:
     p_after_step: float | None = None  # ... while the base rate moves to this
     delay_success_s: float = 0.0  # mean exponential outcome delay of successes / failures
     delay_failure_s: float = 0.0
+    canary_delay_factor: float = 1.0  # the canary's outcomes take this much longer to arrive
     policy: dict[str, Any] = field(default_factory=dict)
     shadow_noise: float = 0.5  # paired: the shadow's score noise on the log-odds (0.5: as good as served)
     covariate_r2: float = 0.0  # cuped: share of the outcome's variance the covariate explains
     rows: int = 0  # requests per run when the scenario needs its own horizon (0: max_requests)
+    # The production model's score for each row, the covariate a default policy adjusts by (rollout.simulate):
+    # its correlation with the latent normal that draws the row's outcome (0: uninformative).
+    covariate_rho: float = 0.6
 
 
 SCENARIO_LIST: tuple[Scenario, ...] = (
@@ -100,5 +104,13 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
              "bursts", fail_s=5.0, fail_prob=0.01),
     Scenario("errors-worse", "errors", "canary fails 5 % of its requests, at random (baseline 0 %; margin "
              "1 %)", canary_error_rate=0.05),
+    # Outcomes that arrive late with no outcome_delay_s declared (2026-12-07): the controller counts what
+    # has arrived by each look, so these run its own look on every row (rollout.simulate, path).
+    Scenario("aa-late-undeclared", "aa", "A/A, outcomes delayed (mean 60 s successes, 20 s failures) with "
+             "no outcome window declared: each look counts what has arrived", delay_success_s=60.0,
+             delay_failure_s=20.0),
+    Scenario("aa-canary-late", "aa", "A/A outcomes, but the canary's arrive 3x later (mean 180 s / 60 s "
+             "against 60 s / 20 s), no window declared: early canary outcomes are mostly failures",
+             delay_success_s=60.0, delay_failure_s=20.0, canary_delay_factor=3.0),
 )
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}

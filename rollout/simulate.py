@@ -1,15 +1,17 @@
-"""Monte-Carlo check of the rollout controller's decision path: generated rows through the controller's
-own builder (``rollout.lookdata.LookBuilder``), its own ``rollout.decision.look`` and the split arithmetic
-of ``rollout.splits``.
+"""Monte-Carlo check of the rollout controller's decision path: generated rows through the builder the
+controller picks (``rollout.covariate.make_builder``: covariate-adjusted for a business metric under the
+default policy), its own ``rollout.decision.look`` and the split arithmetic of ``rollout.splits``.
 
 Each run is a stream of routed requests (``rate`` per second, ``max_requests`` in all) with a look
 every ``look_every`` requests, as the controller looks every second. A request is routed by the split
 of the moment (per request, or per routing key with sticky routing: a key's uniform draw against the
 canary share, which is how rendezvous hashing behaves), logged with its period (split revision),
-failure and latency, and gets an outcome after its delay. The builder receives the requests at once
-and the outcomes once the policy's outcome window has closed, exactly as the controller reads them. A
-step-up moves the split with ``rollout.splits.step_up`` and starts a new period; a rollback or
-promotion ends the run.
+failure, latency and the production model's score (the covariate), and gets an outcome after its
+delay (``rollout.simworld`` draws them). The builder receives the requests at once and the outcomes
+once the policy's outcome window has closed, as the controller reads them; ``path="checked"`` runs the
+controller's own look (``rollout.controller.decide`` on every row so far) beside each look and fails
+at the first difference (``rollout.controller_mirror``). A step-up moves the split with
+``rollout.splits.step_up`` and starts a new period; a rollback or promotion ends the run.
 
 Scenarios (``SCENARIOS``, listed in rollout.scenarios) are the issue's table and its extra cases. A/A
 scenarios report the false rollback and false promotion rates with Wilson 95 % intervals; the worse
@@ -36,7 +38,10 @@ from typing import Any
 import numpy as np
 
 from rollout import simulate_methods as methods
-from rollout import splits
+from rollout import simworld, splits
+from rollout.blas import one_blas_thread
+from rollout.controller_mirror import ControllerMirror, ControllerPathMismatch
+from rollout.covariate import AdjustedBuilder, make_builder
 from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
 from rollout.policy import RolloutPolicy
@@ -61,46 +66,41 @@ class RunResult:
     step_ups: int
 
 
-def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFAULT_MAX_REQUESTS,
-             look_every: int = DEFAULT_LOOK_EVERY, rate: float = DEFAULT_RATE) -> RunResult:
-    """One simulated rollout through the controller's builder, look and split arithmetic."""
-    policy = RolloutPolicy(metric=sc.metric, **sc.policy)
-    n = max_requests
-    t = np.arange(n) / rate
-    u_route = rng.random(n)
-    key = np.arange(n, dtype=np.int64)
-    p_key = None
-    if sc.keys:
-        if sc.key_zipf:
-            share = np.arange(1, sc.keys + 1, dtype=np.float64) ** -sc.key_zipf
-            key = rng.choice(sc.keys, n, p=share / share.sum())
-        else:
-            key = rng.integers(0, sc.keys, n)
-        key_u = rng.random(sc.keys)
-        u_route = key_u[key]
-        if sc.icc > 0.0:  # beta-distributed per-key rate: correlation icc = 1 / (a + b + 1)
-            s = 1.0 / sc.icc - 1.0
-            p_key = rng.beta(sc.p * s, (1.0 - sc.p) * s, sc.keys)[key]
-    u_out = rng.random(n)
-    z = rng.standard_normal(n)
-    lat = np.exp(np.log(5.0) + 0.35 * rng.standard_normal(n))
-    if sc.slow_share:
-        lat = np.where(rng.random(n) < sc.slow_share, lat * sc.slow_factor, lat)
-    err = rng.random(n) < sc.error_rate if sc.error_rate else np.zeros(n, dtype=bool)
-    delay_draw = rng.exponential(1.0, n)
-    stalled = None
-    if sc.stall_prob:  # drawn last, so the other scenarios' random streams are unchanged
-        slots = int(t[-1] // sc.stall_s) + 1
-        stalled = rng.random((2, slots)) < sc.stall_prob
-    down = None
-    if sc.fail_prob:  # drawn after the stalls, so the other scenarios' random streams are unchanged
-        down = rng.random((2, int(t[-1] // sc.fail_s) + 1)) < sc.fail_prob
-    canary_err = rng.random(n) < sc.canary_error_rate if sc.canary_error_rate else None  # drawn last
-    window = policy.outcome_delay_s
+PATHS = ("incremental", "controller", "checked")
 
-    builder = LookBuilder(policy.metric, **policy.builder_options())
+
+def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFAULT_MAX_REQUESTS,
+             look_every: int = DEFAULT_LOOK_EVERY, rate: float = DEFAULT_RATE, covariate: bool = True,
+             path: str = "incremental") -> RunResult:
+    """One simulated rollout through the controller's builder, look and split arithmetic.
+
+    ``covariate``: the default policy, which adjusts business metrics by the production model's score
+    (``make_builder`` picks the covariate-adjusted builder, as the controller does when the gateway
+    mirrors canary rows); False: the policy with ``covariate: null``, the unadjusted builder.
+
+    ``path``: how the rows reach ``look``. ``incremental`` feeds the builder what is new at each look
+    (fast: the 1,000-run tables); ``controller`` runs the live controller's own look on every row
+    logged so far (``rollout.controller.decide`` through ``rollout.controller_mirror``: O(rows) a look,
+    as live); ``checked`` runs both and raises ``ControllerPathMismatch`` where they disagree. Outcomes
+    that arrive late without a declared ``outcome_delay_s`` always take the controller path: the
+    incremental feed takes an outcome once, at maturity, while the controller counts whatever has
+    arrived by each look, and more at the next.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    policy = RolloutPolicy(metric=sc.metric, **{**sc.policy, **({} if covariate else {"covariate": None})})
+    n = max_requests
+    world = simworld.draw(sc, rng, n, rate)
+    t = world.t
+    window = policy.outcome_delay_s
+    path = path_for(sc, path)
+    builder = make_builder(policy, covariates_available=True) if path != "controller" else None
     weights = splits.canary_start(BASE, CANARY, sc.canary_weight)
     revision = 1
+    weight_of = {revision: weights[CANARY]}  # each split revision's canary weight
+    mirror = ControllerMirror(policy, n, BASE, CANARY) if path != "incremental" else None
+    if mirror is not None:
+        mirror.split(revision, weights, 0.0)
     state: SequentialState | None = None
     arm = np.zeros(n, dtype=np.int64)
     period = np.zeros(n, dtype=np.int64)
@@ -109,72 +109,76 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
     matured_upto = 0
     step_ups = 0
     stepped = False
-    srm = False
     p_now = sc.p
     for start in range(0, n, look_every):
         end = min(start + look_every, n)
         if sc.step_at is not None and not stepped and start >= sc.step_at * n:
             weights = splits.set_weight(weights, CANARY, sc.step_to)
             revision += 1
+            weight_of[revision] = weights[CANARY]
             stepped = True
             p_now = sc.p_after_step if sc.p_after_step is not None else p_now
+            if mirror is not None:
+                mirror.split(revision, weights, float(t[start]))
         w = weights[CANARY]
         # SRM: the canary really receives actual_share where the split says canary_weight (scaled
         # with later steps); otherwise routing follows the split.
         share = w / 100.0 if sc.actual_share is None else sc.actual_share * w / sc.canary_weight
         sl = slice(start, end)
-        a = (u_route[sl] < share).astype(np.int64)
+        a = (world.u_route[sl] < share).astype(np.int64)
         arm[sl], period[sl] = a, revision
-        f = err[sl] | ((a == 1) & sc.canary_fails)
-        if down is not None:
-            f = f | down[a, (t[sl] // sc.fail_s).astype(np.int64)]
-        if canary_err is not None:
-            f = f | ((a == 1) & canary_err[sl])
-        failed[sl] = f
-        la = lat[sl] * np.where(a == 1, sc.canary_latency_factor, 1.0)
-        if stalled is not None:
-            la = la * np.where(stalled[a, (t[sl] // sc.stall_s).astype(np.int64)], sc.slow_factor, 1.0)
-        if sc.cold_s:
-            la = la * np.where((a == 1) & (t[sl] < sc.cold_s), sc.cold_factor, 1.0)
-        la = np.where((a == 1) & sc.canary_fails, np.nan, la)
-        pc = sc.p_canary if sc.p_canary is not None else None
-        if sc.heavy_tail:
-            v = np.exp(1.5 * z[sl]) - 1.0
-        else:
-            base_p = p_key[sl] if p_key is not None else np.full(end - start, p_now)
-            if pc is not None:
-                base_p = np.where(a == 1, pc, base_p)
-            v = (u_out[sl] < base_p).astype(np.float64)
-        if window > 0.0:
-            mean_delay = np.where(v == 1.0, sc.delay_success_s, sc.delay_failure_s)
-            v = np.where(delay_draw[sl] * mean_delay <= window, v, np.nan)
-        value[sl] = v
-        builder.add_requests(revision, w, a, key[sl], f, la)
-        now = t[end - 1]
-        upto = end if window <= 0.0 else int(np.searchsorted(t, now - window, side="right"))
-        if upto > matured_upto:
-            ms = slice(matured_upto, upto)
-            ok = ~failed[ms]
-            for rev in np.unique(period[ms]):
-                sel = ok & (period[ms] == rev)
-                builder.add_outcomes(int(rev), _weight_of(builder, int(rev)), arm[ms][sel], key[ms][sel],
-                                     value[ms][sel])
-            matured_upto = upto
-        data = builder.data(w)
-        d, state = look(policy, data, state)
-        srm = d.srm
+        b = simworld.block(sc, world, sl, a, p_now)
+        failed[sl] = b.failed
+        now = float(t[end - 1])
+        if mirror is not None:
+            mirror.log(sl, arm=a, revision=revision, unit=world.key[sl], created=t[sl], failed=b.failed,
+                       latency_ms=b.latency, value=b.value, outcome_at=t[sl] + b.delay, covariate=world.x[sl])
+        d = None
+        if builder is not None:
+            value[sl] = np.where(b.delay <= window, b.value, np.nan) if window > 0.0 else b.value
+            builder.add_requests(revision, w, a, world.key[sl], b.failed, b.latency)
+            upto = end if window <= 0.0 else int(np.searchsorted(t, now - window, side="right"))
+            if upto > matured_upto:
+                _add_outcomes(builder, slice(matured_upto, upto), arm, period, world, value, failed,
+                              weight_of)
+                matured_upto = upto
+            d, state = look(policy, builder.data(w), state)
+        if mirror is not None:
+            d = mirror.look(end, now, w, revision, d)
+        assert d is not None
         if d.action in ("rollback", "promote"):
-            return RunResult(d.action, d.n_baseline + d.n_canary, d.n_canary, float(now), d.guardrail, srm,
+            return RunResult(d.action, d.n_baseline + d.n_canary, d.n_canary, now, d.guardrail, d.srm,
                              step_ups)
         if d.action == "step_up":
             weights = splits.step_up(weights, BASE, CANARY, d.next_weight)
             revision += 1
+            weight_of[revision] = weights[CANARY]
             step_ups += 1
-    return RunResult("none", d.n_baseline + d.n_canary, d.n_canary, float(t[-1]), None, srm, step_ups)
+            if mirror is not None:
+                mirror.split(revision, weights, now)
+    return RunResult("none", d.n_baseline + d.n_canary, d.n_canary, float(t[-1]), None, d.srm, step_ups)
 
 
-def _weight_of(builder: LookBuilder, revision: int) -> int:
-    return builder._periods[revision].weight  # noqa: SLF001 - the period was opened by add_requests
+def path_for(sc: Scenario, path: str) -> str:
+    """The path a run of ``sc`` takes when ``path`` is asked: the controller's own look where outcomes
+    arrive late with no window declared (``run_once`` says why), else ``path``."""
+    undeclared = RolloutPolicy(metric=sc.metric, **sc.policy).outcome_delay_s <= 0.0
+    return "controller" if undeclared and (sc.delay_success_s or sc.delay_failure_s) else path
+
+
+def _add_outcomes(builder: LookBuilder | AdjustedBuilder, ms: slice, arm: np.ndarray, period: np.ndarray,
+                  world: simworld.World, value: np.ndarray, failed: np.ndarray,
+                  weight_of: dict[int, int]) -> None:
+    """The requests ``ms``, now matured, into the builder per split period; failed rows carry no outcome
+    (as ``build_look_data``), and the covariate goes with them where the builder adjusts."""
+    ok = ~failed[ms]
+    for rev in np.unique(period[ms]):
+        sel = ok & (period[ms] == rev)
+        args = (int(rev), weight_of[int(rev)], arm[ms][sel], world.key[ms][sel], value[ms][sel])
+        if isinstance(builder, AdjustedBuilder):
+            builder.add_outcomes(*args, covariates=world.x[ms][sel])
+        else:
+            builder.add_outcomes(*args)
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -192,8 +196,11 @@ def _chunk(args: tuple[str, int, int, int, dict[str, Any]]) -> list[RunResult]:
     name, seed, first, count, kw = args
     sc = SCENARIOS[name]
     seqs = np.random.SeedSequence([seed, SCENARIO_LIST.index(sc)]).spawn(first + count)[first:]
-    runner = methods.RUNNERS.get(sc.kind, run_once)
-    return [runner(sc, np.random.default_rng(s), **kw) for s in seqs]
+    runner = methods.RUNNERS.get(sc.kind)
+    if runner is not None:  # the method comparisons choose their own builders and path
+        kw = {k: v for k, v in kw.items() if k not in ("covariate", "path")}
+    with one_blas_thread():  # the runs' sums, as in the look process (rollout.blas)
+        return [(runner or run_once)(sc, np.random.default_rng(s), **kw) for s in seqs]
 
 
 def simulate(name: str, runs: int, *, seed: int = 0, workers: int = 1, **kw: Any) -> dict[str, Any]:
@@ -237,6 +244,7 @@ def _summarise(sc: Scenario, res: list[RunResult], seed: int, elapsed: float,
         "scenario": sc.name, "kind": sc.kind, "description": sc.description, "runs": n, "seed": seed,
         "max_requests": kw.get("max_requests", DEFAULT_MAX_REQUESTS),
         "look_every": kw.get("look_every", DEFAULT_LOOK_EVERY),
+        "covariate": kw.get("covariate", True), "path": path_for(sc, kw.get("path", "incremental")),
         "rollback": rate(len(rb)), "promotion": rate(len(pr)), "held_by_srm": rate(len(held_srm)),
         "srm_flagged": rate(sum(r.srm for r in res)),
         "rollbacks_by": guard,
@@ -286,13 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes (the runs are independent)")
     ap.add_argument("--max-requests", type=int, default=DEFAULT_MAX_REQUESTS)
     ap.add_argument("--look-every", type=int, default=DEFAULT_LOOK_EVERY)
+    ap.add_argument("--no-covariate", action="store_true",
+                    help="the policy with covariate: null (unadjusted builder) instead of the default")
+    ap.add_argument("--path", choices=PATHS, default="incremental",
+                    help="incremental (fast), controller (the live controller's look on all rows so far, "
+                         "O(rows) a look) or checked (both; exit 2 at the first disagreement)")
     ap.add_argument("--json", action="store_true", help="accepted for symmetry: the output is JSON")
     args = ap.parse_args(argv)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    kw = {"max_requests": args.max_requests, "look_every": args.look_every}
+    kw = {"max_requests": args.max_requests, "look_every": args.look_every,
+          "covariate": not args.no_covariate, "path": args.path}
     out = []
     for name in names:
-        r = simulate(name, args.runs, seed=args.seed, workers=args.workers, **kw)
+        try:
+            r = simulate(name, args.runs, seed=args.seed, workers=args.workers, **kw)
+        except ControllerPathMismatch as exc:
+            sys.stderr.write(f"{name}: the controller's look and the simulator's disagree: {exc}\n")
+            return 2
         r["checks"] = check(r)
         out.append(r)
     passed = all(all(r["checks"].values()) for r in out)

@@ -291,15 +291,25 @@ def simulate(
     runs: Annotated[int | None, typer.Option(help="runs per scenario (default 1000)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(help="processes (the runs are independent)")] = 1,
+    covariate: Annotated[bool, typer.Option(help="the default policy's covariate adjustment; "
+                                            "--no-covariate: the policy with covariate: null")] = True,
+    path: Annotated[str, typer.Option(help="incremental (fast), controller (the live controller's look on "
+                                      "every row so far) or checked (both, exit 2 where they disagree)")
+                    ] = "incremental",
     as_json: Annotated[bool, typer.Option("--json", help="JSON output (the only format)")] = True,
 ) -> None:
     """Run the rollout controller's decision path (row builder, look, split arithmetic) on simulated
-    traffic; prints JSON with rates and 95 % intervals. Exits 1 when an acceptance check fails."""
+    traffic; prints JSON with rates and 95 % intervals. Exits 1 when an acceptance check fails, 2 when
+    --path checked finds the controller's look and the simulator's disagreeing."""
     del as_json  # the report is JSON whether or not --json is given
     if runs is not None and runs < 1:
         views.fail(f"--runs: must be at least 1, got {runs}", 2)
+    from rollout.simulate import PATHS
     from rollout.simulate import main as simulate_main
 
-    argv = ["--scenario", scenario, "--seed", str(seed), "--workers", str(workers)]
+    if path not in PATHS:
+        views.fail(f"--path: one of {', '.join(PATHS)}, got {path!r}", 2)
+    argv = ["--scenario", scenario, "--seed", str(seed), "--workers", str(workers), "--path", path]
     argv += ["--runs", str(runs)] if runs is not None else []
+    argv += [] if covariate else ["--no-covariate"]
     sys.exit(simulate_main(argv))
