@@ -35,15 +35,22 @@ What keeps the always-valid guarantee:
   power (the test's variance is estimated from the adjusted values themselves). The A/A simulation with
   the adjustment on is what checks the combination.
 
-A row without a covariate (NaN) is given the mean x of the baseline rows logged around it (the same block
-of ``IMPUTE_BLOCK`` rows in log order; the previous block's when it has none; c before any). Why not c:
+A row without a covariate (NaN) is given the mean x of the last ``STANDIN_WINDOW`` baseline rows with x
+that reached the builder before it (c before any). Why not c:
 only canary rows can lack x (a baseline row's covariate is its own served score; a canary row's comes from
 the mirror, which drops rows under load or while production is down), so missingness always depends on
 the arm. A row given c is left unadjusted while the rows with x are moved by −θ(x̄ − c) on average; when
 x̄ has drifted from the calibration mean (base rates move), that leaves a bias of θ·(share of canary rows
 missing)·(x̄ − c) in the compared difference that does not shrink with n (a review found false rollbacks
-and step-ups from it in A/A checks, 2026-12-07). The local baseline mean has the expectation x has at
-that time, so a missing row's adjustment has the same expectation as a present row's, drift or not:
+and step-ups from it in A/A checks, 2026-12-07). The recent baseline mean has the expectation x has at
+that time (to a lag of half the window, ~130 baseline rows), so a missing row's adjustment has the same
+expectation as a present row's, drift or not. Why the rows *before* it, not a block around it (the rule
+until the evening of 2026-12-07, still applied to decisions stored under it: ``covariate_standin:
+"block"``): a block depends on how rows are grouped into calls, and the controller rebuilds from every
+row at each look while the simulator adds each look's new rows, so the two gave different stand-ins
+(``chimera simulate --path checked`` found it in aa-step-covariate-gaps, look 40); and a stand-in from
+later rows changes as they arrive, so a row's adjusted value moved between looks. The trailing window
+depends only on the order rows reach the builder, the same on both paths, and never changes once made:
 tests/unit/test_covariate.py::test_missing_canary_covariates_under_drift_leave_an_aa_unbiased. The
 balance check still sees only rows that have x.
 Success rates: y' is no longer 0/1, so the builder treats it as a continuous mean (the domain check still
@@ -67,10 +74,13 @@ from rollout.stats import msprt_log_lr, msprt_p_value, outcome_in_domain
 # Metrics the adjustment applies to: outcomes of the served version's action. Brier and log-loss are
 # score quality, compared on the same rows by the paired shadow evaluation (rollout.paired) instead.
 ADJUSTABLE_METRICS = frozenset({"success_rate", "mean_outcome"})
-# Rows (in log order) over which a missing covariate's stand-in is averaged from the baseline rows: at a
-# 10 % canary ~460 baseline rows, so the stand-in's noise is ~1/21 of x's spread, while a block spans well
-# under a minute of traffic at the rates a rollout runs at (drift within it is negligible).
+# Rows (in log order) over which a missing covariate's stand-in is averaged from the baseline rows, under
+# the rule of decisions stored before 2026-12-07's evening (``covariate_standin: "block"``).
 IMPUTE_BLOCK = 512
+# Baseline rows with x whose mean stands in for a missing x (``covariate_standin: "trailing"``): the
+# stand-in's noise is 1/16 of x's spread, and at a 10 % canary the window spans ~280 requests, seconds of
+# traffic at the rates a rollout runs at (drift within it is negligible).
+STANDIN_WINDOW = 256
 # Mixing scale of the balance check, in standard deviations of x. Chance imbalance is what the adjustment
 # corrects; the check is for faults (x computed differently for one arm), which are large, and a scale
 # of a quarter standard deviation catches a fault of half a deviation before the primary metric moves.
@@ -116,10 +126,11 @@ def fit_theta(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 def impute_local(x: np.ndarray, arm: np.ndarray, before: float,
                  block: int = IMPUTE_BLOCK) -> tuple[np.ndarray, float]:
-    """x with each NaN replaced by the mean x of the baseline rows in its block of ``block`` rows (log
-    order), or of the last earlier block that had some (``before`` for the first), and that last mean
-    (the module docstring says why). Baseline rows count whether or not their outcome has arrived: x is
-    known before assignment."""
+    """The stand-in rule of decisions stored before 2026-12-07's evening (``covariate_standin:
+    "block"``; ``TrailingMean`` since): x with each NaN replaced by the mean x of the baseline rows in its
+    block of ``block`` rows of the call (log order), or of the last earlier block that had some
+    (``before`` for the first), and that last mean. Baseline rows count whether or not their outcome
+    has arrived: x is known before assignment."""
     missing = ~np.isfinite(x)
     ref = ~missing & (arm == BASELINE)
     if not missing.any():
@@ -134,6 +145,31 @@ def impute_local(x: np.ndarray, arm: np.ndarray, before: float,
         if m.any():
             out[sl][m] = before
     return out, before
+
+
+class TrailingMean:
+    """Stand-ins for missing x: the mean x of the last ``window`` baseline rows with x before each row, in
+    the order rows are given, across calls (module docstring: the same whatever the calls' sizes)."""
+
+    def __init__(self, window: int = STANDIN_WINDOW) -> None:
+        self.window = window
+        self.tail = np.zeros(0)  # the last ``window`` baseline values of x seen
+
+    def fill(self, x: np.ndarray, arm: np.ndarray, before: float) -> np.ndarray:
+        """x with each NaN replaced by its stand-in (``before`` while no baseline x has been seen)."""
+        missing = ~np.isfinite(x)
+        ref = ~missing & (arm == BASELINE)
+        values = np.concatenate([self.tail, x[ref]])
+        out = x
+        if missing.any():
+            sums = np.concatenate([[0.0], np.cumsum(values)])
+            seen = self.tail.size + (np.cumsum(ref) - ref)[missing]  # baseline values before each row
+            first = np.maximum(seen - self.window, 0)
+            count = seen - first
+            out = x.copy()
+            out[missing] = np.where(count > 0, (sums[seen] - sums[first]) / np.maximum(count, 1), before)
+        self.tail = values[-self.window:]
+        return out
 
 
 class AdjustedBuilder:
@@ -175,6 +211,7 @@ class AdjustedBuilder:
         self._cal_n = 0
         self.skipped = 0
         self._local_x: float | None = None  # the last block's baseline mean of x (impute_local)
+        self._trailing = TrailingMean() if policy.covariate_standin == "trailing" else None
 
     @property
     def winsor(self) -> tuple[float, float] | None:
@@ -193,7 +230,7 @@ class AdjustedBuilder:
                      values: np.ndarray, scores: np.ndarray | None = None,
                      covariates: np.ndarray | None = None) -> None:
         """Matured predictions of one period with their outcome (NaN: none arrived) and covariate (NaN
-        or None: unknown, given the local baseline mean: impute_local). Held until θ is fixed, then
+        or None: unknown, given the recent baseline mean: TrailingMean). Held until θ is fixed, then
         adjusted and passed on."""
         arm = np.asarray(arm, dtype=np.int64)
         units = np.asarray(units)
@@ -231,7 +268,10 @@ class AdjustedBuilder:
                  x: np.ndarray) -> None:
         assert self.theta is not None
         theta, c, _ = self.theta
-        x_used, self._local_x = impute_local(x, arm, c if self._local_x is None else self._local_x)
+        if self._trailing is not None:
+            x_used = self._trailing.fill(x, arm, c)
+        else:
+            x_used, self._local_x = impute_local(x, arm, c if self._local_x is None else self._local_x)
         adjusted = y - theta * (x_used - c)
         self.inner.add_outcomes(revision, weight, arm, units, adjusted)
         seen = np.isfinite(x)

@@ -73,6 +73,9 @@ class RolloutPolicy:
     # None means "the default" to policy_from_dict).
     covariate: str | None = "production_score"
     covariate_calibration: int = 1000  # baseline outcomes that fix θ (as the winsor limits)
+    # A missing covariate's stand-in (rollout.covariate): "trailing", the mean of the baseline rows before
+    # it; "block", the rule of decisions stored before 2026-12-07's evening (rollout.splits).
+    covariate_standin: str = "trailing"
     # Shadow stage (rollout.shadow_gate): a shadowed version is judged on paired outcomes; with
     # ``shadow_gate`` on, it takes traffic only after "not worse" and a "worse" one never serves.
     # ``shadow_metric`` None: the model's metric when score-based, else Brier.
@@ -127,6 +130,8 @@ class RolloutPolicy:
             raise ValueError("outcome_delay_s must be >= 0")
         if self.covariate_calibration < 2:
             raise ValueError("covariate_calibration must be at least 2 (a slope needs two rows)")
+        if self.covariate_standin not in ("trailing", "block"):
+            raise ValueError(f"covariate_standin: {self.covariate_standin!r} must be 'trailing' or 'block'")
         if self.latency_calibration < 1 or self.latency_window < 1 or self.latency_min_windows < 0:
             raise ValueError("latency_calibration and latency_window must be >= 1, latency_min_windows >= 0")
         if self.shadow_metric is not None and self.shadow_metric not in PAIRED_METRICS:

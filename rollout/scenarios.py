@@ -50,6 +50,8 @@ class Scenario:
     # The production model's score for each row, the covariate a default policy adjusts by (rollout.simulate):
     # its correlation with the latent normal that draws the row's outcome (0: uninformative).
     covariate_rho: float = 0.6
+    covariate_drift: bool = False  # the score follows the base rate (shifts by its normal quantile)
+    covariate_missing: float = 0.0  # share of canary rows whose score the mirror lost (NaN)
 
 
 SCENARIO_LIST: tuple[Scenario, ...] = (
@@ -112,5 +114,9 @@ SCENARIO_LIST: tuple[Scenario, ...] = (
     Scenario("aa-canary-late", "aa", "A/A outcomes, but the canary's arrive 3x later (mean 180 s / 60 s "
              "against 60 s / 20 s), no window declared: early canary outcomes are mostly failures",
              delay_success_s=60.0, delay_failure_s=20.0, canary_delay_factor=3.0),
+    Scenario("aa-step-covariate-gaps", "aa", "A/A, split 10 -> 50 % while the base rate moves 0.60 -> 0.50, "
+             "the production score following it, and 20 % of canary rows without a score (the mirror "
+             "dropped them): the covariate stand-ins under drift", p=0.6, step_at=0.5, step_to=50,
+             p_after_step=0.5, covariate_drift=True, covariate_missing=0.2),
 )
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in SCENARIO_LIST}

@@ -105,6 +105,7 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
     arm = np.zeros(n, dtype=np.int64)
     period = np.zeros(n, dtype=np.int64)
     value = np.full(n, np.nan)
+    x = np.full(n, np.nan)  # the covariate each request was logged with
     failed = np.zeros(n, dtype=bool)
     matured_upto = 0
     step_ups = 0
@@ -128,18 +129,18 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
         a = (world.u_route[sl] < share).astype(np.int64)
         arm[sl], period[sl] = a, revision
         b = simworld.block(sc, world, sl, a, p_now)
-        failed[sl] = b.failed
+        failed[sl], x[sl] = b.failed, b.x
         now = float(t[end - 1])
         if mirror is not None:
             mirror.log(sl, arm=a, revision=revision, unit=world.key[sl], created=t[sl], failed=b.failed,
-                       latency_ms=b.latency, value=b.value, outcome_at=t[sl] + b.delay, covariate=world.x[sl])
+                       latency_ms=b.latency, value=b.value, outcome_at=t[sl] + b.delay, covariate=b.x)
         d = None
         if builder is not None:
             value[sl] = np.where(b.delay <= window, b.value, np.nan) if window > 0.0 else b.value
             builder.add_requests(revision, w, a, world.key[sl], b.failed, b.latency)
             upto = end if window <= 0.0 else int(np.searchsorted(t, now - window, side="right"))
             if upto > matured_upto:
-                _add_outcomes(builder, slice(matured_upto, upto), arm, period, world, value, failed,
+                _add_outcomes(builder, slice(matured_upto, upto), arm, period, world.key, x, value, failed,
                               weight_of)
                 matured_upto = upto
             d, state = look(policy, builder.data(w), state)
@@ -167,16 +168,16 @@ def path_for(sc: Scenario, path: str) -> str:
 
 
 def _add_outcomes(builder: LookBuilder | AdjustedBuilder, ms: slice, arm: np.ndarray, period: np.ndarray,
-                  world: simworld.World, value: np.ndarray, failed: np.ndarray,
+                  key: np.ndarray, x: np.ndarray, value: np.ndarray, failed: np.ndarray,
                   weight_of: dict[int, int]) -> None:
     """The requests ``ms``, now matured, into the builder per split period; failed rows carry no outcome
     (as ``build_look_data``), and the covariate goes with them where the builder adjusts."""
     ok = ~failed[ms]
     for rev in np.unique(period[ms]):
         sel = ok & (period[ms] == rev)
-        args = (int(rev), weight_of[int(rev)], arm[ms][sel], world.key[ms][sel], value[ms][sel])
+        args = (int(rev), weight_of[int(rev)], arm[ms][sel], key[ms][sel], value[ms][sel])
         if isinstance(builder, AdjustedBuilder):
-            builder.add_outcomes(*args, covariates=world.x[ms][sel])
+            builder.add_outcomes(*args, covariates=x[ms][sel])
         else:
             builder.add_outcomes(*args)
 

@@ -22,8 +22,9 @@ from rollout.scenarios import Scenario
 @dataclass(frozen=True)
 class World:
     """Per request (index = arrival order): time ``t`` (s), routing draw and unit, outcome draws, latency,
-    failure draws, outcome delay draw, and the covariate ``x``; per replica slot, the stall and outage
-    draws of each arm."""
+    failure draws, outcome delay draw, and the covariate's parts (the outcome's latent normal, the
+    score's own noise, whether a canary row loses it); per replica slot, the stall and outage draws of
+    each arm."""
 
     t: np.ndarray
     u_route: np.ndarray
@@ -37,18 +38,21 @@ class World:
     stalled: np.ndarray | None
     down: np.ndarray | None
     canary_err: np.ndarray | None
-    x: np.ndarray
+    latent: np.ndarray
+    x_noise: np.ndarray
+    x_missing: np.ndarray | None
 
 
 @dataclass(frozen=True)
 class Block:
     """A routed block's columns as the gateway would log them: failure, latency (ms), the outcome the
-    request will get and how long after it the outcome arrives (s)."""
+    request will get, how long after it the outcome arrives (s), and the covariate (NaN: lost)."""
 
     failed: np.ndarray
     latency: np.ndarray
     value: np.ndarray
     delay: np.ndarray
+    x: np.ndarray
 
 
 def draw(sc: Scenario, rng: np.random.Generator, n: int, rate: float) -> World:
@@ -84,10 +88,12 @@ def draw(sc: Scenario, rng: np.random.Generator, n: int, rate: float) -> World:
     canary_err = rng.random(n) < sc.canary_error_rate if sc.canary_error_rate else None
     # The covariate: the production model's score, correlated covariate_rho with the latent normal that
     # draws the outcome (z, or the normal quantile of u_out: a high x means a likely success), known
-    # before routing and alike in both arms.
+    # before routing and alike in both arms (block() puts it together).
     latent = z if sc.heavy_tail else -special.ndtri(u_out)
-    x = sc.covariate_rho * latent + math.sqrt(1.0 - sc.covariate_rho ** 2) * rng.standard_normal(n)
-    return World(t, u_route, key, p_key, u_out, z, lat, err, delay_draw, stalled, down, canary_err, x)
+    x_noise = rng.standard_normal(n)
+    x_missing = rng.random(n) < sc.covariate_missing if sc.covariate_missing else None
+    return World(t, u_route, key, p_key, u_out, z, lat, err, delay_draw, stalled, down, canary_err, latent,
+                 x_noise, x_missing)
 
 
 def block(sc: Scenario, w: World, sl: slice, arm: np.ndarray, p_now: float) -> Block:
@@ -114,4 +120,10 @@ def block(sc: Scenario, w: World, sl: slice, arm: np.ndarray, p_now: float) -> B
     delay = np.where(v == 1.0, sc.delay_success_s, sc.delay_failure_s) * w.delay_draw[sl]
     if sc.canary_delay_factor != 1.0:
         delay = delay * np.where(arm == 1, sc.canary_delay_factor, 1.0)
-    return Block(f, la, v, delay)
+    latent = w.latent[sl]
+    if sc.covariate_drift and not sc.heavy_tail:  # v = 1 exactly when latent + ndtri(p_now) > 0
+        latent = latent + special.ndtri(p_now)
+    x = sc.covariate_rho * latent + math.sqrt(1.0 - sc.covariate_rho ** 2) * w.x_noise[sl]
+    if w.x_missing is not None:  # only the canary's rows depend on the mirror
+        x = np.where((arm == 1) & w.x_missing[sl], np.nan, x)
+    return Block(f, la, v, delay, x)

@@ -100,8 +100,11 @@ def stored_policy(stored: Mapping[str, Any]) -> RolloutPolicy:
     field is stored, so a missing one is one the code did not have then: a decision stored before the
     latency guardrail's time windows (2026-12-03) is recomputed with the per-request rule it used, not
     with today's defaults; one stored before the error guardrail's windows (2026-12-07) with its
-    per-request error variance."""
+    per-request error variance; one stored before the trailing covariate stand-ins (that evening) with
+    the block rule."""
     policy = policy_from_dict(stored)
+    if "covariate_standin" not in stored:
+        policy = dataclasses.replace(policy, covariate_standin="block")
     if "latency_window" not in stored:
         policy = dataclasses.replace(policy, latency_window=_ONE_WINDOW, latency_min_windows=0)
     if "error_windows" not in stored:

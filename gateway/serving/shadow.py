@@ -24,7 +24,7 @@ business metric is adjusted by production's score (rollout.covariate, ``ModelEnt
 the canary's rows need the score production would have given them, under the same rules (one enqueue
 into the baseline's batcher, bounded, counted, dropped rather than queued) and into the same table,
 under the baseline's version number. A dropped or failed covariate row only costs that canary row its
-own covariate (the analysis gives it the local baseline mean: rollout.covariate.impute_local): the drop
+own covariate (the analysis gives it the recent baseline mean: rollout.covariate.TrailingMean): the drop
 rule depends on load and on the baseline's health, never on the row's content (docs/statistics.md).
 shadow_predictions holds one row per (request id, version) (and day, on PostgreSQL: migration 0011), so
 a canary row can have both: the shadow version's score and production's. A score pairs with its row only

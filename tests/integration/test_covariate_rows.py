@@ -135,8 +135,8 @@ def test_a_rollout_started_unadjusted_stays_unadjusted_and_recomputes_as_made(re
 
 
 def test_canary_rows_without_a_mirror_score_still_decide_and_recompute(registry: Registry) -> None:
-    """Mirror scores dropped (queue full, production down): the canary's rows get the local baseline mean
-    of x (rollout.covariate.impute_local), the baseline's are adjusted by their own, and the look still
+    """Mirror scores dropped (queue full, production down): the canary's rows get the recent baseline mean
+    of x (rollout.covariate.TrailingMean), the baseline's are adjusted by their own, and the look still
     decides and recomputes."""
     model = _model(registry, CONFIG)
     _traffic(registry, model, 900, np.random.default_rng(11), mirror=False)

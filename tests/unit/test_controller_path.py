@@ -68,6 +68,15 @@ def test_a_controller_that_loses_the_covariate_record_on_restart_is_caught(monke
         _run("aa", 0, "checked")
 
 
+def test_the_block_standin_rule_gave_the_two_paths_different_stand_ins():
+    """The finding behind covariate_standin "trailing": under the block rule a missing x's stand-in
+    depended on how rows were grouped into calls, so the controller (every row at each look) and the
+    simulator (each look's new rows) computed different statistics for the same rows."""
+    sc = dataclasses.replace(SCENARIOS["aa-step-covariate-gaps"], policy={"covariate_standin": "block"})
+    with pytest.raises(ControllerPathMismatch, match="p_value"):
+        run_once(sc, np.random.default_rng(0), path="checked")
+
+
 def test_late_outcomes_without_a_declared_window_take_the_controllers_path():
     """The incremental feed takes an outcome once; the controller counts what has arrived by each look.
     So such a scenario runs the controller's look whatever path is asked, and the runs agree."""

@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from rollout.covariate import AdjustedBuilder, adjusts, fit_theta, make_builder
+from rollout.covariate import STANDIN_WINDOW, AdjustedBuilder, TrailingMean, adjusts, fit_theta, make_builder
 from rollout.decision import SequentialState, look
 from rollout.lookdata import LookBuilder
 from rollout.policy import RolloutPolicy
 from rollout.simulate import check, simulate
-from rollout.splits import policy_from_dict
+from rollout.splits import policy_from_dict, stored_policy
 
 SEED = 2026
 
@@ -122,7 +122,7 @@ def test_bad_outcomes_and_missing_covariates_never_break_a_look():
     rng = np.random.default_rng(7)
     arm, x, y = _rows(rng, 3000)
     y[::97] = 0.5  # outside success_rate's domain: skipped and counted
-    x[::13] = np.nan  # no covariate: given the local baseline mean
+    x[::13] = np.nan  # no covariate: given the recent baseline mean
     d, _ = _feed(make_builder(RolloutPolicy(), covariates_available=True), arm, x, y)
     assert d.skipped_outcomes == int(np.count_nonzero(y == 0.5)) and math.isfinite(d.effect)
 
@@ -146,9 +146,10 @@ def test_missing_canary_covariates_under_drift_leave_an_aa_unbiased(missing):
     """Only canary rows can lack the covariate (the mirror's), so its missingness depends on the arm. Given
     the calibration mean c, such rows were left unadjusted while the others moved by −θ(x̄ − c): with x̄
     drifting away from c that biased the difference by θ·(share missing)·(x̄ − c), 4 or more standard
-    errors here at 200,000 rows (a review's A/A checks rolled back and stepped up on it). Given the local
-    baseline mean instead, the adjusted difference of an A/A stays within chance, one big look per seed,
-    through the controller's builder and look; the canary share missing is 30 % (more late) or all."""
+    errors here at 200,000 rows (a review's A/A checks rolled back and stepped up on it). Given the
+    recent baseline mean instead (TrailingMean), the adjusted difference of an A/A stays within chance,
+    one big look per seed, through the controller's builder and look; the canary share missing is 30 %
+    (more late) or all."""
     for seed in range(4):
         arm, cov, y = _drifting_aa(seed, 200_000, missing)
         builder = make_builder(RolloutPolicy(), covariates_available=True)
@@ -163,6 +164,36 @@ def test_missing_canary_covariates_under_drift_leave_an_aa_unbiased(missing):
         z = d.effect / math.sqrt(d.variance)
         assert abs(z) < 3.5, (seed, missing, d.effect, math.sqrt(d.variance))
         assert d.action not in ("rollback", "step_up", "promote"), (seed, d.reason)
+
+
+def test_trailing_standins_are_the_same_however_the_rows_are_split_into_calls():
+    """The controller passes all of a period's rows at each look, the simulator each look's new ones: a
+    missing x must get the same stand-in either way (the block rule did not: tests/unit/
+    test_controller_path.py), and it is the mean of the last STANDIN_WINDOW baseline x before it."""
+    rng = np.random.default_rng(5)
+    n = 5_000
+    arm = (rng.random(n) < 0.3).astype(np.int64)
+    x = rng.standard_normal(n) + np.linspace(0.0, 3.0, n)  # drifting
+    x[(arm == 1) & (rng.random(n) < 0.4)] = np.nan
+    whole = TrailingMean().fill(x, arm, before=-7.0)
+    for trial in range(5):
+        cuts = np.sort(rng.choice(np.arange(1, n), size=trial * 20 + 1, replace=False))
+        t = TrailingMean()
+        parts = [t.fill(x[a:b], arm[a:b], before=-7.0) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+        np.testing.assert_allclose(np.concatenate(parts), whole, rtol=0, atol=1e-12)
+    base = [i for i in range(n) if arm[i] == 0 and np.isfinite(x[i])]
+    for i in np.flatnonzero(np.isnan(x))[:50]:
+        before = [x[j] for j in base if j < i][-STANDIN_WINDOW:]
+        assert whole[i] == pytest.approx(np.mean(before) if before else -7.0, abs=1e-12)
+    assert np.array_equal(whole[np.isfinite(x)], x[np.isfinite(x)])
+
+
+def test_a_decision_stored_before_trailing_standins_recomputes_with_the_block_rule():
+    stored = {k: v for k, v in RolloutPolicy().__dict__.items() if k != "covariate_standin"}
+    assert stored_policy(stored).covariate_standin == "block"
+    assert stored_policy(RolloutPolicy().__dict__).covariate_standin == "trailing"
+    with pytest.raises(ValueError, match="covariate_standin"):
+        RolloutPolicy(covariate_standin="mean")
 
 
 def test_cuped_aa_adjustment_on_neither_rolls_back_nor_promotes_beyond_alpha():
