@@ -194,7 +194,10 @@ class AdjustedBuilder:
         if policy.metric == "success_rate":
             opts["winsor_quantile"] = None  # y' of a rate is bounded; the raw rate was never winsorised
         # The inner builder compares y' as a plain mean; the outcome domain is checked here, on raw y.
-        self.inner = LookBuilder("mean_outcome", winsor=winsor, latency_thresholds=latency_thresholds, **opts)
+        # Only canary rows can lack x, so under "no difference" the canary's y' may vary more than the
+        # baseline's: its variance is floored at its own (RolloutPolicy.canary_variance_floor).
+        self.inner = LookBuilder("mean_outcome", winsor=winsor, latency_thresholds=latency_thresholds,
+                                 canary_floor=policy.canary_variance_floor, **opts)
         self.balance = LookBuilder("mean_outcome", winsor_quantile=None, latency_calibration=1)
         self.theta: tuple[float, float, float] | None = None
         self.r2 = math.nan

@@ -220,9 +220,14 @@ class LookBuilder:
         winsor: tuple[float, float] | None = None,
         latency_thresholds: dict[str, float] | None = None,
         pooled_variance: bool = True,
+        canary_floor: bool = False,
     ) -> None:
         self.metric = metric
         self.pooled_variance = pooled_variance
+        # The canary's variance of its mean is at least its own (cluster-robust, around the pooled
+        # centre), where its values may be spread more widely than the baseline's under "no difference"
+        # (rollout.covariate: canary rows without a covariate are left nearly unadjusted).
+        self.canary_floor = canary_floor
         self.robust = metric in ROBUST_METRICS and winsor_quantile is not None
         self.winsor_quantile = winsor_quantile
         self.winsor_calibration = winsor_calibration
@@ -416,7 +421,10 @@ class LookBuilder:
             center = (cb.total + cc.total) / (cb.n + cc.n) if cb.n + cc.n else math.nan
             vb, vc = cb.var_of_mean(center), cc.var_of_mean(center)
             if self.pooled_variance and cb.n and cc.n and cb.keys + cc.keys > 2:
+                own = vc
                 vb, vc = _pooled_variances(cb, cc)
+                if self.canary_floor and math.isfinite(own):
+                    vc = max(vc, own)
             eff, var = mc - mb, vb + vc
             lat_k, lat_var = _window_variance(p.lat_windows)
             err_k, err_var = _window_variance(p.err_windows)

@@ -76,6 +76,10 @@ class RolloutPolicy:
     # A missing covariate's stand-in (rollout.covariate): "trailing", the mean of the baseline rows before
     # it; "block", the rule of decisions stored before 2026-12-07's evening (rollout.splits).
     covariate_standin: str = "trailing"
+    # The adjusted test's canary variance: at least the canary's own, not only the one pooled over both
+    # arms, because canary rows without x keep more of y's variance (rollout.covariate). False: pooled
+    # only, the rule of decisions stored before 2026-12-07's evening (rollout.splits).
+    canary_variance_floor: bool = True
     # Shadow stage (rollout.shadow_gate): a shadowed version is judged on paired outcomes; with
     # ``shadow_gate`` on, it takes traffic only after "not worse" and a "worse" one never serves.
     # ``shadow_metric`` None: the model's metric when score-based, else Brier.

@@ -101,10 +101,12 @@ def stored_policy(stored: Mapping[str, Any]) -> RolloutPolicy:
     latency guardrail's time windows (2026-12-03) is recomputed with the per-request rule it used, not
     with today's defaults; one stored before the error guardrail's windows (2026-12-07) with its
     per-request error variance; one stored before the trailing covariate stand-ins (that evening) with
-    the block rule."""
+    the block rule and the adjusted test's pooled canary variance."""
     policy = policy_from_dict(stored)
     if "covariate_standin" not in stored:
         policy = dataclasses.replace(policy, covariate_standin="block")
+    if "canary_variance_floor" not in stored:
+        policy = dataclasses.replace(policy, canary_variance_floor=False)
     if "latency_window" not in stored:
         policy = dataclasses.replace(policy, latency_window=_ONE_WINDOW, latency_min_windows=0)
     if "error_windows" not in stored:
