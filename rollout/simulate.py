@@ -76,7 +76,8 @@ def run_once(sc: Scenario, rng: np.random.Generator, *, max_requests: int = DEFA
 
     ``covariate``: the default policy, which adjusts business metrics by the production model's score
     (``make_builder`` picks the covariate-adjusted builder, as the controller does when the gateway
-    mirrors canary rows); False: the policy with ``covariate: null``, the unadjusted builder.
+    mirrors canary rows); False: the covariate off (``covariate: ""`` in a rollout config), the
+    unadjusted builder.
 
     ``path``: how the rows reach ``look``. ``incremental`` feeds the builder what is new at each look
     (fast: the 1,000-run tables); ``controller`` runs the live controller's own look on every row
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=DEFAULT_MAX_REQUESTS)
     ap.add_argument("--look-every", type=int, default=DEFAULT_LOOK_EVERY)
     ap.add_argument("--no-covariate", action="store_true",
-                    help="the policy with covariate: null (unadjusted builder) instead of the default")
+                    help="the covariate off (covariate: \"\" in a rollout config: the unadjusted builder) "
+                         "instead of the default")
     ap.add_argument("--path", choices=PATHS, default="incremental",
                     help="incremental (fast), controller (the live controller's look on all rows so far, "
                          "O(rows) a look) or checked (both; exit 2 at the first disagreement)")

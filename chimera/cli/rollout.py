@@ -291,8 +291,8 @@ def simulate(
     runs: Annotated[int | None, typer.Option(help="runs per scenario (default 1000)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(help="processes (the runs are independent)")] = 1,
-    covariate: Annotated[bool, typer.Option(help="the default policy's covariate adjustment; "
-                                            "--no-covariate: the policy with covariate: null")] = True,
+    covariate: Annotated[bool, typer.Option(help="the default policy's covariate adjustment; --no-covariate: "
+                                            "off, as covariate: \"\" in a rollout config")] = True,
     path: Annotated[str, typer.Option(help="incremental (fast), controller (the live controller's look on "
                                       "every row so far) or checked (both, exit 2 where they disagree)")
                     ] = "incremental",

@@ -33,7 +33,7 @@ def _run(name: str, seed: int, path: str, **kw):
 
 @pytest.mark.parametrize("name", RUN_ONCE_SCENARIOS)
 def test_every_scenario_decides_alike_through_the_controllers_own_look(name):
-    """Two runs each, adjusted (the default policy) and unadjusted (covariate: null): ``checked`` raises
+    """Two runs each, adjusted (the default policy) and unadjusted (the covariate off): ``checked`` raises
     at the first look where the two paths differ, and its run ends as the fast path's does."""
     for seed in (0, 1):
         for covariate in (True, False):
