@@ -84,6 +84,8 @@ class ControllerMirror:
         self.value[sl], self.outcome_at[sl] = value, outcome_at
         if covariate is not None:
             self.covariate[sl] = covariate
+            # The served score: the production score for baseline rows, as live; for canary rows only a
+            # stand-in, which the business metrics the simulator runs never read (Brier and log-loss do).
             self.score[sl] = covariate
 
     def look(self, upto: int, until: float, current_weight: int, revision: int,
