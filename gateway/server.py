@@ -123,8 +123,9 @@ class Gateway:
         self.inflight: dict[str, int] = {}  # gRPC method -> calls being handled (gateway.api.wire)
         # Closed by stop(): new calls refused with UNAVAILABLE; at max_active, RESOURCE_EXHAUSTED.
         self.admission = Admission(max_active=config.max_concurrent_calls or None)  # None: no cap
-        # Models with no startable version at start-up (model -> why): answered UNAVAILABLE with why.
-        self.failed_models: dict[str, str] = {}
+        # Models with no startable version (model -> why, kept by the watcher, which retries them):
+        # answered UNAVAILABLE with why.
+        self.failed_models = self.watcher.failed
         self._door_metrics()
         self.port: int = config.port
         self._metrics_server: object | None = None
@@ -145,7 +146,7 @@ class Gateway:
         self.log.start()
         self.outcomes.start()
         self.shadow.start()
-        await self._sync_models()
+        await self.watcher.start_all()  # a model that cannot start is isolated and retried
         self.watcher.start()
         self.pool.start_watch(self.metrics.observe_replicas)  # scaling changes in place; chimera_replicas
         server = grpc.aio.server(options=[
@@ -205,19 +206,6 @@ class Gateway:
                                ("chimera_models_failed_to_start", "models not served: no version could start",
                                 lambda: len(failed))):
             Gauge(name, text, registry=r).set_function(fn)
-
-    async def _sync_models(self) -> None:
-        """Deploy every model, all at once (the port opens when all are ready or failed): one with no
-        startable version (e.g. a corrupted artifact) is logged, counted and answered UNAVAILABLE with
-        the reason; the others serve regardless."""
-        models = await asyncio.to_thread(self.catalog.all_model_names)
-        results = await asyncio.gather(*map(self.watcher.sync_model, models), return_exceptions=True)
-        for model, exc in zip(models, results, strict=True):
-            if isinstance(exc, BaseException) and not isinstance(exc, Exception):
-                raise exc  # cancelled: the gateway is stopping
-            if isinstance(exc, Exception):
-                self.failed_models[model] = why = f"{type(exc).__name__}: {exc}"[:500]
-                log.error("model %s: not served, no version could start: %s", model, why)
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         c = self.config

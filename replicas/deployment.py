@@ -51,6 +51,7 @@ from ray.serve.handle import DeploymentHandle
 from chimera.settings import ReplicaScaling
 from replicas.local_channel import LocalServer
 from replicas.scorer import OnnxScorer
+from replicas.serve_state import app_status, deployment_error, plain, running_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -227,34 +228,6 @@ def code_version(*parts: Any) -> str:
     return "code-" + fingerprint("code", *parts)
 
 
-def _app_details(name: str) -> dict[str, Any] | None:
-    """Serve's details of one application; None when it (or Serve itself) is not running."""
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return None
-    return client.get_serve_details().get("applications", {}).get(name)
-
-
-def _running_fingerprint(name: str, *, timeout_s: float = 120.0, poll_s: float = 0.25) -> str | None:
-    """The fingerprint of the application `name` once it is RUNNING (waiting while it deploys); None
-    when there is none, or it failed or is unhealthy (then it is deployed again)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        details = _app_details(name)
-        if details is None:
-            return None
-        status = _plain(details.get("status")).upper()
-        scorer = (details.get("deployments") or {}).get("scorer") or {}
-        config = (scorer.get("deployment_config") or {}).get("user_config") or {}
-        if status == "RUNNING":
-            return str(config.get("fingerprint", "")) or None
-        if status != "DEPLOYING" or time.monotonic() > deadline:
-            return None
-        time.sleep(poll_s)
-
-
 def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: float = 0.25,
                    scaling: ReplicaScaling | None = None, traces_exporter: str = "none",
                    wait: bool = True, shutdown_wait_s: float | None = None) -> DeploymentHandle | None:
@@ -266,38 +239,27 @@ def deploy_version(registry_url: str, model: str, version: int, *, num_cpus: flo
                       traces_exporter=traces_exporter, shutdown_wait_s=shutdown_wait_s)
     name = app_name(model, version)
     wanted = app._bound_deployment._deployment_config.user_config["fingerprint"]
-    if _running_fingerprint(name, timeout_s=120.0 if wait else 0.0) == wanted:
+    if running_fingerprint(name, timeout_s=120.0 if wait else 0.0) == wanted:
         log.info("using the running application %s (same fingerprint)", name)
         return serve.get_app_handle(name) if wait else None
+    if wait and app_status(name) == "DEPLOY_FAILED":
+        # Serve keeps a failed application as it is: a serve.run of the same config over it changes
+        # nothing and fails again with the old error, even once the cause has cleared (a repaired
+        # artifact, Serve's proxy back after being killed). Deploy afresh instead.
+        log.warning("application %s failed to deploy before; deleting it to deploy it afresh", name)
+        serve.delete(name, _blocking=True)
     if not wait:
         from ray.serve.api import RunTarget
 
         serve.run_many([RunTarget(app, name=name, route_prefix=None)], wait_for_applications_running=False)
         return None
-    return serve.run(app, name=name, route_prefix=None, blocking=False)
-
-
-def serve_running() -> bool:
-    """Whether Ray Serve's controller runs on the cluster (this process then holds a client of it)."""
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client(raise_if_no_controller_running=False) is not None
-
-
-def replica_counts(names: list[str]) -> dict[str, int]:
-    """RUNNING replicas of each named application per Serve's status (one controller call); an
-    application Serve does not know is left out. Empty when Serve is not running."""
-    if not serve_running():
-        return {}
-    apps = serve.status().applications
-    counts: dict[str, int] = {}
-    for name in names:
-        app = apps.get(name)
-        if app is None:
-            continue
-        states = {_plain(k).upper(): n for d in app.deployments.values() for k, n in d.replica_states.items()}
-        counts[name] = int(states.get("RUNNING", 0))
-    return counts
+    try:
+        return serve.run(app, name=name, route_prefix=None, blocking=False)
+    except RuntimeError as exc:  # Serve says which deployment failed, not why: add the replica's error
+        why = deployment_error(name)
+        if why is None:
+            raise
+        raise RuntimeError(f"{exc} The replica said: {why}") from exc
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -329,11 +291,6 @@ def build_app(args: dict[str, Any]) -> Application:
     return version_app(str(registry_url), model, version, num_cpus=num_cpus, traces_exporter=exporter)
 
 
-def _plain(value: Any) -> str:
-    """An enum member's value (Serve's details hold APIType / ApplicationStatus members) as a str."""
-    return str(getattr(value, "value", value) or "")
-
-
 class DeclaredAppError(RuntimeError):
     """An application the cluster's Serve config declared failed to deploy or did not come up."""
 
@@ -353,9 +310,9 @@ def declared_app(model: str, version: int, *, timeout_s: float = 300.0, poll_s: 
         if client is None:  # Serve is not even running: nothing was declared
             return False
         details = client.get_serve_details().get("applications", {}).get(name)
-        if details is None or _plain(details.get("source")).lower() != "declarative":
+        if details is None or plain(details.get("source")).lower() != "declarative":
             return False
-        status = _plain(details.get("status")).upper()
+        status = plain(details.get("status")).upper()
         if status == "RUNNING":
             return True
         if status in ("DEPLOY_FAILED", "DELETING"):

@@ -160,7 +160,7 @@ class ReplicaPool:
 
     async def _deploy(self, model: str, version: int) -> None:
         """`_deploy_or_adopt` in a worker thread; alone while Serve may still have to be started."""
-        from replicas.deployment import serve_running
+        from replicas.serve_state import serve_running
 
         if not self._serve_up:
             async with self._first_deploy:
@@ -227,7 +227,8 @@ class ReplicaPool:
 
     async def read_replicas(self) -> dict[tuple[str, int], int]:
         """RUNNING replicas per ready version (this pool's and declared ones), per Serve's status."""
-        from replicas.deployment import app_name, replica_counts
+        from replicas.deployment import app_name
+        from replicas.serve_state import replica_counts
 
         keys = self.ready_versions()
         names = {app_name(m, v): (m, v) for m, v in keys}

@@ -38,6 +38,11 @@ class SplitWatcher:
         # delay (RETRY_MIN_S .. RETRY_MAX_S) instead of at every poll: each try may deploy to Ray.
         self.attempts: Counter[str] = Counter()
         self._retry: dict[str, tuple[int, float, float]] = {}  # model -> (revision, not before, delay)
+        # Models not served because no version could start (model -> why), read by the servicers' error
+        # path and the chimera_models_failed_to_start gauge. The retries above go on for them, so the
+        # cause may be transient (Serve's proxy restarting, an artifact repaired); a model leaves this
+        # map the moment one of them installs it.
+        self.failed: dict[str, str] = {}
 
     RETRY_MIN_S = 1.0
     RETRY_MAX_S = 60.0
@@ -110,6 +115,20 @@ class SplitWatcher:
         for model in await asyncio.to_thread(self.catalog.all_model_names):
             await self.sync_model(model)
 
+    async def start_all(self) -> None:
+        """Deploy every model, all at once (start-up: the port opens when all are ready or failed). One
+        with no startable version (e.g. a corrupted artifact, or Ray failing under it) goes into `failed`
+        and is logged; the others serve regardless, and `check` keeps retrying it."""
+        models = await asyncio.to_thread(self.catalog.all_model_names)
+        results = await asyncio.gather(*map(self.sync_model, models), return_exceptions=True)
+        for model, exc in zip(models, results, strict=True):
+            if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+                raise exc  # cancelled: the gateway is stopping
+            if isinstance(exc, Exception):
+                self.failed[model] = why = f"{type(exc).__name__}: {exc}"[:500]
+                log.error("model %s: not served, no version could start (retried with a backoff): %s",
+                          model, why)
+
     async def check(self) -> None:
         revisions = await asyncio.to_thread(self.catalog.registry.split_revisions)
         known = self.catalog.revisions()
@@ -125,8 +144,12 @@ class SplitWatcher:
                 await self.sync_model(model)
                 self.last_error = None
                 self._retry.pop(model, None)
+                if self.failed.pop(model, None) is not None:
+                    log.warning("model %s: served again after %d tries", model, self.attempts[model])
             except Exception as exc:  # keep serving the old split; try again after a backoff
                 self.last_error = f"{model}: {type(exc).__name__}: {exc}"
+                if not self.catalog.knows(model):  # nothing of it is served: say why to its callers
+                    self.failed[model] = f"{type(exc).__name__}: {exc}"[:500]
                 delay = self.RETRY_MIN_S if retry is None or retry[0] != revision else min(
                     2 * retry[2], self.RETRY_MAX_S)
                 self._retry[model] = (revision, time.monotonic() + delay, delay)

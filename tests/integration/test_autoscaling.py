@@ -24,7 +24,8 @@ from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from chimera.v1 import rollout_pb2 as rpb
 from registry import Registry
-from replicas.deployment import _app_details, app_name, version_app
+from replicas.deployment import app_name, version_app
+from replicas.serve_state import app_details
 from tests.harness import ADMIN_MD, ADMIN_TOKEN, GatewayThread, poll_until, replica_pids, small_onnx
 
 GOOD = [0.5, -0.25, 1.0, 0.0]
@@ -72,7 +73,7 @@ def test_replica_shutdown_wait_is_serves_wait_loop_and_not_part_of_the_fingerpri
 
 
 def running_replicas(model: str, version: int) -> int:
-    details = _app_details(app_name(model, version)) or {}
+    details = app_details(app_name(model, version)) or {}
     replicas = ((details.get("deployments") or {}).get("scorer") or {}).get("replicas") or []
     return sum(1 for r in replicas if str(getattr(r.get("state"), "value", r.get("state"))) == "RUNNING")
 
@@ -116,18 +117,27 @@ def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path
         threads.append(threading.Thread(target=client, args=(light, 0.05)))
         for t in threads:
             t.start()
-        scaled_up = poll_until(lambda: running_replicas(model, 1) >= 2, 120, every=0.5)
-        peak = running_replicas(model, 1)
+        # The scale-up is the count seen while waiting, not a second read: CI's run on 2026-12-07 saw two
+        # running replicas and, at the read right after, one, which failed a `peak >= 2` read after the
+        # scale-up had been seen (no call failed). Why the second replica was gone at once was not recorded;
+        # the counts seen are now in the message if the scale-up or the way down fails.
+        seen: list[int] = []
+
+        def count() -> int:
+            seen.append(running_replicas(model, 1))
+            return seen[-1]
+
+        scaled_up = poll_until(lambda: count() >= 2, 120, every=0.5)
         heavy.clear()  # the load stops; the trickle goes on while replicas are removed
-        scaled_down = poll_until(lambda: running_replicas(model, 1) == 1, 120, every=0.5)
+        scaled_down = poll_until(lambda: count() == 1, 120, every=0.5)
         time.sleep(2.0)  # calls right after the removal still answer
         light.clear()
         for t in threads:
             t.join(30)
-        assert scaled_up, f"never more than one replica ({answered[0]} calls answered)"
-        assert scaled_down, f"still {running_replicas(model, 1)} replicas after the load stopped"
+        assert scaled_up, f"never more than one replica ({answered[0]} calls answered; counts seen {seen})"
+        assert scaled_down, f"still {count()} replicas after the load stopped (counts seen {seen})"
         assert failures == [], failures[:5]
-        assert answered[0] > 100 and peak >= 2
+        assert answered[0] > 100
     finally:
         heavy.clear()
         light.clear()
@@ -137,7 +147,7 @@ def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path
 
 def serve_bounds(model: str, version: int) -> tuple[int, int]:
     """(min, max) replicas of the version's application as Ray Serve holds them."""
-    details = _app_details(app_name(model, version)) or {}
+    details = app_details(app_name(model, version)) or {}
     config = ((details.get("deployments") or {}).get("scorer") or {}).get("deployment_config") or {}
     auto = config.get("autoscaling_config")
     if auto:

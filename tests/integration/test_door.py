@@ -294,15 +294,17 @@ def test_outcomes_token_and_internal_errors(tmp_path: Path, caplog: pytest.LogCa
         reg.dispose()
 
 
-def test_startup_isolates_a_model_with_no_startable_version(tmp_path: Path) -> None:
+def test_startup_isolates_a_model_with_no_startable_version_and_serves_it_once_it_can_start(
+        registry_url: str, tmp_path: Path) -> None:
     """One model's only version is corrupted (its bytes no longer match the recorded sha256): the
     gateway starts anyway, serves the other model, answers the bad one UNAVAILABLE with the reason
-    and counts it."""
+    and counts it. It keeps retrying the bad one with a backoff, and once the artifact is repaired
+    (standing in for any cause that clears: Serve's proxy actor killed under load did this in a fresh
+    clone's run) the model is served and the gauge goes back to 0, with no restart and no split change."""
     from prometheus_client import generate_latest
     from sqlalchemy import text
 
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url)
+    reg = Registry(registry_url)
     reg.upgrade()
     good, bad = "good" + uuid.uuid4().hex[:6], "bad" + uuid.uuid4().hex[:6]
     onnx, names = small_onnx(seed=8)
@@ -313,14 +315,20 @@ def test_startup_isolates_a_model_with_no_startable_version(tmp_path: Path) -> N
         bad_id = conn.execute(text("SELECT id FROM models WHERE name = :n"), {"n": bad}).scalar_one()
         conn.execute(text("UPDATE model_versions SET onnx = :b WHERE model_id = :m"),
                      {"b": onnx[:-1] + bytes([onnx[-1] ^ 1]), "m": bad_id})
-    gw = GatewayThread(url, tmp_path, controller_interval_s=0).start()
+    gw = GatewayThread(registry_url, tmp_path, controller_interval_s=0).start()
     try:
+        def gauge() -> str:
+            found = [line for line in generate_latest(gw.gateway.metrics.registry).decode().splitlines()
+                     if line.startswith("chimera_models_failed_to_start ")]
+            return found[0] if found else "missing"
+
         assert 0 < gw.predict.Predict(pb.PredictRequest(model=good, dense=GOOD), timeout=30).score < 1
         with pytest.raises(grpc.RpcError) as err:
             gw.predict.Predict(pb.PredictRequest(model=bad, dense=GOOD), timeout=30)
         assert err.value.code() == C.UNAVAILABLE, err.value.details()
         assert "no version could start" in err.value.details()
-        assert "chimera_models_failed_to_start 1.0" in generate_latest(gw.gateway.metrics.registry).decode()
+        assert "sha256" in err.value.details(), err.value.details()  # the reason, not just the fact
+        assert gauge() == "chimera_models_failed_to_start 1.0"
         # The broken model is retried with a doubling backoff (1 s, 2 s, 4 s, ... 60 s), not at every
         # 0.25 s poll: each try deploys to Ray (about 10 s each: Serve starts the replica three times).
         # After two failed tries the wait has doubled to at least 2 s.
@@ -328,6 +336,24 @@ def test_startup_isolates_a_model_with_no_startable_version(tmp_path: Path) -> N
         wait_for(lambda: watcher.retry_delay(bad) >= 2.0, 90, "a 2 s backoff after two failed tries")
         assert watcher.attempts[bad] <= 3, watcher.attempts
         assert watcher.retry_delay(good) == 0.0
+        tries, revision = watcher.attempts[bad], reg.get_model(bad).split.revision
+        with reg.engine.begin() as conn:  # the cause clears
+            conn.execute(text("UPDATE model_versions SET onnx = :b WHERE model_id = :m"),
+                         {"b": onnx, "m": bad_id})
+
+        def served() -> bool:
+            try:
+                return 0 < gw.predict.Predict(pb.PredictRequest(model=bad, dense=GOOD), timeout=30).score < 1
+            except grpc.RpcError:
+                return False
+
+        # The next try is at most 8 s away (the delay doubles 2 -> 4 -> 8 while it waits), plus a deploy.
+        wait_for(served, 120, f"{bad} served after the repair")
+        assert watcher.attempts[bad] > tries
+        assert gauge() == "chimera_models_failed_to_start 0.0"
+        assert bad not in gw.gateway.failed_models and watcher.retry_delay(bad) == 0.0
+        assert reg.get_model(bad).split.revision == revision  # no split change was needed
+        assert gw.predict.Predict(pb.PredictRequest(model=good, dense=GOOD), timeout=30).score > 0
     finally:
         gw.stop()
         reg.dispose()
@@ -344,7 +370,8 @@ def test_startup_deploys_every_version_of_every_model_at_once(tmp_path: Path) ->
 
     from ray import serve
 
-    from replicas.deployment import app_name, serve_running
+    from replicas.deployment import app_name
+    from replicas.serve_state import serve_running
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
     reg = Registry(url)
@@ -397,7 +424,8 @@ def test_a_taken_port_stops_the_gateway_before_it_deploys_or_takes_a_call(
     from ray import serve
 
     from gateway.server import PortTaken
-    from replicas.deployment import app_name, serve_running
+    from replicas.deployment import app_name
+    from replicas.serve_state import serve_running
 
     reg, model, _onnx = served_model(registry_url, "mport", seed=3)
     with socket.socket() as held:

@@ -70,11 +70,12 @@ def test_predict_matches_onnxruntime_on_registry_bytes(served, registry: Registr
 def test_the_gateways_replica_shutdown_wait_reaches_serve(served) -> None:
     """The config's replica_shutdown_wait_s (the test harness: 0.2 s) is what Serve runs the deployed
     versions with (Ray Serve's own view of the application)."""
-    from replicas.deployment import _app_details, app_name
+    from replicas.deployment import app_name
+    from replicas.serve_state import app_details
 
     gw, model, _names = served
     for version in (1, 2):
-        config = _app_details(app_name(model, version))["deployments"]["scorer"]["deployment_config"]
+        config = app_details(app_name(model, version))["deployments"]["scorer"]["deployment_config"]
         assert config["graceful_shutdown_wait_loop_s"] == gw.config.replica_shutdown_wait_s == 0.2
 
 
