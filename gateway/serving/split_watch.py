@@ -49,6 +49,10 @@ class SplitWatcher:
     RETRY_MIN_S = 1.0
     RETRY_MAX_S = 60.0
 
+    def trying(self, model: str) -> bool:
+        """Whether a try at `model`'s split (a deploy, perhaps) is running now."""
+        return model in self._syncing
+
     def retry_delay(self, model: str) -> float:
         """Seconds this watcher waits before trying `model`'s current split again (0: no failure)."""
         retry = self._retry.get(model)

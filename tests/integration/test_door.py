@@ -341,13 +341,18 @@ def test_startup_isolates_a_model_with_no_startable_version_and_serves_it_once_i
         assert watcher.retry_delay(good) == 0.0
         # While the broken model is being retried (each try a deploy of several seconds), another
         # model's split changes still reach this gateway at once: a rollback must not wait for them.
-        catalog, lags = gw.gateway.catalog, []
-        for weights in ({1: 100, 2: 0}, {1: 90, 2: 10}, {1: 100, 2: 0}, {1: 90, 2: 10}):
+        # Changes go on until two of them were made while a try of the broken model was running (so the
+        # test cannot pass by missing the retries), at least four, for at most 60 s.
+        catalog, lags, during, deadline = gw.gateway.catalog, [], 0, time.monotonic() + 60
+        while (len(lags) < 4 or during < 2) and time.monotonic() < deadline:
+            weights = {1: 100, 2: 0} if len(lags) % 2 == 0 else {1: 90, 2: 10}
             split = reg.set_split(good, weights, expected_revision=catalog.get(good).revision, actor="test")
+            during += watcher.trying(bad)
             t0 = time.monotonic()
             wait_for(lambda split=split: catalog.get(good).revision == split.revision, 60, "the split change")
             lags.append(time.monotonic() - t0)
             time.sleep(1.5)
+        assert during >= 2, f"only {during} of {len(lags)} split changes were made during a retry"
         assert max(lags) < 2.0, f"split changes took {[round(x, 1) for x in lags]} s (retries of {bad} ran)"
         revision = reg.get_model(bad).split.revision
         with reg.engine.begin() as conn:  # the cause clears
@@ -360,7 +365,8 @@ def test_startup_isolates_a_model_with_no_startable_version_and_serves_it_once_i
             except grpc.RpcError:
                 return False
 
-        # The next try is at most 8 s away (the delay doubles 2 -> 4 -> 8 while it waits), plus a deploy.
+        # The next try is at most the backoff reached by now away (it doubles 2 -> 4 -> 8 -> 16 -> 32 s
+        # within the minute above), plus a deploy.
         wait_for(served, 120, f"{bad} served after the repair")  # by a try: the split did not change
         assert gauge() == "chimera_models_failed_to_start 0.0"
         assert bad not in gw.gateway.failed_models and watcher.retry_delay(bad) == 0.0
