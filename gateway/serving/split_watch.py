@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 Retry = tuple[tuple[int, int], float, float]  # (split revision, newest version), not before, delay
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why a version or model could not start, as callers and logs are told it (bounded)."""
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 class SplitWatcher:
     def __init__(self, catalog: Catalog, pool: ReplicaPool, metrics: Metrics | None = None, *,
                  poll_interval_s: float = 0.25, listen_poll_interval_s: float = 2.0) -> None:
@@ -70,7 +75,7 @@ class SplitWatcher:
         for r in results:  # cancelled, or the process is stopping: not a version's failure
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
-        failed = {v: f"{type(r).__name__}: {r}"[:500]
+        failed = {v: failure_reason(r)
                   for v, r in zip(versions, results[:len(versions)], strict=True)
                   if isinstance(r, Exception)}  # e.g. tampered artifact: the replica refuses to load it
         if failed:
@@ -131,7 +136,7 @@ class SplitWatcher:
             if isinstance(exc, BaseException) and not isinstance(exc, Exception):
                 raise exc  # cancelled: the gateway is stopping
             if isinstance(exc, Exception):
-                self.failed[model] = why = f"{type(exc).__name__}: {exc}"[:500]
+                self.failed[model] = why = failure_reason(exc)
                 log.error("model %s: not served, no version could start (retried with a backoff): %s",
                           model, why)
 
@@ -173,7 +178,7 @@ class SplitWatcher:
         except Exception as exc:  # keep serving the old split; try again after a backoff
             self.last_error = f"{model}: {type(exc).__name__}: {exc}"
             if not self.catalog.knows(model):  # nothing of it is served: say why to its callers
-                self.failed[model] = f"{type(exc).__name__}: {exc}"[:500]
+                self.failed[model] = failure_reason(exc)
             delay = self.RETRY_MIN_S if retry is None or retry[0] != revision else min(
                 2 * retry[2], self.RETRY_MAX_S)
             self._retry[model] = (revision, time.monotonic() + delay, delay)
