@@ -128,17 +128,11 @@ class SplitWatcher:
 
     async def start_all(self) -> None:
         """Deploy every model, all at once (start-up: the port opens when all are ready or failed). One
-        with no startable version (e.g. a corrupted artifact, or Ray failing under it) goes into `failed`
-        and is logged; the others serve regardless, and `check` keeps retrying it."""
-        models = await asyncio.to_thread(self.catalog.all_model_names)
-        results = await asyncio.gather(*map(self.sync_model, models), return_exceptions=True)
-        for model, exc in zip(models, results, strict=True):
-            if isinstance(exc, BaseException) and not isinstance(exc, Exception):
-                raise exc  # cancelled: the gateway is stopping
-            if isinstance(exc, Exception):
-                self.failed[model] = why = failure_reason(exc)
-                log.error("model %s: not served, no version could start (retried with a backoff): %s",
-                          model, why)
+        with no startable version (e.g. a corrupted artifact, or Ray failing under it) is marked in
+        `failed` by `_try`, as any later failure is, and `check` retries it after the same backoff; the
+        others serve regardless."""
+        revisions = await asyncio.to_thread(self.catalog.registry.split_revisions)
+        await asyncio.gather(*(self._try(model, revision, None) for model, revision in revisions.items()))
 
     async def check(self) -> None:
         """Start a sync for every model whose split or versions changed, each in its own task and at
@@ -155,7 +149,6 @@ class SplitWatcher:
             retry = self._retry.get(model)
             if retry is not None and retry[0] == revision and now < retry[1]:
                 continue  # failed at this revision a moment ago: wait out the backoff
-            self.attempts[model] += 1
             task = asyncio.get_running_loop().create_task(self._try(model, revision, retry))
             self._syncing[model] = task
             task.add_done_callback(lambda _t, m=model: self._synced(m))
@@ -167,8 +160,10 @@ class SplitWatcher:
         self._changed.set()  # look again at once: the split may have moved during the try
 
     async def _try(self, model: str, revision: tuple[int, int], retry: Retry | None) -> None:
-        """One try at `model`'s current split; on failure the old split keeps serving (or, for a model
-        not served at all, `failed` says why) and the next try waits a doubling delay."""
+        """One try at `model`'s current split (at start-up or after a change); on failure the old split
+        keeps serving (or, for a model not served at all, `failed` says why) and the next try waits a
+        doubling delay. The one place that keeps this bookkeeping."""
+        self.attempts[model] += 1
         try:
             await self.sync_model(model)
             self.last_error = None
@@ -176,13 +171,18 @@ class SplitWatcher:
             if self.failed.pop(model, None) is not None:
                 log.warning("model %s: served again after %d tries", model, self.attempts[model])
         except Exception as exc:  # keep serving the old split; try again after a backoff
-            self.last_error = f"{model}: {type(exc).__name__}: {exc}"
-            if not self.catalog.knows(model):  # nothing of it is served: say why to its callers
-                self.failed[model] = failure_reason(exc)
+            why = failure_reason(exc)
+            self.last_error = f"{model}: {why}"
             delay = self.RETRY_MIN_S if retry is None or retry[0] != revision else min(
                 2 * retry[2], self.RETRY_MAX_S)
             self._retry[model] = (revision, time.monotonic() + delay, delay)
-            log.exception("could not apply split change of %s (next try in %.0f s)", model, delay)
+            if self.catalog.knows(model):
+                log.exception("could not apply split change of %s; its last split keeps serving (next try "
+                              "in %.0f s)", model, delay)
+            else:  # nothing of it is served: say why to its callers
+                self.failed[model] = why
+                log.error("model %s: not served, no version could start (next try in %.0f s): %s",
+                          model, delay, why, exc_info=exc)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
