@@ -51,7 +51,7 @@ from ray.serve.handle import DeploymentHandle
 from chimera.settings import ReplicaScaling
 from replicas.local_channel import LocalServer
 from replicas.scorer import OnnxScorer
-from replicas.serve_state import app_status, deployment_error, plain, running_fingerprint
+from replicas.serve_state import app_details, app_status, deployment_error, plain, running_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -301,15 +301,10 @@ def declared_app(model: str, version: int, *, timeout_s: float = 300.0, poll_s: 
     `serve.run` over it would replace its config (replica count, resources) with the gateway's. False
     when there is no such application (the gateway deploys one itself, as before). Raises when the
     declared application failed to deploy or is not RUNNING within `timeout_s`."""
-    from ray.serve.context import _get_global_client
-
     name = app_name(model, version)
     deadline = time.monotonic() + timeout_s
     while True:
-        client = _get_global_client(raise_if_no_controller_running=False)
-        if client is None:  # Serve is not even running: nothing was declared
-            return False
-        details = client.get_serve_details().get("applications", {}).get(name)
+        details = app_details(name)  # None also when Serve is not even running: nothing was declared
         if details is None or plain(details.get("source")).lower() != "declarative":
             return False
         status = plain(details.get("status")).upper()
