@@ -7,7 +7,9 @@ tests/integration/test_partitions.py."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,7 +143,8 @@ def test_a_retry_across_midnight_is_stored_once_and_an_id_reused_days_later_agai
     assert [(r, d) for r, d, _ in rows] == want
 
 
-def test_log_bench_answered_at_times_the_rows_near_midnight_and_stores_every_one(registry: Registry) -> None:
+def test_log_bench_answered_at_times_the_rows_near_midnight_and_stores_every_one(registry: Registry,
+                                                                               tmp_path: Path) -> None:
     """`chimera log bench --answered-at 23:50` (how the half hour around midnight is measured on
     PostgreSQL, docs/performance.md): the rows are answered from 23:50 UTC today on, stored under today,
     all of them; a time that is not HH:MM is refused by name."""
@@ -150,15 +153,22 @@ def test_log_bench_answered_at_times_the_rows_near_midnight_and_stores_every_one
     from chimera.cli import app
     from loadtest.bench_log import MODEL
 
+    out = tmp_path / "bench.json"
     args = ["log", "bench", "--registry-url", registry.url, "--duration", "1", "--warmup", "0.2",
-            "--rate", "3000", "--block", "64", "--keep", "--answered-at", "23:50"]
+            "--rate", "3000", "--block", "64", "--keep", "--json", str(out), "--answered-at", "23:50"]
     today = _today()  # before the bench reads it
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
+    # Exit 3 is the bench's verdict "not sustained" (a 1 s window on a busy machine: a fresh clone's
+    # make test once committed 2,816 of 3,000 rows/s in it), a rate this test does not judge: make bench
+    # does. What it judges is below: every submitted row stored, under today, answered from 23:50.
+    assert res.exit_code in (0, 3), res.output
     assert "answers timed from 23:50 UTC today" in res.output
+    result = json.loads(out.read_text())
+    assert result["submitted"] >= 2000 and result["committed"] == result["submitted"], result
+    assert result["spilled"] == result["dead_letter"] == 0, result
     with registry.engine.connect() as c:
         rows = c.execute(text("SELECT created_at, day FROM predictions WHERE model = :m"), {"m": MODEL}).all()
-    assert len(rows) >= 2000
+    assert len(rows) == result["submitted"]
     for created, day in rows:
         at = created if isinstance(created, datetime) else datetime.fromisoformat(created)
         at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
