@@ -41,45 +41,12 @@ from tests.harness import (
     GatewayThread,
     poll_until,
     replica_pids,
+    slow_onnx,
     small_onnx,
     wait_for,
 )
 
 ROW = [0.3, -0.2, 0.1, 0.9]
-
-
-def slow_onnx(k: int = 520) -> bytes:
-    """A 4-feature model with a 'probabilities' output [N, 2] whose every call also multiplies two k x k
-    matrices scaled by the input (so onnxruntime cannot fold it away): a version slower than its
-    baseline by a fixed amount per call, with the same scores as a constant 0.5."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    c = numpy_helper.from_array(rng.normal(size=(k, k)).astype(np.float32) / k, "C")
-    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "zero")
-    half = numpy_helper.from_array(np.full((1, 2), 0.5, np.float32), "half")
-    nodes = [
-        helper.make_node("ReduceSum", ["input"], ["s"], keepdims=0),
-        helper.make_node("Mul", ["C", "s"], ["m"]),
-        helper.make_node("MatMul", ["m", "C"], ["p1"]),
-        helper.make_node("MatMul", ["p1", "C"], ["p2"]),
-        helper.make_node("ReduceSum", ["p2"], ["t"], keepdims=0),
-        helper.make_node("Mul", ["t", "zero"], ["t0"]),
-        helper.make_node("Mul", ["input", "zero"], ["x0"]),
-        helper.make_node("ReduceSum", ["x0", "axes1"], ["r0"], keepdims=1),  # [N, 1] of zeros
-        helper.make_node("Add", ["r0", "half"], ["h"]),  # [N, 2] of 0.5
-        helper.make_node("Add", ["h", "t0"], ["probabilities"]),
-    ]
-    axes1 = numpy_helper.from_array(np.array([1], np.int64), "axes1")
-    graph = helper.make_graph(
-        nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
-        initializer=[c, zero, half, axes1])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 class Traffic(BackgroundLoad):
