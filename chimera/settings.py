@@ -62,6 +62,10 @@ DEFAULT_MAX_CONCURRENT_CALLS = 1000  # calls one gateway handles at once (gatewa
 # connections spread again over the gateways behind one address (GatewaySettings says why). Off (0) by
 # default: a client without transparent retry fails the calls that race the GOAWAY.
 DEFAULT_MAX_CONNECTION_AGE_S = 0.0
+# A scoring call unanswered after the stall timeout fails and marks its version down, so its rows fail
+# over (gateway.serving.replica_pool.BatchConfig says why it is short); the call timeout bounds it.
+DEFAULT_REPLICA_STALL_TIMEOUT_S = 3.0
+DEFAULT_REPLICA_CALL_TIMEOUT_S = 30.0
 # The retrain load-test gate (training.retrain.LoadTestGate): 50 req/s for 10 s after 2 s of warm-up,
 # p99 at most 250 ms, at most 1 % errors.
 DEFAULT_RETRAIN_LOADTEST_RPS = 50.0
@@ -377,13 +381,19 @@ class GatewaySettings:
     the balancer places afresh. Off by default because a client whose grpc does not retry a call that
     raced the GOAWAY fails it UNAVAILABLE: grpc-go 1.33 (this machine's, the bench's Go client) failed 9
     calls of a one-second c=64 case with a 0.5 s age; grpc's C-core clients (Python) retried them (no
-    failed call in tests/integration/test_workers.py)."""
+    failed call in tests/integration/test_workers.py).
+
+    CHIMERA_REPLICA_STALL_TIMEOUT_S (default 3 s, at most the 30 s call timeout) is how long a scoring
+    call may go unanswered before it fails and its version is marked down. It counts the queueing at the
+    replica too, so a model whose calls take a second or more under load needs it raised; a larger value
+    also makes a killed or hung replica's rows wait that much longer before they fail over."""
 
     log_features_sample: float = DEFAULT_LOG_FEATURES_SAMPLE
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS
     spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES
     local_replica_channel: bool = True
     max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S
+    replica_stall_timeout_s: float = DEFAULT_REPLICA_STALL_TIMEOUT_S
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -402,7 +412,12 @@ class GatewaySettings:
         if not (math.isfinite(age) and age >= 0):
             raise ValueError(f"CHIMERA_MAX_CONNECTION_AGE_S: {age:g} is not a number of seconds >= 0 "
                              "(0: connections are never asked to reconnect)")
-        return cls(parse_log_features_sample(e.get(name), name), cap, spill, local, age)
+        stall = _parsed(e, "CHIMERA_REPLICA_STALL_TIMEOUT_S", float, DEFAULT_REPLICA_STALL_TIMEOUT_S,
+                        "a number of seconds")
+        if not (math.isfinite(stall) and 0 < stall <= DEFAULT_REPLICA_CALL_TIMEOUT_S):
+            raise ValueError(f"CHIMERA_REPLICA_STALL_TIMEOUT_S: {stall:g} is not a number of seconds in "
+                             f"(0, {DEFAULT_REPLICA_CALL_TIMEOUT_S:g}] (the call timeout bounds it)")
+        return cls(parse_log_features_sample(e.get(name), name), cap, spill, local, age, stall)
 
 
 

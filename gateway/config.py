@@ -116,6 +116,7 @@ class GatewayConfig:
             "tls_key": settings.tls.key,
             "tls_client_ca": settings.tls.client_ca,
             "traces_exporter": settings.tracing.exporter,
-            "batch": BatchConfig(local_channel=settings.gateway.local_replica_channel),
+            "batch": BatchConfig(local_channel=settings.gateway.local_replica_channel,
+                                 stall_timeout_s=settings.gateway.replica_stall_timeout_s),
         }
         return cls(**{**values, **overrides})

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from opentelemetry.trace import SpanKind, Tracer
 
-from chimera.settings import ReplicaScaling
+from chimera.settings import DEFAULT_REPLICA_CALL_TIMEOUT_S, DEFAULT_REPLICA_STALL_TIMEOUT_S, ReplicaScaling
 from chimera.tracing import current_carrier
 from gateway.serving.batcher import BatchObserver, MicroBatcher
 from gateway.serving.errors import UnavailableError
@@ -113,8 +113,8 @@ class BatchConfig:
     max_batch: int = 2048
     max_wait_us: int = 20_000
     max_inflight: int = 4
-    call_timeout_s: float = 30.0
-    stall_timeout_s: float = 3.0
+    call_timeout_s: float = DEFAULT_REPLICA_CALL_TIMEOUT_S
+    stall_timeout_s: float = DEFAULT_REPLICA_STALL_TIMEOUT_S  # CHIMERA_REPLICA_STALL_TIMEOUT_S
     direct_transport: bool = True
     router_on_gateway_loop: bool = True
     local_channel: bool = True
