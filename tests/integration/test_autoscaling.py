@@ -92,14 +92,14 @@ def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path
     reg = Registry(url)
     reg.upgrade()
     model = "auto" + uuid.uuid4().hex[:6]
-    # Serve scales on Ray calls in flight, and the gateway's micro-batcher keeps about one in flight per
-    # version while it is busy. With a model that scores in microseconds the gateway's own CPU is the
-    # bottleneck, not the replica: Serve then saw 0.54-0.69 calls in flight under 24 busy clients here
-    # (controller log, 2026-12-08), and on CI's slower machine (2026-12-07) under 0.5 for two minutes, so
-    # no second replica; more replicas would not have helped that load. A version whose every call costs
-    # ~20 ms of the replica's CPU (slow_onnx) is the load autoscaling is for: a call is in flight nearly
-    # all the time, and a target of 0.5 asks for 2-3 replicas under load and 1 for the trickle (one call
-    # every 0.25 s, in flight under a fifth of the time).
+    # Serve scales on the Ray Serve calls in flight, and the gateway sends one call at a time per
+    # autoscaled version over the replica's local channel, which Serve does not see (gateway.serving.
+    # local_path). With a model that scores in microseconds that local call takes most of the load: Serve
+    # counted 0.54-0.69 calls under 24 busy clients here (controller log, 2026-12-08; 3.5 with the local
+    # channel off), and on CI's slower machine (2026-12-07) under the 0.5 target for two minutes, so no
+    # second replica. A version whose every call costs ~20 ms of the replica's CPU (slow_onnx) is the load
+    # autoscaling is for: the local call is always busy and the rest go through Serve, which counts
+    # 1.4-2.0 and asks for 3 replicas; for the trickle (one call every 0.25 s) it counts 0.
     _, names = small_onnx()
     reg.publish_version(model, slow_onnx(700), names)
     reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
