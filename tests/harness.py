@@ -164,10 +164,11 @@ class BackgroundLoad:
             t.join(30)
 
 
-def served_model(url: str, prefix: str, seed: int) -> tuple[Any, str, bytes]:
+def served_model(url: str, prefix: str, seed: int = 0, onnx: bytes | None = None) -> tuple[Any, str, bytes]:
     """A migrated registry at `url` with one model (named `prefix` + random hex) whose only version, a
-    small_onnx(seed=seed), takes 100 % of the traffic: what a gateway started on it deploys. Returns
-    (the Registry, the model's name, the version's ONNX bytes); the caller disposes of the registry."""
+    small_onnx(seed=seed) or the given 4-feature `onnx` (e.g. slow_onnx()), takes 100 % of the traffic:
+    what a gateway started on it deploys. Returns (the Registry, the model's name, the version's ONNX
+    bytes); the caller disposes of the registry."""
     import uuid
 
     from registry import Registry
@@ -175,7 +176,8 @@ def served_model(url: str, prefix: str, seed: int) -> tuple[Any, str, bytes]:
     reg = Registry(url)
     reg.upgrade()
     model = prefix + uuid.uuid4().hex[:8]
-    onnx, names = small_onnx(seed=seed)
+    small, names = small_onnx(seed=seed)
+    onnx = small if onnx is None else onnx
     reg.publish_version(model, onnx, names)
     reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
     return reg, model, onnx

@@ -23,6 +23,7 @@ from chimera.settings import ReplicaScaling, Settings
 from chimera.v1 import prediction_pb2 as pb
 from chimera.v1 import prediction_pb2_grpc as pb_grpc
 from chimera.v1 import rollout_pb2 as rpb
+from gateway.serving.replica_pool import BatchConfig
 from registry import Registry
 from replicas.deployment import app_name, version_app
 from replicas.serve_state import app_details
@@ -32,6 +33,7 @@ from tests.harness import (
     GatewayThread,
     poll_until,
     replica_pids,
+    served_model,
     slow_onnx,
     small_onnx,
 )
@@ -88,10 +90,6 @@ def running_replicas(model: str, version: int) -> int:
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url)
-    reg.upgrade()
-    model = "auto" + uuid.uuid4().hex[:6]
     # Serve scales on the Ray Serve calls in flight, and the gateway sends one call at a time per
     # autoscaled version over the replica's local channel, which Serve does not see (gateway.serving.
     # local_path). With a model that scores in microseconds that local call takes most of the load: Serve
@@ -100,13 +98,18 @@ def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path
     # second replica. A version whose every call costs ~20 ms of the replica's CPU (slow_onnx) is the load
     # autoscaling is for: the local call is always busy and the rest go through Serve, which counts
     # 1.4-2.0 and asks for 3 replicas; for the trickle (one call every 0.25 s) it counts 0.
-    _, names = small_onnx()
-    reg.publish_version(model, slow_onnx(700), names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg, model, _ = served_model(url, "auto", onnx=slow_onnx(700))
     # Short delays so the test sees both directions in about a minute (production keeps Ray's defaults).
     scaling = ReplicaScaling(min_replicas=1, max_replicas=3, target_ongoing_requests=0.5, upscale_delay_s=1.0,
                              downscale_delay_s=4.0, look_back_s=2.0)
-    gw = GatewayThread(url, tmp_path, controller_interval_s=0, replica_scaling=scaling).start()
+    # The failed calls this test is about are the ones scaling could cause (a replica removed under a call,
+    # a call routed to one still starting). A 20 ms call queued behind others on a replica starved of CPU
+    # while two more start can also go 3 s unanswered: a fresh clone's run beside a second Ray cluster under
+    # load failed that way (the stall timeout, UNAVAILABLE "no answer within 3 s"). Slow models are what
+    # CHIMERA_REPLICA_STALL_TIMEOUT_S is raised for (README); this test raises it to 10 s.
+    gw = GatewayThread(url, tmp_path, controller_interval_s=0, replica_scaling=scaling,
+                       batch=BatchConfig(stall_timeout_s=10.0)).start()
     failures: list[str] = []
     answered = [0]
     heavy, light = threading.Event(), threading.Event()

@@ -5,7 +5,6 @@ says how long the gateway waited (chimera.settings.GatewaySettings)."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import grpc
@@ -15,8 +14,7 @@ from chimera.settings import DEFAULT_REPLICA_STALL_TIMEOUT_S, Settings
 from chimera.v1 import prediction_pb2 as pb
 from gateway.config import GatewayConfig
 from gateway.serving.replica_pool import BatchConfig
-from registry import Registry
-from tests.harness import GatewayThread, slow_onnx, small_onnx
+from tests.harness import GatewayThread, served_model, slow_onnx
 
 
 def test_the_stall_timeout_is_read_from_the_environment_and_bad_values_name_the_variable() -> None:
@@ -33,14 +31,9 @@ def test_the_stall_timeout_is_read_from_the_environment_and_bad_values_name_the_
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_model_slower_than_the_stall_timeout_fails_unavailable_until_the_timeout_is_raised(
         tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url)
-    reg.upgrade()
-    model = "stall" + uuid.uuid4().hex[:6]
-    _, names = small_onnx()
     # ~0.13 s of replica CPU a call (two 1300 x 1300 matrix products); scores a constant 0.5.
-    reg.publish_version(model, slow_onnx(1300), names)
-    reg.set_split(model, {1: 100}, expected_revision=0, actor="test")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg, model, _ = served_model(url, "stall", onnx=slow_onnx(1300))
     row = pb.PredictRequest(model=model, dense=[0.1, 0.2, 0.3, 0.4])
     try:
         short = GatewayThread(url, tmp_path, controller_interval_s=0,
