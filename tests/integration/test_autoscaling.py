@@ -93,7 +93,7 @@ def test_a_loaded_version_scales_up_and_back_down_without_a_failed_call(tmp_path
     # Serve scales on the Ray Serve calls in flight, and the gateway sends one call at a time per
     # autoscaled version over the replica's local channel, which Serve does not see (gateway.serving.
     # local_path). With a model that scores in microseconds that local call takes most of the load: Serve
-    # counted 0.54-0.69 calls under 24 busy clients here (controller log, 2026-12-08; 3.5 with the local
+    # counted 0.54-0.69 calls under 24 busy clients here (controller log, 2026-12-08; 1.47 with the local
     # channel off), and on CI's slower machine (2026-12-07) under the 0.5 target for two minutes, so no
     # second replica. A version whose every call costs ~20 ms of the replica's CPU (slow_onnx) is the load
     # autoscaling is for: the local call is always busy and the rest go through Serve, which counts
