@@ -73,7 +73,9 @@ def test_a_hung_or_killed_look_process_is_replaced(registry: Registry) -> None:
         assert looks.pid is None and not _alive(hung)
         _feed(registry, model, 300, {1: 0.5, 2: 0.5}, np.random.default_rng(4))
         assert looks.run_once(model) is not None and looks.started == 2  # a new child took over
-        os.kill(looks.pid or 0, signal.SIGKILL)  # killed between looks (the OOM killer, an operator)
+        child = looks.pid
+        assert child is not None  # never os.kill(0): that signals this test's whole process group
+        os.kill(child, signal.SIGKILL)  # killed between looks (the OOM killer, an operator)
         time.sleep(0.5)
         _feed(registry, model, 300, {1: 0.5, 2: 0.5}, np.random.default_rng(5))
         assert looks.run_once(model) is not None and looks.started == 3
