@@ -412,9 +412,8 @@ class GatewaySettings:
         if not (math.isfinite(age) and age >= 0):
             raise ValueError(f"CHIMERA_MAX_CONNECTION_AGE_S: {age:g} is not a number of seconds >= 0 "
                              "(0: connections are never asked to reconnect)")
-        stall = _parsed(e, "CHIMERA_REPLICA_STALL_TIMEOUT_S", float, DEFAULT_REPLICA_STALL_TIMEOUT_S,
-                        "a number of seconds")
-        if not (math.isfinite(stall) and 0 < stall <= DEFAULT_REPLICA_CALL_TIMEOUT_S):
+        stall = _seconds(e, "CHIMERA_REPLICA_STALL_TIMEOUT_S", DEFAULT_REPLICA_STALL_TIMEOUT_S)
+        if not 0 < stall <= DEFAULT_REPLICA_CALL_TIMEOUT_S:
             raise ValueError(f"CHIMERA_REPLICA_STALL_TIMEOUT_S: {stall:g} is not a number of seconds in "
                              f"(0, {DEFAULT_REPLICA_CALL_TIMEOUT_S:g}] (the call timeout bounds it)")
         return cls(parse_log_features_sample(e.get(name), name), cap, spill, local, age, stall)
